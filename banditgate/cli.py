@@ -1,0 +1,189 @@
+"""The `banditgate` command line: the composition root.
+
+It imports gateway, feedback and the benchmarks only inside the command that runs them, so
+`banditgate stack status` starts fast and no part of the project imports the CLI.
+Every failure the user can cause ends as one line on stderr (`banditgate: error: ...`) and a
+non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from banditgate import __version__
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A failure the user can fix; printed as one line."""
+
+
+def _say(message: str) -> None:
+    print(f"banditgate: {message}", file=sys.stderr, flush=True)
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    first, *rest = str(message).splitlines() or ["(no message)"]
+    print(f"banditgate: error: {first}", file=sys.stderr)
+    for line in rest:
+        print(f"banditgate: error: {line}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# ---------------------------------------------------------------------------------------------
+# stack
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from banditgate.stack import Stack
+
+    stack = Stack.default()
+    if args.stack_command == "up":
+        addresses = stack.up(progress=_say)
+        print(f"kafka {addresses.kafka}")
+        print(f"redis {addresses.redis}")
+        return 0
+    if args.stack_command == "down":
+        stopped = stack.down(purge=args.purge, progress=_say)
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing of ours was running"))
+        return 0
+    status = stack.status()
+    all_up = True
+    for name, info in status.items():
+        state = "up" if info["up"] else "down"
+        all_up = all_up and info["up"]
+        pid = f"pid {info['pid']}" if info["pid"] else "no pid"
+        print(f"{name:<6} {info['address']:<32} {state:<5} {pid:<12} ({info['by']})")
+    print(f"data   {stack.root}")
+    return 0 if all_up else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# serving processes
+
+
+def _load(path: str):  # type: ignore[no-untyped-def]
+    from banditgate.config import load_config
+
+    return load_config(path)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    from gateway.app import run_gateway
+
+    return run_gateway(config, log_level=args.log_level, json_logs=args.json_logs)
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    from feedback.app import run_feedback
+
+    return run_feedback(config, log_level=args.log_level, json_logs=args.json_logs)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from loadtests.demo import run_demo
+    except ImportError:
+        _fail("the demo is not built yet (issue: demo); `banditgate stack up` and the tests work today", EXIT_USAGE)
+    return run_demo(quick=args.quick, grafana=args.grafana, report_dir=args.report_dir)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from loadtests.registry import run_scenario
+
+    return run_scenario(args.scenario, out=args.out, quick=args.quick)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    try:
+        from feedback.drift.profile_cli import build_profile
+    except ImportError:
+        _fail("`banditgate profile` is not built yet (issue: feedback)", EXIT_USAGE)
+    return build_profile(repository=args.repository, model=args.model, version=args.version,
+                         data=args.data, bins=args.bins)
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="banditgate",
+        description="Closed-loop model-serving gateway: Kafka and Open Inference Protocol in, ONNX models, "
+                    "Thompson-sampling routing, delayed-feedback learning.",
+    )
+    parser.add_argument("--version", action="version", version=f"banditgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    stack = sub.add_parser("stack", help="start/stop/show the local Kafka (KRaft) + Redis on loopback")
+    stack_sub = stack.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
+    stack_sub.add_parser("up", help="start (or reuse) Kafka and Redis; print their addresses")
+    down = stack_sub.add_parser("down", help="stop the processes `up` started (data kept unless --purge)")
+    down.add_argument("--purge", action="store_true", help="also delete the stack's data folder")
+    stack_sub.add_parser("status", help="say what runs where (exit 1 if something is down)")
+    stack.set_defaults(func=cmd_stack)
+
+    def serving(name: str, help_text: str, func: Callable[[argparse.Namespace], int]) -> None:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("-c", "--config", required=True, help="YAML configuration file")
+        p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"],
+                       help="overrides logging.level from the config")
+        p.add_argument("--json-logs", action="store_true", default=None, help="one JSON object per log line")
+        p.set_defaults(func=func)
+
+    serving("serve", "the gateway: Kafka loop + HTTP + gRPC + /metrics", cmd_serve)
+    serving("feedback", "the feedback worker: joins outcomes to predictions, updates arms, quality, drift",
+            cmd_feedback)
+
+    demo = sub.add_parser("demo", help="the whole closed loop on the local stack with real models; ends with a report")
+    demo.add_argument("--quick", action="store_true", help="a shorter run (under 2 minutes)")
+    demo.add_argument("--grafana", action="store_true", help="print how to watch it on the compose stack's Grafana")
+    demo.add_argument("--report-dir", default=None, help="where to write the report (default: ./demo-report-<time>)")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks: JSON + markdown table, ratios against baselines in the same run")
+    bench.add_argument("scenario", help="kafka | bandit | drift | feedback | http | faults | lifecycle | interleave")
+    bench.add_argument("--out", required=True, help="JSON result file")
+    bench.add_argument("--quick", action="store_true", help="smaller counts (for tests)")
+    bench.set_defaults(func=cmd_bench)
+
+    profile = sub.add_parser("profile", help="build a model version's drift reference profile from training data")
+    profile.add_argument("--model", required=True)
+    profile.add_argument("--version", required=True, type=int)
+    profile.add_argument("--data", required=True, help="training data: .csv, .parquet or .npy")
+    profile.add_argument("--repository", default="models", help="model repository (default: ./models)")
+    profile.add_argument("--bins", type=int, default=10, help="quantile bins per numeric feature")
+    profile.set_defaults(func=cmd_profile)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    from banditgate.config import ConfigError
+    from banditgate.stack import StackError
+
+    args = build_parser().parse_args(argv)
+    try:
+        code = args.func(args)
+    except (UserError, StackError, ConfigError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted", 130)
+    except Exception as exc:
+        # the parts' own user-facing errors (a bad model file, a bench that cannot run) carry
+        # `user_facing = True` so the CLI need not import their modules to recognise them
+        if getattr(exc, "user_facing", False):
+            _fail(str(exc))
+        raise
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

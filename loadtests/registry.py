@@ -1,0 +1,39 @@
+"""`banditgate bench SCENARIO`: maps scenario names to their modules (imported on demand)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+# scenario name -> module under loadtests/ exposing run(out: Path, quick: bool) -> int
+SCENARIOS = {
+    "kafka": "loadtests.bench_kafka",
+    "bandit": "loadtests.bench_bandit",
+    "drift": "loadtests.bench_drift",
+    "feedback": "loadtests.bench_feedback",
+    "http": "loadtests.bench_http",
+    "faults": "loadtests.bench_faults",
+    "lifecycle": "loadtests.bench_lifecycle",
+    "interleave": "loadtests.bench_interleave",
+}
+
+
+class BenchError(Exception):
+    """A benchmark could not run; one line saying why."""
+
+    user_facing = True
+
+
+def run_scenario(name: str, out: str, quick: bool = False) -> int:
+    """Run one benchmark scenario, writing its JSON to `out`; return the exit code."""
+    if name not in SCENARIOS:
+        raise BenchError(f"unknown bench scenario {name!r}: choose one of {', '.join(SCENARIOS)}")
+    try:
+        module = importlib.import_module(SCENARIOS[name])
+    except ModuleNotFoundError as exc:
+        if exc.name == SCENARIOS[name]:
+            raise BenchError(f"bench scenario {name!r} is not built yet") from None
+        raise
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    return int(module.run(out_path, quick=quick) or 0)
