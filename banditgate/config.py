@@ -190,11 +190,20 @@ class Arm(_Strict):
 
     name: str = Field(pattern=NAME_PATTERN)
     model: str = Field(pattern=NAME_PATTERN)
-    version: int = Field(ge=1)
+    version: int | Literal["latest"] = "latest"
+    """A version number, or `latest`: the highest version in the repository (new ones swap in)."""
     weight: float = Field(1.0, ge=0)
     """Share under `policy: fixed` (normalised over the arms)."""
     max_share: float | None = Field(None, gt=0, le=1)
     """Canary ceiling: this arm never gets more than this share of traffic."""
+
+
+    @field_validator("version")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be >= 1 or 'latest'")
+        return value
 
 
 class Guardrail(_Strict):

@@ -1,0 +1,293 @@
+"""The transport-agnostic core: route a batch of requests, validate, infer, and build predictions.
+
+Kafka, REST and gRPC all call `Dataplane.serve`; transports only decode and encode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from banditgate.config import Arm, Config, Route
+from gateway.batching.batcher import ModelBatcher, RowsResult
+from gateway.batching.policy import BatchPolicy
+from gateway.errors import GatewayError, ModelNotFound
+from gateway.models.onnx_runtime import OnnxModel
+from gateway.models.repository import ModelRepository
+from gateway.validation import validate_batch
+from router.decision import RoutePolicy
+
+
+@dataclass
+class Pending:
+    """One request as the dataplane sees it, whatever transport it came from."""
+
+    request_id: str
+    inputs: Mapping[str, Any]
+    unit_id: str | None
+    ts_request: float  # epoch seconds the request was made (its `ts`, else when we received it)
+    received_s: float  # monotonic seconds when we received it
+
+
+@dataclass
+class Answer:
+    """The outcome for one request: a prediction (+ shadow predictions) or an error."""
+
+    prediction: dict[str, Any] | None = None
+    shadows: list[dict[str, Any]] = field(default_factory=list)
+    error: tuple[str, str] | None = None  # (reason, message)
+    outputs: dict[str, np.ndarray] | None = None  # raw output rows, for OIP responses
+
+
+@dataclass
+class RouteRuntime:
+    route: Route
+    policy: RoutePolicy
+
+
+class Dataplane:
+    """Owns the route policies, the per-model batchers, and the path from rows to predictions."""
+
+    def __init__(self, config: Config, repository: ModelRepository, executor: Executor,
+                 on_batch: Callable[[OnnxModel, int, float, float], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 rng: np.random.Generator | None = None) -> None:
+        self.config = config
+        self.repository = repository
+        self.executor = executor
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.on_batch = on_batch
+        self.policy = BatchPolicy(config.batching.max_batch_size, config.batching.max_delay_us,
+                                  config.batching.max_queue_rows)
+        seed_rng = rng or np.random.default_rng()
+        self.routes = {r.name: RouteRuntime(r, RoutePolicy.from_route(r, np.random.default_rng(seed_rng.integers(2**63))))
+                       for r in config.routes}
+        self.batchers: dict[str, ModelBatcher] = {}
+        repository.on_swap.append(self._swap)
+
+    # -- batchers --------------------------------------------------------------------------------
+
+    def _swap(self, model: OnnxModel) -> None:
+        batcher = self.batchers.get(model.key)
+        if batcher is not None:
+            batcher.model = model  # queued rows run on the new version from the next flush on
+
+    def batcher(self, model: OnnxModel) -> ModelBatcher:
+        batcher = self.batchers.get(model.key)
+        if batcher is None:
+            batcher = ModelBatcher(model, self.executor, self.policy, self.config.models.inference_timeout_s,
+                                   clock=self.clock, observe=self.on_batch)
+            self.batchers[model.key] = batcher
+        return batcher
+
+    def queued_rows(self) -> int:
+        return sum(b.queued_rows for b in self.batchers.values())
+
+    async def wait_for_capacity(self) -> None:
+        """Wait until every model's queue has room (Kafka backpressure)."""
+        for batcher in list(self.batchers.values()):
+            await batcher.wait_for_capacity(1)
+
+    # -- serving ---------------------------------------------------------------------------------
+
+    async def serve(self, route_name: str, requests: Sequence[Pending], reject_when_full: bool = False,
+                    keep_outputs: bool = False) -> list[Answer]:
+        """Route, validate, infer and build prediction events for requests of one route.
+
+        Raises Overloaded only when `reject_when_full` (HTTP/gRPC); every other problem is an
+        Answer.error for the requests it concerns.
+        """
+        runtime = self.routes[route_name]
+        route = runtime.route
+        n = len(requests)
+        decision = runtime.policy.decide(n, [r.unit_id for r in requests] if route.sticky_key else None)
+        answers = [Answer() for _ in range(n)]
+        primary_jobs = []
+        for arm_index, arm in enumerate(route.arms):
+            rows = np.flatnonzero(decision.arm_index == arm_index)
+            if rows.size:
+                primary_jobs.append(self._start(arm_index, arm, rows, requests, answers, reject_when_full, record_errors=True))
+        shadow_jobs = []
+        for shadow_index, shadow in enumerate(route.shadows):
+            rows = np.flatnonzero(decision.shadow_mask[:, shadow_index]) if decision.shadow_mask.size else np.empty(0, int)
+            if rows.size:
+                shadow_jobs.append(self._start(shadow_index, shadow, rows, requests, answers, False, record_errors=False))
+        primary = await asyncio.gather(*primary_jobs)
+        shadows = await asyncio.gather(*shadow_jobs, return_exceptions=True)
+        now_wall = self.wall_clock()
+        now = self.clock()
+        for arm_index, model, rows, result in primary:
+            if result is None or model is None:
+                continue
+            self._emit(route, route.arms[arm_index].name, model, rows, result, requests, answers, decision.propensity,
+                       now_wall, now, None, keep_outputs)
+        primary_names = (np.array([a.name for a in route.arms], dtype=object)[decision.arm_index].tolist()
+                         if shadow_jobs else [])
+        for job in shadows:
+            if isinstance(job, BaseException) or job[3] is None or job[1] is None:
+                continue  # a shadow never affects the answer
+            shadow_index, model, rows, result = job
+            self._emit(route, route.shadows[shadow_index].name, model, rows, result, requests, answers,
+                       None, now_wall, now, primary_names, False)
+        return answers
+
+    async def _start(self, arm_position: int, arm: Arm, rows: np.ndarray, requests: Sequence[Pending],
+                     answers: list[Answer], reject_when_full: bool, record_errors: bool
+                     ) -> tuple[int, OnnxModel | None, np.ndarray, RowsResult | None]:
+        try:
+            model = self.repository.get(arm.model, arm.version)
+        except ModelNotFound as exc:
+            if record_errors:
+                for row in rows:
+                    answers[row].error = ("model_unavailable", str(exc))
+            return arm_position, None, rows, None
+        checked = validate_batch(model, [requests[i].inputs for i in rows])
+        if record_errors:
+            for local, (reason, message) in checked.errors.items():
+                answers[rows[local]].error = (reason, f"request {requests[rows[local]].request_id!r}: {message}")
+        good_rows = rows[checked.ok]
+        if good_rows.size == 0:
+            return arm_position, model, good_rows, None
+        batcher = self.batcher(model)
+        if not reject_when_full:
+            await batcher.wait_for_capacity(int(good_rows.size))
+        future = batcher.submit(checked.feeds, int(good_rows.size), reject_when_full=reject_when_full)
+        try:
+            result: RowsResult = await future
+        except GatewayError as exc:
+            if record_errors:
+                for row in good_rows:
+                    answers[row].error = ("inference_failed", str(exc))
+            return arm_position, model, good_rows, None
+        if record_errors:
+            for local, message in result.errors.items():
+                answers[good_rows[local]].error = ("inference_failed",
+                                                   f"model {model.key} failed on this row: {message}")
+        return arm_position, model, good_rows, result
+
+    def _emit(self, route: Route, arm_name: str, model: OnnxModel, rows: np.ndarray, result: RowsResult,
+              requests: Sequence[Pending], answers: list[Answer], propensity: np.ndarray | None, now_wall: float,
+              now: float, primary_names: list[str] | None, keep_outputs: bool) -> None:
+        ok_rows = rows[result.ok]
+        columns = {name: array.tolist() for name, array in result.outputs.items()}
+        labels = model.config.labels
+        for position, row in enumerate(ok_rows):
+            request = requests[row]
+            outputs = {name: values[position] for name, values in columns.items()}
+            if labels and "label" in outputs and isinstance(outputs["label"], int) and 0 <= outputs["label"] < len(labels):
+                outputs["class"] = labels[outputs["label"]]
+            event = {
+                "request_id": request.request_id, "route": route.name, "arm": arm_name, "model": model.name,
+                "model_version": model.version, "policy": route.policy,
+                "propensity": 1.0 if propensity is None else float(propensity[row]),
+                "outputs": outputs, "ts_request": request.ts_request, "ts_predicted": now_wall,
+                "latency_ms": round((now - request.received_s) * 1000.0, 3),
+            }
+            if primary_names is None:
+                answers[row].prediction = event
+                if keep_outputs:
+                    answers[row].outputs = {name: array[position] for name, array in result.outputs.items()}
+            else:
+                event["shadow"] = True
+                event["primary_arm"] = primary_names[row]
+                answers[row].shadows.append(event)
+
+
+@dataclass
+class TensorAnswer:
+    """The answer to one OIP request: outputs, who answered, and the prediction events to publish."""
+
+    model: OnnxModel
+    arm: str | None
+    propensity: float
+    policy: str
+    outputs: dict[str, np.ndarray]
+    events: list[dict[str, Any]]
+    shadow_events: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, feeds: dict[str, np.ndarray],
+                        request_id: str, unit_id: str | None, ts_request: float, received_s: float,
+                        on_shadows: Callable[[list[dict[str, Any]]], None] | None = None) -> TensorAnswer:
+    """Serve one OIP request: a route name picks an arm through its policy; a model name (with an
+    optional version) bypasses the router. Raises GatewayError subclasses (→ 4xx/5xx)."""
+    from gateway.errors import InferenceFailed
+    from gateway.validation import validate_arrays
+
+    shadows: list[tuple[Arm, int]] = []
+    runtime = dataplane.routes.get(name) if not version else None
+    if runtime is not None:
+        route = runtime.route
+        decision = runtime.policy.decide(1, [unit_id] if route.sticky_key else None)
+        arm = route.arms[int(decision.arm_index[0])]
+        propensity = float(decision.propensity[0])
+        shadows = [(route.shadows[j], j) for j in range(len(route.shadows))
+                   if decision.shadow_mask.size and decision.shadow_mask[0, j]]
+        model = dataplane.repository.get(arm.model, arm.version)
+        arm_name, policy, route_name = arm.name, route.policy, route.name
+    else:
+        spec: int | str = "latest"
+        if version:
+            if not version.isdigit():
+                raise ModelNotFound(f"model version {version!r} is not a positive integer")
+            spec = int(version)
+        model = dataplane.repository.get(name, spec)
+        arm_name, propensity, policy, route_name = None, 1.0, "direct", name
+    checked = validate_arrays(model, feeds)
+    rows = next(iter(checked.values())).shape[0]
+    result: RowsResult = await dataplane.batcher(model).submit(checked, rows, reject_when_full=True)
+    if result.errors:
+        first = min(result.errors)
+        raise InferenceFailed(f"model {model.key} failed on row {first}: {result.errors[first]}")
+    now_wall, now = dataplane.wall_clock(), dataplane.clock()
+    events = _row_events(result.outputs, rows, request_id, route_name, arm_name or model.name, model, policy,
+                         propensity, ts_request, now_wall, (now - received_s) * 1000.0)
+    answer = TensorAnswer(model, arm_name, propensity, policy, result.outputs, events)
+    if shadows and on_shadows is not None:
+        asyncio.get_running_loop().create_task(
+            _shadow_tensors(dataplane, route_name, shadows, checked, rows, request_id, arm_name or "", ts_request,
+                            received_s, on_shadows))
+    return answer
+
+
+def _row_events(outputs: dict[str, np.ndarray], rows: int, request_id: str, route: str, arm: str, model: OnnxModel,
+                policy: str, propensity: float, ts_request: float, ts_predicted: float, latency_ms: float,
+                primary_arm: str | None = None) -> list[dict[str, Any]]:
+    columns = {name: array.tolist() for name, array in outputs.items()}
+    events = []
+    for row in range(rows):
+        event = {"request_id": request_id if rows == 1 else f"{request_id}/{row}", "route": route, "arm": arm,
+                 "model": model.name, "model_version": model.version, "policy": policy, "propensity": propensity,
+                 "outputs": {name: values[row] for name, values in columns.items()}, "ts_request": ts_request,
+                 "ts_predicted": ts_predicted, "latency_ms": round(latency_ms, 3)}
+        if primary_arm is not None:
+            event["shadow"] = True
+            event["primary_arm"] = primary_arm
+        events.append(event)
+    return events
+
+
+async def _shadow_tensors(dataplane: Dataplane, route: str, shadows: list[tuple[Arm, int]], feeds: dict[str, np.ndarray],
+                          rows: int, request_id: str, primary_arm: str, ts_request: float, received_s: float,
+                          publish: Callable[[list[dict[str, Any]]], None]) -> None:
+    """Mirror one OIP request to its shadow arms; failures are logged by metrics, never surfaced."""
+    from gateway.validation import validate_arrays
+
+    for shadow, _index in shadows:
+        try:
+            model = dataplane.repository.get(shadow.model, shadow.version)
+            checked = validate_arrays(model, feeds)
+            result: RowsResult = await dataplane.batcher(model).submit(checked, rows, reject_when_full=True)
+        except GatewayError:
+            continue  # a shadow that cannot answer never affects the primary
+        if result.errors:
+            continue
+        publish(_row_events(result.outputs, rows, request_id, route, shadow.name, model, "shadow", 1.0, ts_request,
+                            dataplane.wall_clock(), (dataplane.clock() - received_s) * 1000.0, primary_arm))

@@ -1,0 +1,121 @@
+"""Every gateway metric, defined once (Prometheus naming: banditgate_ prefix, base units, _total).
+
+Histograms that see every request are observed per batch with numpy (`BulkHistogram`), so the
+hot path pays one call per batch, not one per request. Labels are bounded: route, arm, model,
+version, reason, transport, topic — never request ids.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+# seconds; chosen around the measured latencies (sub-millisecond inference, ms-scale end to end)
+LATENCY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+class BulkHistogram(Collector):
+    """A Prometheus histogram that takes whole arrays of observations at once."""
+
+    def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float],
+                 registry: CollectorRegistry | None = REGISTRY) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self.edges = np.asarray(buckets, dtype=float)
+        self._counts: dict[tuple[str, ...], np.ndarray] = {}
+        self._sums: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+        if registry is not None:
+            registry.register(self)
+
+    def observe_many(self, values: np.ndarray | Iterable[float], *labels: str) -> None:
+        """Add every value of `values` under the label values `labels` (in labelnames order)."""
+        array = np.asarray(values, dtype=float).ravel()
+        if array.size == 0:
+            return
+        # bucket i counts values <= edges[i]; the last slot is +Inf
+        per_bucket = np.bincount(np.searchsorted(self.edges, array, side="left"), minlength=len(self.edges) + 1)
+        with self._lock:
+            if labels not in self._counts:
+                self._counts[labels] = np.zeros(len(self.edges) + 1, dtype=np.int64)
+                self._sums[labels] = 0.0
+            self._counts[labels] += per_bucket
+            self._sums[labels] += float(array.sum())
+
+    def observe(self, value: float, *labels: str) -> None:
+        self.observe_many(np.array([value]), *labels)
+
+    def describe(self) -> list[HistogramMetricFamily]:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with self._lock:
+            items = [(k, v.copy(), self._sums[k]) for k, v in self._counts.items()]
+        for labels, counts, total in items:
+            cumulative = np.cumsum(counts)
+            buckets = [(_le(edge), float(c)) for edge, c in zip(self.edges, cumulative[:-1])]
+            buckets.append(("+Inf", float(cumulative[-1])))
+            family.add_metric(list(labels), buckets, total)
+        yield family
+
+
+def _le(edge: float) -> str:
+    return repr(float(edge)) if edge != int(edge) else f"{edge:.1f}"
+
+
+class GatewayMetrics:
+    """The gateway's metrics, registered in `registry` (the default one unless tests pass their own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+        kw = {"registry": registry}
+        self.requests = Counter("banditgate_requests_total", "Requests answered or failed, by route, arm and status.",
+                                ["route", "arm", "status", "transport"], **kw)
+        self.errors = Counter("banditgate_request_errors_total", "Requests that could not be answered, by reason.",
+                              ["route", "reason", "transport"], **kw)
+        self.shadow_predictions = Counter("banditgate_shadow_predictions_total",
+                                          "Shadow predictions published, by route and shadow arm.",
+                                          ["route", "arm"], **kw)
+        self.deadletters = Counter("banditgate_deadletters_total", "Events sent to the dead-letter topic, by reason.",
+                                   ["topic", "reason"], **kw)
+        self.batch_rows = BulkHistogram("banditgate_batch_size_rows", "Rows per ONNX Runtime call.",
+                                        ["model", "version"], BATCH_BUCKETS_ROWS, registry)
+        self.queue_seconds = BulkHistogram("banditgate_queue_seconds", "Time a batch's oldest row waited in the queue.",
+                                           ["model", "version"], LATENCY_BUCKETS_S, registry)
+        self.inference_seconds = BulkHistogram("banditgate_inference_seconds", "ONNX Runtime time per batch.",
+                                               ["model", "version"], LATENCY_BUCKETS_S, registry)
+        self.end_to_end_seconds = BulkHistogram("banditgate_end_to_end_seconds",
+                                                "From receiving a request to its prediction being built.",
+                                                ["route", "transport"], LATENCY_BUCKETS_S, registry)
+        self.queue_depth = Gauge("banditgate_queue_depth_rows", "Rows queued or being inferred, per model version.",
+                                 ["model", "version"], **kw)
+        self.consumer_lag = Gauge("banditgate_consumer_lag_messages", "Requests not yet consumed, per partition.",
+                                  ["topic", "partition"], **kw)
+        self.model_loaded = Gauge("banditgate_model_loaded", "1 while a model version is loaded and serving.",
+                                  ["model", "version"], **kw)
+        self.model_load_failures = Counter("banditgate_model_load_failures_total",
+                                           "Model versions that failed to load (bad file, checksum, config).",
+                                           ["model"], **kw)
+        self.redis_up = Gauge("banditgate_redis_up", "1 if the last arm-statistics snapshot read from Redis worked.",
+                              **kw)
+        self.kafka_up = Gauge("banditgate_kafka_up", "1 while the Kafka consumer and producer are connected.", **kw)
+        self.ready = Gauge("banditgate_ready", "1 while the gateway reports ready.", **kw)
+        self.paused = Counter("banditgate_backpressure_pauses_total",
+                              "Times the Kafka loop paused fetching because queues were full.", **kw)
+        self.arm_share = Gauge("banditgate_arm_traffic_share", "Probability the route's policy gives each arm now.",
+                               ["route", "arm"], **kw)
+        self.arm_posterior_mean = Gauge("banditgate_arm_posterior_mean", "Posterior mean reward per arm.",
+                                        ["route", "arm"], **kw)
+
+    def observe_batch(self, model_name: str, version: int, rows: int, queue_s: float, inference_s: float) -> None:
+        labels = (model_name, str(version))
+        self.batch_rows.observe(rows, *labels)
+        self.queue_seconds.observe(queue_s, *labels)
+        self.inference_seconds.observe(inference_s, *labels)

@@ -1,0 +1,1 @@
+"""Model repository: per-model config, ONNX Runtime sessions, versions and hot swaps."""

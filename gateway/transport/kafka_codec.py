@@ -1,0 +1,74 @@
+"""Kafka records <-> dataplane requests and events (pure: no client, no asyncio)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Container, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from banditgate.events import EventError, dead_letter_payload, request_from_obj
+from gateway.dataplane import Pending
+
+
+@dataclass
+class SourcedPending(Pending):
+    """A request plus where it came from (for dead-letters and partition reuse)."""
+
+    topic: str = ""
+    partition: int = 0
+    offset: int = 0
+    key: bytes | None = None
+    raw: bytes = b""
+
+
+@dataclass
+class DecodedRecords:
+    by_route: dict[str, list[SourcedPending]] = field(default_factory=dict)
+    dead: list[tuple[Any, str, str]] = field(default_factory=list)  # (record, reason, message)
+    count: int = 0
+
+
+def decode_records(records: Iterable[Any], routes: Container[str], max_bytes: int,
+                   clock: Any = time.monotonic, wall_clock: Any = time.time) -> DecodedRecords:
+    """Decode and validate request records; malformed ones go to `dead` with their reason."""
+    out = DecodedRecords()
+    now = clock()
+    wall = wall_clock()
+    for record in records:
+        out.count += 1
+        raw = record.value
+        try:
+            if raw is None:
+                raise EventError("not_json", "request record has no value (a tombstone)")
+            if len(raw) > max_bytes:
+                raise EventError("oversize", f"request event is {len(raw)} bytes, over the limit of {max_bytes}")
+            try:
+                obj = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                reason = "not_finite" if "infinity" in str(exc).lower() else "not_json"
+                raise EventError(reason, f"request event is not valid JSON: {exc}") from None
+            if not isinstance(obj, dict):
+                raise EventError("not_object", f"request event is a JSON {type(obj).__name__}, not an object")
+            request = request_from_obj(obj, routes)
+        except EventError as exc:
+            out.dead.append((record, exc.reason, str(exc)))
+            continue
+        pending = SourcedPending(request_id=request.request_id, inputs=request.inputs, unit_id=request.unit_id,
+                                 ts_request=request.ts if request.ts is not None else wall, received_s=now,
+                                 topic=record.topic, partition=record.partition, offset=record.offset,
+                                 key=record.key, raw=raw)
+        out.by_route.setdefault(request.route, []).append(pending)
+    return out
+
+
+def dead_letter_value(error: str, reason: str, topic: str, partition: int, offset: int, raw: bytes | None) -> bytes:
+    """The dead-letter event of DESIGN.md (plus a machine-readable `reason`)."""
+    return orjson.dumps({"error": error, "reason": reason, "topic": topic, "partition": partition, "offset": offset,
+                         "payload": dead_letter_payload(raw or b"")})
+
+
+def encode_event(event: dict[str, Any]) -> bytes:
+    return orjson.dumps(event)

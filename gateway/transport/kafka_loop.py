@@ -1,0 +1,240 @@
+"""The Kafka loop: batched consumption, bounded in-flight work, ordered manual commits.
+
+At-least-once: the offsets of a fetched batch are committed only after every prediction,
+shadow prediction and dead-letter it produced is acknowledged by the broker, and only once
+every earlier batch is too. When producing fails (broker away past the producer's retries),
+the loop rewinds to the last committed offsets and processes again: some predictions may
+repeat, none go missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
+
+from banditgate.config import Config
+from banditgate.connections import kafka_client_kwargs
+from gateway.dataplane import Dataplane
+from gateway.metrics import GatewayMetrics
+from gateway.transport.kafka_batches import OutboundBatches
+from gateway.transport.kafka_codec import dead_letter_value, decode_records, encode_event
+
+log = logging.getLogger("banditgate.kafka")
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, loop: "KafkaLoop") -> None:
+        self.loop = loop
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        # finish what we hold for these partitions and commit it before another replica takes over
+        await self.loop.finish_in_flight()
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        log.info("assigned partitions: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)) or "none")
+
+
+class KafkaLoop:
+    """Consumes requests, serves them through the dataplane, produces predictions (at-least-once)."""
+
+    def __init__(self, config: Config, dataplane: Dataplane, metrics: GatewayMetrics,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.dataplane = dataplane
+        self.metrics = metrics
+        self.clock = clock
+        self.topics = config.kafka.topics
+        self.consumer: AIOKafkaConsumer | None = None
+        self.producer: AIOKafkaProducer | None = None
+        self.partitions: dict[str, int] = {}
+        self._in_flight: collections.deque[tuple[asyncio.Task, dict[TopicPartition, int]]] = collections.deque()
+        self._commit_lock = asyncio.Lock()
+        self._last_lag_s = 0.0
+        self.processed = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        kafka = self.config.kafka
+        common = kafka_client_kwargs(kafka)
+        self.producer = AIOKafkaProducer(**common, enable_idempotence=True, acks="all", linger_ms=kafka.linger_ms,
+                                         max_batch_size=512 * 1024, max_request_size=kafka.max_request_bytes,
+                                         request_timeout_ms=30_000)
+        self.consumer = AIOKafkaConsumer(**common, group_id=kafka.group_id, enable_auto_commit=False,
+                                         auto_offset_reset="earliest", isolation_level="read_committed",
+                                         fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+                                         max_partition_fetch_bytes=4 * 1024 * 1024,
+                                         fetch_max_bytes=32 * 1024 * 1024,
+                                         session_timeout_ms=kafka.session_timeout_ms,
+                                         heartbeat_interval_ms=max(1000, kafka.session_timeout_ms // 4))
+        await self.producer.start()
+        for topic in (self.topics.predictions, self.topics.shadow_predictions, self.topics.deadletter,
+                      self.topics.requests):
+            self.partitions[topic] = len(await self.producer.partitions_for(topic))
+        self.consumer.subscribe([self.topics.requests], listener=_Rebalance(self))
+        await self.consumer.start()
+        self.metrics.kafka_up.set(1)
+
+    async def stop(self) -> None:
+        """Finish in-flight batches, commit, close (the graceful part of shutdown)."""
+        try:
+            await self.finish_in_flight()
+        finally:
+            if self.consumer is not None:
+                await self.consumer.stop()
+            if self.producer is not None:
+                await self.producer.stop()
+            self.metrics.kafka_up.set(0)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Fetch and process until `stopping` is set."""
+        assert self.consumer is not None  # noqa: S101 - start() is the caller's contract
+        batching = self.config.batching
+        while not stopping.is_set():
+            await self._respect_bounds(batching.max_in_flight_batches)
+            fetched = await self.consumer.getmany(timeout_ms=100, max_records=self.config.kafka.max_poll_records)
+            if fetched:
+                offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
+                task = asyncio.get_running_loop().create_task(self._process(fetched))
+                self._in_flight.append((task, offsets))
+            await self._commit_completed()
+            await self._update_lag()
+
+    async def _respect_bounds(self, max_in_flight: int) -> None:
+        """Backpressure: wait while too many batches are in flight or model queues are full."""
+        paused = False
+        while self._in_flight and (len(self._in_flight) >= max_in_flight or not self._queues_have_room()):
+            if not paused:
+                self.metrics.paused.inc()
+                paused = True
+            await asyncio.wait([self._in_flight[0][0]], timeout=0.05)
+            await self._commit_completed()
+
+    def _queues_have_room(self) -> bool:
+        return all(b.admits(1) for b in self.dataplane.batchers.values())
+
+    async def _commit_completed(self) -> None:
+        """Commit the offsets of the completed prefix of in-flight batches (order preserved)."""
+        ready: dict[TopicPartition, int] = {}
+        failed = False
+        while self._in_flight and self._in_flight[0][0].done():
+            task, offsets = self._in_flight.popleft()
+            if task.cancelled() or task.exception() is not None:
+                failed = True
+                error = "cancelled" if task.cancelled() else repr(task.exception())
+                log.error("a batch could not be published (%s); rewinding to the last committed offsets", error)
+                break
+            ready.update(offsets)
+        if ready:
+            await self._commit(ready)
+        if failed:
+            await self._rewind()
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        assert self.consumer is not None  # noqa: S101
+        assigned = self.consumer.assignment()
+        mine = {tp: off for tp, off in offsets.items() if tp in assigned}
+        if not mine:
+            return
+        async with self._commit_lock:
+            try:
+                await self.consumer.commit(mine)
+            except KafkaError as exc:
+                # e.g. a rebalance took the partitions: another replica re-processes (at-least-once)
+                log.warning("offset commit failed (%s); those requests will be served again", type(exc).__name__)
+
+    async def _rewind(self) -> None:
+        """After a failed batch: drop later batches' results and re-read from the committed offsets."""
+        assert self.consumer is not None  # noqa: S101
+        tasks = [t for t, _ in self._in_flight]
+        self._in_flight.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for tp in self.consumer.assignment():
+            committed = await self.consumer.committed(tp)
+            if committed is None:
+                await self.consumer.seek_to_beginning(tp)
+            else:
+                self.consumer.seek(tp, committed)
+        await asyncio.sleep(0.5)  # let the broker/producer recover before trying again
+
+    async def finish_in_flight(self) -> None:
+        """Wait for every in-flight batch and commit what completed."""
+        if self._in_flight:
+            await asyncio.wait([t for t, _ in self._in_flight])
+        await self._commit_completed()
+
+    async def _update_lag(self) -> None:
+        """Once a second: high watermark minus our position, per assigned partition."""
+        now = self.clock()
+        if now - self._last_lag_s < 1.0 or self.consumer is None:
+            return
+        self._last_lag_s = now
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:
+                continue
+            try:
+                position = await self.consumer.position(tp)
+            except KafkaError:
+                continue  # being reassigned; the next tick reports it
+            self.metrics.consumer_lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+
+    # -- one fetched batch -----------------------------------------------------------------------
+
+    async def _process(self, fetched: dict[TopicPartition, list]) -> None:
+        assert self.producer is not None  # noqa: S101
+        records = [record for batch in fetched.values() for record in batch]
+        routes = self.dataplane.routes
+        decoded = decode_records(records, routes, self.config.max_event_bytes, clock=self.clock)
+        self.processed += decoded.count
+        out = OutboundBatches(self.producer, self.partitions)
+        dead_topic = self.topics.deadletter
+        for record, reason, message in decoded.dead:
+            self.metrics.deadletters.labels(record.topic, reason).inc()
+            await out.add(dead_topic, record.key, dead_letter_value(message, reason, record.topic, record.partition,
+                                                                    record.offset, record.value))
+        route_names = list(decoded.by_route)
+        answers_per_route = await asyncio.gather(*(self.dataplane.serve(name, decoded.by_route[name])
+                                                   for name in route_names))
+        same_partitioning = self.partitions[self.topics.requests] == self.partitions[self.topics.predictions]
+        predictions_topic = self.topics.predictions
+        shadows_topic = self.topics.shadow_predictions
+        now = self.clock()
+        for route_name, answers in zip(route_names, answers_per_route):
+            pendings = decoded.by_route[route_name]
+            counts: collections.Counter[tuple[str, str]] = collections.Counter()
+            latencies = []
+            for pending, answer in zip(pendings, answers):
+                key = pending.request_id.encode()
+                partition = pending.partition if same_partitioning and pending.key == key else None
+                if answer.prediction is not None:
+                    await out.add(predictions_topic, key, encode_event(answer.prediction), partition)
+                    counts[(answer.prediction["arm"], "ok")] += 1
+                    latencies.append(now - pending.received_s)
+                    for shadow in answer.shadows:
+                        await out.add(shadows_topic, key, encode_event(shadow), partition)
+                        self.metrics.shadow_predictions.labels(route_name, shadow["arm"]).inc()
+                else:
+                    reason, message = answer.error or ("inference_failed", "no answer")
+                    counts[("-", "error")] += 1
+                    self.metrics.errors.labels(route_name, reason, "kafka").inc()
+                    self.metrics.deadletters.labels(pending.topic, reason).inc()
+                    await out.add(dead_topic, pending.key, dead_letter_value(message, reason, pending.topic,
+                                                                             pending.partition, pending.offset,
+                                                                             pending.raw))
+            for (arm, status), count in counts.items():
+                self.metrics.requests.labels(route_name, arm, status, "kafka").inc(count)
+            self.metrics.end_to_end_seconds.observe_many(latencies, route_name, "kafka")
+        futures = await out.send()
+        if futures:
+            await asyncio.gather(*futures)

@@ -1,0 +1,94 @@
+"""Baseline Kafka consumers the gateway is measured against, each run as its own process.
+
+- `passthrough`: the idiomatic aiokafka consume→produce loop (getmany, one `send` per record
+  without awaiting each, wait for delivery, commit) with no decoding or inference: the
+  client's limit for this message size.
+- `naive`: what a hand-written per-message consumer does: decode, `session.run` on one row,
+  `send_and_wait`, per message.
+
+Usage: python -m loadtests.peers {passthrough|naive} BOOTSTRAP IN_TOPIC OUT_TOPIC GROUP [MODEL]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+
+import numpy as np
+import orjson
+import uvloop
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+
+async def passthrough(bootstrap: str, in_topic: str, out_topic: str, group: str, stop: asyncio.Event) -> None:
+    consumer = AIOKafkaConsumer(in_topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                                auto_offset_reset="earliest", fetch_max_wait_ms=5,
+                                max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, linger_ms=2,
+                                max_batch_size=512 * 1024)
+    await consumer.start()
+    await producer.start()
+    try:
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=100, max_records=2048)
+            futures = []
+            for records in batch.values():
+                for record in records:
+                    futures.append(await producer.send(out_topic, key=record.key, value=record.value))
+            if futures:
+                await asyncio.gather(*futures)
+                await consumer.commit()
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def naive(bootstrap: str, in_topic: str, out_topic: str, group: str, stop: asyncio.Event, model: str) -> None:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    consumer = AIOKafkaConsumer(in_topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=True,
+                                auto_offset_reset="earliest")
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True)
+    await consumer.start()
+    await producer.start()
+    try:
+        while not stop.is_set():
+            try:
+                record = await asyncio.wait_for(consumer.getone(), timeout=0.2)
+            except TimeoutError:
+                continue
+            event = orjson.loads(record.value)
+            row = np.asarray([event["inputs"]["input"]], dtype=np.float32)
+            probability, label = session.run(None, {input_name: row})
+            value = orjson.dumps({"request_id": event["request_id"], "route": event["route"], "arm": "naive",
+                                  "outputs": {"probability": probability[0].tolist(), "label": int(label[0])},
+                                  "ts_request": event.get("ts", 0.0), "ts_predicted": time.time()})
+            await producer.send_and_wait(out_topic, key=record.key, value=value)
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def main(argv: list[str]) -> None:
+    kind, bootstrap, in_topic, out_topic, group = argv[:5]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    if kind == "passthrough":
+        await passthrough(bootstrap, in_topic, out_topic, group, stop)
+    elif kind == "naive":
+        await naive(bootstrap, in_topic, out_topic, group, stop, argv[5])
+    else:
+        raise SystemExit(f"unknown peer {kind!r}")
+
+
+if __name__ == "__main__":
+    uvloop.run(main(sys.argv[1:]))

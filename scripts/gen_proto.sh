@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Regenerate the gRPC stubs from gateway/transport/proto/*.proto (needs the dev extra: grpcio-tools).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=gateway/transport/proto
+python -m grpc_tools.protoc -I $dir --python_out=$dir --grpc_python_out=$dir --pyi_out=$dir \
+  $dir/grpc_predict_v2.proto $dir/banditgate_service.proto
+# protoc writes top-level imports; make them package imports
+sed -i 's/^import \(.*_pb2\) as/from gateway.transport.proto import \1 as/' $dir/*_pb2_grpc.py
