@@ -24,7 +24,7 @@ from gateway.validation import validate_batch
 from router.decision import RoutePolicy
 
 
-@dataclass
+@dataclass(slots=True)
 class Pending:
     """One request as the dataplane sees it, whatever transport it came from."""
 
@@ -35,12 +35,12 @@ class Pending:
     received_s: float  # monotonic seconds when we received it
 
 
-@dataclass
+@dataclass(slots=True)
 class Answer:
     """The outcome for one request: a prediction (+ shadow predictions) or an error."""
 
     prediction: dict[str, Any] | None = None
-    shadows: list[dict[str, Any]] = field(default_factory=list)
+    shadows: list[dict[str, Any]] | None = None
     error: tuple[str, str] | None = None  # (reason, message)
     outputs: dict[str, np.ndarray] | None = None  # raw output rows, for OIP responses
 
@@ -175,29 +175,38 @@ class Dataplane:
     def _emit(self, route: Route, arm_name: str, model: OnnxModel, rows: np.ndarray, result: RowsResult,
               requests: Sequence[Pending], answers: list[Answer], propensity: np.ndarray | None, now_wall: float,
               now: float, primary_names: list[str] | None, keep_outputs: bool) -> None:
-        ok_rows = rows[result.ok]
-        columns = {name: array.tolist() for name, array in result.outputs.items()}
+        ok_rows = rows[result.ok].tolist()
+        names = list(result.outputs)
+        columns = [array.tolist() for array in result.outputs.values()]
         labels = model.config.labels
+        if labels and "label" in result.outputs:
+            label_column = result.outputs["label"].reshape(-1)
+            names.append("class")
+            columns.append([labels[v] if 0 <= v < len(labels) else None for v in label_column.tolist()])
+        propensities = propensity.tolist() if propensity is not None else None
+        route_name, policy, model_name, version = route.name, route.policy, model.name, model.version
         for position, row in enumerate(ok_rows):
             request = requests[row]
-            outputs = {name: values[position] for name, values in columns.items()}
-            if labels and "label" in outputs and isinstance(outputs["label"], int) and 0 <= outputs["label"] < len(labels):
-                outputs["class"] = labels[outputs["label"]]
             event = {
-                "request_id": request.request_id, "route": route.name, "arm": arm_name, "model": model.name,
-                "model_version": model.version, "policy": route.policy,
-                "propensity": 1.0 if propensity is None else float(propensity[row]),
-                "outputs": outputs, "ts_request": request.ts_request, "ts_predicted": now_wall,
+                "request_id": request.request_id, "route": route_name, "arm": arm_name, "model": model_name,
+                "model_version": version, "policy": policy,
+                "propensity": 1.0 if propensities is None else propensities[row],
+                "outputs": {name: column[position] for name, column in zip(names, columns)},
+                "ts_request": request.ts_request, "ts_predicted": now_wall,
                 "latency_ms": round((now - request.received_s) * 1000.0, 3),
             }
+            answer = answers[row]
             if primary_names is None:
-                answers[row].prediction = event
+                answer.prediction = event
                 if keep_outputs:
-                    answers[row].outputs = {name: array[position] for name, array in result.outputs.items()}
+                    answer.outputs = {name: array[position] for name, array in result.outputs.items()}
             else:
                 event["shadow"] = True
                 event["primary_arm"] = primary_names[row]
-                answers[row].shadows.append(event)
+                if answer.shadows is None:
+                    answer.shadows = [event]
+                else:
+                    answer.shadows.append(event)
 
 
 @dataclass

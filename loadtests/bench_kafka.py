@@ -162,7 +162,7 @@ def markdown(results: dict) -> str:
 
 def run(out: Path, quick: bool = False) -> int:
     results = uvloop.run(_run(out, quick))
-    out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
     print(markdown(results))
     progress(f"wrote {out}")
     return 0

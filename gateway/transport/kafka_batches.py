@@ -26,11 +26,11 @@ class OutboundBatches:
     producer: AIOKafkaProducer
     partitions: dict[str, int]  # topic -> partition count
     _builders: dict[tuple[str, int], object] = field(default_factory=dict)
-    _futures: list[asyncio.Future] = field(default_factory=list)
+    _full: list[tuple[tuple[str, int], object]] = field(default_factory=list)
     count: int = 0
 
-    async def add(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
-        """Queue one record; a full builder is submitted at once."""
+    def add(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
+        """Queue one record (no I/O: full builders wait for `send()`)."""
         if partition is None:
             partition = partition_for(key, self.partitions[topic]) if key is not None else 0
         slot = (topic, partition)
@@ -38,20 +38,21 @@ class OutboundBatches:
         if builder is None:
             builder = self._builders[slot] = self.producer.create_batch()
         if builder.append(key=key, value=value, timestamp=None) is None:  # type: ignore[attr-defined]
-            await self._submit(slot, builder)
+            builder.close()  # type: ignore[attr-defined]
+            self._full.append((slot, builder))
             builder = self._builders[slot] = self.producer.create_batch()
             if builder.append(key=key, value=value, timestamp=None) is None:  # type: ignore[attr-defined]
                 raise ValueError(f"a {len(value)}-byte record does not fit an empty batch for {topic}")
         self.count += 1
 
-    async def _submit(self, slot: tuple[str, int], builder: object) -> None:
-        builder.close()  # type: ignore[attr-defined]
-        self._futures.append(await self.producer.send_batch(builder, slot[0], partition=slot[1]))
-
     async def send(self) -> list[asyncio.Future]:
-        """Submit every open builder; return all delivery futures of this collection."""
-        for slot, builder in list(self._builders.items()):
-            await self._submit(slot, builder)
+        """Submit every builder to the producer; return their delivery futures."""
+        futures = []
+        for slot, builder in self._full:
+            futures.append(await self.producer.send_batch(builder, slot[0], partition=slot[1]))
+        self._full.clear()
+        for slot, builder in self._builders.items():
+            builder.close()  # type: ignore[attr-defined]
+            futures.append(await self.producer.send_batch(builder, slot[0], partition=slot[1]))
         self._builders.clear()
-        futures, self._futures = self._futures, []
         return futures

@@ -9,11 +9,11 @@ from typing import Any
 
 import orjson
 
-from banditgate.events import EventError, dead_letter_payload, request_from_obj
+from banditgate.events import EventError, dead_letter_payload, request_fields
 from gateway.dataplane import Pending
 
 
-@dataclass
+@dataclass(slots=True)
 class SourcedPending(Pending):
     """A request plus where it came from (for dead-letters and partition reuse)."""
 
@@ -35,6 +35,7 @@ def decode_records(records: Iterable[Any], routes: Container[str], max_bytes: in
                    clock: Any = time.monotonic, wall_clock: Any = time.time) -> DecodedRecords:
     """Decode and validate request records; malformed ones go to `dead` with their reason."""
     out = DecodedRecords()
+    by_route = out.by_route
     now = clock()
     wall = wall_clock()
     for record in records:
@@ -52,15 +53,17 @@ def decode_records(records: Iterable[Any], routes: Container[str], max_bytes: in
                 raise EventError(reason, f"request event is not valid JSON: {exc}") from None
             if not isinstance(obj, dict):
                 raise EventError("not_object", f"request event is a JSON {type(obj).__name__}, not an object")
-            request = request_from_obj(obj, routes)
+            request_id, route, inputs, unit_id, ts, _items = request_fields(obj, routes)
         except EventError as exc:
             out.dead.append((record, exc.reason, str(exc)))
             continue
-        pending = SourcedPending(request_id=request.request_id, inputs=request.inputs, unit_id=request.unit_id,
-                                 ts_request=request.ts if request.ts is not None else wall, received_s=now,
-                                 topic=record.topic, partition=record.partition, offset=record.offset,
-                                 key=record.key, raw=raw)
-        out.by_route.setdefault(request.route, []).append(pending)
+        pending = SourcedPending(request_id, inputs, unit_id, wall if ts is None else ts, now,
+                                 record.topic, record.partition, record.offset, record.key, raw)
+        group = by_route.get(route)
+        if group is None:
+            by_route[route] = [pending]
+        else:
+            group.append(pending)
     return out
 
 

@@ -15,6 +15,8 @@ import logging
 import time
 from collections.abc import Callable
 
+import orjson
+
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -23,7 +25,9 @@ from banditgate.connections import kafka_client_kwargs
 from gateway.dataplane import Dataplane
 from gateway.metrics import GatewayMetrics
 from gateway.transport.kafka_batches import OutboundBatches
-from gateway.transport.kafka_codec import dead_letter_value, decode_records, encode_event
+from gateway.transport.kafka_codec import dead_letter_value, decode_records
+
+dumps = orjson.dumps
 
 log = logging.getLogger("banditgate.kafka")
 
@@ -201,7 +205,7 @@ class KafkaLoop:
         dead_topic = self.topics.deadletter
         for record, reason, message in decoded.dead:
             self.metrics.deadletters.labels(record.topic, reason).inc()
-            await out.add(dead_topic, record.key, dead_letter_value(message, reason, record.topic, record.partition,
+            out.add(dead_topic, record.key, dead_letter_value(message, reason, record.topic, record.partition,
                                                                     record.offset, record.value))
         route_names = list(decoded.by_route)
         answers_per_route = await asyncio.gather(*(self.dataplane.serve(name, decoded.by_route[name])
@@ -213,25 +217,29 @@ class KafkaLoop:
         for route_name, answers in zip(route_names, answers_per_route):
             pendings = decoded.by_route[route_name]
             counts: collections.Counter[tuple[str, str]] = collections.Counter()
+            shadow_counts: collections.Counter[str] = collections.Counter()
             latencies = []
             for pending, answer in zip(pendings, answers):
                 key = pending.request_id.encode()
                 partition = pending.partition if same_partitioning and pending.key == key else None
                 if answer.prediction is not None:
-                    await out.add(predictions_topic, key, encode_event(answer.prediction), partition)
+                    out.add(predictions_topic, key, dumps(answer.prediction), partition)
                     counts[(answer.prediction["arm"], "ok")] += 1
                     latencies.append(now - pending.received_s)
-                    for shadow in answer.shadows:
-                        await out.add(shadows_topic, key, encode_event(shadow), partition)
-                        self.metrics.shadow_predictions.labels(route_name, shadow["arm"]).inc()
+                    if answer.shadows:
+                        for shadow in answer.shadows:
+                            out.add(shadows_topic, key, dumps(shadow), partition)
+                            shadow_counts[shadow["arm"]] += 1
                 else:
                     reason, message = answer.error or ("inference_failed", "no answer")
                     counts[("-", "error")] += 1
                     self.metrics.errors.labels(route_name, reason, "kafka").inc()
                     self.metrics.deadletters.labels(pending.topic, reason).inc()
-                    await out.add(dead_topic, pending.key, dead_letter_value(message, reason, pending.topic,
+                    out.add(dead_topic, pending.key, dead_letter_value(message, reason, pending.topic,
                                                                              pending.partition, pending.offset,
                                                                              pending.raw))
+            for arm, count in shadow_counts.items():
+                self.metrics.shadow_predictions.labels(route_name, arm).inc(count)
             for (arm, status), count in counts.items():
                 self.metrics.requests.labels(route_name, arm, status, "kafka").inc(count)
             self.metrics.end_to_end_seconds.observe_many(latencies, route_name, "kafka")
