@@ -8,8 +8,14 @@ import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import uvicorn
 import uvloop
-from prometheus_client import start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from banditgate.config import Config
 from banditgate.logs import setup_logging
@@ -17,7 +23,11 @@ from gateway.dataplane import Dataplane
 from gateway.errors import ModelError
 from gateway.metrics import GatewayMetrics
 from gateway.models.repository import ModelRepository
+from gateway.transport.grpc_server import build_server
+from gateway.transport.http import SidecarContext, build_app
+from gateway.transport.kafka_batches import OutboundBatches
 from gateway.transport.kafka_loop import KafkaLoop
+from gateway.transport.publisher import PredictionPublisher
 
 log = logging.getLogger("banditgate.gateway")
 
@@ -26,12 +36,22 @@ def wanted_models(config: Config) -> list[tuple[str, int | str]]:
     return [(arm.model, arm.version) for route in config.routes for arm in (*route.arms, *route.shadows)]
 
 
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn inside our loop: the gateway, not uvicorn, owns SIGTERM/SIGINT."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 class Gateway:
     """The running gateway; `run()` returns when a stop was requested and shutdown finished."""
 
-    def __init__(self, config: Config, metrics: GatewayMetrics | None = None) -> None:
+    def __init__(self, config: Config, metrics: GatewayMetrics | None = None,
+                 registry: CollectorRegistry | None = None) -> None:
         self.config = config
-        self.metrics = metrics or GatewayMetrics()
+        self.registry = registry or REGISTRY
+        self.metrics = metrics or GatewayMetrics(self.registry)
         self.repository = ModelRepository(config.models.repository, config.models, wanted_models(config))
         self.executor = ThreadPoolExecutor(max_workers=config.batching.inference_threads,
                                            thread_name_prefix="onnx")
@@ -39,6 +59,12 @@ class Gateway:
         self.kafka: KafkaLoop | None = None
         self.stopping = asyncio.Event()
         self.ready = False
+        self.publisher: PredictionPublisher | None = None
+        self.http: _EmbeddedUvicorn | None = None
+        self.grpc: Any = None
+        self.http_port: int | None = None
+        self.grpc_port: int | None = None
+        self._servers: list[asyncio.Task] = []
 
     def _on_batch(self, model, rows: int, queue_s: float, inference_s: float) -> None:  # type: ignore[no-untyped-def]
         self.metrics.observe_batch(model.name, model.version, rows, queue_s, inference_s)
@@ -51,6 +77,7 @@ class Gateway:
         self.dataplane = Dataplane(self.config, self.repository, self.executor, on_batch=self._on_batch)
         self.kafka = KafkaLoop(self.config, self.dataplane, self.metrics)
         await self.kafka.start()
+        await self._start_sidecar()
         self._banner()
         self.ready = True
         self.metrics.ready.set(1)
@@ -64,12 +91,66 @@ class Gateway:
                      f", shadows {shadows}" if shadows else "")
         providers = sorted({p for m in self.repository.loaded() for p in m.providers})
         log.info("serving: kafka %s (requests %s, delivery %s), providers %s, batching %d rows / %d us, "
-                 "metrics on %s:%d", self.config.kafka.bootstrap_servers, self.config.kafka.topics.requests,
+                 "http %s:%s, grpc %s:%s", self.config.kafka.bootstrap_servers, self.config.kafka.topics.requests,
                  self.config.delivery, ", ".join(providers), self.config.batching.max_batch_size,
-                 self.config.batching.max_delay_us, self.config.server.host, self._metrics_port())
+                 self.config.batching.max_delay_us, self.config.server.host, self.http_port or "off",
+                 self.config.server.host, self.grpc_port or "off")
 
     def _metrics_port(self) -> int:
-        return self.config.server.metrics_port or self.config.server.http_port
+        return self.config.server.metrics_port or self.http_port or self.config.server.http_port
+
+    async def _produce_outcomes(self, outcomes: list[dict[str, Any]]) -> None:
+        assert self.kafka is not None and self.kafka.producer is not None  # noqa: S101
+        topic = self.config.kafka.topics.outcomes
+        partitions = {topic: len(await self.kafka.producer.partitions_for(topic))}
+        out = OutboundBatches(self.kafka.producer, partitions)
+        for outcome in outcomes:
+            out.add(topic, str(outcome["request_id"]).encode(), orjson.dumps(outcome))
+        await asyncio.gather(*await out.send())
+
+    async def _start_sidecar(self) -> None:
+        """REST (uvicorn) and gRPC (grpc.aio) in this event loop, sharing the dataplane and producer."""
+        assert self.kafka is not None and self.kafka.producer is not None and self.dataplane is not None  # noqa: S101
+        server = self.config.server
+        self.publisher = PredictionPublisher(self.kafka.producer, self.kafka.partitions)
+        self.publisher.start()
+        publisher = self.publisher
+        context = SidecarContext(config=self.config, dataplane=self.dataplane,
+                                 publish=lambda topic, events: publisher.publish(topic, events),
+                                 produce_outcomes=self._produce_outcomes, is_ready=lambda: self.ready,
+                                 registry=self.registry)
+        if server.enable_http:
+            ssl_kwargs: dict[str, Any] = {}
+            if server.tls_cert_file and server.tls_key_file:
+                import ssl
+
+                ssl_kwargs = {"ssl_certfile": str(server.tls_cert_file), "ssl_keyfile": str(server.tls_key_file)}
+                if server.client_ca_file:
+                    ssl_kwargs.update(ssl_ca_certs=str(server.client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
+            config = uvicorn.Config(build_app(context), host=server.host, port=server.http_port, loop="none",
+                                    lifespan="off", http="httptools", log_level="warning", access_log=False,
+                                    timeout_keep_alive=30, h11_max_incomplete_event_size=64 * 1024, **ssl_kwargs)
+            self.http = _EmbeddedUvicorn(config)
+            self._servers.append(asyncio.get_running_loop().create_task(self.http.serve()))
+            while not self.http.started:
+                if self._servers[-1].done():
+                    self._servers[-1].result()
+                    raise ModelError(f"the HTTP server could not start on {server.host}:{server.http_port}")
+                await asyncio.sleep(0.01)
+            self.http_port = self.http.servers[0].sockets[0].getsockname()[1]
+        if server.enable_grpc:
+            import grpc
+
+            credentials = None
+            if server.tls_cert_file and server.tls_key_file:
+                client_ca = server.client_ca_file.read_bytes() if server.client_ca_file else None
+                credentials = grpc.ssl_server_credentials(
+                    [(server.tls_key_file.read_bytes(), server.tls_cert_file.read_bytes())],
+                    root_certificates=client_ca, require_client_auth=client_ca is not None)
+            self.grpc, self.grpc_port = build_server(context, credentials)
+            await self.grpc.start()
+        if server.metrics_port is not None or not server.enable_http:
+            start_http_server(server.metrics_port or 0, addr=server.host, registry=self.registry)
 
     async def _watch_models(self) -> None:
         interval = self.config.models.poll_interval_s
@@ -107,6 +188,16 @@ class Gateway:
         code = 0
         try:
             await asyncio.wait_for(asyncio.gather(loop_task, return_exceptions=True), timeout=grace)
+            if self.grpc is not None:
+                await self.grpc.stop(grace=1.0)
+                self.grpc = None
+            if self.http is not None:
+                self.http.should_exit = True
+                await asyncio.gather(*self._servers, return_exceptions=True)
+                self.http = None
+            if self.publisher is not None:
+                await self.publisher.close()  # flush sidecar predictions while the producer is open
+                self.publisher = None
             remaining = max(0.1, grace - (time.monotonic() - started))
             assert self.kafka is not None  # noqa: S101
             await asyncio.wait_for(self.kafka.stop(), timeout=remaining)
@@ -115,6 +206,13 @@ class Gateway:
                       "(it will be served again from the last committed offsets)", grace)
             code = 1
         watcher.cancel()
+        if self.grpc is not None:
+            await self.grpc.stop(grace=1.0)
+        if self.http is not None:
+            self.http.should_exit = True
+            await asyncio.gather(*self._servers, return_exceptions=True)
+        if self.publisher is not None:
+            await self.publisher.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("gateway stopped in %.2fs", time.monotonic() - started)
         return code
@@ -125,11 +223,7 @@ async def _main(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, gateway.stopping.set)
-    start_http_server(gateway._metrics_port(), addr=config.server.host)
-    try:
-        await gateway.start()
-    except ModelError:
-        raise
+    await gateway.start()
     return await gateway.run()
 
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerate the gRPC stubs from gateway/transport/proto/*.proto (needs the dev extra: grpcio-tools).
+# Regenerate the gRPC stubs from gateway/transport/proto/*.proto with grpcio-tools 1.71 (protobuf 5.29
+# gencode runs on protobuf runtimes 5.29 to 7.x, so clients pinning protobuf 6, e.g. tritonclient, can share a venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=gateway/transport/proto

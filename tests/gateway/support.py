@@ -11,7 +11,6 @@ from prometheus_client import CollectorRegistry
 
 from banditgate.config import Config, parse_config
 from gateway.app import Gateway
-from gateway.metrics import GatewayMetrics
 from loadtests.models import write_repository
 
 N_FEATURES = 8
@@ -50,7 +49,7 @@ class RunningGateway:
 
 
 async def start_gateway(config: Config) -> RunningGateway:
-    gateway = Gateway(config, metrics=GatewayMetrics(CollectorRegistry()))
+    gateway = Gateway(config, registry=CollectorRegistry())
     await gateway.start()
     task = asyncio.get_running_loop().create_task(gateway.run())
     return RunningGateway(gateway, task)

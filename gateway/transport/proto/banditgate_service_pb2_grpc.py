@@ -5,7 +5,7 @@ import warnings
 
 from gateway.transport.proto import banditgate_service_pb2 as banditgate__service__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.71.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,14 +18,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in banditgate_service_pb2_grpc.py depends on'
+        + f' but the generated code in banditgate_service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class FeedbackStub:
+class FeedbackStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -41,7 +41,7 @@ class FeedbackStub:
                 _registered_method=True)
 
 
-class FeedbackServicer:
+class FeedbackServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def PostOutcomes(self, request, context):
@@ -67,7 +67,7 @@ def add_FeedbackServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class Feedback:
+class Feedback(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

@@ -1,0 +1,205 @@
+"""gRPC sidecar: `inference.GRPCInferenceService` (the OIP proto) and `banditgate.Feedback`, on grpc.aio
+in the gateway's own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import grpc
+import numpy as np
+
+from banditgate import __version__
+from banditgate.events import EventError, outcome_from_obj
+from gateway.dataplane import serve_tensors
+from gateway.errors import GatewayError, InvalidInput, ModelNotFound
+from gateway.transport.http import EXTENSIONS, SidecarContext
+from gateway.transport.oip_codec import DTYPES, _raw_bytes, datatype_for, tensor_from_raw
+from gateway.transport.proto import banditgate_service_pb2 as bg_pb2
+from gateway.transport.proto import banditgate_service_pb2_grpc as bg_grpc
+from gateway.transport.proto import grpc_predict_v2_pb2 as pb2
+from gateway.transport.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
+
+_CONTENT_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
+                  "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
+                  "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
+                  "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+def _parameter(value: Any) -> pb2.InferParameter:
+    if isinstance(value, bool):
+        return pb2.InferParameter(bool_param=value)
+    if isinstance(value, int):
+        return pb2.InferParameter(int64_param=value)
+    return pb2.InferParameter(string_param=str(value))
+
+
+def _plain(parameter: pb2.InferParameter) -> Any:
+    kind = parameter.WhichOneof("parameter_choice")
+    return getattr(parameter, kind) if kind else None
+
+
+def decode_inputs(request: pb2.ModelInferRequest, max_elements: int, max_inputs: int) -> dict[str, np.ndarray]:
+    """numpy arrays from a ModelInferRequest (raw_input_contents or typed contents); raise InvalidInput."""
+    if not request.inputs:
+        raise InvalidInput("request has no inputs")
+    if len(request.inputs) > max_inputs:
+        raise InvalidInput(f"request has {len(request.inputs)} inputs, over the limit of {max_inputs}")
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs")
+    feeds = {}
+    for index, tensor in enumerate(request.inputs):
+        if tensor.datatype not in DTYPES:
+            raise InvalidInput(f"input {tensor.name!r}: unknown datatype {tensor.datatype!r}")
+        shape = list(tensor.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"input {tensor.name!r}: negative dimension in shape {shape}")
+        count = int(np.prod(shape)) if shape else 1
+        if count > max_elements:
+            raise InvalidInput(f"input {tensor.name!r} has {count} elements, over the limit of {max_elements}")
+        if raw:
+            feeds[tensor.name] = tensor_from_raw(tensor.name, tensor.datatype, shape, raw[index])
+            continue
+        if tensor.datatype == "FP16":
+            raise InvalidInput(f"input {tensor.name!r}: FP16 must be sent as raw_input_contents")
+        values = getattr(tensor.contents, _CONTENT_FIELD[tensor.datatype])
+        if len(values) != count:
+            raise InvalidInput(f"input {tensor.name!r}: {len(values)} values for shape {shape} ({count} expected)")
+        dtype = DTYPES[tensor.datatype]
+        array = np.array(list(values), dtype=object) if tensor.datatype == "BYTES" else np.asarray(values, dtype=dtype)
+        feeds[tensor.name] = array.reshape(shape)
+    return feeds
+
+
+class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, ctx: SidecarContext) -> None:
+        self.ctx = ctx
+
+    async def _guard(self, context: grpc.aio.ServicerContext, admin: bool = False) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            self.ctx.check_token(metadata.get("authorization"), admin)
+        except GatewayError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
+
+    async def ServerLive(self, request, context):  # noqa: N802 - names fixed by the proto
+        return pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):  # noqa: N802
+        return pb2.ServerReadyResponse(ready=self.ctx.is_ready())
+
+    async def ModelReady(self, request, context):  # noqa: N802
+        await self._guard(context)
+        try:
+            self.ctx.describe(request.name, request.version or None)
+        except GatewayError:
+            return pb2.ModelReadyResponse(ready=False)
+        return pb2.ModelReadyResponse(ready=self.ctx.is_ready())
+
+    async def ServerMetadata(self, request, context):  # noqa: N802
+        await self._guard(context)
+        return pb2.ServerMetadataResponse(name="banditgate", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request, context):  # noqa: N802
+        await self._guard(context)
+        try:
+            doc = self.ctx.describe(request.name, request.version or None)
+        except GatewayError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
+        tensor = pb2.ModelMetadataResponse.TensorMetadata
+        return pb2.ModelMetadataResponse(
+            name=doc["name"], versions=doc["versions"], platform=doc["platform"],
+            inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in doc["inputs"]],
+            outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in doc["outputs"]])
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        await self._guard(context)
+        received = time.monotonic()
+        server = self.ctx.config.server
+        try:
+            feeds = decode_inputs(request, server.max_tensor_elements, server.max_inputs)
+            request_id = request.id or uuid.uuid4().hex
+            parameters = {k: _plain(v) for k, v in request.parameters.items()}
+            unit = parameters.get("unit_id")
+            topics = self.ctx.config.kafka.topics
+            answer = await asyncio.wait_for(
+                serve_tensors(self.ctx.dataplane, request.model_name, request.model_version or None, feeds,
+                              request_id, str(unit) if unit is not None else None, time.time(), received,
+                              on_shadows=lambda events: self.ctx.publish(topics.shadow_predictions, events)),
+                timeout=server.request_timeout_s)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"inference did not finish within {server.request_timeout_s}s")
+        except GatewayError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
+        self.ctx.publish(self.ctx.config.kafka.topics.predictions, answer.events)
+        outputs = answer.outputs
+        if request.outputs:
+            wanted = [o.name for o in request.outputs]
+            missing = [n for n in wanted if n not in outputs]
+            if missing:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requested output {missing[0]!r} does not exist")
+            outputs = {n: outputs[n] for n in wanted}
+        response_parameters = {"model": answer.model.name, "model_version": answer.model.version,
+                               "policy": answer.policy, "propensity": str(answer.propensity), "request_id": request_id}
+        if answer.arm is not None:
+            response_parameters["arm"] = answer.arm
+            response_parameters["route"] = request.model_name
+        return pb2.ModelInferResponse(
+            model_name=request.model_name, model_version=str(answer.model.version), id=request.id,
+            parameters={k: _parameter(v) for k, v in response_parameters.items()},
+            outputs=[pb2.ModelInferResponse.InferOutputTensor(name=name, datatype=datatype_for(array),
+                                                              shape=list(array.shape))
+                     for name, array in outputs.items()],
+            raw_output_contents=[_raw_bytes(array) for array in outputs.values()])
+
+
+class FeedbackServicer(bg_grpc.FeedbackServicer):
+    def __init__(self, ctx: SidecarContext) -> None:
+        self.ctx = ctx
+
+    async def PostOutcomes(self, request, context):  # noqa: N802
+        metadata = dict(context.invocation_metadata() or ())
+        try:
+            self.ctx.check_token(metadata.get("authorization"), admin=False)
+        except GatewayError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
+        accepted, errors = [], []
+        for index, item in enumerate(request.outcomes):
+            obj: dict[str, Any] = {"request_id": item.request_id}
+            if item.HasField("reward"):
+                obj["reward"] = item.reward
+            if item.HasField("label"):
+                obj["label"] = item.label
+            if item.HasField("ts"):
+                obj["ts"] = item.ts
+            if item.clicks:
+                obj["clicks"] = list(item.clicks)
+            try:
+                accepted.append(outcome_from_obj(obj).to_dict())
+            except EventError as exc:
+                errors.append(f"outcome {index}: {exc}")
+        if errors:
+            return bg_pb2.OutcomesResponse(accepted=0, errors=errors)
+        await self.ctx.produce_outcomes(accepted)
+        return bg_pb2.OutcomesResponse(accepted=len(accepted))
+
+
+def build_server(ctx: SidecarContext, credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server with both services, bound to the configured host/port; returns (server, port)."""
+    server_config = ctx.config.server
+    options = [("grpc.max_receive_message_length", server_config.max_body_bytes),
+               ("grpc.max_send_message_length", 64 * 1024 * 1024),
+               ("grpc.max_concurrent_streams", server_config.grpc_max_concurrent_streams)]
+    server = grpc.aio.server(options=options)
+    pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(ctx), server)
+    bg_grpc.add_FeedbackServicer_to_server(FeedbackServicer(ctx), server)
+    address = f"{server_config.host}:{server_config.grpc_port}"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    return server, port
+
+
+__all__ = ["build_server", "decode_inputs", "ModelNotFound"]

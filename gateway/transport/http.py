@@ -1,0 +1,264 @@
+"""REST sidecar: the Open Inference Protocol (KServe V2) plus outcomes and admin, on Starlette.
+
+Thin: decode (JSON or the binary tensor extension), call the dataplane, encode. Errors are
+`{"error": "..."}` with the status their exception carries; overload is 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from banditgate import __version__
+from banditgate.config import Config
+from banditgate.events import EventError, outcome_from_obj
+from gateway.dataplane import Dataplane, serve_tensors
+from gateway.errors import Forbidden, GatewayError, InvalidInput, ModelNotFound, Overloaded, Unauthorized
+from gateway.transport.oip_codec import build_rest_response, parse_rest_infer
+from gateway.transport.openapi import OPENAPI
+
+HEADER_LENGTH = "inference-header-content-length"
+EXTENSIONS = ["binary_tensor_data", "banditgate_routing", "banditgate_outcomes"]
+
+
+@dataclass
+class SidecarContext:
+    """What the REST and gRPC servers need from the running gateway."""
+
+    config: Config
+    dataplane: Dataplane
+    publish: Callable[[str, list[dict[str, Any]]], None]
+    produce_outcomes: Callable[[list[dict[str, Any]]], Awaitable[None]]
+    is_ready: Callable[[], bool]
+    admin: Any = None  # gateway.admin.Admin, when arm statistics are wired
+    registry: CollectorRegistry = field(default_factory=lambda: REGISTRY)
+
+    def check_token(self, authorization: str | None, admin: bool) -> None:
+        """Raise Unauthorized/Forbidden unless the bearer token is one of the configured ones."""
+        tokens = self.config.server.admin_tokens if admin else self.config.server.infer_tokens
+        if not tokens:
+            return
+        if not authorization or not authorization.startswith("Bearer "):
+            raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
+        offered = authorization[7:].strip().encode()
+        # compare against every token in constant time, without stopping at the first match
+        matched = False
+        for token in tokens:
+            matched |= hmac.compare_digest(offered, token.get_secret_value().encode())
+        if not matched:
+            raise Forbidden("the bearer token is not valid for this endpoint")
+
+    def describe(self, name: str, version: str | None) -> dict[str, Any]:
+        """OIP model metadata for a route name (its first arm's model) or a concrete model."""
+        dataplane = self.dataplane
+        runtime = dataplane.routes.get(name) if not version else None
+        if runtime is not None:
+            arm = runtime.route.arms[0]
+            model = dataplane.repository.get(arm.model, arm.version)
+            versions = sorted({str(dataplane.repository.resolve(a.model, a.version)) for a in runtime.route.arms})
+            platform = f"banditgate_route:{runtime.route.policy}"
+        else:
+            model = dataplane.repository.get(name, int(version) if version and version.isdigit() else "latest")
+            versions = [str(m.version) for m in dataplane.repository.loaded() if m.name == name]
+            platform = "onnxruntime_onnx"
+        def spec(s: Any) -> dict[str, Any]:
+            return {"name": s.name, "datatype": s.datatype, "shape": [-1 if d is None else d for d in s.shape]}
+        return {"name": name, "versions": versions, "platform": platform,
+                "inputs": [spec(s) for s in model.inputs], "outputs": [spec(s) for s in model.outputs]}
+
+
+def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(doc), status_code=status, media_type="application/json", headers=headers)
+
+
+def _error(exc: Exception) -> Response:
+    status = getattr(exc, "http_status", 500)
+    headers = {}
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(max(1, int(round(exc.retry_after_s))))
+    return _json({"error": str(exc)}, status, headers)
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise InvalidInput("Content-Length is not a number")
+        if int(length) > limit:
+            raise _TooLarge(f"request body of {length} bytes is over the limit of {limit}")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _TooLarge(GatewayError):
+    http_status = 413
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class _Timeout(GatewayError):
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+def build_app(ctx: SidecarContext) -> Starlette:
+    """The REST surface (see gateway/transport/openapi.py for the document served at /v2/openapi.json)."""
+    server = ctx.config.server
+
+    def guarded(handler: Callable[[Request], Awaitable[Response]], admin: bool = False, auth: bool = True):  # type: ignore[no-untyped-def]
+        async def endpoint(request: Request) -> Response:
+            try:
+                if auth:
+                    ctx.check_token(request.headers.get("authorization"), admin)
+                return await handler(request)
+            except GatewayError as exc:
+                return _error(exc)
+        return endpoint
+
+    async def live(_: Request) -> Response:
+        return _json({"live": True})
+
+    async def ready(_: Request) -> Response:
+        ok = ctx.is_ready()
+        return _json({"ready": ok}, 200 if ok else 503)
+
+    async def server_metadata(_: Request) -> Response:
+        return _json({"name": "banditgate", "version": __version__, "extensions": EXTENSIONS})
+
+    async def model_metadata(request: Request) -> Response:
+        params = request.path_params
+        return _json(ctx.describe(params["name"], params.get("version")))
+
+    async def model_ready(request: Request) -> Response:
+        params = request.path_params
+        try:
+            ctx.describe(params["name"], params.get("version"))
+        except ModelNotFound:
+            return _json({"name": params["name"], "ready": False}, 404)
+        ok = ctx.is_ready()
+        return _json({"name": params["name"], "ready": ok}, 200 if ok else 503)
+
+    async def infer(request: Request) -> Response:
+        received = time.monotonic()
+        params = request.path_params
+        body = await _body(request, server.max_body_bytes)
+        header = request.headers.get(HEADER_LENGTH)
+        if header is not None and not header.isdigit():
+            raise InvalidInput(f"{HEADER_LENGTH} is not a number")
+        parsed = parse_rest_infer(body, int(header) if header is not None else None, server.max_tensor_elements,
+                                  server.max_inputs)
+        feeds = {t.name: t.array for t in parsed.inputs}
+        request_id = parsed.id or uuid.uuid4().hex
+        unit = parsed.parameters.get("unit_id")
+        try:
+            answer = await asyncio.wait_for(
+                serve_tensors(ctx.dataplane, params["name"], params.get("version"), feeds, request_id,
+                              str(unit) if unit is not None else None, time.time(), received,
+                              on_shadows=lambda events: ctx.publish(ctx.config.kafka.topics.shadow_predictions, events)),
+                timeout=server.request_timeout_s)
+        except TimeoutError:
+            raise _Timeout(f"inference did not finish within {server.request_timeout_s}s") from None
+        ctx.publish(ctx.config.kafka.topics.predictions, answer.events)
+        outputs = answer.outputs
+        binary: set[str] = set()
+        if parsed.outputs is not None:
+            wanted = {name for name, _b in parsed.outputs}
+            unknown = sorted(wanted - set(outputs))
+            if unknown:
+                raise InvalidInput(f"requested output {unknown[0]!r} does not exist (outputs: {sorted(outputs)})")
+            outputs = {name: array for name, array in outputs.items() if name in wanted}
+            binary = {name for name, is_binary in parsed.outputs if is_binary}
+        all_binary = bool(parsed.parameters.get("binary_data_output", False))
+        parameters: dict[str, Any] = {"model": answer.model.name, "model_version": answer.model.version,
+                                      "policy": answer.policy, "propensity": answer.propensity,
+                                      "request_id": request_id}
+        if answer.arm is not None:
+            parameters["arm"] = answer.arm
+            parameters["route"] = params["name"]
+        body_out, header_length = build_rest_response(params["name"], str(answer.model.version), parsed.id,
+                                                      parameters, outputs, binary, all_binary)
+        if header_length is None:
+            return Response(body_out, media_type="application/json")
+        return Response(body_out, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(header_length)})
+
+    async def outcomes(request: Request) -> Response:
+        body = await _body(request, server.max_body_bytes)
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+        items = doc if isinstance(doc, list) else [doc]
+        accepted, errors = [], []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                errors.append(f"outcome {index}: not a JSON object")
+                continue
+            try:
+                accepted.append(outcome_from_obj(item).to_dict())
+            except EventError as exc:
+                errors.append(f"outcome {index}: {exc}")
+        if errors:
+            return _json({"error": errors[0], "errors": errors, "accepted": 0}, 400)
+        await ctx.produce_outcomes(accepted)
+        return _json({"accepted": len(accepted)})
+
+    async def metrics(_: Request) -> Response:
+        return Response(generate_latest(ctx.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def openapi(_: Request) -> Response:
+        return _json(OPENAPI)
+
+    async def admin_dispatch(request: Request) -> Response:
+        if ctx.admin is None:
+            raise GatewayError("admin operations are not available")
+        return _json(await ctx.admin.handle(request.path_params, request.method,
+                                            await _body(request, server.max_body_bytes)))
+
+    model = "/v2/models/{name}"
+    versioned = "/v2/models/{name}/versions/{version}"
+    routes = [
+        Route("/v2/health/live", guarded(live, auth=False), methods=["GET"]),
+        Route("/v2/health/ready", guarded(ready, auth=False), methods=["GET"]),
+        Route("/v2", guarded(server_metadata), methods=["GET"]),
+        Route(model, guarded(model_metadata), methods=["GET"]),
+        Route(versioned, guarded(model_metadata), methods=["GET"]),
+        Route(f"{model}/ready", guarded(model_ready), methods=["GET"]),
+        Route(f"{versioned}/ready", guarded(model_ready), methods=["GET"]),
+        Route(f"{model}/infer", guarded(infer), methods=["POST"]),
+        Route(f"{versioned}/infer", guarded(infer), methods=["POST"]),
+        Route("/v2/outcomes", guarded(outcomes), methods=["POST"]),
+        Route("/v2/openapi.json", guarded(openapi, auth=False), methods=["GET"]),
+        Route("/metrics", guarded(metrics, auth=False), methods=["GET"]),
+        Route("/v2/admin/{action}", guarded(admin_dispatch, admin=True), methods=["GET", "POST"]),
+        Route("/v2/admin/routes/{route}", guarded(admin_dispatch, admin=True), methods=["GET"]),
+        Route("/v2/admin/routes/{route}/arms/{arm}/{action}", guarded(admin_dispatch, admin=True), methods=["POST"]),
+    ]
+
+    async def not_found(_: Request, exc: Exception) -> Response:
+        return _json({"error": "no such endpoint"}, 404)
+
+    async def bad_method(_: Request, exc: Exception) -> Response:
+        return _json({"error": "method not allowed"}, 405)
+
+    async def crashed(_: Request, exc: Exception) -> Response:
+        return _json({"error": f"internal error: {type(exc).__name__}"}, 500)
+
+    return Starlette(routes=routes, exception_handlers={404: not_found, 405: bad_method, Exception: crashed})
