@@ -19,6 +19,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from banditgate.config import Config
 from banditgate.logs import setup_logging
+from banditgate.connections import redis_client
+from gateway.admin import Admin
 from gateway.dataplane import Dataplane
 from gateway.errors import ModelError
 from gateway.metrics import GatewayMetrics
@@ -28,6 +30,7 @@ from gateway.transport.http import SidecarContext, build_app
 from gateway.transport.kafka_batches import OutboundBatches
 from gateway.transport.kafka_loop import KafkaLoop
 from gateway.transport.publisher import PredictionPublisher
+from router.stats_store import ArmStatsStore, SnapshotRefresher
 
 log = logging.getLogger("banditgate.gateway")
 
@@ -65,6 +68,9 @@ class Gateway:
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self._servers: list[asyncio.Task] = []
+        self.store: ArmStatsStore | None = None
+        self.refresher: SnapshotRefresher | None = None
+        self._redis: Any = None
 
     def _on_batch(self, model, rows: int, queue_s: float, inference_s: float) -> None:  # type: ignore[no-untyped-def]
         self.metrics.observe_batch(model.name, model.version, rows, queue_s, inference_s)
@@ -75,12 +81,42 @@ class Gateway:
             self.metrics.model_loaded.labels(model.name, str(model.version)).set(1)
         del events
         self.dataplane = Dataplane(self.config, self.repository, self.executor, on_batch=self._on_batch)
+        await self._start_snapshots()
         self.kafka = KafkaLoop(self.config, self.dataplane, self.metrics)
         await self.kafka.start()
         await self._start_sidecar()
         self._banner()
         self.ready = True
         self.metrics.ready.set(1)
+
+    async def _start_snapshots(self) -> None:
+        """Arm posteriors from Redis every snapshot_refresh_ms (never per request); keep the last on outage."""
+        assert self.dataplane is not None  # noqa: S101
+        redis_config = self.config.redis
+        self._redis = redis_client(redis_config)
+        self.store = ArmStatsStore(self._redis, prefix=redis_config.key_prefix, dedup_ttl_s=redis_config.dedup_ttl_s)
+        policies = {name: runtime.policy for name, runtime in self.dataplane.routes.items()}
+
+        def redis_state(ok: bool) -> None:
+            self.metrics.redis_up.set(1 if ok else 0)
+
+        self.refresher = SnapshotRefresher(self.store, policies, redis_config.snapshot_refresh_ms,
+                                           on_state_change=redis_state)
+        self.metrics.redis_up.set(1 if await self.refresher.refresh_once() else 0)
+        self.refresher.start()
+
+    async def _export_shares(self) -> None:
+        """Traffic share per arm as a gauge, refreshed with the snapshots."""
+        assert self.dataplane is not None  # noqa: S101
+        interval = self.config.redis.snapshot_refresh_ms / 1000.0
+        while not self.stopping.is_set():
+            for name, runtime in self.dataplane.routes.items():
+                for arm, share in zip(runtime.policy.arm_names, runtime.policy.shares):
+                    self.metrics.arm_share.labels(name, arm).set(float(share))
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=interval)
+            except TimeoutError:
+                pass
 
     def _banner(self) -> None:
         for route in self.config.routes:
@@ -118,7 +154,7 @@ class Gateway:
         context = SidecarContext(config=self.config, dataplane=self.dataplane,
                                  publish=lambda topic, events: publisher.publish(topic, events),
                                  produce_outcomes=self._produce_outcomes, is_ready=lambda: self.ready,
-                                 registry=self.registry)
+                                 admin=Admin(self.dataplane, self.repository, self.store), registry=self.registry)
         if server.enable_http:
             ssl_kwargs: dict[str, Any] = {}
             if server.tls_cert_file and server.tls_key_file:
@@ -171,13 +207,16 @@ class Gateway:
     async def run(self) -> int:
         assert self.kafka is not None  # noqa: S101 - start() first
         watcher = asyncio.get_running_loop().create_task(self._watch_models())
+        exporter = asyncio.get_running_loop().create_task(self._export_shares())
         loop_task = asyncio.get_running_loop().create_task(self.kafka.run(self.stopping))
         stop_wait = asyncio.get_running_loop().create_task(self.stopping.wait())
         done, _ = await asyncio.wait({loop_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
         if loop_task in done and loop_task.exception() is not None:
             log.error("the Kafka loop stopped: %s", loop_task.exception())
             self.stopping.set()
-        return await self.shutdown(loop_task, watcher)
+        code = await self.shutdown(loop_task, watcher)
+        exporter.cancel()
+        return code
 
     async def shutdown(self, loop_task: asyncio.Task, watcher: asyncio.Task) -> int:
         """Readiness off first, then finish in-flight batches, publish, commit, close."""
@@ -213,6 +252,10 @@ class Gateway:
             await asyncio.gather(*self._servers, return_exceptions=True)
         if self.publisher is not None:
             await self.publisher.close()
+        if self.refresher is not None:
+            await self.refresher.stop()
+        if self._redis is not None:
+            await self._redis.aclose()
         self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("gateway stopped in %.2fs", time.monotonic() - started)
         return code

@@ -8,3 +8,6 @@ python -m grpc_tools.protoc -I $dir --python_out=$dir --grpc_python_out=$dir --p
   $dir/grpc_predict_v2.proto $dir/banditgate_service.proto
 # protoc writes top-level imports; make them package imports
 sed -i 's/^import \(.*_pb2\) as/from gateway.transport.proto import \1 as/' $dir/*_pb2_grpc.py
+# A private descriptor pool: the `inference` package then coexists in one process with other
+# OIP stubs (tritonclient, kserve) that register the same names in the default pool.
+sed -i 's/^DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(/_POOL = _descriptor_pool.DescriptorPool()\nDESCRIPTOR = _POOL.AddSerializedFile(/' $dir/*_pb2.py
