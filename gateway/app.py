@@ -29,6 +29,7 @@ from gateway.transport.grpc_server import build_server
 from gateway.transport.http import SidecarContext, build_app
 from gateway.transport.kafka_batches import OutboundBatches
 from gateway.transport.kafka_loop import KafkaLoop
+from gateway.transport.kafka_transactions import TransactionalKafkaLoop
 from gateway.transport.publisher import PredictionPublisher
 from router.stats_store import ArmStatsStore, SnapshotRefresher
 
@@ -82,7 +83,8 @@ class Gateway:
         del events
         self.dataplane = Dataplane(self.config, self.repository, self.executor, on_batch=self._on_batch)
         await self._start_snapshots()
-        self.kafka = KafkaLoop(self.config, self.dataplane, self.metrics)
+        loop_class = TransactionalKafkaLoop if self.config.delivery == "exactly_once" else KafkaLoop
+        self.kafka = loop_class(self.config, self.dataplane, self.metrics)
         await self.kafka.start()
         await self._start_sidecar()
         self._banner()

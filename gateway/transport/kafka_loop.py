@@ -81,9 +81,12 @@ class KafkaLoop:
         for topic in (self.topics.predictions, self.topics.shadow_predictions, self.topics.deadletter,
                       self.topics.requests):
             self.partitions[topic] = len(await self.producer.partitions_for(topic))
-        self.consumer.subscribe([self.topics.requests], listener=_Rebalance(self))
+        self.consumer.subscribe([self.topics.requests], listener=self._listener())
         await self.consumer.start()
         self.metrics.kafka_up.set(1)
+
+    def _listener(self) -> ConsumerRebalanceListener:
+        return _Rebalance(self)
 
     async def stop(self) -> None:
         """Finish in-flight batches, commit, close (the graceful part of shutdown)."""
@@ -196,12 +199,20 @@ class KafkaLoop:
     # -- one fetched batch -----------------------------------------------------------------------
 
     async def _process(self, fetched: dict[TopicPartition, list]) -> None:
+        """At-least-once: serve everything fetched, publish through the shared idempotent producer."""
         assert self.producer is not None  # noqa: S101
         records = [record for batch in fetched.values() for record in batch]
+        out = OutboundBatches(self.producer, self.partitions)
+        await self._serve_records(records, out)
+        futures = await out.send()
+        if futures:
+            await asyncio.gather(*futures)
+
+    async def _serve_records(self, records: list, out: OutboundBatches) -> None:
+        """Decode, serve and add every resulting prediction, shadow prediction and dead-letter to `out`."""
         routes = self.dataplane.routes
         decoded = decode_records(records, routes, self.config.max_event_bytes, clock=self.clock)
         self.processed += decoded.count
-        out = OutboundBatches(self.producer, self.partitions)
         dead_topic = self.topics.deadletter
         for record, reason, message in decoded.dead:
             self.metrics.deadletters.labels(record.topic, reason).inc()
@@ -243,6 +254,3 @@ class KafkaLoop:
             for (arm, status), count in counts.items():
                 self.metrics.requests.labels(route_name, arm, status, "kafka").inc(count)
             self.metrics.end_to_end_seconds.observe_many(latencies, route_name, "kafka")
-        futures = await out.send()
-        if futures:
-            await asyncio.gather(*futures)

@@ -185,3 +185,31 @@ def test_missing_model_fails_start_with_one_line(tmp_path: Path) -> None:
         repo.load_all()
     assert "ghost" in str(info.value) and "\n" not in str(info.value)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+async def test_exactly_once_mode_read_committed_sees_each_request_once(stack, topics, repository, redis_prefix) -> None:
+    config = gateway_config(stack, topics, repository, redis_prefix, delivery="exactly_once")
+    running = await start_gateway(config)
+    try:
+        rows = good_rows(3000, seed=5)
+        await produce(stack.kafka, topics.topics.requests,
+                      [(f"e-{i}".encode(), request_event(f"e-{i}", "fixed-route", rows[i])) for i in range(3000)])
+        await produce(stack.kafka, topics.topics.requests, [(b"bad", b"{broken")])
+        predictions = await read_topic(stack.kafka, topics.topics.predictions, 3000, timeout_s=90)
+        dead = await read_topic(stack.kafka, topics.topics.deadletter, 1, timeout_s=30)
+    finally:
+        assert await running.stop() == 0
+    assert sorted(p["request_id"] for p in predictions) == sorted(f"e-{i}" for i in range(3000))
+    assert len(dead) == 1 and dead[0]["reason"] == "not_json"
+    # the offsets were committed inside the transactions: a new group member would start at the end
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=stack.kafka, group_id=config.kafka.group_id, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        committed = 0
+        for partition in range(4):
+            committed += (await consumer.committed(TopicPartition(topics.topics.requests, partition))) or 0
+    finally:
+        await consumer.stop()
+    assert committed == 3001
