@@ -263,6 +263,14 @@ class Route(_Strict):
         return self
 
 
+class DriftConfig(_Strict):
+    """Input and prediction-score drift monitors in the gateway (models with a reference.json)."""
+
+    enabled: bool = True
+    arl0: float = Field(10_000, gt=10)
+    """Average run length between false alarms: per observation, for a model's whole feature family."""
+
+
 class LoggingConfig(_Strict):
     level: Literal["debug", "info", "warning", "error"] = "info"
     json_format: bool = Field(False, alias="json")
@@ -278,6 +286,7 @@ class Config(_Strict):
     server: ServerConfig = ServerConfig()
     feedback: FeedbackConfig = FeedbackConfig()
     logging: LoggingConfig = LoggingConfig()
+    drift: DriftConfig = DriftConfig()
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     shutdown_grace_s: float = Field(10.0, gt=0, le=600)
     max_event_bytes: int = Field(1_048_576, ge=256)

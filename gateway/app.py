@@ -22,6 +22,7 @@ from banditgate.logs import setup_logging
 from banditgate.connections import redis_client
 from gateway.admin import Admin
 from gateway.dataplane import Dataplane
+from gateway.drift_watch import DriftWatch
 from gateway.errors import ModelError
 from gateway.metrics import GatewayMetrics
 from gateway.models.repository import ModelRepository
@@ -83,6 +84,9 @@ class Gateway:
         del events
         self.dataplane = Dataplane(self.config, self.repository, self.executor, on_batch=self._on_batch)
         await self._start_snapshots()
+        self.drift = DriftWatch(self.config.drift.arl0, self.executor, self.metrics, self._publish_alert,
+                                enabled=self.config.drift.enabled)
+        self.dataplane.on_served = self.drift.observe
         loop_class = TransactionalKafkaLoop if self.config.delivery == "exactly_once" else KafkaLoop
         self.kafka = loop_class(self.config, self.dataplane, self.metrics)
         await self.kafka.start()
@@ -136,6 +140,10 @@ class Gateway:
 
     def _metrics_port(self) -> int:
         return self.config.server.metrics_port or self.http_port or self.config.server.http_port
+
+    def _publish_alert(self, alert: dict[str, Any]) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(self.config.kafka.topics.alerts, [alert], key_field="route")
 
     async def _produce_outcomes(self, outcomes: list[dict[str, Any]]) -> None:
         assert self.kafka is not None and self.kafka.producer is not None  # noqa: S101

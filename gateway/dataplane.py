@@ -71,6 +71,8 @@ class Dataplane:
                        for r in config.routes}
         self.batchers: dict[str, ModelBatcher] = {}
         repository.on_swap.append(self._swap)
+        # called with (model, route, arm, feeds, outputs) for every served batch (drift monitors)
+        self.on_served: Callable[[OnnxModel, str, str, dict[str, np.ndarray], dict[str, np.ndarray]], None] | None = None
 
     # -- batchers --------------------------------------------------------------------------------
 
@@ -113,12 +115,14 @@ class Dataplane:
         for arm_index, arm in enumerate(route.arms):
             rows = np.flatnonzero(decision.arm_index == arm_index)
             if rows.size:
-                primary_jobs.append(self._start(arm_index, arm, rows, requests, answers, reject_when_full, record_errors=True))
+                primary_jobs.append(self._start(route.name, arm_index, arm, rows, requests, answers, reject_when_full,
+                                                record_errors=True))
         shadow_jobs = []
         for shadow_index, shadow in enumerate(route.shadows):
             rows = np.flatnonzero(decision.shadow_mask[:, shadow_index]) if decision.shadow_mask.size else np.empty(0, int)
             if rows.size:
-                shadow_jobs.append(self._start(shadow_index, shadow, rows, requests, answers, False, record_errors=False))
+                shadow_jobs.append(self._start(route.name, shadow_index, shadow, rows, requests, answers, False,
+                                               record_errors=False))
         primary = await asyncio.gather(*primary_jobs)
         shadows = await asyncio.gather(*shadow_jobs, return_exceptions=True)
         now_wall = self.wall_clock()
@@ -138,7 +142,7 @@ class Dataplane:
                        None, now_wall, now, primary_names, False)
         return answers
 
-    async def _start(self, arm_position: int, arm: Arm, rows: np.ndarray, requests: Sequence[Pending],
+    async def _start(self, route_name: str, arm_position: int, arm: Arm, rows: np.ndarray, requests: Sequence[Pending],
                      answers: list[Answer], reject_when_full: bool, record_errors: bool
                      ) -> tuple[int, OnnxModel | None, np.ndarray, RowsResult | None]:
         try:
@@ -170,6 +174,9 @@ class Dataplane:
             for local, message in result.errors.items():
                 answers[good_rows[local]].error = ("inference_failed",
                                                    f"model {model.key} failed on this row: {message}")
+        if self.on_served is not None and result.ok.any():
+            served = checked.feeds if result.ok.all() else {k: v[result.ok] for k, v in checked.feeds.items()}
+            self.on_served(model, route_name, arm.name, served, result.outputs)
         return arm_position, model, good_rows, result
 
     def _emit(self, route: Route, arm_name: str, model: OnnxModel, rows: np.ndarray, result: RowsResult,
@@ -255,6 +262,8 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
     if result.errors:
         first = min(result.errors)
         raise InferenceFailed(f"model {model.key} failed on row {first}: {result.errors[first]}")
+    if dataplane.on_served is not None:
+        dataplane.on_served(model, route_name, arm_name or model.name, checked, result.outputs)
     now_wall, now = dataplane.wall_clock(), dataplane.clock()
     events = _row_events(result.outputs, rows, request_id, route_name, arm_name or model.name, model, policy,
                          propensity, ts_request, now_wall, (now - received_s) * 1000.0)

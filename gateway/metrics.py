@@ -114,6 +114,18 @@ class GatewayMetrics:
         self.arm_posterior_mean = Gauge("banditgate_arm_posterior_mean", "Posterior mean reward per arm.",
                                         ["route", "arm"], **kw)
 
+        self.drift_statistic = Gauge("banditgate_drift_statistic",
+                                     "Sequential drift statistic per model version and feature (alarm above threshold).",
+                                     ["model", "version", "feature"], **kw)
+        self.drift_threshold = Gauge("banditgate_drift_threshold",
+                                     "Alarm threshold of the drift statistic, calibrated to the configured ARL0.",
+                                     ["model", "version", "feature"], **kw)
+        self.drift_alarms = Counter("banditgate_drift_alarms_total", "Drift alarms raised, per model version and feature.",
+                                    ["model", "version", "feature"], **kw)
+        self.drift_skipped = Counter("banditgate_drift_batches_skipped_total",
+                                     "Served batches the drift monitors skipped because they were behind.",
+                                     ["model", "version"], **kw)
+
     def observe_batch(self, model_name: str, version: int, rows: int, queue_s: float, inference_s: float) -> None:
         labels = (model_name, str(version))
         self.batch_rows.observe(rows, *labels)

@@ -36,15 +36,15 @@ class PredictionPublisher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def publish(self, topic: str, events: list[dict[str, Any]]) -> None:
-        """Queue events for `topic` (keyed by request_id); never blocks."""
+    def publish(self, topic: str, events: list[dict[str, Any]], key_field: str = "request_id") -> None:
+        """Queue events for `topic` (keyed by their `key_field`); never blocks."""
         if len(self._queue) + len(events) > self.max_queued:
             self.dropped += len(events)
             if self.on_drop:
                 self.on_drop(len(events))
             return
         for event in events:
-            self._queue.append((topic, str(event["request_id"]).encode(), orjson.dumps(event)))
+            self._queue.append((topic, str(event[key_field]).encode(), orjson.dumps(event)))
         if len(self._queue) >= 512:
             self._wakeup.set()
 

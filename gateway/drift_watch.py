@@ -1,0 +1,143 @@
+"""Input and prediction-score drift, watched where the rows are: in the gateway's batches.
+
+For every model version that has a `reference.json` (built by `banditgate profile`), a feature
+monitor and a score monitor (banditgate.drift) are updated with each served batch, off the event
+loop and in order per model. Alarms become `alerts` events (kind `drift`) and gauges. Shipping
+the inputs to the feedback worker instead would double the Kafka volume for nothing: the
+statistics are mergeable per replica and each replica sees a sample of the same traffic.
+
+Under overload the watch skips whole batches rather than delay serving (counted in
+`banditgate_drift_batches_skipped_total`); the monitors' false-alarm rate is per observation, so
+skipping keeps it calibrated and only delays detection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from feedback.drift.monitor import DriftAlarm, FeatureDriftMonitor, ScoreDriftMonitor
+from feedback.drift.reference import ProfileError, ReferenceProfile
+from gateway.metrics import GatewayMetrics
+from gateway.models.onnx_runtime import OnnxModel
+
+log = logging.getLogger("banditgate.drift")
+
+MAX_PENDING_BATCHES = 8
+
+
+@dataclass
+class _Watch:
+    model: OnnxModel
+    features: FeatureDriftMonitor | None
+    score: ScoreDriftMonitor | None
+    lock: asyncio.Lock
+    pending: int = 0
+
+
+def score_column(model: OnnxModel, outputs: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The prediction score per row: `score_output` from the model's config (positive-class column
+    of a two-column output), else the first float output's last column."""
+    name = model.config.score_output
+    if name is None:
+        name = next((n for n, a in outputs.items() if a.dtype.kind == "f"), None)
+    array = outputs.get(name) if name else None
+    if array is None or array.dtype.kind != "f" or array.size == 0:
+        return None
+    return array.reshape(array.shape[0], -1)[:, -1]
+
+
+class DriftWatch:
+    def __init__(self, arl0: float, executor: Executor, metrics: GatewayMetrics,
+                 publish_alert: Callable[[dict[str, Any]], None], enabled: bool = True) -> None:
+        self.arl0 = arl0
+        self.executor = executor
+        self.metrics = metrics
+        self.publish_alert = publish_alert
+        self.enabled = enabled
+        self._watches: dict[tuple[str, int, int], _Watch | None] = {}
+
+    def _watch_for(self, model: OnnxModel) -> _Watch | None:
+        key = (model.name, model.version, model.mtime_ns)
+        if key in self._watches:
+            return self._watches[key]
+        path = model.path.parent / "reference.json"
+        watch = None
+        if path.exists():
+            try:
+                profile = ReferenceProfile.load(path)
+                features = FeatureDriftMonitor(profile, family_arl0=self.arl0) if profile.features else None
+                score = ScoreDriftMonitor(profile, arl0=self.arl0) if profile.score is not None else None
+                watch = _Watch(model, features, score, asyncio.Lock())
+                log.info("drift monitors for %s: %d features%s (ARL0 %.0f)", model.key,
+                         len(profile.features), " + prediction score" if score else "", self.arl0)
+            except (ProfileError, OSError, ValueError) as exc:
+                log.error("%s: drift reference unusable, drift not monitored for %s: %s", path, model.key, exc)
+        self._watches[key] = watch
+        return watch
+
+    def observe(self, model: OnnxModel, route: str, arm: str, feeds: dict[str, np.ndarray],
+                outputs: dict[str, np.ndarray]) -> None:
+        """Queue one served batch for the model's monitors (never blocks; may skip under load)."""
+        if not self.enabled:
+            return
+        watch = self._watch_for(model)
+        if watch is None:
+            return
+        if watch.pending >= MAX_PENDING_BATCHES:
+            self.metrics.drift_skipped.labels(model.name, str(model.version)).inc()
+            return
+        rows = next(iter(feeds.values())) if len(feeds) == 1 else None
+        if rows is not None and rows.ndim != 2:
+            rows = None
+        scores = score_column(model, outputs)
+        watch.pending += 1
+        asyncio.get_running_loop().create_task(self._update(watch, route, arm, rows, scores))
+
+    async def _update(self, watch: _Watch, route: str, arm: str, rows: np.ndarray | None,
+                      scores: np.ndarray | None) -> None:
+        try:
+            async with watch.lock:  # one update at a time per model: the monitors are sequential
+                loop = asyncio.get_running_loop()
+                alarms = await loop.run_in_executor(self.executor, self._apply, watch, rows, scores)
+        except Exception as exc:  # noqa: BLE001 - drift must never break serving; say so once per batch
+            log.error("drift update for %s failed: %s", watch.model.key, exc)
+            return
+        finally:
+            watch.pending -= 1
+        self._export(watch)
+        for metric, alarm in alarms:
+            self.metrics.drift_alarms.labels(watch.model.name, str(watch.model.version), alarm.feature).inc()
+            log.warning("drift alarm: model %s feature %s statistic %.2f > threshold %.2f (PSI %.3f)",
+                        watch.model.key, alarm.feature, alarm.statistic, alarm.threshold, alarm.effect_size_psi)
+            self.publish_alert({
+                "kind": "drift", "route": route, "arm": arm, "model_version": watch.model.version,
+                "metric": metric, "value": alarm.statistic, "threshold": alarm.threshold, "ts": time.time(),
+                "details": {"model": watch.model.name, "feature": alarm.feature, "index": alarm.index,
+                            "psi": alarm.effect_size_psi, "js": alarm.effect_size_js},
+            })
+
+    @staticmethod
+    def _apply(watch: _Watch, rows: np.ndarray | None, scores: np.ndarray | None) -> list[tuple[str, DriftAlarm]]:
+        alarms: list[tuple[str, DriftAlarm]] = []
+        if watch.features is not None and rows is not None and rows.shape[1] == len(watch.features.feature_names):
+            alarms += [("feature_drift", a) for a in watch.features.update(rows)]
+        if watch.score is not None and scores is not None:
+            alarms += [("score_drift", a) for a in watch.score.update(scores)]
+        return alarms
+
+    def _export(self, watch: _Watch) -> None:
+        model, version = watch.model.name, str(watch.model.version)
+        for monitor in (watch.features, watch.score):
+            if monitor is None:
+                continue
+            for name, statistic, threshold in zip(monitor.feature_names, monitor.statistic, monitor.threshold):
+                self.metrics.drift_statistic.labels(model, version, name).set(float(statistic))
+                self.metrics.drift_threshold.labels(model, version, name).set(float(threshold))
