@@ -102,7 +102,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def cmd_profile(args: argparse.Namespace) -> int:
     try:
-        from feedback.drift.profile_cli import build_profile
+        from banditgate.drift.profile_cli import build_profile
     except ImportError:
         _fail("`banditgate profile` is not built yet (issue: feedback)", EXIT_USAGE)
     return build_profile(repository=args.repository, model=args.model, version=args.version,

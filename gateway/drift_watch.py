@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from feedback.drift.monitor import DriftAlarm, FeatureDriftMonitor, ScoreDriftMonitor
-from feedback.drift.reference import ProfileError, ReferenceProfile
+from banditgate.drift.monitor import DriftAlarm, FeatureDriftMonitor, ScoreDriftMonitor
+from banditgate.drift.reference import ProfileError, ReferenceProfile
 from gateway.metrics import GatewayMetrics
 from gateway.models.onnx_runtime import OnnxModel
 

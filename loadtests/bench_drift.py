@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from feedback.drift import BernoulliCusum, FeatureDriftMonitor, ReferenceProfile
+from banditgate.drift import BernoulliCusum, FeatureDriftMonitor, ReferenceProfile
 
 ARL0 = 10_000
 REFERENCE_ROWS = 5_000

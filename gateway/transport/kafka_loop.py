@@ -79,7 +79,7 @@ class KafkaLoop:
                                          heartbeat_interval_ms=max(1000, kafka.session_timeout_ms // 4))
         await self.producer.start()
         for topic in (self.topics.predictions, self.topics.shadow_predictions, self.topics.deadletter,
-                      self.topics.requests):
+                      self.topics.requests, self.topics.alerts, self.topics.outcomes):
             self.partitions[topic] = len(await self.producer.partitions_for(topic))
         self.consumer.subscribe([self.topics.requests], listener=self._listener())
         await self.consumer.start()

@@ -6,7 +6,7 @@ import doctest
 
 import pytest
 
-from feedback.drift import monitor, quality
+from banditgate.drift import monitor, quality
 
 
 @pytest.mark.parametrize("module", [monitor, quality], ids=lambda m: m.__name__)

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feedback.drift import DriftInputError, FeatureDriftMonitor, ProfileError, ReferenceProfile, ScoreDriftMonitor
+from banditgate.drift import DriftInputError, FeatureDriftMonitor, ProfileError, ReferenceProfile, ScoreDriftMonitor
 
 REFERENCE_ROWS, CHANGE_AT = 5000, 3000
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from banditgate.cli import main
-from feedback.drift.profile_cli import ProfileBuildError, build_profile
-from feedback.drift.reference import ReferenceProfile
+from banditgate.drift.profile_cli import ProfileBuildError, build_profile
+from banditgate.drift.reference import ReferenceProfile
 
 
 def _logistic_model(path: Path, features: int) -> None:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feedback.drift import BernoulliCusum
+from banditgate.drift import BernoulliCusum
 
 
 def test_error_rate_rise_is_found_within_600_outcomes_median() -> None:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from feedback.drift.reference import FeatureProfile, ProfileError, ReferenceProfile
+from banditgate.drift.reference import FeatureProfile, ProfileError, ReferenceProfile
 
 finite = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32)
 columns = hnp.arrays(np.float64, st.tuples(st.integers(1, 300), st.integers(1, 4)),

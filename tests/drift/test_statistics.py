@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from feedback.drift.cusum import cusum_batch
-from feedback.drift.effect import jensen_shannon, population_stability_index
+from banditgate.drift.cusum import cusum_batch
+from banditgate.drift.effect import jensen_shannon, population_stability_index
 
 # multiples of 1/8 add exactly in binary floating point and thresholds sit between them, so the
 # comparison is exact: no tie can be decided differently by two correct summation orders

@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from feedback.drift.reference import FeatureProfile, is_missing
+from banditgate.drift.reference import FeatureProfile, is_missing
 
 
 class DriftInputError(ValueError):

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from feedback.drift.reference import ProfileError, ReferenceProfile
+from banditgate.drift.reference import ProfileError, ReferenceProfile
 
 INFERENCE_ROWS = 65_536  # rows per ONNX call: bounded memory on large training sets
 

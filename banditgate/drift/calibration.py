@@ -26,8 +26,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from feedback.drift.adaptive import AdaptiveIncrements, EstimatorSettings, smoothed
-from feedback.drift.cusum import count_crossings
+from banditgate.drift.adaptive import AdaptiveIncrements, EstimatorSettings, smoothed
+from banditgate.drift.cusum import count_crossings
 
 Source = Callable[[int], np.ndarray]  # rows -> increments [rows, streams]
 Factory = Callable[[np.random.Generator, int], Source]  # (rng, streams) -> fresh source
