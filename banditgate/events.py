@@ -26,7 +26,7 @@ ALERT_KINDS = frozenset({"drift", "quality", "rollback", "promote", "reject", "g
 REASONS = (
     "oversize", "not_json", "not_object", "missing_field", "wrong_type", "bad_id",
     "unknown_route", "not_finite", "too_deep", "bad_input", "out_of_range", "inference_failed",
-    "model_unavailable",
+    "model_unavailable", "internal_error",
 )
 
 

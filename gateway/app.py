@@ -11,7 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import contextlib
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import numpy as np
 import orjson
 import uvicorn
 import uvloop
@@ -23,7 +25,7 @@ from banditgate.connections import redis_client
 from gateway.admin import Admin
 from gateway.dataplane import Dataplane
 from gateway.drift_watch import DriftWatch
-from gateway.errors import ModelError
+from gateway.errors import ModelError, ModelNotFound
 from gateway.metrics import GatewayMetrics
 from gateway.models.repository import ModelRepository
 from gateway.transport.grpc_server import build_server
@@ -33,8 +35,29 @@ from gateway.transport.kafka_loop import KafkaLoop
 from gateway.transport.kafka_transactions import TransactionalKafkaLoop
 from gateway.transport.publisher import PredictionPublisher
 from router.stats_store import ArmStatsStore, SnapshotRefresher
+from router.thompson import Posterior
 
 log = logging.getLogger("banditgate.gateway")
+
+
+def posterior_interval(posterior: Posterior) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per arm: posterior mean and a 95% interval (mean -/+ 1.96 posterior scale, clipped to the
+    support). A normal approximation: close for the Beta and Student-t posteriors once an arm has
+    a few dozen outcomes, wider than exact before that."""
+    mean = np.asarray(posterior.mean(), dtype=float)
+    _, scale = posterior.location_scale()
+    low, high = posterior.support()
+    spread = 1.96 * np.asarray(scale, dtype=float)
+    return mean, np.clip(mean - spread, low, high), np.clip(mean + spread, low, high)
+
+
+def redacted_url(url: str) -> str:
+    """`url` without a password (for logs)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}{f':{parts.port}' if parts.port else ''}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def wanted_models(config: Config) -> list[tuple[str, int | str]]:
@@ -73,6 +96,8 @@ class Gateway:
         self.store: ArmStatsStore | None = None
         self.refresher: SnapshotRefresher | None = None
         self._redis: Any = None
+        self.metrics_port: int | None = None
+        self._exported: dict[tuple[str, ...], tuple[str, ...]] = {}
 
     def _on_batch(self, model, rows: int, queue_s: float, inference_s: float) -> None:  # type: ignore[no-untyped-def]
         self.metrics.observe_batch(model.name, model.version, rows, queue_s, inference_s)
@@ -112,19 +137,59 @@ class Gateway:
         self.refresher.start()
 
     async def _export_shares(self) -> None:
-        """Traffic share per arm as a gauge, refreshed with the snapshots."""
+        """Routing state per arm (shares, posteriors, drains, serving versions) and queue depths as
+        gauges, refreshed with the snapshots (never per request)."""
         assert self.dataplane is not None  # noqa: S101
         interval = self.config.redis.snapshot_refresh_ms / 1000.0
         while not self.stopping.is_set():
-            for name, runtime in self.dataplane.routes.items():
-                for arm, share in zip(runtime.policy.arm_names, runtime.policy.shares):
-                    self.metrics.arm_share.labels(name, arm).set(float(share))
+            self.export_routing_state()
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=interval)
             except TimeoutError:
                 pass
 
+    def export_routing_state(self) -> None:
+        """Set the per-arm and per-queue gauges from the policies' current snapshots."""
+        assert self.dataplane is not None  # noqa: S101
+        metrics = self.metrics
+        for name, runtime in self.dataplane.routes.items():
+            policy = runtime.policy
+            drained = policy.drained
+            for arm, share, preferred in zip(policy.arm_names, policy.shares, policy.preferred):
+                metrics.arm_share.labels(name, arm).set(float(share))
+                metrics.arm_policy_share.labels(name, arm).set(float(preferred))
+                metrics.arm_drained.labels(name, arm).set(1 if arm in drained else 0)
+            posterior = policy.posterior
+            if posterior is not None:
+                means, lower, upper = posterior_interval(posterior)
+                for arm, mean, low, high in zip(policy.arm_names, means, lower, upper):
+                    metrics.arm_posterior_mean.labels(name, arm).set(float(mean))
+                    metrics.arm_posterior_lower.labels(name, arm).set(float(low))
+                    metrics.arm_posterior_upper.labels(name, arm).set(float(high))
+            for role, arms in (("primary", runtime.route.arms), ("shadow", runtime.route.shadows)):
+                for arm_config in arms:
+                    try:
+                        version = str(self.repository.resolve(arm_config.model, arm_config.version))
+                    except ModelNotFound:
+                        continue  # `latest` of a model with no loaded version: nothing serves it
+                    self._set_info((name, arm_config.name, role), metrics.arm_info,
+                                   (name, arm_config.name, role, arm_config.model, version), 1)
+        for key, batcher in list(self.dataplane.batchers.items()):
+            model = batcher.model
+            self._set_info(("queue", key), metrics.queue_depth, (model.name, str(model.version)), batcher.queued_rows)
+
+    def _set_info(self, owner: tuple[str, ...], gauge: Any, labels: tuple[str, ...], value: float) -> None:
+        """Set `gauge` at `labels` for `owner`, removing the owner's previous label set if it changed
+        (a `latest` arm moving to a new version must not leave the old one behind)."""
+        previous = self._exported.get(owner)
+        if previous is not None and previous != labels:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*previous)
+        self._exported[owner] = labels
+        gauge.labels(*labels).set(value)
+
     def _banner(self) -> None:
+        """One block at start-up: what is served (routes, arms, model versions) and where."""
         for route in self.config.routes:
             arms = ", ".join(f"{a.name}={a.model}:{self.repository.resolve(a.model, a.version)}" for a in route.arms)
             shadows = ", ".join(f"{s.name}={s.model}:{self.repository.resolve(s.model, s.version)}"
@@ -132,11 +197,15 @@ class Gateway:
             log.info("route %s: policy %s, arms %s%s", route.name, route.policy, arms,
                      f", shadows {shadows}" if shadows else "")
         providers = sorted({p for m in self.repository.loaded() for p in m.providers})
-        log.info("serving: kafka %s (requests %s, delivery %s), providers %s, batching %d rows / %d us, "
-                 "http %s:%s, grpc %s:%s", self.config.kafka.bootstrap_servers, self.config.kafka.topics.requests,
-                 self.config.delivery, ", ".join(providers), self.config.batching.max_batch_size,
-                 self.config.batching.max_delay_us, self.config.server.host, self.http_port or "off",
-                 self.config.server.host, self.grpc_port or "off")
+        server = self.config.server
+        metrics_url = (f"http://{server.host}:{self.metrics_port}/metrics" if self.metrics_port is not None
+                       else f"http://{server.host}:{self.http_port}/metrics" if self.http_port else "off")
+        log.info("serving: kafka %s (requests %s, delivery %s), redis %s (prefix %s), models %s, providers %s, "
+                 "batching %d rows / %d us, http %s:%s, grpc %s:%s, metrics %s",
+                 self.config.kafka.bootstrap_servers, self.config.kafka.topics.requests, self.config.delivery,
+                 redacted_url(self.config.redis.url), self.config.redis.key_prefix, self.config.models.repository,
+                 ", ".join(providers), self.config.batching.max_batch_size, self.config.batching.max_delay_us,
+                 server.host, self.http_port or "off", server.host, self.grpc_port or "off", metrics_url)
 
     def _metrics_port(self) -> int:
         return self.config.server.metrics_port or self.http_port or self.config.server.http_port
@@ -196,7 +265,9 @@ class Gateway:
             self.grpc, self.grpc_port = build_server(context, credentials)
             await self.grpc.start()
         if server.metrics_port is not None or not server.enable_http:
-            start_http_server(server.metrics_port or 0, addr=server.host, registry=self.registry)
+            started = start_http_server(server.metrics_port or 0, addr=server.host, registry=self.registry)
+            # prometheus_client >= 0.20 returns (server, thread); older versions return None
+            self.metrics_port = started[0].server_port if started else server.metrics_port
 
     async def _watch_models(self) -> None:
         interval = self.config.models.poll_interval_s

@@ -33,6 +33,7 @@ class Pending:
     unit_id: str | None
     ts_request: float  # epoch seconds the request was made (its `ts`, else when we received it)
     received_s: float  # monotonic seconds when we received it
+    items: tuple[str, ...] | None = None  # ranking requests: candidate ids, one input row each
 
 
 @dataclass(slots=True)
@@ -67,6 +68,7 @@ class Dataplane:
         self.policy = BatchPolicy(config.batching.max_batch_size, config.batching.max_delay_us,
                                   config.batching.max_queue_rows)
         seed_rng = rng or np.random.default_rng()
+        self._merge_rng = np.random.default_rng(seed_rng.integers(2**63))
         self.routes = {r.name: RouteRuntime(r, RoutePolicy.from_route(r, np.random.default_rng(seed_rng.integers(2**63))))
                        for r in config.routes}
         self.batchers: dict[str, ModelBatcher] = {}
@@ -108,6 +110,10 @@ class Dataplane:
         """
         runtime = self.routes[route_name]
         route = runtime.route
+        if route.policy == "interleave":
+            from gateway.ranking import serve_interleave
+
+            return await serve_interleave(self, runtime, requests, self._merge_rng)
         n = len(requests)
         decision = runtime.policy.decide(n, [r.unit_id for r in requests] if route.sticky_key else None)
         answers = [Answer() for _ in range(n)]

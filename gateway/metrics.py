@@ -111,8 +111,25 @@ class GatewayMetrics:
                               "Times the Kafka loop paused fetching because queues were full.", **kw)
         self.arm_share = Gauge("banditgate_arm_traffic_share", "Probability the route's policy gives each arm now.",
                                ["route", "arm"], **kw)
-        self.arm_posterior_mean = Gauge("banditgate_arm_posterior_mean", "Posterior mean reward per arm.",
+        self.arm_policy_share = Gauge("banditgate_arm_policy_share",
+                                      "Share the route's policy alone would give each arm (before the exploration "
+                                      "floor, max_share caps and drains).", ["route", "arm"], **kw)
+        self.arm_posterior_mean = Gauge("banditgate_arm_posterior_mean",
+                                        "Posterior mean of the arm's reward (Thompson routes), reward units.",
                                         ["route", "arm"], **kw)
+        self.arm_posterior_lower = Gauge("banditgate_arm_posterior_lower",
+                                         "Lower end of the arm's 95% posterior interval of the mean reward "
+                                         "(mean - 1.96 posterior scale, clipped to the reward's support).",
+                                         ["route", "arm"], **kw)
+        self.arm_posterior_upper = Gauge("banditgate_arm_posterior_upper",
+                                         "Upper end of the arm's 95% posterior interval of the mean reward.",
+                                         ["route", "arm"], **kw)
+        self.arm_drained = Gauge("banditgate_arm_drained",
+                                 "1 while the arm is drained (by the guardrail or an admin): it gets only the "
+                                 "exploration floor.", ["route", "arm"], **kw)
+        self.arm_info = Gauge("banditgate_arm_info",
+                              "1 per arm and the model version serving it now (role primary or shadow).",
+                              ["route", "arm", "role", "model", "version"], **kw)
 
         self.drift_statistic = Gauge("banditgate_drift_statistic",
                                      "Sequential drift statistic per model version and feature (alarm above threshold).",

@@ -53,11 +53,11 @@ def decode_records(records: Iterable[Any], routes: Container[str], max_bytes: in
                 raise EventError(reason, f"request event is not valid JSON: {exc}") from None
             if not isinstance(obj, dict):
                 raise EventError("not_object", f"request event is a JSON {type(obj).__name__}, not an object")
-            request_id, route, inputs, unit_id, ts, _items = request_fields(obj, routes)
+            request_id, route, inputs, unit_id, ts, items = request_fields(obj, routes)
         except EventError as exc:
             out.dead.append((record, exc.reason, str(exc)))
             continue
-        pending = SourcedPending(request_id, inputs, unit_id, wall if ts is None else ts, now,
+        pending = SourcedPending(request_id, inputs, unit_id, wall if ts is None else ts, now, items,
                                  record.topic, record.partition, record.offset, record.key, raw)
         group = by_route.get(route)
         if group is None:

@@ -22,7 +22,7 @@ from aiokafka.errors import KafkaError
 
 from banditgate.config import Config
 from banditgate.connections import kafka_client_kwargs
-from gateway.dataplane import Dataplane
+from gateway.dataplane import Answer, Dataplane
 from gateway.metrics import GatewayMetrics
 from gateway.transport.kafka_batches import OutboundBatches
 from gateway.transport.kafka_codec import dead_letter_value, decode_records
@@ -220,7 +220,16 @@ class KafkaLoop:
                                                                     record.offset, record.value))
         route_names = list(decoded.by_route)
         answers_per_route = await asyncio.gather(*(self.dataplane.serve(name, decoded.by_route[name])
-                                                   for name in route_names))
+                                                   for name in route_names), return_exceptions=True)
+        for position, (route_name, answers) in enumerate(zip(route_names, answers_per_route)):
+            if isinstance(answers, BaseException):
+                # a bug, not bad input: re-reading would fail again forever, so dead-letter these
+                # requests with the reason (nothing is lost: they can be replayed from there)
+                log.error("internal error while serving route %s; its %d requests go to the dead-letter topic",
+                          route_name, len(decoded.by_route[route_name]), exc_info=answers)
+                message = f"internal error while serving route {route_name!r}: {type(answers).__name__}: {answers}"
+                answers_per_route[position] = [Answer(error=("internal_error", message[:500]))
+                                               for _ in decoded.by_route[route_name]]
         same_partitioning = self.partitions[self.topics.requests] == self.partitions[self.topics.predictions]
         predictions_topic = self.topics.predictions
         shadows_topic = self.topics.shadow_predictions
