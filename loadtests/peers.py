@@ -6,7 +6,10 @@
 - `naive`: what a hand-written per-message consumer does: decode, `session.run` on one row,
   `send_and_wait`, per message.
 
-Usage: python -m loadtests.peers {passthrough|naive} BOOTSTRAP IN_TOPIC OUT_TOPIC GROUP [MODEL]
+- `passthrough_batch`: the passthrough producing through the batch API the gateway itself uses
+  (reported beside, not used for the ratio: it is the ceiling of the client, not what users write).
+
+Usage: python -m loadtests.peers {passthrough|passthrough_batch|naive} BOOTSTRAP IN_TOPIC OUT_TOPIC GROUP [MODEL]
 """
 
 from __future__ import annotations
@@ -37,6 +40,34 @@ async def passthrough(bootstrap: str, in_topic: str, out_topic: str, group: str,
             for records in batch.values():
                 for record in records:
                     futures.append(await producer.send(out_topic, key=record.key, value=record.value))
+            if futures:
+                await asyncio.gather(*futures)
+                await consumer.commit()
+    finally:
+        await consumer.stop()
+        await producer.stop()
+
+
+async def passthrough_batch(bootstrap: str, in_topic: str, out_topic: str, group: str, stop: asyncio.Event) -> None:
+    """The same loop producing through aiokafka's batch API (what the gateway uses): the client's ceiling."""
+    from gateway.transport.kafka_batches import OutboundBatches
+
+    consumer = AIOKafkaConsumer(in_topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                                auto_offset_reset="earliest", fetch_max_wait_ms=5,
+                                max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024)
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, enable_idempotence=True, linger_ms=2,
+                                max_batch_size=512 * 1024)
+    await consumer.start()
+    await producer.start()
+    partitions = {out_topic: len(await producer.partitions_for(out_topic))}
+    try:
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=100, max_records=2048)
+            out = OutboundBatches(producer, partitions)
+            for tp, records in batch.items():
+                for record in records:
+                    out.add(out_topic, record.key, record.value, tp.partition)
+            futures = await out.send()
             if futures:
                 await asyncio.gather(*futures)
                 await consumer.commit()
@@ -84,6 +115,8 @@ async def main(argv: list[str]) -> None:
     print("ready", flush=True)
     if kind == "passthrough":
         await passthrough(bootstrap, in_topic, out_topic, group, stop)
+    elif kind == "passthrough_batch":
+        await passthrough_batch(bootstrap, in_topic, out_topic, group, stop)
     elif kind == "naive":
         await naive(bootstrap, in_topic, out_topic, group, stop, argv[5])
     else:
