@@ -16,7 +16,8 @@ an error). Environment variables override addresses and secrets:
 ==============================  ======================================
 
 Secret fields also accept ``*_file`` siblings (read and stripped at load), so secrets can come
-from mounted files and never sit in the YAML itself.
+from mounted files and never sit in the YAML itself. Error messages never show the value of a
+secret field, and URLs are shown with their password replaced by ``***`` (docs/security.md).
 """
 
 from __future__ import annotations
@@ -75,6 +76,8 @@ class KafkaSecurity(_Strict):
                 raise ValueError(f"protocol {self.protocol} needs sasl_username and sasl_password (or BANDITGATE_KAFKA_PASSWORD)")
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together (client certificate for mTLS)")
+        if self.protocol in ("PLAINTEXT", "SASL_PLAINTEXT") and (self.ca_file or self.cert_file):
+            raise ValueError(f"ca_file and cert_file need protocol SSL or SASL_SSL, not {self.protocol}")
         return self
 
 
@@ -101,8 +104,14 @@ class RedisConfig(_Strict):
     """Arm statistics store."""
 
     url: str = "redis://127.0.0.1:16379/0"
+    """``redis://[user@]host:port/db``, ``rediss://`` for TLS; an ACL user goes in the URL, its
+    password in `password` (or ``password_file`` / BANDITGATE_REDIS_PASSWORD), not in the URL."""
     password: SecretStr | None = None
     ca_file: Path | None = None
+    """CA bundle that signed the server's certificate (rediss:// only; default: the system's CAs)."""
+    cert_file: Path | None = None
+    """Client certificate, for servers with ``tls-auth-clients yes`` (rediss:// only)."""
+    key_file: Path | None = None
     key_prefix: str = "bg"
     snapshot_refresh_ms: int = Field(250, ge=10, le=60_000)
     """How often gateways re-read arm posteriors (never per request)."""
@@ -115,6 +124,14 @@ class RedisConfig(_Strict):
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
+
+    @model_validator(mode="after")
+    def _tls(self) -> "RedisConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together (client certificate for TLS)")
+        if (self.ca_file or self.cert_file) and not self.url.startswith("rediss://"):
+            raise ValueError("ca_file and cert_file need a rediss:// url (TLS)")
+        return self
 
 
 class ModelsConfig(_Strict):
@@ -155,17 +172,32 @@ class ServerConfig(_Strict):
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """Separate port for /metrics (default: served on the HTTP port)."""
     infer_tokens: list[SecretStr] = []
+    """Bearer tokens for inference, metadata and outcomes (several: rotation); none: open."""
     admin_tokens: list[SecretStr] = []
+    """Bearer tokens for /v2/admin (separate from infer_tokens); none: open."""
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    """REST body and gRPC message size limit (413 / RESOURCE_EXHAUSTED)."""
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    """Total size of a REST request's headers (431) and of gRPC metadata."""
     max_tensor_elements: int = Field(4_000_000, ge=1)
     max_inputs: int = Field(64, ge=1)
     request_timeout_s: float = Field(10.0, gt=0)
     tls_cert_file: Path | None = None
+    """Server certificate (chain) for HTTPS and gRPC over TLS; with tls_key_file, TLS is on."""
     tls_key_file: Path | None = None
     client_ca_file: Path | None = None
+    """When set, clients must present a certificate signed by this CA (mTLS) on HTTP and gRPC."""
     grpc_max_concurrent_streams: int = Field(256, ge=1)
     enable_http: bool = True
     enable_grpc: bool = True
+
+    @model_validator(mode="after")
+    def _tls(self) -> "ServerConfig":
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        if self.client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("client_ca_file (client certificates) needs tls_cert_file and tls_key_file")
+        return self
 
 
 class FeedbackConfig(_Strict):
@@ -217,6 +249,77 @@ class Guardrail(_Strict):
     max_error_rate: float = Field(0.05, gt=0, le=1)
 
 
+class ShadowStage(_Strict):
+    """Rollout stage 1: the new version only mirrors traffic; labels decide promote or reject."""
+
+    min_outcomes: int = Field(100, ge=1)
+    """Labelled (shadow, primary) pairs before a `promote` verdict is acted on (a `reject` acts at once)."""
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    """Of the always-valid confidence sequence on loss(primary) - loss(shadow) (feedback.quality)."""
+    margin: float = Field(0.0, ge=0, lt=1)
+    """Promote only when the shadow's advantage is surely above this (loss units)."""
+
+
+class CanaryStage(_Strict):
+    """Rollout stage 2: the new version serves at most `max_share` of traffic under the bandit."""
+
+    max_share: float = Field(0.1, gt=0, lt=1)
+    """Traffic ceiling of the canary arm."""
+    min_outcomes: int = Field(300, ge=1)
+    """The canary's own rewarded outcomes before it may join the bandit as a full arm."""
+    min_duration_s: float = Field(0.0, ge=0)
+    """And at least this long in the stage."""
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    """Of the sequential (mSPRT) tests of the canary's reward against the arms it replaces."""
+    margin: float = Field(0.01, ge=0)
+    """Non-inferiority margin in reward units: "not worse" means not worse by more than this."""
+    mixing_sd: float | None = Field(None, gt=0)
+    """The mSPRT's tau (default: max(margin, 0.05)); any value keeps the error guarantee."""
+    max_error_rate: float = Field(0.02, gt=0, le=1)
+    """A canary or full arm failing more calls than this (after `min_calls`) is rolled back."""
+    max_p99_latency_ms: float | None = Field(None, gt=0)
+    """A canary or full arm with a p99 latency above this (after `min_calls`) is rolled back."""
+    min_calls: int = Field(200, ge=1)
+    """Calls before the error rate and p99 are judged."""
+
+
+class Rollout(_Strict):
+    """Progressive rollout of new versions of one model of a route: shadow -> canary -> full arm."""
+
+    enabled: bool = True
+    model: str | None = Field(None, pattern=NAME_PATTERN)
+    """Whose new versions are rolled out (default: the model of the route's first arm)."""
+    replaces: str | None = Field(None, pattern=NAME_PATTERN)
+    """The arm a promoted version replaces (default: the one arm serving `model`)."""
+    shadow: ShadowStage = ShadowStage()
+    canary: CanaryStage = CanaryStage()
+    grace_s: float = Field(600.0, ge=0)
+    """After the new version becomes a full arm, the replaced one is drained, then unloaded after this."""
+
+
+class Retrain(_Strict):
+    """When to ask for a new version of the route's model, and where its training data goes."""
+
+    every_s: float | None = Field(None, gt=0)
+    """Schedule: a trigger at least this often."""
+    new_labels: int | None = Field(None, ge=1)
+    """A trigger once this many joined outcomes arrived since the last one."""
+    quality: bool = False
+    """A trigger on the quality-drift alarm (Bernoulli CUSUM on the error rate)."""
+    drift: bool = False
+    """A trigger on a feature or score drift alarm."""
+    cooldown_s: float = Field(3600.0, ge=0)
+    """At most one trigger per this many seconds, whatever fires."""
+    export_path: str | None = None
+    """Folder (or s3:// / gs:// path) the window's joined rows are written to as Parquet."""
+
+    @model_validator(mode="after")
+    def _some_trigger(self) -> "Retrain":
+        if self.every_s is None and self.new_labels is None and not self.quality and not self.drift:
+            raise ValueError("retrain needs at least one trigger: every_s, new_labels, quality or drift")
+        return self
+
+
 class Route(_Strict):
     """One route: a name requests carry, a policy, and the arms it chooses among."""
 
@@ -236,6 +339,10 @@ class Route(_Strict):
     webhook_url: str | None = None
     method: Literal["team_draft", "multileave"] | None = None
     k: int = Field(10, ge=1, le=1000)
+    rollout: Rollout | None = None
+    """Progressive rollout of new versions (see docs/lifecycle.md); off when absent."""
+    retrain: Retrain | None = None
+    """Retraining triggers and training-data export; off when absent."""
 
     @model_validator(mode="after")
     def _consistent(self) -> "Route":
@@ -260,7 +367,36 @@ class Route(_Strict):
             raise ValueError("reward_wait_s and default_reward go together")
         if self.policy == "interleave" and n < 2:
             raise ValueError("policy interleave needs at least two arms (rankers)")
+        if self.rollout is not None:
+            self._check_rollout(self.rollout)
         return self
+
+    def _check_rollout(self, rollout: Rollout) -> None:
+        if self.policy not in ("thompson", "fixed"):
+            raise ValueError(f"rollout works on thompson and fixed routes, not policy {self.policy}")
+        model = rollout.model or self.arms[0].model
+        serving = [a.name for a in self.arms if a.model == model]
+        if rollout.replaces is not None:
+            if rollout.replaces not in [a.name for a in self.arms]:
+                raise ValueError(f"rollout.replaces names no arm of the route: {rollout.replaces!r}")
+        elif len(serving) != 1:
+            raise ValueError(f"rollout.replaces is needed: {len(serving)} arms serve model {model!r}")
+        if rollout.canary.max_share < self.exploration_floor:
+            raise ValueError(f"rollout.canary.max_share {rollout.canary.max_share} is below "
+                             f"exploration_floor {self.exploration_floor}")
+
+    def rollout_model(self) -> str | None:
+        """The model whose new versions this route rolls out (None without `rollout`)."""
+        if self.rollout is None:
+            return None
+        return self.rollout.model or self.arms[0].model
+
+    def rollout_replaces(self) -> str | None:
+        """The arm a promoted version replaces (None without `rollout`)."""
+        if self.rollout is None:
+            return None
+        model = self.rollout_model()
+        return self.rollout.replaces or next(a.name for a in self.arms if a.model == model)
 
 
 class DriftConfig(_Strict):
@@ -325,6 +461,19 @@ def _interpolate(value: Any, path: str, problems: list[str], env: dict[str, str]
     if isinstance(value, list):
         return [_interpolate(v, f"{path}[{i}]", problems, env) for i, v in enumerate(value)]
     return value
+
+
+_SECRET_WORDS = ("password", "token", "secret")
+
+
+def _redact(text: str) -> str:
+    """A URL-looking value with its password replaced by ***."""
+    scheme, separator, rest = text.partition("://")
+    if not separator or "@" not in rest:
+        return text
+    credentials, host = rest.rsplit("@", 1)
+    user, has_password, _password = credentials.partition(":")
+    return f"{scheme}://{user}:***@{host}" if has_password else text
 
 
 _SECRET_FILE_FIELDS = {
@@ -402,7 +551,11 @@ def _format_error(err: dict[str, Any]) -> str:
     elif err["type"] == "missing":
         msg = "required field is missing"
     inp = err.get("input")
-    shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(inp, (dict, list)) else f" (got {inp!r})"
+    secret = any(word in str(part).lower() for part in loc for word in _SECRET_WORDS)
+    if isinstance(inp, str):
+        inp = _redact(inp)
+    shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(inp, (dict, list)) or secret \
+        else f" (got {inp!r})"
     if isinstance(inp, str) and len(inp) > 60:
         shown = ""
     return f"{_format_loc(loc)}: {msg}{shown}"
@@ -452,5 +605,8 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
 
 
 def dump_public(config: Config) -> dict[str, Any]:
-    """The configuration as served to operators: every secret replaced by '***'."""
-    return config.model_dump(mode="json", by_alias=True)
+    """The configuration as served to operators: every secret replaced by '**********', and any
+    password inside the Redis URL by '***'."""
+    data = config.model_dump(mode="json", by_alias=True)
+    data["redis"]["url"] = _redact(data["redis"]["url"])
+    return data
