@@ -8,7 +8,7 @@ import json
 import pytest
 from prometheus_client import CollectorRegistry
 
-from feedback.sinks import FeedbackMetrics
+from feedback.metrics import FeedbackMetrics
 from gateway.metrics import GatewayMetrics
 from tests.observability.support import (alert_rules, base_metric, catalogue, dashboard_files, metrics_in,
                                          panel_queries)
