@@ -311,8 +311,13 @@ def markdown(results: dict[str, Any]) -> str:
 
 def run(out: Path, quick: bool = False) -> int:
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
+    if load_before > (os.cpu_count() or 1) * 0.5:
+        progress(f"the machine is busy (load average {load_before:.1f} on {os.cpu_count()} CPUs): "
+                 "rates and tail latencies will be lower and noisier than on a quiet machine")
     results = _run(quick)
     results["meta"]["wall_s"] = round(time.monotonic() - started, 1)
+    results["meta"]["load_average_1m"] = {"start": round(load_before, 2), "end": round(os.getloadavg()[0], 2)}
     out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
     print(markdown(results))
     progress(f"wrote {out} in {results['meta']['wall_s']:.0f}s")

@@ -85,14 +85,16 @@ class OpenLoop:
     errors: int = 0
     latencies_ns: array = field(default_factory=lambda: array("q"))
     send_lags_ns: array = field(default_factory=lambda: array("q"))
-    _free: list[int] = field(default_factory=list)
+    _free: deque = field(default_factory=deque)
     _backlog: deque = field(default_factory=deque)
     _in_flight: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.rate_rps <= 0 or self.slots < 1 or self.total < 0:
             raise ValueError("OpenLoop needs rate_rps > 0, slots >= 1 and total >= 0")
-        self._free = list(range(self.slots - 1, -1, -1))
+        # round robin over the slots, so every keep-alive connection stays in use (a server may
+        # close one that sits idle longer than its keep-alive timeout)
+        self._free = deque(range(self.slots))
 
     def intended(self, index: int) -> float:
         """The time request `index` is due."""
@@ -117,7 +119,7 @@ class OpenLoop:
             self.issued += 1
         sends = []
         while self._backlog and self._free:
-            sends.append(self._take(self._free.pop(), now))
+            sends.append(self._take(self._free.popleft(), now))
         return sends
 
     def complete(self, slot: int, now: float, ok: bool = True) -> int | None:
@@ -220,7 +222,10 @@ async def pace(open_loop: OpenLoop, send: Callable[[int], None], wait: Callable[
 def socket_waiter(fds: list[int]) -> Callable[[float], Any]:
     """`wait(seconds)`: block until one of `fds` is readable or the time is up."""
     def wait(seconds: float) -> None:
-        select.select(fds, [], [], seconds)
+        try:
+            select.select(fds, [], [], seconds)
+        except (OSError, ValueError) as exc:  # a socket closed under us: the caller's check names it
+            raise LoadError(f"a connection closed during the open loop ({exc})") from None
     return wait
 
 
