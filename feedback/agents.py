@@ -1,0 +1,216 @@
+"""The worker's loop bodies: decode a batch, step the pure join, apply effects, persist, ack.
+
+Order per batch (and per timer sweep), under one lock so the agent and the sweeper never
+interleave on an entry:
+
+1. decode each event (malformed: dead letter) and step :mod:`feedback.join` against the table
+   (plus the batch's own earlier changes);
+2. apply the effects to Redis — arm statistics and the ledger, both idempotent per request —
+   and send dead letters; retried until they succeed (nothing is acknowledged meanwhile, and
+   the source is not read further: the batch is the back-pressure);
+3. write the changed entries to the changelog and wait for the broker, then to memory;
+4. only then the caller acks the events, so faust can commit their offsets.
+
+A crash at any point replays events from the last committed offset: before 3 the entries are
+unchanged and the replayed effects are deduplicated by Redis; after 3 the entries recognise the
+replayed events by offset and do nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import orjson
+from aiokafka.errors import KafkaError
+from redis.exceptions import RedisError, ResponseError
+
+from banditgate.config import Topics
+from banditgate.events import DEFAULT_MAX_EVENT_BYTES, EventError, decode_outcome, decode_prediction
+from feedback.join import (
+    DropOutcome,
+    Effect,
+    Entry,
+    JoinRules,
+    OutcomeIn,
+    PredictionIn,
+    Seen,
+    Served,
+    on_due,
+    on_outcome,
+    on_prediction,
+)
+from feedback.quality import outputs_view
+from feedback.metrics import FeedbackMetrics
+from feedback.sinks import KafkaOut, RedisSink
+from feedback.state import JoinTable
+
+log = logging.getLogger("banditgate.feedback.agents")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class SourceMessage:
+    """One consumed record (what the join needs of a faust event)."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    timestamp: float
+    """Kafka record time, epoch seconds."""
+
+
+class JoinProcessor:
+    """Runs batches and sweeps through the join and its sinks (see the module docstring)."""
+
+    def __init__(self, *, table: JoinTable, redis: RedisSink, out: KafkaOut, rules: JoinRules, topics: Topics,
+                 metrics: FeedbackMetrics, clock: Callable[[], float] = time.time,
+                 max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, sweep_limit: int = 5000,
+                 retry_max_s: float = 2.0) -> None:
+        self._table = table
+        self._redis = redis
+        self._out = out
+        self._rules = rules
+        self._topics = topics
+        self._metrics = metrics
+        self._clock = clock
+        self._max_event_bytes = max_event_bytes
+        self._sweep_limit = sweep_limit
+        self._retry_max_s = retry_max_s
+        self._sources = {topics.predictions: "predictions", topics.shadow_predictions: "shadow_predictions",
+                         topics.outcomes: "outcomes"}
+        self.lock = asyncio.Lock()
+
+    # -- events ------------------------------------------------------------------------------
+    def _decode(self, message: SourceMessage) -> PredictionIn | OutcomeIn:
+        if message.topic == self._topics.outcomes:
+            outcome = decode_outcome(message.value, self._max_event_bytes)
+            ts = outcome.ts if outcome.ts is not None else message.timestamp
+            return OutcomeIn(outcome.request_id, message.partition,
+                             Seen(outcome.reward, outcome.label, ts, message.offset))
+        prediction = decode_prediction(message.value, self._max_event_bytes)
+        if prediction.route not in self._rules.routes:
+            raise EventError("unknown_route", f"prediction {prediction.request_id!r} names route {prediction.route!r}, "
+                                              "which is not in this worker's configuration")
+        served = Served(prediction.arm, prediction.model, prediction.model_version, outputs_view(prediction.outputs),
+                        message.offset, shadow=message.topic == self._topics.shadow_predictions)
+        return PredictionIn(prediction.request_id, message.partition, prediction.route, served,
+                            prediction.ts_predicted)
+
+    async def process(self, messages: Sequence[SourceMessage]) -> None:
+        """Join, apply and persist one batch. Returns only when all of it is applied and
+        persisted (retrying Redis and Kafka for as long as it takes); then ack the events."""
+        started = time.perf_counter()
+        async with self.lock:
+            now = self._clock()
+            changes: dict[str, tuple[int, Entry | None]] = {}
+            effects: list[Effect] = []
+            letters: list[tuple[str, bytes | None, bytes]] = []
+            consumed: Counter[str] = Counter()
+            for message in messages:
+                source = self._sources.get(message.topic, message.topic)
+                consumed[source] += 1
+                try:
+                    event = self._decode(message)
+                except EventError as exc:
+                    self._metrics.dead_letters.labels(source, exc.reason).inc()
+                    letters.append(self._out.dead_letter(message.key, str(exc), exc.reason, message.topic,
+                                                         message.partition, message.offset, message.value))
+                    continue
+                request_id = event.request_id
+                entry = changes[request_id][1] if request_id in changes else self._table.get(request_id)
+                if isinstance(event, OutcomeIn):
+                    step = on_outcome(entry, event, now, self._rules)
+                else:
+                    step = on_prediction(entry, event, self._rules)
+                if step.changed:
+                    changes[request_id] = (event.partition, step.entry)
+                effects.extend(step.effects)
+            for source, count in consumed.items():
+                self._metrics.events.labels(source).inc(count)
+            await self._finish(changes, effects, letters)
+        self._metrics.batch_seconds.observe(time.perf_counter() - started)
+        self._metrics.batch_events.observe(len(messages))
+
+    async def sweep(self, assigned: set[int]) -> int:
+        """Sync the timer index with the assigned partitions, then apply due default rewards
+        and expiries (at most `sweep_limit` entries per call). Returns how many were due."""
+        async with self.lock:
+            self._table.sync_partitions(assigned)
+            now = self._clock()
+            due = self._table.pop_due(now, self._sweep_limit)
+            changes: dict[str, tuple[int, Entry | None]] = {}
+            effects: list[Effect] = []
+            for partition, request_id in due:
+                entry = self._table.get(request_id)
+                if entry is None:
+                    continue
+                step = on_due(entry, now, self._rules)
+                if step.changed:
+                    changes[request_id] = (partition, step.entry)
+                else:
+                    self._table.schedule(partition, request_id, entry)
+                effects.extend(step.effects)
+            if changes or effects:
+                await self._finish(changes, effects, [])
+            self._metrics.join_entries.set(len(self._table))
+            return len(due)
+
+    async def _finish(self, changes: dict[str, tuple[int, Entry | None]], effects: list[Effect],
+                      letters: list[tuple[str, bytes | None, bytes]]) -> None:
+        for effect in effects:
+            if isinstance(effect, DropOutcome):
+                self._metrics.dead_letters.labels("outcomes", effect.reason).inc()
+                letters.append(self._out.dead_letter(
+                    effect.request_id.encode(), effect.error, effect.reason, self._topics.outcomes,
+                    effect.partition, effect.outcome.offset, orjson.dumps(effect.outcome.to_event(effect.request_id))))
+        if effects:
+            applied = await self._retrying("redis", lambda: self._redis.apply(effects, self._metrics))
+            for count in applied.counts:
+                self._metrics.count(count)
+        if letters:
+            await self._retrying("kafka", lambda: self._out.send_all(letters))
+        if changes:
+            await self._retrying("changelog", lambda: self._table.persist(changes))
+
+    async def _retrying(self, sink: str, call: Callable[[], Awaitable[T]]) -> T:
+        """Call until it succeeds; transient Redis/Kafka/network errors are retried with backoff
+        (one warning per outage), anything else propagates."""
+        delay = 0.05
+        failing_since: float | None = None
+        while True:
+            try:
+                result = await call()
+            except ResponseError:
+                raise  # a script or command error is a bug, not an outage
+            except (RedisError, KafkaError, OSError, asyncio.TimeoutError) as exc:
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("%s write failed (%s: %s); retrying, nothing is acknowledged until it succeeds",
+                                sink, type(exc).__name__, exc)
+                if sink == "redis":
+                    self._metrics.redis_up.set(0)
+                self._metrics.retries.labels(sink).inc()
+                await asyncio.sleep(delay)
+                delay = min(self._retry_max_s, delay * 2)
+                continue
+            if failing_since is not None:
+                log.warning("%s writes succeed again after %.1f s", sink, time.monotonic() - failing_since)
+            if sink == "redis":
+                self._metrics.redis_up.set(1)
+            return result
+
+
+def source_message(event: Any) -> SourceMessage:
+    """A faust event's record as a SourceMessage."""
+    message = event.message
+    return SourceMessage(message.topic, message.partition, message.offset, message.key, message.value,
+                         float(message.timestamp or 0.0))

@@ -1,0 +1,259 @@
+"""The feedback worker: a faust app that joins outcomes to predictions and closes the loop.
+
+What faust provides here: the consumer group over the three co-partitioned source topics
+(predictions, shadow-predictions, outcomes; faust's assignor gives one worker the same partition
+numbers of all of them and of the table), the join table (in-memory store recovered from its
+compacted changelog topic on start and on every rebalance), offset commits of acknowledged
+events only, timers, and the worker lifecycle (signals, graceful stop). What it does not: no
+stream-stream join (faust-streaming has none; ``Table.join`` raises NotImplementedError) — the
+join is a table keyed by request_id; no windowed-table expiry (the join's own timer index does
+it); no ``processing_guarantee="exactly_once"`` (open bugs) — effects are idempotent instead.
+See docs/feedback.md.
+
+Everything here is assembly: the logic is in join / reward / quality (pure), agents and sinks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import faust
+import mode
+from aiokafka import AIOKafkaProducer
+from prometheus_client import CollectorRegistry, start_http_server
+
+from banditgate.config import Config
+from banditgate.connections import kafka_client_kwargs, kafka_ssl_context, redis_client
+from banditgate.logs import setup_logging
+from feedback.agents import JoinProcessor, source_message
+from feedback.join import JoinRules, RouteRules
+from feedback.metrics import FeedbackMetrics
+from feedback.sinks import (
+    FeedbackKeys,
+    KafkaOut,
+    Ledger,
+    LedgerPlanner,
+    QualityMonitor,
+    RedisSink,
+)
+from feedback.state import JoinTable
+from router.stats_store import ArmStatsStore
+
+log = logging.getLogger("banditgate.feedback")
+
+BATCH_EVENTS = 4000
+"""Most events joined and applied per batch (one Redis round trip, one changelog write)."""
+SWEEP_INTERVAL_S = 0.5
+"""How often due default rewards and expiries are applied."""
+
+
+def join_rules(config: Config) -> JoinRules:
+    """The join's view of the configuration."""
+    return JoinRules(ttl_s=config.feedback.join_ttl_s, routes={
+        route.name: RouteRules(reward=route.reward, reward_wait_s=route.reward_wait_s,
+                               default_reward=route.default_reward) for route in config.routes})
+
+
+def quality_refresh_s(config: Config) -> float:
+    """How often quality gauges and the promote/reject test are refreshed (60 steps per window,
+    between 0.5 and 10 s)."""
+    return min(10.0, max(0.5, config.feedback.quality_window_s / 60.0))
+
+
+def _credentials(config: Config) -> Any:
+    security = config.kafka.security
+    if security.protocol == "PLAINTEXT":
+        return None
+    context = kafka_ssl_context(config.kafka)
+    if security.protocol == "SSL":
+        return faust.SSLCredentials(context)
+    return faust.SASLCredentials(username=security.sasl_username,
+                                 password=security.sasl_password.get_secret_value() if security.sasl_password else None,
+                                 ssl_context=context, mechanism=security.sasl_mechanism)
+
+
+class FeedbackRuntime(mode.Service):
+    """Clients and processors the agent and timers use; started and stopped with the worker."""
+
+    def __init__(self, config: Config, app: faust.App, table: Any, metrics: FeedbackMetrics, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.config = config
+        self.app = app
+        self.table = table
+        self.metrics = metrics
+        self.ready = asyncio.Event()
+        self.processor: JoinProcessor | None = None
+        self.monitor: QualityMonitor | None = None
+        self.fatal: BaseException | None = None
+        self.metrics_port: int | None = None
+        self.announced = False
+        self._redis: Any = None
+        self._producer: AIOKafkaProducer | None = None
+
+    async def on_start(self) -> None:
+        config = self.config
+        self._redis = redis_client(config.redis)
+        self._producer = AIOKafkaProducer(**kafka_client_kwargs(config.kafka), enable_idempotence=True, acks="all",
+                                          linger_ms=config.kafka.linger_ms, max_batch_size=1024 * 1024,
+                                          max_request_size=config.kafka.max_request_bytes)
+        await self._producer.start()
+        keys = FeedbackKeys(config.redis.key_prefix)
+        store = ArmStatsStore(self._redis, prefix=config.redis.key_prefix, dedup_ttl_s=config.redis.dedup_ttl_s,
+                              half_lives={route.name: route.half_life for route in config.routes})
+        sink = RedisSink(store, Ledger(self._redis, keys, config.redis.dedup_ttl_s),
+                         LedgerPlanner(keys, config.feedback.quality_window_s))
+        out = KafkaOut(self._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts)
+        rules = join_rules(config)
+        table = JoinTable(self.table.data, self._producer, self.table.changelog_topic.get_topic_name(), rules)
+        self.processor = JoinProcessor(table=table, redis=sink, out=out, rules=rules, topics=config.kafka.topics,
+                                       metrics=self.metrics, max_event_bytes=config.max_event_bytes)
+        self.monitor = QualityMonitor(self._redis, keys, config.routes, config.feedback.quality_window_s,
+                                      config.feedback.promote_confidence, config.feedback.promote_margin, out,
+                                      self.metrics)
+        self.ready.set()
+
+    async def on_stop(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    def fail(self, exc: BaseException) -> None:
+        """A bug, not an outage: stop the worker (exit code 1); unacked events are replayed on restart."""
+        if self.fatal is None:
+            self.fatal = exc
+            log.critical("feedback worker stopping after an unexpected error: %s: %s", type(exc).__name__, exc,
+                         exc_info=exc)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def build_app(config: Config, registry: CollectorRegistry | None = None) -> tuple[faust.App, FeedbackRuntime]:
+    """The faust app with its topics, table, agent and timers, and the runtime they use."""
+    feedback = config.feedback
+    topics = config.kafka.topics
+    app = faust.App(
+        feedback.app_id,
+        broker=[f"kafka://{server.strip()}" for server in config.kafka.bootstrap_servers.split(",") if server.strip()],
+        broker_credentials=_credentials(config),
+        broker_client_id=config.kafka.client_id,
+        store="memory://",
+        topic_partitions=feedback.partitions,
+        web_enabled=False,
+        autodiscover=False,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        broker_session_timeout=config.kafka.session_timeout_ms / 1000.0,
+        broker_heartbeat_interval=min(3.0, config.kafka.session_timeout_ms / 3000.0),
+        broker_max_poll_records=BATCH_EVENTS,
+        stream_buffer_maxsize=2 * BATCH_EVENTS,
+        producer_acks=-1,
+    )
+    source = app.topic(topics.predictions, topics.shadow_predictions, topics.outcomes,
+                       key_serializer="raw", value_serializer="raw")
+    # bytes keys and values: faust then uses the "raw" codec for the changelog (entries are
+    # encoded by feedback.join.encode_entry)
+    table = app.Table("join", partitions=feedback.partitions, key_type=bytes, value_type=bytes,
+                      help="join entries by request_id (see feedback/join.py)")
+    metrics = FeedbackMetrics(registry or CollectorRegistry())
+    runtime = FeedbackRuntime(config, app, table, metrics)
+    source_topics = {topics.predictions, topics.shadow_predictions, topics.outcomes}
+
+    async def join_agent(stream: Any) -> None:
+        await runtime.ready.wait()
+        processor = runtime.processor
+        assert processor is not None  # noqa: S101 - set before `ready`
+        # Two stages so that faust fills the next batch while this one is applied: the take
+        # loop hands batches over (at most one waiting), the apply task processes them in order
+        # and only then acks their events. A cancelled or failed batch is never acked.
+        batches: asyncio.Queue[list[Any]] = asyncio.Queue(maxsize=1)
+
+        async def apply_batches() -> None:
+            while True:
+                events = await batches.get()
+                try:
+                    await processor.process([source_message(event) for event in events])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a bug: stop without acking (replayed on restart)
+                    runtime.fail(exc)
+                    return
+                for event in events:
+                    await stream.ack(event)
+
+        applier = asyncio.create_task(apply_batches(), name="feedback-apply")
+        try:
+            async for events in stream.noack_take(BATCH_EVENTS, within=feedback.flush_interval_s):
+                if applier.done():
+                    break
+                await batches.put(list(events))
+            if runtime.fatal is not None:
+                await asyncio.Event().wait()  # stopping: leave everything after the failed batch unacked
+        finally:
+            applier.cancel()
+
+    async def sweep() -> None:
+        if not runtime.ready.is_set() or app.rebalancing or getattr(app, "in_recovery", False):
+            return
+        if not app.tables.recovery.completed.is_set():
+            return
+        assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic in source_topics}
+        processor = runtime.processor
+        assert processor is not None  # noqa: S101 - set before `ready`
+        try:
+            await processor.sweep(assigned)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            runtime.fail(exc)
+            return
+        if assigned and not runtime.announced:
+            runtime.announced = True
+            log.info("feedback worker ready: app %s, partitions %s of %s; metrics on port %s",
+                     feedback.app_id, sorted(assigned), ", ".join(sorted(source_topics)), runtime.metrics_port)
+
+    async def refresh_quality() -> None:
+        monitor = runtime.monitor
+        if monitor is None:
+            return
+        try:
+            await monitor.refresh()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - quality is best effort: keep the last gauges
+            log.warning("quality refresh failed (%s: %s); keeping the last values", type(exc).__name__, exc)
+
+    app.agent(source, name="join")(join_agent)
+    app.timer(interval=SWEEP_INTERVAL_S, name="join-sweep")(sweep)
+    app.timer(interval=quality_refresh_s(config), name="quality-refresh")(refresh_quality)
+    return app, runtime
+
+
+def run_feedback(config: Config, log_level: str | None = None, json_logs: bool | None = None) -> int:
+    """Run the feedback worker until SIGTERM/SIGINT; return the exit code (1 after a fatal error)."""
+    level = log_level or config.logging.level
+    setup_logging(level, config.logging.json_format if json_logs is None else json_logs)
+    registry = CollectorRegistry()
+    app, runtime = build_app(config, registry)
+    server, _thread = start_http_server(config.feedback.web_port, addr=config.server.host, registry=registry)
+    runtime.metrics_port = server.server_port
+    log.info("feedback worker starting: app %s, broker %s, redis prefix %s, metrics on http://%s:%d/metrics",
+             config.feedback.app_id, config.kafka.bootstrap_servers, config.redis.key_prefix, config.server.host,
+             server.server_port)
+    worker = faust.Worker(app, runtime, loglevel=level.upper() if level != "warning" else "WARN",
+                          override_logging=False, redirect_stdouts=False, quiet=True)
+    started = time.monotonic()
+    try:
+        worker.execute_from_commandline()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    else:
+        code = 0
+    finally:
+        server.shutdown()
+    log.info("feedback worker stopped after %.0f s", time.monotonic() - started)
+    return 1 if runtime.fatal is not None else code

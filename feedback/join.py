@@ -1,0 +1,518 @@
+"""The join of predictions, shadow predictions and outcomes by request_id (pure: no I/O).
+
+One :class:`Entry` per request_id holds what has arrived so far. Each arrival, and each timer
+check, is a pure step ``(entry or None, input, now) -> Step(new entry or None, effects)``; the
+feedback worker keeps entries in a faust table (changelog-backed) and applies the effects
+(Redis arm statistics and ledger, dead letters). Either order works:
+
+* prediction first: the entry waits for an outcome; at ``ts_predicted + reward_wait_s`` a route
+  with a ``default_reward`` scores the arm with it (``default``), exactly once;
+* outcome first: the entry waits for the prediction; when it comes the two join;
+* both: the outcome's reward scores the serving arm (``joined``), its label scores every model
+  that predicted the request (primary and shadows, shadows arriving later included);
+* an outcome after the default is ``late``: its label still scores quality, its reward does not
+  count (the request already counted once);
+* a second outcome is a ``duplicate`` and changes nothing;
+* an entry expires ``ttl_s`` after its anchor (the prediction's ``ts_predicted``, or the early
+  outcome's ``ts``): an outcome that never met its prediction is an ``orphan`` (counted and
+  dead-lettered); a prediction that never got an outcome is ``unanswered``. An outcome that
+  arrives already older than the TTL with nothing to join is an orphan at once.
+
+Replays: after a crash the worker re-reads events whose offsets were not committed, against a
+table that may already hold their effect. Every entry remembers the source offset of what it
+holds, so a replayed event is recognised (same offset) and is a no-op. Effects carry a
+deterministic ``token`` per request (``decision``, ``reward``, ``label:<arm>``, ``dup:<offset>``...)
+that the Redis side uses to apply each at most once, which covers the crash window between
+applying effects and persisting the entry.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+import orjson
+
+from feedback.quality import PredictionView
+from feedback.reward import RewardError, RewardKind, checked_reward
+
+NO_ROUTE = "_none"
+"""Route name for counts about requests whose route never became known (orphans)."""
+
+COUNT_KINDS = ("joined", "duplicate", "late", "orphan", "default", "unanswered", "prediction_duplicate", "invalid")
+
+RewardState = Literal["open", "joined", "defaulted"]
+
+
+# ---------------------------------------------------------------------------------------------
+# rules
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRules:
+    """What the join needs to know about a route."""
+
+    reward: RewardKind = "bernoulli"
+    reward_wait_s: float | None = None
+    default_reward: float | None = None
+
+    @property
+    def has_default(self) -> bool:
+        return self.reward_wait_s is not None and self.default_reward is not None
+
+
+@dataclass(frozen=True, slots=True)
+class JoinRules:
+    """Join TTL and per-route rules."""
+
+    ttl_s: float
+    routes: Mapping[str, RouteRules] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.ttl_s > 0:
+            raise ValueError(f"ttl_s must be > 0, got {self.ttl_s!r}")
+
+    def route(self, name: str | None) -> RouteRules:
+        return self.routes.get(name or "", _NO_RULES)
+
+
+_NO_RULES = RouteRules()
+
+
+# ---------------------------------------------------------------------------------------------
+# state
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """One model's prediction for a request (the serving arm's, or a shadow's)."""
+
+    arm: str
+    model: str
+    model_version: int
+    view: PredictionView
+    offset: int
+    """Source offset of the (shadow-)prediction event: identifies a replay."""
+    shadow: bool = False
+
+    @property
+    def role(self) -> str:
+        return "shadow" if self.shadow else "primary"
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """An outcome as the join keeps it."""
+
+    reward: float | None
+    label: Any
+    ts: float
+    """Event time: the outcome's ``ts``, or the Kafka timestamp when it has none."""
+    offset: int
+
+    def to_event(self, request_id: str) -> dict[str, Any]:
+        """The outcome as an event object (for a dead letter's payload)."""
+        out: dict[str, Any] = {"request_id": request_id, "ts": self.ts}
+        if self.reward is not None:
+            out["reward"] = self.reward
+        if self.label is not None:
+            out["label"] = self.label
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """Everything known about one request_id."""
+
+    request_id: str
+    partition: int
+    route: str | None = None
+    primary: Served | None = None
+    ts_predicted: float | None = None
+    shadows: tuple[Served, ...] = ()
+    outcome: Seen | None = None
+    reward_state: RewardState = "open"
+    scored: frozenset[str] = frozenset()
+    """Arms whose prediction has been scored against the label."""
+    anchor_ts: float = 0.0
+    """Expiry clock start (event time, epoch seconds)."""
+    early_duplicates: tuple[int, ...] = ()
+    """Offsets of duplicate outcomes that came before the prediction (counted when the route is known)."""
+
+
+_ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
+_set = object.__setattr__
+
+
+def _evolve(entry: Entry, **changes: Any) -> Entry:
+    """dataclasses.replace for Entry without its per-call introspection (this is the hot path)."""
+    new = object.__new__(Entry)
+    for name in _ENTRY_FIELDS:
+        _set(new, name, changes[name] if name in changes else getattr(entry, name))
+    return new
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionIn:
+    """A decoded (shadow-)prediction event."""
+
+    request_id: str
+    partition: int
+    route: str
+    served: Served
+    ts_predicted: float
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeIn:
+    """A decoded outcome event."""
+
+    request_id: str
+    partition: int
+    outcome: Seen
+
+
+# ---------------------------------------------------------------------------------------------
+# effects
+
+
+@dataclass(frozen=True, slots=True)
+class Count:
+    """Count one event of `kind` (one of COUNT_KINDS) for a request, once per `token`."""
+
+    route: str
+    request_id: str
+    kind: str
+    token: str
+    arm: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reward:
+    """Score the serving arm with `reward` (its statistics in Redis and its reward quality)."""
+
+    route: str
+    request_id: str
+    served: Served
+    reward: float
+    default: bool
+    ts: float
+    token: str = "reward"
+
+
+@dataclass(frozen=True, slots=True)
+class Label:
+    """Score one model's prediction against the request's label; a shadow is also compared
+    with the primary (agreement and the paired losses of the promote/reject test)."""
+
+    route: str
+    request_id: str
+    served: Served
+    label: Any
+    ts: float
+    primary: Served | None
+
+    @property
+    def token(self) -> str:
+        return f"label:{self.served.arm}"
+
+
+@dataclass(frozen=True, slots=True)
+class DropOutcome:
+    """Dead-letter an outcome (`reason` is a reason code, `error` one human line)."""
+
+    request_id: str
+    partition: int
+    outcome: Seen
+    reason: str
+    error: str
+
+
+Effect = Count | Reward | Label | DropOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """The result of one step: the new entry (None: delete it), whether to write it, effects."""
+
+    entry: Entry | None
+    changed: bool
+    effects: tuple[Effect, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+
+
+def _anchor(entry: Entry) -> float:
+    if entry.primary is not None and entry.ts_predicted is not None:
+        return entry.ts_predicted
+    if entry.outcome is not None:
+        return entry.outcome.ts
+    return entry.anchor_ts
+
+
+def _settle(entry: Entry, rules: JoinRules) -> tuple[Entry, list[Effect]]:
+    """Effects of an entry that has its primary prediction and an outcome."""
+    effects: list[Effect] = []
+    primary, outcome = entry.primary, entry.outcome
+    if primary is None or outcome is None:
+        return entry, effects
+    route = entry.route or NO_ROUTE
+    if entry.early_duplicates:
+        effects.extend(Count(route, entry.request_id, "duplicate", f"dup:{offset}", primary.arm)
+                       for offset in entry.early_duplicates)
+        entry = _evolve(entry, early_duplicates=())
+    if entry.reward_state == "open":
+        reward = outcome.reward
+        if reward is not None:
+            try:
+                reward = checked_reward(reward, rules.route(entry.route).reward)
+            except RewardError as exc:
+                effects.append(DropOutcome(entry.request_id, entry.partition, outcome, exc.reason,
+                                           f"outcome for {entry.request_id!r} on route {route!r}: {exc}"))
+                effects.append(Count(route, entry.request_id, "invalid", f"invalid:{outcome.offset}", primary.arm))
+                return _evolve(entry, outcome=None), effects
+        entry = _evolve(entry, reward_state="joined")
+        effects.append(Count(route, entry.request_id, "joined", "decision", primary.arm))
+        if reward is not None:
+            effects.append(Reward(route, entry.request_id, primary, reward, False, outcome.ts))
+    if outcome.label is not None:
+        scored = set(entry.scored)
+        for served in (primary, *entry.shadows):
+            if served.arm not in scored:
+                scored.add(served.arm)
+                effects.append(Label(route, entry.request_id, served, outcome.label, outcome.ts,
+                                     None if served is primary else primary))
+        entry = _evolve(entry, scored=frozenset(scored))
+    return entry, effects
+
+
+def on_prediction(entry: Entry | None, event: PredictionIn, rules: JoinRules) -> Step:
+    """A primary or shadow prediction arrives."""
+    served = event.served
+    if entry is None:
+        entry = Entry(event.request_id, event.partition, anchor_ts=event.ts_predicted)
+    if not served.shadow:
+        if entry.primary is not None:
+            if entry.primary.offset == served.offset:
+                return Step(entry, False)
+            return Step(entry, False, (Count(entry.route or event.route, entry.request_id, "prediction_duplicate",
+                                             f"pdup:{served.offset}", served.arm),))
+        entry = _evolve(entry, route=entry.route or event.route, primary=served, ts_predicted=event.ts_predicted)
+    else:
+        for known in entry.shadows:
+            if known.arm == served.arm:
+                if known.offset == served.offset:
+                    return Step(entry, False)
+                return Step(entry, False, (Count(entry.route or event.route, entry.request_id, "prediction_duplicate",
+                                                 f"pdup:{served.offset}", served.arm),))
+        entry = _evolve(entry, route=entry.route or event.route, shadows=entry.shadows + (served,))
+    entry = _evolve(entry, anchor_ts=_anchor(entry))
+    entry, effects = _settle(entry, rules)
+    return Step(entry, True, tuple(effects))
+
+
+def on_outcome(entry: Entry | None, event: OutcomeIn, now: float, rules: JoinRules) -> Step:
+    """An outcome arrives at wall-clock time `now` (epoch seconds)."""
+    outcome = event.outcome
+    if entry is None:
+        if outcome.ts + rules.ttl_s <= now:
+            return Step(None, False, _orphaned(Entry(event.request_id, event.partition, outcome=outcome), rules,
+                                               "arrived after the join TTL with no prediction to join"))
+        return Step(Entry(event.request_id, event.partition, outcome=outcome, anchor_ts=outcome.ts), True)
+    if entry.outcome is not None:
+        if entry.outcome.offset == outcome.offset or outcome.offset in entry.early_duplicates:
+            return Step(entry, False)
+        if entry.primary is None:
+            return Step(_evolve(entry, early_duplicates=entry.early_duplicates + (outcome.offset,)), True)
+        return Step(entry, False, (Count(entry.route or NO_ROUTE, entry.request_id, "duplicate",
+                                         f"dup:{outcome.offset}", entry.primary.arm),))
+    entry = _evolve(entry, outcome=outcome)
+    if entry.primary is None:
+        return Step(_evolve(entry, anchor_ts=_anchor(entry)), True)
+    if entry.reward_state == "defaulted":
+        late: list[Effect] = [Count(entry.route or NO_ROUTE, entry.request_id, "late", "late", entry.primary.arm)]
+        entry, effects = _settle(entry, rules)
+        return Step(entry, True, tuple(late + effects))
+    entry, effects = _settle(entry, rules)
+    return Step(entry, True, tuple(effects))
+
+
+def _orphaned(entry: Entry, rules: JoinRules, why: str) -> tuple[Effect, ...]:
+    outcome = entry.outcome
+    assert outcome is not None  # noqa: S101 - callers only pass entries holding an outcome
+    route = entry.route or NO_ROUTE
+    effects: list[Effect] = [
+        Count(route, entry.request_id, "orphan", "orphan"),
+        DropOutcome(entry.request_id, entry.partition, outcome, "orphan",
+                    f"orphan outcome for request {entry.request_id!r}: {why} (join TTL {rules.ttl_s:g} s)"),
+    ]
+    effects.extend(Count(route, entry.request_id, "duplicate", f"dup:{offset}") for offset in entry.early_duplicates)
+    return tuple(effects)
+
+
+def reward_deadline(entry: Entry, rules: JoinRules) -> float | None:
+    """When the route's default reward applies to this entry, or None if it never will."""
+    route = rules.route(entry.route)
+    if (route.reward_wait_s is None or entry.primary is None or entry.ts_predicted is None
+            or entry.outcome is not None or entry.reward_state != "open"):
+        return None
+    return entry.ts_predicted + route.reward_wait_s
+
+
+def due_at(entry: Entry, rules: JoinRules) -> float:
+    """Next wall-clock time (epoch seconds) at which :func:`on_due` may change the entry."""
+    expiry = entry.anchor_ts + rules.ttl_s
+    deadline = reward_deadline(entry, rules)
+    return expiry if deadline is None else min(expiry, deadline)
+
+
+def on_due(entry: Entry, now: float, rules: JoinRules) -> Step:
+    """Timer check at wall-clock `now`: apply a due default reward, expire an old entry."""
+    effects: list[Effect] = []
+    changed = False
+    deadline = reward_deadline(entry, rules)
+    route = rules.route(entry.route)
+    if deadline is not None and now >= deadline and entry.primary is not None and route.default_reward is not None:
+        name = entry.route or NO_ROUTE
+        effects.append(Count(name, entry.request_id, "default", "decision", entry.primary.arm))
+        effects.append(Reward(name, entry.request_id, entry.primary, float(route.default_reward), True, deadline))
+        entry = _evolve(entry, reward_state="defaulted")
+        changed = True
+    if now >= entry.anchor_ts + rules.ttl_s:
+        if entry.primary is None and entry.outcome is not None:
+            effects.extend(_orphaned(entry, rules, "no prediction arrived in time"))
+        elif entry.primary is not None and entry.outcome is None and entry.reward_state == "open":
+            effects.append(Count(entry.route or NO_ROUTE, entry.request_id, "unanswered", "unanswered",
+                                 entry.primary.arm))
+        return Step(None, True, tuple(effects))
+    return Step(entry, changed, tuple(effects))
+
+
+# ---------------------------------------------------------------------------------------------
+# storage encoding (compact JSON lists: the table holds one per request for up to ttl_s)
+
+_STATES: tuple[RewardState, ...] = ("open", "joined", "defaulted")
+
+
+def _served_row(served: Served) -> list[Any]:
+    view = served.view
+    return [served.arm, served.model, served.model_version, view.score, view.predicted, view.predicted_name,
+            served.offset]
+
+
+def _served(row: list[Any], shadow: bool) -> Served:
+    return Served(arm=row[0], model=row[1], model_version=row[2],
+                  view=PredictionView(score=row[3], predicted=row[4], predicted_name=row[5]),
+                  offset=row[6], shadow=shadow)
+
+
+def encode_entry(entry: Entry) -> bytes:
+    """Serialize an entry for the table (the request_id is the table key, not repeated)."""
+    outcome = entry.outcome
+    return orjson.dumps([
+        entry.partition, entry.route,
+        None if entry.primary is None else _served_row(entry.primary), entry.ts_predicted,
+        [_served_row(s) for s in entry.shadows],
+        None if outcome is None else [outcome.reward, outcome.label, outcome.ts, outcome.offset],
+        _STATES.index(entry.reward_state), sorted(entry.scored), entry.anchor_ts, list(entry.early_duplicates),
+    ])
+
+
+def decode_entry(request_id: str, raw: bytes) -> Entry:
+    """Inverse of encode_entry. Raises ValueError on bytes it did not write."""
+    try:
+        (partition, route, primary, ts_predicted, shadows, outcome, state, scored, anchor_ts,
+         early) = orjson.loads(raw)
+        return Entry(request_id=request_id, partition=partition, route=route,
+                     primary=None if primary is None else _served(primary, False), ts_predicted=ts_predicted,
+                     shadows=tuple(_served(s, True) for s in shadows),
+                     outcome=None if outcome is None else Seen(*outcome),
+                     reward_state=_STATES[state], scored=frozenset(scored), anchor_ts=anchor_ts,
+                     early_duplicates=tuple(early))
+    except (orjson.JSONDecodeError, TypeError, ValueError, IndexError) as exc:
+        raise ValueError(f"join entry for {request_id!r} is not in the expected format: {exc}") from None
+
+
+def entry_partition_and_due(raw: bytes, rules: JoinRules, request_id: str = "") -> tuple[int, float]:
+    """Partition and due time of a stored entry (used to rebuild the timer index after recovery)."""
+    entry = decode_entry(request_id, raw)
+    return entry.partition, due_at(entry, rules)
+
+
+# ---------------------------------------------------------------------------------------------
+# timer index
+
+
+class DueIndex:
+    """Which keys fall due when, in buckets of `resolution_s`: adding, moving and popping a key
+    is O(1) (plus a heap of bucket numbers), so a sweep costs what falls due, not the table size.
+    Each key is in exactly one bucket."""
+
+    def __init__(self, resolution_s: float = 1.0) -> None:
+        if not resolution_s > 0:
+            raise ValueError(f"resolution_s must be > 0, got {resolution_s!r}")
+        self._resolution_s = resolution_s
+        self._bucket_of: dict[Any, int] = {}
+        self._buckets: dict[int, set[Any]] = {}
+        self._heap: list[int] = []  # bucket numbers; may hold numbers of emptied buckets
+
+    def __len__(self) -> int:
+        return len(self._bucket_of)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._bucket_of
+
+    def set(self, key: Any, due: float) -> None:
+        """Schedule `key` at `due` (replacing any earlier schedule)."""
+        bucket = int(due // self._resolution_s)
+        old = self._bucket_of.get(key)
+        if old == bucket:
+            return
+        if old is not None:
+            self._discard_from(old, key)
+        self._bucket_of[key] = bucket
+        members = self._buckets.get(bucket)
+        if members is None:
+            members = self._buckets[bucket] = set()
+            heapq.heappush(self._heap, bucket)
+        members.add(key)
+
+    def discard(self, key: Any) -> None:
+        """Forget `key` (no error if unknown)."""
+        old = self._bucket_of.pop(key, None)
+        if old is not None:
+            self._discard_from(old, key)
+
+    def _discard_from(self, bucket: int, key: Any) -> None:
+        members = self._buckets.get(bucket)
+        if members is not None:
+            members.discard(key)
+            if not members:
+                del self._buckets[bucket]
+
+    def pop_due(self, now: float, limit: int | None = None) -> list[Any]:
+        """Remove and return keys whose bucket ended at or before `now`, oldest bucket first,
+        at most `limit` of them."""
+        newest = int(now // self._resolution_s) - 1
+        out: list[Any] = []
+        heap = self._heap
+        while heap and heap[0] <= newest and (limit is None or len(out) < limit):
+            bucket = heap[0]
+            members = self._buckets.get(bucket)
+            while members and (limit is None or len(out) < limit):
+                key = members.pop()
+                del self._bucket_of[key]
+                out.append(key)
+            if not members:
+                self._buckets.pop(bucket, None)
+                heapq.heappop(heap)
+        return out
+
+    def clear(self) -> None:
+        self._bucket_of.clear()
+        self._buckets.clear()
+        self._heap.clear()

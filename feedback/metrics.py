@@ -1,0 +1,112 @@
+"""Every Prometheus metric of the feedback worker, defined once (counters, histograms, and the
+collector that serves the latest quality snapshot as gauges). Names are listed in docs/feedback.md."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+
+from feedback.join import Count
+
+
+class FeedbackMetrics:
+    """Every Prometheus metric of the feedback worker, defined once."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.outcomes = Counter("banditgate_feedback_outcomes_total",
+                                "Outcomes by what the join made of them (joined, duplicate, late, orphan, invalid); "
+                                "counted once per outcome across restarts (Redis-deduplicated)",
+                                ["route", "result"], registry=registry)
+        self.defaults = Counter("banditgate_feedback_defaults_applied_total",
+                                "Predictions scored with the route's default_reward after reward_wait_s",
+                                ["route"], registry=registry)
+        self.unanswered = Counter("banditgate_feedback_predictions_unanswered_total",
+                                  "Predictions that expired without an outcome (routes without a default)",
+                                  ["route"], registry=registry)
+        self.prediction_duplicates = Counter("banditgate_feedback_prediction_duplicates_total",
+                                             "Predictions seen again with another offset (ignored)",
+                                             ["route"], registry=registry)
+        self.events = Counter("banditgate_feedback_events_total", "Events consumed, by source",
+                              ["source"], registry=registry)
+        self.dead_letters = Counter("banditgate_feedback_dead_letters_total",
+                                    "Events sent to the dead-letter topic, by source and reason",
+                                    ["source", "reason"], registry=registry)
+        self.arm_updates = Counter("banditgate_feedback_arm_updates_total",
+                                   "Arm statistic updates sent to Redis (applied, duplicate)",
+                                   ["route", "result"], registry=registry)
+        self.retries = Counter("banditgate_feedback_sink_retries_total",
+                               "Failed writes that were retried (nothing acknowledged meanwhile)",
+                               ["sink"], registry=registry)
+        self.alerts = Counter("banditgate_feedback_alerts_total", "Alerts sent", ["route", "kind"],
+                              registry=registry)
+        self.batch_seconds = Histogram("banditgate_feedback_batch_seconds",
+                                       "Time to join, apply and persist one batch of events",
+                                       buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                       registry=registry)
+        self.batch_events = Histogram("banditgate_feedback_batch_events", "Events per batch",
+                                      buckets=(1, 10, 50, 100, 250, 500, 1000, 2000, 4000), registry=registry)
+        self.join_entries = Gauge("banditgate_feedback_join_entries",
+                                  "Requests held in this worker's join table (pending and recently joined)",
+                                  registry=registry)
+        self.redis_up = Gauge("banditgate_feedback_redis_up", "1 while Redis writes succeed", registry=registry)
+        self.quality = QualityCollector()
+        registry.register(self.quality)
+
+    def count(self, effect: Count) -> None:
+        """A Count effect that the ledger applied (first time for its token)."""
+        if effect.kind == "default":
+            self.defaults.labels(effect.route).inc()
+        elif effect.kind == "unanswered":
+            self.unanswered.labels(effect.route).inc()
+        elif effect.kind == "prediction_duplicate":
+            self.prediction_duplicates.labels(effect.route).inc()
+        else:
+            self.outcomes.labels(effect.route, effect.kind).inc()
+
+
+_QUALITY_GAUGES = {
+    "accuracy": ("banditgate_quality_accuracy_ratio", "Share of labelled predictions that were right"),
+    "precision": ("banditgate_quality_precision_ratio", "Precision on binary labels (positive class 1)"),
+    "recall": ("banditgate_quality_recall_ratio", "Recall on binary labels (positive class 1)"),
+    "f1": ("banditgate_quality_f1_ratio", "F1 on binary labels (positive class 1)"),
+    "log_loss": ("banditgate_quality_log_loss", "Mean log loss of the predicted probability"),
+    "brier": ("banditgate_quality_brier_score", "Mean Brier score of the predicted probability"),
+    "mae": ("banditgate_quality_mae", "Mean absolute error (regressors, label units)"),
+    "rmse": ("banditgate_quality_rmse", "Root mean squared error (regressors, label units)"),
+    "agreement": ("banditgate_quality_agreement_ratio", "Share of requests where a shadow's label equals the primary's"),
+    "labelled": ("banditgate_quality_labelled_outcomes", "Labelled outcomes in the window"),
+    "reward_mean": ("banditgate_quality_reward_mean", "Mean reward in the window"),
+    "reward_low": ("banditgate_quality_reward_mean_lower", "Lower bound of the mean reward's confidence interval"),
+    "reward_high": ("banditgate_quality_reward_mean_upper", "Upper bound of the mean reward's confidence interval"),
+    "rewards": ("banditgate_quality_rewards", "Rewards in the window"),
+    "advantage": ("banditgate_quality_shadow_advantage", "All-time mean loss(primary) - loss(shadow) on paired labels"),
+    "advantage_low": ("banditgate_quality_shadow_advantage_lower", "Lower bound of the always-valid confidence sequence"),
+    "advantage_high": ("banditgate_quality_shadow_advantage_upper", "Upper bound of the always-valid confidence sequence"),
+    "pairs": ("banditgate_quality_shadow_pairs", "All-time paired labelled requests (shadow and primary)"),
+}
+_LABELS = ["route", "arm", "model", "version", "role"]
+
+
+class QualityCollector:
+    """Prometheus collector serving the latest quality snapshot (no stale label sets linger)."""
+
+    def __init__(self) -> None:
+        self._rows: list[tuple[tuple[str, ...], Mapping[str, float]]] = []
+
+    def update(self, rows: list[tuple[tuple[str, ...], Mapping[str, float]]]) -> None:
+        self._rows = rows
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        families = {key: GaugeMetricFamily(name, text, labels=_LABELS) for key, (name, text) in _QUALITY_GAUGES.items()}
+        for labels, values in self._rows:
+            for key, value in values.items():
+                family = families.get(key)
+                if family is not None:
+                    family.add_metric(list(labels), float(value))
+        return list(families.values())
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return [GaugeMetricFamily(name, text, labels=_LABELS) for name, text in _QUALITY_GAUGES.values()]
