@@ -100,6 +100,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_scenario(args.scenario, out=args.out, quick=args.quick)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    from feedback.export_cli import run_export
+
+    return run_export(config, route=args.route, since=args.since, until=args.until, out=args.out)
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     try:
         from banditgate.drift.profile_cli import build_profile
@@ -153,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", required=True, help="JSON result file")
     bench.add_argument("--quick", action="store_true", help="smaller counts (for tests)")
     bench.set_defaults(func=cmd_bench)
+
+    export = sub.add_parser("export", help="a route's joined prediction + outcome rows of a window, as Parquet + manifest")
+    export.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    export.add_argument("--route", required=True)
+    export.add_argument("--since", required=True, help="outcomes from this time (epoch seconds or ISO 8601)")
+    export.add_argument("--until", default=None, help="up to this time (default: now)")
+    export.add_argument("--out", default=None, help="folder or s3:// path (default: the route's retrain.export_path)")
+    export.set_defaults(func=cmd_export)
 
     profile = sub.add_parser("profile", help="build a model version's drift reference profile from training data")
     profile.add_argument("--model", required=True)

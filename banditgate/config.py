@@ -265,6 +265,9 @@ class CanaryStage(_Strict):
 
     max_share: float = Field(0.1, gt=0, lt=1)
     """Traffic ceiling of the canary arm."""
+    min_share: float | None = Field(None, ge=0, lt=1)
+    """Traffic the canary keeps even when the bandit would starve it, so its evidence keeps coming
+    (default: max_share / 2)."""
     min_outcomes: int = Field(300, ge=1)
     """The canary's own rewarded outcomes before it may join the bandit as a full arm."""
     min_duration_s: float = Field(0.0, ge=0)
@@ -281,6 +284,17 @@ class CanaryStage(_Strict):
     """A canary or full arm with a p99 latency above this (after `min_calls`) is rolled back."""
     min_calls: int = Field(200, ge=1)
     """Calls before the error rate and p99 are judged."""
+
+    @model_validator(mode="after")
+    def _shares(self) -> "CanaryStage":
+        if self.min_share is not None and self.min_share > self.max_share:
+            raise ValueError(f"min_share {self.min_share} is above max_share {self.max_share}")
+        return self
+
+    @property
+    def floor(self) -> float:
+        """The canary's guaranteed share."""
+        return self.max_share / 2 if self.min_share is None else self.min_share
 
 
 class Rollout(_Strict):

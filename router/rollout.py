@@ -241,9 +241,8 @@ def assess(state: RolloutState, evidence: Evidence, config: Rollout, now: float)
         if evidence.shadow_decision == "reject":
             return Assessment("rollback", "shadow-test", f"shadow test: reject after {evidence.shadow_pairs:.0f} "
                               f"labelled pairs (advantage {evidence.shadow_advantage:+.4f})")
-        breach = operational_breach(evidence, canary)
-        if breach:
-            return Assessment("rollback", "latency-error", f"as a shadow: {breach}")
+        # a shadow's calls are off the request path (no user waits for them, batches differ), so
+        # its latency and errors are judged from the canary stage on, when it serves
         awaiting = []
         if evidence.shadow_decision != "promote":
             awaiting.append("a promote verdict of the shadow test")
@@ -306,12 +305,15 @@ class RoutingPlan:
     """Arms of the rollout that only mirror traffic."""
     caps: Mapping[str, float] = field(default_factory=dict)
     """Rollout arms serving as primaries, with their traffic ceiling (1.0: uncapped)."""
+    floors: Mapping[str, float] = field(default_factory=dict)
+    """Shares rollout arms keep whatever the bandit prefers (the canary's `min_share`)."""
     drained: tuple[str, ...] = ()
     unloaded: tuple[str, ...] = ()
     """Arms taken out of the route (and their model versions released)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shadows": list(self.shadows), "caps": dict(self.caps), "drained": list(self.drained),
+        return {"shadows": list(self.shadows), "caps": dict(self.caps), "floors": dict(self.floors),
+                "drained": list(self.drained),
                 "unloaded": list(self.unloaded)}
 
 
@@ -321,7 +323,7 @@ def routing_plan(state: RolloutState, config: Rollout) -> RoutingPlan:
     if state.stage == "shadow":
         return RoutingPlan(shadows=(candidate,))
     if state.stage == "canary":
-        return RoutingPlan(caps={candidate: config.canary.max_share})
+        return RoutingPlan(caps={candidate: config.canary.max_share}, floors={candidate: config.canary.floor})
     if state.stage == "full":
         return RoutingPlan(caps={candidate: 1.0}, drained=(old,))
     if state.stage == "done":
