@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from banditgate.config import dump_public
 from gateway.dataplane import Dataplane
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound
 from gateway.models.repository import ModelRepository
@@ -38,7 +39,9 @@ class Admin:
             return await self.reload()
         if action == "routes" and method == "GET":
             return {"routes": [await self.route_status(name) for name in self.dataplane.routes]}
-        raise ModelNotFound(f"unknown admin action {action!r} (reload, routes, routes/<route>, "
+        if action == "config" and method == "GET":
+            return dump_public(self.dataplane.config)  # secrets masked
+        raise ModelNotFound(f"unknown admin action {action!r} (reload, routes, config, routes/<route>, "
                             "routes/<route>/arms/<arm>/drain|restore|reset)")
 
     async def reload(self) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from banditgate.config import Config
 from banditgate.logs import setup_logging
-from banditgate.connections import redis_client
+from banditgate.connections import check_redis, redis_client, server_ssl_context
 from gateway.admin import Admin
 from gateway.dataplane import Dataplane
 from gateway.drift_watch import DriftWatch
@@ -30,6 +30,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.models.repository import ModelRepository
 from gateway.transport.grpc_server import build_server
 from gateway.transport.http import SidecarContext, build_app
+from gateway.transport.http_limits import bounded_httptools_protocol
 from gateway.transport.kafka_batches import OutboundBatches
 from gateway.transport.kafka_loop import KafkaLoop
 from gateway.transport.kafka_transactions import TransactionalKafkaLoop
@@ -133,6 +134,11 @@ class Gateway:
 
         self.refresher = SnapshotRefresher(self.store, policies, redis_config.snapshot_refresh_ms,
                                            on_state_change=redis_state)
+        # a wrong password, a missing ACL permission or an untrusted certificate stops start-up
+        # (ConnectionCheckError); an unreachable Redis does not: the routes start on their priors
+        # and the refresher says so once and picks the statistics up when Redis answers
+        probe_key = self.store.stats_key(next(iter(policies))) if policies else None
+        await check_redis(self._redis, redis_config, probe_key)
         self.metrics.redis_up.set(1 if await self.refresher.refresh_once() else 0)
         self.refresher.start()
 
@@ -234,6 +240,7 @@ class Gateway:
                                  publish=lambda topic, events: publisher.publish(topic, events),
                                  produce_outcomes=self._produce_outcomes, is_ready=lambda: self.ready,
                                  admin=Admin(self.dataplane, self.repository, self.store), registry=self.registry)
+        server_ssl_context(server)  # unreadable certificate, key or client CA: one line naming the file
         if server.enable_http:
             ssl_kwargs: dict[str, Any] = {}
             if server.tls_cert_file and server.tls_key_file:
@@ -243,8 +250,10 @@ class Gateway:
                 if server.client_ca_file:
                     ssl_kwargs.update(ssl_ca_certs=str(server.client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
             config = uvicorn.Config(build_app(context), host=server.host, port=server.http_port, loop="none",
-                                    lifespan="off", http="httptools", log_level="warning", access_log=False,
-                                    timeout_keep_alive=30, h11_max_incomplete_event_size=64 * 1024, **ssl_kwargs)
+                                    lifespan="off", http=bounded_httptools_protocol(server.max_header_bytes),
+                                    log_level="warning", access_log=False,
+                                    timeout_keep_alive=30, h11_max_incomplete_event_size=server.max_header_bytes,
+                                    **ssl_kwargs)
             self.http = _EmbeddedUvicorn(config)
             self._servers.append(asyncio.get_running_loop().create_task(self.http.serve()))
             while not self.http.started:

@@ -70,7 +70,12 @@ class DriftWatch:
             return self._watches[key]
         path = model.path.parent / "reference.json"
         watch = None
-        if path.exists():
+        parents = model.path.parents  # <repository>/<model>/<version>/model.onnx
+        repository = (parents[2] if len(parents) > 2 else model.path.parent).resolve()
+        if path.exists() and not path.resolve().is_relative_to(repository):
+            log.error("%s: is a link outside the repository %s; drift not monitored for %s", path, repository,
+                      model.key)
+        elif path.exists():
             try:
                 profile = ReferenceProfile.load(path)
                 features = FeatureDriftMonitor(profile, family_arl0=self.arl0) if profile.features else None

@@ -64,9 +64,13 @@ class ModelRepository:
 
     def version_path(self, model: str, version: int) -> Path:
         path = self.model_dir(model) / str(int(version)) / "model.onnx"
+        self.check_inside(path)
+        return path
+
+    def check_inside(self, path: Path) -> None:
+        """Raise ModelError if `path` exists and is (or passes through) a link leaving the repository."""
         if path.exists() and not path.resolve().is_relative_to(self.root):
             raise ModelError(f"{path}: is a link to {path.resolve()}, outside the repository {self.root}")
-        return path
 
     def available_versions(self, model: str) -> list[int]:
         """Version numbers present on disk for `model` (folders named by a positive integer with a model.onnx)."""
@@ -150,6 +154,7 @@ class ModelRepository:
         if failed is not None and failed[0] == mtime:
             return []  # same broken file as last time: already reported
         try:
+            self.check_inside(self.model_dir(model) / "config.yaml")
             config = load_model_config(self.model_dir(model))
             loaded = OnnxModel.load(path, model, version, config, self.settings)
             if current is not None and [(s.name, s.dtype, s.shape) for s in loaded.inputs] != \

@@ -193,7 +193,10 @@ def build_server(ctx: SidecarContext, credentials: grpc.ServerCredentials | None
     server_config = ctx.config.server
     options = [("grpc.max_receive_message_length", server_config.max_body_bytes),
                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-               ("grpc.max_concurrent_streams", server_config.grpc_max_concurrent_streams)]
+               ("grpc.max_concurrent_streams", server_config.grpc_max_concurrent_streams),
+               # soft and hard limit equal: metadata over max_header_bytes is always refused
+               ("grpc.max_metadata_size", server_config.max_header_bytes),
+               ("grpc.absolute_max_metadata_size", server_config.max_header_bytes)]
     server = grpc.aio.server(options=options)
     pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(ctx), server)
     bg_grpc.add_FeedbackServicer_to_server(FeedbackServicer(ctx), server)

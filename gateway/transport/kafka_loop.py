@@ -21,7 +21,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.errors import KafkaError
 
 from banditgate.config import Config
-from banditgate.connections import kafka_client_kwargs
+from banditgate.connections import ConnectionCheckError, check_kafka, describe_kafka_failure, kafka_client_kwargs
 from gateway.dataplane import Answer, Dataplane
 from gateway.metrics import GatewayMetrics
 from gateway.transport.kafka_batches import OutboundBatches
@@ -65,6 +65,22 @@ class KafkaLoop:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Connect the producer and consumer. Raises ConnectionCheckError (one line, no secret) when
+        the broker cannot be reached or refuses our credentials or certificates."""
+        kafka = self.config.kafka
+        # log in once as the clients will, before building them: a wrong password or an untrusted
+        # certificate is then one line naming the broker and the setting, not a client's retry loop
+        await check_kafka(kafka)
+        try:
+            await self._start_clients()
+        except KafkaError as exc:
+            for client in (self.consumer, self.producer):
+                if client is not None:
+                    await client.stop()
+            raise ConnectionCheckError(describe_kafka_failure(kafka, kafka.bootstrap_servers, exc)) from None
+        self.metrics.kafka_up.set(1)
+
+    async def _start_clients(self) -> None:
         kafka = self.config.kafka
         common = kafka_client_kwargs(kafka)
         self.producer = AIOKafkaProducer(**common, enable_idempotence=True, acks="all", linger_ms=kafka.linger_ms,
@@ -83,7 +99,6 @@ class KafkaLoop:
             self.partitions[topic] = len(await self.producer.partitions_for(topic))
         self.consumer.subscribe([self.topics.requests], listener=self._listener())
         await self.consumer.start()
-        self.metrics.kafka_up.set(1)
 
     def _listener(self) -> ConsumerRebalanceListener:
         return _Rebalance(self)

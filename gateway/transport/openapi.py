@@ -27,7 +27,7 @@ def _model_paths(prefix: str, params: list[dict[str, Any]]) -> dict[str, Any]:
             "requestBody": {"required": True, "content": {"application/json": {
                 "schema": {"$ref": "#/components/schemas/InferRequest"}}}},
             "responses": {"200": _ok("InferResponse"), "400": _ERROR, "401": _ERROR, "403": _ERROR, "404": _ERROR,
-                          "413": _ERROR, "503": _ERROR, "504": _ERROR}}},
+                          "413": _ERROR, "431": _ERROR, "503": _ERROR, "504": _ERROR}}},
     }
 
 
