@@ -1,0 +1,233 @@
+"""Arm statistics in Redis: idempotent batched updates, one-round-trip snapshots, admin states.
+
+The router's only I/O. Key layout for route R with prefix P (hash tag ``{R}`` keeps every key of
+a route in one Redis Cluster slot, so the Lua script may touch them all):
+
+``P:{R}:arms`` (hash)
+    ``counter``          outcomes counted so far (the discounting clock)
+    ``half_life``        half-life in outcomes used by the last writer (0: none)
+    ``<arm>:w``          weight (effective outcome count) as of the arm's last update
+    ``<arm>:m``          weighted mean reward
+    ``<arm>:q``          weighted sum of squared deviations (m2)
+    ``<arm>:c``          ``counter`` right after the arm's last update
+    ``<arm>:state``      ``active`` or ``drained``
+    ``<arm>:calls`` / ``<arm>:errors``   served / failed requests (gateway counters)
+``P:{R}:seen:<request_id>`` (string with TTL ``dedup_ttl_s``)
+    marks an outcome as counted
+
+Discounting is lazy: an outcome multiplies every arm's weight and m2 by 2^(-1/half_life), but
+instead of rewriting all arms the script decays only the arm it updates, by the outcomes since
+that arm's ``c``; readers decay each arm by ``counter - c`` the same way. That is exactly the
+per-outcome decay, with one arm written per outcome.
+
+The update script, per (request_id, arm, reward): ``SET seen NX EX ttl``; if the key was new it
+increments ``counter``, decays the arm by ``counter - c`` (the outcomes since its last update,
+this one included), adds the reward with weight 1 (Welford) and stores ``c = counter``; otherwise
+it counts a duplicate. So the newest outcome weighs 1 and one k outcomes older weighs 2^(-k/h). Redis runs a script atomically, so concurrent
+updaters never lose an update and a redelivered outcome never counts twice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as redis_asyncio
+from redis.exceptions import RedisError
+
+from banditgate.config import RedisConfig, Route
+from router.arm_stats import ARM_STATES, ArmSnapshot, ArmStats, RouteSnapshot, decay_factor
+
+# at most this many outcomes per script call: keeps each atomic step short on the Redis side
+_CHUNK = 1000
+
+_APPLY = """
+local hash = KEYS[1]
+local half_life = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local counter = tonumber(redis.call('HGET', hash, 'counter') or '0')
+local arms = {}
+local applied, duplicates = 0, 0
+for i = 2, #KEYS do
+  local arm = ARGV[2 * i - 1]
+  local reward = tonumber(ARGV[2 * i])
+  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ttl) then
+    local s = arms[arm]
+    if not s then
+      local v = redis.call('HMGET', hash, arm .. ':w', arm .. ':m', arm .. ':q', arm .. ':c')
+      s = {w = tonumber(v[1] or '0'), m = tonumber(v[2] or '0'), q = tonumber(v[3] or '0'),
+           c = tonumber(v[4] or '0')}
+      arms[arm] = s
+    end
+    counter = counter + 1
+    if half_life > 0 and counter > s.c then
+      local f = math.pow(2, -(counter - s.c) / half_life)
+      s.w = s.w * f
+      s.q = s.q * f
+    end
+    s.w = s.w + 1
+    local delta = reward - s.m
+    s.m = s.m + delta / s.w
+    s.q = s.q + delta * (reward - s.m)
+    s.c = counter
+    applied = applied + 1
+  else
+    duplicates = duplicates + 1
+  end
+end
+if applied > 0 then
+  local fields = {'counter', string.format('%d', counter), 'half_life', string.format('%.17g', half_life)}
+  for arm, s in pairs(arms) do
+    table.insert(fields, arm .. ':w'); table.insert(fields, string.format('%.17g', s.w))
+    table.insert(fields, arm .. ':m'); table.insert(fields, string.format('%.17g', s.m))
+    table.insert(fields, arm .. ':q'); table.insert(fields, string.format('%.17g', s.q))
+    table.insert(fields, arm .. ':c'); table.insert(fields, string.format('%d', s.c))
+  end
+  redis.call('HSET', hash, unpack(fields))
+end
+return {applied, duplicates}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ArmUpdate:
+    """One outcome's reward for the arm that served it. Raises ValueError if malformed."""
+
+    request_id: str
+    arm: str
+    reward: float
+
+    def __post_init__(self) -> None:
+        if not self.request_id:
+            raise ValueError("ArmUpdate needs a non-empty request_id")
+        if not self.arm or ":" in self.arm:
+            raise ValueError(f"ArmUpdate arm must be a non-empty name without ':', got {self.arm!r}")
+        if not math.isfinite(self.reward):
+            raise ValueError(f"ArmUpdate reward must be finite, got {self.reward!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    applied: int
+    """Outcomes counted now."""
+    duplicates: int
+    """Outcomes whose request_id had been counted before (redeliveries): ignored."""
+
+
+class ArmStatsStore:
+    """Arm statistics of every route in Redis (see the module docstring for keys and semantics)."""
+
+    transient_errors: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+    """What a Redis outage raises: the refresher reports these as an outage, without a trace."""
+
+    def __init__(self, client: redis_asyncio.Redis, prefix: str = "bg", dedup_ttl_s: int = 8 * 86400,
+                 half_lives: Mapping[str, float | None] | None = None) -> None:
+        """`half_lives` maps route name to its discounting half-life in outcomes (absent: none)."""
+        if dedup_ttl_s < 1:
+            raise ValueError(f"dedup_ttl_s must be >= 1, got {dedup_ttl_s}")
+        self._client = client
+        self._prefix = prefix
+        self._dedup_ttl_s = int(dedup_ttl_s)
+        self._half_lives = dict(half_lives or {})
+        self._apply_script = client.register_script(_APPLY)
+
+    @classmethod
+    def for_routes(cls, client: redis_asyncio.Redis, redis_config: RedisConfig, routes: Iterable[Route]) -> ArmStatsStore:
+        """A store with the configured prefix, dedup TTL and each route's half-life."""
+        return cls(client, prefix=redis_config.key_prefix, dedup_ttl_s=redis_config.dedup_ttl_s,
+                   half_lives={route.name: route.half_life for route in routes})
+
+    def stats_key(self, route: str) -> str:
+        return f"{self._prefix}:{{{route}}}:arms"
+
+    def seen_key(self, route: str, request_id: str) -> str:
+        return f"{self._prefix}:{{{route}}}:seen:{request_id}"
+
+    async def apply(self, route: str, updates: Sequence[ArmUpdate]) -> ApplyResult:
+        """Count each update once per request_id, in one round trip. Raises RedisError on failure.
+
+        After a failure the whole batch may be retried: updates that did land count as duplicates.
+        """
+        if not updates:
+            return ApplyResult(0, 0)
+        half_life = self._half_lives.get(route) or 0.0
+        pipe = self._client.pipeline(transaction=False)
+        for start in range(0, len(updates), _CHUNK):
+            chunk = updates[start:start + _CHUNK]
+            keys = [self.stats_key(route)] + [self.seen_key(route, u.request_id) for u in chunk]
+            args: list[Any] = [repr(float(half_life)), self._dedup_ttl_s]
+            for update in chunk:
+                args += [update.arm, repr(float(update.reward))]
+            await self._apply_script(keys=keys, args=args, client=pipe)
+        replies = await pipe.execute()
+        return ApplyResult(sum(int(r[0]) for r in replies), sum(int(r[1]) for r in replies))
+
+    async def snapshot(self, route: str) -> RouteSnapshot:
+        """All arms of `route`, decayed to now, in one round trip. Raises RedisError on failure."""
+        return _parse(route, await self._client.hgetall(self.stats_key(route)))
+
+    async def snapshots(self, routes: Iterable[str]) -> dict[str, RouteSnapshot]:
+        """Snapshots of several routes in one pipelined round trip."""
+        names = list(routes)
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(self.stats_key(name))
+        replies = await pipe.execute()
+        return {name: _parse(name, reply) for name, reply in zip(names, replies)}
+
+    async def set_arm_state(self, route: str, arm: str, state: str) -> None:
+        """Mark an arm ``active`` or ``drained`` for every gateway. Raises ValueError for another state."""
+        if state not in ARM_STATES:
+            raise ValueError(f"arm state must be one of {', '.join(ARM_STATES)}, got {state!r}")
+        await self._client.hset(self.stats_key(route), f"{arm}:state", state)
+
+    async def reset_arm(self, route: str, arm: str) -> None:
+        """Forget an arm's statistics and call counters (its state is kept)."""
+        await self._client.hdel(self.stats_key(route), *(f"{arm}:{field}" for field in ("w", "m", "q", "c", "calls", "errors")))
+
+    async def record_calls(self, route: str, counts: Mapping[str, tuple[int, int]]) -> None:
+        """Add (served, failed) request counts per arm, for the guardrail's error-rate test."""
+        if not counts:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for arm, (calls, errors) in counts.items():
+            pipe.hincrby(self.stats_key(route), f"{arm}:calls", int(calls))
+            pipe.hincrby(self.stats_key(route), f"{arm}:errors", int(errors))
+        await pipe.execute()
+
+    async def clear_route(self, route: str) -> None:
+        """Delete a route's statistics hash (dedup marks expire on their own)."""
+        await self._client.delete(self.stats_key(route))
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
+
+
+def _parse(route: str, raw: Mapping[Any, Any]) -> RouteSnapshot:
+    """Turn the hash into a snapshot, decaying each arm from its last update to `counter`."""
+    fields = {_text(k): _text(v) for k, v in raw.items()}
+    counter = int(float(fields.get("counter", "0")))
+    half_life = float(fields.get("half_life", "0")) or None
+    per_arm: dict[str, dict[str, str]] = {}
+    for name, value in fields.items():
+        arm, separator, field = name.rpartition(":")
+        if separator:
+            per_arm.setdefault(arm, {})[field] = value
+    arms = {}
+    for arm, values in per_arm.items():
+        stats = ArmStats(weight=float(values.get("w", 0.0)), mean=float(values.get("m", 0.0)),
+                         m2=float(values.get("q", 0.0)))
+        elapsed = max(0, counter - int(float(values.get("c", counter))))
+        arms[arm] = ArmSnapshot(stats=stats.decayed(decay_factor(elapsed, half_life)),
+                                state=values.get("state", "active"), calls=int(values.get("calls", 0)),
+                                errors=int(values.get("errors", 0)))
+    return RouteSnapshot(route=route, arms=arms, outcome_count=counter)
+
+
+# the refresher is plain asyncio and lives in its own module; re-exported for callers of the store
+from router.refresher import SnapshotRefresher  # noqa: E402
+
+__all__ = ["ApplyResult", "ArmStatsStore", "ArmUpdate", "SnapshotRefresher"]
