@@ -15,7 +15,7 @@ from banditgate import __version__
 from banditgate.events import EventError, outcome_from_obj
 from gateway.dataplane import serve_tensors
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound
-from gateway.transport.http import EXTENSIONS, SidecarContext
+from gateway.transport.http import EXTENSIONS, SidecarContext, _label_name
 from gateway.transport.oip_codec import DTYPES, _raw_bytes, datatype_for, tensor_from_raw
 from gateway.transport.proto import banditgate_service_pb2 as bg_pb2
 from gateway.transport.proto import banditgate_service_pb2_grpc as bg_grpc
@@ -131,10 +131,13 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
                               on_shadows=lambda events: self.ctx.publish(topics.shadow_predictions, events)),
                 timeout=server.request_timeout_s)
         except TimeoutError:
+            self.ctx.record(_label_name(self.ctx, request.model_name), "grpc", error=TimeoutError("timeout"))
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"inference did not finish within {server.request_timeout_s}s")
         except GatewayError as exc:
+            self.ctx.record(_label_name(self.ctx, request.model_name), "grpc", error=exc)
             await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
+        self.ctx.record(_label_name(self.ctx, request.model_name), "grpc", arm=answer.arm)
         self.ctx.publish(self.ctx.config.kafka.topics.predictions, answer.events)
         outputs = answer.outputs
         if request.outputs:

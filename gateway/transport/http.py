@@ -30,6 +30,9 @@ from gateway.transport.oip_codec import build_rest_response, parse_rest_infer
 from gateway.transport.openapi import OPENAPI
 
 HEADER_LENGTH = "inference-header-content-length"
+# bounded label values for errors that carry no reason of their own
+_ERROR_REASONS = {"Overloaded": "overloaded", "ModelNotFound": "model_unavailable", "InferenceFailed": "inference_failed",
+                  "_Timeout": "timeout", "_TooLarge": "oversize", "TimeoutError": "timeout"}
 EXTENSIONS = ["binary_tensor_data", "banditgate_routing", "banditgate_outcomes"]
 
 
@@ -44,6 +47,18 @@ class SidecarContext:
     is_ready: Callable[[], bool]
     admin: Any = None  # gateway.admin.Admin, when arm statistics are wired
     registry: CollectorRegistry = field(default_factory=lambda: REGISTRY)
+    metrics: Any = None  # gateway.metrics.GatewayMetrics
+
+    def record(self, name: str, transport: str, arm: str | None = None, error: Exception | None = None) -> None:
+        """Count one sidecar request in banditgate_requests_total / _request_errors_total."""
+        if self.metrics is None:
+            return
+        if error is None:
+            self.metrics.requests.labels(name, arm or "-", "ok", transport).inc()
+            return
+        reason = getattr(error, "reason", None) or _ERROR_REASONS.get(type(error).__name__, "bad_input")
+        self.metrics.requests.labels(name, "-", "error", transport).inc()
+        self.metrics.errors.labels(name, reason, transport).inc()
 
     def check_token(self, authorization: str | None, admin: bool) -> None:
         """Raise Unauthorized/Forbidden unless the bearer token is one of the configured ones."""
@@ -77,6 +92,13 @@ class SidecarContext:
             return {"name": s.name, "datatype": s.datatype, "shape": [-1 if d is None else d for d in s.shape]}
         return {"name": name, "versions": versions, "platform": platform,
                 "inputs": [spec(s) for s in model.inputs], "outputs": [spec(s) for s in model.outputs]}
+
+
+def _label_name(ctx: SidecarContext, name: str) -> str:
+    """A route or loaded model name as a metric label; anything else (unbounded input) is '-'."""
+    if name in ctx.dataplane.routes or any(m.name == name for m in ctx.dataplane.repository.loaded()):
+        return name
+    return "-"
 
 
 def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -174,7 +196,13 @@ def build_app(ctx: SidecarContext) -> Starlette:
                               on_shadows=lambda events: ctx.publish(ctx.config.kafka.topics.shadow_predictions, events)),
                 timeout=server.request_timeout_s)
         except TimeoutError:
-            raise _Timeout(f"inference did not finish within {server.request_timeout_s}s") from None
+            error = _Timeout(f"inference did not finish within {server.request_timeout_s}s")
+            ctx.record(_label_name(ctx, params["name"]), "rest", error=error)
+            raise error from None
+        except GatewayError as exc:
+            ctx.record(_label_name(ctx, params["name"]), "rest", error=exc)
+            raise
+        ctx.record(_label_name(ctx, params["name"]), "rest", arm=answer.arm)
         ctx.publish(ctx.config.kafka.topics.predictions, answer.events)
         outputs = answer.outputs
         binary: set[str] = set()

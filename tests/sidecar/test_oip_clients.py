@@ -125,3 +125,23 @@ def test_outcomes_over_http_reach_the_topic(served, stack, topics) -> None:
     assert status == 400 and "none of 'reward'" in body["error"]
     outcomes = await_predictions(stack, topics.topics.outcomes, 2)
     assert sorted(o["request_id"] for o in outcomes) == ["r1", "r2"]
+
+
+def test_sidecar_requests_are_counted_per_transport(served) -> None:
+    import tritonclient.grpc as grpcclient
+
+    body = orjson.dumps({"inputs": [{"name": "input", "shape": [1, N_FEATURES], "datatype": "FP32",
+                                     "data": [0.5] * N_FEATURES}]})
+    assert _post(f"{served.base_url}/v2/models/churn/infer", body)[0] == 200
+    assert _post(f"{served.base_url}/v2/models/nope/infer", body)[0] == 404
+    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{served.grpc_port}")
+    tensor = grpcclient.InferInput("input", [1, N_FEATURES], "FP32")
+    tensor.set_data_from_numpy(_rows(1))
+    client.infer("m-a", [tensor], model_version="1")
+    with urllib.request.urlopen(f"{served.base_url}/metrics", timeout=10) as response:  # noqa: S310 - loopback
+        text = response.read().decode()
+    lines = [line for line in text.splitlines() if line.startswith("banditgate_request")]
+    assert any('route="churn"' in line and 'status="ok"' in line and 'transport="rest"' in line for line in lines)
+    assert any('route="m-a"' in line and 'arm="-"' in line and 'transport="grpc"' in line for line in lines)
+    assert any(line.startswith("banditgate_request_errors_total") and 'route="-"' in line
+               and 'reason="model_unavailable"' in line for line in lines)
