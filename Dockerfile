@@ -7,6 +7,7 @@ COPY gateway ./gateway
 COPY router ./router
 COPY feedback ./feedback
 COPY loadtests ./loadtests
+COPY demo ./demo
 RUN pip wheel --no-cache-dir -c constraints.txt -w /wheels .
 
 FROM python:3.11-slim

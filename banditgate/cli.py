@@ -88,8 +88,10 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
-        from loadtests.demo import run_demo
-    except ImportError:
+        from demo.run import run_demo
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("demo", "demo.run"):
+            raise
         _fail("the demo is not built yet (issue: demo); `banditgate stack up` and the tests work today", EXIT_USAGE)
     return run_demo(quick=args.quick, grafana=args.grafana, report_dir=args.report_dir)
 
