@@ -23,8 +23,11 @@ per-outcome decay, with one arm written per outcome.
 The update script, per (request_id, arm, reward): ``SET seen NX EX ttl``; if the key was new it
 increments ``counter``, decays the arm by ``counter - c`` (the outcomes since its last update,
 this one included), adds the reward with weight 1 (Welford) and stores ``c = counter``; otherwise
-it counts a duplicate. So the newest outcome weighs 1 and one k outcomes older weighs 2^(-k/h). Redis runs a script atomically, so concurrent
-updaters never lose an update and a redelivered outcome never counts twice.
+it counts a duplicate. So the newest outcome weighs 1 and one k outcomes older 2^(-k/half_life).
+Redis runs a script atomically, so concurrent updaters never lose an update and a redelivered
+outcome never counts twice.
+
+The snapshot refresher gateways run lives in :mod:`router.refresher` and is re-exported here.
 """
 
 from __future__ import annotations
