@@ -6,6 +6,9 @@ loop and in order per model. Alarms become `alerts` events (kind `drift`) and ga
 the inputs to the feedback worker instead would double the Kafka volume for nothing: the
 statistics are mergeable per replica and each replica sees a sample of the same traffic.
 
+A model's monitors are built (their thresholds calibrated, which takes seconds) in a worker thread
+when its first batch is served; batches served before they are ready are not watched.
+
 Under overload the watch skips whole batches rather than delay serving (counted in
 `banditgate_drift_batches_skipped_total`); the monitors' false-alarm rate is per observation, so
 skipping keeps it calibrated and only delays detection.
@@ -65,28 +68,41 @@ class DriftWatch:
         self._watches: dict[tuple[str, int, int], _Watch | None] = {}
 
     def _watch_for(self, model: OnnxModel) -> _Watch | None:
+        """The model's monitors once built; the first call starts building them off the event loop
+        (threshold calibration takes a while) and returns None until they are ready."""
         key = (model.name, model.version, model.mtime_ns)
         if key in self._watches:
             return self._watches[key]
+        self._watches[key] = None  # building (or no reference): batches until then are not watched
+        asyncio.get_running_loop().create_task(self._build(key, model))
+        return None
+
+    async def _build(self, key: tuple[str, int, int], model: OnnxModel) -> None:
+        watch = await asyncio.get_running_loop().run_in_executor(self.executor, self._load_monitors, model)
+        if watch is not None:
+            self._watches[key] = watch
+
+    def _load_monitors(self, model: OnnxModel) -> _Watch | None:
+        """Load reference.json and calibrate the monitors (blocking: runs in a worker thread)."""
         path = model.path.parent / "reference.json"
-        watch = None
         parents = model.path.parents  # <repository>/<model>/<version>/model.onnx
         repository = (parents[2] if len(parents) > 2 else model.path.parent).resolve()
-        if path.exists() and not path.resolve().is_relative_to(repository):
+        if not path.exists():
+            return None
+        if not path.resolve().is_relative_to(repository):
             log.error("%s: is a link outside the repository %s; drift not monitored for %s", path, repository,
                       model.key)
-        elif path.exists():
-            try:
-                profile = ReferenceProfile.load(path)
-                features = FeatureDriftMonitor(profile, family_arl0=self.arl0) if profile.features else None
-                score = ScoreDriftMonitor(profile, arl0=self.arl0) if profile.score is not None else None
-                watch = _Watch(model, features, score, asyncio.Lock())
-                log.info("drift monitors for %s: %d features%s (ARL0 %.0f)", model.key,
-                         len(profile.features), " + prediction score" if score else "", self.arl0)
-            except (ProfileError, OSError, ValueError) as exc:
-                log.error("%s: drift reference unusable, drift not monitored for %s: %s", path, model.key, exc)
-        self._watches[key] = watch
-        return watch
+            return None
+        try:
+            profile = ReferenceProfile.load(path)
+            features = FeatureDriftMonitor(profile, family_arl0=self.arl0) if profile.features else None
+            score = ScoreDriftMonitor(profile, arl0=self.arl0) if profile.score is not None else None
+        except (ProfileError, OSError, ValueError) as exc:
+            log.error("%s: drift reference unusable, drift not monitored for %s: %s", path, model.key, exc)
+            return None
+        log.info("drift monitors for %s: %d features%s (ARL0 %.0f)", model.key, len(profile.features),
+                 " + prediction score" if score else "", self.arl0)
+        return _Watch(model, features, score, asyncio.Lock())
 
     def observe(self, model: OnnxModel, route: str, arm: str, feeds: dict[str, np.ndarray],
                 outputs: dict[str, np.ndarray]) -> None:
