@@ -138,7 +138,14 @@ class Runner:
         self.server_cpus, self.generator_cpus = _cpu_plan()
         self.phases = ({"warmup_s": 0.5, "throughput_s": 1.5, "latency_s": 1.5} if quick
                        else {"warmup_s": 2.0, "throughput_s": 8.0, "latency_s": 10.0})
+        # after a server answers ready it still settles (consumer-group join, first metadata and
+        # connection set-up); measuring from then on compares steady states
+        self.settle_s = 1.0 if quick else 5.0
         self.results: dict[str, dict[str, Any]] = {}
+
+    def settle(self, name: str) -> None:
+        progress(f"{name}: ready; letting it settle for {self.settle_s:.0f}s")
+        time.sleep(self.settle_s)
 
     def measure(self, system: str, kind: str, spec: dict[str, Any], cpus: set[int] | None = None) -> dict[str, Any]:
         spec = {**self.phases, "fraction": FRACTION, "connections": CONNECTIONS, "row": self.row,
@@ -199,6 +206,7 @@ def _run_banditgate(runner: Runner, work: Path, body_file: Path, body: bytes) ->
     try:
         _wait_ready(process, f"{base}/v2/health/ready", "banditgate serve", log_path)
         probability = _probability(_post(f"{base}/v2/models/{ROUTE}/infer", body))
+        runner.settle("banditgate")
         rest = {"host": "127.0.0.1", "port": server["http_port"], "body_file": str(body_file), "server_pid": process.pid}
         grpc = {"host": "127.0.0.1", "port": server["grpc_port"], "server_pid": process.pid}
         runner.measure("banditgate_rest", "rest", {**rest, "path": f"/v2/models/{ROUTE}/infer"})
@@ -228,6 +236,7 @@ def _run_mlserver(runner: Runner, work: Path, body_file: Path, body: bytes, mode
         _wait_ready(process, f"http://127.0.0.1:{http_port}/v2/models/{ROUTE}/ready", "mlserver", log_path,
                     timeout_s=120)
         probability = _probability(_post(f"http://127.0.0.1:{http_port}/v2/models/{ROUTE}/infer", body))
+        runner.settle("mlserver")
         runner.measure("mlserver_rest", "rest", {"host": "127.0.0.1", "port": http_port, "body_file": str(body_file),
                                                  "path": f"/v2/models/{ROUTE}/infer", "server_pid": process.pid})
     finally:
@@ -274,7 +283,7 @@ def _run(quick: bool) -> dict[str, Any]:
     server_cpus, generator_cpus = runner.server_cpus, runner.generator_cpus
     results["meta"] = {
         "model": f"MLP {N_FEATURES}-64-1 (onnx), one row per request", "quick": quick, "cpus": os.cpu_count(),
-        "phases_s": runner.phases, "latency_load_fraction": FRACTION,
+        "phases_s": {**runner.phases, "settle_after_ready_s": runner.settle_s}, "latency_load_fraction": FRACTION,
         "generator": (f"loadtests/http_load.py in its own process (uvloop): REST over {CONNECTIONS} HTTP/1.1 "
                       f"keep-alive connections (raw asyncio protocol, pre-encoded request, one in flight per "
                       f"connection); gRPC via grpc.aio on one channel with up to {CONNECTIONS} calls in flight "
