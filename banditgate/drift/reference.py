@@ -122,7 +122,10 @@ class FeatureProfile:
         if present.size:
             clipped = present[np.isfinite(present)]
             if clipped.size:
-                # edges on observed values (not interpolated): ties and discrete columns stay exact
+                # cut between observed values (not interpolated quantiles): ties and discrete columns
+                # stay exact, and a live value a rounding step away from a reference value (ONNX
+                # Runtime's results vary in the last bit with thread count and batch size) stays in
+                # the same bin
                 levels = np.linspace(0.0, 1.0, bins + 1)[1:-1]
                 quantiles = np.quantile(clipped, levels, method="inverted_cdf")
                 edges = np.unique(quantiles)
@@ -135,6 +138,7 @@ class FeatureProfile:
                 cuts = np.where(above < distinct.size, distinct[np.minimum(above, distinct.size - 1)],
                                 np.nextafter(heavy, np.inf))  # the maximum: cut just above it
                 edges = np.unique(np.concatenate([edges, cuts]))
+                edges = _midpoint_edges(edges, distinct)
         counts = np.bincount(np.searchsorted(edges, present, side="right"), minlength=edges.size + 1)
         return cls(name=name, kind="numeric", probabilities=tuple(float(c) / values.size for c in counts),
                    missing_probability=float(missing.sum()) / values.size,
@@ -299,3 +303,15 @@ def _columns(data: np.ndarray | Mapping[str, np.ndarray], feature_names: Iterabl
     if len(names) != array.shape[1]:
         raise ProfileError(f"{len(names)} feature names for {array.shape[1]} columns")
     return {name: array[:, index] for index, name in enumerate(names)}
+
+
+def _midpoint_edges(edges: np.ndarray, distinct: np.ndarray) -> np.ndarray:
+    """Move each edge (an observed value, binned with side="right") halfway down to the next lower
+    observed value: every reference value keeps its bin, and none sits exactly on an edge."""
+    position = np.searchsorted(distinct, edges)
+    below = distinct[np.maximum(position - 1, 0)]
+    midpoints = (below + edges) / 2.0
+    usable = (position > 0) & (midpoints > below) & (midpoints < edges)
+    # an edge on the smallest observed value has nothing below it: lower it by a rounding margin
+    lowered = edges - 1e-9 * np.maximum(1.0, np.abs(edges))
+    return np.where(usable, midpoints, np.where(position == 0, lowered, edges))

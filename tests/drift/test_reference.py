@@ -54,7 +54,8 @@ def test_categorical_top_k_other_and_missing() -> None:
 
 def test_ties_merge_bins() -> None:
     feature = FeatureProfile.numeric("count", np.array([0.0] * 80 + [1.0] * 15 + [2.0] * 5), bins=10)
-    assert feature.edges == (0.0, 1.0)  # quantiles tie at 0 and 1: three bins, not ten
+    # quantiles tie at 0 and 1: three bins, not ten; cuts sit between observed values (0 | 1)
+    assert feature.edges == pytest.approx((0.0, 0.5), abs=1e-8)
     assert feature.probabilities == pytest.approx((0.0, 0.8, 0.2))
 
 
@@ -103,4 +104,15 @@ def test_a_mass_point_gets_its_own_bin() -> None:
     # 99% zeros: every decile is 0, yet the rare ones must stay visible to the monitor
     values = np.array([0.0] * 990 + [1.0] * 10)
     feature = FeatureProfile.numeric("clicked", values)
-    assert feature.edges == (0.0, 1.0) and feature.probabilities == pytest.approx((0.0, 0.99, 0.01))
+    assert feature.edges == pytest.approx((0.0, 0.5), abs=1e-8)
+    assert feature.probabilities == pytest.approx((0.0, 0.99, 0.01))
+
+
+def test_values_a_rounding_step_from_reference_values_keep_their_bin() -> None:
+    rng = np.random.default_rng(5)
+    reference = rng.normal(size=2000).astype(np.float32).astype(float)
+    feature = FeatureProfile.numeric("score", reference)
+    edges = np.asarray(feature.edges)
+    nudged = np.nextafter(reference, -np.inf)  # the same scores, one ulp lower
+    assert np.array_equal(np.searchsorted(edges, reference, side="right"),
+                          np.searchsorted(edges, nudged, side="right"))
