@@ -17,16 +17,19 @@ from banditgate.config import dump_public
 from gateway.dataplane import Dataplane
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound
 from gateway.models.repository import ModelRepository
+from gateway.guardrail_watch import marker_key
 from router.stats_store import ArmStatsStore
 
 log = logging.getLogger("banditgate.admin")
 
 
 class Admin:
-    def __init__(self, dataplane: Dataplane, repository: ModelRepository, store: ArmStatsStore | None) -> None:
+    def __init__(self, dataplane: Dataplane, repository: ModelRepository, store: ArmStatsStore | None,
+                 redis: Any = None) -> None:
         self.dataplane = dataplane
         self.repository = repository
         self.store = store
+        self.redis = redis
 
     async def handle(self, params: dict[str, str], method: str, body: bytes) -> dict[str, Any]:
         """Dispatch one admin request; raises GatewayError subclasses for the caller's mistakes."""
@@ -89,6 +92,8 @@ class Admin:
                 runtime.policy.restore(arm)
                 if self.store is not None:
                     await self.store.set_arm_state(route, arm, "active")
+                    if self.redis is not None:  # let the guardrail judge the arm again from now on
+                        await self.redis.delete(marker_key(self.store, route, arm))
             elif action == "reset":
                 if self.store is None:
                     raise GatewayError("no arm statistics store is configured")
