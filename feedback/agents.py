@@ -31,7 +31,7 @@ from aiokafka.errors import KafkaError
 from redis.exceptions import RedisError, ResponseError
 
 from banditgate.config import Topics
-from banditgate.events import DEFAULT_MAX_EVENT_BYTES, EventError, decode_outcome, decode_prediction
+from banditgate.events import DEFAULT_MAX_EVENT_BYTES, MAX_ID_CHARS, EventError, decode_outcome, decode_prediction
 from feedback.join import (
     DropOutcome,
     Effect,
@@ -54,18 +54,24 @@ log = logging.getLogger("banditgate.feedback.agents")
 
 T = TypeVar("T")
 
+_loads = orjson.loads
+_JSONDecodeError = orjson.JSONDecodeError
+_LABEL_TYPES = (str, int, float, bool)
+_NUMBERS = ("propensity", "ts_request", "latency_ms")
+_NUMBER_TYPES = (int, float)
+
 
 @dataclass(frozen=True, slots=True)
 class SourceMessage:
-    """One consumed record (what the join needs of a faust event)."""
+    """One consumed record, as the join reads it (aiokafka's ConsumerRecord has the same fields)."""
 
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes
-    timestamp: float
-    """Kafka record time, epoch seconds."""
+    timestamp: int | None
+    """Kafka record time, epoch milliseconds."""
 
 
 class JoinProcessor:
@@ -90,10 +96,61 @@ class JoinProcessor:
         self.lock = asyncio.Lock()
 
     # -- events ------------------------------------------------------------------------------
-    def _decode(self, message: SourceMessage) -> PredictionIn | OutcomeIn:
+    def _decode(self, message: Any) -> PredictionIn | OutcomeIn:
+        """The join's view of a record; raises EventError (reason and one line) when malformed.
+
+        The events come from our own gateway, so the common shape is checked with a few type
+        tests on the decoded object; anything else takes the full validator, which either accepts
+        it or says why not (the dead letter's reason)."""
+        value = message.value
+        if value is None or len(value) > self._max_event_bytes:
+            return self._decode_slow(message)
+        try:
+            obj = _loads(value)
+        except _JSONDecodeError:
+            return self._decode_slow(message)
+        if type(obj) is not dict:
+            return self._decode_slow(message)
+        request_id = obj.get("request_id")
+        if type(request_id) is not str or not 0 < len(request_id) <= MAX_ID_CHARS:
+            return self._decode_slow(message)
+        if message.topic == self._topics.outcomes:
+            reward = obj.get("reward")
+            label = obj.get("label")
+            ts = obj.get("ts")
+            if ((reward is None or type(reward) is float or type(reward) is int)
+                    and (label is None or type(label) in _LABEL_TYPES)
+                    and (reward is not None or label is not None)
+                    and (ts is None or type(ts) is float or type(ts) is int) and "clicks" not in obj):
+                if ts is None:
+                    ts = (message.timestamp or 0) / 1000.0
+                return OutcomeIn(request_id, message.partition,
+                                 Seen(None if reward is None else float(reward), label, float(ts), message.offset))
+            return self._decode_slow(message)
+        route = obj.get("route")
+        arm = obj.get("arm")
+        model = obj.get("model")
+        version = obj.get("model_version")
+        ts_predicted = obj.get("ts_predicted")
+        outputs = obj.get("outputs")
+        if (type(route) is str and type(arm) is str and type(model) is str and type(version) is int
+                and (type(ts_predicted) is float or type(ts_predicted) is int) and type(outputs) is dict
+                and 0 < len(arm) <= MAX_ID_CHARS and 0 < len(model) <= MAX_ID_CHARS
+                and type(policy := obj.get("policy")) is str and 0 < len(policy) <= MAX_ID_CHARS and all(type(obj.get(k)) in _NUMBER_TYPES for k in _NUMBERS)):
+            if route not in self._rules.routes:
+                return self._decode_slow(message)
+            served = Served(arm, model, version, outputs_view(outputs), message.offset,
+                            shadow=message.topic == self._topics.shadow_predictions)
+            return PredictionIn(request_id, message.partition, route, served, float(ts_predicted))
+        return self._decode_slow(message)
+
+    def _decode_slow(self, message: Any) -> PredictionIn | OutcomeIn:
+        """The full validators (banditgate.events): the events' contract, every reason."""
+        if message.value is None:
+            raise EventError("not_json", "event has no value (a tombstone)")
         if message.topic == self._topics.outcomes:
             outcome = decode_outcome(message.value, self._max_event_bytes)
-            ts = outcome.ts if outcome.ts is not None else message.timestamp
+            ts = outcome.ts if outcome.ts is not None else (message.timestamp or 0) / 1000.0
             return OutcomeIn(outcome.request_id, message.partition,
                              Seen(outcome.reward, outcome.label, ts, message.offset))
         prediction = decode_prediction(message.value, self._max_event_bytes)
@@ -105,9 +162,10 @@ class JoinProcessor:
         return PredictionIn(prediction.request_id, message.partition, prediction.route, served,
                             prediction.ts_predicted)
 
-    async def process(self, messages: Sequence[SourceMessage]) -> None:
-        """Join, apply and persist one batch. Returns only when all of it is applied and
-        persisted (retrying Redis and Kafka for as long as it takes); then ack the events."""
+    async def process(self, messages: Sequence[Any]) -> None:
+        """Join, apply and persist one batch of records (:class:`SourceMessage` or aiokafka
+        ConsumerRecords). Returns only when all of it is applied and persisted (retrying Redis and
+        Kafka for as long as it takes); then their offsets may be committed."""
         started = time.perf_counter()
         async with self.lock:
             now = self._clock()
@@ -115,27 +173,37 @@ class JoinProcessor:
             effects: list[Effect] = []
             letters: list[tuple[str, bytes | None, bytes]] = []
             consumed: Counter[str] = Counter()
+            dead: Counter[tuple[str, str]] = Counter()
+            get = self._table.get
+            decode = self._decode
+            outcomes_topic = self._topics.outcomes
+            rules = self._rules
+            extend = effects.extend
             for message in messages:
-                source = self._sources.get(message.topic, message.topic)
-                consumed[source] += 1
+                consumed[message.topic] += 1
                 try:
-                    event = self._decode(message)
+                    event = decode(message)
                 except EventError as exc:
-                    self._metrics.dead_letters.labels(source, exc.reason).inc()
+                    source = self._sources.get(message.topic, message.topic)
+                    dead[(source, exc.reason)] += 1
                     letters.append(self._out.dead_letter(message.key, str(exc), exc.reason, message.topic,
-                                                         message.partition, message.offset, message.value))
+                                                         message.partition, message.offset, message.value or b""))
                     continue
                 request_id = event.request_id
-                entry = changes[request_id][1] if request_id in changes else self._table.get(request_id)
-                if isinstance(event, OutcomeIn):
-                    step = on_outcome(entry, event, now, self._rules)
+                change = changes.get(request_id)
+                entry = change[1] if change is not None else get(request_id)
+                if message.topic == outcomes_topic:
+                    step = on_outcome(entry, event, now, rules)  # type: ignore[arg-type]
                 else:
-                    step = on_prediction(entry, event, self._rules)
+                    step = on_prediction(entry, event, rules)  # type: ignore[arg-type]
                 if step.changed:
                     changes[request_id] = (event.partition, step.entry)
-                effects.extend(step.effects)
-            for source, count in consumed.items():
-                self._metrics.events.labels(source).inc(count)
+                if step.effects:
+                    extend(step.effects)
+            for topic, count in consumed.items():
+                self._metrics.events.labels(self._sources.get(topic, topic)).inc(count)
+            for (source, reason), count in dead.items():
+                self._metrics.dead_letters.labels(source, reason).inc(count)
             await self._finish(changes, effects, letters)
         self._metrics.batch_seconds.observe(time.perf_counter() - started)
         self._metrics.batch_events.observe(len(messages))
@@ -174,8 +242,7 @@ class JoinProcessor:
                     effect.partition, effect.outcome.offset, orjson.dumps(effect.outcome.to_event(effect.request_id))))
         if effects:
             applied = await self._retrying("redis", lambda: self._redis.apply(effects, self._metrics))
-            for count in applied.counts:
-                self._metrics.count(count)
+            self._metrics.count_all(applied.counts)
         if letters:
             await self._retrying("kafka", lambda: self._out.send_all(letters))
         if changes:
@@ -207,10 +274,3 @@ class JoinProcessor:
             if sink == "redis":
                 self._metrics.redis_up.set(1)
             return result
-
-
-def source_message(event: Any) -> SourceMessage:
-    """A faust event's record as a SourceMessage."""
-    message = event.message
-    return SourceMessage(message.topic, message.partition, message.offset, message.key, message.value,
-                         float(message.timestamp or 0.0))

@@ -20,6 +20,7 @@ import logging
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import faust
@@ -28,9 +29,10 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry, start_http_server
 
 from banditgate.config import Config
-from banditgate.connections import kafka_client_kwargs, kafka_ssl_context, redis_client
+from banditgate.connections import check_kafka, check_redis, kafka_client_kwargs, kafka_ssl_context, redis_client
 from banditgate.logs import setup_logging
-from feedback.agents import JoinProcessor, source_message
+from feedback.agents import JoinProcessor
+from feedback.consumer import BatchSource, FeedbackApp
 from feedback.join import JoinRules, RouteRules
 from feedback.metrics import FeedbackMetrics
 from feedback.sinks import (
@@ -46,7 +48,7 @@ from router.stats_store import ArmStatsStore
 
 log = logging.getLogger("banditgate.feedback")
 
-BATCH_EVENTS = 4000
+BATCH_EVENTS = 8000
 """Most events joined and applied per batch (one Redis round trip, one changelog write)."""
 SWEEP_INTERVAL_S = 0.5
 """How often due default rewards and expiries are applied."""
@@ -63,6 +65,29 @@ def quality_refresh_s(config: Config) -> float:
     """How often quality gauges and the promote/reject test are refreshed (60 steps per window,
     between 0.5 and 10 s)."""
     return min(10.0, max(0.5, config.feedback.quality_window_s / 60.0))
+
+
+def data_dir(app_id: str) -> Path:
+    """faust's local folder for this app (it keeps little there: the table store is in memory):
+    ``$XDG_CACHE_HOME/banditgate/feedback/<app_id>`` (default ``~/.cache/...``), never the
+    current directory."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "banditgate" / "feedback" / app_id
+
+
+async def check_connections(config: Config) -> None:
+    """Log in to Kafka and Redis as the worker will, before faust starts. Raises
+    ConnectionCheckError (one line, no secret) for what the configuration must fix: refused
+    credentials, untrusted certificates, missing permissions. An unreachable Redis is only a
+    warning: the worker retries its writes until Redis is back."""
+    await check_kafka(config.kafka)
+    client = redis_client(config.redis)
+    try:
+        problem = await check_redis(client, config.redis)
+    finally:
+        await client.aclose()
+    if problem is not None:
+        log.warning("%s; starting anyway, writes are retried until it answers", problem)
 
 
 def _credentials(config: Config) -> Any:
@@ -86,6 +111,7 @@ class FeedbackRuntime(mode.Service):
         self.app = app
         self.table = table
         self.metrics = metrics
+        self.source: BatchSource = app.batch_source
         self.ready = asyncio.Event()
         self.processor: JoinProcessor | None = None
         self.monitor: QualityMonitor | None = None
@@ -115,6 +141,8 @@ class FeedbackRuntime(mode.Service):
         self.monitor = QualityMonitor(self._redis, keys, config.routes, config.feedback.quality_window_s,
                                       config.feedback.promote_confidence, config.feedback.promote_margin, out,
                                       self.metrics)
+        self.source.on_failure = self.fail
+        self.source.start(self.processor.process)
         self.ready.set()
 
     async def on_stop(self) -> None:
@@ -136,8 +164,11 @@ def build_app(config: Config, registry: CollectorRegistry | None = None) -> tupl
     """The faust app with its topics, table, agent and timers, and the runtime they use."""
     feedback = config.feedback
     topics = config.kafka.topics
-    app = faust.App(
+    datadir = data_dir(feedback.app_id)
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    app = FeedbackApp(
         feedback.app_id,
+        datadir=str(datadir),
         broker=[f"kafka://{server.strip()}" for server in config.kafka.bootstrap_servers.split(",") if server.strip()],
         broker_credentials=_credentials(config),
         broker_client_id=config.kafka.client_id,
@@ -150,52 +181,19 @@ def build_app(config: Config, registry: CollectorRegistry | None = None) -> tupl
         broker_session_timeout=config.kafka.session_timeout_ms / 1000.0,
         broker_heartbeat_interval=min(3.0, config.kafka.session_timeout_ms / 3000.0),
         broker_max_poll_records=BATCH_EVENTS,
-        stream_buffer_maxsize=2 * BATCH_EVENTS,
         producer_acks=-1,
     )
-    source = app.topic(topics.predictions, topics.shadow_predictions, topics.outcomes,
-                       key_serializer="raw", value_serializer="raw")
+    source_topics = frozenset({topics.predictions, topics.shadow_predictions, topics.outcomes})
+    # the consumer group subscribes to the three source topics; their records are not streamed
+    # through faust's per-message path but drained in batches (feedback/consumer.py)
+    app.batch_source = BatchSource(source_topics)
+    app.topics.add(app.topic(*sorted(source_topics), key_serializer="raw", value_serializer="raw"))
     # bytes keys and values: faust then uses the "raw" codec for the changelog (entries are
     # encoded by feedback.join.encode_entry)
     table = app.Table("join", partitions=feedback.partitions, key_type=bytes, value_type=bytes,
                       help="join entries by request_id (see feedback/join.py)")
     metrics = FeedbackMetrics(registry or CollectorRegistry())
     runtime = FeedbackRuntime(config, app, table, metrics)
-    source_topics = {topics.predictions, topics.shadow_predictions, topics.outcomes}
-
-    async def join_agent(stream: Any) -> None:
-        await runtime.ready.wait()
-        processor = runtime.processor
-        assert processor is not None  # noqa: S101 - set before `ready`
-        # Two stages so that faust fills the next batch while this one is applied: the take
-        # loop hands batches over (at most one waiting), the apply task processes them in order
-        # and only then acks their events. A cancelled or failed batch is never acked.
-        batches: asyncio.Queue[list[Any]] = asyncio.Queue(maxsize=1)
-
-        async def apply_batches() -> None:
-            while True:
-                events = await batches.get()
-                try:
-                    await processor.process([source_message(event) for event in events])
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a bug: stop without acking (replayed on restart)
-                    runtime.fail(exc)
-                    return
-                for event in events:
-                    await stream.ack(event)
-
-        applier = asyncio.create_task(apply_batches(), name="feedback-apply")
-        try:
-            async for events in stream.noack_take(BATCH_EVENTS, within=feedback.flush_interval_s):
-                if applier.done():
-                    break
-                await batches.put(list(events))
-            if runtime.fatal is not None:
-                await asyncio.Event().wait()  # stopping: leave everything after the failed batch unacked
-        finally:
-            applier.cancel()
-
     async def sweep() -> None:
         if not runtime.ready.is_set() or app.rebalancing or getattr(app, "in_recovery", False):
             return
@@ -227,16 +225,24 @@ def build_app(config: Config, registry: CollectorRegistry | None = None) -> tupl
         except Exception as exc:  # noqa: BLE001 - quality is best effort: keep the last gauges
             log.warning("quality refresh failed (%s: %s); keeping the last values", type(exc).__name__, exc)
 
-    app.agent(source, name="join")(join_agent)
     app.timer(interval=SWEEP_INTERVAL_S, name="join-sweep")(sweep)
     app.timer(interval=quality_refresh_s(config), name="quality-refresh")(refresh_quality)
     return app, runtime
 
 
 def run_feedback(config: Config, log_level: str | None = None, json_logs: bool | None = None) -> int:
-    """Run the feedback worker until SIGTERM/SIGINT; return the exit code (1 after a fatal error)."""
+    """Run the feedback worker until SIGTERM/SIGINT; return the exit code (1 after a fatal error).
+    Raises ConnectionCheckError (user-facing, one line) when Kafka or Redis refuse the configured
+    credentials or certificates."""
     level = log_level or config.logging.level
     setup_logging(level, config.logging.json_format if json_logs is None else json_logs)
+    # wrong credentials are one line here, not a client's traceback or retry loop (a loop of
+    # its own: faust's worker takes the default loop later)
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(check_connections(config))
+    finally:
+        loop.close()
     registry = CollectorRegistry()
     app, runtime = build_app(config, registry)
     server, _thread = start_http_server(config.feedback.web_port, addr=config.server.host, registry=registry)

@@ -55,6 +55,22 @@ class FeedbackMetrics:
         self.quality = QualityCollector()
         registry.register(self.quality)
 
+    def count_all(self, effects: Iterable[Count]) -> None:
+        """Count effects that the ledger applied, one counter increment per route and kind."""
+        totals: dict[tuple[str, str], int] = {}
+        for effect in effects:
+            key = (effect.route, effect.kind)
+            totals[key] = totals.get(key, 0) + 1
+        for (route, kind), amount in totals.items():
+            if kind == "default":
+                self.defaults.labels(route).inc(amount)
+            elif kind == "unanswered":
+                self.unanswered.labels(route).inc(amount)
+            elif kind == "prediction_duplicate":
+                self.prediction_duplicates.labels(route).inc(amount)
+            else:
+                self.outcomes.labels(route, kind).inc(amount)
+
     def count(self, effect: Count) -> None:
         """A Count effect that the ledger applied (first time for its token)."""
         if effect.kind == "default":

@@ -234,30 +234,46 @@ FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(QualityStats))
 
 def labelled(view: PredictionView, label: Any) -> QualityStats:
     """One prediction scored against its label (empty stats if the pair cannot be scored)."""
+    return QualityStats(**labelled_fields(view, label))
+
+
+def labelled_fields(view: PredictionView, label: Any) -> dict[str, float]:
+    """:func:`labelled` as its non-zero sums by field name (the hot path's form: no objects)."""
     y = binary_label(label)
     predicted = _predicted_label(view, label)
     if predicted is not None:
-        correct = 1.0 if _same(predicted, label) else 0.0
-        stats = {"n": 1.0, "correct": correct}
+        stats = {"n": 1.0}
+        if _same(predicted, label):
+            stats["correct"] = 1.0
         p = binary_label(predicted)
         if y is not None and p is not None:
             stats[("tp" if p else "fn") if y else ("fp" if p else "tn")] = 1.0
-        if y is not None and view.score is not None and 0.0 <= view.score <= 1.0:
-            probability = min(1.0 - _EPS, max(_EPS, view.score))
+        score = view.score
+        if y is not None and score is not None and 0.0 <= score <= 1.0:
+            probability = min(1.0 - _EPS, max(_EPS, score))
             stats["n_prob"] = 1.0
             stats["log_loss_sum"] = -math.log(probability if y else 1.0 - probability)
-            stats["brier_sum"] = (view.score - y) ** 2
-        return QualityStats(**stats)
+            brier = (score - y) ** 2
+            if brier:
+                stats["brier_sum"] = brier
+        return stats
     if view.score is not None and isinstance(label, (int, float)) and not isinstance(label, bool):
         error = view.score - float(label)
         if math.isfinite(error):
-            return QualityStats(n_reg=1.0, abs_err_sum=abs(error), sq_err_sum=error * error)
-    return QualityStats()
+            return {k: v for k, v in (("n_reg", 1.0), ("abs_err_sum", abs(error)), ("sq_err_sum", error * error)) if v}
+    return {}
 
 
 def rewarded(reward: float) -> QualityStats:
     """One reward for the arm that served."""
-    return QualityStats(n_reward=1.0, reward_sum=reward, reward_sq_sum=reward * reward)
+    return QualityStats(**rewarded_fields(reward))
+
+
+def rewarded_fields(reward: float) -> dict[str, float]:
+    """:func:`rewarded` as its non-zero sums by field name."""
+    if not reward:
+        return {"n_reward": 1.0}
+    return {"n_reward": 1.0, "reward_sum": reward, "reward_sq_sum": reward * reward}
 
 
 def loss(view: PredictionView, label: Any) -> tuple[str, float] | None:
@@ -274,17 +290,27 @@ def loss(view: PredictionView, label: Any) -> tuple[str, float] | None:
 def shadow_observation(shadow: PredictionView, primary: PredictionView | None, label: Any) -> QualityStats:
     """A shadow's comparison with the primary on one request: agreement of predicted labels and,
     with a label, the paired losses the sequential test uses (empty without a primary)."""
+    return QualityStats(**shadow_fields(shadow, primary, label))
+
+
+def shadow_fields(shadow: PredictionView, primary: PredictionView | None, label: Any) -> dict[str, float]:
+    """:func:`shadow_observation` as its non-zero sums by field name."""
     if primary is None:
-        return QualityStats()
+        return {}
     stats: dict[str, float] = {}
     if shadow.predicted is not None and primary.predicted is not None:
         stats["n_agree"] = 1.0
-        stats["agree_sum"] = 1.0 if _same(shadow.predicted, primary.predicted) else 0.0
+        if _same(shadow.predicted, primary.predicted):
+            stats["agree_sum"] = 1.0
     if label is not None:
         primary_loss, shadow_loss = loss(primary, label), loss(shadow, label)
         if primary_loss is not None and shadow_loss is not None and primary_loss[0] == shadow_loss[0]:
-            stats.update(n_pair=1.0, pair_primary_loss_sum=primary_loss[1], pair_shadow_loss_sum=shadow_loss[1])
-    return QualityStats(**stats)
+            stats["n_pair"] = 1.0
+            if primary_loss[1]:
+                stats["pair_primary_loss_sum"] = primary_loss[1]
+            if shadow_loss[1]:
+                stats["pair_shadow_loss_sum"] = shadow_loss[1]
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------

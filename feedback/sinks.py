@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,12 +37,12 @@ from banditgate.events import Alert, DeadLetter, dead_letter_payload, encode
 from feedback.join import Count, DropOutcome, Effect, Label, Reward
 from feedback.metrics import FeedbackMetrics
 from feedback.quality import (
+    FIELD_NAMES,
     QualityStats,
-    bucket_index,
     bucket_seconds,
-    labelled,
-    rewarded,
-    shadow_observation,
+    labelled_fields,
+    rewarded_fields,
+    shadow_fields,
     shadow_verdict,
     window_buckets,
 )
@@ -49,7 +50,7 @@ from router.stats_store import ArmStatsStore, ArmUpdate
 
 log = logging.getLogger("banditgate.feedback.sinks")
 
-_CHUNK = 500  # ledger items per script call: keeps each atomic step short on the Redis side
+_CHUNK = 1000  # ledger items per script call: keeps each atomic step short on the Redis side
 
 _LEDGER = """
 local ttl = tonumber(ARGV[1])
@@ -57,9 +58,13 @@ local payload = cjson.decode(ARGV[2])
 local names = payload[1]
 local sums = {}
 local flags = {}
+local expired = {}
 for i, item in ipairs(payload[2]) do
   if redis.call('HSETNX', KEYS[item[1]], item[2], '1') == 1 then
-    redis.call('EXPIRE', KEYS[item[1]], ttl)
+    if not expired[item[1]] then
+      redis.call('EXPIRE', KEYS[item[1]], ttl)
+      expired[item[1]] = true
+    end
     flags[i] = 1
     for g = 3, #item do
       local group = item[g]
@@ -115,19 +120,40 @@ class FeedbackKeys:
         return f"{self.prefix}:{{{route}}}:fb:alerted"
 
 
-Group = tuple[tuple[str, ...], tuple[tuple[str, float], ...]]
-"""(hash keys, ((field, amount), ...)): each amount is added to the field in every one of the keys."""
+class LedgerChunk:
+    """One script call's worth of ledger items for one route, encoded as the script reads them:
+    KEYS (seen hashes and target hashes), field names, and per item ``[seen key, token, group...]``
+    with a group ``[n targets, target..., name, amount, name, amount...]`` (1-based positions)."""
 
+    __slots__ = ("keys", "key_index", "names", "name_index", "rows", "members", "expire")
 
-@dataclass(frozen=True, slots=True)
-class LedgerItem:
-    """Increments applied at most once per (request_id, token); `expire_s` names hashes that
-    expire (time buckets) and their TTL."""
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.key_index: dict[str, int] = {}
+        self.names: list[str] = []
+        self.name_index: dict[str, int] = {}
+        self.rows: list[list[Any]] = []
+        self.members: list[list[Effect]] = []
+        """The effects each item stands for (to count the applied ones)."""
+        self.expire: dict[int, int] = {}
+        """Target key position -> TTL in seconds (time buckets)."""
 
-    request_id: str
-    token: str
-    groups: tuple[Group, ...]
-    expire_s: Mapping[str, int] | None = None
+    def key(self, key: str) -> int:
+        position = self.key_index.get(key)
+        if position is None:
+            self.keys.append(key)
+            position = self.key_index[key] = len(self.keys)
+        return position
+
+    def name(self, name: str) -> int:
+        position = self.name_index.get(name)
+        if position is None:
+            self.names.append(name)
+            position = self.name_index[name] = len(self.names)
+        return position
+
+    def payload(self) -> bytes:
+        return orjson.dumps((self.names, self.rows, sorted(self.expire.items())))
 
 
 class Ledger:
@@ -140,116 +166,114 @@ class Ledger:
         self._dedup_ttl_s = int(dedup_ttl_s)
         self._script = client.register_script(_LEDGER)
 
-    async def apply(self, batches: Mapping[str, Sequence[LedgerItem]]) -> dict[str, list[bool]]:
-        """Apply items per route; return, per route, which items were applied now (False: their
-        token had been applied before). Raises RedisError on failure (then retry the same batch)."""
+    async def apply(self, chunks: Sequence[LedgerChunk]) -> list[list[bool]]:
+        """Apply each chunk's items; return, per chunk, which items were applied now (False:
+        their token had been applied before). Raises RedisError on failure (then retry the same
+        chunks: nothing is applied twice)."""
+        if not chunks:
+            return []
         pipe = self._client.pipeline(transaction=False)
-        plan: list[str] = []
-        for route, items in batches.items():
-            for start in range(0, len(items), _CHUNK):
-                keys, payload = self._encode(route, items[start:start + _CHUNK])
-                await self._script(keys=keys, args=[self._dedup_ttl_s, payload], client=pipe)
-                plan.append(route)
-        if not plan:
-            return {}
+        for chunk in chunks:
+            await self._script(keys=chunk.keys, args=[self._dedup_ttl_s, chunk.payload()], client=pipe)
         replies = await pipe.execute()
-        out: dict[str, list[bool]] = defaultdict(list)
-        for route, flags in zip(plan, replies):
-            out[route].extend(bool(int(f)) for f in flags)
-        return dict(out)
-
-    def _encode(self, route: str, items: Sequence[LedgerItem]) -> tuple[list[str], bytes]:
-        keys: list[str] = []
-        key_index: dict[str, int] = {}
-        names: list[str] = []
-        name_index: dict[str, int] = {}
-        expire: dict[int, int] = {}
-        rows: list[list[Any]] = []
-        seen_key = self._keys.seen
-        for item in items:
-            key = seen_key(route, item.request_id)
-            position = key_index.get(key)
-            if position is None:
-                keys.append(key)
-                position = key_index[key] = len(keys)  # Lua arrays start at 1
-            row: list[Any] = [position, item.token]
-            for targets, increments in item.groups:
-                group: list[Any] = [len(targets)]
-                for target in targets:
-                    position = key_index.get(target)
-                    if position is None:
-                        keys.append(target)
-                        position = key_index[target] = len(keys)
-                    group.append(position)
-                for name, amount in increments:
-                    position = name_index.get(name)
-                    if position is None:
-                        names.append(name)
-                        position = name_index[name] = len(names)
-                    group.append(position)
-                    group.append(amount)
-                row.append(group)
-            for target, ttl in (item.expire_s or {}).items():
-                expire[key_index[target]] = ttl
-            rows.append(row)
-        return keys, orjson.dumps((names, rows, sorted(expire.items())))
+        return [[bool(int(flag)) for flag in flags] for flags in replies]
 
 
 class LedgerPlanner:
-    """Turns join effects into ledger items: which sums each effect adds, and where."""
+    """Turns join effects into ledger items (encoded :class:`LedgerChunk` s): which sums each
+    effect adds, and where. Effects of one request that share a token (a decision's count and
+    its reward) become one item; a repeated effect (same token and kind, e.g. a replay inside
+    one batch) is kept once."""
 
-    def __init__(self, keys: FeedbackKeys, window_s: float) -> None:
+    def __init__(self, keys: FeedbackKeys, window_s: float, chunk_items: int = _CHUNK) -> None:
         self._keys = keys
         self._bucket_s = bucket_seconds(window_s)
         self._bucket_ttl_s = int(window_s + 2 * self._bucket_s) + 1
-        self._names: dict[tuple[str, str, str, int, str], str] = {}
+        self._chunk_items = chunk_items
+        self._names: dict[tuple[str, str, str, int], dict[str, str]] = {}
+        self._route_keys: dict[str, tuple[str, str]] = {}
+        self._bucket_keys: dict[tuple[str, int], str] = {}
 
-    def _quality(self, route: str, ts: float, served: Any, stats: QualityStats,
-                 groups: list[Group], expire: dict[str, int]) -> None:
-        bucket = self._keys.quality_bucket(route, bucket_index(ts, self._bucket_s))
-        expire[bucket] = self._bucket_ttl_s
-        names = self._names
-        role, arm, model, version = served.role, served.arm, served.model, served.model_version
-        increments = []
-        for stat, value in stats.to_fields().items():
-            key = (role, arm, model, version, stat)
-            name = names.get(key)
-            if name is None:
-                name = names[key] = f"{role}|{arm}|{model}|{version}|{stat}"
-            increments.append((name, value))
-        groups.append(((self._keys.quality(route), bucket), tuple(increments)))
+    def _field_names(self, served: Any) -> dict[str, str]:
+        key = (served.role, served.arm, served.model, served.model_version)
+        names = self._names.get(key)
+        if names is None:
+            prefix = "|".join(str(part) for part in key)
+            names = self._names[key] = {stat: f"{prefix}|{stat}" for stat in FIELD_NAMES}
+        return names
 
-    def items(self, effects: Iterable[Effect]) -> dict[str, list[tuple[LedgerItem, list[Effect]]]]:
-        """Ledger items per route, each with the effects it stands for. Effects of one request
-        that share a token (a decision's count and its reward) become one item; a repeated
-        effect (same token and kind, e.g. a replay inside one batch) is kept once."""
-        merged: dict[tuple[str, str, str], tuple[list[Group], dict[str, int], list[Effect]]] = {}
+    def _route_key(self, route: str) -> tuple[str, str]:
+        keys = self._route_keys.get(route)
+        if keys is None:
+            keys = self._route_keys[route] = (self._keys.counts(route), self._keys.quality(route))
+        return keys
+
+    def _quality_group(self, chunk: LedgerChunk, route: str, ts: float, served: Any,
+                       fields: Mapping[str, float]) -> list[Any]:
+        bucket_number = math.floor(ts / self._bucket_s)
+        bucket = self._bucket_keys.get((route, bucket_number))
+        if bucket is None:
+            if len(self._bucket_keys) > 1000:
+                self._bucket_keys.clear()
+            bucket = self._bucket_keys[(route, bucket_number)] = self._keys.quality_bucket(route, bucket_number)
+        bucket_position = chunk.key(bucket)
+        chunk.expire[bucket_position] = self._bucket_ttl_s
+        group: list[Any] = [2, chunk.key(self._route_key(route)[1]), bucket_position]
+        names = self._field_names(served)
+        name = chunk.name
+        for stat, value in fields.items():
+            group.append(name(names[stat]))
+            group.append(value)
+        return group
+
+    def plan(self, effects: Iterable[Effect]) -> list[LedgerChunk]:
+        """The ledger chunks for `effects` (at most `chunk_items` items each, one route each)."""
+        chunks: list[LedgerChunk] = []
+        current: dict[str, LedgerChunk] = {}
+        merged: dict[tuple[str, str, str], tuple[LedgerChunk, list[Any], list[Effect]]] = {}
+        seen_key = self._keys.seen
+        limit = self._chunk_items
         for effect in effects:
-            if isinstance(effect, DropOutcome):
+            cls = effect.__class__
+            if cls is DropOutcome:
                 continue
-            groups, expire, members = merged.setdefault((effect.route, effect.request_id, effect.token),
-                                                        ([], {}, []))
-            if any(type(m) is type(effect) for m in members):
-                continue
-            members.append(effect)
-            if isinstance(effect, Count):
-                increments: tuple[tuple[str, float], ...] = ((effect.kind, 1.0),)
-                if effect.arm is not None:
-                    increments += ((f"{effect.kind}|{effect.arm}", 1.0),)
-                groups.append(((self._keys.counts(effect.route),), increments))
-            elif isinstance(effect, Reward):
-                self._quality(effect.route, effect.ts, effect.served, rewarded(effect.reward), groups, expire)
-            elif isinstance(effect, Label):
-                served = effect.served
-                stats = labelled(served.view, effect.label)
+            route = effect.route  # type: ignore[union-attr]
+            request_id = effect.request_id
+            key = (route, request_id, effect.token)  # type: ignore[union-attr]
+            slot = merged.get(key)
+            if slot is None:
+                chunk = current.get(route)
+                if chunk is None or len(chunk.rows) >= limit:
+                    chunk = current[route] = LedgerChunk()
+                    chunks.append(chunk)
+                row: list[Any] = [chunk.key(seen_key(route, request_id)), key[2]]
+                members: list[Effect] = [effect]
+                chunk.rows.append(row)
+                chunk.members.append(members)
+                merged[key] = (chunk, row, members)
+            else:
+                chunk, row, members = slot
+                if any(m.__class__ is cls for m in members):
+                    continue
+                members.append(effect)
+            if cls is Count:
+                kind, arm = effect.kind, effect.arm  # type: ignore[union-attr]
+                row.append([1, chunk.key(self._route_key(route)[0]), chunk.name(kind), 1.0] if arm is None else
+                           [1, chunk.key(self._route_key(route)[0]), chunk.name(kind), 1.0,
+                            chunk.name(f"{kind}|{arm}"), 1.0])
+            elif cls is Reward:
+                row.append(self._quality_group(chunk, route, effect.ts, effect.served,  # type: ignore[union-attr]
+                                               rewarded_fields(effect.reward)))  # type: ignore[union-attr]
+            elif cls is Label:
+                served = effect.served  # type: ignore[union-attr]
+                fields = labelled_fields(served.view, effect.label)  # type: ignore[union-attr]
                 if served.shadow:
-                    primary = None if effect.primary is None else effect.primary.view
-                    stats = stats + shadow_observation(served.view, primary, effect.label)
-                self._quality(effect.route, effect.ts, served, stats, groups, expire)
-        out: dict[str, list[tuple[LedgerItem, list[Effect]]]] = defaultdict(list)
-        for (route, request_id, token), (groups, expire, members) in merged.items():
-            out[route].append((LedgerItem(request_id, token, tuple(groups), expire or None), members))
-        return dict(out)
+                    primary = effect.primary  # type: ignore[union-attr]
+                    fields.update(shadow_fields(served.view, None if primary is None else primary.view,
+                                                effect.label))  # type: ignore[union-attr]
+                if fields:
+                    row.append(self._quality_group(chunk, route, effect.ts, served, fields))  # type: ignore[union-attr]
+        return chunks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,18 +303,16 @@ class RedisSink:
         again with the same effects is safe (what landed is not applied twice)."""
         updates: dict[str, list[ArmUpdate]] = defaultdict(list)
         for effect in effects:
-            if isinstance(effect, Reward):
-                updates[effect.route].append(ArmUpdate(effect.request_id, effect.served.arm, effect.reward))
-        planned = self._planner.items(effects)
-        batches = {route: [item for item, _ in pairs] for route, pairs in planned.items()}
+            if effect.__class__ is Reward:
+                updates[effect.route].append(ArmUpdate(effect.request_id, effect.served.arm, effect.reward))  # type: ignore[union-attr]
+        chunks = self._planner.plan(effects)
         arm_calls = [self._store.apply(route, batch) for route, batch in updates.items()]
-        results = await asyncio.gather(self._ledger.apply(batches), *arm_calls)
-        flags_by_route: dict[str, list[bool]] = results[0]
+        results = await asyncio.gather(self._ledger.apply(chunks), *arm_calls)
         counts: list[Count] = []
-        for route, pairs in planned.items():
-            for (item, members), applied in zip(pairs, flags_by_route.get(route, [])):
+        for chunk, flags in zip(chunks, results[0]):
+            for members, applied in zip(chunk.members, flags):
                 if applied:
-                    counts.extend(m for m in members if isinstance(m, Count))
+                    counts.extend(m for m in members if m.__class__ is Count)  # type: ignore[misc]
         arm_applied = arm_duplicates = 0
         for route, result in zip(updates, results[1:]):
             arm_applied += result.applied
@@ -436,5 +458,5 @@ def _summary(stats: QualityStats) -> dict[str, float]:
     return {k: round(v, 6) for k, v in stats.metrics().items()}
 
 
-__all__ = ["Applied", "FeedbackKeys", "KafkaOut", "Ledger", "LedgerItem", "LedgerPlanner", "QualityMonitor",
+__all__ = ["Applied", "FeedbackKeys", "KafkaOut", "Ledger", "LedgerChunk", "LedgerPlanner", "QualityMonitor",
            "RedisSink", "parse_quality"]

@@ -29,11 +29,17 @@ log = logging.getLogger("banditgate.feedback.state")
 
 
 class JoinTable:
-    """Entries by request_id over a faust table's store, with batched changelog writes."""
+    """Entries by request_id over a faust table's store, with batched changelog writes.
+
+    The store maps the request_id (bytes) to the entry: bytes as recovered from the changelog,
+    or the decoded :class:`Entry` for what this worker wrote (the changelog gets the bytes).
+    faust's memory store never serializes values itself (only recovery writes to it), so
+    keeping the object saves decoding each entry again on its next event."""
 
     def __init__(self, store: MutableMapping[bytes, bytes], producer: Any, changelog_topic: str,
                  rules: JoinRules, index_resolution_s: float = 1.0) -> None:
         self._store = store
+        self._data: MutableMapping[bytes, Any] = getattr(store, "data", store)  # the memory store's own dict
         self._producer = producer
         self.changelog_topic = changelog_topic
         self._rules = rules
@@ -50,8 +56,12 @@ class JoinTable:
         return frozenset(self._synced)
 
     def get(self, request_id: str) -> Entry | None:
-        raw = self._store.get(request_id.encode())
-        return None if raw is None else decode_entry(request_id, raw)
+        """The entry for a request (entries this worker wrote are kept decoded in the store;
+        those recovered from the changelog are bytes until first read)."""
+        raw = self._data.get(request_id.encode())
+        if raw is None or raw.__class__ is Entry:
+            return raw
+        return decode_entry(request_id, raw)
 
     async def persist(self, changes: Mapping[str, tuple[int, Entry | None]]) -> None:
         """Write changed entries (None: delete) to the changelog, wait for the broker's
@@ -72,15 +82,14 @@ class JoinTable:
             futures.append(await self._producer.send_batch(batch, self.changelog_topic, partition=partition))
         if futures:
             await asyncio.gather(*futures)
-        store = self._store
-        for partition, records in encoded.items():
-            for key, value in records:
-                if value is None:
-                    store.pop(key, None)
-                else:
-                    store[key] = value
+        data = self._data
+        schedule = self.schedule
         for request_id, (partition, entry) in changes.items():
-            self.schedule(partition, request_id, entry)
+            if entry is None:
+                data.pop(request_id.encode(), None)
+            else:
+                data[request_id.encode()] = entry
+            schedule(partition, request_id, entry)
 
     def schedule(self, partition: int, request_id: str, entry: Entry | None) -> None:
         """(Re)schedule the entry's next timer check; forget it if deleted."""
@@ -123,7 +132,7 @@ class JoinTable:
             for raw_key, raw in list(self._store.items()):
                 request_id = raw_key.decode() if isinstance(raw_key, (bytes, bytearray)) else str(raw_key)
                 try:
-                    entry = decode_entry(request_id, raw)
+                    entry = raw if raw.__class__ is Entry else decode_entry(request_id, raw)
                 except ValueError as exc:
                     log.error("dropping an unreadable join entry from the table: %s", exc)
                     continue
