@@ -71,21 +71,32 @@ def _first_number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+_PROBABILITY_OUTPUTS = ("probability", "probabilities", "output_probability")
+
+
 def outputs_view(outputs: Mapping[str, Any]) -> PredictionView:
     """Read score and predicted label from a prediction's ``outputs``.
 
-    The score is ``probability`` when present (a 2-element row is [P(0), P(1)]: P(1) is taken),
-    else the first number of the first other numeric output; the predicted label is ``label``.
+    The score is the positive-class probability: the first of ``probability``, ``probabilities``,
+    ``output_probability`` present (a 2-element row is [P(0), P(1)]: P(1) is taken, as from
+    skl2onnx classifiers exported without zipmap), else the first number of the first other
+    numeric output; the predicted label is ``label``.
     """
     score: float | None = None
-    probability = outputs.get("probability")
-    if isinstance(probability, list) and len(probability) == 2 and not isinstance(probability[0], list):
-        score = _first_number(probability[1])
-    elif probability is not None:
-        score = _first_number(probability)
+    for key in _PROBABILITY_OUTPUTS:
+        probability = outputs.get(key)
+        if probability is None:
+            continue
+        if isinstance(probability, list) and len(probability) == 1 and isinstance(probability[0], list):
+            probability = probability[0]  # a [1, n] row
+        if isinstance(probability, list) and len(probability) == 2 and not isinstance(probability[0], list):
+            score = _first_number(probability[1])
+        else:
+            score = _first_number(probability)
+        break
     if score is None:
         for name, value in outputs.items():
-            if name in ("label", "class", "probability"):
+            if name in ("label", "class", *_PROBABILITY_OUTPUTS):
                 continue
             score = _first_number(value)
             if score is not None:

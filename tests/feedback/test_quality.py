@@ -184,3 +184,11 @@ def test_confidence_sequence_contains_the_mean_and_shrinks(n: float, mean: float
     assert -1.0 <= low <= mean <= high <= 1.0
     low4, high4 = confidence_sequence(4 * n, 4 * n * mean, confidence)
     assert high4 - low4 <= high - low + 1e-12
+
+
+def test_outputs_view_reads_the_positive_class_of_two_column_probabilities() -> None:
+    from feedback.quality import outputs_view
+
+    assert outputs_view({"probabilities": [0.9, 0.1], "label": 0}).score == pytest.approx(0.1)
+    assert outputs_view({"probability": [0.73], "label": 1}).score == pytest.approx(0.73)
+    assert outputs_view({"probabilities": [[0.2, 0.8]], "label": 1}).score == pytest.approx(0.8)
