@@ -182,6 +182,9 @@ class ServerConfig(_Strict):
     max_tensor_elements: int = Field(4_000_000, ge=1)
     max_inputs: int = Field(64, ge=1)
     request_timeout_s: float = Field(10.0, gt=0)
+    max_in_flight_requests: int = Field(256, ge=1)
+    """Inference requests (REST and gRPC together) being served at once; beyond it 429 /
+    RESOURCE_EXHAUSTED with Retry-After, so an overloaded gateway sheds load instead of queueing it."""
     tls_cert_file: Path | None = None
     """Server certificate (chain) for HTTPS and gRPC over TLS; with tls_key_file, TLS is on."""
     tls_key_file: Path | None = None

@@ -40,6 +40,9 @@ from router.thompson import Posterior
 
 log = logging.getLogger("banditgate.gateway")
 
+KAFKA_PROBE_S = 1.0
+"""How often readiness re-checks that the broker answers."""
+
 
 def posterior_interval(posterior: Posterior) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per arm: posterior mean and a 95% interval (mean -/+ 1.96 posterior scale, clipped to the
@@ -88,6 +91,7 @@ class Gateway:
         self.kafka: KafkaLoop | None = None
         self.stopping = asyncio.Event()
         self.ready = False
+        self.kafka_ok = True  # the broker answers (checked every KAFKA_PROBE_S); readiness needs it
         self.publisher: PredictionPublisher | None = None
         self.http: _EmbeddedUvicorn | None = None
         self.grpc: Any = None
@@ -238,7 +242,7 @@ class Gateway:
         publisher = self.publisher
         context = SidecarContext(config=self.config, dataplane=self.dataplane,
                                  publish=lambda topic, events: publisher.publish(topic, events),
-                                 produce_outcomes=self._produce_outcomes, is_ready=lambda: self.ready,
+                                 produce_outcomes=self._produce_outcomes, is_ready=self.is_ready,
                                  admin=Admin(self.dataplane, self.repository, self.store), registry=self.registry)
         server_ssl_context(server)  # unreadable certificate, key or client CA: one line naming the file
         if server.enable_http:
@@ -294,10 +298,37 @@ class Gateway:
                 else:
                     self.metrics.model_load_failures.labels(event.model).inc()
 
+    def is_ready(self) -> bool:
+        """Readiness: started, not stopping, and the broker reachable. Redis being away does not
+        count: routing goes on on the last arm snapshot (and the redis_up gauge says so)."""
+        return self.ready and self.kafka_ok
+
+    async def _watch_kafka(self) -> None:
+        """Probe the broker every KAFKA_PROBE_S; readiness and kafka_up follow, one log line per change."""
+        assert self.kafka is not None  # noqa: S101
+        down_since: float | None = None
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=KAFKA_PROBE_S)
+                return
+            except TimeoutError:
+                pass
+            ok = await self.kafka.broker_reachable()
+            if ok != self.kafka_ok:
+                if ok:
+                    log.info("Kafka answers again after %.1fs; ready", time.monotonic() - (down_since or time.monotonic()))
+                else:
+                    down_since = time.monotonic()
+                    log.warning("Kafka does not answer at %s; not ready until it does (work in flight is "
+                                "held and retried)", self.config.kafka.bootstrap_servers)
+            self.kafka_ok = ok
+            self.metrics.kafka_up.set(1 if ok else 0)
+
     async def run(self) -> int:
         assert self.kafka is not None  # noqa: S101 - start() first
         watcher = asyncio.get_running_loop().create_task(self._watch_models())
         exporter = asyncio.get_running_loop().create_task(self._export_shares())
+        kafka_watch = asyncio.get_running_loop().create_task(self._watch_kafka())
         loop_task = asyncio.get_running_loop().create_task(self.kafka.run(self.stopping))
         stop_wait = asyncio.get_running_loop().create_task(self.stopping.wait())
         done, _ = await asyncio.wait({loop_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -306,6 +337,7 @@ class Gateway:
             self.stopping.set()
         code = await self.shutdown(loop_task, watcher)
         exporter.cancel()
+        kafka_watch.cancel()
         return code
 
     async def shutdown(self, loop_task: asyncio.Task, watcher: asyncio.Task) -> int:

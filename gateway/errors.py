@@ -44,6 +44,13 @@ class Overloaded(GatewayError):
         self.retry_after_s = retry_after_s
 
 
+class TooManyRequests(Overloaded):
+    """More inference requests in flight than `server.max_in_flight_requests`: retry later."""
+
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
 class InferenceFailed(GatewayError):
     """ONNX Runtime raised while running a batch."""
 

@@ -125,11 +125,12 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             parameters = {k: _plain(v) for k, v in request.parameters.items()}
             unit = parameters.get("unit_id")
             topics = self.ctx.config.kafka.topics
-            answer = await asyncio.wait_for(
-                serve_tensors(self.ctx.dataplane, request.model_name, request.model_version or None, feeds,
-                              request_id, str(unit) if unit is not None else None, time.time(), received,
-                              on_shadows=lambda events: self.ctx.publish(topics.shadow_predictions, events)),
-                timeout=server.request_timeout_s)
+            with self.ctx.admitted():
+                answer = await asyncio.wait_for(
+                    serve_tensors(self.ctx.dataplane, request.model_name, request.model_version or None, feeds,
+                                  request_id, str(unit) if unit is not None else None, time.time(), received,
+                                  on_shadows=lambda events: self.ctx.publish(topics.shadow_predictions, events)),
+                    timeout=server.request_timeout_s)
         except TimeoutError:
             self.ctx.record(_label_name(self.ctx, request.model_name), "grpc", error=TimeoutError("timeout"))
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,

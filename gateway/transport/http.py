@@ -7,10 +7,11 @@ Thin: decode (JSON or the binary tensor extension), call the dataplane, encode. 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,13 +26,14 @@ from banditgate import __version__
 from banditgate.config import Config
 from banditgate.events import EventError, outcome_from_obj
 from gateway.dataplane import Dataplane, serve_tensors
-from gateway.errors import Forbidden, GatewayError, InvalidInput, ModelNotFound, Overloaded, Unauthorized
+from gateway.errors import (Forbidden, GatewayError, InvalidInput, ModelNotFound, Overloaded, TooManyRequests,
+                             Unauthorized)
 from gateway.transport.oip_codec import build_rest_response, parse_rest_infer
 from gateway.transport.openapi import OPENAPI
 
 HEADER_LENGTH = "inference-header-content-length"
 # bounded label values for errors that carry no reason of their own
-_ERROR_REASONS = {"Overloaded": "overloaded", "ModelNotFound": "model_unavailable", "InferenceFailed": "inference_failed",
+_ERROR_REASONS = {"Overloaded": "overloaded", "TooManyRequests": "overloaded", "ModelNotFound": "model_unavailable", "InferenceFailed": "inference_failed",
                   "_Timeout": "timeout", "_TooLarge": "oversize", "TimeoutError": "timeout"}
 EXTENSIONS = ["binary_tensor_data", "banditgate_routing", "banditgate_outcomes"]
 
@@ -48,6 +50,22 @@ class SidecarContext:
     admin: Any = None  # gateway.admin.Admin, when arm statistics are wired
     registry: CollectorRegistry = field(default_factory=lambda: REGISTRY)
     metrics: Any = None  # gateway.metrics.GatewayMetrics
+    in_flight: int = 0
+    """Inference requests being served now (REST and gRPC)."""
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """Hold one of `server.max_in_flight_requests` slots while serving; raise TooManyRequests
+        (429 / RESOURCE_EXHAUSTED, Retry-After) when none is free."""
+        limit = self.config.server.max_in_flight_requests
+        if self.in_flight >= limit:
+            raise TooManyRequests(f"{self.in_flight} inference requests in flight (limit {limit}); retry shortly",
+                                  retry_after_s=1.0)
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
 
     def record(self, name: str, transport: str, arm: str | None = None, error: Exception | None = None) -> None:
         """Count one sidecar request in banditgate_requests_total / _request_errors_total."""
@@ -190,11 +208,13 @@ def build_app(ctx: SidecarContext) -> Starlette:
         request_id = parsed.id or uuid.uuid4().hex
         unit = parsed.parameters.get("unit_id")
         try:
-            answer = await asyncio.wait_for(
-                serve_tensors(ctx.dataplane, params["name"], params.get("version"), feeds, request_id,
-                              str(unit) if unit is not None else None, time.time(), received,
-                              on_shadows=lambda events: ctx.publish(ctx.config.kafka.topics.shadow_predictions, events)),
-                timeout=server.request_timeout_s)
+            with ctx.admitted():
+                answer = await asyncio.wait_for(
+                    serve_tensors(ctx.dataplane, params["name"], params.get("version"), feeds, request_id,
+                                  str(unit) if unit is not None else None, time.time(), received,
+                                  on_shadows=lambda events: ctx.publish(ctx.config.kafka.topics.shadow_predictions,
+                                                                        events)),
+                    timeout=server.request_timeout_s)
         except TimeoutError:
             error = _Timeout(f"inference did not finish within {server.request_timeout_s}s")
             ctx.record(_label_name(ctx, params["name"]), "rest", error=error)

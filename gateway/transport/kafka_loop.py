@@ -59,6 +59,7 @@ class KafkaLoop:
         self.partitions: dict[str, int] = {}
         self._in_flight: collections.deque[tuple[asyncio.Task, dict[TopicPartition, int]]] = collections.deque()
         self._commit_lock = asyncio.Lock()
+        self._last_handed_over: asyncio.Event | None = None
         self._last_lag_s = 0.0
         self.processed = 0
 
@@ -102,6 +103,20 @@ class KafkaLoop:
 
     def _listener(self) -> ConsumerRebalanceListener:
         return _Rebalance(self)
+
+    async def broker_reachable(self, timeout_s: float = 2.0) -> bool:
+        """True if the producer holds, or can open within `timeout_s`, a connection to a broker
+        (readiness: without one nothing can be consumed, published or committed)."""
+        if self.producer is None:
+            return False
+        client = self.producer.client
+        for broker in client.cluster.brokers():
+            try:
+                if await asyncio.wait_for(client.ready(broker.nodeId), timeout_s):
+                    return True
+            except (KafkaError, OSError, asyncio.TimeoutError):
+                continue
+        return False
 
     async def stop(self) -> None:
         """Finish in-flight batches, commit, close (the graceful part of shutdown)."""
@@ -216,10 +231,20 @@ class KafkaLoop:
     async def _process(self, fetched: dict[TopicPartition, list]) -> None:
         """At-least-once: serve everything fetched, publish through the shared idempotent producer."""
         assert self.producer is not None  # noqa: S101
-        records = [record for batch in fetched.values() for record in batch]
-        out = OutboundBatches(self.producer, self.partitions)
-        await self._serve_records(records, out)
-        futures = await out.send()
+        # batches are served concurrently but handed to the producer in fetch order, so the
+        # answers of one partition are appended in the order its requests were (the producer
+        # keeps per-partition order from there on)
+        previous, handed_over = self._last_handed_over, asyncio.Event()
+        self._last_handed_over = handed_over
+        try:
+            records = [record for batch in fetched.values() for record in batch]
+            out = OutboundBatches(self.producer, self.partitions)
+            await self._serve_records(records, out)
+            if previous is not None:
+                await previous.wait()
+            futures = await out.send()
+        finally:
+            handed_over.set()
         if futures:
             await asyncio.gather(*futures)
 

@@ -1,0 +1,161 @@
+"""`banditgate bench faults [--quick] --out FILE.json`: the reliability suite.
+
+Each scenario injects one fault — processes killed without warning, a broker restart, Redis
+going away, 2x overload, garbage on the wire, replicas rebalancing, a SIGTERM under load — into
+real `banditgate serve` / `banditgate feedback` processes on a Kafka broker and a Redis that
+this suite starts for itself (free loopback ports, a folder of its own, purged at the end; the
+shared development stack is never touched). Counts come from reading the output topics back
+(predictions `read_committed`) and from Redis, never from the processes' own counters.
+
+Writes `{"quick", "scenarios": {name: {...}}, "targets": {...}, "failed_targets": [...]}` and a
+markdown table next to it (`FILE.md`); exits 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from banditgate.stack import cache_dir
+from loadtests.faults.context import Context
+from loadtests.faults.harness import OwnStack, write_models
+
+ScenarioFn = Callable[[Context], Awaitable[dict[str, Any]]]
+
+
+def _say(message: str) -> None:
+    print(f"bench faults: {message}", file=sys.stderr, flush=True)
+
+
+def scenarios() -> list[tuple[str, ScenarioFn]]:
+    from loadtests.faults import feedback_faults, gateway_faults, malformed, outages, overload
+
+    return [
+        ("malformed", malformed.malformed),
+        ("gateway_kill_alo", lambda ctx: gateway_faults.gateway_kill(ctx, "at_least_once")),
+        ("gateway_kill_eos", lambda ctx: gateway_faults.gateway_kill(ctx, "exactly_once")),
+        ("graceful_shutdown", gateway_faults.graceful_shutdown),
+        ("rebalance", gateway_faults.rebalance),
+        ("feedback_kill", feedback_faults.feedback_kill),
+        ("redis_outage", outages.redis_outage),
+        ("overload", overload.overload),
+        ("broker_restart", outages.broker_restart),
+    ]
+
+
+TARGETS = "lost = 0, double_counted = 0, crashes = 0, client_errors = 0; *_eos duplicates = 0; recovered_s <= 10; " \
+          "overload max_rss_mb <= 1.5 x steady_rss_mb"
+
+
+def missed_targets(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Every target a scenario missed, as `scenario.key=value` (an `error` counts as missed)."""
+    bad = []
+    for name, r in results.items():
+        if "error" in r:
+            bad.append(f"{name}.error={r['error']}")
+        for key in ("lost", "double_counted", "crashes", "client_errors"):
+            if r.get(key, 0) != 0:
+                bad.append(f"{name}.{key}={r[key]}")
+        if name.endswith("_eos") and r.get("duplicates", 1) != 0:
+            bad.append(f"{name}.duplicates={r.get('duplicates')}")
+        if r.get("recovered_s", 0) is None or r.get("recovered_s", 0) > 10:
+            bad.append(f"{name}.recovered_s={r.get('recovered_s')}")
+        if name == "overload" and "max_rss_mb" in r and r["max_rss_mb"] > 1.5 * r["steady_rss_mb"]:
+            bad.append(f"overload.max_rss_mb={r['max_rss_mb']} > 1.5 x {r['steady_rss_mb']}")
+    return bad
+
+
+TABLE_KEYS = ("sent", "answered", "lost", "duplicates", "order_violations", "outcomes", "applied", "double_counted",
+              "client_errors", "recovered_s", "max_rss_mb", "steady_rss_mb", "rejected_http", "drain_s", "bad_sent",
+              "dead_lettered", "good_answered", "crashes", "pause_p99_ms", "exit_s", "seconds")
+
+
+def markdown(results: dict[str, dict[str, Any]], quick: bool) -> str:
+    lines = [f"# banditgate bench faults ({'quick' if quick else 'full'})", "",
+             "| scenario | " + " | ".join(["result"]) + " |", "| --- | --- |"]
+    for name, r in results.items():
+        cells = ", ".join(f"{k} {r[k]}" for k in TABLE_KEYS if k in r)
+        if "error" in r:
+            cells = f"error: {r['error']}"
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+async def _run_all(root: Path, quick: bool, only: set[str] | None) -> dict[str, dict[str, Any]]:
+    stack = OwnStack(root / "stack")
+    work = root / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    started = time.monotonic()
+    _say(f"starting the suite's own Kafka (port {stack.stack.kafka_port}) and Redis (port {stack.stack.redis_port}) "
+         f"in {root}")
+    try:
+        await asyncio.to_thread(stack.up, lambda m: _say(m))
+        ctx = Context(stack=stack, work=work, models=write_models(work / "models"), quick=quick,
+                      run_id=uuid.uuid4().hex[:6], say=_say)
+        chosen = [(n, fn) for n, fn in scenarios() if only is None or n in only]
+        for index, (name, fn) in enumerate(chosen, start=1):
+            _say(f"[{index}/{len(chosen)}] {name} ...")
+            t0 = time.monotonic()
+            try:
+                result = await fn(ctx)
+            except Exception as exc:  # noqa: BLE001 - one scenario's failure is reported, the rest still run
+                traceback.print_exc()
+                result = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"}
+            result["seconds"] = round(time.monotonic() - t0, 1)
+            results[name] = result
+            shown = {k: result[k] for k in TABLE_KEYS if k in result}
+            _say(f"[{index}/{len(chosen)}] {name}: {json.dumps(shown)}")
+    finally:
+        _say("stopping the suite's own Kafka and Redis")
+        await asyncio.to_thread(stack.down)
+    _say(f"all scenarios done in {time.monotonic() - started:.0f}s")
+    return results
+
+
+def run(out: Path, quick: bool = False, only: set[str] | None = None) -> int:
+    """Run every scenario (or those in `only`), write JSON to `out` and markdown beside it."""
+    # the suite's own consumers log every transient error of a broker it restarts on purpose
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    base = cache_dir() / "faults"
+    base.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="run-", dir=base))
+    started = time.monotonic()
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        results = uvloop.run(_run_all(root, quick, only))
+    finally:
+        bad = missed_targets(results) if results else ["no results"]
+        if bad:  # keep the processes' logs and configs for whoever investigates
+            logs = out.parent / f"{out.stem}-logs"
+            shutil.rmtree(logs, ignore_errors=True)
+            shutil.copytree(root / "work", logs, ignore=shutil.ignore_patterns("models"), dirs_exist_ok=True)
+            _say(f"logs of the processes kept in {logs}")
+        shutil.rmtree(root, ignore_errors=True)
+    doc = {"quick": quick, "seconds": round(time.monotonic() - started, 1), "targets": TARGETS,
+           "failed_targets": bad, "scenarios": results}
+    out.write_text(json.dumps(doc, indent=2))
+    out.with_suffix(".md").write_text(markdown(results, quick))
+    print(markdown(results, quick))
+    if bad:
+        print(f"bench faults: targets missed: {'; '.join(bad[:8])}", flush=True)
+        return 1
+    print(f"bench faults: {len(results)} scenarios, every target met ({doc['seconds']:.0f}s)", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # `python -m loadtests.bench_faults OUT [--quick] [scenario ...]` (development)
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    raise SystemExit(run(Path(args[0]), quick="--quick" in sys.argv, only=set(args[1:]) or None))
