@@ -18,6 +18,7 @@ import orjson
 import uvicorn
 import uvloop
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from redis.exceptions import RedisError
 
 from banditgate.config import Config
 from banditgate.logs import setup_logging
@@ -42,6 +43,8 @@ log = logging.getLogger("banditgate.gateway")
 
 KAFKA_PROBE_S = 1.0
 """How often readiness re-checks that the broker answers."""
+CALLS_FLUSH_S = 1.0
+"""How often the arms' served/failed counts go to the store (for the guardrail's error-rate test)."""
 
 
 def posterior_interval(posterior: Posterior) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -324,11 +327,36 @@ class Gateway:
             self.kafka_ok = ok
             self.metrics.kafka_up.set(1 if ok else 0)
 
+    async def _record_calls(self) -> None:
+        """Every CALLS_FLUSH_S add the arms' served and failed rows to the store, one pipeline per
+        route; while Redis is away they wait here for the next try. The guardrail drains an arm whose
+        error rate is significantly the worst (a model that crashes or hangs past its timeout)."""
+        assert self.dataplane is not None and self.store is not None  # noqa: S101
+        pending: dict[str, dict[str, tuple[int, int]]] = {}
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=CALLS_FLUSH_S)
+            except TimeoutError:
+                pass
+            for route, counts in self.dataplane.take_call_counts().items():
+                held = pending.setdefault(route, {})
+                for arm, (calls, errors) in counts.items():
+                    before = held.get(arm, (0, 0))
+                    held[arm] = (before[0] + calls, before[1] + errors)
+            for route in list(pending):
+                try:
+                    await asyncio.wait_for(self.store.record_calls(route, pending[route]), timeout=2.0)
+                except (RedisError, OSError, TimeoutError) as exc:
+                    log.debug("arm call counts not recorded yet (%s); kept for the next try", type(exc).__name__)
+                    break
+                del pending[route]
+
     async def run(self) -> int:
         assert self.kafka is not None  # noqa: S101 - start() first
         watcher = asyncio.get_running_loop().create_task(self._watch_models())
         exporter = asyncio.get_running_loop().create_task(self._export_shares())
         kafka_watch = asyncio.get_running_loop().create_task(self._watch_kafka())
+        call_counts = asyncio.get_running_loop().create_task(self._record_calls())
         loop_task = asyncio.get_running_loop().create_task(self.kafka.run(self.stopping))
         stop_wait = asyncio.get_running_loop().create_task(self.stopping.wait())
         done, _ = await asyncio.wait({loop_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -338,6 +366,7 @@ class Gateway:
         code = await self.shutdown(loop_task, watcher)
         exporter.cancel()
         kafka_watch.cancel()
+        call_counts.cancel()
         return code
 
     async def shutdown(self, loop_task: asyncio.Task, watcher: asyncio.Task) -> int:

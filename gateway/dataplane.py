@@ -72,6 +72,9 @@ class Dataplane:
         self.routes = {r.name: RouteRuntime(r, RoutePolicy.from_route(r, np.random.default_rng(seed_rng.integers(2**63))))
                        for r in config.routes}
         self.batchers: dict[str, ModelBatcher] = {}
+        # (route, arm) -> [rows that reached the arm's model, rows it failed on]: the guardrail's
+        # error-rate test reads these from the store, so a crashing or hanging model gets drained
+        self._calls: dict[tuple[str, str], list[int]] = {}
         repository.on_swap.append(self._swap)
         # called with (model, route, arm, feeds, outputs) for every served batch (drift monitors)
         self.on_served: Callable[[OnnxModel, str, str, dict[str, np.ndarray], dict[str, np.ndarray]], None] | None = None
@@ -90,6 +93,23 @@ class Dataplane:
                                    clock=self.clock, observe=self.on_batch)
             self.batchers[model.key] = batcher
         return batcher
+
+    def count_calls(self, route: str, arm: str, calls: int, errors: int) -> None:
+        """Add `calls` rows served by the arm's model, `errors` of which it failed (not bad input)."""
+        slot = self._calls.get((route, arm))
+        if slot is None:
+            self._calls[(route, arm)] = [calls, errors]
+        else:
+            slot[0] += calls
+            slot[1] += errors
+
+    def take_call_counts(self) -> dict[str, dict[str, tuple[int, int]]]:
+        """The counts since the last call, per route and arm as (calls, errors); resets them."""
+        taken, self._calls = self._calls, {}
+        out: dict[str, dict[str, tuple[int, int]]] = {}
+        for (route, arm), (calls, errors) in taken.items():
+            out.setdefault(route, {})[arm] = (calls, errors)
+        return out
 
     def queued_rows(self) -> int:
         return sum(b.queued_rows for b in self.batchers.values())
@@ -155,6 +175,7 @@ class Dataplane:
             model = self.repository.get(arm.model, arm.version)
         except ModelNotFound as exc:
             if record_errors:
+                self.count_calls(route_name, arm.name, int(rows.size), int(rows.size))
                 for row in rows:
                     answers[row].error = ("model_unavailable", str(exc))
             return arm_position, None, rows, None
@@ -173,10 +194,12 @@ class Dataplane:
             result: RowsResult = await future
         except GatewayError as exc:
             if record_errors:
+                self.count_calls(route_name, arm.name, int(good_rows.size), int(good_rows.size))
                 for row in good_rows:
                     answers[row].error = ("inference_failed", str(exc))
             return arm_position, model, good_rows, None
         if record_errors:
+            self.count_calls(route_name, arm.name, int(good_rows.size), len(result.errors))
             for local, message in result.errors.items():
                 answers[good_rows[local]].error = ("inference_failed",
                                                    f"model {model.key} failed on this row: {message}")
@@ -264,7 +287,15 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
         arm_name, propensity, policy, route_name = None, 1.0, "direct", name
     checked = validate_arrays(model, feeds)
     rows = next(iter(checked.values())).shape[0]
-    result: RowsResult = await dataplane.batcher(model).submit(checked, rows, reject_when_full=True)
+    future = dataplane.batcher(model).submit(checked, rows, reject_when_full=True)
+    try:
+        result: RowsResult = await future
+    except GatewayError:
+        if arm_name is not None:
+            dataplane.count_calls(route_name, arm_name, rows, rows)
+        raise
+    if arm_name is not None:
+        dataplane.count_calls(route_name, arm_name, rows, len(result.errors))
     if result.errors:
         first = min(result.errors)
         raise InferenceFailed(f"model {model.key} failed on row {first}: {result.errors[first]}")

@@ -40,10 +40,11 @@ def _say(message: str) -> None:
 
 
 def scenarios() -> list[tuple[str, ScenarioFn]]:
-    from loadtests.faults import feedback_faults, gateway_faults, malformed, outages, overload
+    from loadtests.faults import feedback_faults, gateway_faults, malformed, outages, overload, poison_model
 
     return [
         ("malformed", malformed.malformed),
+        ("poison_model", poison_model.poison_model),
         ("gateway_kill_alo", lambda ctx: gateway_faults.gateway_kill(ctx, "at_least_once")),
         ("gateway_kill_eos", lambda ctx: gateway_faults.gateway_kill(ctx, "exactly_once")),
         ("graceful_shutdown", gateway_faults.graceful_shutdown),

@@ -32,6 +32,8 @@ SCRUBBED_ENV = ("BANDITGATE_KAFKA", "BANDITGATE_REDIS")
 N_FEATURES = 8
 ROUTE = "fault"
 ARMS = {"a": ("fault-a", 1), "b": ("fault-b", 1)}
+CRASHING_MODEL = ("fault-crash", 1)
+"""A model that fails at run time on every row whose first feature is negative (a poison model)."""
 FEATURE_RANGE = (-50.0, 50.0)
 """Every model's reference range for each feature: a row outside is rejected (`out_of_range`)."""
 REPO = Path(__file__).resolve().parents[2]
@@ -167,10 +169,10 @@ def write_models(root: Path) -> Path:
 
     features = [f"f{i}" for i in range(N_FEATURES)]
     ranges = ", ".join(f"{name}: [{FEATURE_RANGE[0]}, {FEATURE_RANGE[1]}]" for name in features)
-    for seed, (model, version) in enumerate(ARMS.values(), start=1):
+    for seed, (model, version) in enumerate([*ARMS.values(), CRASHING_MODEL], start=1):
         path = root / model / str(version) / "model.onnx"
         if not path.exists():
-            build_mlp(path, n_features=N_FEATURES, seed=seed)
+            build_mlp(path, n_features=N_FEATURES, seed=seed, fail_on_negative_first=(model, version) == CRASHING_MODEL)
         (root / model / "config.yaml").write_text(f"features: [{', '.join(features)}]\nranges: {{{ranges}}}\n")
     return root
 
@@ -182,7 +184,8 @@ def route_config() -> dict[str, Any]:
 
 def gateway_config(*, kafka: str, redis: str, topics: dict[str, str], group: str, redis_prefix: str,
                    models: Path, delivery: str = "at_least_once", http_port: int | None = None,
-                   batching: dict[str, Any] | None = None, server: dict[str, Any] | None = None) -> dict[str, Any]:
+                   batching: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
+                   routes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "kafka": {"bootstrap_servers": kafka, "group_id": group, "topics": topics, "session_timeout_ms": 6000,
                   "max_poll_records": 1024},
@@ -197,7 +200,7 @@ def gateway_config(*, kafka: str, redis: str, topics: dict[str, str], group: str
         "delivery": delivery,
         "shutdown_grace_s": 10,
         "logging": {"level": "info"},
-        "routes": [route_config()],
+        "routes": routes or [route_config()],
     }
 
 

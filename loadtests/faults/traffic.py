@@ -42,6 +42,8 @@ class SteadyLoad:
     n: int
     rate_rps: float
     seed: int = 0
+    route: str = ROUTE
+    negative_first: bool = False  # rows whose first feature is negative (what the poison model fails on)
     sent: int = 0
     failed_sends: int = 0
     order: dict[int, list[str]] = field(default_factory=dict)  # partition -> ids in produce order
@@ -59,6 +61,8 @@ class SteadyLoad:
         try:
             partitions = len(await producer.partitions_for(self.topic))
             rows = good_rows(min(self.n, 2000), self.seed)
+            if self.negative_first:
+                rows = [[-abs(row[0]) - 0.01, *row[1:]] for row in rows]
             pending: list[tuple[asyncio.Future, list[tuple[int, bytes, bytes]]]] = []
             retry: list[tuple[int, bytes, bytes]] = []
             start = time.time() + 0.02
@@ -73,7 +77,7 @@ class SteadyLoad:
                     key = request_id.encode()
                     part = partition_for(key, partitions)
                     self.order.setdefault(part, []).append(request_id)
-                    batch.append((part, key, request_value(request_id, rows[index % len(rows)])))
+                    batch.append((part, key, request_value(request_id, rows[index % len(rows)], self.route)))
                     index += 1
                 if batch:
                     pending.extend(await self._send(producer, self.topic, batch))

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = ("gateway_kill_alo", "gateway_kill_eos", "feedback_kill", "broker_restart", "redis_outage", "overload",
-             "malformed", "rebalance", "graceful_shutdown")
+             "malformed", "rebalance", "graceful_shutdown", "poison_model")
 MUST_BE_ZERO = ("lost", "double_counted", "crashes", "client_errors", "unclean_exits")
 
 
@@ -89,6 +89,15 @@ def test_garbage_is_dead_lettered_and_good_input_answered(quick_run) -> None:  #
     assert result["dead_lettered"] == result["bad_sent"]
     assert result["good_answered"] == result["good_sent"]
     assert result["http_garbage"]["5xx"] == 0 and result["http_garbage"]["no_answer"] == 0
+
+
+def test_a_crashing_model_is_drained_to_the_floor_with_one_alert(quick_run) -> None:  # type: ignore[no-untyped-def]
+    result = quick_run[0]["scenarios"]["poison_model"]
+    assert result["drained"]
+    assert result["guardrail_alerts"] == 1
+    assert result["answered"] + result["failed_on_broken_arm"] == result["sent"]  # every request accounted for
+    # after the drain only the exploration floor's share reaches the broken arm (binomial noise allowed)
+    assert result["broken_share_after_drain"] <= 2 * result["exploration_floor"]
 
 
 def test_sigterm_exits_zero_within_the_grace_period(quick_run) -> None:  # type: ignore[no-untyped-def]
