@@ -5,7 +5,9 @@ The same 32-feature ONNX MLP (loadtests/models.py) served by:
 (b) `banditgate serve` over REST and (c) over gRPC: one route with one arm (policy fixed), asked
     by route name (the router picks the arm) and, to show what the router costs, by the concrete
     model name and version; predictions are published to Kafka in the background as in production;
-(d) Seldon MLServer over REST with a small custom ONNX Runtime runtime (loadtests/mlserver_peer.py).
+(d) Seldon MLServer over REST with a small custom ONNX Runtime runtime (loadtests/mlserver_peer.py),
+    inference in its serving process (parallel_workers=0, its fastest setting here); the ratios are
+    against this one. MLServer's default (parallel_workers=1) is measured too, for reference.
 
 Every system is driven by the same generator (loadtests/http_load.py), run as its own process:
 max sustained throughput from a closed loop with `CONNECTIONS` requests in flight, then p50/p99
@@ -53,7 +55,7 @@ MODEL = "bench-model"
 CONNECTIONS = 32
 FRACTION = 0.5
 SYSTEMS = ("bare_onnxruntime", "banditgate_rest", "banditgate_rest_model", "banditgate_grpc",
-           "banditgate_grpc_model", "mlserver_rest")
+           "banditgate_grpc_model", "mlserver_rest", "mlserver_rest_default_workers")
 
 
 def _free_port() -> int:
@@ -223,12 +225,13 @@ def _run_banditgate(runner: Runner, work: Path, body_file: Path, body: bytes) ->
     return probability
 
 
-def _run_mlserver(runner: Runner, work: Path, body_file: Path, body: bytes, model_path: Path) -> float:
+def _run_mlserver(runner: Runner, work: Path, body_file: Path, body: bytes, model_path: Path, system: str,
+                  parallel_workers: int) -> float:
     executable = ensure_venv(progress)
     http_port, grpc_port = _free_port(), _free_port()
-    folder = write_model_folder(work / "mlserver", ROUTE, model_path, http_port, grpc_port)
-    log_path = work / "mlserver.log"
-    progress(f"mlserver: starting (REST :{http_port}, gRPC :{grpc_port})")
+    folder = write_model_folder(work / system, ROUTE, model_path, http_port, grpc_port, parallel_workers)
+    log_path = work / f"{system}.log"
+    progress(f"mlserver: starting with parallel_workers={parallel_workers} (REST :{http_port}, gRPC :{grpc_port})")
     # MLServer reads settings.json from the folder it serves; its environment is its own venv
     env = {"PATH": f"{executable.parent}{os.pathsep}{os.environ.get('PATH', '')}", "VIRTUAL_ENV": str(executable.parent.parent)}
     process = _spawn([str(executable), "start", str(folder)], log_path, runner.server_cpus, env=env, cwd=folder)
@@ -237,7 +240,7 @@ def _run_mlserver(runner: Runner, work: Path, body_file: Path, body: bytes, mode
                     timeout_s=120)
         probability = _probability(_post(f"http://127.0.0.1:{http_port}/v2/models/{ROUTE}/infer", body))
         runner.settle("mlserver")
-        runner.measure("mlserver_rest", "rest", {"host": "127.0.0.1", "port": http_port, "body_file": str(body_file),
+        runner.measure(system, "rest", {"host": "127.0.0.1", "port": http_port, "body_file": str(body_file),
                                                  "path": f"/v2/models/{ROUTE}/infer", "server_pid": process.pid})
     finally:
         _stop(process)
@@ -256,7 +259,8 @@ def _run(quick: bool) -> dict[str, Any]:
         ensure_venv(progress)  # fail early, before the other measurements, when MLServer cannot be installed
         runner.measure("bare_onnxruntime", "ort", {"model": str(model_path)}, cpus=runner.server_cpus)
         ours = _run_banditgate(runner, work, body_file, body)
-        theirs = _run_mlserver(runner, work, body_file, body, model_path)
+        theirs = _run_mlserver(runner, work, body_file, body, model_path, "mlserver_rest", parallel_workers=0)
+        _run_mlserver(runner, work, body_file, body, model_path, "mlserver_rest_default_workers", parallel_workers=1)
         if abs(ours - theirs) > 1e-5:
             raise BenchError(f"banditgate and MLServer disagree on the same model: probability {ours} vs {theirs}")
     finally:
@@ -304,6 +308,8 @@ def _run(quick: bool) -> dict[str, Any]:
                       "1 inference thread, predictions published to Kafka; *_model entries ask the concrete "
                       "model name and version (no router)",
         "mlserver": SETTINGS_NOTE,
+        "mlserver_rest_default_workers": "the same MLServer with its default parallel_workers=1 (one inference "
+                                         "worker process), for reference; the ratios use mlserver_rest",
         "request_body_bytes": len(body),
     }
     return results
