@@ -27,6 +27,7 @@ from gateway.admin import Admin
 from gateway.dataplane import Dataplane
 from gateway.drift_watch import DriftWatch
 from gateway.errors import ModelError, ModelNotFound
+from gateway.guardrail_watch import GuardrailWatch
 from gateway.metrics import GatewayMetrics
 from gateway.models.repository import ModelRepository
 from gateway.transport.grpc_server import build_server
@@ -246,7 +247,9 @@ class Gateway:
         context = SidecarContext(config=self.config, dataplane=self.dataplane,
                                  publish=lambda topic, events: publisher.publish(topic, events),
                                  produce_outcomes=self._produce_outcomes, is_ready=self.is_ready,
-                                 admin=Admin(self.dataplane, self.repository, self.store), registry=self.registry)
+                                 admin=Admin(self.dataplane, self.repository, self.store, self._redis),
+                                 registry=self.registry,
+                                 metrics=self.metrics)
         server_ssl_context(server)  # unreadable certificate, key or client CA: one line naming the file
         if server.enable_http:
             ssl_kwargs: dict[str, Any] = {}
@@ -355,6 +358,10 @@ class Gateway:
         assert self.kafka is not None  # noqa: S101 - start() first
         watcher = asyncio.get_running_loop().create_task(self._watch_models())
         exporter = asyncio.get_running_loop().create_task(self._export_shares())
+        assert self.store is not None and self.dataplane is not None  # noqa: S101 - start() first
+        guardrail = GuardrailWatch(self.store, self._redis, {n: r.route for n, r in self.dataplane.routes.items()},
+                                   self._publish_alert)
+        guard_task = asyncio.get_running_loop().create_task(guardrail.run(self.stopping))
         kafka_watch = asyncio.get_running_loop().create_task(self._watch_kafka())
         call_counts = asyncio.get_running_loop().create_task(self._record_calls())
         loop_task = asyncio.get_running_loop().create_task(self.kafka.run(self.stopping))
@@ -365,6 +372,7 @@ class Gateway:
             self.stopping.set()
         code = await self.shutdown(loop_task, watcher)
         exporter.cancel()
+        guard_task.cancel()
         kafka_watch.cancel()
         call_counts.cancel()
         return code
