@@ -97,6 +97,9 @@ class KafkaConfig(_Strict):
     """Producer batching delay."""
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     session_timeout_ms: int = Field(10_000, ge=1000)
+    request_timeout_ms: int = Field(30_000, ge=1000)
+    """How long the gateway's producer waits for a broker's answer before a publication fails
+    (the batch is then served again from the committed offsets, by a fresh producer)."""
     transaction_timeout_ms: int = Field(60_000, ge=1000)
 
 

@@ -244,6 +244,8 @@ class Gateway:
         self.publisher = PredictionPublisher(self.kafka.producer, self.kafka.partitions)
         self.publisher.start()
         publisher = self.publisher
+        # a producer replaced after a failed publication is the publisher's from then on too
+        self.kafka.on_new_producer.append(lambda producer: setattr(publisher, "producer", producer))
         context = SidecarContext(config=self.config, dataplane=self.dataplane,
                                  publish=lambda topic, events: publisher.publish(topic, events),
                                  produce_outcomes=self._produce_outcomes, is_ready=self.is_ready,

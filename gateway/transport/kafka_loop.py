@@ -60,6 +60,8 @@ class KafkaLoop:
         self._in_flight: collections.deque[tuple[asyncio.Task, dict[TopicPartition, int]]] = collections.deque()
         self._commit_lock = asyncio.Lock()
         self._last_handed_over: asyncio.Event | None = None
+        self.on_new_producer: list[Callable[[AIOKafkaProducer], None]] = []
+        """Called with the new producer after a restart (the sidecar publisher shares it)."""
         self._last_lag_s = 0.0
         self.processed = 0
 
@@ -84,9 +86,7 @@ class KafkaLoop:
     async def _start_clients(self) -> None:
         kafka = self.config.kafka
         common = kafka_client_kwargs(kafka)
-        self.producer = AIOKafkaProducer(**common, enable_idempotence=True, acks="all", linger_ms=kafka.linger_ms,
-                                         max_batch_size=512 * 1024, max_request_size=kafka.max_request_bytes,
-                                         request_timeout_ms=30_000)
+        self.producer = self._new_producer()
         self.consumer = AIOKafkaConsumer(**common, group_id=kafka.group_id, enable_auto_commit=False,
                                          auto_offset_reset="earliest", isolation_level="read_committed",
                                          fetch_max_wait_ms=kafka.fetch_max_wait_ms,
@@ -100,6 +100,34 @@ class KafkaLoop:
             self.partitions[topic] = len(await self.producer.partitions_for(topic))
         self.consumer.subscribe([self.topics.requests], listener=self._listener())
         await self.consumer.start()
+
+    def _new_producer(self) -> AIOKafkaProducer:
+        kafka = self.config.kafka
+        return AIOKafkaProducer(**kafka_client_kwargs(kafka), enable_idempotence=True, acks="all",
+                                linger_ms=kafka.linger_ms, max_batch_size=512 * 1024,
+                                max_request_size=kafka.max_request_bytes, request_timeout_ms=kafka.request_timeout_ms)
+
+    async def _restart_producer(self) -> None:
+        """Replace the producer after a failed publication. A send that failed (e.g. the broker went
+        away mid-request) can leave the idempotent producer's sequence numbers ahead of what the
+        broker holds; aiokafka has no KIP-360 epoch bump, so every later send then fails with
+        OutOfOrderSequenceNumber. A new producer gets a new producer id and starts its sequences
+        afresh. Raises KafkaError when the broker cannot be reached (the caller tries again later)."""
+        fresh = self._new_producer()
+        try:
+            await fresh.start()
+        except BaseException:
+            await fresh.stop()
+            raise
+        old, self.producer = self.producer, fresh
+        for hook in self.on_new_producer:
+            hook(fresh)
+        if old is not None:
+            try:
+                await asyncio.wait_for(old.stop(), timeout=5.0)
+            except (KafkaError, OSError, TimeoutError) as exc:
+                log.warning("the replaced producer did not close cleanly (%s)", type(exc).__name__)
+        log.info("producer replaced after a failed publication (new producer id)")
 
     def _listener(self) -> ConsumerRebalanceListener:
         return _Rebalance(self)
@@ -196,13 +224,22 @@ class KafkaLoop:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        for tp in self.consumer.assignment():
-            committed = await self.consumer.committed(tp)
-            if committed is None:
-                await self.consumer.seek_to_beginning(tp)
-            else:
-                self.consumer.seek(tp, committed)
-        await asyncio.sleep(0.5)  # let the broker/producer recover before trying again
+        # nothing after the failed batch may be committed before it is served again: keep trying to
+        # seek back (and to get a working producer) for as long as the broker is away
+        while True:
+            try:
+                await self._restart_producer()
+                for tp in self.consumer.assignment():
+                    committed = await self.consumer.committed(tp)
+                    if committed is None:
+                        await self.consumer.seek_to_beginning(tp)
+                    else:
+                        self.consumer.seek(tp, committed)
+                break
+            except (KafkaError, OSError) as exc:
+                log.warning("cannot rewind yet (%s); retrying in 1s", type(exc).__name__)
+                await asyncio.sleep(1.0)
+        await asyncio.sleep(0.5)  # let the broker recover before trying again
 
     async def finish_in_flight(self) -> None:
         """Wait for every in-flight batch and commit what completed."""
@@ -246,7 +283,10 @@ class KafkaLoop:
         finally:
             handed_over.set()
         if futures:
-            await asyncio.gather(*futures)
+            # wait for every delivery (so none is left with an unretrieved exception), then fail
+            for delivered in await asyncio.gather(*futures, return_exceptions=True):
+                if isinstance(delivered, BaseException):
+                    raise delivered
 
     async def _serve_records(self, records: list, out: OutboundBatches) -> None:
         """Decode, serve and add every resulting prediction, shadow prediction and dead-letter to `out`."""

@@ -187,8 +187,10 @@ def gateway_config(*, kafka: str, redis: str, topics: dict[str, str], group: str
                    batching: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
                    routes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
+        # a short producer timeout: a broker outage makes publications fail (and be served again by
+        # a fresh producer) within seconds, so even the quick run's outage exercises that path
         "kafka": {"bootstrap_servers": kafka, "group_id": group, "topics": topics, "session_timeout_ms": 6000,
-                  "max_poll_records": 1024},
+                  "max_poll_records": 1024, "request_timeout_ms": 5000},
         "redis": {"url": redis, "key_prefix": redis_prefix, "snapshot_refresh_ms": 250},
         "models": {"repository": str(models), "poll_interval_s": 0, "warmup_rows": 2,
                    "inference_timeout_s": 5.0},

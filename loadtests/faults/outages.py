@@ -51,6 +51,7 @@ async def broker_restart(ctx: Context) -> dict[str, Any]:
         stopped_at = time.time()
         await asyncio.sleep(down_s)
         ctx.say(f"broker_restart: starting the broker again after {time.time() - stopped_at:.1f}s down")
+        restart_at = time.time()
         await asyncio.to_thread(ctx.stack.start_kafka)
         back_at = time.time()
         sent_before_back = load.sent
@@ -70,12 +71,15 @@ async def broker_restart(ctx: Context) -> dict[str, Any]:
         result = delivery(load.order, scene.predictions.records, scene.dead_keys())
         back_ms = int(back_at * 1000)
         after = [r.ts_ms for r in scene.predictions.records if r.ts_ms >= back_ms]
-        during = _ready_between(readiness, stopped_at + 2.0, back_at)
+        during = _ready_between(readiness, stopped_at + 2.0, restart_at)  # while no broker process ran
         result.update(
             down_s=round(back_at - stopped_at, 1),
             recovered_s=round((min(after) - back_ms) / 1000.0, 2) if after else None,
             dead_lettered=len(scene.dead_keys()), generator_resends=load.failed_sends,
             unready_during_outage=bool(during) and not any(during),
+            # from the gateway's log: how often a publication failed and the producer was replaced
+            publication_failures=gateway.output().count("could not be published"),
+            producer_replacements=gateway.output().count("producer replaced"),
             ready_after=_ready_between(readiness, time.time() - 2.0, time.time())[-1:] == [True],
             drain_s=round(drain_s, 2),
         )
