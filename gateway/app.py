@@ -118,7 +118,7 @@ class Gateway:
         del events
         self.dataplane = Dataplane(self.config, self.repository, self.executor, on_batch=self._on_batch)
         await self._start_snapshots()
-        self.drift = DriftWatch(self.config.drift.arl0, self.executor, self.metrics, self._publish_alert,
+        self.drift = DriftWatch(self.config.drift.arl0, self.metrics, self._publish_alert,
                                 enabled=self.config.drift.enabled)
         self.dataplane.on_served = self.drift.observe
         loop_class = TransactionalKafkaLoop if self.config.delivery == "exactly_once" else KafkaLoop

@@ -2,7 +2,8 @@
 
 For every model version that has a `reference.json` (built by `banditgate profile`), a feature
 monitor and a score monitor (banditgate.drift) are updated with each served batch, off the event
-loop and in order per model. Alarms become `alerts` events (kind `drift`) and gauges. Shipping
+loop (in the default thread pool, never the inference pool) and in order per model. Alarms become
+`alerts` events (kind `drift`) and gauges. Shipping
 the inputs to the feedback worker instead would double the Kafka volume for nothing: the
 statistics are mergeable per replica and each replica sees a sample of the same traffic.
 
@@ -20,7 +21,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,10 +58,9 @@ def score_column(model: OnnxModel, outputs: dict[str, np.ndarray]) -> np.ndarray
 
 
 class DriftWatch:
-    def __init__(self, arl0: float, executor: Executor, metrics: GatewayMetrics,
+    def __init__(self, arl0: float, metrics: GatewayMetrics,
                  publish_alert: Callable[[dict[str, Any]], None], enabled: bool = True) -> None:
         self.arl0 = arl0
-        self.executor = executor
         self.metrics = metrics
         self.publish_alert = publish_alert
         self.enabled = enabled
@@ -78,7 +77,9 @@ class DriftWatch:
         return None
 
     async def _build(self, key: tuple[str, int, int], model: OnnxModel) -> None:
-        watch = await asyncio.get_running_loop().run_in_executor(self.executor, self._load_monitors, model)
+        # the default executor, not the inference pool: calibration takes seconds and must never
+        # hold up inference batches (they would time out behind it)
+        watch = await asyncio.to_thread(self._load_monitors, model)
         if watch is not None:
             self._watches[key] = watch
 
@@ -127,7 +128,7 @@ class DriftWatch:
         try:
             async with watch.lock:  # one update at a time per model: the monitors are sequential
                 loop = asyncio.get_running_loop()
-                alarms = await loop.run_in_executor(self.executor, self._apply, watch, rows, scores)
+                alarms = await loop.run_in_executor(None, self._apply, watch, rows, scores)
         except Exception as exc:  # noqa: BLE001 - drift must never break serving; say so once per batch
             log.error("drift update for %s failed: %s", watch.model.key, exc)
             return
