@@ -81,16 +81,37 @@ def missed_targets(results: dict[str, dict[str, Any]]) -> list[str]:
 TABLE_KEYS = ("sent", "answered", "lost", "duplicates", "order_violations", "outcomes", "applied", "double_counted",
               "client_errors", "recovered_s", "max_rss_mb", "steady_rss_mb", "rejected_http", "drain_s", "bad_sent",
               "dead_lettered", "good_answered", "crashes", "pause_p99_ms", "exit_s", "seconds")
+"""Keys shown in the progress line of each scenario."""
+
+SCENARIO_KEYS = {
+    "gateway_kill_alo": ("sent", "answered", "lost", "duplicates", "order_violations", "kills"),
+    "gateway_kill_eos": ("sent", "answered", "lost", "duplicates", "order_violations", "kills"),
+    "feedback_kill": ("outcomes", "applied", "double_counted", "lost", "exact", "kills", "sigterm_exit_code"),
+    "broker_restart": ("sent", "lost", "duplicates", "recovered_s", "down_s", "unready_during_outage",
+                       "producer_replacements"),
+    "redis_outage": ("sent", "lost", "client_errors", "double_counted", "recovered_s", "all_held_applied_s", "down_s",
+                     "answered_during_outage", "gateway_outage_log_lines"),
+    "overload": ("max_rps", "offered_kafka_rps", "steady_rss_mb", "max_rss_mb", "lost", "rejected_http",
+                 "http_answered", "drain_s"),
+    "malformed": ("bad_sent", "dead_lettered", "good_answered", "lost"),
+    "rebalance": ("sent", "lost", "duplicates", "order_violations", "pause_p99_ms"),
+    "graceful_shutdown": ("sent", "lost", "duplicates", "exit_s", "exit_code", "readiness_status_after_sigterm",
+                          "unready_after_s"),
+    "poison_model": ("sent", "answered", "lost", "failed_on_broken_arm", "drained_after_s", "broken_share_after_drain",
+                     "guardrail_alerts"),
+}
+"""What the markdown table shows per scenario (every key is in the JSON)."""
 
 
 def markdown(results: dict[str, dict[str, Any]], quick: bool) -> str:
-    lines = [f"# banditgate bench faults ({'quick' if quick else 'full'})", "",
-             "| scenario | " + " | ".join(["result"]) + " |", "| --- | --- |"]
+    lines = [f"banditgate bench faults ({'quick' if quick else 'full'} run)", "",
+             "| scenario | results | crashes | seconds |", "| --- | --- | ---: | ---: |"]
     for name, r in results.items():
-        cells = ", ".join(f"{k} {r[k]}" for k in TABLE_KEYS if k in r)
         if "error" in r:
             cells = f"error: {r['error']}"
-        lines.append(f"| {name} | {cells} |")
+        else:
+            cells = ", ".join(f"{k} {r[k]}" for k in SCENARIO_KEYS.get(name, TABLE_KEYS) if k in r)
+        lines.append(f"| `{name}` | {cells} | {r.get('crashes', '-')} | {r.get('seconds', '-')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -66,12 +66,13 @@ async def graceful_shutdown(ctx: Context) -> dict[str, Any]:
         ctx.say(f"graceful_shutdown: SIGTERM {victim.name} after {load.sent} requests sent")
         probe = asyncio.get_running_loop().create_task(_readiness_after_signal(victim))
         code, exit_s = await asyncio.to_thread(victim.terminate, 60.0)
-        unready_s = await probe
+        unready_s, unready_status = await probe
         await sending
         drain_s = await scene.drain(set(load.ids()), timeout_s=ctx.pick(120, 300))
         result = delivery(load.order, scene.predictions.records, scene.dead_keys())
         result.update(dead_lettered=len(scene.dead_keys()), exit_code=code, exit_s=round(exit_s, 2),
-                      unready_after_s=unready_s, grace_s=victim.config["shutdown_grace_s"],
+                      unready_after_s=unready_s, readiness_status_after_sigterm=unready_status,
+                      grace_s=victim.config["shutdown_grace_s"],
                       drain_s=round(drain_s, 2))
     finally:
         await scene.close()
@@ -79,15 +80,16 @@ async def graceful_shutdown(ctx: Context) -> dict[str, Any]:
     return result
 
 
-async def _readiness_after_signal(proc: GatewayProc) -> float | None:
-    """Seconds from now until the readiness probe stops answering 200 (None: it never did before exit)."""
+async def _readiness_after_signal(proc: GatewayProc) -> tuple[float | None, int | None]:
+    """(seconds from now, status) of the first readiness answer that is not 200 (a 503 says the
+    load balancer was told; None: the port closed before any such answer)."""
     started = time.monotonic()
     while proc.alive():
-        status = await http_status(proc.http_port, "/v2/health/ready", timeout_s=0.5)
+        status = await http_status(proc.http_port, "/v2/health/ready", timeout_s=2.0)
         if status != 200:
-            return round(time.monotonic() - started, 3) if status is not None else None
+            return (round(time.monotonic() - started, 3) if status is not None else None), status
         await asyncio.sleep(0.01)
-    return None
+    return None, None
 
 
 async def rebalance(ctx: Context) -> dict[str, Any]:
