@@ -178,7 +178,10 @@ def dead_letter_payload(raw: bytes, limit: int = 65_536) -> str:
 # decoding and validation
 
 
-def _load_object(raw: bytes, kind: str, max_bytes: int) -> dict[str, Any]:
+def load_object(raw: bytes | None, kind: str, max_bytes: int) -> dict[str, Any]:
+    """Parse one event's bytes into a JSON object; raise EventError (oversize, not JSON, not an object)."""
+    if raw is None:
+        raise EventError("not_json", f"{kind} record has no value (a tombstone)")
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise EventError("not_json", f"{kind} event is {type(raw).__name__}, not bytes")
     if len(raw) > max_bytes:
@@ -277,7 +280,7 @@ def request_from_obj(obj: dict[str, Any], routes: Container[str] | None = None) 
 def decode_request(raw: bytes, routes: Container[str] | None = None,
                    max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Request:
     """Decode and validate one request event; raise EventError (only) when it is malformed."""
-    return request_from_obj(_load_object(raw, "request", max_bytes), routes)
+    return request_from_obj(load_object(raw, "request", max_bytes), routes)
 
 
 def outcome_from_obj(obj: dict[str, Any]) -> Outcome:
@@ -308,7 +311,7 @@ def outcome_from_obj(obj: dict[str, Any]) -> Outcome:
 
 def decode_outcome(raw: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Outcome:
     """Decode and validate one outcome event; raise EventError (only) when it is malformed."""
-    return outcome_from_obj(_load_object(raw, "outcome", max_bytes))
+    return outcome_from_obj(load_object(raw, "outcome", max_bytes))
 
 
 _PREDICTION_NUMBERS = ("propensity", "ts_request", "ts_predicted", "latency_ms")
@@ -346,12 +349,12 @@ def prediction_from_obj(obj: dict[str, Any]) -> Prediction:
 
 def decode_prediction(raw: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Prediction:
     """Decode and validate one prediction or shadow-prediction event."""
-    return prediction_from_obj(_load_object(raw, "prediction", max_bytes))
+    return prediction_from_obj(load_object(raw, "prediction", max_bytes))
 
 
 def decode_dead_letter(raw: bytes) -> DeadLetter:
     """Decode a dead-letter event (written by us)."""
-    obj = _load_object(raw, "dead-letter", DEFAULT_MAX_EVENT_BYTES * 8)
+    obj = load_object(raw, "dead-letter", DEFAULT_MAX_EVENT_BYTES * 8)
     try:
         return DeadLetter(error=str(obj["error"]), topic=str(obj["topic"]), partition=int(obj["partition"]),
                           offset=int(obj["offset"]), payload=str(obj["payload"]),
@@ -362,7 +365,7 @@ def decode_dead_letter(raw: bytes) -> DeadLetter:
 
 def decode_alert(raw: bytes) -> Alert:
     """Decode an alert event."""
-    obj = _load_object(raw, "alert", DEFAULT_MAX_EVENT_BYTES)
+    obj = load_object(raw, "alert", DEFAULT_MAX_EVENT_BYTES)
     kind = obj.get("kind")
     if kind not in ALERT_KINDS:
         raise EventError("wrong_type", f"alert 'kind' must be one of {sorted(ALERT_KINDS)}, got {kind!r}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from banditgate.events import EventError, dead_letter_payload, request_fields
+from banditgate.events import EventError, dead_letter_payload, load_object, request_fields
 from gateway.dataplane import Pending
 
 
@@ -42,18 +42,8 @@ def decode_records(records: Iterable[Any], routes: Container[str], max_bytes: in
         out.count += 1
         raw = record.value
         try:
-            if raw is None:
-                raise EventError("not_json", "request record has no value (a tombstone)")
-            if len(raw) > max_bytes:
-                raise EventError("oversize", f"request event is {len(raw)} bytes, over the limit of {max_bytes}")
-            try:
-                obj = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                reason = "not_finite" if "infinity" in str(exc).lower() else "not_json"
-                raise EventError(reason, f"request event is not valid JSON: {exc}") from None
-            if not isinstance(obj, dict):
-                raise EventError("not_object", f"request event is a JSON {type(obj).__name__}, not an object")
-            request_id, route, inputs, unit_id, ts, items = request_fields(obj, routes)
+            request_id, route, inputs, unit_id, ts, items = request_fields(load_object(raw, "request", max_bytes),
+                                                                           routes)
         except EventError as exc:
             out.dead.append((record, exc.reason, str(exc)))
             continue
