@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
 
     serving("serve", "the gateway: Kafka loop + HTTP + gRPC + /metrics", cmd_serve)
-    serving("feedback", "the feedback worker: joins outcomes to predictions, updates arms, quality, drift",
+    serving("feedback", "the feedback worker: joins outcomes to predictions, updates arms and quality",
             cmd_feedback)
 
     demo = sub.add_parser("demo", help="the whole closed loop on the local stack with real models; ends with a report")
