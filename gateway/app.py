@@ -121,6 +121,8 @@ class Gateway:
         self.drift = DriftWatch(self.config.drift.arl0, self.metrics, self._publish_alert,
                                 enabled=self.config.drift.enabled)
         self.dataplane.on_served = self.drift.observe
+        for model in self.repository.loaded():
+            self.drift.prepare(model)  # calibrate in the background from the start
         loop_class = TransactionalKafkaLoop if self.config.delivery == "exactly_once" else KafkaLoop
         self.kafka = loop_class(self.config, self.dataplane, self.metrics)
         await self.kafka.start()

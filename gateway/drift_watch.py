@@ -76,12 +76,21 @@ class DriftWatch:
         asyncio.get_running_loop().create_task(self._build(key, model))
         return None
 
+    def prepare(self, model: OnnxModel) -> None:
+        """Start building a loaded model's monitors now, before its first batch."""
+        if self.enabled:
+            self._watch_for(model)
+
     async def _build(self, key: tuple[str, int, int], model: OnnxModel) -> None:
         # the default executor, not the inference pool: calibration takes seconds and must never
         # hold up inference batches (they would time out behind it)
         watch = await asyncio.to_thread(self._load_monitors, model)
         if watch is not None:
             self._watches[key] = watch
+            self._export(watch)  # the series exist (statistic 0, threshold) from the moment it watches
+            for monitor in (watch.features, watch.score):
+                for name in (monitor.feature_names if monitor is not None else ()):
+                    self.metrics.drift_alarms.labels(model.name, str(model.version), name)
 
     def _load_monitors(self, model: OnnxModel) -> _Watch | None:
         """Load reference.json and calibrate the monitors (blocking: runs in a worker thread)."""
