@@ -45,6 +45,7 @@ from feedback.join import (
     on_outcome,
     on_prediction,
 )
+from feedback.pairs import impression_from_outputs
 from feedback.quality import outputs_view
 from feedback.metrics import FeedbackMetrics
 from feedback.sinks import KafkaOut, RedisSink
@@ -140,7 +141,8 @@ class JoinProcessor:
             if route not in self._rules.routes:
                 return self._decode_slow(message)
             served = Served(arm, model, version, outputs_view(outputs), message.offset,
-                            shadow=message.topic == self._topics.shadow_predictions)
+                            shadow=message.topic == self._topics.shadow_predictions,
+                            impression=impression_from_outputs(outputs) if policy == "interleave" else None)
             return PredictionIn(request_id, message.partition, route, served, float(ts_predicted))
         return self._decode_slow(message)
 
@@ -152,13 +154,15 @@ class JoinProcessor:
             outcome = decode_outcome(message.value, self._max_event_bytes)
             ts = outcome.ts if outcome.ts is not None else (message.timestamp or 0) / 1000.0
             return OutcomeIn(outcome.request_id, message.partition,
-                             Seen(outcome.reward, outcome.label, ts, message.offset))
+                             Seen(outcome.reward, outcome.label, ts, message.offset, outcome.clicks))
         prediction = decode_prediction(message.value, self._max_event_bytes)
         if prediction.route not in self._rules.routes:
             raise EventError("unknown_route", f"prediction {prediction.request_id!r} names route {prediction.route!r}, "
                                               "which is not in this worker's configuration")
         served = Served(prediction.arm, prediction.model, prediction.model_version, outputs_view(prediction.outputs),
-                        message.offset, shadow=message.topic == self._topics.shadow_predictions)
+                        message.offset, shadow=message.topic == self._topics.shadow_predictions,
+                        impression=impression_from_outputs(prediction.outputs)
+                        if prediction.policy == "interleave" else None)
         return PredictionIn(prediction.request_id, message.partition, prediction.route, served,
                             prediction.ts_predicted)
 

@@ -33,6 +33,7 @@ from banditgate.connections import check_kafka, check_redis, kafka_client_kwargs
 from banditgate.logs import setup_logging
 from feedback.agents import JoinProcessor
 from feedback.consumer import BatchSource, FeedbackApp
+from feedback.interleave_monitor import InterleaveMonitor
 from feedback.join import JoinRules, RouteRules
 from feedback.metrics import FeedbackMetrics
 from feedback.sinks import (
@@ -115,6 +116,7 @@ class FeedbackRuntime(mode.Service):
         self.ready = asyncio.Event()
         self.processor: JoinProcessor | None = None
         self.monitor: QualityMonitor | None = None
+        self.interleave: InterleaveMonitor | None = None
         self.fatal: BaseException | None = None
         self.metrics_port: int | None = None
         self.announced = False
@@ -141,6 +143,8 @@ class FeedbackRuntime(mode.Service):
         self.monitor = QualityMonitor(self._redis, keys, config.routes, config.feedback.quality_window_s,
                                       config.feedback.promote_confidence, config.feedback.promote_margin, out,
                                       self.metrics)
+        self.interleave = InterleaveMonitor(self._redis, keys, config.routes, config.feedback.promote_confidence, out,
+                                            self.metrics)
         self.source.on_failure = self.fail
         self.source.start(self.processor.process)
         self.ready.set()
@@ -225,8 +229,21 @@ def build_app(config: Config, registry: CollectorRegistry | None = None) -> tupl
         except Exception as exc:  # noqa: BLE001 - quality is best effort: keep the last gauges
             log.warning("quality refresh failed (%s: %s); keeping the last values", type(exc).__name__, exc)
 
+    async def refresh_interleave() -> None:
+        monitor = runtime.interleave
+        if monitor is None:
+            return
+        try:
+            await monitor.refresh()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - like quality: keep the last gauges, try again next time
+            log.warning("interleave refresh failed (%s: %s); keeping the last values", type(exc).__name__, exc)
+
     app.timer(interval=SWEEP_INTERVAL_S, name="join-sweep")(sweep)
     app.timer(interval=quality_refresh_s(config), name="quality-refresh")(refresh_quality)
+    if any(route.policy == "interleave" for route in config.routes):
+        app.timer(interval=quality_refresh_s(config), name="interleave-refresh")(refresh_interleave)
     return app, runtime
 
 

@@ -13,6 +13,9 @@ feedback worker keeps entries in a faust table (changelog-backed) and applies th
 * an outcome after the default is ``late``: its label still scores quality, its reward does not
   count (the request already counted once);
 * a second outcome is a ``duplicate`` and changes nothing;
+* interleave routes: when the outcome joins, its ``clicks`` on the prediction's shown list
+  (``Served.impression``) become one :class:`~feedback.pairs.Pairs` effect: a win, loss or tie
+  for every pair of rankers (token ``pairs``, so it counts once per request);
 * an entry expires ``ttl_s`` after its anchor (the prediction's ``ts_predicted``, or the early
   outcome's ``ts``): an outcome that never met its prediction is an ``orphan`` (counted and
   dead-lettered); a prediction that never got an outcome is ``unanswered``. An outcome that
@@ -35,6 +38,7 @@ from typing import Any, Literal
 
 import orjson
 
+from feedback.pairs import Impression, Pairs, pairs_effect
 from feedback.quality import PredictionView
 from feedback.reward import RewardError, RewardKind, checked_reward
 
@@ -96,6 +100,8 @@ class Served:
     offset: int
     """Source offset of the (shadow-)prediction event: identifies a replay."""
     shadow: bool = False
+    impression: Impression | None = None
+    """The interleaved list shown (interleave routes): clicks are credited against it."""
 
     @property
     def role(self) -> str:
@@ -111,6 +117,8 @@ class Seen:
     ts: float
     """Event time: the outcome's ``ts``, or the Kafka timestamp when it has none."""
     offset: int
+    clicks: tuple[str, ...] | None = None
+    """Clicked item ids in click order (interleave routes)."""
 
     def to_event(self, request_id: str) -> dict[str, Any]:
         """The outcome as an event object (for a dead letter's payload)."""
@@ -119,6 +127,8 @@ class Seen:
             out["reward"] = self.reward
         if self.label is not None:
             out["label"] = self.label
+        if self.clicks is not None:
+            out["clicks"] = list(self.clicks)
         return out
 
 
@@ -230,7 +240,7 @@ class DropOutcome:
     error: str
 
 
-Effect = Count | Reward | Label | DropOutcome
+Effect = Count | Reward | Label | DropOutcome | Pairs
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +289,8 @@ def _settle(entry: Entry, rules: JoinRules) -> tuple[Entry, list[Effect]]:
         effects.append(Count(route, entry.request_id, "joined", "decision", primary.arm))
         if reward is not None:
             effects.append(Reward(route, entry.request_id, primary, reward, False, outcome.ts))
+        if outcome.clicks is not None and primary.impression is not None:
+            effects.append(pairs_effect(route, entry.request_id, primary.impression, outcome.clicks, outcome.ts))
     if outcome.label is not None:
         scored = set(entry.scored)
         for served in (primary, *entry.shadows):
@@ -400,14 +412,28 @@ _STATES: tuple[RewardState, ...] = ("open", "joined", "defaulted")
 
 def _served_row(served: Served) -> list[Any]:
     view = served.view
-    return [served.arm, served.model, served.model_version, view.score, view.predicted, view.predicted_name,
-            served.offset]
+    row = [served.arm, served.model, served.model_version, view.score, view.predicted, view.predicted_name,
+           served.offset]
+    if served.impression is not None:
+        row.append(served.impression.to_row())
+    return row
 
 
 def _served(row: list[Any], shadow: bool) -> Served:
     return Served(arm=row[0], model=row[1], model_version=row[2],
                   view=PredictionView(score=row[3], predicted=row[4], predicted_name=row[5]),
-                  offset=row[6], shadow=shadow)
+                  offset=row[6], shadow=shadow, impression=Impression.from_row(row[7]) if len(row) > 7 else None)
+
+
+def _seen_row(outcome: Seen) -> list[Any]:
+    row = [outcome.reward, outcome.label, outcome.ts, outcome.offset]
+    if outcome.clicks is not None:
+        row.append(list(outcome.clicks))
+    return row
+
+
+def _seen(row: list[Any]) -> Seen:
+    return Seen(row[0], row[1], row[2], row[3], tuple(row[4]) if len(row) > 4 else None)
 
 
 def encode_entry(entry: Entry) -> bytes:
@@ -417,7 +443,7 @@ def encode_entry(entry: Entry) -> bytes:
         entry.partition, entry.route,
         None if entry.primary is None else _served_row(entry.primary), entry.ts_predicted,
         [_served_row(s) for s in entry.shadows],
-        None if outcome is None else [outcome.reward, outcome.label, outcome.ts, outcome.offset],
+        None if outcome is None else _seen_row(outcome),
         _STATES.index(entry.reward_state), sorted(entry.scored), entry.anchor_ts, list(entry.early_duplicates),
     ])
 
@@ -430,7 +456,7 @@ def decode_entry(request_id: str, raw: bytes) -> Entry:
         return Entry(request_id=request_id, partition=partition, route=route,
                      primary=None if primary is None else _served(primary, False), ts_predicted=ts_predicted,
                      shadows=tuple(_served(s, True) for s in shadows),
-                     outcome=None if outcome is None else Seen(*outcome),
+                     outcome=None if outcome is None else _seen(outcome),
                      reward_state=_STATES[state], scored=frozenset(scored), anchor_ts=anchor_ts,
                      early_duplicates=tuple(early))
     except (orjson.JSONDecodeError, TypeError, ValueError, IndexError) as exc:

@@ -54,6 +54,8 @@ class FeedbackMetrics:
         self.redis_up = Gauge("banditgate_feedback_redis_up", "1 while Redis writes succeed", registry=registry)
         self.quality = QualityCollector()
         registry.register(self.quality)
+        self.interleave = InterleaveCollector()
+        registry.register(self.interleave)
 
     def count_all(self, effects: Iterable[Count]) -> None:
         """Count effects that the ledger applied, one counter increment per route and kind."""
@@ -126,3 +128,44 @@ class QualityCollector:
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return [GaugeMetricFamily(name, text, labels=_LABELS) for name, text in _QUALITY_GAUGES.values()]
+
+
+_PAIR_GAUGES = {
+    "wins": ("banditgate_interleave_pair_wins",
+             "Impressions where arm_a's team got more clicks than arm_b's (all time, every worker)"),
+    "losses": ("banditgate_interleave_pair_losses", "Impressions where arm_a's team got fewer clicks than arm_b's"),
+    "ties": ("banditgate_interleave_pair_ties", "Impressions where both teams got as many clicks (none included)"),
+    "log_evidence": ("banditgate_interleave_pair_log_evidence",
+                     "ln M of the always-valid preference test, arm_a against arm_b (mixture SPRT)"),
+    "threshold": ("banditgate_interleave_pair_evidence_threshold",
+                  "ln M at which the pair is decided: ln(pairs / (1 - promote_confidence))"),
+}
+_PAIR_LABELS = ["route", "arm_a", "arm_b"]
+_VERDICT = ("banditgate_interleave_verdict", "Interleaving verdict per ranker: 1 promote, -1 reject, 0 undecided")
+
+
+class InterleaveCollector:
+    """Prometheus collector serving the latest interleaving snapshot (pair counts and the test)."""
+
+    def __init__(self) -> None:
+        self._pairs: list[tuple[tuple[str, str, str], Mapping[str, float]]] = []
+        self._verdicts: list[tuple[tuple[str, str], float]] = []
+
+    def update(self, pairs: list[tuple[tuple[str, str, str], Mapping[str, float]]],
+               verdicts: list[tuple[tuple[str, str], float]]) -> None:
+        """`pairs`: ((route, arm_a, arm_b), values by key of _PAIR_GAUGES); `verdicts`: ((route, arm), value)."""
+        self._pairs, self._verdicts = pairs, verdicts
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        families = {key: GaugeMetricFamily(name, text, labels=_PAIR_LABELS) for key, (name, text) in _PAIR_GAUGES.items()}
+        for labels, values in self._pairs:
+            for key, value in values.items():
+                families[key].add_metric(list(labels), float(value))
+        verdict = GaugeMetricFamily(*_VERDICT, labels=["route", "arm"])
+        for labels, value in self._verdicts:
+            verdict.add_metric(list(labels), float(value))
+        return [*families.values(), verdict]
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return [*(GaugeMetricFamily(name, text, labels=_PAIR_LABELS) for name, text in _PAIR_GAUGES.values()),
+                GaugeMetricFamily(*_VERDICT, labels=["route", "arm"])]

@@ -17,6 +17,9 @@ Redis keys for route R with prefix P (hash tag ``{R}``: one Cluster slot per rou
 ``P:{R}:fb:quality:<bucket>`` the same per time bucket (sliding windows), expiring after the window
 ``P:{R}:fb:seen:<request_id>`` tokens applied for that request (TTL ``redis.dedup_ttl_s``)
 ``P:{R}:fb:alerted``          promote/reject alerts already sent
+``P:{R}:fb:pairs``            interleave routes: ``a|b|win`` / ``loss`` / ``tie`` per pair of rankers
+                              (a < b), ``<arm>|clicks``, ``impressions``, ``clicks_unshown``
+                              (token ``pairs``: one impression counts once; feedback/pairs.py)
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from banditgate.config import Route
 from banditgate.events import Alert, DeadLetter, dead_letter_payload, encode
 from feedback.join import Count, DropOutcome, Effect, Label, Reward
 from feedback.metrics import FeedbackMetrics
+from feedback.pairs import Pairs
 from feedback.quality import (
     FIELD_NAMES,
     QualityStats,
@@ -118,6 +122,10 @@ class FeedbackKeys:
 
     def alerted(self, route: str) -> str:
         return f"{self.prefix}:{{{route}}}:fb:alerted"
+
+    def pairs(self, route: str) -> str:
+        """Interleave routes: win/loss/tie per pair of rankers (see feedback/pairs.py)."""
+        return f"{self.prefix}:{{{route}}}:fb:pairs"
 
 
 class LedgerChunk:
@@ -273,6 +281,12 @@ class LedgerPlanner:
                                                 effect.label))  # type: ignore[union-attr]
                 if fields:
                     row.append(self._quality_group(chunk, route, effect.ts, served, fields))  # type: ignore[union-attr]
+            elif cls is Pairs:
+                group: list[Any] = [1, chunk.key(self._keys.pairs(route))]
+                for name, amount in effect.fields.items():  # type: ignore[union-attr]
+                    group.append(chunk.name(name))
+                    group.append(amount)
+                row.append(group)
         return chunks
 
 
