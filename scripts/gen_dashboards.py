@@ -201,6 +201,19 @@ def overview() -> Board:
     return board
 
 
+def pair(metric: str) -> str:
+    """An interleaving pair gauge for the selected routes, pairs with either ranker among the selected arms."""
+    return (f'max by (route, arm_a, arm_b) ({metric}{{{ROUTE}, arm_a=~"$arm"}} '
+            f'or {metric}{{{ROUTE}, arm_b=~"$arm"}})')
+
+
+PAIR_LEGEND = "{{route}} {{arm_a}} vs {{arm_b}}"
+VERDICT = {"mappings": [{"type": "value", "options": {"1": {"text": "promote", "color": "green"},
+                                                        "0": {"text": "undecided", "color": "text"},
+                                                        "-1": {"text": "reject", "color": "red"}}}],
+           "min": -1, "max": 1}
+
+
 def routing() -> Board:
     board = Board("banditgate-routing", "banditgate / Routing & bandit",
                   "What the policy does per arm: shares, posteriors, drains, rewards, shadow traffic.", VARIABLES)
@@ -249,6 +262,22 @@ def routing() -> Board:
     board.panel("timeseries", "Shadow predictions / s", "Requests mirrored to shadow arms.",
                 [target(f"sum by (route, arm) (rate(banditgate_shadow_predictions_total{{{ROUTE_ARM}}}[{RATE}]))",
                         "{{route}}/{{arm}}")], unit="ops")
+    board.row("Interleaving (interleave routes)")
+    board.panel("timeseries", "Pairwise wins, losses, ties", "Impressions per pair of rankers, all time: arm_a's "
+                "team got more clicks (win), fewer (loss) or as many (tie, no click included).",
+                [target(pair("banditgate_interleave_pair_wins"), f"{PAIR_LEGEND} wins"),
+                 target(pair("banditgate_interleave_pair_losses"), f"{PAIR_LEGEND} losses"),
+                 target(pair("banditgate_interleave_pair_ties"), f"{PAIR_LEGEND} ties")], unit="short", width=8)
+    board.panel("timeseries", "Preference evidence ln M vs. threshold", "The always-valid test's statistic per pair "
+                "(mixture SPRT on wins vs. losses); the pair is decided when it reaches the threshold, "
+                "ln(pairs / (1 - confidence)).",
+                [target(pair("banditgate_interleave_pair_log_evidence"), f"ln M {PAIR_LEGEND}"),
+                 target(pair("banditgate_interleave_pair_evidence_threshold"), f"threshold {PAIR_LEGEND}")],
+                unit="none", width=8)
+    board.panel("stat", "Interleaving verdict", "Per ranker: promote (preferred to every other ranker), reject "
+                "(some ranker is preferred to it) or undecided; sent once as an alert.",
+                [target(f"max by (route, arm) (banditgate_interleave_verdict{{{ROUTE_ARM}}})", "{{route}}/{{arm}}")],
+                unit="none", width=8, defaults=VERDICT)
     return board
 
 

@@ -59,7 +59,10 @@ def stack_config(stack: Any, topics: Any, repository: Path, redis_prefix: str, u
         "routes": [{"name": "churn", "policy": "thompson", "exploration_floor": 0.1, "reward_wait_s": 8,
                     "default_reward": 0,
                     "arms": [{"name": "a", "model": "m-a", "version": 1}, {"name": "b", "model": "m-b", "version": 1}],
-                    "shadows": [{"name": "c", "model": "m-c", "version": 1}]}],
+                    "shadows": [{"name": "c", "model": "m-c", "version": 1}]},
+                   # the interleaving panels: the worker serves every configured pair from the start
+                   {"name": "search", "policy": "interleave", "k": 5,
+                    "arms": [{"name": "x", "model": "m-b", "version": 1}, {"name": "y", "model": "m-c", "version": 1}]}],
     }
 
 
