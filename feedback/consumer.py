@@ -26,6 +26,7 @@ Offsets and rebalances:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from time import monotonic
@@ -57,6 +58,29 @@ class BatchSource:
         self.ready.set()
 
 
+class BatchGc:
+    """Garbage collection paced by batches (see the module docstring). Not reentrant: one
+    batch at a time, as the drain loop runs them."""
+
+    def __init__(self, full_interval_s: float = 60.0, clock: Callable[[], float] = monotonic) -> None:
+        self._full_interval_s = full_interval_s
+        self._clock = clock
+        self._last_full = clock()
+
+    def before(self) -> None:
+        gc.disable()
+
+    def after(self) -> None:
+        gc.enable()
+        if self._clock() - self._last_full >= self._full_interval_s:
+            gc.unfreeze()
+            gc.collect()
+            self._last_full = self._clock()
+        else:
+            gc.collect(1)
+        gc.freeze()
+
+
 class BatchConsumer(faust_aiokafka.Consumer):
     """faust's aiokafka consumer, with the batch topics drained in batches (see the module docstring)."""
 
@@ -65,6 +89,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         self._done: dict[TP, int] = {}
         self._batch_idle = asyncio.Event()
         self._batch_idle.set()
+        self._gc = BatchGc()
 
     @property
     def _source(self) -> BatchSource:
@@ -142,16 +167,20 @@ class BatchConsumer(faust_aiokafka.Consumer):
                         continue
                 handler = cast(BatchHandler, source.handler)
                 self._batch_idle.clear()
+                self._gc.before()
                 try:
                     await handler(batch)
                 except asyncio.CancelledError:
+                    self._gc.after()
                     self._batch_idle.set()
                     raise
                 except Exception as exc:  # noqa: BLE001 - a bug: nothing of this batch is marked done
+                    self._gc.after()
                     self._batch_idle.set()
                     source.failed = exc
                     source.on_failure(exc)
                     await asyncio.Event().wait()  # stopping; everything from this batch on stays uncommitted
+                self._gc.after()
                 self._batch_idle.set()
                 now = monotonic()
                 for tp, end in ends.items():
