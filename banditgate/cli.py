@@ -9,6 +9,7 @@ non-zero exit.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
@@ -109,6 +110,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return run_export(config, route=args.route, since=args.since, until=args.until, out=args.out)
 
 
+def cmd_rollout(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    from feedback.rollout_cli import run_rollout
+
+    return run_rollout(config, args.action, args.route, who=args.who, reason=args.reason, version=args.version,
+                       as_json=args.json)
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     try:
         from banditgate.drift.profile_cli import build_profile
@@ -170,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--until", default=None, help="up to this time (default: now)")
     export.add_argument("--out", default=None, help="folder or s3:// path (default: the route's retrain.export_path)")
     export.set_defaults(func=cmd_export)
+
+    rollout = sub.add_parser("rollout", help="a route's progressive rollout: status, promote, rollback, pause, "
+                                             "resume, start")
+    rollout.add_argument("action", choices=["status", "promote", "rollback", "pause", "resume", "start"])
+    rollout.add_argument("route")
+    rollout.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    rollout.add_argument("--who", default=os.environ.get("USER", "cli"), help="operator named in the audit event")
+    rollout.add_argument("--reason", default="", help="why (in the audit event)")
+    rollout.add_argument("--version", type=int, default=None, help="start: the model version to roll out")
+    rollout.add_argument("--json", action="store_true", help="print one JSON object")
+    rollout.set_defaults(func=cmd_rollout)
 
     profile = sub.add_parser("profile", help="build a model version's drift reference profile from training data")
     profile.add_argument("--model", required=True)

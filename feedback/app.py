@@ -244,6 +244,9 @@ def build_app(config: Config, registry: CollectorRegistry | None = None) -> tupl
     app.timer(interval=quality_refresh_s(config), name="quality-refresh")(refresh_quality)
     if any(route.policy == "interleave" for route in config.routes):
         app.timer(interval=quality_refresh_s(config), name="interleave-refresh")(refresh_interleave)
+    from feedback.lifecycle import install as install_lifecycle
+
+    install_lifecycle(app, runtime, config)  # rollout steps and retraining triggers (docs/lifecycle.md)
     return app, runtime
 
 

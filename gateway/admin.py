@@ -25,14 +25,19 @@ log = logging.getLogger("banditgate.admin")
 
 class Admin:
     def __init__(self, dataplane: Dataplane, repository: ModelRepository, store: ArmStatsStore | None,
-                 redis: Any = None) -> None:
+                 redis: Any = None, rollouts: Any = None) -> None:
         self.dataplane = dataplane
         self.repository = repository
         self.store = store
         self.redis = redis
+        self.rollouts = rollouts  # gateway.rollout_apply.RolloutApplier
 
     async def handle(self, params: dict[str, str], method: str, body: bytes) -> dict[str, Any]:
         """Dispatch one admin request; raises GatewayError subclasses for the caller's mistakes."""
+        if "rollout_action" in params:
+            from gateway.admin_rollout import rollout_admin
+
+            return await rollout_admin(self, params["route"], params["rollout_action"], method, body)
         if "arm" in params:
             return await self.arm_action(params["route"], params["arm"], params["action"])
         if "route" in params:

@@ -30,6 +30,7 @@ from gateway.errors import ModelError, ModelNotFound
 from gateway.guardrail_watch import GuardrailWatch
 from gateway.metrics import GatewayMetrics
 from gateway.models.repository import ModelRepository
+from gateway.rollout_apply import RolloutApplier
 from gateway.transport.grpc_server import build_server
 from gateway.transport.http import SidecarContext, build_app
 from gateway.transport.http_limits import bounded_httptools_protocol
@@ -37,6 +38,7 @@ from gateway.transport.kafka_batches import OutboundBatches
 from gateway.transport.kafka_loop import KafkaLoop
 from gateway.transport.kafka_transactions import TransactionalKafkaLoop
 from gateway.transport.publisher import PredictionPublisher
+from router.rollout_store import RolloutStore
 from router.stats_store import ArmStatsStore, SnapshotRefresher
 from router.thompson import Posterior
 
@@ -107,9 +109,12 @@ class Gateway:
         self._redis: Any = None
         self.metrics_port: int | None = None
         self._exported: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self.rollouts: RolloutApplier | None = None
 
     def _on_batch(self, model, rows: int, queue_s: float, inference_s: float) -> None:  # type: ignore[no-untyped-def]
         self.metrics.observe_batch(model.name, model.version, rows, queue_s, inference_s)
+        if self.rollouts is not None:
+            self.rollouts.observe_batch(model, rows, queue_s, inference_s)
 
     async def start(self) -> None:
         events = await asyncio.to_thread(self.repository.load_all)
@@ -118,6 +123,10 @@ class Gateway:
         del events
         self.dataplane = Dataplane(self.config, self.repository, self.executor, on_batch=self._on_batch)
         await self._start_snapshots()
+        # rollouts' lineups (candidates, canaries, drains) are in place before the first request
+        self.rollouts = RolloutApplier(self.config, self.dataplane, self.repository,
+                                       RolloutStore(self._redis, prefix=self.config.redis.key_prefix))
+        await self.rollouts.refresh_once()
         self.drift = DriftWatch(self.config.drift.arl0, self.metrics, self._publish_alert,
                                 enabled=self.config.drift.enabled)
         self.dataplane.on_served = self.drift.observe
@@ -251,7 +260,8 @@ class Gateway:
         context = SidecarContext(config=self.config, dataplane=self.dataplane,
                                  publish=lambda topic, events: publisher.publish(topic, events),
                                  produce_outcomes=self._produce_outcomes, is_ready=self.is_ready,
-                                 admin=Admin(self.dataplane, self.repository, self.store, self._redis),
+                                 admin=Admin(self.dataplane, self.repository, self.store, self._redis,
+                                             rollouts=self.rollouts),
                                  registry=self.registry,
                                  metrics=self.metrics)
         server_ssl_context(server)  # unreadable certificate, key or client CA: one line naming the file
@@ -368,6 +378,8 @@ class Gateway:
         guard_task = asyncio.get_running_loop().create_task(guardrail.run(self.stopping))
         kafka_watch = asyncio.get_running_loop().create_task(self._watch_kafka())
         call_counts = asyncio.get_running_loop().create_task(self._record_calls())
+        assert self.rollouts is not None  # noqa: S101 - start() first
+        rollout_task = asyncio.get_running_loop().create_task(self.rollouts.run(self.stopping))
         loop_task = asyncio.get_running_loop().create_task(self.kafka.run(self.stopping))
         stop_wait = asyncio.get_running_loop().create_task(self.stopping.wait())
         done, _ = await asyncio.wait({loop_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -379,6 +391,7 @@ class Gateway:
         guard_task.cancel()
         kafka_watch.cancel()
         call_counts.cancel()
+        rollout_task.cancel()
         return code
 
     async def shutdown(self, loop_task: asyncio.Task, watcher: asyncio.Task) -> int:

@@ -25,8 +25,11 @@ import numpy as np
 _MINIMUM_PREFERENCE = 1e-12
 
 
-def constrain_shares(preferred: np.ndarray, floor: float, caps: np.ndarray, drained: np.ndarray) -> np.ndarray:
+def constrain_shares(preferred: np.ndarray, floor: float | np.ndarray, caps: np.ndarray, drained: np.ndarray
+                     ) -> np.ndarray:
     """Shares per arm (last axis; any leading axes), summing to 1.
+
+    `floor` is one value for every arm or one per arm (a canary's guaranteed share).
 
     `preferred` is the policy's unconstrained split (non-negative), `caps` the per-arm ceilings
     (1 for none), `drained` a boolean mask. Drained arms get exactly `floor`; active arms get
@@ -40,12 +43,13 @@ def constrain_shares(preferred: np.ndarray, floor: float, caps: np.ndarray, drai
     arms = preferred.shape[-1]
     caps = np.broadcast_to(np.asarray(caps, dtype=np.float64), preferred.shape)
     drained = np.broadcast_to(np.asarray(drained, dtype=bool), preferred.shape)
-    if floor < 0 or floor * arms > 1 + 1e-12:
-        raise ValueError(f"floor {floor} times {arms} arms must be within [0, 1]")
-    if np.any(caps < floor - 1e-12):
+    floors = np.broadcast_to(np.asarray(floor, dtype=np.float64), preferred.shape)
+    if np.any(floors < 0) or np.any(floors.sum(axis=-1) > 1 + 1e-12):
+        raise ValueError(f"floors {np.unique(floors).tolist()} over {arms} arms must add up to at most 1")
+    if np.any(caps < floors - 1e-12):
         raise ValueError("every cap must be at least the floor")
-    low = np.full(preferred.shape, float(floor))
-    high = np.where(drained, floor, caps)
+    low = np.array(floors)
+    high = np.where(drained, floors, caps)
     preferred = np.where(preferred > _MINIMUM_PREFERENCE, preferred, 0.0)
     total = preferred.sum(axis=-1, keepdims=True)
     preferred = np.where(total > 0, preferred / np.where(total > 0, total, 1.0), 1.0 / arms)
@@ -80,7 +84,7 @@ def constrain_shares(preferred: np.ndarray, floor: float, caps: np.ndarray, drai
     return np.where(untouched, preferred, shares)
 
 
-def drain_is_feasible(floor: float, caps: np.ndarray, drained: np.ndarray) -> bool:
+def drain_is_feasible(floor: float | np.ndarray, caps: np.ndarray, drained: np.ndarray) -> bool:
     """Whether the active arms' caps plus the drained arms' floors can carry all traffic."""
     caps = np.asarray(caps, dtype=np.float64)
     drained = np.asarray(drained, dtype=bool)

@@ -105,6 +105,9 @@ class RoutePolicy:
         self._rng = rng if rng is not None else np.random.default_rng()
         self._beta_prior = beta_prior
         self._gaussian_prior = gaussian_prior
+        self._floors = np.full(count, self.exploration_floor)
+        self._held: frozenset[str] = frozenset()  # drained whatever the store says (a rollout's replaced arm)
+        self._stats_by_name: dict[str, ArmStats] = {}
         self._state = self._build(tuple(ArmStats() for _ in self.arm_names), np.zeros(count, dtype=bool))
 
     @classmethod
@@ -133,7 +136,8 @@ class RoutePolicy:
             preferred = probability_best(posterior)
         else:
             preferred = self._weights / self._weights.sum()
-        shares = constrain_shares(preferred, self.exploration_floor, self._caps, drained)
+        drained = drained | np.array([name in self._held for name in self.arm_names], dtype=bool)
+        shares = constrain_shares(preferred, self._floors, self._caps, drained)
         cumulative = np.cumsum(shares)
         return _State(preferred=preferred, shares=shares, drained=drained.copy(),
                       plan=thinning_plan(preferred, shares), cumulative=cumulative / cumulative[-1],
@@ -148,6 +152,53 @@ class RoutePolicy:
         stats = tuple(snapshot.arm(name).stats for name in self.arm_names)
         drained = np.array([snapshot.arm(name).state == "drained" for name in self.arm_names])
         self._state = self._build(stats, drained)
+        self._stats_by_name = {name: snapshot.arm(name).stats for name in snapshot.arms}
+
+    def reconfigure(self, arm_names: Sequence[str], caps: Sequence[float], weights: Sequence[float],
+                    floors: Sequence[float] | None = None, shadow_names: Sequence[str] | None = None,
+                    held_drained: Sequence[str] = ()) -> None:
+        """Change the arm set at run time (a rollout adds a shadow, a capped canary, a full arm, or
+        removes an arm): per-arm caps and weights, per-arm floors (at least the route's exploration
+        floor), the shadows, and arms held drained whatever the store says. Arms keep their last
+        snapshot's statistics by name; new ones start on the prior until the next snapshot.
+
+        The swap is synchronous (no await), so a batch is decided wholly before or after it.
+        Raises ValueError for inconsistent lengths, floors adding up to more than 1, or caps that
+        cannot carry all traffic; the policy is unchanged then.
+        """
+        names = tuple(arm_names)
+        count = len(names)
+        if count == 0:
+            raise ValueError(f"route {self.route_name!r} needs at least one arm")
+        cap_array = np.asarray(caps, dtype=np.float64)
+        weight_array = np.asarray(weights, dtype=np.float64)
+        floor_array = np.maximum(self.exploration_floor,
+                                 np.zeros(count) if floors is None else np.asarray(floors, dtype=np.float64))
+        if cap_array.shape != (count,) or weight_array.shape != (count,) or floor_array.shape != (count,) \
+                or weight_array.sum() <= 0:
+            raise ValueError("caps, weights and floors need one value per arm and weights a positive sum")
+        held = frozenset(held_drained) & frozenset(names)
+        if not drain_is_feasible(floor_array, cap_array, np.array([n in held for n in names], dtype=bool)):
+            raise ValueError(f"route {self.route_name!r}: the arms' caps cannot carry all traffic")
+        old_names, old_state = self.arm_names, self._state
+        known = dict(self._stats_by_name)
+        known.update(zip(old_names, old_state.stats))
+        store_drained = {name for name, flag in zip(old_names, old_state.drained) if flag and name not in self._held}
+        stats = tuple(known.get(name, ArmStats()) for name in names)
+        drained = np.array([name in store_drained for name in names], dtype=bool)
+        previous = (self.arm_names, self._caps, self._weights, self._floors, self._held, self._arm_hashes,
+                    self.shadow_names)
+        self.arm_names, self._caps, self._weights, self._floors, self._held = \
+            names, cap_array, weight_array, floor_array, held
+        self._arm_hashes = arm_hashes(names)
+        if shadow_names is not None:
+            self.shadow_names = tuple(shadow_names)
+        try:
+            self._state = self._build(stats, drained)
+        except ValueError:
+            (self.arm_names, self._caps, self._weights, self._floors, self._held, self._arm_hashes,
+             self.shadow_names) = previous
+            raise
 
     def drain(self, arm: str) -> None:
         """Give `arm` exactly the exploration floor from now on (0 if the floor is 0).
@@ -158,7 +209,7 @@ class RoutePolicy:
         index = self._index(arm)
         drained = self._state.drained.copy()
         drained[index] = True
-        if drained.all() or not drain_is_feasible(self.exploration_floor, self._caps, drained):
+        if drained.all() or not drain_is_feasible(self._floors, self._caps, drained):
             raise RoutingError(f"route {self.route_name!r}: draining arm {arm!r} would leave no arm able to take the traffic")
         self._state = self._build(self._state.stats, drained)
 

@@ -184,6 +184,38 @@ class ModelRepository:
         log.error("%s%s", error, suffix)
         return LoadEvent(model, version, False, error)
 
+    def ensure(self, model: str, version: int) -> OnnxModel:
+        """Load `version` of `model` now if it is not loaded, and keep it current from then on
+        (a rollout's candidate). Blocking: run in a thread. Raises ModelError / ModelNotFound
+        when it cannot be loaded (the versions in service are untouched)."""
+        with self._lock:
+            if (model, version) not in self.wanted:
+                self.wanted = sorted({*self.wanted, (model, version)}, key=str)
+        found = self._loaded.get((model, version))
+        if found is not None:
+            return found
+        for event in self._load_if_changed(model, version):
+            if not event.ok:
+                raise ModelError(event.error or f"model {model!r} version {version} could not be loaded")
+        return self.get(model, version)
+
+    def release(self, model: str, version: int) -> bool:
+        """Stop serving and forget `version` of `model` (a rolled-back candidate, a replaced
+        version after its grace period). Returns whether it was loaded."""
+        with self._lock:
+            self.wanted = [w for w in self.wanted if w != (model, version)]
+            removed = self._loaded.pop((model, version), None)
+            self._failed.pop((model, version), None)
+            if self._latest.get(model) == version:
+                remaining = [v for (m, v) in self._loaded if m == model]
+                if remaining:
+                    self._latest[model] = max(remaining)
+                else:
+                    self._latest.pop(model, None)
+        if removed is not None:
+            log.info("model %s version %s unloaded", model, version)
+        return removed is not None
+
     # -- lookup ----------------------------------------------------------------------------------
 
     def get(self, model: str, spec: VersionSpec) -> OnnxModel:

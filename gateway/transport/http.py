@@ -298,6 +298,8 @@ def build_app(ctx: SidecarContext) -> Starlette:
         Route("/v2/admin/{action}", guarded(admin_dispatch, admin=True), methods=["GET", "POST"]),
         Route("/v2/admin/routes/{route}", guarded(admin_dispatch, admin=True), methods=["GET"]),
         Route("/v2/admin/routes/{route}/arms/{arm}/{action}", guarded(admin_dispatch, admin=True), methods=["POST"]),
+        Route("/v2/admin/routes/{route}/rollout/{rollout_action}", guarded(admin_dispatch, admin=True),
+              methods=["GET", "POST"]),
     ]
 
     async def not_found(_: Request, exc: Exception) -> Response:

@@ -1,0 +1,338 @@
+"""The feedback worker drives the model lifecycle: rollout transitions and retraining triggers.
+
+Every second (a faust timer, on every worker; the store makes each effect happen once):
+
+* **rollouts** - for each route with ``rollout:`` and an active rollout, gather the evidence
+  (:func:`gather_evidence`), call :func:`router.rollout.step`, and write the transition with a
+  compare-and-set on the state's seq; the audit event (routing-changes topic) and the
+  promote/reject/rollback alert are queued in the same atomic step and published from the
+  route's outbox. The evidence and what is awaited are stored for ``rollout status``.
+* **retraining** - for each route with ``retrain:``, count the joined outcomes since the last
+  look (the ledger's ``joined`` counter, all workers together), evaluate the triggers
+  (:mod:`feedback.triggers`), and on a fire claim it by compare-and-set (``rev``), export the
+  window's joined rows as Parquet (when ``export_path`` is set), then queue the ``retrain`` alert
+  with the manifest's path. A fire whose export did not finish (worker killed) stays pending in
+  the stored state and is finished by the next worker that sees it.
+
+Alerts go to the alerts topic through the worker's KafkaOut, keyed by route (the same path as
+the quality alerts, so a per-route webhook fed from that path sees them too).
+
+Evidence, from what the stack already records:
+
+=================  ============================================================================
+shadow verdict     the shadow's paired label losses in the feedback ledger (``fb:quality``),
+                   judged by feedback.quality.shadow_verdict at the rollout's shadow confidence
+                   and margin
+canary rewards     the candidate arm's statistics in the arm store (it has rewards only since
+                   it serves); the replaced arm's statistics minus those stored when the canary
+                   stage began (so: the same period; exact without discounting)
+calls / errors     the gateways' per-arm call counters in the arm store
+p99 latency        the gateways' latency histogram of the candidate's model for the current
+                   stage (router.rollout_store); batch queue wait + inference time per row
+guardrail          the candidate arm drained in the arm store (by the guardrail, or an operator)
+=================  ============================================================================
+
+Quality- and drift-alarm triggers (``retrain.quality`` / ``retrain.drift``) are not evaluated
+here yet: the worker does not see those alarms (they are raised by the gateway's drift watch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import orjson
+
+from banditgate.config import Config, Route
+from feedback.quality import shadow_verdict
+from feedback.sinks import FeedbackKeys, KafkaOut, parse_quality
+from feedback.triggers import TriggerDecision, TriggerState, evaluate, retrain_alert
+from router.arm_stats import ArmStats
+from router.lineup import RolloutRecord, primaries_after, serving_version
+from router.rollout import Evidence, status, step
+from router.rollout_store import RolloutStore, latency_quantile
+from router.stats_store import ArmStatsStore
+
+log = logging.getLogger("banditgate.lifecycle")
+
+TICK_S = 1.0
+EXPORT_LEASE_MS = 600_000
+
+
+def stats_since(total: ArmStats, start: ArmStats | None) -> ArmStats:
+    """The outcomes added to `total` after `start` was taken (Welford/Chan in reverse).
+
+    Exact for undiscounted statistics; with discounting it is an approximation (the older part
+    has decayed since). Returns `total` when `start` is None or empty.
+    """
+    if start is None or start.weight <= 0:
+        return total
+    weight = total.weight - start.weight
+    if weight <= 1e-9:
+        return ArmStats()
+    mean = (total.weight * total.mean - start.weight * start.mean) / weight
+    m2 = total.m2 - start.m2 - start.weight * weight / total.weight * (start.mean - mean) ** 2
+    return ArmStats(weight=weight, mean=mean, m2=max(m2, 0.0))
+
+
+class LifecycleDriver:
+    """Rollout steps and retraining triggers for every configured route (see the module docstring)."""
+
+    def __init__(self, config: Config, redis: Any, out: KafkaOut, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.redis = redis
+        self.out = out
+        self.clock = clock
+        prefix = config.redis.key_prefix
+        self.keys = FeedbackKeys(prefix)
+        self.rollouts = RolloutStore(redis, prefix=prefix)
+        self.arms = ArmStatsStore(redis, prefix=prefix, dedup_ttl_s=config.redis.dedup_ttl_s,
+                                  half_lives={route.name: route.half_life for route in config.routes})
+        self.rollout_routes = [r for r in config.routes if r.rollout is not None and r.rollout.enabled]
+        self.retrain_routes = [r for r in config.routes if r.retrain is not None]
+        self._exports: dict[str, asyncio.Task[None]] = {}
+
+    # -- publishing ------------------------------------------------------------------------------
+
+    async def _send(self, items: list[dict[str, Any]]) -> None:
+        topics = self.config.kafka.topics
+        messages = []
+        for item in items:
+            topic = topics.alerts if item.get("topic") == "alerts" else topics.routing_changes
+            value = item.get("value", {})
+            messages.append((topic, str(value.get("route", "")).encode(), orjson.dumps(value)))
+        await self.out.send_all(messages)
+
+    async def publish_pending(self) -> int:
+        """Publish every route's queued audit events and alerts; returns how many were sent."""
+        sent = 0
+        for route in {r.name for r in (*self.rollout_routes, *self.retrain_routes)}:
+            sent += await self.rollouts.drain_outbox(route, self._send)
+        return sent
+
+    # -- rollouts --------------------------------------------------------------------------------
+
+    async def gather_evidence(self, route: Route, record: RolloutRecord) -> Evidence:
+        """What the stack knows about the candidate now (see the module docstring)."""
+        state, rollout = record.state, route.rollout
+        assert rollout is not None  # noqa: S101 - only rollout routes get here
+        if state.stage == "shadow":
+            raw = await self.redis.hgetall(self.keys.quality(route.name))
+            stats = parse_quality(raw).get(("shadow", state.candidate_arm, state.model, str(state.version)))
+            if stats is None:
+                return Evidence()
+            verdict = shadow_verdict(stats, rollout.shadow.confidence, rollout.shadow.margin)
+            return Evidence(shadow_decision=verdict.decision, shadow_pairs=verdict.n,
+                            shadow_advantage=verdict.advantage)
+        snapshot = await self.arms.snapshot(route.name)
+        candidate = snapshot.arm(state.candidate_arm)
+        baseline = stats_since(snapshot.arm(state.replaces).stats, record.baseline)
+        histogram = await self.rollouts.latency(route.name, state.seq)
+        breach = None
+        if candidate.state == "drained":
+            marker = await self.redis.exists(self.arms.stats_key(route.name).removesuffix(":arms")
+                                              + f":guardrail:{state.candidate_arm}")
+            breach = "reward or error rate (guardrail drained it)" if marker else "drained by an operator"
+        return Evidence(candidate=candidate.stats, baseline=baseline, calls=candidate.calls, errors=candidate.errors,
+                        p99_latency_ms=latency_quantile(histogram, 0.99), guardrail_breach=breach)
+
+    async def step_rollout(self, route: Route) -> bool:
+        """One evaluation of the route's rollout; returns whether this call applied a transition."""
+        record = await self.rollouts.read(route.name)
+        if record is None or not record.state.active:
+            return False
+        assert route.rollout is not None  # noqa: S101
+        evidence = await self.gather_evidence(route, record)
+        now = self.clock()
+        await self.rollouts.set_status(route.name, {**status(record.state, evidence, route.rollout, now),
+                                                    "ts": now})
+        transition = step(record.state, evidence, route.rollout, now)
+        if transition is None:
+            return False
+        baseline = None
+        if transition.state.stage == "canary":
+            # the replaced arm's statistics now: the canary is compared with what it gets from here on
+            baseline = (await self.arms.snapshot(route.name)).arm(record.state.replaces).stats
+            if baseline.weight <= 0:
+                baseline = ArmStats(weight=1e-12)
+        applied = await self.rollouts.apply(record, transition, baseline)
+        if applied:
+            level = logging.WARNING if transition.state.stage in ("rejected", "rolled_back") else logging.INFO
+            log.log(level, "routing change: %s", transition.audit.log_line())
+        return applied
+
+    async def tick_rollouts(self) -> None:
+        for route in self.rollout_routes:
+            try:
+                await self.step_rollout(route)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one route's problem never stops the others
+                log.warning("rollout of route %s not evaluated: %s: %s", route.name, type(exc).__name__, exc)
+        try:
+            await self.publish_pending()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - queued: published on a later tick
+            log.warning("routing-change events not published yet: %s: %s", type(exc).__name__, exc)
+
+    # -- retraining ------------------------------------------------------------------------------
+
+    def retrain_key(self, route: str) -> str:
+        return f"{self.config.redis.key_prefix}:{{{route}}}:retrain"
+
+    async def _joined(self, route: str) -> int:
+        value = await self.redis.hget(self.keys.counts(route), "joined")
+        return int(float(value)) if value is not None else 0
+
+    @staticmethod
+    def _fields(state: TriggerState, joined_seen: int, rev: int, pending: Mapping[str, Any] | None) -> dict[str, str]:
+        fields = {key: "" if value is None else str(value) for key, value in state.to_dict().items()}
+        fields.update(joined_seen=str(joined_seen), rev=str(rev))
+        if pending is not None:
+            fields["pending"] = orjson.dumps(dict(pending)).decode()
+        return fields
+
+    async def step_retrain(self, route: Route) -> TriggerDecision | None:
+        """One evaluation of the route's triggers; returns the decision when this call fired."""
+        config = route.retrain
+        assert config is not None  # noqa: S101 - only retrain routes get here
+        key, outbox = self.retrain_key(route.name), self.rollouts.key(route.name, "outbox")
+        raw = {_text(k): _text(v) for k, v in (await self.redis.hgetall(key)).items()}
+        joined = await self._joined(route.name)
+        now = self.clock()
+        if not raw:
+            # the first window starts now: outcomes joined before the triggers were on are not in one
+            fields = self._fields(TriggerState(window_start=now), joined, 0, None)
+            await self.rollouts.compare_and_set_hash(key, outbox, "rev", None, fields)
+            return None
+        state, rev, seen = TriggerState.from_dict(raw), int(raw.get("rev", 0)), int(raw.get("joined_seen", 0))
+        if raw.get("pending"):
+            await self._finish(route, raw)
+            return None
+        delta = max(0, joined - seen)
+        current = state.with_labels(delta, now) if delta else state
+        decision = evaluate(current, config, now)
+        if not decision.fired and not delta and decision.state == state:
+            return None
+        pending = None
+        if decision.fired and decision.window is not None:
+            pending = {"window": list(decision.window), "reasons": list(decision.reasons), "labels": decision.labels,
+                       "fired_at": now}
+        written = await self.rollouts.compare_and_set_hash(key, outbox, "rev", rev,
+                                                           self._fields(decision.state, joined, rev + 1, pending))
+        if not written or pending is None:
+            return None
+        log.warning("retrain trigger: route %s, %s, window [%.3f, %.3f], %d labels", route.name,
+                    ", ".join(decision.reasons), decision.window[0], decision.window[1], decision.labels)
+        raw = {_text(k): _text(v) for k, v in (await self.redis.hgetall(key)).items()}
+        await self._finish(route, raw)
+        return decision
+
+    async def _finish(self, route: Route, raw: Mapping[str, str]) -> None:
+        """Export the pending fire's window and queue its alert (one worker at a time, a lease)."""
+        config = route.retrain
+        assert config is not None  # noqa: S101
+        key = self.retrain_key(route.name)
+        lease, token = key + ":lease", uuid.uuid4().hex
+        if not await self.redis.set(lease, token, nx=True, px=EXPORT_LEASE_MS):
+            return
+        try:
+            pending = orjson.loads(raw["pending"])
+            window = (float(pending["window"][0]), float(pending["window"][1]))
+            decision = TriggerDecision(TriggerState.from_dict(raw), True, tuple(pending["reasons"]), window,
+                                       int(pending["labels"]))
+            manifest_path = None
+            if config.export_path:
+                manifest_path = await export_window(self.config, route.name, window, config.export_path,
+                                                    reason=",".join(decision.reasons))
+            model, version = await self._serving(route)
+            alert = retrain_alert(decision, route.name, model, version, config, manifest_path)
+            fields = dict(raw)
+            fields.pop("pending", None)
+            rev = int(raw.get("rev", 0))
+            fields["rev"] = str(rev + 1)
+            written = await self.rollouts.compare_and_set_hash(
+                key, self.rollouts.key(route.name, "outbox"), "rev", rev, fields,
+                [{"topic": "alerts", "value": alert.to_dict()}])
+            if written:
+                log.warning("retrain alert queued: route %s model %s version %s, window [%.3f, %.3f], %d labels%s",
+                            route.name, model, version, window[0], window[1], decision.labels,
+                            f", export {manifest_path}" if manifest_path else "")
+        finally:
+            await self.redis.delete(lease)
+
+    async def _serving(self, route: Route) -> tuple[str, int | None]:
+        model = route.rollout_model() or route.arms[0].model
+        record = await self.rollouts.read(route.name) if route.rollout is not None else None
+        if record is not None:
+            primaries = primaries_after(record)
+            arm = next((a for a in primaries if a.model == model), None)
+            return model, (serving_version(primaries, arm.name) if arm is not None else None)
+        arm_config = next((a for a in route.arms if a.model == model), route.arms[0])
+        return model, arm_config.version if isinstance(arm_config.version, int) else None
+
+    async def tick_retrain(self) -> None:
+        for route in self.retrain_routes:
+            try:
+                await self.step_retrain(route)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one route's problem never stops the others
+                log.warning("retrain triggers of route %s not evaluated: %s: %s", route.name, type(exc).__name__, exc)
+
+
+async def export_window(config: Config, route: str, window: tuple[float, float], destination: str,
+                        reason: str) -> str:
+    """Read the topics for `window` (as ``banditgate export`` does), write the Parquet export and
+    return its manifest's path. Raises ExportError / KafkaError on failure."""
+    from feedback.export import join_rows, write_export
+    from feedback.export_cli import read_topic
+
+    topics = config.kafka.topics
+    since, until = window
+    lookback = since - config.feedback.join_ttl_s
+    requests = await read_topic(config, topics.requests, lookback, until)
+    predictions = (await read_topic(config, topics.predictions, lookback, until)
+                   + await read_topic(config, topics.shadow_predictions, lookback, until))
+    outcomes = await read_topic(config, topics.outcomes, since, until)
+    rows = join_rows(requests, predictions, outcomes, route, since, until)
+    manifest = await asyncio.to_thread(write_export, rows, destination, route, since, until, reason)
+    return f"{manifest.path}/manifest.json"
+
+
+def install(app: Any, runtime: Any, config: Config) -> None:
+    """Register the lifecycle timers on the faust app (only when some route has rollout or retrain).
+    The driver is built once the runtime has its Redis client and producer."""
+    if not any((r.rollout is not None and r.rollout.enabled) or r.retrain is not None for r in config.routes):
+        return
+    holder: dict[str, LifecycleDriver] = {}
+
+    def driver() -> LifecycleDriver | None:
+        if not runtime.ready.is_set():
+            return None
+        if "driver" not in holder:
+            out = KafkaOut(runtime._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts)  # noqa: SLF001
+            holder["driver"] = LifecycleDriver(config, runtime._redis, out)  # noqa: SLF001
+        return holder["driver"]
+
+    async def rollouts() -> None:
+        current = driver()
+        if current is not None:
+            await current.tick_rollouts()
+
+    async def retrain() -> None:
+        current = driver()
+        if current is not None:
+            await current.tick_retrain()
+
+    app.timer(interval=TICK_S, name="lifecycle-rollouts")(rollouts)
+    app.timer(interval=TICK_S, name="lifecycle-retrain")(retrain)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)

@@ -1,0 +1,130 @@
+"""`banditgate rollout status|promote|rollback|pause|resume|start ROUTE`: operate a route's rollout.
+
+Reads and changes the rollout record in Redis through router.rollout_store (compare-and-set on
+the state's seq, the audit event and alert queued in the same step), then publishes the route's
+queued events to Kafka (routing-changes, alerts); if Kafka does not answer they stay queued and
+the feedback worker publishes them. Gateways apply the change within one snapshot refresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+from banditgate.config import Config
+from router.rollout import RolloutError
+
+ACTIONS = ("status", "promote", "rollback", "pause", "resume", "start")
+
+
+def _route(config: Config, name: str) -> Any:
+    try:
+        route = config.route(name)
+    except KeyError:
+        raise RolloutError(f"no route {name!r} in the config (routes: {', '.join(r.name for r in config.routes)})") from None
+    if route.rollout is None:
+        raise RolloutError(f"route {name!r} has no rollout configuration")
+    return route
+
+
+async def _publish(config: Config, store: Any, route: str) -> int:
+    from aiokafka import AIOKafkaProducer
+
+    from banditgate.connections import kafka_client_kwargs
+
+    producer = AIOKafkaProducer(**kafka_client_kwargs(config.kafka), enable_idempotence=True, acks="all")
+    await asyncio.wait_for(producer.start(), timeout=10)
+    topics = config.kafka.topics
+    try:
+        async def send(items: list[dict[str, Any]]) -> None:
+            import orjson
+
+            futures = [await producer.send(topics.alerts if item.get("topic") == "alerts" else topics.routing_changes,
+                                           key=route.encode(), value=orjson.dumps(item["value"])) for item in items]
+            await asyncio.gather(*futures)
+
+        return int(await asyncio.wait_for(store.drain_outbox(route, send), timeout=20))
+    finally:
+        await producer.stop()
+
+
+async def rollout_command(config: Config, action: str, route_name: str, who: str, reason: str,
+                          version: int | None) -> dict[str, Any]:
+    """Do `action` on the route's rollout; returns what to print. Raises RolloutError."""
+    from banditgate.connections import redis_client
+    from router.rollout import Evidence, status
+    from router.rollout_store import RolloutStore
+
+    if action not in ACTIONS:
+        raise RolloutError(f"unknown rollout action {action!r}: {', '.join(ACTIONS)}")
+    route = _route(config, route_name)
+    client = redis_client(config.redis)
+    store = RolloutStore(client, prefix=config.redis.key_prefix)
+    try:
+        change = None
+        if action == "start":
+            if version is None:
+                raise RolloutError("rollout start needs --version N")
+            record = await store.begin(route, version, time.time(), actor=f"admin:{who}")
+            if record is None:
+                raise RolloutError(f"route {route_name}: version {version} may not start now (a rollout is active, or it "
+                                   "is not newer than the version serving or one rejected before)")
+            change = f"route {route_name}: {record.state.candidate_arm} none -> shadow by admin:{who}"
+        elif action != "status":
+            _, audit = await store.operate(route, action, who, reason)
+            change = audit.log_line()
+        record = await store.read(route_name)
+        out: dict[str, Any] = {"route": route_name}
+        if change is not None:
+            out["change"] = change
+            try:
+                out["published"] = await _publish(config, store, route_name)
+            except Exception as exc:  # noqa: BLE001 - queued: the feedback worker publishes it
+                out["published"] = f"queued ({type(exc).__name__}); the feedback worker publishes it"
+        if record is None:
+            out["rollout"] = None
+            return out
+        view = status(record.state, Evidence(), route.rollout, time.time())
+        worker = await store.status(route_name)
+        if worker is not None and worker.get("seq") == record.state.seq:
+            view.update({k: worker[k] for k in ("next", "next_rule", "next_reason", "awaiting", "evidence") if k in worker})
+            view["evidence_age_s"] = round(time.time() - float(worker.get("ts", 0)), 1)
+        else:
+            view.update(next=None, next_rule="unknown", next_reason="no evidence from a feedback worker yet",
+                        awaiting=[], evidence={})
+        view["rejected"] = dict(record.rejected)
+        out["rollout"] = view
+        return out
+    finally:
+        await client.aclose()
+
+
+def run_rollout(config: Config, action: str, route: str, who: str, reason: str, version: int | None,
+                as_json: bool) -> int:
+    """The CLI command: prints the outcome (one JSON object with --json)."""
+    result = asyncio.run(rollout_command(config, action, route, who, reason, version))
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    if "change" in result:
+        print(result["change"])
+        print(f"events published: {result['published']}")
+    view = result.get("rollout")
+    if view is None:
+        print(f"route {route}: no rollout yet")
+        return 0
+    print(f"route {route}: {view['arm']} ({view['model']} v{view['version']}) replacing {view['replaces']}: "
+          f"{view['stage']}{' (paused)' if view['paused'] else ''} for {view['stage_age_s']:.0f} s, seq {view['seq']}")
+    print(f"  last change: {view['last_reason']}")
+    if view.get("next"):
+        print(f"  next: {view['next']} ({view['next_rule']}): {view['next_reason']}")
+    for item in view.get("awaiting", []):
+        print(f"  awaiting: {item}")
+    routing = view["routing"]
+    print(f"  routing: shadows {routing['shadows']}, caps {routing['caps']}, floors {routing['floors']}, "
+          f"drained {routing['drained']}, unloaded {routing['unloaded']}")
+    if view.get("rejected"):
+        print(f"  never retried (model: highest rejected version): {view['rejected']}")
+    return 0
