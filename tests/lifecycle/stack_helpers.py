@@ -140,15 +140,17 @@ async def read_topic(stack: Any, topic: str) -> list[dict[str, Any]]:
                                                                 await _partitions(consumer, topic))]
         consumer.assign(partitions)
         ends = await consumer.end_offsets(partitions)
-        await consumer.seek_to_beginning(*partitions)
+        starts = await consumer.beginning_offsets(partitions)
+        remaining = {tp: ends[tp] for tp in partitions if ends[tp] > starts[tp]}
+        for tp in remaining:
+            consumer.seek(tp, starts[tp])
         events = []
-        async def behind() -> bool:
-            return any([await consumer.position(tp) < ends[tp] for tp in partitions])
-
-        while await behind():
-            batch = await consumer.getmany(*partitions, timeout_ms=500)
-            for records in batch.values():
+        while remaining:
+            batch = await consumer.getmany(*remaining, timeout_ms=500)
+            for tp, records in batch.items():
                 events += [orjson.loads(r.value) for r in records]
+                if records and records[-1].offset + 1 >= remaining.get(tp, 0):
+                    remaining.pop(tp, None)
         return sorted(events, key=lambda e: (e.get("ts", 0), e.get("seq", 0)))
     finally:
         await consumer.stop()
