@@ -401,6 +401,10 @@ class Route(_Strict):
                 raise ValueError(f"rollout.replaces names no arm of the route: {rollout.replaces!r}")
         elif len(serving) != 1:
             raise ValueError(f"rollout.replaces is needed: {len(serving)} arms serve model {model!r}")
+        floating = [a.name for a in self.arms if a.model == model and a.version == "latest"]
+        if floating:
+            raise ValueError(f"rollout: arm {floating[0]!r} serves model {model!r} as 'latest'; pin its version "
+                             "(with a rollout, the rollout decides when a new version serves)")
         if rollout.canary.max_share < self.exploration_floor:
             raise ValueError(f"rollout.canary.max_share {rollout.canary.max_share} is below "
                              f"exploration_floor {self.exploration_floor}")

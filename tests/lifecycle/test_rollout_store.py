@@ -117,3 +117,8 @@ async def test_start_and_transitions_apply_once_across_writers(store: RolloutSto
                      ("routing_changes", "rolled_back"), ("alerts", "rollback"), ("routing_changes", "shadow")]
     assert [item["value"]["seq"] for item in sent if item["topic"] == "routing_changes"] == [0, 1, 2, 3]
     assert await store.drain_outbox("churn", send) == 0
+
+
+def test_rollout_needs_the_replaced_model_pinned() -> None:
+    with pytest.raises(ValueError, match="pin its version"):
+        Route(name="churn", arms=[{"name": "a", "model": "m", "version": "latest"}], rollout={})
