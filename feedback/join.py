@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping
+from operator import attrgetter
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -153,14 +154,24 @@ class Entry:
 
 
 _ENTRY_FIELDS = tuple(f.name for f in fields(Entry))
+_entry_values = attrgetter(*_ENTRY_FIELDS)
 _set = object.__setattr__
+
+
+def _copy(entry: Entry) -> Entry:
+    """A field-by-field copy that the calling step owns: it may set fields on it (with `_set`)
+    until it returns it. Entries are never changed once a step has returned them."""
+    new = object.__new__(Entry)
+    for name, value in zip(_ENTRY_FIELDS, _entry_values(entry)):
+        _set(new, name, value)
+    return new
 
 
 def _evolve(entry: Entry, **changes: Any) -> Entry:
     """dataclasses.replace for Entry without its per-call introspection (this is the hot path)."""
-    new = object.__new__(Entry)
-    for name in _ENTRY_FIELDS:
-        _set(new, name, changes[name] if name in changes else getattr(entry, name))
+    new = _copy(entry)
+    for name, value in changes.items():
+        _set(new, name, value)
     return new
 
 
@@ -265,40 +276,47 @@ def _anchor(entry: Entry) -> float:
 
 
 def _settle(entry: Entry, rules: JoinRules) -> tuple[Entry, list[Effect]]:
-    """Effects of an entry that has its primary prediction and an outcome."""
+    """Effects of an entry that has its primary prediction and an outcome. `entry` is a copy the
+    calling step owns (see `_copy`): its fields are updated in place."""
     effects: list[Effect] = []
     primary, outcome = entry.primary, entry.outcome
     if primary is None or outcome is None:
         return entry, effects
     route = entry.route or NO_ROUTE
+    request_id = entry.request_id
     if entry.early_duplicates:
-        effects.extend(Count(route, entry.request_id, "duplicate", f"dup:{offset}", primary.arm)
+        effects.extend(Count(route, request_id, "duplicate", f"dup:{offset}", primary.arm)
                        for offset in entry.early_duplicates)
-        entry = _evolve(entry, early_duplicates=())
+        _set(entry, "early_duplicates", ())
     if entry.reward_state == "open":
         reward = outcome.reward
         if reward is not None:
             try:
                 reward = checked_reward(reward, rules.route(entry.route).reward)
             except RewardError as exc:
-                effects.append(DropOutcome(entry.request_id, entry.partition, outcome, exc.reason,
-                                           f"outcome for {entry.request_id!r} on route {route!r}: {exc}"))
-                effects.append(Count(route, entry.request_id, "invalid", f"invalid:{outcome.offset}", primary.arm))
-                return _evolve(entry, outcome=None), effects
-        entry = _evolve(entry, reward_state="joined")
-        effects.append(Count(route, entry.request_id, "joined", "decision", primary.arm))
+                effects.append(DropOutcome(request_id, entry.partition, outcome, exc.reason,
+                                           f"outcome for {request_id!r} on route {route!r}: {exc}"))
+                effects.append(Count(route, request_id, "invalid", f"invalid:{outcome.offset}", primary.arm))
+                _set(entry, "outcome", None)
+                return entry, effects
+        _set(entry, "reward_state", "joined")
+        effects.append(Count(route, request_id, "joined", "decision", primary.arm))
         if reward is not None:
-            effects.append(Reward(route, entry.request_id, primary, reward, False, outcome.ts))
+            effects.append(Reward(route, request_id, primary, reward, False, outcome.ts))
         if outcome.clicks is not None and primary.impression is not None:
-            effects.append(pairs_effect(route, entry.request_id, primary.impression, outcome.clicks, outcome.ts))
-    if outcome.label is not None:
-        scored = set(entry.scored)
-        for served in (primary, *entry.shadows):
-            if served.arm not in scored:
-                scored.add(served.arm)
-                effects.append(Label(route, entry.request_id, served, outcome.label, outcome.ts,
+            effects.append(pairs_effect(route, request_id, primary.impression, outcome.clicks, outcome.ts))
+    label = outcome.label
+    if label is not None:
+        scored = entry.scored
+        added: list[str] = []
+        for served in (primary, *entry.shadows) if entry.shadows else (primary,):
+            arm = served.arm
+            if arm not in scored and arm not in added:
+                added.append(arm)
+                effects.append(Label(route, request_id, served, label, outcome.ts,
                                      None if served is primary else primary))
-        entry = _evolve(entry, scored=frozenset(scored))
+        if added:
+            _set(entry, "scored", scored.union(added))
     return entry, effects
 
 
@@ -306,14 +324,21 @@ def on_prediction(entry: Entry | None, event: PredictionIn, rules: JoinRules) ->
     """A primary or shadow prediction arrives."""
     served = event.served
     if entry is None:
-        entry = Entry(event.request_id, event.partition, anchor_ts=event.ts_predicted)
+        new = Entry(event.request_id, event.partition, anchor_ts=event.ts_predicted)
+        entry = new
+    else:
+        new = None
     if not served.shadow:
         if entry.primary is not None:
             if entry.primary.offset == served.offset:
                 return Step(entry, False)
             return Step(entry, False, (Count(entry.route or event.route, entry.request_id, "prediction_duplicate",
                                              f"pdup:{served.offset}", served.arm),))
-        entry = _evolve(entry, route=entry.route or event.route, primary=served, ts_predicted=event.ts_predicted)
+        if new is None:
+            new = _copy(entry)
+        _set(new, "route", entry.route or event.route)
+        _set(new, "primary", served)
+        _set(new, "ts_predicted", event.ts_predicted)
     else:
         for known in entry.shadows:
             if known.arm == served.arm:
@@ -321,10 +346,13 @@ def on_prediction(entry: Entry | None, event: PredictionIn, rules: JoinRules) ->
                     return Step(entry, False)
                 return Step(entry, False, (Count(entry.route or event.route, entry.request_id, "prediction_duplicate",
                                                  f"pdup:{served.offset}", served.arm),))
-        entry = _evolve(entry, route=entry.route or event.route, shadows=entry.shadows + (served,))
-    entry = _evolve(entry, anchor_ts=_anchor(entry))
-    entry, effects = _settle(entry, rules)
-    return Step(entry, True, tuple(effects))
+        if new is None:
+            new = _copy(entry)
+        _set(new, "route", entry.route or event.route)
+        _set(new, "shadows", entry.shadows + (served,))
+    _set(new, "anchor_ts", _anchor(new))
+    new, effects = _settle(new, rules)
+    return Step(new, True, tuple(effects))
 
 
 def on_outcome(entry: Entry | None, event: OutcomeIn, now: float, rules: JoinRules) -> Step:
@@ -342,15 +370,17 @@ def on_outcome(entry: Entry | None, event: OutcomeIn, now: float, rules: JoinRul
             return Step(_evolve(entry, early_duplicates=entry.early_duplicates + (outcome.offset,)), True)
         return Step(entry, False, (Count(entry.route or NO_ROUTE, entry.request_id, "duplicate",
                                          f"dup:{outcome.offset}", entry.primary.arm),))
-    entry = _evolve(entry, outcome=outcome)
-    if entry.primary is None:
-        return Step(_evolve(entry, anchor_ts=_anchor(entry)), True)
-    if entry.reward_state == "defaulted":
-        late: list[Effect] = [Count(entry.route or NO_ROUTE, entry.request_id, "late", "late", entry.primary.arm)]
-        entry, effects = _settle(entry, rules)
-        return Step(entry, True, tuple(late + effects))
-    entry, effects = _settle(entry, rules)
-    return Step(entry, True, tuple(effects))
+    new = _copy(entry)
+    _set(new, "outcome", outcome)
+    if new.primary is None:
+        _set(new, "anchor_ts", _anchor(new))
+        return Step(new, True)
+    if new.reward_state == "defaulted":
+        late: list[Effect] = [Count(new.route or NO_ROUTE, new.request_id, "late", "late", new.primary.arm)]
+        new, effects = _settle(new, rules)
+        return Step(new, True, tuple(late + effects))
+    new, effects = _settle(new, rules)
+    return Step(new, True, tuple(effects))
 
 
 def _orphaned(entry: Entry, rules: JoinRules, why: str) -> tuple[Effect, ...]:

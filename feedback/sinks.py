@@ -69,7 +69,7 @@ for i, item in ipairs(payload[2]) do
       redis.call('EXPIRE', KEYS[item[1]], ttl)
       expired[item[1]] = true
     end
-    flags[i] = 1
+    flags[i] = '1'
     for g = 3, #item do
       local group = item[g]
       local last_target = 1 + group[1]
@@ -84,7 +84,7 @@ for i, item in ipairs(payload[2]) do
       end
     end
   else
-    flags[i] = 0
+    flags[i] = '0'
   end
 end
 for target, t in pairs(sums) do
@@ -95,7 +95,7 @@ end
 for _, e in ipairs(payload[3]) do
   if sums[e[1]] then redis.call('EXPIRE', KEYS[e[1]], e[2]) end
 end
-return flags
+return table.concat(flags)
 """
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +133,7 @@ class LedgerChunk:
     KEYS (seen hashes and target hashes), field names, and per item ``[seen key, token, group...]``
     with a group ``[n targets, target..., name, amount, name, amount...]`` (1-based positions)."""
 
-    __slots__ = ("keys", "key_index", "names", "name_index", "rows", "members", "expire")
+    __slots__ = ("keys", "key_index", "names", "name_index", "rows", "members", "expire", "groups", "stat_names")
 
     def __init__(self) -> None:
         self.keys: list[str] = []
@@ -145,6 +145,10 @@ class LedgerChunk:
         """The effects each item stands for (to count the applied ones)."""
         self.expire: dict[int, int] = {}
         """Target key position -> TTL in seconds (time buckets)."""
+        self.groups: dict[Any, list[Any]] = {}
+        """Count groups by (kind, arm): the same list for every item that has it."""
+        self.stat_names: dict[Any, dict[str, int]] = {}
+        """Per model version: quality sum name -> its position in `names`."""
 
     def key(self, key: str) -> int:
         position = self.key_index.get(key)
@@ -184,7 +188,9 @@ class Ledger:
         for chunk in chunks:
             await self._script(keys=chunk.keys, args=[self._dedup_ttl_s, chunk.payload()], client=pipe)
         replies = await pipe.execute()
-        return [[bool(int(flag)) for flag in flags] for flags in replies]
+        # one '0'/'1' character per item: a bulk string parses in one step, an array of integers
+        # costs the client a Python call per item
+        return [[flag == 49 for flag in flags] for flags in replies]
 
 
 class LedgerPlanner:
@@ -227,11 +233,25 @@ class LedgerPlanner:
         bucket_position = chunk.key(bucket)
         chunk.expire[bucket_position] = self._bucket_ttl_s
         group: list[Any] = [2, chunk.key(self._route_key(route)[1]), bucket_position]
-        names = self._field_names(served)
-        name = chunk.name
+        version_key = (served.shadow, served.arm, served.model, served.model_version)
+        positions = chunk.stat_names.get(version_key)
+        if positions is None:
+            names = self._field_names(served)
+            positions = chunk.stat_names[version_key] = {stat: chunk.name(names[stat]) for stat in FIELD_NAMES}
+        append = group.append
         for stat, value in fields.items():
-            group.append(name(names[stat]))
-            group.append(value)
+            append(positions[stat])
+            append(value)
+        return group
+
+    def _count_group(self, chunk: LedgerChunk, route: str, kind: str, arm: str | None) -> list[Any]:
+        group = chunk.groups.get((kind, arm))
+        if group is None:
+            counts = chunk.key(self._route_key(route)[0])
+            group = [1, counts, chunk.name(kind), 1.0]
+            if arm is not None:
+                group += [chunk.name(f"{kind}|{arm}"), 1.0]
+            chunk.groups[(kind, arm)] = group
         return group
 
     def plan(self, effects: Iterable[Effect]) -> list[LedgerChunk]:
@@ -241,20 +261,22 @@ class LedgerPlanner:
         merged: dict[tuple[str, str, str], tuple[LedgerChunk, list[Any], list[Effect]]] = {}
         seen_key = self._keys.seen
         limit = self._chunk_items
+        quality_group = self._quality_group
         for effect in effects:
             cls = effect.__class__
             if cls is DropOutcome:
                 continue
             route = effect.route  # type: ignore[union-attr]
             request_id = effect.request_id
-            key = (route, request_id, effect.token)  # type: ignore[union-attr]
+            token = f"label:{effect.served.arm}" if cls is Label else effect.token  # type: ignore[union-attr]
+            key = (route, request_id, token)
             slot = merged.get(key)
             if slot is None:
                 chunk = current.get(route)
                 if chunk is None or len(chunk.rows) >= limit:
                     chunk = current[route] = LedgerChunk()
                     chunks.append(chunk)
-                row: list[Any] = [chunk.key(seen_key(route, request_id)), key[2]]
+                row: list[Any] = [chunk.key(seen_key(route, request_id)), token]
                 members: list[Effect] = [effect]
                 chunk.rows.append(row)
                 chunk.members.append(members)
@@ -265,13 +287,10 @@ class LedgerPlanner:
                     continue
                 members.append(effect)
             if cls is Count:
-                kind, arm = effect.kind, effect.arm  # type: ignore[union-attr]
-                row.append([1, chunk.key(self._route_key(route)[0]), chunk.name(kind), 1.0] if arm is None else
-                           [1, chunk.key(self._route_key(route)[0]), chunk.name(kind), 1.0,
-                            chunk.name(f"{kind}|{arm}"), 1.0])
+                row.append(self._count_group(chunk, route, effect.kind, effect.arm))  # type: ignore[union-attr]
             elif cls is Reward:
-                row.append(self._quality_group(chunk, route, effect.ts, effect.served,  # type: ignore[union-attr]
-                                               rewarded_fields(effect.reward)))  # type: ignore[union-attr]
+                row.append(quality_group(chunk, route, effect.ts, effect.served,  # type: ignore[union-attr]
+                                         rewarded_fields(effect.reward)))  # type: ignore[union-attr]
             elif cls is Label:
                 served = effect.served  # type: ignore[union-attr]
                 fields = labelled_fields(served.view, effect.label)  # type: ignore[union-attr]
@@ -280,7 +299,7 @@ class LedgerPlanner:
                     fields.update(shadow_fields(served.view, None if primary is None else primary.view,
                                                 effect.label))  # type: ignore[union-attr]
                 if fields:
-                    row.append(self._quality_group(chunk, route, effect.ts, served, fields))  # type: ignore[union-attr]
+                    row.append(quality_group(chunk, route, effect.ts, served, fields))  # type: ignore[union-attr]
             elif cls is Pairs:
                 group: list[Any] = [1, chunk.key(self._keys.pairs(route))]
                 for name, amount in effect.fields.items():  # type: ignore[union-attr]
