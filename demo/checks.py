@@ -18,9 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from demo.models import RETRAIN_MODEL
 from demo.scenario import Scenario
 from demo.telemetry import Sample, Telemetry
 
@@ -143,6 +145,26 @@ def check_accounting(telemetry: Telemetry, final: Sample | None) -> Check:
                                      f"(+{telemetry.prediction_duplicates} duplicates ignored) -> "
                                      f"{telemetry.outcomes_sent} outcomes -> {applied} counted in the arm statistics "
                                      f"and {int(joined or 0)} joined in the ledger; 0 dead letters", details)
+
+
+def check_lifecycle(telemetry: Telemetry, rollout: Mapping[str, Any] | None, released_s: float | None) -> Check:
+    """The retrained version (classes swapped) must be rejected as a shadow and never serve."""
+    arm = str(rollout["arm"]) if rollout and "arm" in rollout else f"{RETRAIN_MODEL}-v2"
+    served = sum(1 for record in telemetry.predictions.values() if record.arm == arm)
+    details: dict[str, object] = {"rollout": dict(rollout) if rollout else None, "served_as_primary": served,
+                                  "released_s": released_s}
+    if released_s is None:
+        return Check("lifecycle", False, "the retrained version was never published (the run ended before)", details)
+    if rollout is None or "error" in rollout:
+        why = rollout["error"] if rollout else "no rollout record in Redis"
+        return Check("lifecycle", False, f"no rollout of the retrained version ({why})", details)
+    shadowed = sum(1 for (_, shadow) in telemetry.shadow_predictions if shadow == arm)
+    details["shadow_predictions"] = shadowed
+    verdict = (f"retrained {rollout['arm']} published at t={released_s:.1f}s, a shadow from "
+               f"t={rollout['started_s']:.1f}s ({shadowed} shadow predictions), {rollout['stage']} at "
+               f"t={rollout['decided_s']:.1f}s: {rollout['reason']}; served {served} requests")
+    passed = rollout["stage"] == "rejected" and served == 0
+    return Check("lifecycle", passed, verdict, details)
 
 
 def check_processes(exit_codes: Mapping[str, int | None]) -> Check:

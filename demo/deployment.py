@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from banditgate.config import Topics
-from demo.models import ROUTE, SPECS
+from demo.models import RETRAIN_MODEL, ROUTE, SPECS
 from demo.scenario import Scenario
 
 PARTITIONS = 4
@@ -101,7 +101,10 @@ def make_plan(run_id: str, kafka: str, redis: str, report_dir: Path, bind_host: 
 
 def config_document(plan: Plan, scenario: Scenario) -> dict[str, Any]:
     """The banditgate.yaml the demo runs with (validated by banditgate.config before use)."""
-    arms = [{"name": spec.model, "model": spec.model, "version": "latest"} for spec in SPECS if spec.role == "arm"]
+    # the arm with a rollout pins its version: new versions of it go through the rollout
+    pinned = RETRAIN_MODEL if scenario.retrain_at_s is not None else None
+    arms = [{"name": spec.model, "model": spec.model, "version": 1 if spec.model == pinned else "latest"}
+            for spec in SPECS if spec.role == "arm"]
     shadows = [{"name": spec.model, "model": spec.model, "version": "latest"} for spec in SPECS if spec.role == "shadow"]
     return {
         "kafka": {"bootstrap_servers": plan.kafka, "client_id": f"demo-{plan.run_id}",
@@ -117,6 +120,9 @@ def config_document(plan: Plan, scenario: Scenario) -> dict[str, Any]:
         "routes": [{
             "name": ROUTE, "policy": "thompson", "reward": "bernoulli", "half_life": scenario.half_life,
             "exploration_floor": scenario.exploration_floor, "arms": arms, "shadows": shadows,
+            **({"rollout": {"model": pinned, "replaces": pinned, "shadow": {"min_outcomes": 100},
+                            "canary": {"max_share": 0.2, "min_outcomes": 150, "min_calls": 150},
+                            "grace_s": 10}} if pinned else {}),
         }],
     }
 

@@ -120,6 +120,10 @@ SPECS = (
     ModelSpec("forest", "shadow", "random forest, 60 trees of depth <= 6 (shadow candidate)", _forest),
 )
 BROKEN_DESCRIPTION = "gradient boosting refit on shuffled labels (a broken label join in the retraining pipeline)"
+RETRAIN_MODEL = "stump"
+"""The arm whose retrained version arrives mid-run and goes through a progressive rollout."""
+RETRAIN_DESCRIPTION = ("decision tree of depth 3 retrained on labels with the classes swapped (a retraining "
+                       "pipeline bug): must be rejected as a shadow, never serving")
 
 
 @dataclass
@@ -182,8 +186,9 @@ def _version(model: str, version: int, role: str, description: str, estimator: A
 
 def train_all(dataset: Dataset, shifted_pool: np.ndarray, broken_model: str,
               seed: int) -> dict[tuple[str, int], ModelVersion]:
-    """Fit and export every version the demo uses: version 1 of each spec, and version 2 of
-    `broken_model` (fit on shuffled labels, published mid-run). Raises ValueError for an
+    """Fit and export every version the demo uses: version 1 of each spec, version 2 of
+    `broken_model` (fit on shuffled labels, published mid-run) and version 2 of RETRAIN_MODEL (fit
+    on swapped classes, published mid-run into its rollout). Raises ValueError for an
     unknown `broken_model`."""
     versions: dict[tuple[str, int], ModelVersion] = {}
     specs = {spec.model: spec for spec in SPECS}
@@ -197,6 +202,11 @@ def train_all(dataset: Dataset, shifted_pool: np.ndarray, broken_model: str,
     broken = specs[broken_model].build(dataset.feature_names, seed).fit(dataset.x_train, shuffled)
     versions[(broken_model, 2)] = _version(broken_model, 2, specs[broken_model].role, BROKEN_DESCRIPTION, broken,
                                            dataset, shifted_pool)
+    from sklearn.tree import DecisionTreeClassifier
+
+    retrained = DecisionTreeClassifier(max_depth=3, random_state=seed).fit(dataset.x_train, 1 - dataset.y_train)
+    versions[(RETRAIN_MODEL, 2)] = _version(RETRAIN_MODEL, 2, "arm", RETRAIN_DESCRIPTION, retrained, dataset,
+                                            shifted_pool)
     return versions
 
 

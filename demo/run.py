@@ -23,7 +23,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from demo.checks import Check, OracleLabels, check_accounting, check_bandit, check_drift, check_processes
+from demo.checks import (
+    Check,
+    OracleLabels,
+    check_accounting,
+    check_bandit,
+    check_drift,
+    check_lifecycle,
+    check_processes,
+)
 from demo.deployment import (
     DemoError,
     Plan,
@@ -36,7 +44,7 @@ from demo.deployment import (
     start_processes,
     write_config,
 )
-from demo.models import SPECS, Dataset, ModelVersion, build_repository, load_dataset, publish, train_all
+from demo.models import RETRAIN_MODEL, ROUTE, SPECS, Dataset, ModelVersion, build_repository, load_dataset, publish, train_all
 from demo.observe import Observer
 from demo.report import RunFacts, write_report
 from demo.scenario import Scenario
@@ -84,6 +92,8 @@ class Demo:
         self.timings: dict[str, float] = {}
         self.failure: str | None = None
         self.final_sample: Any = None
+        self.rollout: dict[str, Any] | None = None
+        self.retrain_released_s: float | None = None
         self.cleanup_problems: list[str] = []
         self._stage_started = time.monotonic()
         self._run_started = time.monotonic()
@@ -220,13 +230,25 @@ class Demo:
             say(f"t={self.telemetry.now_s():.1f}s: broken release {version.model} v2 dropped into the repository "
                 f"(true accuracy {self._accuracy(version.model, 2):.3f})")
 
+        async def release_retrained() -> None:
+            assert self.dataset is not None  # noqa: S101
+            version = self.versions[(RETRAIN_MODEL, 2)]
+            target = await asyncio.to_thread(publish, plan.repository, version, self.dataset)
+            self.retrain_released_s = self.telemetry.now_s()
+            self.telemetry.note(f"published retrained {version.model} v2 (classes swapped) to {target}: its rollout starts")
+            say(f"t={self.telemetry.now_s():.1f}s: retrained {version.model} v2 dropped into the repository "
+                f"(true accuracy {self._accuracy(version.model, 2):.3f}); it enters as a shadow, and the feedback "
+                "worker promotes or rejects it on its own")
+
         async def announce_shift() -> None:
             self.telemetry.note("covariate shift starts")
             say(f"t={self.telemetry.now_s():.1f}s: covariate shift: {', '.join(self.scenario.drift_features)} "
                 f"x{self.scenario.drift_factor:g} from now on")
 
-        await self.service.run_scenario([(self.scenario.drift_at_s, announce_shift),
-                                         (self.scenario.degrade_at_s, release_broken)], tick=self._tick)
+        events = [(self.scenario.drift_at_s, announce_shift), (self.scenario.degrade_at_s, release_broken)]
+        if self.scenario.retrain_at_s is not None:
+            events.append((self.scenario.retrain_at_s, release_retrained))
+        await self.service.run_scenario(sorted(events, key=lambda event: event[0]), tick=self._tick)
 
         self._stage("draining")
         say(f"all {self.telemetry.sent} requests sent; waiting for the last predictions and outcomes")
@@ -242,6 +264,31 @@ class Demo:
             await self._wait("the feedback worker counting every outcome", counted, DRAIN_TIMEOUT_S)
         assert self.observer is not None  # noqa: S101
         self.final_sample = await self.observer.final_accounting()
+        if self.scenario.retrain_at_s is not None:
+            self.rollout = await self._rollout_outcome()
+
+    async def _rollout_outcome(self) -> dict[str, Any] | None:
+        """Where the retrained version's rollout ended (the record in Redis), in scenario seconds."""
+        import redis.asyncio as aredis
+
+        from router.rollout_store import RolloutStore
+
+        assert self.plan is not None  # noqa: S101
+        client = aredis.Redis.from_url(self.plan.redis)
+        try:
+            record = await RolloutStore(client, prefix=self.plan.redis_prefix).read(ROUTE)
+            status = await RolloutStore(client, prefix=self.plan.redis_prefix).status(ROUTE)
+        except Exception as exc:  # noqa: BLE001 - reported by the check
+            return {"error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            await client.aclose()
+        if record is None:
+            return None
+        state = record.state
+        return {"arm": state.candidate_arm, "version": state.version, "stage": state.stage, "reason": state.reason,
+                "started_s": self.telemetry.scenario_time_of(state.started_at),
+                "decided_s": self.telemetry.scenario_time_of(state.stage_since), "seq": state.seq,
+                "evidence": (status or {}).get("evidence", {})}
 
     def _train(self) -> tuple[Dataset, dict[tuple[str, int], ModelVersion]]:
         dataset = load_dataset(self.scenario.seed)
@@ -297,6 +344,8 @@ class Demo:
             check_bandit(self.telemetry, self.scenario, self._oracle(after=False), self._oracle(after=True)),
             check_drift(self.telemetry, self.scenario, gauges_seen),
             check_accounting(self.telemetry, self.final_sample),
+            *([check_lifecycle(self.telemetry, self.rollout, self.retrain_released_s)]
+              if self.scenario.retrain_at_s is not None else []),
             check_processes({p.name: p.exit_code for p in self.processes}),
         ]
 

@@ -9,6 +9,11 @@ Times are seconds since the first scenario request. Three phases:
 * ``broken``: from `degrade_at_s`, a new version of `degrade_model` (trained on shuffled labels,
   a broken label join in its pipeline) is dropped into the repository; the gateway swaps it in
   and the bandit, whose statistics are discounted with `half_life`, should move traffic away.
+
+At `retrain_at_s` (in the broken phase) a retrained version of the `stump` arm arrives; that arm
+has a progressive rollout (docs/lifecycle.md), so the version enters as a shadow and the feedback
+worker promotes or rejects it on its own. The retrained version swapped the classes, so the
+shadow test must reject it before it serves a single request.
 """
 
 from __future__ import annotations
@@ -39,10 +44,14 @@ class Scenario:
     drift_factor: float = 1.5
     degrade_model: str = "gbm"
     seed: int = 2
+    retrain_at_s: float | None = None
+    """When the retrained `stump` version arrives (None: it does not)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.drift_at_s < self.degrade_at_s < self.end_s:
             raise ValueError("scenario times must satisfy 0 < drift_at_s < degrade_at_s < end_s")
+        if self.retrain_at_s is not None and not self.degrade_at_s < self.retrain_at_s < self.end_s:
+            raise ValueError("retrain_at_s must be between degrade_at_s and end_s")
         if self.rate_rps <= 0 or self.outcome_delay_mean_s <= 0 or self.half_life <= 0:
             raise ValueError("rate_rps, outcome_delay_mean_s and half_life must be positive")
 
@@ -50,13 +59,13 @@ class Scenario:
     def quick(cls) -> Scenario:
         """Under two minutes end to end on a 2-core machine (used by the test suite)."""
         return cls(name="quick", rate_rps=60, drift_at_s=13, degrade_at_s=26, end_s=46,
-                   outcome_delay_mean_s=0.8, half_life=150, exploration_floor=0.03)
+                   outcome_delay_mean_s=0.8, half_life=150, exploration_floor=0.03, retrain_at_s=30)
 
     @classmethod
     def full(cls) -> Scenario:
         """The README's first command: about four minutes."""
         return cls(name="full", rate_rps=50, drift_at_s=60, degrade_at_s=120, end_s=200,
-                   outcome_delay_mean_s=1.5, half_life=300, exploration_floor=0.03)
+                   outcome_delay_mean_s=1.5, half_life=300, exploration_floor=0.03, retrain_at_s=140)
 
     @property
     def total_requests(self) -> int:
