@@ -38,6 +38,8 @@ from router.rollout_store import RolloutStore, latency_bucket
 log = logging.getLogger("banditgate.rollout")
 
 LATENCY_FLUSH_S = 1.0
+LOAD_RETRY_S = 10.0
+"""A lineup whose model version failed to load is tried again this often (said once per lineup)."""
 
 
 def _arm(arm: Any) -> Arm:
@@ -64,6 +66,7 @@ class RolloutApplier:
         self._latency_targets: dict[tuple[str, int], tuple[str, int]] = {}
         self._latency: dict[tuple[str, int], Counter[int]] = {}
         self._offered: dict[str, int] = {}
+        self._load_failed: dict[str, tuple[Any, float]] = {}
 
     # -- applying --------------------------------------------------------------------------------
 
@@ -81,8 +84,12 @@ class RolloutApplier:
             return False
         for name, record in records.items():
             key = None if record is None else (record.state.seq, record.state.stage)
-            if key != self.applied.get(name):
-                await self.apply(name, record)
+            if key == self.applied.get(name):
+                continue
+            failed = self._load_failed.get(name)
+            if failed is not None and failed[0] == key and time.monotonic() - failed[1] < LOAD_RETRY_S:
+                continue
+            await self.apply(name, record)
         return True
 
     async def apply(self, name: str, record: RolloutRecord | None) -> bool:
@@ -96,8 +103,12 @@ class RolloutApplier:
             try:
                 await asyncio.to_thread(self.repository.ensure, model, int(version))
             except (ModelError, ModelNotFound) as exc:
-                log.error("route %s: rollout lineup not applied, model %s version %s does not load: %s",
-                          name, model, version, exc)
+                key = None if record is None else (record.state.seq, record.state.stage)
+                if self._load_failed.get(name, (object(),))[0] != key:
+                    log.error("route %s: rollout lineup not applied (the previous one keeps serving; tried again "
+                              "every %.0f s), model %s version %s does not load: %s", name, LOAD_RETRY_S, model,
+                              version, exc)
+                self._load_failed[name] = (key, time.monotonic())
                 return False
         runtime = self.dataplane.routes[name]
         arms = [_arm(arm) for arm in wanted.arms]
@@ -114,6 +125,7 @@ class RolloutApplier:
         previous = self._lineups.get(name)
         self._lineups[name] = wanted
         self.records[name] = record
+        self._load_failed.pop(name, None)
         self.applied[name] = None if record is None else (record.state.seq, record.state.stage)
         self._track_latency(name, record)
         if record is not None:
