@@ -40,8 +40,10 @@ async def test_admin_endpoints_and_cli_operate_a_rollout(stack, topics, redis_pr
     config_path = tmp_path / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(document))
     gateway = await start_gateway(parse_config(document, env={}))
+    replica = await start_gateway(parse_config(document, env={}))  # a second replica: applies from the store
     client = aredis.Redis.from_url(stack.redis)
     runtime = gateway.gateway.dataplane.routes[ROUTE]
+    other = replica.gateway.dataplane.routes[ROUTE]
     base = f"http://127.0.0.1:{gateway.gateway.http_port}/v2/admin/routes/{ROUTE}/rollout"
     auth = {"Authorization": f"Bearer {TOKEN}"}
     try:
@@ -53,6 +55,7 @@ async def test_admin_endpoints_and_cli_operate_a_rollout(stack, topics, redis_pr
             assert answer.status_code == 200, answer.text
             assert answer.json()["rollout"]["stage"] == "shadow"
             assert [s.name for s in runtime.route.shadows] == ["m-v2"]  # this replica at once
+            await wait_until(lambda: _lineup(other, ["a"], ["m-v2"]), 5, "the other replica to add the shadow")
             again = await http.post(f"{base}/start", json={"version": 2}, headers=auth)
             assert again.status_code == 400 and "may not start" in again.json()["error"]
             paused = (await http.post(f"{base}/pause", json={"who": "carol"}, headers=auth)).json()
@@ -62,6 +65,7 @@ async def test_admin_endpoints_and_cli_operate_a_rollout(stack, topics, redis_pr
             assert promoted["rollout"]["stage"] == "canary" and promoted["change"].endswith("looks fine")
             assert [a.name for a in runtime.route.arms] == ["a", "m-v2"]
             assert runtime.policy.shares[1] == pytest.approx(0.5)  # capped at max_share (no rewards yet: even)
+            await wait_until(lambda: _lineup(other, ["a", "m-v2"], []), 5, "the other replica to add the canary")
             unknown = await http.post(f"{base}/explode", headers=auth)
             assert unknown.status_code == 404
         result = await asyncio.to_thread(subprocess.run, [
@@ -72,6 +76,7 @@ async def test_admin_endpoints_and_cli_operate_a_rollout(stack, topics, redis_pr
         assert printed["rollout"]["stage"] == "rolled_back" and "admin:bob" in printed["change"]
         assert printed["published"] == 6  # start, pause, promote + its alert, rollback + its alert
         await wait_until(lambda: _serves(runtime, ["a"]), 5, "the gateway to apply the rollback")
+        await wait_until(lambda: _serves(other, ["a"]), 5, "the other replica to apply the rollback")
         status_cli = await asyncio.to_thread(subprocess.run, [
             sys.executable, "-m", "banditgate.cli", "rollout", "status", ROUTE, "-c", str(config_path)],
             capture_output=True, text=True, timeout=60)
@@ -86,6 +91,7 @@ async def test_admin_endpoints_and_cli_operate_a_rollout(stack, topics, redis_pr
             (3, "rolled_back", "admin:bob")]
     finally:
         await gateway.stop()
+        await replica.stop()
         keys = [k async for k in client.scan_iter(match=f"{redis_prefix}:*", count=1000)]
         if keys:
             await client.delete(*keys)
@@ -94,3 +100,8 @@ async def test_admin_endpoints_and_cli_operate_a_rollout(stack, topics, redis_pr
 
 async def _serves(runtime: Any, arms: list[str]) -> bool:
     return [a.name for a in runtime.route.arms] == arms and not runtime.route.shadows
+
+
+async def _lineup(runtime: Any, arms: list[str], shadows: list[str]) -> bool:
+    return ([a.name for a in runtime.route.arms] == arms and list(runtime.policy.arm_names) == arms
+            and [s.name for s in runtime.route.shadows] == shadows)

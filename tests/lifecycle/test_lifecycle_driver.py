@@ -1,0 +1,92 @@
+"""The feedback worker's lifecycle driver against the real Redis: evidence from the stores, a
+guardrail breach rolls the canary back once across workers, the same-period baseline."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis.asyncio as aredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from banditgate.config import parse_config
+from feedback.lifecycle import LifecycleDriver, stats_since
+from router.arm_stats import ArmStats
+from router.rollout import Evidence, step
+from router.rollout_store import RolloutStore, latency_bucket
+from router.stats_store import ArmStatsStore, ArmUpdate
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=30), st.lists(st.floats(0, 1), min_size=1, max_size=30))
+def test_stats_since_recovers_the_later_part(before: list[float], after: list[float]) -> None:
+    start = ArmStats.from_rewards(before)
+    later = stats_since(ArmStats.from_rewards(before + after), start)
+    expected = ArmStats.from_rewards(after)
+    assert later.weight == pytest.approx(expected.weight)
+    assert later.mean == pytest.approx(expected.mean, abs=1e-9)
+    assert later.m2 == pytest.approx(expected.m2, abs=1e-7)
+
+
+@pytest.fixture
+async def parts(stack, redis_prefix):  # type: ignore[no-untyped-def]
+    client = aredis.Redis.from_url(stack.redis)
+    config = parse_config({
+        "redis": {"url": stack.redis, "key_prefix": redis_prefix},
+        "routes": [{"name": "r", "arms": [{"name": "a", "model": "m", "version": 1}],
+                    "rollout": {"canary": {"max_share": 0.3, "min_outcomes": 1000, "min_calls": 10,
+                                           "max_p99_latency_ms": 50}}}]}, env={})
+    yield config, client
+    keys = [k async for k in client.scan_iter(match=f"{redis_prefix}:*", count=1000)]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
+
+
+async def canary(config, client):  # type: ignore[no-untyped-def]
+    store = RolloutStore(client, prefix=config.redis.key_prefix)
+    record = await store.begin(config.routes[0], 2, now=1.0)
+    transition = step(record.state, Evidence("promote", 500.0), config.routes[0].rollout, 2.0)
+    assert await store.apply(record, transition, ArmStats.from_rewards([1.0, 0.0]))
+    return store
+
+
+@pytest.mark.stack
+async def test_evidence_comes_from_the_stores(parts) -> None:  # type: ignore[no-untyped-def]
+    config, client = parts
+    store = await canary(config, client)
+    arms = ArmStatsStore(client, prefix=config.redis.key_prefix)
+    await arms.apply("r", [ArmUpdate("q1", "a", 1.0), ArmUpdate("q2", "a", 0.0),  # before the canary: in baseline
+                           ArmUpdate("q3", "a", 1.0), ArmUpdate("q4", "m-v2", 1.0), ArmUpdate("q5", "m-v2", 1.0)])
+    await arms.record_calls("r", {"m-v2": (20, 0)})
+    record = await store.read("r")
+    await store.add_latency("r", record.state.seq, {latency_bucket(2.0): 95, latency_bucket(80.0): 5})
+    driver = LifecycleDriver(config, client, out=None)  # type: ignore[arg-type]
+    evidence = await driver.gather_evidence(config.routes[0], record)
+    assert evidence.candidate.weight == 2 and evidence.candidate.mean == 1.0
+    assert evidence.baseline.weight == pytest.approx(1.0) and evidence.baseline.mean == pytest.approx(1.0)
+    assert (evidence.calls, evidence.errors) == (20, 0)
+    assert evidence.p99_latency_ms == pytest.approx(80.0, rel=0.11)
+    assert evidence.guardrail_breach is None
+    # 5% of calls at ~80 ms: p99 over the 50 ms limit after min_calls: rolled back, by one of two workers
+    applied = await asyncio.gather(driver.step_rollout(config.routes[0]),
+                                   LifecycleDriver(config, client, out=None).step_rollout(config.routes[0]))  # type: ignore[arg-type]
+    assert applied.count(True) == 1
+    final = await store.read("r")
+    assert final.state.stage == "rolled_back" and final.state.reason.startswith("p99 latency")
+
+
+@pytest.mark.stack
+async def test_a_guardrail_drain_rolls_the_canary_back(parts) -> None:  # type: ignore[no-untyped-def]
+    config, client = parts
+    store = await canary(config, client)
+    arms = ArmStatsStore(client, prefix=config.redis.key_prefix)
+    await arms.set_arm_state("r", "m-v2", "drained")
+    await client.set(f"{config.redis.key_prefix}:{{r}}:guardrail:m-v2", "1")
+    driver = LifecycleDriver(config, client, out=None)  # type: ignore[arg-type]
+    assert await driver.step_rollout(config.routes[0])
+    final = await store.read("r")
+    assert final.state.stage == "rolled_back" and "guardrail" in final.state.reason
+    status = await store.status("r")
+    assert status is not None and status["stage"] == "canary"  # what the worker saw before it acted
