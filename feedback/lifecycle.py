@@ -32,8 +32,10 @@ p99 latency        the gateways' latency histogram of the candidate's model for 
 guardrail          the candidate arm drained in the arm store (by the guardrail, or an operator)
 =================  ============================================================================
 
-Quality- and drift-alarm triggers (``retrain.quality`` / ``retrain.drift``) are not evaluated
-here yet: the worker does not see those alarms (they are raised by the gateway's drift watch).
+Drift alarms reach the triggers through the store: gateways count their ``drift`` alerts of
+routes with ``retrain.drift`` under ``P:{R}:rollout:alarms``, and the driver treats counts above
+the ones it consumed last as new alarms. ``retrain.quality`` is not evaluated yet: the worker
+runs no quality-drift alarm that could raise it.
 """
 
 from __future__ import annotations
@@ -190,9 +192,12 @@ class LifecycleDriver:
         return int(float(value)) if value is not None else 0
 
     @staticmethod
-    def _fields(state: TriggerState, joined_seen: int, rev: int, pending: Mapping[str, Any] | None) -> dict[str, str]:
+    def _fields(state: TriggerState, joined_seen: int, rev: int, pending: Mapping[str, Any] | None,
+                alarms_seen: Mapping[str, int] | None = None) -> dict[str, str]:
         fields = {key: "" if value is None else str(value) for key, value in state.to_dict().items()}
         fields.update(joined_seen=str(joined_seen), rev=str(rev))
+        for kind, count in (alarms_seen or {}).items():
+            fields[f"alarms_seen_{kind}"] = str(count)
         if pending is not None:
             fields["pending"] = orjson.dumps(dict(pending)).decode()
         return fields
@@ -205,9 +210,11 @@ class LifecycleDriver:
         raw = {_text(k): _text(v) for k, v in (await self.redis.hgetall(key)).items()}
         joined = await self._joined(route.name)
         now = self.clock()
+        counted = await self.rollouts.alarms(route.name)
         if not raw:
-            # the first window starts now: outcomes joined before the triggers were on are not in one
-            fields = self._fields(TriggerState(window_start=now), joined, 0, None)
+            # the first window starts now: outcomes joined before the triggers were on are not in
+            # one, and alarms raised before are not new
+            fields = self._fields(TriggerState(window_start=now), joined, 0, None, counted)
             await self.rollouts.compare_and_set_hash(key, outbox, "rev", None, fields)
             return None
         state, rev, seen = TriggerState.from_dict(raw), int(raw.get("rev", 0)), int(raw.get("joined_seen", 0))
@@ -216,15 +223,18 @@ class LifecycleDriver:
             return None
         delta = max(0, joined - seen)
         current = state.with_labels(delta, now) if delta else state
-        decision = evaluate(current, config, now)
-        if not decision.fired and not delta and decision.state == state:
+        alarms = tuple(kind for kind, count in sorted(counted.items())
+                       if count > int(raw.get(f"alarms_seen_{kind}", 0) or 0))
+        decision = evaluate(current, config, now, alarms)
+        if not decision.fired and not delta and not alarms and decision.state == state:
             return None
         pending = None
         if decision.fired and decision.window is not None:
             pending = {"window": list(decision.window), "reasons": list(decision.reasons), "labels": decision.labels,
                        "fired_at": now}
         written = await self.rollouts.compare_and_set_hash(key, outbox, "rev", rev,
-                                                           self._fields(decision.state, joined, rev + 1, pending))
+                                                           self._fields(decision.state, joined, rev + 1, pending,
+                                                                        counted))
         if not written or pending is None:
             return None
         log.warning("retrain trigger: route %s, %s, window [%.3f, %.3f], %d labels", route.name,

@@ -236,6 +236,8 @@ class Gateway:
         return self.config.server.metrics_port or self.http_port or self.config.server.http_port
 
     def _publish_alert(self, alert: dict[str, Any]) -> None:
+        if self.rollouts is not None:
+            self.rollouts.note_alarm(alert)  # drift alarms feed retraining triggers
         if self.publisher is not None:
             self.publisher.publish(self.config.kafka.topics.alerts, [alert], key_field="route")
 

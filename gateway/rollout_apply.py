@@ -11,7 +11,8 @@ routing change within one refresh. When Redis is away the routes keep their last
 
 The gateway also measures what the canary's latency criterion needs: rows served by a
 candidate's model version, per latency bucket (queue wait + inference of their batch), added to
-the store every second under the stage's seq (router.rollout_store).
+the store every second under the stage's seq (router.rollout_store); and it counts its drift
+alarms of routes with ``retrain.drift`` there, for the feedback worker's retraining triggers.
 
 Starting: every `models.poll_interval_s` the highest version folder of each rollout route's model
 is offered to RolloutStore.begin, which starts it once across replicas (compare-and-set) if it is
@@ -67,6 +68,8 @@ class RolloutApplier:
         self._latency: dict[tuple[str, int], Counter[int]] = {}
         self._offered: dict[str, int] = {}
         self._load_failed: dict[str, tuple[Any, float]] = {}
+        self.alarm_routes = {route.name for route in config.routes if route.retrain is not None and route.retrain.drift}
+        self._alarms: dict[str, Counter[str]] = {}
 
     # -- applying --------------------------------------------------------------------------------
 
@@ -171,7 +174,21 @@ class RolloutApplier:
                 counts = self._latency[target] = Counter()
             counts[latency_bucket((queue_s + inference_s) * 1000.0)] += rows
 
+    def note_alarm(self, alert: dict[str, Any]) -> None:
+        """Count a drift alarm of a route whose retraining triggers listen for it (the feedback
+        worker evaluates the triggers; it does not read the alerts topic)."""
+        route = alert.get("route")
+        if alert.get("kind") == "drift" and route in self.alarm_routes:
+            self._alarms.setdefault(str(route), Counter())["drift"] += 1
+
     async def flush_latency(self) -> None:
+        alarms, self._alarms = self._alarms, {}
+        for route, counts in alarms.items():
+            try:
+                await self.store.add_alarms(route, counts)
+            except Exception as exc:  # noqa: BLE001 - Redis away: counted again next flush
+                log.debug("drift alarms not recorded yet: %s", exc)
+                self._alarms.setdefault(route, Counter()).update(counts)
         pending, self._latency = self._latency, {}
         for (route, seq), counts in pending.items():
             try:

@@ -9,6 +9,8 @@ Keys for route R with prefix P (hash tag ``{R}``: the same Cluster slot as the a
 ``P:{R}:rollout:lease``    who drains the outbox now (SET NX PX), so one process publishes
 ``P:{R}:rollout:latency``  hash ``<seq>|<bucket>`` -> rows: the candidate's serving latency per stage
                            (gateways add, the feedback worker reads the p99)
+``P:{R}:rollout:alarms``   hash kind -> alarms so far (gateways count their drift alarms here for the
+                           worker's retraining triggers)
 
 Exactly once: a transition is written by one Lua script only if the stored ``seq`` still equals
 the transition's ``from_seq`` (a start only if the stored seq is the one the starter read, or
@@ -267,9 +269,25 @@ class RolloutStore:
                 out[int(bucket)] = int(_text(value))
         return out
 
+    # -- alarms for retraining triggers ----------------------------------------------------------
+
+    async def add_alarms(self, route: str, counts: Mapping[str, int]) -> None:
+        """Count alarms of a route (``drift`` from the gateways) for its retraining triggers."""
+        if not counts:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for kind, count in counts.items():
+            pipe.hincrby(self.key(route, "alarms"), kind, int(count))
+        await pipe.execute()
+
+    async def alarms(self, route: str) -> dict[str, int]:
+        """Alarms counted so far per kind (never reset: readers remember what they consumed)."""
+        raw = await self._client.hgetall(self.key(route, "alarms"))
+        return {_text(k): int(_text(v)) for k, v in raw.items()}
+
     async def clear(self, route: str) -> None:
         await self._client.delete(self.key(route), self.key(route, "outbox"), self.key(route, "lease"),
-                                  self.key(route, "latency"), self.key(route, "status"))
+                                  self.key(route, "latency"), self.key(route, "status"), self.key(route, "alarms"))
 
 
 def state_of(record: RolloutRecord | None) -> RolloutState | None:

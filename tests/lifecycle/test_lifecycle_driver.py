@@ -90,3 +90,38 @@ async def test_a_guardrail_drain_rolls_the_canary_back(parts) -> None:  # type: 
     assert final.state.stage == "rolled_back" and "guardrail" in final.state.reason
     status = await store.status("r")
     assert status is not None and status["stage"] == "canary"  # what the worker saw before it acted
+
+
+@pytest.mark.stack
+async def test_a_drift_alarm_fires_the_retrain_trigger_once(stack, redis_prefix) -> None:  # type: ignore[no-untyped-def]
+    client = aredis.Redis.from_url(stack.redis)
+    config = parse_config({
+        "redis": {"url": stack.redis, "key_prefix": redis_prefix},
+        "routes": [{"name": "r", "arms": [{"name": "a", "model": "m", "version": 4}],
+                    "retrain": {"drift": True, "cooldown_s": 0}}]}, env={})
+    route = config.routes[0]
+    store = RolloutStore(client, prefix=redis_prefix)
+    try:
+        await store.add_alarms("r", {"drift": 2})  # before the triggers were on: not new
+        driver = LifecycleDriver(config, client, out=None)  # type: ignore[arg-type]
+        assert await driver.step_retrain(route) is None
+        assert await driver.step_retrain(route) is None
+        await store.add_alarms("r", {"drift": 1})  # a gateway saw drift
+        decisions = await asyncio.gather(driver.step_retrain(route),
+                                         LifecycleDriver(config, client, out=None).step_retrain(route))  # type: ignore[arg-type]
+        fired = [d for d in decisions if d is not None]
+        assert len(fired) == 1 and fired[0].reasons == ("drift",)
+        assert await driver.step_retrain(route) is None  # consumed
+        sent: list[dict] = []
+
+        async def send(items: list[dict]) -> None:
+            sent.extend(items)
+
+        await store.drain_outbox("r", send)
+        [alert] = [item["value"] for item in sent]
+        assert alert["kind"] == "retrain" and alert["metric"] == "drift" and alert["model_version"] == 4
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{redis_prefix}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
