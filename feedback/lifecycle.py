@@ -96,7 +96,7 @@ class LifecycleDriver:
                                   half_lives={route.name: route.half_life for route in config.routes})
         self.rollout_routes = [r for r in config.routes if r.rollout is not None and r.rollout.enabled]
         self.retrain_routes = [r for r in config.routes if r.retrain is not None]
-        self._exports: dict[str, asyncio.Task[None]] = {}
+        self._retired: set[tuple[str, int]] = set()
 
     # -- publishing ------------------------------------------------------------------------------
 
@@ -145,7 +145,10 @@ class LifecycleDriver:
     async def step_rollout(self, route: Route) -> bool:
         """One evaluation of the route's rollout; returns whether this call applied a transition."""
         record = await self.rollouts.read(route.name)
-        if record is None or not record.state.active:
+        if record is None:
+            return False
+        if not record.state.active:
+            await self._retire(route, record)
             return False
         assert route.rollout is not None  # noqa: S101
         evidence = await self.gather_evidence(route, record)
@@ -166,6 +169,23 @@ class LifecycleDriver:
             level = logging.WARNING if transition.state.stage in ("rejected", "rolled_back") else logging.INFO
             log.log(level, "routing change: %s", transition.audit.log_line())
         return applied
+
+    async def _retire(self, route: Route, record: RolloutRecord) -> None:
+        """Mark the arm a finished rollout took out of the route drained in the arm store (the
+        candidate after a reject or rollback, the replaced arm after done), once per rollout, so
+        the guardrail, which tests every arm with statistics, never compares against an arm that
+        no longer serves (nor drains a serving one in its favour)."""
+        state = record.state
+        marker = (route.name, state.seq)
+        if marker in self._retired or state.stage not in ("done", "rejected", "rolled_back"):
+            return
+        arm = state.replaces if state.stage == "done" else state.candidate_arm
+        snapshot = await self.arms.snapshot(route.name)
+        if arm in snapshot.arms and snapshot.arms[arm].state != "drained":
+            await self.arms.set_arm_state(route.name, arm, "drained")
+            log.info("route %s: arm %s left the route with the rollout of %s (%s); its statistics are kept, "
+                     "marked drained", route.name, arm, state.candidate_arm, state.stage)
+        self._retired.add(marker)
 
     async def tick_rollouts(self) -> None:
         for route in self.rollout_routes:

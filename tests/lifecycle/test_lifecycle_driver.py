@@ -75,6 +75,10 @@ async def test_evidence_comes_from_the_stores(parts) -> None:  # type: ignore[no
     assert applied.count(True) == 1
     final = await store.read("r")
     assert final.state.stage == "rolled_back" and final.state.reason.startswith("p99 latency")
+    # the candidate left the route: drained in the arm store, so the guardrail never weighs it again
+    assert not await driver.step_rollout(config.routes[0])
+    snapshot = await arms.snapshot("r")
+    assert snapshot.arms["m-v2"].state == "drained" and snapshot.arms["a"].state == "active"
 
 
 @pytest.mark.stack
