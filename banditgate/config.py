@@ -91,8 +91,10 @@ class KafkaConfig(_Strict):
     security: KafkaSecurity = KafkaSecurity()
     max_poll_records: int = Field(2048, ge=1, le=100_000)
     """Most records one `getmany` returns."""
-    fetch_max_wait_ms: int = Field(5, ge=0, le=10_000)
-    """How long the broker may wait to fill a fetch."""
+    fetch_max_wait_ms: int = Field(500, ge=0, le=10_000)
+    """How long the broker may hold a fetch while the topic is empty. The broker answers as soon as
+    any record arrives (fetch.min.bytes is 1), so this adds no latency; a short wait only makes an
+    idle consumer poll the broker hundreds of times a second."""
     linger_ms: int = Field(2, ge=0, le=1000)
     """Producer batching delay."""
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
@@ -162,6 +164,10 @@ class BatchingConfig(_Strict):
     max_queue_rows: int = Field(8192, ge=1)
     """Per model: more queued rows than this pauses Kafka fetching and rejects HTTP/gRPC with 503."""
     inference_threads: int = Field(2, ge=1, le=256)
+    inline_max_us: int = Field(50, ge=0, le=1000)
+    """A batch of up to 8 rows of a model whose recent small batches ran in under this many
+    microseconds runs on the event loop instead of the pool (a thread round trip costs more than
+    such a model; the loop is never held longer than this measured time). 0: always the pool."""
     max_in_flight_batches: int = Field(8, ge=1, le=1024)
     """Kafka batches (getmany results) being processed at once before fetching pauses."""
 
@@ -185,6 +191,10 @@ class ServerConfig(_Strict):
     max_tensor_elements: int = Field(4_000_000, ge=1)
     max_inputs: int = Field(64, ge=1)
     request_timeout_s: float = Field(10.0, gt=0)
+    publish_interval_ms: int = Field(20, ge=1, le=10_000)
+    """How often the prediction events of REST/gRPC requests are sent to Kafka, in one batch (off
+    the request path: callers never wait for it; a longer interval means fewer, larger produce
+    requests)."""
     max_in_flight_requests: int = Field(256, ge=1)
     """Inference requests (REST and gRPC together) being served at once; beyond it 429 /
     RESOURCE_EXHAUSTED with Retry-After, so an overloaded gateway sheds load instead of queueing it."""

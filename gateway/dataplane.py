@@ -90,7 +90,8 @@ class Dataplane:
         batcher = self.batchers.get(model.key)
         if batcher is None:
             batcher = ModelBatcher(model, self.executor, self.policy, self.config.models.inference_timeout_s,
-                                   clock=self.clock, observe=self.on_batch)
+                                   clock=self.clock, observe=self.on_batch,
+                                   inline_max_us=self.config.batching.inline_max_us)
             self.batchers[model.key] = batcher
         return batcher
 

@@ -8,6 +8,7 @@ version, reason, transport, topic — never request ids.
 from __future__ import annotations
 
 import threading
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -29,6 +30,7 @@ class BulkHistogram(Collector):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self.edges = np.asarray(buckets, dtype=float)
+        self._edge_list = [float(b) for b in buckets]
         self._counts: dict[tuple[str, ...], np.ndarray] = {}
         self._sums: dict[tuple[str, ...], float] = {}
         self._lock = threading.Lock()
@@ -50,7 +52,15 @@ class BulkHistogram(Collector):
             self._sums[labels] += float(array.sum())
 
     def observe(self, value: float, *labels: str) -> None:
-        self.observe_many(np.array([value]), *labels)
+        """One value (no numpy: a batch of one row is common on the sidecar path)."""
+        index = bisect_left(self._edge_list, value)  # same bucket as searchsorted(side="left")
+        with self._lock:
+            counts = self._counts.get(labels)
+            if counts is None:
+                counts = self._counts[labels] = np.zeros(len(self.edges) + 1, dtype=np.int64)
+                self._sums[labels] = 0.0
+            counts[index] += 1
+            self._sums[labels] += float(value)
 
     def describe(self) -> list[HistogramMetricFamily]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]

@@ -1,5 +1,9 @@
 """Per-model asyncio batcher: queue, flush by size or delay, run ONNX Runtime in a thread pool.
 
+Exception: a batch of a few rows of a model measured to answer in under
+`batching.inline_max_us` (default 50 us) runs on the event loop itself, because handing it to a
+thread costs more than running it; the loop is never held longer than that measured time.
+
 Kafka, HTTP and gRPC all submit here, so their rows share batches. The queue is bounded:
 `admits()` says whether a caller may submit; Kafka waits on `wait_for_capacity()` (backpressure),
 HTTP/gRPC get `Overloaded` (503 with Retry-After).
@@ -10,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
+from functools import partial
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +24,10 @@ from gateway.batching.merge import Feeds, concat_feeds, concat_outputs, slice_fe
 from gateway.batching.policy import BatchPolicy
 from gateway.errors import InferenceFailed, Overloaded
 from gateway.models.onnx_runtime import OnnxModel
+
+
+INLINE_MAX_ROWS = 8
+"""Batches up to this many rows may run on the event loop (see ModelBatcher._runs_inline)."""
 
 
 @dataclass
@@ -51,6 +60,13 @@ def run_isolating_failures(model: OnnxModel, feeds: Feeds, rows: int) -> tuple[F
     return concat_outputs([left[0], right[0]]), np.concatenate([left[1], right[1]]), errors
 
 
+def _timed_run(model: OnnxModel, feeds: Feeds, rows: int) -> tuple[Feeds, np.ndarray, dict[int, str], float]:
+    """run_isolating_failures plus its own run time (seconds, measured where it runs)."""
+    started = time.perf_counter()
+    outputs, ok, errors = run_isolating_failures(model, feeds, rows)
+    return outputs, ok, errors, time.perf_counter() - started
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
@@ -64,12 +80,37 @@ class _Item:
     future: asyncio.Future
 
 
+@dataclass(eq=False)
+class _Batch:
+    """One flushed batch on its way through the pool."""
+
+    items: list[_Item]
+    rows: int
+    model: OnnxModel
+    started: float
+    slices: list[tuple[int, int]] = field(default_factory=list)
+    parts: list = field(default_factory=list)
+    remaining: int = 0
+    timer: asyncio.TimerHandle | None = None
+    ended: bool = False
+
+
+def _back_on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], batch: _Batch, index: int,
+                  future: Future) -> None:
+    """Done-callback of a pool future (runs in the worker thread): continue on the event loop."""
+    try:
+        loop.call_soon_threadsafe(callback, batch, index, future)
+    except RuntimeError:
+        pass  # the loop is closed: nobody is waiting any more
+
+
 class ModelBatcher:
     """Batches rows for one model version; `model` may be swapped at any time (hot reload)."""
 
     def __init__(self, model: OnnxModel, executor: Executor, policy: BatchPolicy, timeout_s: float,
                  clock: Callable[[], float] = time.monotonic,
-                 observe: Callable[[OnnxModel, int, float, float], None] | None = None) -> None:
+                 observe: Callable[[OnnxModel, int, float, float], None] | None = None,
+                 inline_max_us: int = 0) -> None:
         self.model = model
         self.executor = executor
         self.policy = policy
@@ -84,6 +125,10 @@ class ModelBatcher:
         self._capacity.set()
         self.healthy = True
         self.last_error: str | None = None
+        self.inline_max_us = inline_max_us
+        self._timed_model: OnnxModel | None = None
+        self._small_batch_us: float | None = None
+        """Recent run time of batches of up to INLINE_MAX_ROWS rows (EWMA, microseconds)."""
 
     @property
     def queued_rows(self) -> int:
@@ -126,43 +171,110 @@ class ModelBatcher:
         rows = self._pending_rows
         self._pending_rows = 0
         self._in_flight_rows += rows
-        asyncio.get_running_loop().create_task(self._run(items, rows))
+        self._dispatch(items, rows)
 
-    async def _run(self, items: list[_Item], rows: int) -> None:
-        model = self.model  # the version in service when the batch starts
+    # A batch runs without a task of its own: each slice goes to the pool with a done-callback that
+    # hops back onto the loop, and one timer enforces the timeout. (A task + gather + wait_for per
+    # batch cost more CPU than a small model's inference.)
+
+    def _dispatch(self, items: list[_Item], rows: int) -> None:
         loop = asyncio.get_running_loop()
-        started = self.clock()
+        batch = _Batch(items, rows, self.model, self.clock())  # the version in service when the batch starts
         try:
             feeds = concat_feeds([i.feeds for i in items])
-            slices = self.policy.slices(rows)
-            calls = [loop.run_in_executor(self.executor, run_isolating_failures, model,
-                                          slice_feeds(feeds, a, b) if len(slices) > 1 else feeds, b - a)
-                     for a, b in slices]
-            parts = await asyncio.wait_for(asyncio.gather(*calls), timeout=self.timeout_s)
-        except TimeoutError:
-            self.healthy = False
-            self.last_error = f"inference on {model.key} took longer than {self.timeout_s}s"
-            self._fail(items, InferenceFailed(self.last_error))
+            batch.slices = self.policy.slices(rows)
+            batch.parts = [None] * len(batch.slices)
+            batch.remaining = len(batch.slices)
+            if self._runs_inline(batch.model, rows):
+                batch.parts = [_timed_run(batch.model, feeds, rows)]
+                self._complete(batch)
+                return
+            batch.timer = loop.call_later(self.timeout_s, self._timed_out, batch)
+            for index, (a, b) in enumerate(batch.slices):
+                part = slice_feeds(feeds, a, b) if len(batch.slices) > 1 else feeds
+                future = self.executor.submit(_timed_run, batch.model, part, b - a)
+                future.add_done_callback(partial(_back_on_loop, loop, self._part_done, batch, index))
+        except Exception as exc:  # a bug in merging or a closed pool: fail these items loudly
+            self._end(batch, InferenceFailed(f"batch on {batch.model.key} failed: {_one_line(exc)}"))
+
+    def _runs_inline(self, model: OnnxModel, rows: int) -> bool:
+        """Small batches of a model measured to run in under `inline_max_us` run on the loop: a
+        thread-pool round trip (two context switches, the GIL changing hands twice) costs more
+        than such a model's inference. The measurement is redone on every batch, so a model
+        that slows down (or a hot swap to a bigger one) goes back to the pool."""
+        return (self.inline_max_us > 0 and rows <= INLINE_MAX_ROWS and model is self._timed_model
+                and self._small_batch_us is not None and self._small_batch_us <= self.inline_max_us)
+
+    def _learn_small_batch_time(self, model: OnnxModel, run_s: float) -> None:
+        # one slow sample (a GC pause, the thread waiting for the GIL) must not send a fast model
+        # back to the pool: samples are clipped at twice the limit before they enter the average,
+        # so a model that is really slower crosses the limit within a few batches, a blip does not
+        run_us = min(run_s * 1e6, 2.0 * self.inline_max_us)
+        if model is not self._timed_model or self._small_batch_us is None:
+            self._timed_model, self._small_batch_us = model, run_us
+        else:
+            self._small_batch_us = 0.9 * self._small_batch_us + 0.1 * run_us
+
+    def _part_done(self, batch: _Batch, index: int, future: Future) -> None:
+        if batch.ended:
+            return  # timed out already
+        error = future.exception()
+        if error is not None:
+            self._end(batch, InferenceFailed(f"batch on {batch.model.key} failed: {_one_line(error)}"))
             return
+        batch.parts[index] = future.result()
+        batch.remaining -= 1
+        if batch.remaining == 0:
+            self._complete(batch)
+
+    def _timed_out(self, batch: _Batch) -> None:
+        if batch.ended:
+            return
+        self.healthy = False
+        self.last_error = f"inference on {batch.model.key} took longer than {self.timeout_s}s"
+        self._end(batch, InferenceFailed(self.last_error))
+
+    def _end(self, batch: _Batch, error: Exception | None = None) -> None:
+        """Release the batch's rows (once); fail its items when `error` is given."""
+        if batch.ended:
+            return
+        batch.ended = True
+        if batch.timer is not None:
+            batch.timer.cancel()
+        self._in_flight_rows -= batch.rows
+        if self.admits(0):
+            self._capacity.set()
+        if error is not None:
+            self._fail(batch.items, error)
+
+    def _complete(self, batch: _Batch) -> None:
+        self._end(batch)
+        items, rows, parts, started = batch.items, batch.rows, batch.parts, batch.started
+        try:
+            inference_s = self.clock() - started
+            if rows <= INLINE_MAX_ROWS:
+                self._learn_small_batch_time(batch.model, max(p[3] for p in parts))
+            if len(parts) == 1:
+                outputs, ok, errors, _run_s = parts[0]
+            else:
+                outputs = concat_outputs([p[0] for p in parts])
+                ok = np.concatenate([p[1] for p in parts])
+                errors = {}
+                for (a, _b), part in zip(batch.slices, parts):
+                    errors.update({a + row: msg for row, msg in part[2].items()})
+            self.healthy = True
+            if self.observe is not None:
+                self.observe(batch.model, rows, started - items[0].enqueued_s, inference_s)
+            if len(items) == 1:
+                pieces = [(outputs, ok)]
+            else:
+                pieces = split_results(outputs, ok, [i.rows for i in items])
         except Exception as exc:  # a bug in merging, not in the model: fail these items loudly
-            self._fail(items, InferenceFailed(f"batch on {model.key} failed: {_one_line(exc)}"))
+            self._fail(items, InferenceFailed(f"batch on {batch.model.key} failed: {_one_line(exc)}"))
             return
-        finally:
-            self._in_flight_rows -= rows
-            if self.admits(0):
-                self._capacity.set()
-        inference_s = self.clock() - started
-        outputs = concat_outputs([p[0] for p in parts])
-        ok = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        errors: dict[int, str] = {}
-        for (a, _b), part in zip(slices, parts):
-            errors.update({a + row: msg for row, msg in part[2].items()})
-        self.healthy = True
-        if self.observe is not None:
-            self.observe(model, rows, started - items[0].enqueued_s, inference_s)
         row = 0
-        for item, (item_outputs, item_ok) in zip(items, split_results(outputs, ok, [i.rows for i in items])):
-            item_errors = {r - row: m for r, m in errors.items() if row <= r < row + item.rows}
+        for item, (item_outputs, item_ok) in zip(items, pieces):
+            item_errors = {r - row: m for r, m in errors.items() if row <= r < row + item.rows} if errors else {}
             if not item.future.done():
                 item.future.set_result(RowsResult(item_outputs, item_ok, item_errors, started - item.enqueued_s,
                                                   inference_s, rows))

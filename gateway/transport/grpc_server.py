@@ -4,8 +4,8 @@ in the gateway's own event loop."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-import uuid
 from typing import Any
 
 import grpc
@@ -15,6 +15,7 @@ from banditgate import __version__
 from banditgate.events import EventError, outcome_from_obj
 from gateway.dataplane import serve_tensors
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound
+from gateway.request_ids import new_request_id
 from gateway.transport.http import EXTENSIONS, SidecarContext, _label_name
 from gateway.transport.oip_codec import DTYPES, _raw_bytes, datatype_for, tensor_from_raw
 from gateway.transport.proto import banditgate_service_pb2 as bg_pb2
@@ -57,7 +58,7 @@ def decode_inputs(request: pb2.ModelInferRequest, max_elements: int, max_inputs:
         shape = list(tensor.shape)
         if any(d < 0 for d in shape):
             raise InvalidInput(f"input {tensor.name!r}: negative dimension in shape {shape}")
-        count = int(np.prod(shape)) if shape else 1
+        count = math.prod(shape)
         if count > max_elements:
             raise InvalidInput(f"input {tensor.name!r} has {count} elements, over the limit of {max_elements}")
         if raw:
@@ -116,21 +117,21 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in doc["outputs"]])
 
     async def ModelInfer(self, request, context):  # noqa: N802
-        await self._guard(context)
         received = time.monotonic()
         server = self.ctx.config.server
+        if server.infer_tokens:
+            await self._guard(context)
         try:
             feeds = decode_inputs(request, server.max_tensor_elements, server.max_inputs)
-            request_id = request.id or uuid.uuid4().hex
-            parameters = {k: _plain(v) for k, v in request.parameters.items()}
-            unit = parameters.get("unit_id")
+            request_id = request.id or new_request_id()
+            unit = _plain(request.parameters["unit_id"]) if "unit_id" in request.parameters else None
             topics = self.ctx.config.kafka.topics
             with self.ctx.admitted():
-                answer = await asyncio.wait_for(
-                    serve_tensors(self.ctx.dataplane, request.model_name, request.model_version or None, feeds,
-                                  request_id, str(unit) if unit is not None else None, time.time(), received,
-                                  on_shadows=lambda events: self.ctx.publish(topics.shadow_predictions, events)),
-                    timeout=server.request_timeout_s)
+                async with asyncio.timeout(server.request_timeout_s):
+                    answer = await serve_tensors(
+                        self.ctx.dataplane, request.model_name, request.model_version or None, feeds, request_id,
+                        str(unit) if unit is not None else None, time.time(), received,
+                        on_shadows=lambda events: self.ctx.publish(topics.shadow_predictions, events))
         except TimeoutError:
             self.ctx.record(_label_name(self.ctx, request.model_name), "grpc", error=TimeoutError("timeout"))
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -59,6 +59,9 @@ class KafkaLoop:
         self.partitions: dict[str, int] = {}
         self._in_flight: collections.deque[tuple[asyncio.Task, dict[TopicPartition, int]]] = collections.deque()
         self._commit_lock = asyncio.Lock()
+        self._to_commit: dict[TopicPartition, int] = {}
+        """Offsets whose batches are delivered, not yet committed (the committer takes them)."""
+        self._committer: asyncio.Task | None = None
         self._last_handed_over: asyncio.Event | None = None
         self.on_new_producer: list[Callable[[AIOKafkaProducer], None]] = []
         """Called with the new producer after a restart (the sidecar publisher shares it)."""
@@ -170,7 +173,9 @@ class KafkaLoop:
                 offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
                 task = asyncio.get_running_loop().create_task(self._process(fetched))
                 self._in_flight.append((task, offsets))
-            await self._commit_completed()
+            if self._commit_in_background():
+                await self._settle_commits()
+                await self._rewind()
             await self._update_lag()
 
     async def _respect_bounds(self, max_in_flight: int) -> None:
@@ -186,20 +191,45 @@ class KafkaLoop:
     def _queues_have_room(self) -> bool:
         return all(b.admits(1) for b in self.dataplane.batchers.values())
 
-    async def _commit_completed(self) -> None:
-        """Commit the offsets of the completed prefix of in-flight batches (order preserved)."""
-        ready: dict[TopicPartition, int] = {}
-        failed = False
+    def _take_completed(self) -> bool:
+        """Move the offsets of the completed prefix of in-flight batches (order preserved) to the
+        ones to commit; True if a batch in that prefix failed (the caller rewinds)."""
         while self._in_flight and self._in_flight[0][0].done():
-            task, offsets = self._in_flight.popleft()
+            task, offsets = self._in_flight[0]
             if task.cancelled() or task.exception() is not None:
-                failed = True
                 error = "cancelled" if task.cancelled() else repr(task.exception())
                 log.error("a batch could not be published (%s); rewinding to the last committed offsets", error)
-                break
-            ready.update(offsets)
-        if ready:
-            await self._commit(ready)
+                return True
+            self._in_flight.popleft()
+            self._to_commit.update(offsets)
+        return False
+
+    def _commit_in_background(self) -> bool:
+        """Start committing what completed without holding up the next fetch (a commit is a broker
+        round trip; awaiting it in the fetch loop added it to every request's latency). Commits
+        stay in order: one committer at a time, each taking the newest offsets. True if a batch
+        failed (the caller settles the commits and rewinds)."""
+        failed = self._take_completed()
+        if self._to_commit and (self._committer is None or self._committer.done()):
+            self._committer = asyncio.get_running_loop().create_task(self._commit_pending())
+        return failed
+
+    async def _commit_pending(self) -> None:
+        while self._to_commit:
+            offsets, self._to_commit = self._to_commit, {}
+            await self._commit(offsets)
+
+    async def _settle_commits(self) -> None:
+        """Wait until everything taken so far is committed (or its commit failed and was logged)."""
+        if self._committer is not None and not self._committer.done():
+            await asyncio.gather(self._committer, return_exceptions=True)
+        await self._commit_pending()
+
+    async def _commit_completed(self) -> None:
+        """Commit the offsets of the completed prefix of in-flight batches and wait for it (before a
+        rebalance hands partitions over, at shutdown, and while fetching is paused)."""
+        failed = self._take_completed()
+        await self._settle_commits()
         if failed:
             await self._rewind()
 

@@ -20,7 +20,7 @@ log = logging.getLogger("banditgate.publisher")
 
 
 class PredictionPublisher:
-    def __init__(self, producer: AIOKafkaProducer, partitions: dict[str, int], flush_interval_s: float = 0.002,
+    def __init__(self, producer: AIOKafkaProducer, partitions: dict[str, int], flush_interval_s: float = 0.02,
                  max_queued: int = 100_000, on_drop: Any = None) -> None:
         self.producer = producer
         self.partitions = partitions
