@@ -231,6 +231,11 @@ class FeedbackConfig(_Strict):
     """Average run length between false drift alarms, in observations per feature."""
     promote_margin: float = Field(0.0, ge=0)
     promote_confidence: float = Field(0.95, gt=0.5, lt=1)
+    quality_drift_arl0: float = Field(10_000, ge=10)
+    """Quality drift: joined outcomes between false alarms of one model version's error-rate CUSUM."""
+    quality_drift_reference: int = Field(1000, ge=20)
+    """Quality drift: a model version's first this many joined outcomes (per worker) set its
+    in-control error rate; monitoring starts after them."""
 
 
 class Arm(_Strict):

@@ -48,6 +48,7 @@ from feedback.join import (
 from feedback.pairs import impression_from_outputs
 from feedback.quality import outputs_view
 from feedback.metrics import FeedbackMetrics
+from feedback.quality_drift_watch import QualityDriftWatch
 from feedback.sinks import KafkaOut, RedisSink
 from feedback.state import JoinTable
 
@@ -83,7 +84,7 @@ class JoinProcessor:
     def __init__(self, *, table: JoinTable, redis: RedisSink, out: KafkaOut, rules: JoinRules, topics: Topics,
                  metrics: FeedbackMetrics, clock: Callable[[], float] = time.time,
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, sweep_limit: int = 5000,
-                 retry_max_s: float = 2.0) -> None:
+                 retry_max_s: float = 2.0, drift: QualityDriftWatch | None = None) -> None:
         self._table = table
         self._redis = redis
         self._out = out
@@ -94,6 +95,7 @@ class JoinProcessor:
         self._max_event_bytes = max_event_bytes
         self._sweep_limit = sweep_limit
         self._retry_max_s = retry_max_s
+        self._drift = drift
         self._sources = {topics.predictions: "predictions", topics.shadow_predictions: "shadow_predictions",
                          topics.outcomes: "outcomes"}
         self.lock = asyncio.Lock()
@@ -237,6 +239,11 @@ class JoinProcessor:
                 effects.extend(step.effects)
             if changes or effects:
                 await self._finish(changes, effects, [])
+            elif self._drift is not None and self._drift.waiting:
+                # series whose threshold was still being calibrated run now, even if no batch comes
+                letters = self._drift_alerts([])
+                if letters:
+                    await self._retrying("kafka", lambda: self._out.send_all(letters))
             self._metrics.join_entries.set(len(self._table))
             return len(due)
 
@@ -259,10 +266,22 @@ class JoinProcessor:
                 encoded = self._table.encode(changes)
             applied = await redis_call
             self._metrics.count_all(applied.counts)
+            if self._drift is not None:
+                # fed only what the ledger applied now: a replayed outcome is not seen twice
+                letters.extend(self._drift_alerts(applied.scored))
         if letters:
             await self._retrying("kafka", lambda: self._out.send_all(letters))
         if changes:
             await self._retrying("changelog", lambda: self._table.persist(changes, encoded))
+
+    def _drift_alerts(self, scored: list[Any]) -> list[tuple[str, bytes | None, bytes]]:
+        """Feed the quality-drift watch; the alerts of the episodes it opened, ready to send."""
+        assert self._drift is not None  # noqa: S101 - callers check
+        letters = []
+        for alert in self._drift.observe(scored):
+            self._metrics.alerts.labels(alert.route, alert.kind).inc()
+            letters.append(self._out.alert(alert))
+        return letters
 
     async def _retrying(self, sink: str, call: Callable[[], Awaitable[T]]) -> T:
         """Call until it succeeds; transient Redis/Kafka/network errors are retried with backoff

@@ -44,6 +44,8 @@ from feedback.sinks import (
     QualityMonitor,
     RedisSink,
 )
+from feedback.quality_drift import QualityDriftTracker
+from feedback.quality_drift_watch import QualityDriftWatch, ThresholdCache
 from feedback.state import JoinTable
 from router.stats_store import ArmStatsStore
 
@@ -138,8 +140,12 @@ class FeedbackRuntime(mode.Service):
         out = KafkaOut(self._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts)
         rules = join_rules(config)
         table = JoinTable(self.table.data, self._producer, self.table.changelog_topic.get_topic_name(), rules)
+        drift = QualityDriftWatch(QualityDriftTracker(arl0=config.feedback.quality_drift_arl0,
+                                                      reference_outcomes=config.feedback.quality_drift_reference,
+                                                      threshold=ThresholdCache()),
+                                  {route.name: route.reward for route in config.routes}, self.metrics)
         self.processor = JoinProcessor(table=table, redis=sink, out=out, rules=rules, topics=config.kafka.topics,
-                                       metrics=self.metrics, max_event_bytes=config.max_event_bytes)
+                                       metrics=self.metrics, max_event_bytes=config.max_event_bytes, drift=drift)
         self.monitor = QualityMonitor(self._redis, keys, config.routes, config.feedback.quality_window_s,
                                       config.feedback.promote_confidence, config.feedback.promote_margin, out,
                                       self.metrics)

@@ -4,6 +4,7 @@ collector that serves the latest quality snapshot as gauges). Names are listed i
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -56,6 +57,8 @@ class FeedbackMetrics:
         registry.register(self.quality)
         self.interleave = InterleaveCollector()
         registry.register(self.interleave)
+        self.quality_drift = QualityDriftCollector()
+        registry.register(self.quality_drift)
 
     def count_all(self, effects: Iterable[Count]) -> None:
         """Count effects that the ledger applied, one counter increment per route and kind."""
@@ -169,3 +172,41 @@ class InterleaveCollector:
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return [*(GaugeMetricFamily(name, text, labels=_PAIR_LABELS) for name, text in _PAIR_GAUGES.values()),
                 GaugeMetricFamily(*_VERDICT, labels=["route", "arm"])]
+
+
+_DRIFT_GAUGES = {
+    "statistic": ("banditgate_quality_drift_statistic", "Quality-drift CUSUM statistic of the error stream"),
+    "threshold": ("banditgate_quality_drift_threshold", "Quality-drift CUSUM threshold (calibrated to the ARL0)"),
+    "alarm": ("banditgate_quality_drift_alarm", "1 during a quality-drift alarm episode, else 0"),
+    "p0": ("banditgate_quality_drift_reference_error_rate", "In-control error rate learned from the reference window"),
+    "alarms": ("banditgate_quality_drift_alarms", "Quality-drift CUSUM crossings in this process (episodes alert once)"),
+    "outcomes": ("banditgate_quality_drift_outcomes", "Outcomes this process fed to the series (reference included)"),
+}
+_DRIFT_LABELS = ["route", "arm", "model", "version", "role", "signal"]
+
+
+class QualityDriftCollector:
+    """Prometheus collector serving the quality-drift series' latest state (one snapshot per batch)."""
+
+    def __init__(self) -> None:
+        self._states: list[Any] = []
+
+    def update(self, states: list[Any]) -> None:
+        """`states`: feedback.quality_drift.SeriesState rows (replaced as a whole)."""
+        self._states = states
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        families = {key: GaugeMetricFamily(name, text, labels=_DRIFT_LABELS) for key, (name, text) in _DRIFT_GAUGES.items()}
+        for state in self._states:
+            key = state.key
+            labels = [key.route, key.arm, key.model, str(key.version), key.role, key.signal]
+            families["alarm"].add_metric(labels, 1.0 if state.in_alarm else 0.0)
+            families["alarms"].add_metric(labels, float(state.alarms_total))
+            families["outcomes"].add_metric(labels, float(state.outcomes))
+            for name, value in (("statistic", state.statistic), ("threshold", state.threshold), ("p0", state.p0)):
+                if value is not None:
+                    families[name].add_metric(labels, float(value))
+        return list(families.values())
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return [GaugeMetricFamily(name, text, labels=_DRIFT_LABELS) for name, text in _DRIFT_GAUGES.values()]

@@ -138,6 +138,15 @@ def _same(predicted: Any, label: Any) -> bool:
     return str(predicted) == str(label)
 
 
+def label_error(view: PredictionView, label: Any) -> bool | None:
+    """Whether a classifier's predicted label misses `label` (the error stream the quality-drift
+    CUSUM watches); None when the pair cannot be scored as a classification (regressors)."""
+    predicted = _predicted_label(view, label)
+    if predicted is None:
+        return None
+    return not _same(predicted, label)
+
+
 # ---------------------------------------------------------------------------------------------
 # mergeable statistics
 

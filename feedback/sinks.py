@@ -30,7 +30,7 @@ import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -321,6 +321,8 @@ class Applied:
     """Count effects applied now (not seen before)."""
     arm_applied: int
     arm_duplicates: int
+    scored: list[Label | Reward] = field(default_factory=list)
+    """Label and Reward effects applied now: what the quality-drift watch is fed (once each)."""
 
 
 class RedisSink:
@@ -342,10 +344,16 @@ class RedisSink:
         arm_calls = [self._store.apply(route, batch) for route, batch in updates.items()]
         results = await asyncio.gather(self._ledger.apply(chunks), *arm_calls)
         counts: list[Count] = []
+        scored: list[Label | Reward] = []
         for chunk, flags in zip(chunks, results[0]):
             for members, applied in zip(chunk.members, flags):
                 if applied:
-                    counts.extend(m for m in members if m.__class__ is Count)  # type: ignore[misc]
+                    for member in members:
+                        cls = member.__class__
+                        if cls is Count:
+                            counts.append(member)  # type: ignore[arg-type]
+                        elif cls is Label or cls is Reward:
+                            scored.append(member)  # type: ignore[arg-type]
         arm_applied = arm_duplicates = 0
         for route, result in zip(updates, results[1:]):
             arm_applied += result.applied
@@ -353,7 +361,7 @@ class RedisSink:
             if metrics is not None:
                 metrics.arm_updates.labels(route, "applied").inc(result.applied)
                 metrics.arm_updates.labels(route, "duplicate").inc(result.duplicates)
-        return Applied(counts, arm_applied, arm_duplicates)
+        return Applied(counts, arm_applied, arm_duplicates, scored)
 
 
 # ---------------------------------------------------------------------------------------------
