@@ -47,6 +47,7 @@ from feedback.sinks import (
 from feedback.quality_drift import QualityDriftTracker
 from feedback.quality_drift_watch import QualityDriftWatch, ThresholdCache
 from feedback.state import JoinTable
+from feedback.webhooks import WebhookNotifier
 from router.stats_store import ArmStatsStore
 
 log = logging.getLogger("banditgate.feedback")
@@ -124,6 +125,8 @@ class FeedbackRuntime(mode.Service):
         self.announced = False
         self._redis: Any = None
         self._producer: AIOKafkaProducer | None = None
+        self.webhooks: WebhookNotifier | None = None
+        """Alerts to per-route webhooks; every KafkaOut of the worker should carry it."""
 
     async def on_start(self) -> None:
         config = self.config
@@ -137,7 +140,10 @@ class FeedbackRuntime(mode.Service):
                               half_lives={route.name: route.half_life for route in config.routes})
         sink = RedisSink(store, Ledger(self._redis, keys, config.redis.dedup_ttl_s),
                          LedgerPlanner(keys, config.feedback.quality_window_s))
-        out = KafkaOut(self._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts)
+        self.webhooks = WebhookNotifier({route.name: route.webhook_url for route in config.routes if route.webhook_url},
+                                        self.metrics)
+        self.webhooks.start()
+        out = KafkaOut(self._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts, self.webhooks)
         rules = join_rules(config)
         table = JoinTable(self.table.data, self._producer, self.table.changelog_topic.get_topic_name(), rules)
         drift = QualityDriftWatch(QualityDriftTracker(arl0=config.feedback.quality_drift_arl0,
@@ -156,6 +162,8 @@ class FeedbackRuntime(mode.Service):
         self.ready.set()
 
     async def on_stop(self) -> None:
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         if self._producer is not None:
             await self._producer.stop()
         if self._redis is not None:

@@ -346,7 +346,8 @@ def install(app: Any, runtime: Any, config: Config) -> None:
         if not runtime.ready.is_set():
             return None
         if "driver" not in holder:
-            out = KafkaOut(runtime._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts)  # noqa: SLF001
+            out = KafkaOut(runtime._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts,  # noqa: SLF001
+                           getattr(runtime, "webhooks", None))  # the route's webhook gets these alerts too
             holder["driver"] = LifecycleDriver(config, runtime._redis, out)  # noqa: SLF001
         return holder["driver"]
 

@@ -52,6 +52,10 @@ class FeedbackMetrics:
         self.join_entries = Gauge("banditgate_feedback_join_entries",
                                   "Requests held in this worker's join table (pending and recently joined)",
                                   registry=registry)
+        self.webhook_deliveries = Counter("banditgate_feedback_webhook_deliveries_total",
+                                          "Alerts for a route's webhook by result (delivered, failed after "
+                                          "retries, dropped: queue full or stopping)",
+                                          ["route", "result"], registry=registry)
         self.redis_up = Gauge("banditgate_feedback_redis_up", "1 while Redis writes succeed", registry=registry)
         self.quality = QualityCollector()
         registry.register(self.quality)

@@ -50,6 +50,7 @@ from feedback.quality import (
     shadow_verdict,
     window_buckets,
 )
+from feedback.webhooks import WebhookNotifier, alert_route
 from router.stats_store import ArmStatsStore, ArmUpdate
 
 log = logging.getLogger("banditgate.feedback.sinks")
@@ -369,18 +370,28 @@ class RedisSink:
 
 
 class KafkaOut:
-    """Dead letters and alerts through one aiokafka producer (acknowledged before returning)."""
+    """Dead letters and alerts through one aiokafka producer (acknowledged before returning).
+    Every alert it sends (any message to the alerts topic, whoever built it) also goes to its
+    route's webhook, when `webhooks` has one for it (queued; never blocks: feedback/webhooks.py)."""
 
-    def __init__(self, producer: Any, deadletter_topic: str, alerts_topic: str) -> None:
+    def __init__(self, producer: Any, deadletter_topic: str, alerts_topic: str, webhooks: Any = None) -> None:
         self._producer = producer
         self.deadletter_topic = deadletter_topic
         self.alerts_topic = alerts_topic
+        self.webhooks: WebhookNotifier | None = webhooks
 
     async def send_all(self, messages: Sequence[tuple[str, bytes | None, bytes]]) -> None:
         """Send (topic, key, value) messages and wait until the broker acknowledged all of them."""
         futures = [await self._producer.send(topic, key=key, value=value) for topic, key, value in messages]
         if futures:
             await asyncio.gather(*futures)
+        webhooks = self.webhooks
+        if webhooks is not None and webhooks.urls:
+            for topic, key, value in messages:
+                if topic == self.alerts_topic:
+                    route = alert_route(key, value)
+                    if route is not None:
+                        webhooks.notify(route, value)
 
     def dead_letter(self, key: bytes | None, error: str, reason: str, topic: str, partition: int, offset: int,
                     payload: bytes) -> tuple[str, bytes | None, bytes]:
