@@ -54,7 +54,7 @@ ROUTE = "bench"
 MODEL = "bench-model"
 CONNECTIONS = 32
 FRACTION = 0.5
-SYSTEMS = ("bare_onnxruntime", "banditgate_rest", "banditgate_rest_model", "banditgate_grpc",
+SYSTEMS = ("bare_onnxruntime", "grpc_aio_floor", "banditgate_rest", "banditgate_rest_model", "banditgate_grpc",
            "banditgate_grpc_model", "mlserver_rest", "mlserver_rest_default_workers")
 
 
@@ -225,6 +225,36 @@ def _run_banditgate(runner: Runner, work: Path, body_file: Path, body: bytes) ->
     return probability
 
 
+def _wait_grpc(process: subprocess.Popen, port: int, log_path: Path, timeout_s: float = 30.0) -> None:
+    import grpc
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"grpc_floor exited with {process.returncode} before it was ready (log: {log_path})")
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                grpc.channel_ready_future(channel).result(timeout=0.5)
+                return
+            except grpc.FutureTimeoutError:
+                pass
+    raise BenchError(f"grpc_floor was not ready within {timeout_s:.0f}s (log: {log_path})")
+
+
+def _run_grpc_floor(runner: Runner, work: Path) -> None:
+    """A grpc.aio ModelInfer that does nothing, on the servers' core: the ceiling of any grpc.aio service."""
+    port = _free_port()
+    log_path = work / "grpc_floor.log"
+    progress(f"grpc_floor: starting a do-nothing grpc.aio ModelInfer on :{port}")
+    process = _spawn([sys.executable, "-m", "loadtests.grpc_floor", str(port)], log_path, runner.server_cpus)
+    try:
+        _wait_grpc(process, port, log_path)
+        runner.measure("grpc_aio_floor", "grpc", {"host": "127.0.0.1", "port": port, "model_name": "floor",
+                                                  "server_pid": process.pid})
+    finally:
+        _stop(process)
+
+
 def _run_mlserver(runner: Runner, work: Path, body_file: Path, body: bytes, model_path: Path, system: str,
                   parallel_workers: int) -> float:
     executable = ensure_venv(progress)
@@ -258,6 +288,7 @@ def _run(quick: bool) -> dict[str, Any]:
         runner = Runner(work, quick, row)
         ensure_venv(progress)  # fail early, before the other measurements, when MLServer cannot be installed
         runner.measure("bare_onnxruntime", "ort", {"model": str(model_path)}, cpus=runner.server_cpus)
+        _run_grpc_floor(runner, work)
         ours = _run_banditgate(runner, work, body_file, body)
         theirs = _run_mlserver(runner, work, body_file, body, model_path, "mlserver_rest", parallel_workers=0)
         _run_mlserver(runner, work, body_file, body, model_path, "mlserver_rest_default_workers", parallel_workers=1)
@@ -270,6 +301,10 @@ def _run(quick: bool) -> dict[str, Any]:
     ml = results["mlserver_rest"]["throughput_rps"]
     results["ratio_rest_vs_mlserver"] = round(results["banditgate_rest"]["throughput_rps"] / ml, 3)
     results["ratio_grpc_vs_mlserver"] = round(results["banditgate_grpc"]["throughput_rps"] / ml, 3)
+    # what grpc.aio itself allows on this core, against MLServer and against banditgate's gRPC
+    results["ratio_grpc_floor_vs_mlserver"] = round(results["grpc_aio_floor"]["throughput_rps"] / ml, 3)
+    results["ratio_grpc_vs_grpc_floor"] = round(results["banditgate_grpc"]["throughput_rps"]
+                                               / results["grpc_aio_floor"]["throughput_rps"], 3)
     # the same comparison in server CPU per request (requests per core-second): steadier than rates
     # when other work shares the machine
     ml_cpu = results["mlserver_rest"]["server_cpu_us_per_request"]
@@ -308,6 +343,9 @@ def _run(quick: bool) -> dict[str, Any]:
                       "1 inference thread, predictions published to Kafka; *_model entries ask the concrete "
                       "model name and version (no router)",
         "mlserver": SETTINGS_NOTE,
+        "grpc_aio_floor": "loadtests/grpc_floor.py: a grpc.aio ModelInfer that answers a fixed response without "
+                          "decoding, routing or inference, on the servers' core; the most any grpc.aio service "
+                          "(banditgate's gRPC sidecar included) can answer there",
         "mlserver_rest_default_workers": "the same MLServer with its default parallel_workers=1 (one inference "
                                          "worker process), for reference; the ratios use mlserver_rest",
         "request_body_bytes": len(body),
@@ -324,7 +362,9 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['p999_ms']:.3f} |")
     lines.append("")
     lines.append(f"banditgate REST = {results['ratio_rest_vs_mlserver']:.2f}x MLServer, gRPC = "
-                 f"{results['ratio_grpc_vs_mlserver']:.2f}x MLServer (goal 2x); per server CPU second: REST "
+                 f"{results['ratio_grpc_vs_mlserver']:.2f}x MLServer (goal 2x; a do-nothing grpc.aio service = "
+                 f"{results['ratio_grpc_floor_vs_mlserver']:.2f}x, banditgate gRPC = "
+                 f"{results['ratio_grpc_vs_grpc_floor']:.2f}x of it); per server CPU second: REST "
                  f"{results['cpu_ratio_rest_vs_mlserver'] or 0:.2f}x, gRPC {results['cpu_ratio_grpc_vs_mlserver'] or 0:.2f}x"
                  f"; p99 above bare ONNX Runtime: "
                  f"REST {results['p99_above_bare_ms']['banditgate_rest']:.3f} ms, gRPC "

@@ -1,0 +1,54 @@
+"""The grpc.aio floor for `banditgate bench http`: a ModelInfer that does nothing.
+
+    python -m loadtests.grpc_floor PORT
+
+Serves `inference.GRPCInferenceService/ModelInfer` on grpc.aio (uvloop, as `banditgate serve`)
+and answers every call with one fixed response: no decoding, routing, batching or inference.
+Driven by the same generator on the same pinned core as the real servers, it measures the most
+requests per second any grpc.aio service can answer there: the ceiling for banditgate's gRPC
+sidecar, which must run on grpc.aio in the gateway's event loop.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import grpc
+import uvloop
+
+from gateway.transport.proto import grpc_predict_v2_pb2 as pb2
+from gateway.transport.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
+
+_ANSWER = pb2.ModelInferResponse(
+    model_name="floor", model_version="1",
+    outputs=[pb2.ModelInferResponse.InferOutputTensor(name="probability", datatype="FP32", shape=[1, 1])],
+    raw_output_contents=[b"\x00\x00\x00\x00"])
+
+
+class _Floor(pb2_grpc.GRPCInferenceServiceServicer):
+    async def ServerReady(self, request, context):  # noqa: N802 - names fixed by the proto
+        return pb2.ServerReadyResponse(ready=True)
+
+    async def ModelInfer(self, request, context):  # noqa: N802
+        return _ANSWER
+
+
+async def _serve(port: int) -> None:
+    server = grpc.aio.server()
+    pb2_grpc.add_GRPCInferenceServiceServicer_to_server(_Floor(), server)
+    if server.add_insecure_port(f"127.0.0.1:{port}") != port:
+        raise SystemExit(f"grpc_floor: cannot listen on 127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1 or not argv[0].isdigit():
+        print("usage: python -m loadtests.grpc_floor PORT", file=sys.stderr)
+        return 2
+    uvloop.run(_serve(int(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
