@@ -82,7 +82,7 @@ async def test_better_version_goes_full_and_survives_a_worker_kill(loop_parts, s
         drop_version(repository, 2, slope=20.0)
         await wait_until(stage_of(store, "shadow"), 20, "the new version to enter as a shadow", worker)
         runtime = gateway.gateway.dataplane.routes[ROUTE]
-        assert [s.name for s in runtime.route.shadows] == ["m-v2"]
+        await wait_until(lambda: _arms(runtime, ["a"], shadows=["m-v2"]), 10, "the gateway to add the shadow")
         seen: set[tuple[tuple[str, ...], frozenset[str]]] = set()
 
         async def watch() -> None:
