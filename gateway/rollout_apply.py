@@ -15,8 +15,10 @@ the store every second under the stage's seq (router.rollout_store); and it coun
 alarms of routes with ``retrain.drift`` there, for the feedback worker's retraining triggers.
 
 Starting: every `models.poll_interval_s` the highest version folder of each rollout route's model
-is offered to RolloutStore.begin, which starts it once across replicas (compare-and-set) if it is
-newer than the one serving and than any rejected before.
+is offered to RolloutStore.begin (one Redis read when nothing starts), which starts it once
+across replicas (compare-and-set) if no rollout is active and it is newer than the one serving
+and than any rejected before. A version that appears during another rollout starts when that
+one ends.
 """
 
 from __future__ import annotations
@@ -66,7 +68,6 @@ class RolloutApplier:
         self._lineups: dict[str, Lineup] = {name: lineup(route, None) for name, route in self.routes.items()}
         self._latency_targets: dict[tuple[str, int], tuple[str, int]] = {}
         self._latency: dict[tuple[str, int], Counter[int]] = {}
-        self._offered: dict[str, int] = {}
         self._load_failed: dict[str, tuple[Any, float]] = {}
         self.alarm_routes = {route.name for route in config.routes if route.retrain is not None and route.retrain.drift}
         self._alarms: dict[str, Counter[str]] = {}
@@ -211,7 +212,7 @@ class RolloutApplier:
                 versions = await asyncio.to_thread(self.repository.available_versions, model)
             except (ModelError, ModelNotFound):
                 continue
-            if not versions or self._offered.get(name) == versions[-1]:
+            if not versions:
                 continue
             try:
                 record = await self.store.begin(route, versions[-1], self.clock())
@@ -221,7 +222,6 @@ class RolloutApplier:
             except Exception as exc:  # noqa: BLE001 - Redis away: offered again next time
                 log.debug("new version not offered yet: %s", exc)
                 continue
-            self._offered[name] = versions[-1]
             if record is not None:
                 log.info("rollout started: route %s, %s version %d enters as shadow %s (seq %d)", name, model,
                          record.state.version, record.state.candidate_arm, record.state.seq)

@@ -126,6 +126,9 @@ async def test_worse_version_is_rejected_at_shadow(loop_parts, stack, topics) ->
     assert traffic.served_by.get("m-v2", 0) == 0  # it never served
     assert ("m", 2) not in {(m.name, m.version) for m in gateway.gateway.repository.loaded()}
     assert await store.begin(gateway.gateway.config.routes[0], 2) is None  # never retried
+    drop_version(repository, 3, slope=20.0)  # a newer one does start
+    newer = await wait_until(stage_of(store, "shadow"), 20, "the newer version to start", worker)
+    assert newer.state.version == 3 and newer.rejected == {"m": 2}
     alerts = await wait_until(lambda: _rollout_alerts(stack, topics, 1), 20, "the reject alert", worker)
     assert [a["kind"] for a in alerts] == ["reject"]
 
