@@ -122,7 +122,10 @@ class RolloutApplier:
                                        [a.weight for a in wanted.arms], [a.floor for a in wanted.arms],
                                        [s.name for s in wanted.shadows], wanted.held_drained)
         except ValueError as exc:
-            log.error("route %s: rollout lineup not applied: %s", name, exc)
+            key = None if record is None else (record.state.seq, record.state.stage)
+            if self._load_failed.get(name, (object(),))[0] != key:
+                log.error("route %s: rollout lineup not applied (the previous one keeps serving): %s", name, exc)
+            self._load_failed[name] = (key, time.monotonic())
             return False
         # no await since reconfigure: the dataplane sees the new arms with the new policy
         runtime.route = runtime.route.model_copy(update={"arms": arms, "shadows": shadows})
