@@ -14,7 +14,7 @@ import numpy as np
 from banditgate import __version__
 from banditgate.events import EventError, outcome_from_obj
 from gateway.dataplane import serve_tensors
-from gateway.errors import GatewayError, InvalidInput, ModelNotFound
+from gateway.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded
 from gateway.request_ids import new_request_id
 from gateway.transport.http import EXTENSIONS, SidecarContext, _label_name
 from gateway.transport.oip_codec import DTYPES, _raw_bytes, datatype_for, tensor_from_raw
@@ -35,6 +35,20 @@ def _parameter(value: Any) -> pb2.InferParameter:
     if isinstance(value, int):
         return pb2.InferParameter(int64_param=value)
     return pb2.InferParameter(string_param=str(value))
+
+
+def retry_trailers(exc: Exception) -> tuple[tuple[str, str], ...]:
+    """Trailing metadata telling a gRPC caller when to come back after an overload: `retry-after`
+    (seconds, as REST's header) and `grpc-retry-pushback-ms`, which gRPC's own retry policy obeys."""
+    if not isinstance(exc, Overloaded):
+        return ()
+    seconds = max(1, int(round(exc.retry_after_s)))
+    return (("retry-after", str(seconds)), ("grpc-retry-pushback-ms", str(seconds * 1000)))
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: GatewayError) -> None:
+    """End the call with the error's status, its one-line message and, on overload, when to retry."""
+    await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc), trailing_metadata=retry_trailers(exc))
 
 
 def _plain(parameter: pb2.InferParameter) -> Any:
@@ -138,7 +152,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
                                 f"inference did not finish within {server.request_timeout_s}s")
         except GatewayError as exc:
             self.ctx.record(_label_name(self.ctx, request.model_name), "grpc", error=exc)
-            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
+            await abort(context, exc)
         self.ctx.record(_label_name(self.ctx, request.model_name), "grpc", arm=answer.arm)
         self.ctx.publish(self.ctx.config.kafka.topics.predictions, answer.events)
         outputs = answer.outputs

@@ -40,3 +40,13 @@ def test_a_slot_is_released_when_serving_fails() -> None:
             raise RuntimeError("inference blew up")
     with ctx.admitted():  # the slot came back
         assert ctx.in_flight == 1
+
+
+def test_grpc_overload_says_when_to_retry() -> None:
+    from gateway.errors import InvalidInput, Overloaded
+    from gateway.transport.grpc_server import retry_trailers
+
+    assert dict(retry_trailers(TooManyRequests("busy", retry_after_s=1.0))) == {
+        "retry-after": "1", "grpc-retry-pushback-ms": "1000"}
+    assert dict(retry_trailers(Overloaded("queue full", retry_after_s=2.4)))["retry-after"] == "2"
+    assert retry_trailers(InvalidInput("bad")) == ()
