@@ -231,8 +231,10 @@ class FeedbackConfig(_Strict):
     """Average run length between false drift alarms, in observations per feature."""
     promote_margin: float = Field(0.0, ge=0)
     promote_confidence: float = Field(0.95, gt=0.5, lt=1)
-    quality_drift_arl0: float = Field(10_000, ge=10)
-    """Quality drift: joined outcomes between false alarms of one model version's error-rate CUSUM."""
+    quality_drift_arl0: float = Field(1_000_000, ge=10)
+    """Quality drift: joined outcomes between false alarms of one series (route, role, arm, model
+    version, signal) - an in-control series alarms about once per this many outcomes, so a busy
+    route needs a large value."""
     quality_drift_reference: int = Field(1000, ge=20)
     """Quality drift: a model version's first this many joined outcomes (per worker) set its
     in-control error rate; monitoring starts after them."""

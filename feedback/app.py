@@ -126,6 +126,7 @@ class FeedbackRuntime(mode.Service):
         self._redis: Any = None
         self._producer: AIOKafkaProducer | None = None
         self.webhooks: WebhookNotifier | None = None
+        self.drift_thresholds: ThresholdCache | None = None
         """Alerts to per-route webhooks; every KafkaOut of the worker should carry it."""
 
     async def on_start(self) -> None:
@@ -146,9 +147,10 @@ class FeedbackRuntime(mode.Service):
         out = KafkaOut(self._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts, self.webhooks)
         rules = join_rules(config)
         table = JoinTable(self.table.data, self._producer, self.table.changelog_topic.get_topic_name(), rules)
+        self.drift_thresholds = ThresholdCache()
         drift = QualityDriftWatch(QualityDriftTracker(arl0=config.feedback.quality_drift_arl0,
                                                       reference_outcomes=config.feedback.quality_drift_reference,
-                                                      threshold=ThresholdCache()),
+                                                      threshold=self.drift_thresholds),
                                   {route.name: route.reward for route in config.routes}, self.metrics)
         self.processor = JoinProcessor(table=table, redis=sink, out=out, rules=rules, topics=config.kafka.topics,
                                        metrics=self.metrics, max_event_bytes=config.max_event_bytes, drift=drift)
@@ -162,6 +164,8 @@ class FeedbackRuntime(mode.Service):
         self.ready.set()
 
     async def on_stop(self) -> None:
+        if self.drift_thresholds is not None:
+            self.drift_thresholds.close()
         if self.webhooks is not None:
             await self.webhooks.stop()
         if self._producer is not None:

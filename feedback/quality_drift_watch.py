@@ -4,7 +4,8 @@ After each batch's effects are in Redis, the Label and Reward effects the ledger
 (so a replayed or redelivered outcome is fed once) go to the pure
 :class:`feedback.quality_drift.QualityDriftTracker`, one series per route / role / arm / model
 version / signal. Thresholds are calibrated in a worker thread (1-2 s per distinct error rate,
-cached for the process), never on the event loop; a series waits, holding its outcomes, until its
+cached for the process) in a helper process at a lower CPU priority, never on the event loop; a
+series waits, holding its outcomes, until its
 threshold is known. A new alarm episode becomes one alert on the alerts topic (through
 :class:`feedback.sinks.KafkaOut`, like every alert of the worker):
 
@@ -23,7 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -38,14 +42,36 @@ log = logging.getLogger("banditgate.feedback.quality_drift")
 _METRIC = {"label_error": "label_error_rate", "reward_failure": "reward_failure_rate"}
 
 
+def _lower_priority() -> None:
+    os.nice(10)
+
+
 class ThresholdCache:
     """Calibrated thresholds by (p0, p1, arl0, reference count); unknown ones are computed in the
-    loop's default executor and answered None until they are done. Call from the event loop."""
+    background and answered None until they are done. Call from the event loop.
 
-    def __init__(self, seed: int = 0) -> None:
+    A calibration is a few seconds of numpy simulation: it runs in one helper process at a lower
+    CPU priority (`processes=True`), so it neither holds the worker's GIL nor takes a core from
+    the worker, Kafka or Redis while they are busy; if that process cannot run, in a thread."""
+
+    def __init__(self, seed: int = 0, processes: bool = True) -> None:
         self._seed = seed
         self._known: dict[tuple[float, float, float, int], float] = {}
         self._running: set[tuple[float, float, float, int]] = set()
+        self._processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor | None:
+        if self._processes and self._pool is None:
+            self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_lower_priority)
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the helper process (calibrations in progress are abandoned)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def __call__(self, p0: float, p1: float, arl0: float, reference_count: int) -> float | None:
         key = (p0, p1, arl0, reference_count)
@@ -54,14 +80,20 @@ class ThresholdCache:
             return known
         self._running.add(key)
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, bernoulli_threshold, p0, p1, arl0, reference_count, self._seed)
+        future = loop.run_in_executor(self._executor(), bernoulli_threshold, p0, p1, arl0, reference_count,
+                                      self._seed)
 
         def done(f: asyncio.Future[float]) -> None:
             self._running.discard(key)
             if f.cancelled():
                 return
-            if f.exception() is not None:
-                log.error("quality-drift calibration for p0=%.4f failed: %s", p0, f.exception())
+            exc = f.exception()
+            if isinstance(exc, BrokenExecutor):
+                log.warning("quality-drift calibration process failed (%s); calibrating in a thread instead", exc)
+                self._processes, self._pool = False, None
+                return  # asked again at the next update
+            if exc is not None:
+                log.error("quality-drift calibration for p0=%.4f failed: %s: %s", p0, type(exc).__name__, exc)
                 return
             self._known[key] = f.result()
 
