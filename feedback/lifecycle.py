@@ -34,8 +34,8 @@ guardrail          the candidate arm drained in the arm store (by the guardrail,
 
 Drift alarms reach the triggers through the store: gateways count their ``drift`` alerts of
 routes with ``retrain.drift`` under ``P:{R}:rollout:alarms``, and the driver treats counts above
-the ones it consumed last as new alarms. ``retrain.quality`` is not evaluated yet: the worker
-runs no quality-drift alarm that could raise it.
+the ones it consumed last as new alarms. ``retrain.quality`` fires the same way on ``quality``
+counts, but nothing adds them yet (the quality-drift watch sends its alerts to the topic only).
 """
 
 from __future__ import annotations
@@ -100,7 +100,8 @@ class LifecycleDriver:
 
     # -- publishing ------------------------------------------------------------------------------
 
-    async def _send(self, items: list[dict[str, Any]]) -> None:
+    async def send_queued(self, items: list[dict[str, Any]]) -> None:
+        """Publish outbox items (audit events, alerts) through KafkaOut; raises unless all were acknowledged."""
         topics = self.config.kafka.topics
         messages = []
         for item in items:
@@ -113,7 +114,7 @@ class LifecycleDriver:
         """Publish every route's queued audit events and alerts; returns how many were sent."""
         sent = 0
         for route in {r.name for r in (*self.rollout_routes, *self.retrain_routes)}:
-            sent += await self.rollouts.drain_outbox(route, self._send)
+            sent += await self.rollouts.drain_outbox(route, self.send_queued)
         return sent
 
     # -- rollouts --------------------------------------------------------------------------------

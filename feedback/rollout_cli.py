@@ -2,8 +2,9 @@
 
 Reads and changes the rollout record in Redis through router.rollout_store (compare-and-set on
 the state's seq, the audit event and alert queued in the same step), then publishes the route's
-queued events to Kafka (routing-changes, alerts); if Kafka does not answer they stay queued and
-the feedback worker publishes them. Gateways apply the change within one snapshot refresh.
+queued events to Kafka (routing-changes, alerts) through the feedback worker's path (KafkaOut: an
+alert also goes to the route's webhook); if Kafka does not answer they stay queued and the
+feedback worker publishes them. Gateways apply the change within one snapshot refresh.
 """
 
 from __future__ import annotations
@@ -29,24 +30,26 @@ def _route(config: Config, name: str) -> Any:
     return route
 
 
-async def _publish(config: Config, store: Any, route: str) -> int:
+async def _publish(config: Config, client: Any, route: str) -> int:
+    """Publish the route's queued audit events and alerts on the worker's path (KafkaOut, so an
+    alert also reaches the route's webhook). Returns how many were sent."""
     from aiokafka import AIOKafkaProducer
 
     from banditgate.connections import kafka_client_kwargs
+    from feedback.lifecycle import LifecycleDriver
+    from feedback.sinks import KafkaOut
+    from feedback.webhooks import WebhookNotifier
 
     producer = AIOKafkaProducer(**kafka_client_kwargs(config.kafka), enable_idempotence=True, acks="all")
     await asyncio.wait_for(producer.start(), timeout=10)
-    topics = config.kafka.topics
+    webhooks = WebhookNotifier({r.name: r.webhook_url for r in config.routes if r.webhook_url})
+    webhooks.start()
     try:
-        async def send(items: list[dict[str, Any]]) -> None:
-            import orjson
-
-            futures = [await producer.send(topics.alerts if item.get("topic") == "alerts" else topics.routing_changes,
-                                           key=route.encode(), value=orjson.dumps(item["value"])) for item in items]
-            await asyncio.gather(*futures)
-
-        return int(await asyncio.wait_for(store.drain_outbox(route, send), timeout=20))
+        topics = config.kafka.topics
+        driver = LifecycleDriver(config, client, KafkaOut(producer, topics.deadletter, topics.alerts, webhooks))
+        return int(await asyncio.wait_for(driver.rollouts.drain_outbox(route, driver.send_queued), timeout=20))
     finally:
+        await webhooks.stop()
         await producer.stop()
 
 
@@ -80,7 +83,7 @@ async def rollout_command(config: Config, action: str, route_name: str, who: str
         if change is not None:
             out["change"] = change
             try:
-                out["published"] = await _publish(config, store, route_name)
+                out["published"] = await _publish(config, client, route_name)
             except Exception as exc:  # noqa: BLE001 - queued: the feedback worker publishes it
                 out["published"] = f"queued ({type(exc).__name__}); the feedback worker publishes it"
         if record is None:

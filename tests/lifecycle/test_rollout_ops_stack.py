@@ -26,6 +26,21 @@ TOKEN = "admin-secret"
 
 
 async def test_admin_endpoints_and_cli_operate_a_rollout(stack, topics, redis_prefix, tmp_path: Path) -> None:
+    from aiohttp import web
+
+    hooked: list[dict[str, Any]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        hooked.append(await request.json())
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    hook_port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - aiohttp has no public accessor
     repository = make_repository(tmp_path)
     drop_version(repository, 2, slope=20.0)
     document = {
@@ -35,7 +50,7 @@ async def test_admin_endpoints_and_cli_operate_a_rollout(stack, topics, redis_pr
         "models": {"repository": str(repository), "poll_interval_s": 0, "warmup_rows": 2},
         "server": {"http_port": 0, "grpc_port": 0, "enable_grpc": False, "admin_tokens": [TOKEN]},
         "drift": {"enabled": False},
-        "routes": [route_config()],
+        "routes": [{**route_config(), "webhook_url": f"http://127.0.0.1:{hook_port}/hook"}],
     }
     config_path = tmp_path / "gateway.yaml"
     config_path.write_text(yaml.safe_dump(document))
@@ -85,6 +100,8 @@ async def test_admin_endpoints_and_cli_operate_a_rollout(stack, topics, redis_pr
             sys.executable, "-m", "banditgate.cli", "rollout", "promote", ROUTE, "-c", str(config_path)],
             capture_output=True, text=True, timeout=60)
         assert failed.returncode == 1 and "already rolled_back" in failed.stderr
+        # the alerts went the worker's way: the alerts topic and the route's webhook
+        assert sorted(a["kind"] for a in hooked) == ["promote", "rollback"]
         changes = await read_topic(stack, topics.topics.routing_changes)
         assert [(c["seq"], c["to_stage"], c["actor"]) for c in changes] == [
             (0, "shadow", "admin:carol"), (1, "shadow", "admin:carol"), (2, "canary", "admin:carol"),
@@ -92,6 +109,7 @@ async def test_admin_endpoints_and_cli_operate_a_rollout(stack, topics, redis_pr
     finally:
         await gateway.stop()
         await replica.stop()
+        await runner.cleanup()
         keys = [k async for k in client.scan_iter(match=f"{redis_prefix}:*", count=1000)]
         if keys:
             await client.delete(*keys)
