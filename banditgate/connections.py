@@ -215,7 +215,7 @@ async def check_kafka(kafka: KafkaConfig, timeout_s: float = 10.0) -> None:
     failures: list[str] = []
     for address in servers:
         host, _, port = address.rpartition(":")
-        if not port.isdigit():
+        if not (port.isascii() and port.isdigit()):
             raise ConnectionCheckError(f"kafka.bootstrap_servers: {address!r} is not host:port")
         try:
             connection = await asyncio.wait_for(

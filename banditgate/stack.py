@@ -666,7 +666,7 @@ def _split_host_port(value: str, where: str) -> tuple[str, int]:
     if "://" in first:
         first = first.split("://", 1)[1]
     host, sep, port = first.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()):
         raise StackError(f"{where}={value!r} is not host:port (e.g. 127.0.0.1:9092)")
     return host or HOST, int(port)
 

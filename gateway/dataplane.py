@@ -281,7 +281,7 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
     else:
         spec: int | str = "latest"
         if version:
-            if not version.isdigit():
+            if not (version.isascii() and version.isdigit()):
                 raise ModelNotFound(f"model version {version!r} is not a positive integer")
             spec = int(version)
         model = dataplane.repository.get(name, spec)

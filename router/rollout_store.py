@@ -265,7 +265,7 @@ class RolloutStore:
         out: dict[int, int] = {}
         for name, value in raw.items():
             stage_seq, _, bucket = _text(name).partition("|")
-            if stage_seq == str(seq) and bucket.isdigit():
+            if stage_seq == str(seq) and bucket.isascii() and bucket.isdigit():
                 out[int(bucket)] = int(_text(value))
         return out
 

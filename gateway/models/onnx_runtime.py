@@ -162,7 +162,7 @@ class OnnxModel:
         for key, (lo, hi) in self.config.ranges.items():
             if key in names:
                 index = names.index(key)
-            elif key.isdigit() and int(key) < width:
+            elif key.isascii() and key.isdigit() and int(key) < width:
                 index = int(key)
             else:
                 raise ModelError(f"{self.path}: config.yaml range for unknown feature {key!r}")

@@ -79,7 +79,7 @@ class ModelRepository:
             return []
         versions = []
         for entry in os.scandir(folder):
-            if entry.name.isdigit() and int(entry.name) > 0 and (Path(entry.path) / "model.onnx").exists():
+            if entry.name.isascii() and entry.name.isdigit() and int(entry.name) > 0 and (Path(entry.path) / "model.onnx").exists():
                 versions.append(int(entry.name))
         return sorted(versions)
 

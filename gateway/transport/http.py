@@ -103,7 +103,7 @@ class SidecarContext:
             versions = sorted({str(dataplane.repository.resolve(a.model, a.version)) for a in runtime.route.arms})
             platform = f"banditgate_route:{runtime.route.policy}"
         else:
-            model = dataplane.repository.get(name, int(version) if version and version.isdigit() else "latest")
+            model = dataplane.repository.get(name, int(version) if version and version.isascii() and version.isdigit() else "latest")
             versions = [str(m.version) for m in dataplane.repository.loaded() if m.name == name]
             platform = "onnxruntime_onnx"
         def spec(s: Any) -> dict[str, Any]:
@@ -134,7 +134,7 @@ def _error(exc: Exception) -> Response:
 async def _body(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length is not None:
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise InvalidInput("Content-Length is not a number")
         if int(length) > limit:
             raise _TooLarge(f"request body of {length} bytes is over the limit of {limit}")
@@ -334,7 +334,7 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
 
 async def _receive_body(receive: Callable[[], Awaitable[dict[str, Any]]], length: str | None, limit: int) -> bytes:
     if length is not None:
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise InvalidInput("Content-Length is not a number")
         if int(length) > limit:
             raise _TooLarge(f"request body of {length} bytes is over the limit of {limit}")
@@ -363,7 +363,7 @@ async def infer_rest(ctx: SidecarContext, scope: dict[str, Any], receive: Callab
         ctx.check_token(_header(scope, b"authorization"), admin=False)
     body = await _receive_body(receive, _header(scope, b"content-length"), server.max_body_bytes)
     header = _header(scope, b"inference-header-content-length")
-    if header is not None and not header.isdigit():
+    if header is not None and not (header.isascii() and header.isdigit()):
         raise InvalidInput(f"{HEADER_LENGTH} is not a number")
     parsed = parse_rest_infer(body, int(header) if header is not None else None, server.max_tensor_elements,
                               server.max_inputs)
