@@ -19,6 +19,7 @@ replayed events by offset and do nothing.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections import Counter
@@ -296,6 +297,7 @@ class JoinProcessor:
             except (RedisError, KafkaError, OSError, asyncio.TimeoutError) as exc:
                 if failing_since is None:
                     failing_since = time.monotonic()
+                    gc.enable()  # paused for the batch (feedback/consumer.py BatchGc): not for an outage
                     log.warning("%s write failed (%s: %s); retrying, nothing is acknowledged until it succeeds",
                                 sink, type(exc).__name__, exc)
                 if sink == "redis":

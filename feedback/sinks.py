@@ -148,8 +148,9 @@ class LedgerChunk:
         """Target key position -> TTL in seconds (time buckets)."""
         self.groups: dict[Any, list[Any]] = {}
         """Count groups by (kind, arm): the same list for every item that has it."""
-        self.stat_names: dict[Any, dict[str, int]] = {}
-        """Per model version: quality sum name -> its position in `names`."""
+        self.stat_names: dict[Any, tuple[tuple[int, int, int], dict[str, int]]] = {}
+        """Per (route, time bucket, model version): the quality group's targets and the positions
+        of its sum names in `names`."""
 
     def key(self, key: str) -> int:
         position = self.key_index.get(key)
@@ -225,20 +226,25 @@ class LedgerPlanner:
 
     def _quality_group(self, chunk: LedgerChunk, route: str, ts: float, served: Any,
                        fields: Mapping[str, float]) -> list[Any]:
-        bucket_number = math.floor(ts / self._bucket_s)
-        bucket = self._bucket_keys.get((route, bucket_number))
-        if bucket is None:
-            if len(self._bucket_keys) > 1000:
-                self._bucket_keys.clear()
-            bucket = self._bucket_keys[(route, bucket_number)] = self._keys.quality_bucket(route, bucket_number)
-        bucket_position = chunk.key(bucket)
-        chunk.expire[bucket_position] = self._bucket_ttl_s
-        group: list[Any] = [2, chunk.key(self._route_key(route)[1]), bucket_position]
-        version_key = (served.shadow, served.arm, served.model, served.model_version)
-        positions = chunk.stat_names.get(version_key)
-        if positions is None:
+        # per chunk, the group's targets and the sum names' positions of each (bucket, model
+        # version): nearly every item of a batch reuses one of a handful
+        slot_key = (route, int(ts // self._bucket_s), served.shadow, served.arm, served.model, served.model_version)
+        slot = chunk.stat_names.get(slot_key)
+        if slot is None:
+            bucket_number = slot_key[1]
+            bucket = self._bucket_keys.get((route, bucket_number))
+            if bucket is None:
+                if len(self._bucket_keys) > 1000:
+                    self._bucket_keys.clear()
+                bucket = self._bucket_keys[(route, bucket_number)] = self._keys.quality_bucket(route, bucket_number)
+            bucket_position = chunk.key(bucket)
+            chunk.expire[bucket_position] = self._bucket_ttl_s
             names = self._field_names(served)
-            positions = chunk.stat_names[version_key] = {stat: chunk.name(names[stat]) for stat in FIELD_NAMES}
+            slot = chunk.stat_names[slot_key] = (
+                (2, chunk.key(self._route_key(route)[1]), bucket_position),
+                {stat: chunk.name(names[stat]) for stat in FIELD_NAMES})
+        targets, positions = slot
+        group: list[Any] = [*targets]
         append = group.append
         for stat, value in fields.items():
             append(positions[stat])
