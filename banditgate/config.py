@@ -164,7 +164,7 @@ class BatchingConfig(_Strict):
     max_queue_rows: int = Field(8192, ge=1)
     """Per model: more queued rows than this pauses Kafka fetching and rejects HTTP/gRPC with 503."""
     inference_threads: int = Field(2, ge=1, le=256)
-    inline_max_us: int = Field(50, ge=0, le=1000)
+    inline_max_us: int = Field(100, ge=0, le=1000)
     """A batch of up to 8 rows of a model whose recent small batches ran in under this many
     microseconds runs on the event loop instead of the pool (a thread round trip costs more than
     such a model; the loop is never held longer than this measured time). 0: always the pool."""

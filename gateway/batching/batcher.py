@@ -1,7 +1,7 @@
 """Per-model asyncio batcher: queue, flush by size or delay, run ONNX Runtime in a thread pool.
 
 Exception: a batch of a few rows of a model measured to answer in under
-`batching.inline_max_us` (default 50 us) runs on the event loop itself, because handing it to a
+`batching.inline_max_us` (default 100 us) runs on the event loop itself, because handing it to a
 thread costs more than running it; the loop is never held longer than that measured time.
 
 Kafka, HTTP and gRPC all submit here, so their rows share batches. The queue is bounded:
