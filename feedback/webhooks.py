@@ -82,9 +82,6 @@ class WebhookNotifier:
             self._session = None
 
     # -- the worker's side -----------------------------------------------------------------------
-    def wants(self, route: str) -> bool:
-        return route in self.urls
-
     def notify(self, route: str, alert: bytes) -> None:
         """Queue one alert (its JSON bytes) for `route`'s webhook; never blocks, never raises."""
         if route not in self.urls:
