@@ -164,10 +164,13 @@ class BatchingConfig(_Strict):
     max_queue_rows: int = Field(8192, ge=1)
     """Per model: more queued rows than this pauses Kafka fetching and rejects HTTP/gRPC with 503."""
     inference_threads: int = Field(2, ge=1, le=256)
-    inline_max_us: int = Field(100, ge=0, le=1000)
+    inline_max_us: int | None = Field(None, ge=0, le=1000)
     """A batch of up to 8 rows of a model whose recent small batches ran in under this many
     microseconds runs on the event loop instead of the pool (a thread round trip costs more than
-    such a model; the loop is never held longer than this measured time). 0: always the pool."""
+    such a model; the loop is never held longer than this measured time). 0: always the pool.
+    Default (unset): 100 when the process can use a single CPU (affinity or cgroup quota), where
+    the pool cannot run beside the loop and only adds its round trip; 0 with more CPUs, where
+    the pool's inference runs in parallel with the loop's Python work."""
     max_in_flight_batches: int = Field(8, ge=1, le=1024)
     """Kafka batches (getmany results) being processed at once before fetching pauses."""
 

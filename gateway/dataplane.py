@@ -6,10 +6,12 @@ Kafka, REST and gRPC all call `Dataplane.serve`; transports only decode and enco
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -52,6 +54,18 @@ class RouteRuntime:
     policy: RoutePolicy
 
 
+def usable_cpus() -> float:
+    """CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota when there is one."""
+    cpus = float(len(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else float(os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return cpus
+
+
 class Dataplane:
     """Owns the route policies, the per-model batchers, and the path from rows to predictions."""
 
@@ -72,6 +86,8 @@ class Dataplane:
         self.routes = {r.name: RouteRuntime(r, RoutePolicy.from_route(r, np.random.default_rng(seed_rng.integers(2**63))))
                        for r in config.routes}
         self.batchers: dict[str, ModelBatcher] = {}
+        configured = config.batching.inline_max_us
+        self.inline_max_us = configured if configured is not None else (100 if usable_cpus() <= 1 else 0)
         # (route, arm) -> [rows that reached the arm's model, rows it failed on]: the guardrail's
         # error-rate test reads these from the store, so a crashing or hanging model gets drained
         self._calls: dict[tuple[str, str], list[int]] = {}
@@ -91,7 +107,7 @@ class Dataplane:
         if batcher is None:
             batcher = ModelBatcher(model, self.executor, self.policy, self.config.models.inference_timeout_s,
                                    clock=self.clock, observe=self.on_batch,
-                                   inline_max_us=self.config.batching.inline_max_us)
+                                   inline_max_us=self.inline_max_us)
             self.batchers[model.key] = batcher
         return batcher
 

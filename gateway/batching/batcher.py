@@ -1,12 +1,9 @@
 """Per-model asyncio batcher: queue, flush by size or delay, run ONNX Runtime in a thread pool.
 
-Exception: a batch of a few rows of a model measured to answer in under
-`batching.inline_max_us` (default 100 us) runs on the event loop itself, because handing it to a
-thread costs more than running it; the loop is never held longer than that measured time.
-
-Kafka, HTTP and gRPC all submit here, so their rows share batches. The queue is bounded:
-`admits()` says whether a caller may submit; Kafka waits on `wait_for_capacity()` (backpressure),
-HTTP/gRPC get `Overloaded` (503 with Retry-After).
+Exception: a batch of a few rows of a model measured to answer in under `inline_max_us` runs on
+the event loop itself, because handing it to a thread costs more than running it; the loop is
+never held longer than that measured time. The dataplane turns this on only where the process has
+a single CPU (see docs/gateway.md, Micro-batching).
 """
 
 from __future__ import annotations

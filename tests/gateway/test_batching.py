@@ -245,3 +245,24 @@ def test_small_batches_of_a_fast_model_run_inline_and_a_slow_model_goes_back_to_
     loop_thread.clear()
     asyncio.run(run(slow, 2))
     assert loop_thread[0] is False
+
+
+def test_inline_runs_by_default_only_on_a_single_cpu(tmp_path: Path, pool, monkeypatch) -> None:  # noqa: ANN001
+    from banditgate.config import parse_config
+    from gateway import dataplane as dp
+    from gateway.models.repository import ModelRepository
+
+    _model(tmp_path)
+    base = {"models": {"repository": str(tmp_path), "poll_interval_s": 0},
+            "routes": [{"name": "r", "arms": [{"name": "a", "model": "m", "version": 1}]}]}
+    repository = ModelRepository(tmp_path, parse_config(base, env={}).models, [("m", 1)])
+    for cpus, configured, expected in ((1.0, None, 100), (2.0, None, 0), (0.5, None, 100), (4.0, 30, 30), (1.0, 0, 0)):
+        monkeypatch.setattr(dp, "usable_cpus", lambda cpus=cpus: cpus)
+        config = parse_config({**base, "batching": {} if configured is None else {"inline_max_us": configured}}, env={})
+        assert dp.Dataplane(config, repository, pool).inline_max_us == expected
+
+
+def test_usable_cpus_is_positive() -> None:
+    from gateway.dataplane import usable_cpus
+
+    assert 0 < usable_cpus() <= (len(__import__("os").sched_getaffinity(0)))
