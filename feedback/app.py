@@ -152,6 +152,7 @@ class FeedbackRuntime(mode.Service):
                                                       reference_outcomes=config.feedback.quality_drift_reference,
                                                       threshold=self.drift_thresholds),
                                   {route.name: route.reward for route in config.routes}, self.metrics)
+        self.quality_drift = drift  # its alarms feed the routes' `quality` retraining triggers (feedback.lifecycle)
         self.processor = JoinProcessor(table=table, redis=sink, out=out, rules=rules, topics=config.kafka.topics,
                                        metrics=self.metrics, max_event_bytes=config.max_event_bytes, drift=drift)
         self.monitor = QualityMonitor(self._redis, keys, config.routes, config.feedback.quality_window_s,

@@ -41,6 +41,7 @@ counts, but nothing adds them yet (the quality-drift watch sends its alerts to t
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 import uuid
@@ -84,8 +85,11 @@ def stats_since(total: ArmStats, start: ArmStats | None) -> ArmStats:
 class LifecycleDriver:
     """Rollout steps and retraining triggers for every configured route (see the module docstring)."""
 
-    def __init__(self, config: Config, redis: Any, out: KafkaOut, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, config: Config, redis: Any, out: KafkaOut, clock: Callable[[], float] = time.time,
+                 quality_alarms: collections.Counter[str] | None = None) -> None:
         self.config = config
+        self.quality_alarms = quality_alarms
+        """This worker's quality-drift alarm episodes not yet counted in the store (per route)."""
         self.redis = redis
         self.out = out
         self.clock = clock
@@ -307,7 +311,25 @@ class LifecycleDriver:
         arm_config = next((a for a in route.arms if a.model == model), route.arms[0])
         return model, arm_config.version if isinstance(arm_config.version, int) else None
 
+    async def count_quality_alarms(self) -> None:
+        """Add this worker's new quality-drift alarms to the routes' alarm counts in the store, where
+        every worker's `quality` trigger reads them (a count is taken off only once it is stored)."""
+        if not self.quality_alarms:
+            return
+        for route, count in list(self.quality_alarms.items()):
+            if count > 0:
+                await self.rollouts.add_alarms(route, {"quality": count})
+                self.quality_alarms[route] -= count
+            if self.quality_alarms[route] <= 0:
+                del self.quality_alarms[route]
+
     async def tick_retrain(self) -> None:
+        try:
+            await self.count_quality_alarms()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - Redis away: the counts wait for the next tick
+            log.warning("quality alarms not counted for retraining yet: %s: %s", type(exc).__name__, exc)
         for route in self.retrain_routes:
             try:
                 await self.step_retrain(route)
@@ -349,7 +371,9 @@ def install(app: Any, runtime: Any, config: Config) -> None:
         if "driver" not in holder:
             out = KafkaOut(runtime._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts,  # noqa: SLF001
                            getattr(runtime, "webhooks", None))  # the route's webhook gets these alerts too
-            holder["driver"] = LifecycleDriver(config, runtime._redis, out)  # noqa: SLF001
+            drift = getattr(runtime, "quality_drift", None)
+            holder["driver"] = LifecycleDriver(config, runtime._redis, out,  # noqa: SLF001
+                                               quality_alarms=drift.pending_alarms if drift is not None else None)
         return holder["driver"]
 
     async def rollouts() -> None:

@@ -22,6 +22,8 @@ persisting drift opens a new episode after a restart).
 
 from __future__ import annotations
 
+import collections
+
 import asyncio
 import logging
 import multiprocessing
@@ -110,6 +112,9 @@ class QualityDriftWatch:
         self._bernoulli = {route for route, kind in reward_kinds.items() if kind == "bernoulli"}
         self._metrics = metrics
         self._clock = clock
+        self.pending_alarms: collections.Counter[str] = collections.Counter()
+        """Alarm episodes of serving (not shadow) models per route, not yet counted for the
+        route's `quality` retraining trigger (feedback.lifecycle takes them)."""
 
     @property
     def waiting(self) -> bool:
@@ -131,6 +136,9 @@ class QualityDriftWatch:
                                    effect.reward)  # type: ignore[union-attr]
         episodes = tracker.update()
         self._metrics.quality_drift.update(tracker.states())
+        for episode in episodes:
+            if episode.key.role != "shadow":
+                self.pending_alarms[episode.key.route] += 1
         return [self._alert(episode) for episode in episodes]
 
     def _alert(self, episode: Episode) -> Alert:

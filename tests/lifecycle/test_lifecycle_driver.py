@@ -129,3 +129,45 @@ async def test_a_drift_alarm_fires_the_retrain_trigger_once(stack, redis_prefix)
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+@pytest.mark.stack
+async def test_quality_drift_alarms_of_a_worker_fire_the_quality_trigger_once(stack, redis_prefix) -> None:  # type: ignore[no-untyped-def]
+    """The worker's quality-drift watch counts alarm episodes per route (pending_alarms); the
+    driver moves them into the store, where every worker's `quality` trigger sees them."""
+    import collections
+
+    client = aredis.Redis.from_url(stack.redis)
+    config = parse_config({
+        "redis": {"url": stack.redis, "key_prefix": redis_prefix},
+        "routes": [{"name": "r", "arms": [{"name": "a", "model": "m", "version": 4}],
+                    "retrain": {"quality": True, "cooldown_s": 0}}]}, env={})
+    route = config.routes[0]
+    pending: collections.Counter[str] = collections.Counter()
+    try:
+        driver = LifecycleDriver(config, client, out=None, quality_alarms=pending)  # type: ignore[arg-type]
+        await driver.tick_retrain()  # the first evaluation opens the window
+        await driver.tick_retrain()
+        assert await RolloutStore(client, prefix=redis_prefix).alarms("r") == {}
+        pending["r"] += 1  # an alarm episode on the serving model
+        await driver.tick_retrain()
+        assert not pending  # counted in the store, once
+        assert await RolloutStore(client, prefix=redis_prefix).alarms("r") == {"quality": 1}
+        raw = {k.decode(): v.decode() for k, v in (await client.hgetall(driver.retrain_key("r"))).items()}
+        assert raw.get("alarms_seen_quality") == "1"  # the trigger consumed it
+        sent: list[dict] = []
+
+        async def send(items: list[dict]) -> None:
+            sent.extend(items)
+
+        await RolloutStore(client, prefix=redis_prefix).drain_outbox("r", send)
+        [alert] = [item["value"] for item in sent]
+        assert alert["kind"] == "retrain" and alert["metric"] == "quality"
+        await driver.tick_retrain()
+        await RolloutStore(client, prefix=redis_prefix).drain_outbox("r", send)
+        assert len(sent) == 1  # no new alarm, no new trigger
+    finally:
+        keys = [k async for k in client.scan_iter(match=f"{redis_prefix}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
