@@ -228,10 +228,12 @@ class FeedbackConfig(_Strict):
     partitions: int = Field(4, ge=1)
     web_port: int = Field(6066, ge=0, le=65535)
     flush_interval_s: float = Field(0.2, gt=0)
-    """How often batched Redis updates are flushed."""
+    """Not used since the worker applies each fetched batch at once (kept so configs that set it
+    still load)."""
     quality_window_s: float = Field(3600, gt=0)
     drift_arl0: float = Field(10_000, gt=10)
-    """Average run length between false drift alarms, in observations per feature."""
+    """Not used by the worker: feature and score drift are watched by the gateways (`drift.arl0`);
+    quality drift has `quality_drift_arl0` (kept so configs that set it still load)."""
     promote_margin: float = Field(0.0, ge=0)
     promote_confidence: float = Field(0.95, gt=0.5, lt=1)
     quality_drift_arl0: float = Field(1_000_000, ge=10)
@@ -377,12 +379,24 @@ class Route(_Strict):
     sticky_key: str | None = None
     guardrail: Guardrail = Guardrail()
     webhook_url: str | None = None
+    """http(s) URL that receives, as a JSON POST, every alert the feedback worker publishes for this
+    route (promote/reject, quality drift, retrain, rollout). Often carries a token: it is masked in
+    `GET /v2/admin/config` and in logs (only scheme and host are shown)."""
     method: Literal["team_draft", "multileave"] | None = None
+    """Interleave routes: how the arms' rankings are merged (multileave for 3 or more rankers)."""
     k: int = Field(10, ge=1, le=1000)
+    """Interleave routes: length of the merged list shown to the user."""
     rollout: Rollout | None = None
     """Progressive rollout of new versions (see docs/lifecycle.md); off when absent."""
     retrain: Retrain | None = None
     """Retraining triggers and training-data export; off when absent."""
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Route":
@@ -653,4 +667,14 @@ def dump_public(config: Config) -> dict[str, Any]:
     password inside the Redis URL by '***'."""
     data = config.model_dump(mode="json", by_alias=True)
     data["redis"]["url"] = _redact(data["redis"]["url"])
+    for route in data.get("routes", []):
+        if route.get("webhook_url"):
+            route["webhook_url"] = url_origin(route["webhook_url"]) + "/**********"
     return data
+
+
+def url_origin(url: str) -> str:
+    """Scheme and host of a URL, without credentials, path or query (safe to log)."""
+    scheme, _, rest = url.partition("://")
+    host = rest.split("/", 1)[0].split("?", 1)[0].rsplit("@", 1)[-1]
+    return f"{scheme}://{host}"

@@ -86,8 +86,10 @@ class LifecycleDriver:
     """Rollout steps and retraining triggers for every configured route (see the module docstring)."""
 
     def __init__(self, config: Config, redis: Any, out: KafkaOut, clock: Callable[[], float] = time.time,
-                 quality_alarms: collections.Counter[str] | None = None) -> None:
+                 quality_alarms: collections.Counter[str] | None = None, metrics: Any = None) -> None:
         self.config = config
+        self.metrics = metrics
+        """FeedbackMetrics: the alerts this driver publishes are counted like the worker's others."""
         self.quality_alarms = quality_alarms
         """This worker's quality-drift alarm episodes not yet counted in the store (per route)."""
         self.redis = redis
@@ -113,6 +115,11 @@ class LifecycleDriver:
             value = item.get("value", {})
             messages.append((topic, str(value.get("route", "")).encode(), orjson.dumps(value)))
         await self.out.send_all(messages)
+        if self.metrics is not None:
+            for item in items:
+                value = item.get("value", {})
+                if item.get("topic") == "alerts" and value.get("kind"):
+                    self.metrics.alerts.labels(str(value.get("route", "")), str(value["kind"])).inc()
 
     async def publish_pending(self) -> int:
         """Publish every route's queued audit events and alerts; returns how many were sent."""
@@ -373,7 +380,8 @@ def install(app: Any, runtime: Any, config: Config) -> None:
                            getattr(runtime, "webhooks", None))  # the route's webhook gets these alerts too
             drift = getattr(runtime, "quality_drift", None)
             holder["driver"] = LifecycleDriver(config, runtime._redis, out,  # noqa: SLF001
-                                               quality_alarms=drift.pending_alarms if drift is not None else None)
+                                               quality_alarms=drift.pending_alarms if drift is not None else None,
+                                               metrics=getattr(runtime, "metrics", None))
         return holder["driver"]
 
     async def rollouts() -> None:

@@ -24,6 +24,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from banditgate.config import url_origin
+
 log = logging.getLogger("banditgate.feedback.webhooks")
 
 _RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -149,7 +151,7 @@ class WebhookNotifier:
         if not failures:
             log.warning("alert webhook of route %s failed (%s) after %d attempt(s) to %s; failures are counted "
                         "in banditgate_feedback_webhook_deliveries_total and logged again when it recovers",
-                        route, problem, self._attempts, self.urls[route])
+                        route, problem, self._attempts, url_origin(self.urls[route]))
         self._failing[route] = failures + 1
 
     def _count(self, route: str, result: str) -> None:

@@ -99,3 +99,17 @@ def test_load_config_errors(tmp_path: Path) -> None:
     empty.write_text("")
     with pytest.raises(ConfigError, match="routes: required field is missing"):
         load_config(empty, env={})
+
+
+def test_webhook_urls_are_http_and_masked_for_operators() -> None:
+    from banditgate.config import dump_public, url_origin
+
+    route = {"name": "r", "arms": [{"name": "a", "model": "m"}]}
+    with pytest.raises(ConfigError, match="webhook_url"):
+        parse_config({"routes": [{**route, "webhook_url": "ftp://hooks.example/x"}]}, env={})
+    config = parse_config({"routes": [{**route, "webhook_url": "https://u:pw@hooks.example:8443/T0K3N?sig=abc"}]},
+                          env={})
+    shown = dump_public(config)["routes"][0]["webhook_url"]
+    assert "T0K3N" not in shown and "pw" not in shown and "sig" not in shown
+    assert shown.startswith("https://hooks.example:8443/")
+    assert url_origin("http://hooks.example/path") == "http://hooks.example"

@@ -171,3 +171,27 @@ async def test_quality_drift_alarms_of_a_worker_fire_the_quality_trigger_once(st
         if keys:
             await client.delete(*keys)
         await client.aclose()
+
+
+async def test_alerts_the_driver_publishes_are_counted() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from feedback.metrics import FeedbackMetrics
+
+    class _Out:  # the messages only (publishing itself is tested on the stack above)
+        def __init__(self) -> None:
+            self.sent: list = []
+
+        async def send_all(self, messages: list) -> None:
+            self.sent.extend(messages)
+
+    registry = CollectorRegistry()
+    config = parse_config({"routes": [{"name": "r", "arms": [{"name": "a", "model": "m", "version": 1}]}]}, env={})
+    out = _Out()
+    client = aredis.Redis.from_url("redis://127.0.0.1:1/0")  # never connected: sending touches no Redis
+    driver = LifecycleDriver(config, client, out, metrics=FeedbackMetrics(registry))  # type: ignore[arg-type]
+    await driver.send_queued([{"topic": "alerts", "value": {"route": "r", "kind": "rollback"}},
+                              {"topic": "routing_changes", "value": {"route": "r", "to_stage": "rolled_back"}}])
+    assert len(out.sent) == 2
+    assert registry.get_sample_value("banditgate_feedback_alerts_total", {"route": "r", "kind": "rollback"}) == 1
+    await client.aclose()
