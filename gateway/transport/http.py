@@ -132,20 +132,7 @@ def _error(exc: Exception) -> Response:
 
 
 async def _body(request: Request, limit: int) -> bytes:
-    length = request.headers.get("content-length")
-    if length is not None:
-        if not (length.isascii() and length.isdigit()):
-            raise InvalidInput("Content-Length is not a number")
-        if int(length) > limit:
-            raise _TooLarge(f"request body of {length} bytes is over the limit of {limit}")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _TooLarge(f"request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await _receive_body(request.receive, request.headers.get("content-length"), limit)
 
 
 class _TooLarge(GatewayError):
