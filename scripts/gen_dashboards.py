@@ -322,6 +322,21 @@ def quality_drift() -> Board:
     board.panel("timeseries", "Shadow paired labels", "Requests labelled for both the shadow and the primary.",
                 [target(f"max by (route, arm, model, version) (banditgate_quality_shadow_pairs{{{sel}}})",
                         "{{route}}/{{arm}} {{model}} v{{version}}")], unit="short")
+    board.row("Quality drift (feedback worker: CUSUM on each model version's error stream)")
+    board.panel("timeseries", "Quality-drift CUSUM / threshold", "Per route, role, arm, model version and signal "
+                "(label error, or failure of a 0/1 reward); an alarm is raised at 1. Series appear once a version's "
+                "reference window (feedback.quality_drift_reference outcomes) has set its in-control error rate.",
+                [target("max by (route, arm, role, model, version, signal) "
+                        f"(banditgate_quality_drift_statistic{{{sel}}}) / max by (route, arm, role, model, version, "
+                        f"signal) (banditgate_quality_drift_threshold{{{sel}}})",
+                        VERSION_LEGEND + " {{signal}}")], unit="none", defaults=ALARM_AT_ONE)
+    board.panel("timeseries", "Quality-drift error rates and alarms", "The in-control error rate learned from the "
+                "reference window, and 1 while an alarm episode lasts (each episode sends one `quality` alert).",
+                [target(f"max by (route, arm, role, model, version, signal) "
+                        f"(banditgate_quality_drift_reference_error_rate{{{sel}}})",
+                        "reference " + VERSION_LEGEND + " {{signal}}"),
+                 target(f"max by (route, arm, role, model, version, signal) (banditgate_quality_drift_alarm{{{sel}}})",
+                        "alarm " + VERSION_LEGEND + " {{signal}}")], unit="none")
     board.row("Drift (gateway monitors against reference.json)")
     board.panel("timeseries", "Drift statistic / threshold", "Per model version and feature (`score` is the "
                 "prediction score); an alarm is raised at 1.",

@@ -53,7 +53,9 @@ def stack_config(stack: Any, topics: Any, repository: Path, redis_prefix: str, u
         "batching": {"max_batch_size": 64, "max_delay_us": 1000},
         "server": {"host": "127.0.0.1"},
         "feedback": {"app_id": f"obs-fb-{unique}", "web_port": feedback_port, "flush_interval_s": 0.05,
-                     "quality_window_s": 60, "join_ttl_s": 600},
+                     "quality_window_s": 60, "join_ttl_s": 600,
+                     # the quality-drift panels: a short reference window, so the detectors calibrate
+                     "quality_drift_reference": 20},
         "drift": {"arl0": 1000},
         "logging": {"level": "info", "json": True},
         "routes": [{"name": "churn", "policy": "thompson", "exploration_floor": 0.1, "reward_wait_s": 8,
