@@ -237,27 +237,24 @@ def build_app(config: Config, registry: CollectorRegistry | None = None) -> tupl
             log.info("feedback worker ready: app %s, partitions %s of %s; metrics on port %s",
                      feedback.app_id, sorted(assigned), ", ".join(sorted(source_topics)), runtime.metrics_port)
 
-    async def refresh_quality() -> None:
-        monitor = runtime.monitor
+    async def refresh(attribute: str, what: str) -> None:
+        """One refresh of a best-effort monitor (quality, interleave): on failure keep the last
+        gauges and try again next time."""
+        monitor = getattr(runtime, attribute)
         if monitor is None:
             return
         try:
             await monitor.refresh()
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # noqa: BLE001 - quality is best effort: keep the last gauges
-            log.warning("quality refresh failed (%s: %s); keeping the last values", type(exc).__name__, exc)
+        except Exception as exc:  # noqa: BLE001 - best effort by design
+            log.warning("%s refresh failed (%s: %s); keeping the last values", what, type(exc).__name__, exc)
+
+    async def refresh_quality() -> None:
+        await refresh("monitor", "quality")
 
     async def refresh_interleave() -> None:
-        monitor = runtime.interleave
-        if monitor is None:
-            return
-        try:
-            await monitor.refresh()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - like quality: keep the last gauges, try again next time
-            log.warning("interleave refresh failed (%s: %s); keeping the last values", type(exc).__name__, exc)
+        await refresh("interleave", "interleave")
 
     app.timer(interval=SWEEP_INTERVAL_S, name="join-sweep")(sweep)
     app.timer(interval=quality_refresh_s(config), name="quality-refresh")(refresh_quality)
