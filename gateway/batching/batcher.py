@@ -187,7 +187,7 @@ class ModelBatcher:
             batch.slices = self.policy.slices(rows)
             batch.parts = [None] * len(batch.slices)
             batch.remaining = len(batch.slices)
-            if self._runs_inline(batch.model, rows):
+            if len(batch.slices) == 1 and self._runs_inline(batch.model, rows):  # never over max_batch_size
                 batch.parts = [_timed_run(batch.model, feeds, rows)]
                 self._complete(batch)
                 return
@@ -254,7 +254,7 @@ class ModelBatcher:
         items, rows, parts, started = batch.items, batch.rows, batch.parts, batch.started
         try:
             inference_s = self.clock() - started
-            if rows <= INLINE_MAX_ROWS:
+            if self.inline_max_us > 0 and rows <= INLINE_MAX_ROWS:
                 self._learn_small_batch_time(batch.model, max(p[3] for p in parts))
             if len(parts) == 1:
                 outputs, ok, errors, _run_s = parts[0]

@@ -266,3 +266,24 @@ def test_usable_cpus_is_positive() -> None:
     from gateway.dataplane import usable_cpus
 
     assert 0 < usable_cpus() <= (len(__import__("os").sched_getaffinity(0)))
+
+
+def test_inline_never_runs_more_rows_than_max_batch_size(tmp_path: Path, pool) -> None:  # noqa: ANN001
+    model = _model(tmp_path)
+    sizes: list[int] = []
+    original = model.run
+
+    def spy(feeds):  # noqa: ANN001, ANN202
+        sizes.append(len(feeds["input"]))
+        return original(feeds)
+
+    object.__setattr__(model, "run", spy)
+
+    async def run() -> None:
+        batcher = ModelBatcher(model, pool, BatchPolicy(2, 0, 100), timeout_s=5, inline_max_us=1000)
+        await batcher.submit(_rows(1), 1)  # measured in the pool; small batches may now run inline
+        result = await batcher.submit(_rows(6), 6)
+        assert result.ok.all() and result.outputs["probability"].shape == (6, 1)
+
+    asyncio.run(run())
+    assert max(sizes) <= 2
