@@ -2,12 +2,15 @@
 ledger of counts and quality sums), Kafka (dead letters, alerts) and Prometheus.
 
 Exactly once, in Redis: every effect carries a token that is unique per request and meaning
-(``decision``, ``label:<arm>``, ``dup:<offset>``...). The router's :class:`ArmStatsStore` applies
-an arm update at most once per request_id; the ledger script here applies a batch of items, each
-at most once per (request_id, token), recording the token in ``P:{route}:fb:seen:<request_id>``
-(a hash with the dedup TTL) in the same atomic script that adds the item's increments. A batch
-that is retried after a failure, or replayed after a crash, adds nothing twice; the script returns
-which items it applied, so the process's Prometheus counters count only those.
+(``decision``, ``label:<arm>``, ``dup:<offset>``...). The ledger script here applies a batch of
+items, each at most once per (request_id, token), recording the token in
+``P:{route}:fb:seen:<request_id>`` (a hash with the dedup TTL) in the same atomic script that adds
+the item's increments. The same script call also updates the router's arm statistics for the
+batch's rewards, with the router's own update and keys (:data:`router.stats_store.ARM_UPDATE_LUA`:
+at most once per request_id by its ``seen`` key, exactly as :class:`ArmStatsStore` applies them),
+so a batch costs one script call per route and chunk, not two. A batch that is retried after a
+failure, or replayed after a crash, adds nothing twice; the script returns which items (and how
+many arm updates) it applied, so the process's Prometheus counters count only those.
 
 Redis keys for route R with prefix P (hash tag ``{R}``: one Cluster slot per route):
 
@@ -51,28 +54,39 @@ from feedback.quality import (
     window_buckets,
 )
 from feedback.webhooks import WebhookNotifier, alert_route
-from router.stats_store import ArmStatsStore, ArmUpdate
+from router.stats_store import ARM_UPDATE_LUA, ArmStatsStore, check_arm_update
 
 log = logging.getLogger("banditgate.feedback.sinks")
 
 _CHUNK = 1000  # ledger items per script call: keeps each atomic step short on the Redis side
 
-_LEDGER = """
+_LEDGER = ARM_UPDATE_LUA + """
 local ttl = tonumber(ARGV[1])
 local payload = cjson.decode(ARGV[2])
 local names = payload[1]
+local arm_spec = payload[4]
+local arm = nil
 local sums = {}
 local flags = {}
 local expired = {}
 for i, item in ipairs(payload[2]) do
-  if redis.call('HSETNX', KEYS[item[1]], item[2], '1') == 1 then
+  local new = redis.call('HSETNX', KEYS[item[1]], item[2], '1') == 1
+  if new then
     if not expired[item[1]] then
       redis.call('EXPIRE', KEYS[item[1]], ttl)
       expired[item[1]] = true
     end
     flags[i] = '1'
-    for g = 3, #item do
-      local group = item[g]
+  else
+    flags[i] = '0'
+  end
+  for g = 3, #item do
+    local group = item[g]
+    if group[1] == 0 then
+      -- an arm update: counted once per its own seen key, whatever the item's token says
+      if not arm then arm = arm_open(KEYS[arm_spec[1]], arm_spec[2]) end
+      arm_add(arm, KEYS[group[2]], arm_spec[3], group[3], group[4])
+    elseif new then
       local last_target = 1 + group[1]
       for j = last_target + 1, #group, 2 do
         local name = names[group[j]]
@@ -84,8 +98,6 @@ for i, item in ipairs(payload[2]) do
         end
       end
     end
-  else
-    flags[i] = '0'
   end
 end
 for target, t in pairs(sums) do
@@ -96,7 +108,11 @@ end
 for _, e in ipairs(payload[3]) do
   if sums[e[1]] then redis.call('EXPIRE', KEYS[e[1]], e[2]) end
 end
-return table.concat(flags)
+if arm then
+  arm_close(arm)
+  return {table.concat(flags), arm.applied, arm.duplicates}
+end
+return {table.concat(flags), 0, 0}
 """
 
 # ---------------------------------------------------------------------------------------------
@@ -132,11 +148,16 @@ class FeedbackKeys:
 class LedgerChunk:
     """One script call's worth of ledger items for one route, encoded as the script reads them:
     KEYS (seen hashes and target hashes), field names, and per item ``[seen key, token, group...]``
-    with a group ``[n targets, target..., name, amount, name, amount...]`` (1-based positions)."""
+    with a group ``[n targets, target..., name, amount, name, amount...]`` (1-based positions), or,
+    for the route's arm statistics, ``[0, arm seen key, arm, reward]`` (see `arm`)."""
 
-    __slots__ = ("keys", "key_index", "names", "name_index", "rows", "members", "expire", "groups", "stat_names")
+    __slots__ = ("route", "keys", "key_index", "names", "name_index", "rows", "members", "expire", "groups",
+                 "stat_names", "arm")
 
-    def __init__(self) -> None:
+    def __init__(self, route: str = "") -> None:
+        self.route = route
+        self.arm: list[Any] = []
+        """``[stats hash position, half-life, dedup TTL s]`` once an item updates arm statistics."""
         self.keys: list[str] = []
         self.key_index: dict[str, int] = {}
         self.names: list[str] = []
@@ -167,12 +188,26 @@ class LedgerChunk:
         return position
 
     def payload(self) -> bytes:
-        return orjson.dumps((self.names, self.rows, sorted(self.expire.items())))
+        return orjson.dumps((self.names, self.rows, sorted(self.expire.items()), self.arm))
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkApplied:
+    """What one chunk's script call did."""
+
+    items: list[bool]
+    """Per item: applied now (False: its token had been applied before)."""
+    arm_applied: int
+    """Arm updates counted now."""
+    arm_duplicates: int
+    """Arm updates whose request had been counted before."""
 
 
 class Ledger:
-    """The feedback ledger in Redis: idempotent batched increments (one script call per route
-    and chunk of items, all pipelined in one round trip)."""
+    """The feedback ledger in Redis: idempotent batched increments, and the arm statistics
+    updates of the same effects (:data:`router.stats_store.ARM_UPDATE_LUA`, each idempotent per
+    request by its own seen key, as the router's store applies them), one script call per route
+    and chunk of items, all pipelined in one round trip."""
 
     def __init__(self, client: Any, keys: FeedbackKeys, dedup_ttl_s: int) -> None:
         self._client = client
@@ -180,10 +215,10 @@ class Ledger:
         self._dedup_ttl_s = int(dedup_ttl_s)
         self._script = client.register_script(_LEDGER)
 
-    async def apply(self, chunks: Sequence[LedgerChunk]) -> list[list[bool]]:
+    async def apply(self, chunks: Sequence[LedgerChunk]) -> list[ChunkApplied]:
         """Apply each chunk's items; return, per chunk, which items were applied now (False:
-        their token had been applied before). Raises RedisError on failure (then retry the same
-        chunks: nothing is applied twice)."""
+        their token had been applied before) and how many arm updates counted. Raises RedisError
+        on failure (then retry the same chunks: nothing is applied twice)."""
         if not chunks:
             return []
         pipe = self._client.pipeline(transaction=False)
@@ -192,7 +227,8 @@ class Ledger:
         replies = await pipe.execute()
         # one '0'/'1' character per item: a bulk string parses in one step, an array of integers
         # costs the client a Python call per item
-        return [[flag == 49 for flag in flags] for flags in replies]
+        return [ChunkApplied([flag == 49 for flag in flags], int(applied), int(duplicates))
+                for flags, applied, duplicates in replies]
 
 
 class LedgerPlanner:
@@ -261,8 +297,10 @@ class LedgerPlanner:
             chunk.groups[(kind, arm)] = group
         return group
 
-    def plan(self, effects: Iterable[Effect]) -> list[LedgerChunk]:
-        """The ledger chunks for `effects` (at most `chunk_items` items each, one route each)."""
+    def plan(self, effects: Iterable[Effect], arms: ArmStatsStore | None = None) -> list[LedgerChunk]:
+        """The ledger chunks for `effects` (at most `chunk_items` items each, one route each);
+        with `arms`, each Reward also updates the route's arm statistics in that store's keys.
+        Raises ValueError for a reward the arm statistics cannot take (as ArmUpdate does)."""
         chunks: list[LedgerChunk] = []
         current: dict[str, LedgerChunk] = {}
         merged: dict[tuple[str, str, str], tuple[LedgerChunk, list[Any], list[Effect]]] = {}
@@ -281,7 +319,7 @@ class LedgerPlanner:
             if slot is None:
                 chunk = current.get(route)
                 if chunk is None or len(chunk.rows) >= limit:
-                    chunk = current[route] = LedgerChunk()
+                    chunk = current[route] = LedgerChunk(route)
                     chunks.append(chunk)
                 row: list[Any] = [chunk.key(seen_key(route, request_id)), token]
                 members: list[Effect] = [effect]
@@ -296,8 +334,14 @@ class LedgerPlanner:
             if cls is Count:
                 row.append(self._count_group(chunk, route, effect.kind, effect.arm))  # type: ignore[union-attr]
             elif cls is Reward:
-                row.append(quality_group(chunk, route, effect.ts, effect.served,  # type: ignore[union-attr]
-                                         rewarded_fields(effect.reward)))  # type: ignore[union-attr]
+                reward = effect.reward  # type: ignore[union-attr]
+                served = effect.served  # type: ignore[union-attr]
+                row.append(quality_group(chunk, route, effect.ts, served, rewarded_fields(reward)))  # type: ignore[union-attr]
+                if arms is not None:
+                    check_arm_update(served.arm, reward)
+                    if not chunk.arm:
+                        chunk.arm = [chunk.key(arms.stats_key(route)), arms.half_life(route), arms.dedup_ttl_s]
+                    row.append([0, chunk.key(arms.seen_key(route, request_id)), served.arm, reward])
             elif cls is Label:
                 served = effect.served  # type: ignore[union-attr]
                 fields = labelled_fields(served.view, effect.label)  # type: ignore[union-attr]
@@ -341,19 +385,17 @@ class RedisSink:
         self._planner = planner
 
     async def apply(self, effects: Sequence[Effect], metrics: FeedbackMetrics | None = None) -> Applied:
-        """Apply every effect at most once. Raises RedisError (or OSError) on failure: calling
-        again with the same effects is safe (what landed is not applied twice)."""
-        updates: dict[str, list[ArmUpdate]] = defaultdict(list)
-        for effect in effects:
-            if effect.__class__ is Reward:
-                updates[effect.route].append(ArmUpdate(effect.request_id, effect.served.arm, effect.reward))  # type: ignore[union-attr]
-        chunks = self._planner.plan(effects)
-        arm_calls = [self._store.apply(route, batch) for route, batch in updates.items()]
-        results = await asyncio.gather(self._ledger.apply(chunks), *arm_calls)
+        """Apply every effect at most once (ledger items and arm updates in the same script
+        calls, one round trip). Raises RedisError (or OSError) on failure: calling again with the
+        same effects is safe (what landed is not applied twice)."""
+        chunks = self._planner.plan(effects, self._store)
+        results = await self._ledger.apply(chunks)
         counts: list[Count] = []
         scored: list[Label | Reward] = []
-        for chunk, flags in zip(chunks, results[0]):
-            for members, applied in zip(chunk.members, flags):
+        arm_applied = arm_duplicates = 0
+        arm_counts: dict[str, list[int]] = {}
+        for chunk, result in zip(chunks, results):
+            for members, applied in zip(chunk.members, result.items):
                 if applied:
                     for member in members:
                         cls = member.__class__
@@ -361,13 +403,16 @@ class RedisSink:
                             counts.append(member)  # type: ignore[arg-type]
                         elif cls is Label or cls is Reward:
                             scored.append(member)  # type: ignore[arg-type]
-        arm_applied = arm_duplicates = 0
-        for route, result in zip(updates, results[1:]):
-            arm_applied += result.applied
-            arm_duplicates += result.duplicates
-            if metrics is not None:
-                metrics.arm_updates.labels(route, "applied").inc(result.applied)
-                metrics.arm_updates.labels(route, "duplicate").inc(result.duplicates)
+            if chunk.arm:
+                arm_applied += result.arm_applied
+                arm_duplicates += result.arm_duplicates
+                totals = arm_counts.setdefault(chunk.route, [0, 0])
+                totals[0] += result.arm_applied
+                totals[1] += result.arm_duplicates
+        if metrics is not None:
+            for route, (applied_now, duplicates) in arm_counts.items():
+                metrics.arm_updates.labels(route, "applied").inc(applied_now)
+                metrics.arm_updates.labels(route, "duplicate").inc(duplicates)
         return Applied(counts, arm_applied, arm_duplicates, scored)
 
 
@@ -516,5 +561,5 @@ def _summary(stats: QualityStats) -> dict[str, float]:
     return {k: round(v, 6) for k, v in stats.metrics().items()}
 
 
-__all__ = ["Applied", "FeedbackKeys", "KafkaOut", "Ledger", "LedgerChunk", "LedgerPlanner", "QualityMonitor",
+__all__ = ["Applied", "ChunkApplied", "FeedbackKeys", "KafkaOut", "Ledger", "LedgerChunk", "LedgerPlanner", "QualityMonitor",
            "RedisSink", "parse_quality"]

@@ -46,51 +46,61 @@ from router.arm_stats import ARM_STATES, ArmSnapshot, ArmStats, RouteSnapshot, d
 # at most this many outcomes per script call: keeps each atomic step short on the Redis side
 _CHUNK = 1000
 
-_APPLY = """
-local hash = KEYS[1]
-local half_life = tonumber(ARGV[1])
+ARM_UPDATE_LUA = """
+local function arm_open(hash, half_life)
+  return {hash = hash, half_life = half_life, counter = tonumber(redis.call('HGET', hash, 'counter') or '0'),
+          arms = {}, applied = 0, duplicates = 0}
+end
+local function arm_add(s, seen, ttl, arm, reward)
+  if not redis.call('SET', seen, '1', 'NX', 'EX', ttl) then
+    s.duplicates = s.duplicates + 1
+    return
+  end
+  local a = s.arms[arm]
+  if not a then
+    local v = redis.call('HMGET', s.hash, arm .. ':w', arm .. ':m', arm .. ':q', arm .. ':c')
+    a = {w = tonumber(v[1] or '0'), m = tonumber(v[2] or '0'), q = tonumber(v[3] or '0'), c = tonumber(v[4] or '0')}
+    s.arms[arm] = a
+  end
+  s.counter = s.counter + 1
+  if s.half_life > 0 and s.counter > a.c then
+    local f = math.pow(2, -(s.counter - a.c) / s.half_life)
+    a.w = a.w * f
+    a.q = a.q * f
+  end
+  a.w = a.w + 1
+  local delta = reward - a.m
+  a.m = a.m + delta / a.w
+  a.q = a.q + delta * (reward - a.m)
+  a.c = s.counter
+  s.applied = s.applied + 1
+end
+local function arm_close(s)
+  if s.applied > 0 then
+    local fields = {'counter', string.format('%d', s.counter), 'half_life', string.format('%.17g', s.half_life)}
+    for arm, a in pairs(s.arms) do
+      table.insert(fields, arm .. ':w'); table.insert(fields, string.format('%.17g', a.w))
+      table.insert(fields, arm .. ':m'); table.insert(fields, string.format('%.17g', a.m))
+      table.insert(fields, arm .. ':q'); table.insert(fields, string.format('%.17g', a.q))
+      table.insert(fields, arm .. ':c'); table.insert(fields, string.format('%d', a.c))
+    end
+    redis.call('HSET', s.hash, unpack(fields))
+  end
+end
+"""
+"""The arm update as Lua functions, for any script that updates arm statistics (this store's,
+and the feedback ledger's, which applies them in the same script call as its own items):
+``arm_open(stats hash, half_life)`` reads the clock, ``arm_add(state, seen key, ttl, arm, reward)``
+counts one outcome once per seen key, ``arm_close(state)`` writes the touched arms back."""
+
+_APPLY = ARM_UPDATE_LUA + """
+local s = arm_open(KEYS[1], tonumber(ARGV[1]))
 local ttl = tonumber(ARGV[2])
-local counter = tonumber(redis.call('HGET', hash, 'counter') or '0')
-local arms = {}
-local applied, duplicates = 0, 0
 for i = 2, #KEYS do
-  local arm = ARGV[2 * i - 1]
-  local reward = tonumber(ARGV[2 * i])
-  if redis.call('SET', KEYS[i], '1', 'NX', 'EX', ttl) then
-    local s = arms[arm]
-    if not s then
-      local v = redis.call('HMGET', hash, arm .. ':w', arm .. ':m', arm .. ':q', arm .. ':c')
-      s = {w = tonumber(v[1] or '0'), m = tonumber(v[2] or '0'), q = tonumber(v[3] or '0'),
-           c = tonumber(v[4] or '0')}
-      arms[arm] = s
-    end
-    counter = counter + 1
-    if half_life > 0 and counter > s.c then
-      local f = math.pow(2, -(counter - s.c) / half_life)
-      s.w = s.w * f
-      s.q = s.q * f
-    end
-    s.w = s.w + 1
-    local delta = reward - s.m
-    s.m = s.m + delta / s.w
-    s.q = s.q + delta * (reward - s.m)
-    s.c = counter
-    applied = applied + 1
-  else
-    duplicates = duplicates + 1
-  end
+  arm_add(s, KEYS[i], ttl, ARGV[2 * i - 1], tonumber(ARGV[2 * i]))
 end
-if applied > 0 then
-  local fields = {'counter', string.format('%d', counter), 'half_life', string.format('%.17g', half_life)}
-  for arm, s in pairs(arms) do
-    table.insert(fields, arm .. ':w'); table.insert(fields, string.format('%.17g', s.w))
-    table.insert(fields, arm .. ':m'); table.insert(fields, string.format('%.17g', s.m))
-    table.insert(fields, arm .. ':q'); table.insert(fields, string.format('%.17g', s.q))
-    table.insert(fields, arm .. ':c'); table.insert(fields, string.format('%d', s.c))
-  end
-  redis.call('HSET', hash, unpack(fields))
-end
-return {applied, duplicates}
+arm_close(s)
+return {s.applied, s.duplicates}
 """
 
 
@@ -105,10 +115,15 @@ class ArmUpdate:
     def __post_init__(self) -> None:
         if not self.request_id:
             raise ValueError("ArmUpdate needs a non-empty request_id")
-        if not self.arm or ":" in self.arm:
-            raise ValueError(f"ArmUpdate arm must be a non-empty name without ':', got {self.arm!r}")
-        if not math.isfinite(self.reward):
-            raise ValueError(f"ArmUpdate reward must be finite, got {self.reward!r}")
+        check_arm_update(self.arm, self.reward)
+
+
+def check_arm_update(arm: str, reward: float) -> None:
+    """Raises ValueError unless `arm` is a non-empty name without ':' and `reward` is finite."""
+    if not arm or ":" in arm:
+        raise ValueError(f"ArmUpdate arm must be a non-empty name without ':', got {arm!r}")
+    if not math.isfinite(reward):
+        raise ValueError(f"ArmUpdate reward must be finite, got {reward!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +156,14 @@ class ArmStatsStore:
         """A store with the configured prefix, dedup TTL and each route's half-life."""
         return cls(client, prefix=redis_config.key_prefix, dedup_ttl_s=redis_config.dedup_ttl_s,
                    half_lives={route.name: route.half_life for route in routes})
+
+    @property
+    def dedup_ttl_s(self) -> int:
+        return self._dedup_ttl_s
+
+    def half_life(self, route: str) -> float:
+        """The route's half-life in outcomes as the update script reads it (0.0: none)."""
+        return float(self._half_lives.get(route) or 0.0)
 
     def stats_key(self, route: str) -> str:
         return f"{self._prefix}:{{{route}}}:arms"
@@ -233,4 +256,4 @@ def _parse(route: str, raw: Mapping[Any, Any]) -> RouteSnapshot:
 # the refresher is plain asyncio and lives in its own module; re-exported for callers of the store
 from router.refresher import SnapshotRefresher  # noqa: E402
 
-__all__ = ["ApplyResult", "ArmStatsStore", "ArmUpdate", "SnapshotRefresher"]
+__all__ = ["ARM_UPDATE_LUA", "ApplyResult", "ArmStatsStore", "ArmUpdate", "SnapshotRefresher", "check_arm_update"]

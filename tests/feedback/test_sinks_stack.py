@@ -15,7 +15,7 @@ from feedback.join import Count, Label, Reward, Served
 from feedback.quality import PredictionView
 from feedback.metrics import FeedbackMetrics
 from feedback.sinks import FeedbackKeys, KafkaOut, Ledger, LedgerPlanner, QualityMonitor, RedisSink
-from router.stats_store import ArmStatsStore
+from router.stats_store import ArmStatsStore, ArmUpdate
 from tests.feedback.worker_helpers import counts, quality_totals
 from tests.kafka_helpers import read_topic
 
@@ -59,6 +59,34 @@ async def test_effects_applied_twice_count_once(redis, redis_prefix) -> None:
     assert snapshot.arm("a").stats.weight == 300 and snapshot.arm("a").stats.mean == pytest.approx(0.5)
     ttl = await redis.ttl(keys.seen("churn", "r1"))
     assert 3500 < ttl <= 3600
+
+
+async def test_arm_updates_in_the_ledger_script_match_the_router_store(redis, redis_prefix) -> None:
+    """The ledger's script applies the batch's rewards with the router's own update: the same
+    statistics as ArmStatsStore.apply (order, lazy discounting, several chunks), and each arm
+    update counts once by the router's seen key, also when only one of the two landed before."""
+    rewards = [(f"r{i}", "a" if i % 3 else "b", float((i * 7) % 5 == 0)) for i in range(250)]
+    served = {"a": A, "b": Served("b", "m", 1, PredictionView(0.4, 0), offset=3)}
+    via_store = ArmStatsStore(redis, prefix=f"{redis_prefix}-store", half_lives={"churn": 40.0})
+    await via_store.apply("churn", [ArmUpdate(r, arm, reward) for r, arm, reward in rewards])
+    keys = FeedbackKeys(redis_prefix)
+    store = ArmStatsStore(redis, prefix=redis_prefix, half_lives={"churn": 40.0})
+    # r0..r9 counted by the router's store alone (as if a crash came between the two): not again
+    await store.apply("churn", [ArmUpdate(r, arm, reward) for r, arm, reward in rewards[:10]])
+    sink = RedisSink(store, Ledger(redis, keys, dedup_ttl_s=3600), LedgerPlanner(keys, 60.0, chunk_items=64))
+    now = time.time()
+    applied = await sink.apply([Reward("churn", r, served[arm], reward, False, now) for r, arm, reward in rewards])
+    assert (applied.arm_applied, applied.arm_duplicates) == (240, 10)
+    expected, got = await via_store.snapshot("churn"), await store.snapshot("churn")
+    assert got.outcome_count == expected.outcome_count == 250
+    for arm in ("a", "b"):
+        assert got.arm(arm).stats.weight == pytest.approx(expected.arm(arm).stats.weight, rel=1e-12)
+        assert got.arm(arm).stats.mean == pytest.approx(expected.arm(arm).stats.mean, rel=1e-12)
+        assert got.arm(arm).stats.m2 == pytest.approx(expected.arm(arm).stats.m2, rel=1e-12)
+    again = await sink.apply([Reward("churn", r, served[arm], reward, False, now) for r, arm, reward in rewards])
+    assert (again.arm_applied, again.arm_duplicates) == (0, 250)
+    with pytest.raises(ValueError):
+        await sink.apply([Reward("churn", "bad", served["a"], float("nan"), False, now)])
 
 
 
