@@ -42,6 +42,8 @@ from feedback.join import (
     PredictionIn,
     Seen,
     Served,
+    make_seen,
+    make_served,
     on_due,
     on_outcome,
     on_prediction,
@@ -131,7 +133,8 @@ class JoinProcessor:
                 if ts is None:
                     ts = (message.timestamp or 0) / 1000.0
                 return OutcomeIn(request_id, message.partition,
-                                 Seen(None if reward is None else float(reward), label, float(ts), message.offset))
+                                 make_seen(None if reward is None else float(reward), label, float(ts), message.offset,
+                                           None))
             return self._decode_slow(message)
         route = obj.get("route")
         arm = obj.get("arm")
@@ -147,9 +150,9 @@ class JoinProcessor:
                 and type(obj.get("latency_ms")) in _NUMBER_TYPES):
             if route not in self._rules.routes:
                 return self._decode_slow(message)
-            served = Served(arm, model, version, outputs_view(outputs), message.offset,
-                            shadow=message.topic == self._topics.shadow_predictions,
-                            impression=impression_from_outputs(outputs) if policy == "interleave" else None)
+            served = make_served(arm, model, version, outputs_view(outputs), message.offset,
+                                 message.topic == self._topics.shadow_predictions,
+                                 impression_from_outputs(outputs) if policy == "interleave" else None)
             return PredictionIn(request_id, message.partition, route, served, float(ts_predicted))
         return self._decode_slow(message)
 
