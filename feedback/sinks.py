@@ -307,6 +307,10 @@ class LedgerPlanner:
         seen_key = self._keys.seen
         limit = self._chunk_items
         quality_group = self._quality_group
+        count_group = self._count_group
+        # a step's effects for one request come together: its seen key's position is reused
+        last: tuple[str, str, LedgerChunk | None] = ("", "", None)
+        seen_position = 0
         for effect in effects:
             cls = effect.__class__
             if cls is DropOutcome:
@@ -321,7 +325,10 @@ class LedgerPlanner:
                 if chunk is None or len(chunk.rows) >= limit:
                     chunk = current[route] = LedgerChunk(route)
                     chunks.append(chunk)
-                row: list[Any] = [chunk.key(seen_key(route, request_id)), token]
+                if request_id != last[1] or route != last[0] or chunk is not last[2]:
+                    seen_position = chunk.key(seen_key(route, request_id))
+                    last = (route, request_id, chunk)
+                row: list[Any] = [seen_position, token]
                 members: list[Effect] = [effect]
                 chunk.rows.append(row)
                 chunk.members.append(members)
@@ -332,7 +339,9 @@ class LedgerPlanner:
                     continue
                 members.append(effect)
             if cls is Count:
-                row.append(self._count_group(chunk, route, effect.kind, effect.arm))  # type: ignore[union-attr]
+                group = chunk.groups.get((effect.kind, effect.arm))  # type: ignore[union-attr]
+                row.append(group if group is not None
+                           else count_group(chunk, route, effect.kind, effect.arm))  # type: ignore[union-attr]
             elif cls is Reward:
                 reward = effect.reward  # type: ignore[union-attr]
                 served = effect.served  # type: ignore[union-attr]
