@@ -91,12 +91,18 @@ class KafkaConfig(_Strict):
     security: KafkaSecurity = KafkaSecurity()
     max_poll_records: int = Field(2048, ge=1, le=100_000)
     """Most records one `getmany` returns."""
+    fetch_min_bytes: int = Field(1, ge=1, le=64 * 1024 * 1024)
     fetch_max_wait_ms: int = Field(500, ge=0, le=10_000)
     """How long the broker may hold a fetch while the topic is empty. The broker answers as soon as
     any record arrives (fetch.min.bytes is 1), so this adds no latency; a short wait only makes an
     idle consumer poll the broker hundreds of times a second."""
     linger_ms: int = Field(2, ge=0, le=1000)
     """Producer batching delay."""
+    commit_interval_ms: int = Field(100, ge=0, le=60_000)
+    """Least time between two offset commits of the gateway's consumer (0: commit after every
+    batch). Offsets are still committed only after everything before them is delivered; a longer
+    interval means fewer commit round trips for the gateway and the broker, and at most this much
+    more work served again after a crash (at-least-once)."""
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     session_timeout_ms: int = Field(10_000, ge=1000)
     request_timeout_ms: int = Field(30_000, ge=1000)

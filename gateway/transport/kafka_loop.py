@@ -66,6 +66,9 @@ class KafkaLoop:
         self.on_new_producer: list[Callable[[AIOKafkaProducer], None]] = []
         """Called with the new producer after a restart (the sidecar publisher shares it)."""
         self._last_lag_s = 0.0
+        self._last_commit_s = float("-inf")
+        self._committer_waiting = False
+        """True while the committer waits out the commit interval (it holds no offsets then)."""
         self.processed = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -92,7 +95,7 @@ class KafkaLoop:
         self.producer = self._new_producer()
         self.consumer = AIOKafkaConsumer(**common, group_id=kafka.group_id, enable_auto_commit=False,
                                          auto_offset_reset="earliest", isolation_level="read_committed",
-                                         fetch_max_wait_ms=kafka.fetch_max_wait_ms,
+                                         fetch_max_wait_ms=kafka.fetch_max_wait_ms, fetch_min_bytes=kafka.fetch_min_bytes,
                                          max_partition_fetch_bytes=4 * 1024 * 1024,
                                          fetch_max_bytes=32 * 1024 * 1024,
                                          session_timeout_ms=kafka.session_timeout_ms,
@@ -186,7 +189,10 @@ class KafkaLoop:
                 self.metrics.paused.inc()
                 paused = True
             await asyncio.wait([self._in_flight[0][0]], timeout=0.05)
-            await self._commit_completed()
+            # committing is not waited for here either: the next fetch should not queue behind it
+            if self._commit_in_background():
+                await self._settle_commits()
+                await self._rewind()
 
     def _queues_have_room(self) -> bool:
         return all(b.admits(1) for b in self.dataplane.batchers.values())
@@ -214,16 +220,30 @@ class KafkaLoop:
             self._committer = asyncio.get_running_loop().create_task(self._commit_pending())
         return failed
 
-    async def _commit_pending(self) -> None:
+    async def _commit_pending(self, hurry: bool = False) -> None:
+        """Commit what is pending, at most once per `kafka.commit_interval_ms` unless hurried
+        (each commit is a broker round trip and a write to __consumer_offsets; at thousands of
+        small batches a second they cost the gateway and the broker more than the serving)."""
         while self._to_commit:
+            if not hurry:
+                wait_s = self._last_commit_s + self.config.kafka.commit_interval_ms / 1000 - self.clock()
+                if wait_s > 0:
+                    self._committer_waiting = True
+                    try:
+                        await asyncio.sleep(wait_s)
+                    finally:
+                        self._committer_waiting = False
             offsets, self._to_commit = self._to_commit, {}
+            self._last_commit_s = self.clock()
             await self._commit(offsets)
 
     async def _settle_commits(self) -> None:
         """Wait until everything taken so far is committed (or its commit failed and was logged)."""
         if self._committer is not None and not self._committer.done():
+            if self._committer_waiting:
+                self._committer.cancel()  # commit now instead of after the interval (nothing taken yet)
             await asyncio.gather(self._committer, return_exceptions=True)
-        await self._commit_pending()
+        await self._commit_pending(hurry=True)
 
     async def _commit_completed(self) -> None:
         """Commit the offsets of the completed prefix of in-flight batches and wait for it (before a

@@ -213,3 +213,51 @@ async def test_exactly_once_mode_read_committed_sees_each_request_once(stack, to
     finally:
         await consumer.stop()
     assert committed == 3001
+
+
+async def _committed_total(bootstrap: str, group: str, topic: str, partitions: int = 4) -> int:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        total = 0
+        for partition in range(partitions):
+            total += (await consumer.committed(TopicPartition(topic, partition))) or 0
+        return total
+    finally:
+        await consumer.stop()
+
+
+async def test_paced_commits_catch_up_while_running_and_at_stop(stack, topics, repository, redis_prefix) -> None:
+    """`kafka.commit_interval_ms` spaces commits out; it never leaves delivered work uncommitted:
+    the newest offsets are committed within about one interval while the gateway runs, and a
+    graceful stop commits at once instead of waiting out the interval."""
+    config = gateway_config(stack, topics, repository, redis_prefix,
+                            kafka={"bootstrap_servers": stack.kafka, "group_id": f"gw-{topics.prefix}",
+                                   "topics": topics.topics.model_dump(), "commit_interval_ms": 3000})
+    running = await start_gateway(config)
+    group, requests = config.kafka.group_id, topics.topics.requests
+    try:
+        rows = good_rows(1200, seed=11)
+        for burst in range(3):  # several fetches, each completing inside the interval of the last
+            await produce(stack.kafka, requests, [(f"p-{burst}-{i}".encode(),
+                                                   request_event(f"p-{burst}-{i}", "fixed-route", rows[burst * 400 + i]))
+                                                  for i in range(400)])
+            await asyncio.sleep(0.1)
+        predictions = await read_topic(stack.kafka, topics.topics.predictions, 1200, timeout_s=60)
+        assert len({p["request_id"] for p in predictions}) == 1200
+        deadline = asyncio.get_running_loop().time() + 8.0
+        committed = 0
+        while asyncio.get_running_loop().time() < deadline:
+            committed = await _committed_total(stack.kafka, group, requests)
+            if committed == 1200:
+                break
+            await asyncio.sleep(0.1)
+        assert committed == 1200, f"only {committed} of 1200 committed 8 s after the last answer"
+        # work that arrives just before a stop is committed by the stop, not lost to the interval
+        await produce(stack.kafka, requests, [(b"p-last", request_event("p-last", "fixed-route", rows[0]))])
+        await read_topic(stack.kafka, topics.topics.predictions, 1201, timeout_s=30, settle_s=0)
+    finally:
+        assert await running.stop() == 0
+    assert await _committed_total(stack.kafka, group, requests) == 1201
