@@ -486,16 +486,25 @@ def _seen(row: list[Any]) -> Seen:
     return Seen(row[0], row[1], row[2], row[3], tuple(row[4]) if len(row) > 4 else None)
 
 
+_STATE_NUMBERS = {state: number for number, state in enumerate(_STATES)}
+_dumps = orjson.dumps
+
+
 def encode_entry(entry: Entry) -> bytes:
     """Serialize an entry for the table (the request_id is the table key, not repeated)."""
     outcome = entry.outcome
-    return orjson.dumps([
+    primary = entry.primary
+    shadows = entry.shadows
+    scored = entry.scored
+    # tuples and lists serialize alike (JSON arrays): the stored bytes are as before
+    return _dumps((
         entry.partition, entry.route,
-        None if entry.primary is None else _served_row(entry.primary), entry.ts_predicted,
-        [_served_row(s) for s in entry.shadows],
+        None if primary is None else _served_row(primary), entry.ts_predicted,
+        [_served_row(s) for s in shadows] if shadows else (),
         None if outcome is None else _seen_row(outcome),
-        _STATES.index(entry.reward_state), sorted(entry.scored), entry.anchor_ts, list(entry.early_duplicates),
-    ])
+        _STATE_NUMBERS[entry.reward_state], sorted(scored) if scored else (), entry.anchor_ts,
+        entry.early_duplicates,
+    ))
 
 
 def decode_entry(request_id: str, raw: bytes) -> Entry:

@@ -82,7 +82,14 @@ def outputs_view(outputs: Mapping[str, Any]) -> PredictionView:
     skl2onnx classifiers exported without zipmap), else the first number of the first other
     numeric output; the predicted label is ``label``.
     """
-    score: float | None = None
+    if len(outputs) == 2:
+        # the shape our gateway writes for a binary classifier, {"probability": [p], "label": 0/1}:
+        # the same view as the general rules below give it, without walking them (hot path)
+        probability, predicted = outputs.get("probability"), outputs.get("label")
+        if (probability.__class__ is list and len(probability) == 1 and predicted.__class__ is int
+                and (score := probability[0]).__class__ is float and math.isfinite(score)):
+            return PredictionView(score=score, predicted=predicted, predicted_name=None)
+    score: float | None = None  # type: ignore[no-redef]
     for key in _PROBABILITY_OUTPUTS:
         probability = outputs.get(key)
         if probability is None:

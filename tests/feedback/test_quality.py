@@ -36,6 +36,20 @@ def test_outputs_view_reads_the_gateway_format() -> None:
     assert outputs_view({"text": "x"}) == PredictionView(None, None, None)
 
 
+_SCALARS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 3), st.booleans(),
+                     st.text(max_size=2), st.none())
+
+
+@given(probability=st.one_of(_SCALARS, st.lists(_SCALARS, max_size=3)),
+       label=st.one_of(_SCALARS, st.lists(_SCALARS, max_size=2)), key=st.sampled_from(["probability", "score"]))
+@settings(max_examples=400, deadline=None)
+def test_outputs_view_fast_path_reads_what_the_general_rules_read(probability, label, key) -> None:
+    # a third, non-numeric output changes nothing the rules read, but takes the general path
+    fast = outputs_view({key: probability, "label": label})
+    general = outputs_view({key: probability, "label": label, "note": "x"})
+    assert fast == general or (fast.score != fast.score and general.score != general.score)
+
+
 def test_streaming_metrics_equal_sklearn_on_a_fixed_sample() -> None:
     rng = np.random.default_rng(7)
     y = rng.integers(0, 2, 500)
