@@ -148,6 +148,13 @@ def _same(predicted: Any, label: Any) -> bool:
 def label_error(view: PredictionView, label: Any) -> bool | None:
     """Whether a classifier's predicted label misses `label` (the error stream the quality-drift
     CUSUM watches); None when the pair cannot be scored as a classification (regressors)."""
+    predicted = view.predicted
+    if label.__class__ is int and predicted.__class__ is int:
+        return predicted != label  # what the general rules below give two plain ints (hot path)
+    return _label_error(view, label)
+
+
+def _label_error(view: PredictionView, label: Any) -> bool | None:
     predicted = _predicted_label(view, label)
     if predicted is None:
         return None
@@ -266,6 +273,28 @@ def labelled(view: PredictionView, label: Any) -> QualityStats:
 
 def labelled_fields(view: PredictionView, label: Any) -> dict[str, float]:
     """:func:`labelled` as its non-zero sums by field name (the hot path's form: no objects)."""
+    predicted = view.predicted
+    if label.__class__ is int and (label == 0 or label == 1) and predicted.__class__ is int:
+        # a binary label and a plain int prediction: what the general rules below give, without
+        # walking them (hot path; a property test compares the two)
+        stats = {"n": 1.0}
+        if predicted == label:
+            stats["correct"] = 1.0
+        if predicted == 0 or predicted == 1:
+            stats[("tp" if predicted else "fn") if label else ("fp" if predicted else "tn")] = 1.0
+        score = view.score
+        if score is not None and 0.0 <= score <= 1.0:
+            probability = min(1.0 - _EPS, max(_EPS, score))
+            stats["n_prob"] = 1.0
+            stats["log_loss_sum"] = -math.log(probability if label else 1.0 - probability)
+            brier = (score - label) ** 2
+            if brier:
+                stats["brier_sum"] = brier
+        return stats
+    return _labelled_fields(view, label)
+
+
+def _labelled_fields(view: PredictionView, label: Any) -> dict[str, float]:
     y = binary_label(label)
     predicted = _predicted_label(view, label)
     if predicted is not None:

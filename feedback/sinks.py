@@ -260,32 +260,22 @@ class LedgerPlanner:
             keys = self._route_keys[route] = (self._keys.counts(route), self._keys.quality(route))
         return keys
 
-    def _quality_group(self, chunk: LedgerChunk, route: str, ts: float, served: Any,
-                       fields: Mapping[str, float]) -> list[Any]:
-        # per chunk, the group's targets and the sum names' positions of each (bucket, model
-        # version): nearly every item of a batch reuses one of a handful
-        slot_key = (route, int(ts // self._bucket_s), served.shadow, served.arm, served.model, served.model_version)
-        slot = chunk.stat_names.get(slot_key)
-        if slot is None:
-            bucket_number = slot_key[1]
-            bucket = self._bucket_keys.get((route, bucket_number))
-            if bucket is None:
-                if len(self._bucket_keys) > 1000:
-                    self._bucket_keys.clear()
-                bucket = self._bucket_keys[(route, bucket_number)] = self._keys.quality_bucket(route, bucket_number)
-            bucket_position = chunk.key(bucket)
-            chunk.expire[bucket_position] = self._bucket_ttl_s
-            names = self._field_names(served)
-            slot = chunk.stat_names[slot_key] = (
-                (2, chunk.key(self._route_key(route)[1]), bucket_position),
-                {stat: chunk.name(names[stat]) for stat in FIELD_NAMES})
-        targets, positions = slot
-        group: list[Any] = [*targets]
-        append = group.append
-        for stat, value in fields.items():
-            append(positions[stat])
-            append(value)
-        return group
+    def _quality_slot(self, chunk: LedgerChunk, route: str, bucket_number: int, served: Any) -> tuple[Any, Any]:
+        """The quality group's targets and the positions of its sum names in `chunk`, for a
+        model version's sums in one time bucket (`chunk` is one route's)."""
+        slot_key = (bucket_number, served.shadow, served.arm, served.model, served.model_version)
+        bucket = self._bucket_keys.get((route, bucket_number))
+        if bucket is None:
+            if len(self._bucket_keys) > 1000:
+                self._bucket_keys.clear()
+            bucket = self._bucket_keys[(route, bucket_number)] = self._keys.quality_bucket(route, bucket_number)
+        bucket_position = chunk.key(bucket)
+        chunk.expire[bucket_position] = self._bucket_ttl_s
+        names = self._field_names(served)
+        slot = chunk.stat_names[slot_key] = (
+            [2, chunk.key(self._route_key(route)[1]), bucket_position],
+            {stat: chunk.name(names[stat]) for stat in FIELD_NAMES})
+        return slot
 
     def _count_group(self, chunk: LedgerChunk, route: str, kind: str, arm: str | None) -> list[Any]:
         group = chunk.groups.get((kind, arm))
@@ -306,10 +296,12 @@ class LedgerPlanner:
         merged: dict[tuple[str, str, str], tuple[LedgerChunk, list[Any], list[Effect]]] = {}
         seen_key = self._keys.seen
         limit = self._chunk_items
-        quality_group = self._quality_group
+        bucket_s = self._bucket_s
+        quality_slot = self._quality_slot
         count_group = self._count_group
         # a step's effects for one request come together: its seen key's position is reused
-        last: tuple[str, str, LedgerChunk | None] = ("", "", None)
+        last_request = last_route = ""
+        last_chunk: LedgerChunk | None = None
         seen_position = 0
         for effect in effects:
             cls = effect.__class__
@@ -317,7 +309,7 @@ class LedgerPlanner:
                 continue
             route = effect.route  # type: ignore[union-attr]
             request_id = effect.request_id
-            token = f"label:{effect.served.arm}" if cls is Label else effect.token  # type: ignore[union-attr]
+            token = "label:" + effect.served.arm if cls is Label else effect.token  # type: ignore[union-attr]
             key = (route, request_id, token)
             slot = merged.get(key)
             if slot is None:
@@ -325,9 +317,9 @@ class LedgerPlanner:
                 if chunk is None or len(chunk.rows) >= limit:
                     chunk = current[route] = LedgerChunk(route)
                     chunks.append(chunk)
-                if request_id != last[1] or route != last[0] or chunk is not last[2]:
+                if request_id != last_request or route != last_route or chunk is not last_chunk:
                     seen_position = chunk.key(seen_key(route, request_id))
-                    last = (route, request_id, chunk)
+                    last_request, last_route, last_chunk = request_id, route, chunk
                 row: list[Any] = [seen_position, token]
                 members: list[Effect] = [effect]
                 chunk.rows.append(row)
@@ -342,15 +334,11 @@ class LedgerPlanner:
                 group = chunk.groups.get((effect.kind, effect.arm))  # type: ignore[union-attr]
                 row.append(group if group is not None
                            else count_group(chunk, route, effect.kind, effect.arm))  # type: ignore[union-attr]
-            elif cls is Reward:
-                reward = effect.reward  # type: ignore[union-attr]
+                continue
+            if cls is Reward:
                 served = effect.served  # type: ignore[union-attr]
-                row.append(quality_group(chunk, route, effect.ts, served, rewarded_fields(reward)))  # type: ignore[union-attr]
-                if arms is not None:
-                    check_arm_update(served.arm, reward)
-                    if not chunk.arm:
-                        chunk.arm = [chunk.key(arms.stats_key(route)), arms.half_life(route), arms.dedup_ttl_s]
-                    row.append([0, chunk.key(arms.seen_key(route, request_id)), served.arm, reward])
+                reward = effect.reward  # type: ignore[union-attr]
+                fields = rewarded_fields(reward)
             elif cls is Label:
                 served = effect.served  # type: ignore[union-attr]
                 fields = labelled_fields(served.view, effect.label)  # type: ignore[union-attr]
@@ -358,14 +346,29 @@ class LedgerPlanner:
                     primary = effect.primary  # type: ignore[union-attr]
                     fields.update(shadow_fields(served.view, None if primary is None else primary.view,
                                                 effect.label))  # type: ignore[union-attr]
-                if fields:
-                    row.append(quality_group(chunk, route, effect.ts, served, fields))  # type: ignore[union-attr]
-            elif cls is Pairs:
-                group: list[Any] = [1, chunk.key(self._keys.pairs(route))]
+            else:  # Pairs
+                group = [1, chunk.key(self._keys.pairs(route))]
                 for name, amount in effect.fields.items():  # type: ignore[union-attr]
                     group.append(chunk.name(name))
                     group.append(amount)
                 row.append(group)
+                continue
+            if fields:
+                # per chunk, the group's targets and sum names' positions of each (time bucket,
+                # model version): nearly every item of a batch reuses one of a handful
+                bucket_number = int(effect.ts // bucket_s)  # type: ignore[union-attr]
+                stat = chunk.stat_names.get((bucket_number, served.shadow, served.arm, served.model,
+                                             served.model_version))
+                targets, positions = stat if stat is not None else quality_slot(chunk, route, bucket_number, served)
+                group = targets[:]
+                for name, value in fields.items():
+                    group += (positions[name], value)
+                row.append(group)
+            if cls is Reward and arms is not None:
+                check_arm_update(served.arm, reward)
+                if not chunk.arm:
+                    chunk.arm = [chunk.key(arms.stats_key(route)), arms.half_life(route), arms.dedup_ttl_s]
+                row.append([0, chunk.key(arms.seen_key(route, request_id)), served.arm, reward])
         return chunks
 
 

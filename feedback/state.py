@@ -94,12 +94,10 @@ class JoinTable:
             await asyncio.gather(*futures)
         data = self._data
         schedule = self.schedule
-        for records in encoded.values():
-            for key, value in records:
-                if value is None:
-                    data.pop(key, None)
         for request_id, (partition, entry) in changes.items():
-            if entry is not None:
+            if entry is None:
+                data.pop(request_id.encode(), None)
+            else:
                 data[request_id.encode()] = entry
             schedule(partition, request_id, entry)
 

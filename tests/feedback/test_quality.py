@@ -50,6 +50,19 @@ def test_outputs_view_fast_path_reads_what_the_general_rules_read(probability, l
     assert fast == general or (fast.score != fast.score and general.score != general.score)
 
 
+@given(score=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
+       predicted=st.one_of(st.none(), st.integers(-2, 3), st.booleans(), st.floats(-1, 2), st.sampled_from(["a", "1"])),
+       name=st.one_of(st.none(), st.sampled_from(["churn", "stay"])),
+       label=st.one_of(st.integers(-2, 3), st.booleans(), st.floats(-1, 2), st.sampled_from(["a", "1", "churn"]), st.none()))
+@settings(max_examples=600, deadline=None)
+def test_labelled_fields_and_label_error_fast_paths_agree_with_the_general_rules(score, predicted, name, label) -> None:
+    from feedback.quality import _label_error, _labelled_fields, label_error, labelled_fields
+
+    view = PredictionView(score, predicted, name)
+    assert labelled_fields(view, label) == _labelled_fields(view, label)
+    assert label_error(view, label) == _label_error(view, label)
+
+
 def test_streaming_metrics_equal_sklearn_on_a_fixed_sample() -> None:
     rng = np.random.default_rng(7)
     y = rng.integers(0, 2, 500)
