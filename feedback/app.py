@@ -161,7 +161,7 @@ class FeedbackRuntime(mode.Service):
         self.interleave = InterleaveMonitor(self._redis, keys, config.routes, config.feedback.promote_confidence, out,
                                             self.metrics)
         self.source.on_failure = self.fail
-        self.source.start(self.processor.process)
+        self.source.start(self.processor.submit)
         self.ready.set()
 
     async def on_stop(self) -> None:

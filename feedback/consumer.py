@@ -11,14 +11,19 @@ recovery and standby reads) still take faust's per-message path.
 
 Offsets and rebalances:
 
-* A batch's records are marked done (per partition: last offset + 1) only after the handler
-  returned, which it does only when the batch's effects are in Redis and its entries are in the
-  changelog. faust's commit timer commits done offsets (and only those) for the batch topics.
+* The handler joins a batch and hands back a future for its writes; the next batch is joined
+  while those run (at most `WRITES_IN_FLIGHT` batches unwritten; the processor keeps writes in
+  order and joins later batches against the unwritten changes). A batch's records are marked done
+  (per partition: last offset + 1) only when its future completed, which it does only when the
+  batch's effects are in Redis and its entries are in the changelog, and only after every earlier
+  batch was marked. faust's commit timer commits done offsets (and only those) for the batch
+  topics. A failed write (a bug) marks nothing from that batch on and stops the worker.
 * A batch starts only while faust's flow is active and the consumer generation has not changed
   since the fetch; otherwise its records are dropped and the partitions are seeked back to their
   committed offsets (as faust itself does).
 * On revocation faust stops the flow and waits for in-flight work (``wait_empty``); here that
-  wait includes the batch in flight, and the commit that follows includes its offsets. So a
+  wait includes the batches being joined or written, and the commit that follows includes their
+  offsets. So a
   partition's batch is durable and committed before the partition can move to another worker,
   and no batch starts on a partition this worker no longer owns.
 
@@ -36,6 +41,7 @@ table of 150 000 requests).
 from __future__ import annotations
 
 import asyncio
+import collections
 import gc
 import logging
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -48,9 +54,13 @@ from faust.types import TP
 
 log = logging.getLogger("banditgate.feedback.consumer")
 
-BatchHandler = Callable[[Sequence[Any]], Awaitable[None]]
+BatchHandler = Callable[[Sequence[Any]], Awaitable["asyncio.Future[None]"]]
 """Called with aiokafka ConsumerRecords (``topic``, ``partition``, ``offset``, ``key``, ``value``,
-``timestamp`` in ms); returns when the batch is durable; raises on a bug (nothing is marked done)."""
+``timestamp`` in ms); returns once the batch is joined, with a future that completes when it is
+durable (raising on a bug: then nothing from that batch on is marked done)."""
+
+WRITES_IN_FLIGHT = 2
+"""Batches joined but not yet durable: the next batch is joined while the last one is written."""
 
 
 class BatchSource:
@@ -98,6 +108,36 @@ class BatchConsumer(faust_aiokafka.Consumer):
         self._batch_idle = asyncio.Event()
         self._batch_idle.set()
         self._gc = BatchGc()
+        self._writing: collections.deque[tuple[asyncio.Future[None], dict[TP, int]]] = collections.deque()
+        """Joined batches still being written, in order, with their end offsets."""
+
+    def _settle_writes(self) -> None:
+        """Mark done the offsets of the written prefix of batches (in order); stop at a failure."""
+        inbound = self.app.monitor.stream_inbound_time
+        writing = self._writing
+        while writing and writing[0][0].done():
+            written, ends = writing[0]
+            failure = written.exception() if not written.cancelled() else asyncio.CancelledError()
+            if failure is not None:
+                if isinstance(failure, asyncio.CancelledError):
+                    self._batch_idle.set()  # stopping: nothing more will be written
+                else:
+                    self._fail(failure)
+                return  # this batch and every later one stay unmarked: replayed after the restart
+            writing.popleft()
+            now = monotonic()
+            for tp, end in ends.items():
+                self._done[tp] = end
+                inbound[tp] = now  # faust's livelock detector reads this
+        if not writing or self._source.failed is not None:
+            self._batch_idle.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        source = self._source
+        if source.failed is None:
+            source.failed = exc
+            source.on_failure(exc)
+        self._batch_idle.set()
 
     @property
     def _source(self) -> BatchSource:
@@ -140,7 +180,6 @@ class BatchConsumer(faust_aiokafka.Consumer):
         read_offset = self._read_offset
         consumer_stopped = self._stopped.is_set
         fetcher_stopped = fetcher._stopped.is_set
-        inbound = self.app.monitor.stream_inbound_time
         try:
             while not (consumer_stopped() or fetcher_stopped()):
                 generation = self.app.consumer_generation_id
@@ -174,26 +213,25 @@ class BatchConsumer(faust_aiokafka.Consumer):
                         await self.perform_seek()
                         continue
                 handler = cast(BatchHandler, source.handler)
+                if len(self._writing) >= WRITES_IN_FLIGHT:
+                    await asyncio.wait([self._writing[0][0]])
+                if source.failed is not None:
+                    await asyncio.Event().wait()  # stopping; nothing from the failed batch on is marked done
                 self._batch_idle.clear()
                 self._gc.before()
                 try:
-                    await handler(batch)
+                    written = await handler(batch)
                 except asyncio.CancelledError:
                     self._gc.after()
-                    self._batch_idle.set()
+                    self._settle_writes()
                     raise
                 except Exception as exc:  # noqa: BLE001 - a bug: nothing of this batch is marked done
                     self._gc.after()
-                    self._batch_idle.set()
-                    source.failed = exc
-                    source.on_failure(exc)
+                    self._fail(exc)
                     await asyncio.Event().wait()  # stopping; everything from this batch on stays uncommitted
                 self._gc.after()
-                self._batch_idle.set()
-                now = monotonic()
-                for tp, end in ends.items():
-                    self._done[tp] = end
-                    inbound[tp] = now  # faust's livelock detector reads this
+                self._writing.append((written, ends))
+                written.add_done_callback(lambda _: self._settle_writes())
         except self.consumer_stopped_errors:
             if self.transport.app.should_stop:
                 log.info("broker stopped the consumer, shutting down")
