@@ -418,11 +418,10 @@ def _orphaned(entry: Entry, rules: JoinRules, why: str) -> tuple[Effect, ...]:
 
 def reward_deadline(entry: Entry, rules: JoinRules) -> float | None:
     """When the route's default reward applies to this entry, or None if it never will."""
-    route = rules.route(entry.route)
-    if (route.reward_wait_s is None or entry.primary is None or entry.ts_predicted is None
-            or entry.outcome is not None or entry.reward_state != "open"):
-        return None
-    return entry.ts_predicted + route.reward_wait_s
+    if entry.outcome is not None or entry.primary is None or entry.ts_predicted is None or entry.reward_state != "open":
+        return None  # checked before the route lookup: most entries written have an outcome
+    wait_s = rules.route(entry.route).reward_wait_s
+    return None if wait_s is None else entry.ts_predicted + wait_s
 
 
 def due_at(entry: Entry, rules: JoinRules) -> float:
