@@ -126,8 +126,11 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 return  # this batch and every later one stay unmarked: replayed after the restart
             writing.popleft()
             now = monotonic()
+            done = self._done
             for tp, end in ends.items():
-                self._done[tp] = end
+                # a batch re-read after a seek may end before one written meanwhile: never go back
+                if end > done.get(tp, -1):
+                    done[tp] = end
                 inbound[tp] = now  # faust's livelock detector reads this
         if not writing or self._source.failed is not None:
             self._batch_idle.set()
@@ -215,6 +218,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 handler = cast(BatchHandler, source.handler)
                 if len(self._writing) >= WRITES_IN_FLIGHT:
                     await asyncio.wait([self._writing[0][0]])
+                    if not self.flow_active or generation != self.app.consumer_generation_id:
+                        await self.perform_seek()  # a rebalance began meanwhile: re-read this batch later
+                        continue
                 if source.failed is not None:
                     await asyncio.Event().wait()  # stopping; nothing from the failed batch on is marked done
                 self._batch_idle.clear()
