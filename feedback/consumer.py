@@ -145,7 +145,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 inbound[tp] = now  # faust's livelock detector reads this
         if not writing and not self._joining:
             self._gc.after()  # nothing in flight
-        if not writing or self._source.failed is not None:
+        # idle: nothing joined-but-unwritten and no batch in the handler (a write finishing while
+        # the next batch is being joined must not let a rebalance proceed mid-join)
+        if (not writing and not self._joining) or self._source.failed is not None:
             self._batch_idle.set()
 
     def _fail(self, exc: BaseException) -> None:
