@@ -249,6 +249,10 @@ class FeedbackConfig(_Strict):
     quality_drift_reference: int = Field(1000, ge=20)
     """Quality drift: a model version's first this many joined outcomes (per worker) set its
     in-control error rate; monitoring starts after them."""
+    gil_switch_interval_ms: float = Field(1.0, gt=0, le=100)
+    """How long a thread may hold the GIL while another waits for it (Python's default is 5 ms).
+    faust fetches in its own thread: with 5 ms the worker's main thread often waited for records
+    that thread could not hand over (measured: 1 ms drained 7 % more outcomes per second)."""
 
 
 class Arm(_Strict):

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -289,6 +290,7 @@ def run_feedback(config: Config, log_level: str | None = None, json_logs: bool |
     worker = faust.Worker(app, runtime, loglevel=level.upper() if level != "warning" else "WARN",
                           override_logging=False, redirect_stdouts=False, quiet=True)
     started = time.monotonic()
+    sys.setswitchinterval(config.feedback.gil_switch_interval_ms / 1000.0)
     try:
         worker.execute_from_commandline()
     except SystemExit as exc:

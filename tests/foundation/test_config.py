@@ -113,3 +113,11 @@ def test_webhook_urls_are_http_and_masked_for_operators() -> None:
     assert "T0K3N" not in shown and "pw" not in shown and "sig" not in shown
     assert shown.startswith("https://hooks.example:8443/")
     assert url_origin("http://hooks.example/path") == "http://hooks.example"
+
+
+def test_gil_switch_interval_defaults_and_bounds() -> None:
+    assert parse_config(GOOD, env={}).feedback.gil_switch_interval_ms == 1.0
+    bad = {**yaml.safe_load(yaml.safe_dump(GOOD)), "feedback": {"gil_switch_interval_ms": 0}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(bad, source="x.yaml", env={})
+    assert str(info.value).startswith("x.yaml: feedback.gil_switch_interval_ms:") and "\n" not in str(info.value)
