@@ -282,16 +282,20 @@ def labelled_fields(view: PredictionView, label: Any) -> dict[str, float]:
             stats["correct"] = 1.0
         if predicted == 0 or predicted == 1:
             stats[("tp" if predicted else "fn") if label else ("fp" if predicted else "tn")] = 1.0
-        score = view.score
-        if score is not None and 0.0 <= score <= 1.0:
-            probability = min(1.0 - _EPS, max(_EPS, score))
-            stats["n_prob"] = 1.0
-            stats["log_loss_sum"] = -math.log(probability if label else 1.0 - probability)
-            brier = (score - label) ** 2
-            if brier:
-                stats["brier_sum"] = brier
+        _add_probability_fields(stats, view.score, label)
         return stats
     return _labelled_fields(view, label)
+
+
+def _add_probability_fields(stats: dict[str, float], score: float | None, y: int) -> None:
+    """Log loss and Brier score of a probability `score` for the 0/1 label `y` (if it is one)."""
+    if score is not None and 0.0 <= score <= 1.0:
+        probability = min(1.0 - _EPS, max(_EPS, score))
+        stats["n_prob"] = 1.0
+        stats["log_loss_sum"] = -math.log(probability if y else 1.0 - probability)
+        brier = (score - y) ** 2
+        if brier:
+            stats["brier_sum"] = brier
 
 
 def _labelled_fields(view: PredictionView, label: Any) -> dict[str, float]:
@@ -304,14 +308,8 @@ def _labelled_fields(view: PredictionView, label: Any) -> dict[str, float]:
         p = binary_label(predicted)
         if y is not None and p is not None:
             stats[("tp" if p else "fn") if y else ("fp" if p else "tn")] = 1.0
-        score = view.score
-        if y is not None and score is not None and 0.0 <= score <= 1.0:
-            probability = min(1.0 - _EPS, max(_EPS, score))
-            stats["n_prob"] = 1.0
-            stats["log_loss_sum"] = -math.log(probability if y else 1.0 - probability)
-            brier = (score - y) ** 2
-            if brier:
-                stats["brier_sum"] = brier
+        if y is not None:
+            _add_probability_fields(stats, view.score, y)
         return stats
     if view.score is not None and isinstance(label, (int, float)) and not isinstance(label, bool):
         error = view.score - float(label)
