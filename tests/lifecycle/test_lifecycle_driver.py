@@ -96,13 +96,18 @@ async def test_a_guardrail_drain_rolls_the_canary_back(parts) -> None:  # type: 
     assert status is not None and status["stage"] == "canary"  # what the worker saw before it acted
 
 
+def _retrain_config(stack, redis_prefix: str, trigger: str):  # type: ignore[no-untyped-def]
+    """One route `r` (arm `a`, model `m` version 4) with the retrain trigger `trigger` on, no cooldown."""
+    return parse_config({
+        "redis": {"url": stack.redis, "key_prefix": redis_prefix},
+        "routes": [{"name": "r", "arms": [{"name": "a", "model": "m", "version": 4}],
+                    "retrain": {trigger: True, "cooldown_s": 0}}]}, env={})
+
+
 @pytest.mark.stack
 async def test_a_drift_alarm_fires_the_retrain_trigger_once(stack, redis_prefix) -> None:  # type: ignore[no-untyped-def]
     client = aredis.Redis.from_url(stack.redis)
-    config = parse_config({
-        "redis": {"url": stack.redis, "key_prefix": redis_prefix},
-        "routes": [{"name": "r", "arms": [{"name": "a", "model": "m", "version": 4}],
-                    "retrain": {"drift": True, "cooldown_s": 0}}]}, env={})
+    config = _retrain_config(stack, redis_prefix, "drift")
     route = config.routes[0]
     store = RolloutStore(client, prefix=redis_prefix)
     try:
@@ -138,10 +143,7 @@ async def test_quality_drift_alarms_of_a_worker_fire_the_quality_trigger_once(st
     import collections
 
     client = aredis.Redis.from_url(stack.redis)
-    config = parse_config({
-        "redis": {"url": stack.redis, "key_prefix": redis_prefix},
-        "routes": [{"name": "r", "arms": [{"name": "a", "model": "m", "version": 4}],
-                    "retrain": {"quality": True, "cooldown_s": 0}}]}, env={})
+    config = _retrain_config(stack, redis_prefix, "quality")
     route = config.routes[0]
     pending: collections.Counter[str] = collections.Counter()
     try:
