@@ -183,17 +183,12 @@ class JoinProcessor:
         return PredictionIn(prediction.request_id, message.partition, prediction.route, served,
                             prediction.ts_predicted)
 
-    async def process(self, messages: Sequence[Any]) -> None:
-        """Join, apply and persist one batch of records (:class:`SourceMessage` or aiokafka
-        ConsumerRecords). Returns only when all of it is applied and persisted (retrying Redis and
-        Kafka for as long as it takes); then their offsets may be committed."""
-        await (await self.submit(messages))
-
     async def submit(self, messages: Sequence[Any]) -> asyncio.Future[None]:
-        """Join one batch against the table and the batches still being written, and start
-        writing it after them. Returns once the join is done, with a future that completes when
-        the batch is applied and persisted (then its offsets may be committed) and raises what
-        a bug raised. Writes stay in submission order: batch N+1 is joined while batch N waits
+        """Join one batch of records (:class:`SourceMessage` or aiokafka ConsumerRecords) against
+        the table and the batches still being written, and start writing it after them. Returns
+        once the join is done, with a future that completes when the batch is applied and
+        persisted (retrying Redis and Kafka for as long as it takes; then its offsets may be
+        committed) and raises what a bug raised. Writes stay in submission order: batch N+1 is joined while batch N waits
         for Redis and the broker, which left the worker idle for about 40% of a drain."""
         started = time.perf_counter()
         async with self.lock:

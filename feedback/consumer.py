@@ -143,11 +143,12 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 if end > done.get(tp, -1):
                     done[tp] = end
                 inbound[tp] = now  # faust's livelock detector reads this
-        if not writing and not self._joining:
-            self._gc.after()  # nothing in flight
         # idle: nothing joined-but-unwritten and no batch in the handler (a write finishing while
         # the next batch is being joined must not let a rebalance proceed mid-join)
-        if (not writing and not self._joining) or self._source.failed is not None:
+        idle = not writing and not self._joining
+        if idle:
+            self._gc.after()
+        if idle or self._source.failed is not None:
             self._batch_idle.set()
 
     def _fail(self, exc: BaseException) -> None:

@@ -204,6 +204,8 @@ def _make_entry(request_id: Any, partition: Any, route: Any, primary: Any, ts_pr
 
 
 def _copy(old: Entry) -> Entry:
+    """A field-by-field copy that the calling step owns: it may set fields on it (with `_set`)
+    until it returns it. Entries are never changed once a step has returned them."""
     new = _new(Entry)
     s = _se
     s[0](new, old.request_id); s[1](new, old.partition); s[2](new, old.route); s[3](new, old.primary)  # noqa: E702
@@ -213,8 +215,6 @@ def _copy(old: Entry) -> Entry:
     return new
 
 
-_copy.__doc__ = """A field-by-field copy that the calling step owns: it may set fields on it (with `_set`)
-until it returns it. Entries are never changed once a step has returned them."""
 _NOTHING_SCORED: frozenset[str] = frozenset()
 
 
