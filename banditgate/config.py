@@ -249,6 +249,11 @@ class FeedbackConfig(_Strict):
     quality_drift_reference: int = Field(1000, ge=20)
     """Quality drift: a model version's first this many joined outcomes (per worker) set its
     in-control error rate; monitoring starts after them."""
+    fetch_max_wait_ms: int = Field(50, ge=1, le=10_000)
+    """How long the broker may hold the worker's fetch when the partitions it asks for have nothing
+    new. aiokafka has one fetch in flight per broker, so while an idle topic's fetch is held no
+    other partition is fetched: keep this short (faust's own 1500 ms starved the worker of records;
+    50 ms costs an idle worker 20 small fetches a second)."""
     gil_switch_interval_ms: float = Field(1.0, gt=0, le=100)
     """How long a thread may hold the GIL while another waits for it (Python's default is 5 ms).
     faust fetches in its own thread: with 5 ms the worker's main thread often waited for records

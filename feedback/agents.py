@@ -12,8 +12,9 @@ interleave on an entry:
 4. only then the caller acks the events, so faust can commit their offsets.
 
 Steps 2-4 of a batch run while the next batch does step 1 (``submit``): writes stay in batch
-order, and step 1 joins against the changes of batches not yet written. A timer sweep first
-waits for every submitted batch to be written.
+order, and step 1 joins against the changes of batches not yet written. A timer sweep with
+something due first waits for every submitted batch to be written (one with nothing due, the
+usual case, returns at once: it holds the lock, so batches would wait too).
 
 A crash at any point replays events from the last committed offset: before 3 the entries are
 unchanged and the replayed effects are deduplicated by Redis; after 3 the entries recognise the
@@ -271,7 +272,10 @@ class JoinProcessor:
         """Sync the timer index with the assigned partitions, then apply due default rewards
         and expiries (at most `sweep_limit` entries per call). Returns how many were due."""
         async with self.lock:
-            await self.drain()  # the due entries' latest state is in the table, not in flight
+            if set(assigned) != self._table.partitions or self._table.has_due(self._clock()):
+                # the due entries' latest state must be in the table, not in flight; a sweep
+                # with nothing due does not wait (it holds the lock: batches would wait with it)
+                await self.drain()
             self._table.sync_partitions(assigned)
             now = self._clock()
             due = self._table.pop_due(now, self._sweep_limit)

@@ -210,7 +210,7 @@ def build_app(config: Config, registry: CollectorRegistry | None = None) -> tupl
     source_topics = frozenset({topics.predictions, topics.shadow_predictions, topics.outcomes})
     # the consumer group subscribes to the three source topics; their records are not streamed
     # through faust's per-message path but drained in batches (feedback/consumer.py)
-    app.batch_source = BatchSource(source_topics)
+    app.batch_source = BatchSource(source_topics, feedback.fetch_max_wait_ms)
     app.topics.add(app.topic(*sorted(source_topics), key_serializer="raw", value_serializer="raw"))
     # bytes keys and values: faust then uses the "raw" codec for the changelog (entries are
     # encoded by feedback.join.encode_entry)

@@ -65,10 +65,12 @@ WRITES_IN_FLIGHT = 2
 
 
 class BatchSource:
-    """What the consumer needs from the worker: the batch topics and the handler (set at start)."""
+    """What the consumer needs from the worker: the batch topics, how long a fetch may wait on
+    the broker, and the handler (set at start)."""
 
-    def __init__(self, topics: frozenset[str]) -> None:
+    def __init__(self, topics: frozenset[str], fetch_max_wait_ms: int = 50) -> None:
         self.topics = topics
+        self.fetch_max_wait_ms = fetch_max_wait_ms
         self.handler: BatchHandler | None = None
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
@@ -105,6 +107,26 @@ class BatchGc:
         """Nothing in flight: automatic collection on again (of what is not frozen)."""
         gc.enable()
         self.checkpoint()
+
+
+class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """faust's consumer thread, with the broker's fetch wait from `BatchSource.fetch_max_wait_ms`
+    instead of faust's fixed 1500 ms.
+
+    aiokafka keeps one fetch request in flight per broker, for the partitions that have no
+    fetched records left. When those are partitions with nothing new (an idle topic: shadow
+    predictions of a route without shadows, or a topic read to its end) the broker holds the
+    request for the whole wait, and no partition on that broker is fetched meanwhile: the
+    worker ran out of records for about a quarter of a second, six times per 150 000 outcomes
+    (measured: 14,000 joined outcomes/s with faust's 1500 ms, 16,000 with 50 ms)."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        if not hasattr(consumer, "_fetch_max_wait_ms"):  # pragma: no cover - an aiokafka we were not tested with
+            raise RuntimeError("this aiokafka version has no AIOKafkaConsumer._fetch_max_wait_ms; "
+                               "install the version in constraints.txt")
+        consumer._fetch_max_wait_ms = cast(Any, self.app).batch_source.fetch_max_wait_ms
+        return consumer
 
 
 class BatchConsumer(faust_aiokafka.Consumer):
@@ -157,6 +179,9 @@ class BatchConsumer(faust_aiokafka.Consumer):
             source.failed = exc
             source.on_failure(exc)
         self._batch_idle.set()
+
+    def _new_consumer_thread(self) -> BatchConsumerThread:
+        return BatchConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
     @property
     def _source(self) -> BatchSource:

@@ -616,6 +616,11 @@ class DueIndex:
             if not members:
                 del self._buckets[bucket]
 
+    def has_due(self, now: float) -> bool:
+        """Whether :meth:`pop_due` at `now` may return keys (O(1); True may also mean a bucket
+        emptied since, which the next pop_due discards)."""
+        return bool(self._heap) and self._heap[0] <= int(now // self._resolution_s) - 1
+
     def pop_due(self, now: float, limit: int | None = None) -> list[Any]:
         """Remove and return keys whose bucket ended at or before `now`, oldest bucket first,
         at most `limit` of them."""

@@ -114,6 +114,10 @@ class JoinTable:
         else:
             index.set(request_id, due_at(entry, self._rules))
 
+    def has_due(self, now: float) -> bool:
+        """Whether `pop_due(now, ...)` may return anything (cheap; may say yes for nothing)."""
+        return any(index.has_due(now) for index in self._indexes.values())
+
     def pop_due(self, now: float, limit: int) -> list[tuple[int, str]]:
         """Up to `limit` (partition, request_id) pairs due at `now`, removed from the index."""
         out: list[tuple[int, str]] = []

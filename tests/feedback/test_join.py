@@ -354,9 +354,12 @@ def test_due_index_matches_a_plain_dict(schedule: list[tuple[int, float]], now: 
         index.set(key, due)
         latest[key] = due
     expected = {k for k, due in latest.items() if int(due // 1.0) <= int(now // 1.0) - 1}
+    if expected:
+        assert index.has_due(now)  # a sweep with something due must not skip it
     got: list[int] = []
     while batch := index.pop_due(now, limit):
         assert len(batch) <= limit
         got += batch
     assert sorted(got) == sorted(expected)
     assert len(index) == len(latest) - len(expected)
+    assert not index.has_due(now)  # popped: nothing more (emptied buckets are gone too)
