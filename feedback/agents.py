@@ -11,8 +11,9 @@ interleave on an entry:
 3. write the changed entries to the changelog and wait for the broker, then to memory;
 4. only then the caller acks the events, so faust can commit their offsets.
 
-Steps 2-4 of a batch run while the next batch does step 1 (``submit``): writes stay in batch
-order, and step 1 joins against the changes of batches not yet written. A timer sweep with
+Steps 2-4 of a batch run while the next batch does step 1 (``submit``), and batch N+1's step 2
+while batch N's steps 3-4 run: each step stays in batch order (Redis applies batch N before N+1,
+the changelog gets N before N+1), and step 1 joins against the changes of batches not yet written. A timer sweep with
 something due first waits for every submitted batch to be written (one with nothing due, the
 usual case, returns at once: it holds the lock, so batches would wait too).
 
@@ -110,6 +111,8 @@ class JoinProcessor:
         self._unwritten: dict[str, tuple[int, Entry | None]] = {}
         """Changes of submitted batches not yet persisted (newest per request)."""
         self._last_write: asyncio.Future[None] | None = None
+        self._last_applied: asyncio.Future[None] | None = None
+        """Done when the last submitted batch's effects are in Redis (its writes may still run)."""
 
     # -- events ------------------------------------------------------------------------------
     def _decode(self, message: Any) -> PredictionIn | OutcomeIn:
@@ -246,14 +249,21 @@ class JoinProcessor:
         """Queue `_finish` behind the batches already writing (called under the lock). Until
         it has persisted them, `changes` are what later batches join against."""
         previous = self._last_write
+        previous_applied = self._last_applied
+        applied: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._last_applied = applied
         unwritten = self._unwritten
         unwritten.update(changes)
 
         async def write() -> None:
             try:
-                if previous is not None:
-                    await previous  # a failure there is a bug: this batch fails with it
-                await self._finish(changes, effects, letters)
+                await self._finish(changes, effects, letters, after_applied=previous_applied, applied=applied,
+                                   after_written=previous)
+            except BaseException as exc:
+                if not applied.done():  # later batches' Redis stage fails with this one
+                    applied.set_exception(exc)
+                    applied.exception()  # retrieved here; the next batch (if any) raises it again
+                raise
             finally:
                 for request_id, change in changes.items():
                     if unwritten.get(request_id) is change:
@@ -302,7 +312,14 @@ class JoinProcessor:
             return len(due)
 
     async def _finish(self, changes: dict[str, tuple[int, Entry | None]], effects: list[Effect],
-                      letters: list[tuple[str, bytes | None, bytes]]) -> None:
+                      letters: list[tuple[str, bytes | None, bytes]], *,
+                      after_applied: asyncio.Future[None] | None = None, applied: asyncio.Future[None] | None = None,
+                      after_written: asyncio.Future[None] | None = None) -> None:
+        """Apply a batch's effects to Redis, then send its dead letters and alerts, then persist
+        its entries. In a pipeline of batches, the Redis stage starts once `after_applied` (the
+        batch before's Redis stage) is done, and completes `applied`; the sends start once
+        `after_written` (the batch before, whole) is done. So batch N+1 plans and applies its
+        effects while batch N's changelog records are on their way."""
         for effect in effects:
             if isinstance(effect, DropOutcome):
                 self._metrics.dead_letters.labels("outcomes", effect.reason).inc()
@@ -311,18 +328,28 @@ class JoinProcessor:
                     effect.partition, effect.outcome.offset, orjson.dumps(effect.outcome.to_event(effect.request_id))))
         encoded = None
         if effects:
-            redis_call = asyncio.ensure_future(self._retrying("redis", lambda: self._redis.apply(effects, self._metrics)))
+            chunks = self._redis.plan(effects)  # CPU: while the batch before is in Redis
+            if after_applied is not None:
+                await after_applied  # Redis applies batches in order; a failure there is a bug: this batch fails too
+            redis_call = asyncio.ensure_future(self._retrying("redis", lambda: self._redis.apply_planned(
+                chunks, self._metrics)))
             if changes:
                 # encode the changelog records while Redis runs the batch's scripts (nothing is
                 # sent before Redis has applied the effects: see "Exactly once")
                 for _ in range(_YIELDS_FOR_REDIS):
                     await asyncio.sleep(0)
                 encoded = self._table.encode(changes)
-            applied = await redis_call
-            self._metrics.count_all(applied.counts)
+            result = await redis_call
+            self._metrics.count_all(result.counts)
             if self._drift is not None:
                 # fed only what the ledger applied now: a replayed outcome is not seen twice
-                letters.extend(self._drift_alerts(applied.scored))
+                letters.extend(self._drift_alerts(result.scored))
+        elif after_applied is not None:
+            await after_applied
+        if applied is not None:
+            applied.set_result(None)  # the next batch's scripts may go to Redis now
+        if after_written is not None:
+            await after_written  # dead letters and changelog in batch order
         if letters:
             await self._retrying("kafka", lambda: self._out.send_all(letters))
         if changes:

@@ -400,7 +400,15 @@ class RedisSink:
         """Apply every effect at most once (ledger items and arm updates in the same script
         calls, one round trip). Raises RedisError (or OSError) on failure: calling again with the
         same effects is safe (what landed is not applied twice)."""
-        chunks = self._planner.plan(effects, self._store)
+        return await self.apply_planned(self.plan(effects), metrics)
+
+    def plan(self, effects: Sequence[Effect]) -> list[LedgerChunk]:
+        """The script calls that apply `effects` (pure CPU: a batch plans while the one before it
+        is in Redis). Raises ValueError for a reward the arm statistics cannot take."""
+        return self._planner.plan(effects, self._store)
+
+    async def apply_planned(self, chunks: list[LedgerChunk], metrics: FeedbackMetrics | None = None) -> Applied:
+        """`apply` for chunks from `plan`; as safe to call again with the same chunks."""
         results = await self._ledger.apply(chunks)
         counts: list[Count] = []
         scored: list[Label | Reward] = []
