@@ -163,8 +163,8 @@ class LedgerChunk:
         self.names: list[str] = []
         self.name_index: dict[str, int] = {}
         self.rows: list[list[Any]] = []
-        self.members: list[list[Effect]] = []
-        """The effects each item stands for (to count the applied ones)."""
+        self.members: list[Effect] = []
+        """The effect each item stands for (to count the applied ones)."""
         self.expire: dict[int, int] = {}
         """Target key position -> TTL in seconds (time buckets)."""
         self.groups: dict[Any, list[Any]] = {}
@@ -233,9 +233,8 @@ class Ledger:
 
 class LedgerPlanner:
     """Turns join effects into ledger items (encoded :class:`LedgerChunk` s): which sums each
-    effect adds, and where. Effects of one request that share a token (a decision's count and
-    its reward) become one item; a repeated effect (same token and kind, e.g. a replay inside
-    one batch) is kept once."""
+    effect adds, and where; one item per effect, keyed by its request and token (an item whose
+    token was applied before, in an earlier call or earlier in the same one, changes nothing)."""
 
     def __init__(self, keys: FeedbackKeys, window_s: float, chunk_items: int = _CHUNK) -> None:
         self._keys = keys
@@ -293,7 +292,6 @@ class LedgerPlanner:
         Raises ValueError for a reward the arm statistics cannot take (as ArmUpdate does)."""
         chunks: list[LedgerChunk] = []
         current: dict[str, LedgerChunk] = {}
-        merged: dict[tuple[str, str, str], tuple[LedgerChunk, list[Any], list[Effect]]] = {}
         seen_key = self._keys.seen
         limit = self._chunk_items
         bucket_s = self._bucket_s
@@ -309,27 +307,20 @@ class LedgerPlanner:
                 continue
             route = effect.route  # type: ignore[union-attr]
             request_id = effect.request_id
-            token = "label:" + effect.served.arm if cls is Label else effect.token  # type: ignore[union-attr]
-            key = (route, request_id, token)
-            slot = merged.get(key)
-            if slot is None:
-                chunk = current.get(route)
-                if chunk is None or len(chunk.rows) >= limit:
-                    chunk = current[route] = LedgerChunk(route)
-                    chunks.append(chunk)
-                if request_id != last_request or route != last_route or chunk is not last_chunk:
-                    seen_position = chunk.key(seen_key(route, request_id))
-                    last_request, last_route, last_chunk = request_id, route, chunk
-                row: list[Any] = [seen_position, token]
-                members: list[Effect] = [effect]
-                chunk.rows.append(row)
-                chunk.members.append(members)
-                merged[key] = (chunk, row, members)
-            else:
-                chunk, row, members = slot
-                if any(m.__class__ is cls for m in members):
-                    continue
-                members.append(effect)
+            chunk = current.get(route)
+            if chunk is None or len(chunk.rows) >= limit:
+                chunk = current[route] = LedgerChunk(route)
+                chunks.append(chunk)
+            if request_id != last_request or route != last_route or chunk is not last_chunk:
+                # bytes: the Redis client passes them on as they are (a str costs it ~4x more)
+                seen_position = chunk.key(seen_key(route, request_id).encode())
+                last_request, last_route, last_chunk = request_id, route, chunk
+            # one item per effect: an effect repeated in a batch (a token applied before) is
+            # recognised by the script like any replay
+            row: list[Any] = [seen_position, "label:" + effect.served.arm if cls is Label  # type: ignore[union-attr]
+                              else effect.token]  # type: ignore[union-attr]
+            chunk.rows.append(row)
+            chunk.members.append(effect)
             if cls is Count:
                 group = chunk.groups.get((effect.kind, effect.arm))  # type: ignore[union-attr]
                 row.append(group if group is not None
@@ -368,7 +359,7 @@ class LedgerPlanner:
                 check_arm_update(served.arm, reward)
                 if not chunk.arm:
                     chunk.arm = [chunk.key(arms.stats_key(route)), arms.half_life(route), arms.dedup_ttl_s]
-                row.append([0, chunk.key(arms.seen_key(route, request_id)), served.arm, reward])
+                row.append([0, chunk.key(arms.seen_key(route, request_id).encode()), served.arm, reward])
         return chunks
 
 
@@ -415,14 +406,13 @@ class RedisSink:
         arm_applied = arm_duplicates = 0
         arm_counts: dict[str, list[int]] = {}
         for chunk, result in zip(chunks, results):
-            for members, applied in zip(chunk.members, result.items):
+            for member, applied in zip(chunk.members, result.items):
                 if applied:
-                    for member in members:
-                        cls = member.__class__
-                        if cls is Count:
-                            counts.append(member)  # type: ignore[arg-type]
-                        elif cls is Label or cls is Reward:
-                            scored.append(member)  # type: ignore[arg-type]
+                    cls = member.__class__
+                    if cls is Count:
+                        counts.append(member)  # type: ignore[arg-type]
+                    elif cls is Label or cls is Reward:
+                        scored.append(member)  # type: ignore[arg-type]
             if chunk.arm:
                 arm_applied += result.arm_applied
                 arm_duplicates += result.arm_duplicates
