@@ -44,9 +44,11 @@ async def test_effects_applied_twice_count_once(redis, redis_prefix) -> None:
     metrics = FeedbackMetrics(CollectorRegistry())
     now = time.time()
     batch = effects(now)
-    first = await sink.apply(batch, metrics)
+    # every effect twice in the same call too (a replay inside one batch): the second is a no-op
+    first = await sink.apply([e for effect in batch for e in (effect, effect)], metrics)
     again = await sink.apply(batch, metrics)
-    assert len(first.counts) == 301 and first.arm_applied == 300
+    assert len(first.counts) == 301 and first.arm_applied == 300 and first.arm_duplicates == 300
+    assert len(first.scored) == 900  # each Label and Reward once
     assert again.counts == [] and again.arm_applied == 0 and again.arm_duplicates == 300
     assert await counts(redis, redis_prefix, "churn") == {"joined": 300, "joined|a": 300, "duplicate": 1,
                                                           "duplicate|a": 1}
