@@ -10,6 +10,7 @@ SCENARIOS = {
     "kafka": "loadtests.bench_kafka",
     "bandit": "loadtests.bench_bandit",
     "drift": "loadtests.bench_drift",
+    "drift-baselines": "loadtests.bench_drift_baselines",
     "feedback": "loadtests.bench_feedback",
     "http": "loadtests.bench_http",
     "faults": "loadtests.bench_faults",
