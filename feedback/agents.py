@@ -13,9 +13,10 @@ interleave on an entry:
 
 Steps 2-4 of a batch run while the next batch does step 1 (``submit``), and batch N+1's step 2
 while batch N's steps 3-4 run: each step stays in batch order (Redis applies batch N before N+1,
-the changelog gets N before N+1), and step 1 joins against the changes of batches not yet written. A timer sweep with
-something due first waits for every submitted batch to be written (one with nothing due, the
-usual case, returns at once: it holds the lock, so batches would wait too).
+the changelog gets N before N+1), and step 1 joins against the changes of batches not yet
+written. A timer sweep with something due first waits for every submitted batch to be written
+(one with nothing due, the usual case, returns at once: it holds the lock, so batches would wait
+too).
 
 A crash at any point replays events from the last committed offset: before 3 the entries are
 unchanged and the replayed effects are deduplicated by Redis; after 3 the entries recognise the
@@ -192,8 +193,9 @@ class JoinProcessor:
         the table and the batches still being written, and start writing it after them. Returns
         once the join is done, with a future that completes when the batch is applied and
         persisted (retrying Redis and Kafka for as long as it takes; then its offsets may be
-        committed) and raises what a bug raised. Writes stay in submission order: batch N+1 is joined while batch N waits
-        for Redis and the broker, which left the worker idle for about 40% of a drain."""
+        committed) and raises what a bug raised. Writes stay in submission order: batch N+1 is
+        joined while batch N waits for Redis and the broker, which left the worker idle for about
+        40% of a drain."""
         started = time.perf_counter()
         async with self.lock:
             now = self._clock()
@@ -327,10 +329,10 @@ class JoinProcessor:
                     effect.request_id.encode(), effect.error, effect.reason, self._topics.outcomes,
                     effect.partition, effect.outcome.offset, orjson.dumps(effect.outcome.to_event(effect.request_id))))
         encoded = None
-        if effects:
-            chunks = self._redis.plan(effects)  # CPU: while the batch before is in Redis
-            if after_applied is not None:
-                await after_applied  # Redis applies batches in order; a failure there is a bug: this batch fails too
+        chunks = self._redis.plan(effects) if effects else None  # CPU: while the batch before is in Redis
+        if after_applied is not None:
+            await after_applied  # Redis applies batches in order; a failure there is a bug: this batch fails too
+        if chunks is not None:
             redis_call = asyncio.ensure_future(self._retrying("redis", lambda: self._redis.apply_planned(
                 chunks, self._metrics)))
             if changes:
@@ -344,8 +346,6 @@ class JoinProcessor:
             if self._drift is not None:
                 # fed only what the ledger applied now: a replayed outcome is not seen twice
                 letters.extend(self._drift_alerts(result.scored))
-        elif after_applied is not None:
-            await after_applied
         if applied is not None:
             applied.set_result(None)  # the next batch's scripts may go to Redis now
         if after_written is not None:

@@ -259,10 +259,11 @@ class LedgerPlanner:
             keys = self._route_keys[route] = (self._keys.counts(route), self._keys.quality(route))
         return keys
 
-    def _quality_slot(self, chunk: LedgerChunk, route: str, bucket_number: int, served: Any) -> tuple[Any, Any]:
+    def _quality_slot(self, chunk: LedgerChunk, route: str, slot_key: tuple[Any, ...], served: Any) -> tuple[Any, Any]:
         """The quality group's targets and the positions of its sum names in `chunk`, for a
-        model version's sums in one time bucket (`chunk` is one route's)."""
-        slot_key = (bucket_number, served.shadow, served.arm, served.model, served.model_version)
+        model version's sums in one time bucket (`chunk` is one route's; `slot_key` is
+        ``(bucket number, shadow, arm, model, version)``, as `plan` looks it up)."""
+        bucket_number = slot_key[0]
         bucket = self._bucket_keys.get((route, bucket_number))
         if bucket is None:
             if len(self._bucket_keys) > 1000:
@@ -348,9 +349,9 @@ class LedgerPlanner:
                 # per chunk, the group's targets and sum names' positions of each (time bucket,
                 # model version): nearly every item of a batch reuses one of a handful
                 bucket_number = int(effect.ts // bucket_s)  # type: ignore[union-attr]
-                stat = chunk.stat_names.get((bucket_number, served.shadow, served.arm, served.model,
-                                             served.model_version))
-                targets, positions = stat if stat is not None else quality_slot(chunk, route, bucket_number, served)
+                slot_key = (bucket_number, served.shadow, served.arm, served.model, served.model_version)
+                stat = chunk.stat_names.get(slot_key)
+                targets, positions = stat if stat is not None else quality_slot(chunk, route, slot_key, served)
                 group = targets[:]
                 for name, value in fields.items():
                     group += (positions[name], value)
