@@ -1,4 +1,5 @@
-"""The Docker image runs every command a deployment runs (`serve`, `feedback`, `export`, `rollout`).
+"""The Docker image runs every command a deployment runs (`serve`, `feedback`, `export`, `rollout`,
+and the compose stack's traffic generator).
 
 No Docker engine here, so statically: every third-party module those commands' code imports
 (walked through our own modules, lazy imports inside functions included) must come from a
@@ -19,12 +20,13 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
-OURS = ("banditgate", "gateway", "router", "feedback")
+OURS = ("banditgate", "gateway", "router", "feedback", "demo")
 DEPLOYMENT_COMMANDS = {
     "serve": "gateway.app",
     "feedback": "feedback.app",
     "export": "feedback.export_cli",
     "rollout": "feedback.rollout_cli",
+    "traffic": "demo.compose_traffic",  # docker-compose.yml's traffic service runs in the same image
 }
 
 
@@ -139,7 +141,7 @@ def test_deployment_commands_import_only_what_the_image_installs() -> None:
         for module, importers in sorted(third_party_imports(entry).items()):
             dists = {canonicalize_name(d) for d in providers.get(module, [module])}
             if not dists & image:
-                missing.append(f"`banditgate {command}` imports {module} ({', '.join(sorted(importers))}), "
+                missing.append(f"{command!r} imports {module} ({', '.join(sorted(importers))}), "
                                f"from {', '.join(sorted(dists))}, not installed in the image")
     assert not missing, "\n".join(missing)
 
