@@ -293,8 +293,9 @@ def download_jar(jar: LockedJar, base_url: str, libs: Path, parts: Path, *, atte
             part.replace(libs / jar.file)  # same file system: atomic
             return libs / jar.file
         part.unlink()
-        if resumed:  # the part we resumed may have been someone else's bytes: one fresh try
+        if resumed:  # the part we resumed may have been someone else's bytes: one fresh try, not counted
             resumed = False
+            tries -= 1
             continue
         raise JarError(f"{jar.file} from {url} does not match the lock: sha256 {actual} ({size} bytes), expected "
                        f"{jar.sha256} ({jar.size} bytes); the file was not kept. A mirror that serves other bytes "

@@ -346,3 +346,16 @@ def test_stack_fetches_the_real_lock_without_maven_from_a_mirror(tmp_path: Path,
     lines.clear()
     stack_mod.ensure_kafka_jars(lines.append)
     assert f"{len(lock.jars) - 1} cached, 1 downloaded" in lines[-1]
+
+
+def test_a_stale_part_file_that_does_not_verify_is_replaced_by_a_fresh_download(repo: FakeRepo,
+                                                                                 tmp_path: Path) -> None:
+    body = b"fresh" * 1000
+    jar = locked("stale", body)
+    repo.serve(jar, body)
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / f"{jar.file}.part").write_bytes(b"X" * 100)  # someone else's bytes
+    (tmp_path / "libs").mkdir()
+    download_jar(jar, repo.url, tmp_path / "libs", tmp_path / "parts", attempts=1, **NO_SLEEP)
+    assert (tmp_path / "libs" / jar.file).read_bytes() == body
+    assert [r[1] for r in repo.requests] == ["bytes=100-", None]
