@@ -1,4 +1,7 @@
 # Multi-stage: build a wheel with the compilers the build needs, run it slim and non-root.
+# The image carries the runtime dependencies only (pyproject's `dependencies`, pyarrow included;
+# no `dev`, no `local`): enough for `serve`, `feedback`, `export`, `rollout` and the compose
+# stack's traffic generator (tests/foundation/test_docker_image.py checks what they import).
 FROM python:3.11-slim AS build
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./

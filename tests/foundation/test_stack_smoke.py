@@ -8,7 +8,8 @@ import pytest
 import redis.asyncio as aredis
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from banditgate.stack import Stack, kafka_answers, redis_answers
+from banditgate import jars
+from banditgate.stack import KAFKA_VERSION, Stack, ensure_kafka_jars, kafka_answers, redis_answers
 
 pytestmark = pytest.mark.stack
 
@@ -61,3 +62,16 @@ def test_stack_status_reports_both_up(stack) -> None:
 def test_up_is_idempotent(stack) -> None:
     again = Stack.default().up()
     assert again == stack
+
+
+def test_cached_kafka_jars_verify_against_the_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real path: the jars the broker runs on are the lock's, byte for byte (the default lock
+    mode re-hashes the cache and downloads from Maven Central whatever is missing)."""
+    monkeypatch.delenv("BANDITGATE_KAFKA_FETCH", raising=False)
+    lock = jars.load_lock(KAFKA_VERSION)
+    assert lock is not None
+    lines: list[str] = []
+    libs = ensure_kafka_jars(lines.append)
+    check = jars.check_cache(libs, lock)
+    assert check.complete and len(check.verified) == len(lock.jars)
+    assert lines[-1].startswith(f"kafka jars: {len(lock.jars)} in {libs} match")

