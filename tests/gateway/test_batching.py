@@ -21,7 +21,7 @@ from banditgate.config import ModelsConfig
 from gateway.batching.batcher import ModelBatcher, RowsResult
 from gateway.batching.merge import concat_feeds, split_results
 from gateway.batching.policy import BatchPolicy
-from gateway.errors import InferenceFailed, Overloaded
+from gateway.errors import ModelUnavailable, Overloaded
 from gateway.models.model_config import ModelConfig
 from gateway.models.onnx_runtime import OnnxModel
 from loadtests.models import build_mlp
@@ -175,7 +175,7 @@ def test_a_hanging_model_times_out_and_frees_its_rows(tmp_path: Path) -> None:
 
     async def run() -> ModelBatcher:
         batcher = ModelBatcher(model, executor, BatchPolicy(64, 0, 100), timeout_s=0.2)
-        with pytest.raises(InferenceFailed, match="longer than"):
+        with pytest.raises(ModelUnavailable, match="longer than"):
             await batcher.submit(_rows(2), 2)
         assert batcher.queued_rows == 0 and not batcher.healthy
         return batcher
@@ -214,9 +214,9 @@ def test_small_batches_of_a_fast_model_run_inline_and_a_slow_model_goes_back_to_
     loop_thread: list[bool] = []
     original = model.run
 
-    def spy(feeds):  # noqa: ANN001, ANN202
+    def spy(feeds, options=None):  # noqa: ANN001, ANN202
         loop_thread.append(threading.current_thread() is threading.main_thread())
-        return original(feeds)
+        return original(feeds, options)
 
     object.__setattr__(model, "run", spy)
 
@@ -273,9 +273,9 @@ def test_inline_never_runs_more_rows_than_max_batch_size(tmp_path: Path, pool) -
     sizes: list[int] = []
     original = model.run
 
-    def spy(feeds):  # noqa: ANN001, ANN202
+    def spy(feeds, options=None):  # noqa: ANN001, ANN202
         sizes.append(len(feeds["input"]))
-        return original(feeds)
+        return original(feeds, options)
 
     object.__setattr__(model, "run", spy)
 
