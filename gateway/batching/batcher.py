@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -23,6 +22,7 @@ import onnxruntime as ort
 from gateway.batching.circuit import CircuitPolicy, ModelCircuit
 from gateway.batching.merge import Feeds, concat_feeds, concat_outputs, slice_feeds, split_results
 from gateway.batching.policy import BatchPolicy
+from gateway.batching.runs import INLINE_WATCH, Terminated, groups, one_line, run_slices, timed_run
 from gateway.errors import InferenceFailed, ModelUnavailable, Overloaded
 from gateway.models.onnx_runtime import OnnxModel, run_options
 
@@ -45,105 +45,6 @@ class RowsResult:
     batch_rows: int = 0
 
 
-class Terminated(Exception):
-    """The run was ended through its options' terminate flag (it outlived the timeout)."""
-
-
-def run_isolating_failures(model: OnnxModel, feeds: Feeds, rows: int, options: ort.RunOptions | None = None
-                           ) -> tuple[Feeds, np.ndarray, dict[int, str]]:
-    """Run a batch; if it fails, bisect to find the rows that fail and run the rest.
-
-    Returns (outputs for ok rows, ok mask, {row: error}). Raises Terminated when `options` were
-    told to terminate (no row is to blame then, and bisecting would only fail every half too).
-    Blocking: call in a worker thread.
-    """
-    try:
-        return model.run(feeds, options), np.ones(rows, dtype=bool), {}
-    except Exception as exc:  # ORT raises various types; the rows are isolated below
-        if options is not None and options.terminate:
-            raise Terminated(_one_line(exc)) from None
-        if rows == 1:
-            return {}, np.zeros(1, dtype=bool), {0: _one_line(exc)}
-    half = rows // 2
-    left = run_isolating_failures(model, slice_feeds(feeds, 0, half), half, options)
-    right = run_isolating_failures(model, slice_feeds(feeds, half, rows), rows - half, options)
-    errors = dict(left[2])
-    errors.update({row + half: msg for row, msg in right[2].items()})
-    return concat_outputs([left[0], right[0]]), np.concatenate([left[1], right[1]]), errors
-
-
-_Part = tuple[Feeds, np.ndarray, dict[int, str], float]
-
-
-def _timed_run(model: OnnxModel, feeds: Feeds, rows: int, options: ort.RunOptions | None = None) -> _Part:
-    """run_isolating_failures plus the CPU time it took in the calling thread (seconds).
-
-    CPU time, not wall time: in a pool thread the wall time also counts the wait to get the GIL
-    back from a busy event loop, which says nothing about how long the model would hold the loop.
-    (With more than one intra-op thread it undercounts the model's work, which the calling
-    thread shares.)"""
-    started = time.thread_time()
-    outputs, ok, errors = run_isolating_failures(model, feeds, rows, options)
-    return outputs, ok, errors, time.thread_time() - started
-
-
-def _run_slices(model: OnnxModel, slices: list[tuple[Feeds, int]], options: ort.RunOptions) -> list[_Part]:
-    """One pool task: its slices one after the other (a model never holds more threads than its
-    cap, however many slices a batch has)."""
-    return [_timed_run(model, feeds, rows, options) for feeds, rows in slices]
-
-
-def _groups(count: int, tasks: int) -> list[range]:
-    """`count` slice indices split into `tasks` contiguous, nearly equal runs (tasks <= count)."""
-    size, extra = divmod(count, tasks)
-    out, start = [], 0
-    for task in range(tasks):
-        stop = start + size + (1 if task < extra else 0)
-        out.append(range(start, stop))
-        start = stop
-    return out
-
-
-class _InlineWatch:
-    """Ends an inline run that outlives its deadline: the event loop cannot, being the thread that
-    runs it. One daemon thread per process, started with the first inline run; it wakes every
-    `interval_s` and reads one attribute (ONNX Runtime releases the GIL while it computes)."""
-
-    interval_s = 0.05
-
-    def __init__(self) -> None:
-        self.current: tuple[ort.RunOptions, float] | None = None
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-
-    def arm(self, options: ort.RunOptions, deadline: float) -> None:
-        """Watch `options` until `disarm`; terminate them at `deadline` (time.monotonic)."""
-        if self._thread is None:
-            with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._watch, name="onnx-inline-watch", daemon=True)
-                    self._thread.start()
-        self.current = (options, deadline)
-
-    def disarm(self) -> None:
-        self.current = None
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(self.interval_s)
-            current = self.current
-            if current is not None and time.monotonic() >= current[1]:
-                current[0].terminate = True
-
-
-_INLINE_WATCH = _InlineWatch()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
-
-
 @dataclass
 class _Item:
     feeds: Feeds
@@ -164,9 +65,12 @@ class _Batch:
     parts: list = field(default_factory=list)
     groups: list[range] = field(default_factory=list)  # slice indices per pool task
     options: list[ort.RunOptions] = field(default_factory=list)  # per pool task: terminated at the timeout
+    run_times: list[list[float | None]] = field(default_factory=list)  # [started, finished] per pool task,
+    # written by its thread (runs.run_slices)
     remaining: int = 0
     timer: asyncio.TimerHandle | None = None
     ended: bool = False
+    probe: bool = False
 
 
 def _back_on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], batch: _Batch, index: int,
@@ -322,20 +226,25 @@ class ModelBatcher:
             if len(slices) == 1 and self._runs_inline(batch.model, rows):  # never over max_batch_size
                 self._run_inline(batch, feeds, rows)
                 return
-            batch.groups = _groups(len(slices), max(1, min(len(slices), self.circuit.free_threads)))
+            batch.groups = groups(len(slices), max(1, min(len(slices), self.circuit.free_threads)))
             batch.options = [run_options() for _ in batch.groups]
+            batch.run_times = [[None] * len(batch.groups), [None] * len(batch.groups)]
             batch.remaining = len(batch.groups)
             batch.timer = loop.call_later(self.timeout_s, self._timed_out, batch)
-            for index, (group, options) in enumerate(zip(batch.groups, batch.options)):
+            for index, options in enumerate(batch.options):
                 if len(slices) == 1:
                     work = [(feeds, rows)]
                 else:
-                    work = [(slice_feeds(feeds, *slices[s]), slices[s][1] - slices[s][0]) for s in group]
-                future = self.executor.submit(_run_slices, batch.model, work, options)
-                self.circuit.started(1)
-                future.add_done_callback(partial(_back_on_loop, loop, self._part_done, batch, index))
+                    work = [(slice_feeds(feeds, *slices[s]), slices[s][1] - slices[s][0]) for s in batch.groups[index]]
+                self._submit(batch, index, work, options)
         except Exception as exc:  # a bug in merging or a closed pool: fail these items loudly
-            self._end(batch, InferenceFailed(f"batch on {batch.model.key} failed: {_one_line(exc)}"))
+            self._end(batch, InferenceFailed(f"batch on {batch.model.key} failed: {one_line(exc)}"))
+
+    def _submit(self, batch: _Batch, index: int, work: list[tuple[Feeds, int]], options: ort.RunOptions) -> None:
+        future = self.executor.submit(run_slices, batch.model, work, options, batch.run_times, index, self.clock)
+        self.circuit.started(1)
+        callback = self._probe_done if batch.probe else self._part_done
+        future.add_done_callback(partial(_back_on_loop, asyncio.get_running_loop(), callback, batch, index))
 
     def _run_inline(self, batch: _Batch, feeds: Feeds, rows: int) -> None:
         """Run a small batch on the loop, watched: a run past the timeout is ended from the watch
@@ -343,9 +252,9 @@ class ModelBatcher:
         options = self._inline_options
         if options is None:
             options = self._inline_options = run_options()
-        _INLINE_WATCH.arm(options, time.monotonic() + self.timeout_s)
+        INLINE_WATCH.arm(options, time.monotonic() + self.timeout_s)
         try:
-            batch.parts = [_timed_run(batch.model, feeds, rows, options)]
+            batch.parts = [timed_run(batch.model, feeds, rows, options)]
         except Terminated:
             self._inline_options = None  # terminated options end every later run too
             self._trip(batch.model, self.timeout_s)
@@ -353,7 +262,7 @@ class ModelBatcher:
             self._flush()
             return
         finally:
-            _INLINE_WATCH.disarm()
+            INLINE_WATCH.disarm()
         self._complete(batch)
 
     def _runs_inline(self, model: OnnxModel, rows: int) -> bool:
@@ -381,7 +290,7 @@ class ModelBatcher:
         if not batch.ended:
             error = future.exception()
             if error is not None:
-                self._end(batch, InferenceFailed(f"batch on {batch.model.key} failed: {_one_line(error)}"))
+                self._end(batch, InferenceFailed(f"batch on {batch.model.key} failed: {one_line(error)}"))
             else:
                 for position, part in zip(batch.groups[index], future.result()):
                     batch.parts[position] = part
@@ -400,10 +309,27 @@ class ModelBatcher:
                         model.key, timeout_s, self.circuit.retry_at - self.clock())
 
     def _timed_out(self, batch: _Batch) -> None:
+        """The batch's (or probe's) timer: end it if one of its runs has run for `timeout_s`.
+
+        The timeout counts a run from the moment its thread started it, not its wait for a thread:
+        a batch that waited behind other models' batches says nothing about its own model. (Until
+        a thread takes it, it waits like rows in the queue, which admission bounds.)"""
         if batch.ended:
+            return
+        now = self.clock()
+        running = [s for s, f in zip(*batch.run_times) if s is not None and f is None]
+        due = min(running) + self.timeout_s if running else now + self.timeout_s
+        if now < due:  # not started yet, finished (its callback is on its way), or not yet overdue
+            batch.timer = asyncio.get_running_loop().call_later(due - now, self._timed_out, batch)
             return
         for options in batch.options:
             options.terminate = True  # frees the thread at the next node (a Loop: the next iteration)
+        if batch.probe:
+            batch.ended = True
+            self.circuit.timed_out(now)
+            log.info("model %s: the probe took longer than %.3gs; unavailable, next probe in %.3gs", batch.model.key,
+                     self.timeout_s, self.circuit.retry_at - now)
+            return
         self._trip(batch.model, self.timeout_s)
         self._end(batch, self._unavailable(self.clock()))
         self._flush()  # rows queued behind it fail now instead of waiting for a probe
@@ -411,23 +337,21 @@ class ModelBatcher:
     def _probe(self, items: list[_Item], rows: int) -> None:
         """Run these rows' inputs (at most one batch's worth) as the probe of an unavailable model;
         the rows themselves are failed by the caller."""
-        loop = asyncio.get_running_loop()
         size = self.policy.max_batch_size
-        probe = _Batch([], min(rows, size), self.model, self.clock())
+        probe = _Batch([], min(rows, size), self.model, self.clock(), probe=True)
         try:
             feeds = concat_feeds([i.feeds for i in items])
             if rows > size:
                 feeds = slice_feeds(feeds, 0, size)
             probe.options = [run_options()]
             probe.groups = [range(1)]
-            future = self.executor.submit(_run_slices, probe.model, [(feeds, probe.rows)], probe.options[0])
+            probe.run_times = [[None], [None]]
+            self._submit(probe, 0, [(feeds, probe.rows)], probe.options[0])
         except Exception as exc:  # noqa: BLE001 - a closed pool (shutting down): stay unavailable
-            log.debug("probe of %s not started: %s", probe.model.key, _one_line(exc))
+            log.debug("probe of %s not started: %s", probe.model.key, one_line(exc))
             self.circuit.timed_out(self.clock())
             return
-        self.circuit.started(1)
-        probe.timer = loop.call_later(self.timeout_s, self._probe_timed_out, probe)
-        future.add_done_callback(partial(_back_on_loop, loop, self._probe_done, probe, 0))
+        probe.timer = asyncio.get_running_loop().call_later(self.timeout_s, self._timed_out, probe)
 
     def _probe_done(self, probe: _Batch, _index: int, _future: Future) -> None:
         self.circuit.returned(1)
@@ -440,16 +364,6 @@ class ModelBatcher:
                         self.clock() - probe.started)
         if self._pending and self._timer is None:
             self._flush_waiting()
-
-    def _probe_timed_out(self, probe: _Batch) -> None:
-        if probe.ended:
-            return
-        probe.ended = True
-        for options in probe.options:
-            options.terminate = True
-        self.circuit.timed_out(self.clock())
-        log.info("model %s: probe took longer than %.3gs; unavailable, next probe in %.3gs", probe.model.key,
-                 self.timeout_s, self.circuit.retry_at - self.clock())
 
     def _end(self, batch: _Batch, error: Exception | None = None) -> None:
         """Release the batch's rows (once); fail its items when `error` is given."""
@@ -487,7 +401,7 @@ class ModelBatcher:
             else:
                 pieces = split_results(outputs, ok, [i.rows for i in items])
         except Exception as exc:  # a bug in merging, not in the model: fail these items loudly
-            self._fail(items, InferenceFailed(f"batch on {batch.model.key} failed: {_one_line(exc)}"))
+            self._fail(items, InferenceFailed(f"batch on {batch.model.key} failed: {one_line(exc)}"))
             return
         row = 0
         for item, (item_outputs, item_ok) in zip(items, pieces):
