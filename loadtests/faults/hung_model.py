@@ -170,6 +170,7 @@ async def hung_model(ctx: Context) -> dict[str, Any]:
         assert watch is not None  # noqa: S101 - the hang phase has one
         timeouts = timeouts_by_model(await http_get(gateway.http_port, "/metrics"))
         first_ms: dict[str, int] = {}
+        duplicates = sum(count - 1 for count in scene.predictions.keys.values() if count > 1)
         for rec in scene.predictions.records:
             if rec.key not in first_ms or rec.ts_ms < first_ms[rec.key]:
                 first_ms[rec.key] = rec.ts_ms
@@ -193,7 +194,7 @@ async def hung_model(ctx: Context) -> dict[str, Any]:
         base_p99, hung_p99 = percentile(base_ms, 99), percentile(hung_ms, 99)
         hang_started = hung_a.started_s
         result = {
-            "sent": len(ids), "answered": sum(1 for i in ids if i in first_ms), "lost": lost,
+            "sent": len(ids), "answered": sum(1 for i in ids if i in first_ms), "lost": lost, "duplicates": duplicates,
             "client_errors": other_failed + http_errors,
             "other_route_p99_ratio": round(hung_p99 / base_p99, 2) if base_p99 > 0 else None,
             "other_route_p50_ms": [round(percentile(base_ms, 50), 1), round(percentile(hung_ms, 50), 1)],

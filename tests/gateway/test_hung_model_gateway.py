@@ -19,6 +19,7 @@ import pytest
 import redis.asyncio as aredis
 
 from loadtests.faults.harness import http_status
+from loadtests.faults.traffic import http_post, infer_body
 from loadtests.models import build_mlp
 from router.stats_store import ArmStatsStore
 from tests.gateway.support import N_FEATURES, gateway_config, start_gateway
@@ -76,6 +77,12 @@ async def test_a_hung_model_is_isolated_failed_fast_reported_and_drained(stack, 
         model_ready = {name: await http_status(port, f"/v2/models/{name}/ready")
                        for name in ("m-hang", "m-ok", "m-other", "hung-route", "other-route")}
         gateway_ready = await http_status(port, "/v2/health/ready")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:  # the sidecar refuses the unavailable model at once: 503 with when to come back
+            infer_status, infer_headers, _ = await http_post(reader, writer, "/v2/models/m-hang/infer",
+                                                             infer_body("http-1", hanging[0]))
+        finally:
+            writer.close()
         drained = await _drained(stack, redis_prefix, "hung-route", "stuck", timeout_s=30)
     finally:
         await running.stop()
@@ -87,4 +94,5 @@ async def test_a_hung_model_is_isolated_failed_fast_reported_and_drained(stack, 
     assert dead and set(dead.values()) == {"model_unavailable"}
     assert model_ready == {"m-hang": 503, "m-ok": 200, "m-other": 200, "hung-route": 200, "other-route": 200}
     assert gateway_ready == 200
+    assert infer_status == 503 and int(infer_headers["retry-after"]) >= 1
     assert drained
