@@ -110,7 +110,6 @@ class ModelBatcher:
         self.circuit = ModelCircuit(circuit)
         self.last_error: str | None = None
         self.inline_max_us = inline_max_us
-        self._inline_options: ort.RunOptions | None = None
         self._timed_model: OnnxModel | None = None
         self._small_batch_us: float | None = None
         """Recent run time of batches of up to INLINE_MAX_ROWS rows (EWMA, microseconds)."""
@@ -249,14 +248,13 @@ class ModelBatcher:
     def _run_inline(self, batch: _Batch, feeds: Feeds, rows: int) -> None:
         """Run a small batch on the loop, watched: a run past the timeout is ended from the watch
         thread, fails like a timed-out batch, and the model never runs inline again."""
-        options = self._inline_options
-        if options is None:
-            options = self._inline_options = run_options()
+        # fresh options per run (about 2 us): a terminate the watch decided on just as a run ended
+        # must not land on the next run
+        options = run_options()
         INLINE_WATCH.arm(options, time.monotonic() + self.timeout_s)
         try:
             batch.parts = [timed_run(batch.model, feeds, rows, options)]
         except Terminated:
-            self._inline_options = None  # terminated options end every later run too
             self._trip(batch.model, self.timeout_s)
             self._end(batch, self._unavailable(self.clock()))
             self._flush()
