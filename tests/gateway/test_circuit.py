@@ -162,3 +162,15 @@ def test_a_random_history_keeps_the_cap_and_never_storms_probes(cap: int, retry:
         assert circuit.available == (circuit.state == "closed")
         if circuit.state == "half_open":
             assert last_probe is not None and not circuit.accepts(now)
+
+
+def test_the_config_refuses_a_share_above_the_pool_and_a_first_wait_above_the_last() -> None:
+    from banditgate.config import ConfigError, parse_config
+
+    base = {"routes": [{"name": "r", "arms": [{"name": "a", "model": "m", "version": 1}]}]}
+    with pytest.raises(ConfigError, match="model_max_threads .3. exceeds inference_threads .2."):
+        parse_config({**base, "batching": {"inference_threads": 2, "model_max_threads": 3}}, env={})
+    with pytest.raises(ConfigError, match="unavailable_retry_s must not exceed"):
+        parse_config({**base, "models": {"unavailable_retry_s": 5, "unavailable_retry_max_s": 1}}, env={})
+    config = parse_config({**base, "batching": {"inference_threads": 4}}, env={})
+    assert thread_share(config.batching.inference_threads, config.batching.model_max_threads) == 2
