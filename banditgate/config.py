@@ -158,7 +158,19 @@ class ModelsConfig(_Strict):
     """How often the repository is scanned for new versions (0: only on admin reload)."""
     warmup_rows: int = Field(8, ge=0)
     inference_timeout_s: float = Field(10.0, gt=0)
-    """A batch taking longer marks the model unhealthy."""
+    """A batch taking longer is ended (ONNX Runtime's terminate flag), its rows fail with
+    `model_unavailable`, and the model is unavailable: its batches fail at once until a probe
+    answers in time (docs/gateway.md, Isolating a hung model)."""
+    unavailable_retry_s: float = Field(1.0, gt=0, le=3600)
+    """How long a model stays unavailable after a timeout before one batch's inputs probe it."""
+    unavailable_retry_max_s: float = Field(60.0, gt=0, le=86_400)
+    """The wait between probes doubles after every probe that times out, up to this."""
+
+    @model_validator(mode="after")
+    def _retry_order(self) -> "ModelsConfig":
+        if self.unavailable_retry_s > self.unavailable_retry_max_s:
+            raise ValueError("unavailable_retry_s must not exceed unavailable_retry_max_s")
+        return self
 
 
 class BatchingConfig(_Strict):
@@ -179,6 +191,17 @@ class BatchingConfig(_Strict):
     the pool's inference runs in parallel with the loop's Python work."""
     max_in_flight_batches: int = Field(8, ge=1, le=1024)
     """Kafka batches (getmany results) being processed at once before fetching pauses."""
+    model_max_threads: int | None = Field(None, ge=1, le=256)
+    """At most this many of `inference_threads` run one model version's batches at once (more of
+    its rows wait in its queue), so a model that hangs holds no more. Default: half the pool,
+    at least 1."""
+
+    @model_validator(mode="after")
+    def _thread_share(self) -> "BatchingConfig":
+        if self.model_max_threads is not None and self.model_max_threads > self.inference_threads:
+            raise ValueError(f"model_max_threads ({self.model_max_threads}) exceeds inference_threads "
+                             f"({self.inference_threads})")
+        return self
 
 
 class ServerConfig(_Strict):

@@ -25,6 +25,7 @@ from banditgate.config import Config
 from banditgate.logs import setup_logging
 from banditgate.connections import check_redis, redis_client, server_ssl_context
 from gateway.admin import Admin
+from gateway.batching.circuit import STATE_CODES
 from gateway.dataplane import Dataplane
 from gateway.drift_watch import DriftWatch
 from gateway.errors import ModelError, ModelNotFound
@@ -110,6 +111,7 @@ class Gateway:
         self._redis: Any = None
         self.metrics_port: int | None = None
         self._exported: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._timeouts_counted: dict[str, int] = {}  # per batcher: timeouts already in the counter
         self.rollouts: RolloutApplier | None = None
 
     def _on_batch(self, model, rows: int, queue_s: float, inference_s: float) -> None:  # type: ignore[no-untyped-def]
@@ -202,7 +204,15 @@ class Gateway:
                                    (name, arm_config.name, role, arm_config.model, version), 1)
         for key, batcher in list(self.dataplane.batchers.items()):
             model = batcher.model
-            self._set_info(("queue", key), metrics.queue_depth, (model.name, str(model.version)), batcher.queued_rows)
+            labels = (model.name, str(model.version))
+            self._set_info(("queue", key), metrics.queue_depth, labels, batcher.queued_rows)
+            circuit = batcher.circuit
+            metrics.model_circuit_state.labels(*labels).set(STATE_CODES[circuit.state])
+            metrics.model_threads.labels(*labels).set(circuit.running)
+            counted = self._timeouts_counted.get(key, 0)
+            if circuit.timeouts > counted:
+                metrics.inference_timeouts.labels(*labels).inc(circuit.timeouts - counted)
+                self._timeouts_counted[key] = circuit.timeouts
 
     def _set_info(self, owner: tuple[str, ...], gauge: Any, labels: tuple[str, ...], value: float) -> None:
         """Set `gauge` at `labels` for `owner`, removing the owner's previous label set if it changed

@@ -18,8 +18,9 @@ import numpy as np
 
 from banditgate.config import Arm, Config, Route
 from gateway.batching.batcher import ModelBatcher, RowsResult
+from gateway.batching.circuit import CircuitPolicy, thread_share
 from gateway.batching.policy import BatchPolicy
-from gateway.errors import GatewayError, ModelNotFound
+from gateway.errors import GatewayError, InferenceFailed, ModelNotFound, ModelUnavailable, Overloaded
 from gateway.models.onnx_runtime import OnnxModel
 from gateway.models.repository import ModelRepository
 from gateway.validation import validate_batch
@@ -81,6 +82,8 @@ class Dataplane:
         self.on_batch = on_batch
         self.policy = BatchPolicy(config.batching.max_batch_size, config.batching.max_delay_us,
                                   config.batching.max_queue_rows)
+        self.circuit = CircuitPolicy(thread_share(config.batching.inference_threads, config.batching.model_max_threads),
+                                     config.models.unavailable_retry_s, config.models.unavailable_retry_max_s)
         seed_rng = rng or np.random.default_rng()
         self._merge_rng = np.random.default_rng(seed_rng.integers(2**63))
         self.routes = {r.name: RouteRuntime(r, RoutePolicy.from_route(r, np.random.default_rng(seed_rng.integers(2**63))))
@@ -101,15 +104,35 @@ class Dataplane:
         batcher = self.batchers.get(model.key)
         if batcher is not None:
             batcher.model = model  # queued rows run on the new version from the next flush on
+            batcher.circuit.retry_now()  # a replaced file may not hang: probe it at the next batch
 
     def batcher(self, model: OnnxModel) -> ModelBatcher:
         batcher = self.batchers.get(model.key)
         if batcher is None:
             batcher = ModelBatcher(model, self.executor, self.policy, self.config.models.inference_timeout_s,
                                    clock=self.clock, observe=self.on_batch,
-                                   inline_max_us=self.inline_max_us)
+                                   inline_max_us=self.inline_max_us, circuit=self.circuit)
             self.batchers[model.key] = batcher
         return batcher
+
+    def model_available(self, model: OnnxModel) -> bool:
+        """False while the model version is unavailable (a batch outlived the timeout and no probe
+        has answered in time since)."""
+        batcher = self.batchers.get(model.key)
+        return batcher is None or batcher.healthy
+
+    def route_available(self, route_name: str) -> bool:
+        """True if at least one of the route's arms has an available model (a drained arm's model
+        counts too: the route's readiness is whether it can answer, not how it routes)."""
+        runtime = self.routes[route_name]
+        for arm in runtime.route.arms:
+            try:
+                model = self.repository.get(arm.model, arm.version)
+            except ModelNotFound:
+                continue
+            if self.model_available(model):
+                return True
+        return False
 
     def count_calls(self, route: str, arm: str, calls: int, errors: int) -> None:
         """Add `calls` rows served by the arm's model, `errors` of which it failed (not bad input)."""
@@ -206,14 +229,17 @@ class Dataplane:
         batcher = self.batcher(model)
         if not reject_when_full:
             await batcher.wait_for_capacity(int(good_rows.size))
-        future = batcher.submit(checked.feeds, int(good_rows.size), reject_when_full=reject_when_full)
         try:
+            # a model that is unavailable refuses at once (never queues); a full queue with
+            # reject_when_full raises Overloaded to the caller (HTTP/gRPC 503)
+            future = batcher.submit(checked.feeds, int(good_rows.size), reject_when_full=reject_when_full)
             result: RowsResult = await future
-        except GatewayError as exc:
+        except (ModelUnavailable, InferenceFailed) as exc:
             if record_errors:
                 self.count_calls(route_name, arm.name, int(good_rows.size), int(good_rows.size))
+                reason = "model_unavailable" if isinstance(exc, ModelUnavailable) else "inference_failed"
                 for row in good_rows:
-                    answers[row].error = ("inference_failed", str(exc))
+                    answers[row].error = (reason, str(exc))
             return arm_position, model, good_rows, None
         if record_errors:
             self.count_calls(route_name, arm.name, int(good_rows.size), len(result.errors))
@@ -280,7 +306,6 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
                         on_shadows: Callable[[list[dict[str, Any]]], None] | None = None) -> TensorAnswer:
     """Serve one OIP request: a route name picks an arm through its policy; a model name (with an
     optional version) bypasses the router. Raises GatewayError subclasses (→ 4xx/5xx)."""
-    from gateway.errors import InferenceFailed
     from gateway.validation import validate_arrays
 
     shadows: list[tuple[Arm, int]] = []
@@ -304,11 +329,11 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
         arm_name, propensity, policy, route_name = None, 1.0, "direct", name
     checked = validate_arrays(model, feeds)
     rows = next(iter(checked.values())).shape[0]
-    future = dataplane.batcher(model).submit(checked, rows, reject_when_full=True)
     try:
-        result: RowsResult = await future
-    except GatewayError:
-        if arm_name is not None:
+        result: RowsResult = await dataplane.batcher(model).submit(checked, rows, reject_when_full=True)
+    except GatewayError as exc:
+        # a full queue is not the model's fault; its failures and its unavailability are
+        if arm_name is not None and (isinstance(exc, ModelUnavailable) or not isinstance(exc, Overloaded)):
             dataplane.count_calls(route_name, arm_name, rows, rows)
         raise
     if arm_name is not None:

@@ -51,6 +51,13 @@ class TooManyRequests(Overloaded):
     grpc_code = "RESOURCE_EXHAUSTED"
 
 
+class ModelUnavailable(Overloaded):
+    """The model is not answering: a batch outlived `models.inference_timeout_s`, and its batches
+    fail at once (503 / UNAVAILABLE with `Retry-After`) until a probe answers in time."""
+
+    reason = "model_unavailable"
+
+
 class InferenceFailed(GatewayError):
     """ONNX Runtime raised while running a batch."""
 

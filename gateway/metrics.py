@@ -106,6 +106,15 @@ class GatewayMetrics:
                                                 ["route", "transport"], LATENCY_BUCKETS_S, registry)
         self.queue_depth = Gauge("banditgate_queue_depth_rows", "Rows queued or being inferred, per model version.",
                                  ["model", "version"], **kw)
+        self.model_circuit_state = Gauge("banditgate_model_circuit_state",
+                                         "0 available, 1 being probed, 2 unavailable (a batch outlived the "
+                                         "inference timeout), per model version.", ["model", "version"], **kw)
+        self.model_threads = Gauge("banditgate_model_threads",
+                                   "Inference pool threads running a model version's batches now (a hung run "
+                                   "counts until it ends).", ["model", "version"], **kw)
+        self.inference_timeouts = Counter("banditgate_inference_timeouts_total",
+                                          "Batches and probes that outlived models.inference_timeout_s.",
+                                          ["model", "version"], **kw)
         self.consumer_lag = Gauge("banditgate_consumer_lag_messages", "Requests not yet consumed, per partition.",
                                   ["topic", "partition"], **kw)
         self.model_loaded = Gauge("banditgate_model_loaded", "1 while a model version is loaded and serving.",

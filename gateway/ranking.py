@@ -17,7 +17,7 @@ import numpy as np
 
 from gateway.dataplane import Answer, Dataplane, Pending, RouteRuntime
 from gateway.drift_watch import score_column
-from gateway.errors import GatewayError, ModelNotFound
+from gateway.errors import GatewayError, ModelNotFound, ModelUnavailable
 from gateway.validation import validate_batch
 from router.interleave import multileave, rankings_from_scores, team_draft
 
@@ -64,12 +64,17 @@ async def serve_interleave(dataplane: Dataplane, runtime: RouteRuntime, requests
     feeds = {name: array[keep[checked.ok]] for name, array in checked.feeds.items()}
     kept_owner = owner_array[keep]
     rows_kept = int(keep.sum())
-    jobs = [dataplane.batcher(model).submit(feeds, rows_kept) for model in models]
+    jobs: list[asyncio.Future] = []
     try:
+        for model in models:
+            jobs.append(dataplane.batcher(model).submit(feeds, rows_kept))  # an unavailable model raises here
         results = await asyncio.gather(*jobs)
     except GatewayError as exc:
+        for job in jobs:
+            job.cancel()  # the other rankers' answers are not needed (nor their errors left unread)
+        reason = "model_unavailable" if isinstance(exc, ModelUnavailable) else "inference_failed"
         for index in set(kept_owner.tolist()):
-            answers[index].error = ("inference_failed", str(exc))
+            answers[index].error = (reason, str(exc))
         return answers
     scores = []
     for model, result in zip(models, results):

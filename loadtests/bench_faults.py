@@ -40,11 +40,12 @@ def _say(message: str) -> None:
 
 
 def scenarios() -> list[tuple[str, ScenarioFn]]:
-    from loadtests.faults import feedback_faults, gateway_faults, malformed, outages, overload, poison_model
+    from loadtests.faults import feedback_faults, gateway_faults, hung_model, malformed, outages, overload, poison_model
 
     return [
         ("malformed", malformed.malformed),
         ("poison_model", poison_model.poison_model),
+        ("hung_model", hung_model.hung_model),
         ("gateway_kill_alo", lambda ctx: gateway_faults.gateway_kill(ctx, "at_least_once")),
         ("gateway_kill_eos", lambda ctx: gateway_faults.gateway_kill(ctx, "exactly_once")),
         ("graceful_shutdown", gateway_faults.graceful_shutdown),
@@ -57,7 +58,7 @@ def scenarios() -> list[tuple[str, ScenarioFn]]:
 
 
 TARGETS = "lost = 0, double_counted = 0, crashes = 0, client_errors = 0; *_eos duplicates = 0; recovered_s <= 10; " \
-          "overload max_rss_mb <= 1.5 x steady_rss_mb"
+          "overload max_rss_mb <= 1.5 x steady_rss_mb; hung_model other_route_p99_ratio <= 2 and drained"
 
 
 def missed_targets(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -75,6 +76,11 @@ def missed_targets(results: dict[str, dict[str, Any]]) -> list[str]:
             bad.append(f"{name}.recovered_s={r.get('recovered_s')}")
         if name == "overload" and "max_rss_mb" in r and r["max_rss_mb"] > 1.5 * r["steady_rss_mb"]:
             bad.append(f"overload.max_rss_mb={r['max_rss_mb']} > 1.5 x {r['steady_rss_mb']}")
+        if name == "hung_model" and "error" not in r:
+            if r.get("other_route_p99_ratio") is None or r["other_route_p99_ratio"] > 2:
+                bad.append(f"hung_model.other_route_p99_ratio={r.get('other_route_p99_ratio')} > 2")
+            if not r.get("drained"):
+                bad.append("hung_model.drained=False")
     return bad
 
 
@@ -99,6 +105,8 @@ SCENARIO_KEYS = {
                           "unready_after_s"),
     "poison_model": ("sent", "answered", "lost", "failed_on_broken_arm", "drained_after_s", "broken_share_after_drain",
                      "guardrail_alerts"),
+    "hung_model": ("sent", "lost", "client_errors", "other_route_p99_ratio", "other_route_p99_ms", "drained_after_s",
+                   "failed_fast_after_s", "hung_arm_dead_lettered", "healthy_model_timeouts"),
 }
 """What the markdown table shows per scenario (every key is in the JSON)."""
 

@@ -73,6 +73,17 @@ def choose_providers(preferred: list[str]) -> list[str]:
     return chosen
 
 
+def run_options() -> ort.RunOptions:
+    """Options for one run that another thread can end (`terminate = True`).
+
+    Their log level is FATAL: the error a run raises (a terminated run, a bad row) is reported by
+    the caller with the rows it concerns; ONNX Runtime's own line on stderr would repeat it for
+    every batch."""
+    options = ort.RunOptions()
+    options.log_severity_level = 4
+    return options
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -175,10 +186,13 @@ class OnnxModel:
             return names[column]
         return f"{input_name}[{column}]"
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch (blocking; call from a worker thread). Returns the configured outputs."""
+    def run(self, feeds: dict[str, np.ndarray], options: ort.RunOptions | None = None) -> dict[str, np.ndarray]:
+        """Run one batch (blocking; call from a worker thread). Returns the configured outputs.
+
+        Setting `options.terminate` from another thread ends the run between two node executions
+        (Loop iterations included): it raises, and so does any later run with the same options."""
         names = [o.name for o in self.outputs]
-        results = self.session.run(names, feeds)
+        results = self.session.run(names, feeds, options)
         return dict(zip(names, results))
 
     def warmup(self, rows: int) -> None:

@@ -110,9 +110,10 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         await self._guard(context)
         try:
             self.ctx.describe(request.name, request.version or None)
+            available = self.ctx.available(request.name, request.version or None)
         except GatewayError:
             return pb2.ModelReadyResponse(ready=False)
-        return pb2.ModelReadyResponse(ready=self.ctx.is_ready())
+        return pb2.ModelReadyResponse(ready=self.ctx.is_ready() and available)
 
     async def ServerMetadata(self, request, context):  # noqa: N802
         await self._guard(context)

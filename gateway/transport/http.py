@@ -111,6 +111,16 @@ class SidecarContext:
         return {"name": name, "versions": versions, "platform": platform,
                 "inputs": [spec(s) for s in model.inputs], "outputs": [spec(s) for s in model.outputs]}
 
+    def available(self, name: str, version: str | None) -> bool:
+        """Whether a route (any of its arms' models) or a model version can answer now: False for
+        a model whose batches time out (it fails fast until a probe answers in time). Raises
+        ModelNotFound like `describe`."""
+        dataplane = self.dataplane
+        if not version and name in dataplane.routes:
+            return dataplane.route_available(name)
+        spec: int | str = int(version) if version and version.isascii() and version.isdigit() else "latest"
+        return dataplane.model_available(dataplane.repository.get(name, spec))
+
 
 def _label_name(ctx: SidecarContext, name: str) -> str:
     """A route or loaded model name as a metric label; anything else (unbounded input) is '-'."""
@@ -179,7 +189,7 @@ def build_app(ctx: SidecarContext) -> "SidecarApp":
             ctx.describe(params["name"], params.get("version"))
         except ModelNotFound:
             return _json({"name": params["name"], "ready": False}, 404)
-        ok = ctx.is_ready()
+        ok = ctx.is_ready() and ctx.available(params["name"], params.get("version"))
         return _json({"name": params["name"], "ready": ok}, 200 if ok else 503)
 
     async def infer(request: Request) -> Response:

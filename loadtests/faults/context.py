@@ -51,21 +51,25 @@ class GatewayScene:
     batching: dict[str, Any] | None = None
     server: dict[str, Any] | None = None
     routes: list[dict[str, Any]] | None = None
+    models_settings: dict[str, Any] | None = None
 
     @classmethod
     async def create(cls, ctx: Context, name: str, partitions: int = 4, delivery: str = "at_least_once",
                      batching: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
-                     routes: list[dict[str, Any]] | None = None) -> "GatewayScene":
+                     routes: list[dict[str, Any]] | None = None,
+                     models_settings: dict[str, Any] | None = None) -> "GatewayScene":
         topics = await create_topics(ctx.kafka, ctx.prefix(name), partitions)
         predictions = await TopicTail(ctx.kafka, topics["predictions"]).start()
         deadletter = await TopicTail(ctx.kafka, topics["deadletter"], keep_values=True).start()
-        return cls(ctx, name, topics, Processes(), predictions, deadletter, delivery, batching, server, routes)
+        return cls(ctx, name, topics, Processes(), predictions, deadletter, delivery, batching, server, routes,
+                   models_settings)
 
     def replica(self, index: int) -> GatewayProc:
         ctx = self.ctx
         config = gateway_config(kafka=ctx.kafka, redis=ctx.redis, topics=self.topics, group=f"{ctx.prefix(self.name)}-gw",
                                 redis_prefix=ctx.prefix(self.name), models=ctx.models, delivery=self.delivery,
-                                batching=self.batching, server=self.server, routes=self.routes)
+                                batching=self.batching, server=self.server, routes=self.routes,
+                                models_settings=self.models_settings)
         proc = GatewayProc(f"{self.name}-{index}", config, ctx.work)
         self.procs.add(proc)
         return proc

@@ -34,6 +34,9 @@ ROUTE = "fault"
 ARMS = {"a": ("fault-a", 1), "b": ("fault-b", 1)}
 CRASHING_MODEL = ("fault-crash", 1)
 """A model that fails at run time on every row whose first feature is negative (a poison model)."""
+HANGING_MODEL = ("fault-hang", 1)
+"""A model whose run never ends on a batch with a row whose first feature is negative (an ONNX Loop
+of 2**62 iterations; ONNX Runtime can terminate it between iterations)."""
 FEATURE_RANGE = (-50.0, 50.0)
 """Every model's reference range for each feature: a row outside is rejected (`out_of_range`)."""
 REPO = Path(__file__).resolve().parents[2]
@@ -164,15 +167,17 @@ async def create_topics(bootstrap: str, prefix: str, partitions: int = 4) -> dic
 
 
 def write_models(root: Path) -> Path:
-    """Two small MLPs (8 features) with a reference range per feature in their config.yaml."""
+    """Small MLPs (8 features: two healthy, one poison, one hanging) with a reference range per
+    feature in their config.yaml."""
     from loadtests.models import build_mlp
 
     features = [f"f{i}" for i in range(N_FEATURES)]
     ranges = ", ".join(f"{name}: [{FEATURE_RANGE[0]}, {FEATURE_RANGE[1]}]" for name in features)
-    for seed, (model, version) in enumerate([*ARMS.values(), CRASHING_MODEL], start=1):
+    for seed, (model, version) in enumerate([*ARMS.values(), CRASHING_MODEL, HANGING_MODEL], start=1):
         path = root / model / str(version) / "model.onnx"
         if not path.exists():
-            build_mlp(path, n_features=N_FEATURES, seed=seed, fail_on_negative_first=(model, version) == CRASHING_MODEL)
+            build_mlp(path, n_features=N_FEATURES, seed=seed, fail_on_negative_first=(model, version) == CRASHING_MODEL,
+                      hang_on_negative_first=(model, version) == HANGING_MODEL)
         (root / model / "config.yaml").write_text(f"features: [{', '.join(features)}]\nranges: {{{ranges}}}\n")
     return root
 
@@ -185,7 +190,8 @@ def route_config() -> dict[str, Any]:
 def gateway_config(*, kafka: str, redis: str, topics: dict[str, str], group: str, redis_prefix: str,
                    models: Path, delivery: str = "at_least_once", http_port: int | None = None,
                    batching: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
-                   routes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                   routes: list[dict[str, Any]] | None = None, models_settings: dict[str, Any] | None = None
+                   ) -> dict[str, Any]:
     return {
         # a short producer timeout: a broker outage makes publications fail (and be served again by
         # a fresh producer) within seconds, so even the quick run's outage exercises that path
@@ -193,7 +199,7 @@ def gateway_config(*, kafka: str, redis: str, topics: dict[str, str], group: str
                   "max_poll_records": 1024, "request_timeout_ms": 5000},
         "redis": {"url": redis, "key_prefix": redis_prefix, "snapshot_refresh_ms": 250},
         "models": {"repository": str(models), "poll_interval_s": 0, "warmup_rows": 2,
-                   "inference_timeout_s": 5.0},
+                   "inference_timeout_s": 5.0, **(models_settings or {})},
         "batching": {"max_batch_size": 256, "max_delay_us": 2000, "max_queue_rows": 4096, "inference_threads": 1,
                      "max_in_flight_batches": 4, **(batching or {})},
         "server": {"host": "127.0.0.1", "http_port": http_port or free_port(), "grpc_port": 0, "enable_grpc": False,

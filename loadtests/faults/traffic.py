@@ -44,6 +44,7 @@ class SteadyLoad:
     seed: int = 0
     route: str = ROUTE
     negative_first: bool = False  # rows whose first feature is negative (what the poison model fails on)
+    positive_first: bool = False  # rows whose first feature is positive (what no model fails or hangs on)
     sent: int = 0
     failed_sends: int = 0
     order: dict[int, list[str]] = field(default_factory=dict)  # partition -> ids in produce order
@@ -63,6 +64,8 @@ class SteadyLoad:
             rows = good_rows(min(self.n, 2000), self.seed)
             if self.negative_first:
                 rows = [[-abs(row[0]) - 0.01, *row[1:]] for row in rows]
+            elif self.positive_first:
+                rows = [[abs(row[0]) + 0.01, *row[1:]] for row in rows]
             pending: list[tuple[asyncio.Future, list[tuple[int, bytes, bytes]]]] = []
             retry: list[tuple[int, bytes, bytes]] = []
             start = time.time() + 0.02

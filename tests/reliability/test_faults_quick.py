@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = ("gateway_kill_alo", "gateway_kill_eos", "feedback_kill", "broker_restart", "redis_outage", "overload",
-             "malformed", "rebalance", "graceful_shutdown", "poison_model")
+             "malformed", "rebalance", "graceful_shutdown", "poison_model", "hung_model")
 MUST_BE_ZERO = ("lost", "double_counted", "crashes", "client_errors", "unclean_exits")
 
 
@@ -98,6 +98,14 @@ def test_a_crashing_model_is_drained_to_the_floor_with_one_alert(quick_run) -> N
     assert result["answered"] + result["failed_on_broken_arm"] == result["sent"]  # every request accounted for
     # after the drain only the exploration floor's share reaches the broken arm (binomial noise allowed)
     assert result["broken_share_after_drain"] <= 2 * result["exploration_floor"]
+
+
+def test_a_hung_model_is_isolated_and_drained(quick_run) -> None:  # type: ignore[no-untyped-def]
+    result = quick_run[0]["scenarios"]["hung_model"]
+    assert result["other_route_p99_ratio"] <= 2  # the other route's p99 under the hang / its own baseline
+    assert result["drained"]
+    assert result["hung_arm_dead_lettered"] > 0 and result["wrong_reason"] == 0  # failed fast, model_unavailable
+    assert result["healthy_model_timeouts"] == 0
 
 
 def test_sigterm_exits_zero_within_the_grace_period(quick_run) -> None:  # type: ignore[no-untyped-def]
