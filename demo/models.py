@@ -222,12 +222,15 @@ def reference_profile(version: ModelVersion, dataset: Dataset) -> ReferenceProfi
 
 
 def calibrate_references(versions: dict[tuple[str, int], ModelVersion], dataset: Dataset, arl0: float,
-                         workers: int = 2) -> int:
+                         workers: int = 2, cache: Path | None = None) -> int:
     """Give every version its reference profile with the thresholds the gateway's monitors need at
     `drift.arl0` = arl0, calibrating each distinct key once, `workers` at a time in processes
     (the versions share the pool, so their feature keys coincide; their score keys mostly
-    differ). Returns the number of distinct keys calibrated."""
+    differ). `cache`: a JSON file of thresholds by key kept between runs (a key names exactly
+    the calibration's inputs, so a cached value is the value a simulation would give). Returns
+    the number of keys calibrated now (not found in the cache)."""
     from concurrent.futures import ProcessPoolExecutor
+    import json
     import multiprocessing
 
     from banditgate.drift.adaptive import EstimatorSettings
@@ -239,15 +242,43 @@ def calibrate_references(versions: dict[tuple[str, int], ModelVersion], dataset:
     wanted = {}
     for profile in profiles.values():
         wanted.update(profile_keys(profile, arl0, settings))
+    known = _read_cache(cache)
     jobs = {key: (np.asarray(feature.probabilities + (feature.missing_probability,)), feature.count, feature_arl0,
-                  settings) for key, (feature, feature_arl0) in wanted.items()}
-    with ProcessPoolExecutor(max(1, min(workers, len(jobs))), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {key: pool.submit(feature_threshold, *job) for key, job in jobs.items()}
-        thresholds = {key: future.result() for key, future in futures.items()}
+                  settings) for key, (feature, feature_arl0) in wanted.items() if key not in known}
+    thresholds = {key: known[key] for key in wanted if key in known}
+    if jobs:
+        with ProcessPoolExecutor(max(1, min(workers, len(jobs))),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {key: pool.submit(feature_threshold, *job) for key, job in jobs.items()}
+            thresholds.update({key: future.result() for key, future in futures.items()})
+        if cache is not None:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                temporary = cache.with_name(f".{cache.name}.{os.getpid()}")
+                temporary.write_text(json.dumps({**known, **thresholds}, indent=1, sort_keys=True))
+                os.replace(temporary, cache)
+            except OSError:
+                pass  # a cache, not a result: the next run calibrates again
     for key, version in versions.items():
         needed = profile_keys(profiles[key], arl0, settings)
         version.reference = profiles[key].with_thresholds({k: thresholds[k] for k in needed})
     return len(jobs)
+
+
+def _read_cache(cache: Path | None) -> dict[str, float]:
+    import json
+    import math
+
+    if cache is None:
+        return {}
+    try:
+        document = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(document, dict):
+        return {}
+    return {str(k): float(v) for k, v in document.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
 
 
 def write_model_config(repository: Path, model: str, feature_names: list[str]) -> Path:
