@@ -91,6 +91,8 @@ class Episodes:
             return None
         if action is Action.CLAIM and self._on_change is not None:
             self._on_change(key, True)
+            for evicted in self.book.take_evicted():
+                self._on_change(evicted, False)
         holds = await self._claim(episode)
         if self.book.claimed(key, holds) and self.book.get(key) is episode:
             return firing_alert(self.kind, episode, now, values, details)
@@ -107,7 +109,7 @@ class Episodes:
                 continue
             if self.book.close(episode.key) is None:
                 continue
-            if self._on_change is not None and self.book.get(episode.key) is None:
+            if self._on_change is not None:
                 self._on_change(episode.key, False)
             if episode.owner:
                 resolved.append(resolved_alert(self.kind, episode, now))

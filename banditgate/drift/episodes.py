@@ -101,6 +101,7 @@ class EpisodeBook:
         self._open: dict[EpisodeKey, Episode] = {}
         self._sequence = 0
         self.dropped = 0
+        self._evicted: list[EpisodeKey] = []
 
     @property
     def ttl_s(self) -> float:
@@ -169,10 +170,16 @@ class EpisodeBook:
         """Forget the episode; returns it (send `resolved` if it was owned)."""
         return self._open.pop(key, None)
 
+    def take_evicted(self) -> list[EpisodeKey]:
+        """Keys dropped to keep the bound since the last call (their gauges must go)."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
     def _bound(self) -> None:
         while len(self._open) > self.max_open:
             oldest = min(self._open.values(), key=lambda e: e.last_alarm_at)
             del self._open[oldest.key]
+            self._evicted.append(oldest.key)
             self.dropped += 1
 
 

@@ -97,6 +97,7 @@ def test_pending_claims_are_not_swept_and_the_book_is_bounded() -> None:
     for index in range(5):
         book.alarm(EpisodeKey("r", "a", "m", 1, "feature_drift", f"f{index}"), 1.0 + index)
     assert len(book) == 3 and book.dropped == 3 and book.get(KEY) is None
+    assert book.take_evicted()[0] == KEY and book.take_evicted() == []
 
 
 def test_alerts_carry_the_episode_key_and_state() -> None:
