@@ -217,8 +217,8 @@ class Demo:
         await self.observer.start()
 
         self._stage("warm-up")
-        say(f"warm-up: {WARMUP_REQUESTS} requests so every model serves a batch; waiting for the gateway to build its "
-            "drift monitors (threshold calibration) and for the feedback worker")
+        say(f"warm-up: {WARMUP_REQUESTS} requests so every model serves a batch; waiting until the gateway's drift "
+            "monitors watch every model and the feedback worker is ready")
         await self.service.warm_up(WARMUP_REQUESTS)
         expected = {(spec.model, "1") for spec in SPECS}
 
