@@ -3,6 +3,7 @@ and one alert per episode however often its statistic crosses the threshold."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,10 @@ async def test_feature_shift_raises_a_drift_alert_only_after_it(stack, topics, t
                             drift={"arl0": 1_000_000})
     running = await start_gateway(config)
     try:
+        # a reference.json without stored thresholds (as written before `banditgate profile` stored
+        # them): the gateway is ready at once and calibrates in the background; batches served
+        # before its monitors exist are not watched, so the test waits for them
+        await monitors_built(running.gateway.registry)
         before = rng.normal(size=(3000, N_FEATURES)).round(4)
         await produce(stack.kafka, topics.topics.requests,
                       [(f"b-{i}".encode(), request_event(f"b-{i}", "r", before[i].tolist())) for i in range(3000)])
@@ -58,6 +63,13 @@ async def test_feature_shift_raises_a_drift_alert_only_after_it(stack, topics, t
     assert len(episodes) == len(set(episodes)), episodes
     crossings = _sample(metrics, 'banditgate_drift_alarms_total{feature="f2",model="m",version="1"}')
     assert crossings > 1 and _sample(metrics, 'banditgate_drift_episodes_open{feature="f2",model="m",version="1"}') == 1
+
+
+async def monitors_built(registry: object, timeout_s: float = 120.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while "banditgate_drift_threshold{" not in generate_latest(registry).decode():  # type: ignore[arg-type]
+        assert asyncio.get_running_loop().time() < deadline, "the drift monitors were never built"
+        await asyncio.sleep(0.2)
 
 
 def _sample(text: str, series: str) -> float:
