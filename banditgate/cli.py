@@ -127,7 +127,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from banditgate.drift.profile_cli import build_profile
 
     return build_profile(repository=args.repository, model=args.model, version=args.version,
-                         data=args.data, bins=args.bins)
+                         data=args.data, bins=args.bins, arl0s=() if args.no_thresholds else args.arl0 or [10_000.0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--data", required=True, help="training data: .csv, .parquet or .npy")
     profile.add_argument("--repository", default="models", help="model repository (default: ./models)")
     profile.add_argument("--bins", type=int, default=10, help="quantile bins per numeric feature")
+    profile.add_argument("--arl0", type=float, action="append", default=None,
+                         help="the gateway's drift.arl0 to calibrate the drift thresholds for (repeatable; default "
+                              "10000); the gateway uses stored thresholds instead of simulating at start")
+    profile.add_argument("--no-thresholds", action="store_true",
+                         help="store no thresholds (the gateway then calibrates them when it loads the model)")
     profile.set_defaults(func=cmd_profile)
     return parser
 

@@ -272,6 +272,9 @@ class FeedbackConfig(_Strict):
     quality_drift_reference: int = Field(1000, ge=20)
     """Quality drift: a model version's first this many joined outcomes (per worker) set its
     in-control error rate; monitoring starts after them."""
+    quality_episode_quiet_s: float = Field(600, gt=0, le=7 * 86400)
+    """Quality drift: an alarm opens an episode (one `firing` alert, across workers); it closes
+    with a `resolved` alert after this many seconds without an alarm."""
     fetch_max_wait_ms: int = Field(50, ge=1, le=10_000)
     """How long the broker may hold the worker's fetch when the partitions it asks for have nothing
     new. aiokafka has one fetch in flight per broker, so while an idle topic's fetch is held no
@@ -501,6 +504,9 @@ class DriftConfig(_Strict):
     enabled: bool = True
     arl0: float = Field(10_000, gt=10)
     """Average run length between false alarms: per observation, for a model's whole feature family."""
+    episode_quiet_s: float = Field(600, gt=0, le=7 * 86400)
+    """A drift alarm opens an episode (one `firing` alert, across replicas); it closes with a
+    `resolved` alert after this many seconds without an alarm (see docs/drift.md)."""
 
 
 class LoggingConfig(_Strict):

@@ -137,9 +137,18 @@ class DeadLetter:
                 "offset": self.offset, "payload": self.payload}
 
 
+ALERT_STATES = frozenset({"firing", "resolved"})
+
+
 @dataclass(frozen=True, slots=True)
 class Alert:
-    """Something operators or automation should act on (drift, quality, rollout decisions)."""
+    """Something operators or automation should act on (drift, quality, rollout decisions).
+
+    state: ``firing`` (the default: every alert of a kind without episodes) or ``resolved``.
+    Drift and quality alerts come per alarm episode: one ``firing`` when it opens, one
+    ``resolved`` when it has been quiet (docs/drift.md); both carry details.model and
+    details.feature (None for a whole-model signal). Consumers written before the field read
+    every alert as firing; read it as ``alert.get("state", "firing")``."""
 
     kind: str
     route: str
@@ -150,9 +159,11 @@ class Alert:
     threshold: float
     ts: float
     details: Mapping[str, Any] = field(default_factory=dict)
+    state: str = "firing"
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"kind": self.kind, "route": self.route, "arm": self.arm, "model_version": self.model_version,
+        out = {"kind": self.kind, "state": self.state, "route": self.route, "arm": self.arm,
+               "model_version": self.model_version,
                "metric": self.metric, "value": self.value, "threshold": self.threshold, "ts": self.ts}
         if self.details:
             out["details"] = dict(self.details)
@@ -370,10 +381,13 @@ def decode_alert(raw: bytes) -> Alert:
     if kind not in ALERT_KINDS:
         raise EventError("wrong_type", f"alert 'kind' must be one of {sorted(ALERT_KINDS)}, got {kind!r}")
     route = _require_id(obj, "route", "alert")
+    state = obj.get("state", "firing")  # absent in alerts written before episodes: firing
+    if state not in ALERT_STATES:
+        raise EventError("wrong_type", f"alert 'state' must be one of {sorted(ALERT_STATES)}, got {state!r}")
     try:
         return Alert(kind=kind, route=route, arm=obj.get("arm"), model_version=obj.get("model_version"),
                      metric=str(obj.get("metric", "")), value=float(obj.get("value", 0.0)),
                      threshold=float(obj.get("threshold", 0.0)), ts=float(obj.get("ts", 0.0)),
-                     details=obj.get("details") or {})
+                     details=obj.get("details") or {}, state=state)
     except (TypeError, ValueError) as exc:
         raise EventError("wrong_type", f"alert has a non-numeric field: {exc}") from None

@@ -4,8 +4,8 @@
    after it, the arm with the best true accuracy on the traffic of that part (known here: every
    model's label for every pool row, clean and shifted, was computed with ONNX Runtime on the
    very files the gateway serves) received most (> 50%) of the requests.
-2. **drift**: the gateway raised at least one drift alarm after the covariate shift and none
-   before it (warm-up included).
+2. **drift**: the gateway opened at least one drift episode (a `firing` alert) after the
+   covariate shift and none before it (warm-up included).
 3. **accounting**: every request got exactly one prediction (duplicates of the at-least-once
    gateway counted apart), nothing was dead-lettered, every prediction got its outcome, and the
    feedback worker's exact counters in Redis account for every outcome sent: the arm statistics'
@@ -108,7 +108,8 @@ def check_drift(telemetry: Telemetry, scenario: Scenario, gauges_seen: bool) -> 
 def _where(alert: Mapping[str, object]) -> str:
     details = alert.get("details") or {}
     assert isinstance(details, Mapping)  # noqa: S101 - built by the gateway as an object
-    return f"{details.get('model', '?')} v{alert.get('model_version', '?')}, {details.get('feature', '?')}"
+    feature = details.get("feature")  # None for a whole-model signal: the prediction score
+    return f"{details.get('model', '?')} v{alert.get('model_version', '?')}, {feature if feature is not None else 'score'}"
 
 
 def check_accounting(telemetry: Telemetry, final: Sample | None) -> Check:

@@ -115,8 +115,10 @@ def config_document(plan: Plan, scenario: Scenario) -> dict[str, Any]:
         "batching": {"max_batch_size": 64, "max_delay_us": 2000},
         "server": {"host": plan.bind_host, "http_port": plan.http_port, "grpc_port": plan.grpc_port},
         "feedback": {"app_id": plan.app_id, "partitions": PARTITIONS, "web_port": plan.feedback_port,
-                     "flush_interval_s": 0.1, "quality_window_s": 60 if scenario.name == "quick" else 120},
+                     "flush_interval_s": 0.1, "quality_window_s": 60 if scenario.name == "quick" else 120,
+                     "quality_episode_quiet_s": scenario.episode_quiet_s},
         "logging": {"level": "info"},
+        "drift": {"episode_quiet_s": scenario.episode_quiet_s},
         "routes": [{
             "name": ROUTE, "policy": "thompson", "reward": "bernoulli", "half_life": scenario.half_life,
             "exploration_floor": scenario.exploration_floor, "arms": arms, "shadows": shadows,
@@ -206,6 +208,10 @@ class Process:
     log_path: Path
     cwd: Path
     process: subprocess.Popen[bytes] | None = None
+    started_at: float | None = None
+    """time.monotonic() just before the process was spawned."""
+    ready_after_s: float | None = None
+    """Seconds from `started_at` to the first time it was seen ready (set by the demo)."""
     exit_code: int | None = None
     stop_seconds: float | None = None
     killed: bool = False
@@ -219,6 +225,7 @@ class Process:
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self._log_handle = self.log_path.open("ab")
         # own session: a Ctrl-C in the terminal reaches the demo only, which then stops these in order
+        self.started_at = time.monotonic()
         self.process = subprocess.Popen(self.command, cwd=self.cwd, stdout=self._log_handle,
                                         stderr=subprocess.STDOUT, env=env, start_new_session=True)
         return self
@@ -229,6 +236,12 @@ class Process:
     def last_line(self) -> str:
         lines = [line for line in self.log().splitlines() if line.strip()]
         return lines[-1].strip() if lines else "(no output)"
+
+    def note_ready(self, ready: bool) -> bool:
+        """Record the first time the process is seen ready; returns `ready`."""
+        if ready and self.ready_after_s is None and self.started_at is not None:
+            self.ready_after_s = time.monotonic() - self.started_at
+        return ready
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

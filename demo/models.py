@@ -11,7 +11,9 @@ The broken release is gradient boosting refit on shuffled labels.
 
 Each version goes into a Triton-style repository as `<model>/<version>/model.onnx` with its drift
 reference profile `reference.json`, written into a temporary folder and renamed into place, so
-the gateway (which polls the repository) never sees half a version.
+the gateway (which polls the repository) never sees half a version. The profiles carry the drift
+monitors' calibrated thresholds (`calibrate_references`, as `banditgate profile` does), so the
+gateway builds its monitors at once instead of simulating for seconds per model at start.
 
 Reference profiles are built on the held-out pool, not on the training rows: the models are
 over-confident on rows they were fit on (the forest's training scores are mostly 0 or 1), so a
@@ -141,6 +143,9 @@ class ModelVersion:
     """The same after the scenario's covariate shift."""
     pool_scores: np.ndarray
     """P(malignant) per pool row: the score distribution of the drift reference."""
+    reference: ReferenceProfile | None = None
+    """The drift reference profile with calibrated thresholds (calibrate_references); None: publish
+    builds one without thresholds."""
     published: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -210,6 +215,72 @@ def train_all(dataset: Dataset, shifted_pool: np.ndarray, broken_model: str,
     return versions
 
 
+def reference_profile(version: ModelVersion, dataset: Dataset) -> ReferenceProfile:
+    """The version's drift reference: the held-out pool and the version's scores on it."""
+    return ReferenceProfile.build(dataset.x_pool, dataset.feature_names, scores=version.pool_scores,
+                                  bins=REFERENCE_BINS)
+
+
+def calibrate_references(versions: dict[tuple[str, int], ModelVersion], dataset: Dataset, arl0: float,
+                         workers: int = 2, cache: Path | None = None) -> int:
+    """Give every version its reference profile with the thresholds the gateway's monitors need at
+    `drift.arl0` = arl0, calibrating each distinct key once, `workers` at a time in processes
+    (the versions share the pool, so their feature keys coincide; their score keys mostly
+    differ). `cache`: a JSON file of thresholds by key kept between runs (a key names exactly
+    the calibration's inputs, so a cached value is the value a simulation would give). Returns
+    the number of keys calibrated now (not found in the cache)."""
+    from concurrent.futures import ProcessPoolExecutor
+    import json
+    import multiprocessing
+
+    from banditgate.drift.adaptive import EstimatorSettings
+    from banditgate.drift.calibration import feature_threshold
+    from banditgate.drift.monitor import profile_keys
+
+    settings = EstimatorSettings()
+    profiles = {key: reference_profile(version, dataset) for key, version in versions.items()}
+    wanted = {}
+    for profile in profiles.values():
+        wanted.update(profile_keys(profile, arl0, settings))
+    known = _read_cache(cache)
+    jobs = {key: (np.asarray(feature.probabilities + (feature.missing_probability,)), feature.count, feature_arl0,
+                  settings) for key, (feature, feature_arl0) in wanted.items() if key not in known}
+    thresholds = {key: known[key] for key in wanted if key in known}
+    if jobs:
+        with ProcessPoolExecutor(max(1, min(workers, len(jobs))),
+                                 mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {key: pool.submit(feature_threshold, *job) for key, job in jobs.items()}
+            thresholds.update({key: future.result() for key, future in futures.items()})
+        if cache is not None:
+            try:
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                temporary = cache.with_name(f".{cache.name}.{os.getpid()}")
+                temporary.write_text(json.dumps({**known, **thresholds}, indent=1, sort_keys=True))
+                os.replace(temporary, cache)
+            except OSError:
+                pass  # a cache, not a result: the next run calibrates again
+    for key, version in versions.items():
+        needed = profile_keys(profiles[key], arl0, settings)
+        version.reference = profiles[key].with_thresholds({k: thresholds[k] for k in needed})
+    return len(jobs)
+
+
+def _read_cache(cache: Path | None) -> dict[str, float]:
+    import json
+    import math
+
+    if cache is None:
+        return {}
+    try:
+        document = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(document, dict):
+        return {}
+    return {str(k): float(v) for k, v in document.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
+
+
 def write_model_config(repository: Path, model: str, feature_names: list[str]) -> Path:
     """`<repository>/<model>/config.yaml`: outputs, class names, score output and feature names."""
     folder = repository / model
@@ -235,8 +306,7 @@ def publish(repository: Path, version: ModelVersion, dataset: Dataset) -> Path:
     incoming.mkdir()
     try:
         (incoming / "model.onnx").write_bytes(version.onnx)
-        profile = ReferenceProfile.build(dataset.x_pool, dataset.feature_names, scores=version.pool_scores,
-                                         bins=REFERENCE_BINS)
+        profile = version.reference or reference_profile(version, dataset)
         profile.save(incoming / "reference.json")
         os.rename(incoming, target)
     except BaseException:

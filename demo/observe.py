@@ -30,21 +30,37 @@ ALL_PRIMARIES = ("primary", "*", "*", "*")
 """Quality key of every primary arm's statistics pooled (sums added, then the metrics)."""
 
 
-def parse_metrics(text: str) -> tuple[dict[str, float], dict[tuple[str, str, str], tuple[float, float]]]:
+BATCH_HISTOGRAMS = ("banditgate_queue_seconds", "banditgate_inference_seconds", "banditgate_batch_size_rows")
+
+
+def parse_metrics(text: str, into: Sample | None = None) -> tuple[dict[str, float], dict[tuple[str, str, str], tuple[float, float]]]:
     """Traffic share per arm of the demo route, and (model, version, feature) -> (statistic,
-    threshold) of the drift gauges, from a Prometheus text exposition."""
+    threshold) of the drift gauges, from a Prometheus text exposition. With `into`, also its
+    drift alarm counters and the per-batch histograms' sums and counts (all model versions)."""
     shares: dict[str, float] = {}
     statistic: dict[tuple[str, str, str], float] = {}
     threshold: dict[tuple[str, str, str], float] = {}
+    alarms: dict[tuple[str, str, str], float] = {}
+    batches: dict[str, list[float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             labels = sample.labels
             if sample.name == "banditgate_arm_traffic_share" and labels.get("route") == ROUTE:
                 shares[labels["arm"]] = sample.value
-            elif sample.name in ("banditgate_drift_statistic", "banditgate_drift_threshold"):
+            elif sample.name in ("banditgate_drift_statistic", "banditgate_drift_threshold",
+                                 "banditgate_drift_alarms_total"):
                 key = (labels.get("model", ""), labels.get("version", ""), labels.get("feature", ""))
-                (statistic if sample.name == "banditgate_drift_statistic" else threshold)[key] = sample.value
+                target = {"banditgate_drift_statistic": statistic, "banditgate_drift_threshold": threshold,
+                          "banditgate_drift_alarms_total": alarms}[sample.name]
+                target[key] = sample.value
+            elif sample.name.endswith(("_sum", "_count")) and sample.name.rsplit("_", 1)[0] in BATCH_HISTOGRAMS:
+                name, part = sample.name.rsplit("_", 1)
+                totals = batches.setdefault(name, [0.0, 0.0])
+                totals[0 if part == "sum" else 1] += sample.value
     drift = {key: (value, threshold.get(key, float("nan"))) for key, value in statistic.items()}
+    if into is not None:
+        into.drift_alarms = alarms
+        into.batches = {name: (total, count) for name, (total, count) in batches.items()}
     return shares, drift
 
 
@@ -117,7 +133,7 @@ class Observer:
                 sample.quality[ALL_PRIMARIES] = sum(primaries, QualityStats()).metrics()
         text = await asyncio.to_thread(_fetch, f"{self.plan.gateway_url}/metrics")
         if text is not None:
-            sample.policy_shares, sample.drift = parse_metrics(text)
+            sample.policy_shares, sample.drift = parse_metrics(text, into=sample)
         return sample
 
     async def final_accounting(self) -> Sample:

@@ -44,7 +44,18 @@ from demo.deployment import (
     start_processes,
     write_config,
 )
-from demo.models import RETRAIN_MODEL, ROUTE, SPECS, Dataset, ModelVersion, build_repository, load_dataset, publish, train_all
+from demo.models import (
+    RETRAIN_MODEL,
+    ROUTE,
+    SPECS,
+    Dataset,
+    ModelVersion,
+    build_repository,
+    calibrate_references,
+    load_dataset,
+    publish,
+    train_all,
+)
 from demo.observe import Observer
 from demo.report import RunFacts, write_report
 from demo.scenario import Scenario
@@ -94,6 +105,9 @@ class Demo:
         self.final_sample: Any = None
         self.rollout: dict[str, Any] | None = None
         self.retrain_released_s: float | None = None
+        self.startup: dict[str, float] = {}
+        """Seconds: calibration (at profile time), and from `banditgate serve` start to the drift
+        monitors watching every model (see StartUp in demo/report.py)."""
         self.cleanup_problems: list[str] = []
         self._stage_started = time.monotonic()
         self._run_started = time.monotonic()
@@ -174,7 +188,9 @@ class Demo:
         self.dataset, self.versions = await asyncio.to_thread(self._train)
         say(f"trained and exported {len(self.versions)} models in {time.monotonic() - started:.1f}s "
             f"(true accuracy on the held-out pool: "
-            + ", ".join(f"{m}:{v} {self._accuracy(m, v):.3f}" for (m, v) in self.versions) + ")")
+            + ", ".join(f"{m}:{v} {self._accuracy(m, v):.3f}" for (m, v) in self.versions) + f"); drift thresholds "
+            f"stored in each reference.json as `banditgate profile` does ({self.startup.get('threshold_keys', 0):.0f} "
+            f"calibrated now, in {self.startup.get('calibration_s', 0):.1f}s; the others from earlier runs' cache)")
 
         self._stage("starting")
         write_config(plan, self.scenario)
@@ -188,21 +204,31 @@ class Demo:
         serve, feedback = self.processes
         say(f"started banditgate serve (pid {serve.process.pid}) and banditgate feedback "  # type: ignore[union-attr]
             f"(pid {feedback.process.pid}); logs in {plan.logs}")  # type: ignore[union-attr]
-        await self._wait("banditgate serve ready on /v2/health/ready", lambda: gateway_ready(plan), START_TIMEOUT_S)
+
+        def gateway_up() -> bool:
+            feedback.note_ready(feedback_ready(feedback))  # timed from its own start, while we wait here
+            return serve.note_ready(gateway_ready(plan))
+
+        await self._wait("banditgate serve ready on /v2/health/ready", gateway_up, START_TIMEOUT_S)
+        say(f"gateway ready after {serve.ready_after_s:.1f} s (`banditgate serve` start to /v2/health/ready 200)")
         self.service = ProductService(plan, self.scenario, self.dataset, self.telemetry)
         await self.service.start()
         self.observer = Observer(plan, self.telemetry)
         await self.observer.start()
 
         self._stage("warm-up")
-        say(f"warm-up: {WARMUP_REQUESTS} requests so every model serves a batch; waiting for the gateway to build its "
-            "drift monitors (threshold calibration) and for the feedback worker")
+        say(f"warm-up: {WARMUP_REQUESTS} requests so every model serves a batch; waiting until the gateway's drift "
+            "monitors watch every model and the feedback worker is ready")
         await self.service.warm_up(WARMUP_REQUESTS)
         expected = {(spec.model, "1") for spec in SPECS}
 
         def monitors_ready() -> bool:
+            feedback.note_ready(feedback_ready(feedback))
             sample = self.telemetry.latest
-            return sample is not None and expected <= {(m, v) for (m, v, _f) in sample.drift}
+            ready = sample is not None and expected <= {(m, v) for (m, v, _f) in sample.drift}
+            if ready and "monitors_s" not in self.startup and serve.started_at is not None:
+                self.startup["monitors_s"] = time.monotonic() - serve.started_at
+            return ready
 
         last_extra = time.monotonic()
 
@@ -216,9 +242,14 @@ class Demo:
             await self._wait("the gateway's drift monitors for every model", monitors_ready, START_TIMEOUT_S, nudge)
         except DemoError:
             say("the gateway exports no drift gauges for some models; going on without waiting for them")
-        await self._wait("banditgate feedback ready", lambda: feedback_ready(feedback), START_TIMEOUT_S)
-        say(f"gateway and feedback worker ready after {time.monotonic() - self._run_started:.0f}s; "
-            f"{self.scenario.total_requests} requests at {self.scenario.rate_rps:g}/s follow")
+        await self._wait("banditgate feedback ready", lambda: feedback.note_ready(feedback_ready(feedback)),
+                         START_TIMEOUT_S)
+        monitors = self.startup.get("monitors_s")
+        say(f"feedback worker ready after {feedback.ready_after_s:.1f} s (start to its ready line); the gateway's drift "
+            f"monitors watched every model {monitors:.1f} s after its start" if monitors is not None else
+            f"feedback worker ready after {feedback.ready_after_s:.1f} s (start to its ready line)")
+        say(f"set up in {time.monotonic() - self._run_started:.0f}s in all; {self.scenario.total_requests} requests "
+            f"at {self.scenario.rate_rps:g}/s follow")
 
         self._stage("traffic")
 
@@ -294,6 +325,15 @@ class Demo:
         dataset = load_dataset(self.scenario.seed)
         shifted = self.scenario.shifted(dataset.x_pool, dataset.feature_names)
         versions = train_all(dataset, shifted, self.scenario.degrade_model, self.scenario.seed)
+        # what `banditgate profile` does: the thresholds the gateway's monitors need, stored in
+        # each reference.json, so the gateway simulates nothing when it loads the models
+        from banditgate.config import DriftConfig
+        from banditgate.stack import cache_dir
+
+        started = time.monotonic()
+        self.startup["threshold_keys"] = calibrate_references(versions, dataset, DriftConfig().arl0,
+                                                              cache=cache_dir() / "demo-drift-thresholds.json")
+        self.startup["calibration_s"] = time.monotonic() - started
         assert self.plan is not None  # noqa: S101
         build_repository(self.plan.repository, versions, dataset)
         return dataset, versions
@@ -356,7 +396,7 @@ class Demo:
         facts = RunFacts(scenario=self.scenario, plan=self.plan, telemetry=self.telemetry, checks=checks,
                          versions=self.versions, dataset=self.dataset, timings=self.timings, failure=self.failure,
                          final=self.final_sample, processes=self.processes, cleanup_problems=self.cleanup_problems,
-                         grafana=self.grafana, started=self._run_started)
+                         grafana=self.grafana, started=self._run_started, startup=dict(self.startup))
         try:
             return write_report(self.folder, facts)
         except Exception as exc:  # noqa: BLE001 - the verdict must still be printed

@@ -46,6 +46,11 @@ class Scenario:
     seed: int = 2
     retrain_at_s: float | None = None
     """When the retrained `stump` version arrives (None: it does not)."""
+    episode_quiet_s: float = 600.0
+    """Seconds without an alarm that close a drift or quality alarm episode (`drift.episode_quiet_s`,
+    `feedback.quality_episode_quiet_s`). Shorter than in production so the run shows episodes
+    resolve (the replaced `gbm` v1 goes quiet), longer than the gaps between a persisting
+    drift's alarms at the arms' traffic, so no drift opens two episodes."""
 
     def __post_init__(self) -> None:
         if not 0 < self.drift_at_s < self.degrade_at_s < self.end_s:
@@ -59,13 +64,15 @@ class Scenario:
     def quick(cls) -> Scenario:
         """Under two minutes end to end on a 2-core machine (used by the test suite)."""
         return cls(name="quick", rate_rps=60, drift_at_s=13, degrade_at_s=26, end_s=46,
-                   outcome_delay_mean_s=0.8, half_life=150, exploration_floor=0.03, retrain_at_s=30)
+                   outcome_delay_mean_s=0.8, half_life=150, exploration_floor=0.03, retrain_at_s=30,
+                   episode_quiet_s=12)
 
     @classmethod
     def full(cls) -> Scenario:
         """The README's first command: about four minutes."""
         return cls(name="full", rate_rps=50, drift_at_s=60, degrade_at_s=120, end_s=200,
-                   outcome_delay_mean_s=1.5, half_life=300, exploration_floor=0.03, retrain_at_s=140)
+                   outcome_delay_mean_s=1.5, half_life=300, exploration_floor=0.03, retrain_at_s=140,
+                   episode_quiet_s=30)
 
     @property
     def total_requests(self) -> int:

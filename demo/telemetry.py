@@ -11,7 +11,7 @@ import math
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,8 @@ class RequestRecord:
     """Ground truth (1 = malignant)."""
     sent_s: float
     warmup: bool = False
+    sent_wall: float = 0.0
+    """Epoch seconds just before the request went to the producer (the `ts` it carries)."""
 
 
 @dataclass(slots=True)
@@ -67,6 +69,37 @@ class Sample:
     """(role, arm, model, version) -> quality metrics computed by banditgate from the ledger."""
     drift: dict[tuple[str, str, str], tuple[float, float]] = field(default_factory=dict)
     """(model, version, feature) -> (statistic, threshold) from the gateway's /metrics."""
+    drift_alarms: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    """(model, version, feature) -> threshold crossings so far (banditgate_drift_alarms_total)."""
+    batches: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """The gateway's per-batch histograms (queue_seconds, inference_seconds, batch_size_rows):
+    name -> (sum, count) over every model version."""
+
+
+STAGES = ("kafka_in", "gateway", "kafka_out")
+"""Where a request's end-to-end time goes: the service's send to the gateway's receipt (producer,
+broker, the gateway's fetch), the gateway (queue wait, batching delay, inference, routing,
+encoding), the prediction built to the service reading it (the gateway's producer, broker, the
+service's fetch)."""
+
+
+@dataclass(frozen=True)
+class EpisodeRow:
+    """One drift or quality alarm episode as the alerts topic showed it."""
+
+    kind: str
+    route: str | None
+    arm: str | None
+    model: str | None
+    version: int | None
+    metric: str | None
+    feature: str | None
+    opened_s: float
+    resolved_s: float | None
+    alarms: int | None
+    """Alarms inside the episode (from its resolved alert); None while it is open."""
+    firing_alerts: int
+    """`firing` alerts seen for this key (1 when every episode alerted once)."""
 
 
 def percentile(values: Iterable[float], q: float) -> float | None:
@@ -113,6 +146,9 @@ class Telemetry:
         self.events: list[tuple[float, str]] = []
         self.e2e_ms: list[float] = []
         """Send to prediction read, per scenario request (ms)."""
+        self.stage_ms: dict[str, list[float]] = {stage: [] for stage in STAGES}
+        """Per scenario request, the end-to-end time cut at the gateway's receipt and its prediction
+        (from the prediction's ts_predicted and latency_ms; wall clocks of one machine)."""
         self.warmup_e2e_ms: list[float] = []
         # per-second buckets (by request send time) for windows and plots
         self.served_per_s: dict[int, Counter[str]] = defaultdict(Counter)
@@ -144,7 +180,7 @@ class Telemetry:
     # -- events ------------------------------------------------------------------------------
     def record_sent(self, request_id: str, row: int, shifted: bool, label: int, warmup: bool = False) -> None:
         self.requests[request_id] = RequestRecord(row, shifted, label, self.now_s() if self.t0 is not None else -1.0,
-                                                  warmup)
+                                                  warmup, time.time())
 
     @property
     def sent(self) -> int:
@@ -183,9 +219,19 @@ class Telemetry:
                 self.warmup_e2e_ms.append((now - request.sent_s) * 1000.0)
             else:
                 self.e2e_ms.append((now - request.sent_s) * 1000.0)
+                self._record_stages(event, request, record)
                 self.served_per_s[math.floor(request.sent_s)][arm] += 1
                 self._latencies[arm].append((now, record.latency_ms))
         return record
+
+    def _record_stages(self, event: Mapping[str, Any], request: RequestRecord, record: PredictionRecord) -> None:
+        predicted = event.get("ts_predicted")
+        if not isinstance(predicted, (int, float)) or not request.sent_wall:
+            return
+        received = float(predicted) - record.latency_ms / 1000.0
+        self.stage_ms["kafka_in"].append((received - request.sent_wall) * 1000.0)
+        self.stage_ms["gateway"].append(record.latency_ms)
+        self.stage_ms["kafka_out"].append((time.time() - float(predicted)) * 1000.0)
 
     def record_outcome(self, request_id: str, arm: str, reward: float) -> None:
         self.outcomes_sent += 1
@@ -216,7 +262,33 @@ class Telemetry:
 
     @property
     def drift_alerts(self) -> list[dict[str, Any]]:
-        return [a for a in self.alerts if a.get("kind") == "drift"]
+        """The drift alerts that opened an episode (`firing`; alerts without a state count as firing)."""
+        return [a for a in self.alerts if a.get("kind") == "drift" and a.get("state", "firing") != "resolved"]
+
+    def episodes(self) -> list[EpisodeRow]:
+        """Drift and quality episodes in the order they opened: each `firing` alert opens one, the
+        next `resolved` alert of the same key (route, arm, model, version, metric, feature) closes it."""
+        rows: list[EpisodeRow] = []
+        open_rows: dict[tuple[Any, ...], int] = {}
+        firing: Counter[tuple[Any, ...]] = Counter()
+        for alert in self.alerts:
+            if alert.get("kind") not in ("drift", "quality"):
+                continue
+            details = alert.get("details") or {}
+            key = (alert.get("route"), alert.get("arm"), details.get("model"), alert.get("model_version"),
+                   alert.get("metric"), details.get("feature"))
+            if alert.get("state", "firing") != "resolved":
+                firing[key] += 1
+                open_rows[key] = len(rows)
+                rows.append(EpisodeRow(str(alert.get("kind")), *key, opened_s=float(alert["t_s"]), resolved_s=None,
+                                       alarms=None, firing_alerts=0))
+            elif key in open_rows:
+                index = open_rows.pop(key)
+                alarms = details.get("alarms")
+                rows[index] = replace(rows[index], resolved_s=float(alert["t_s"]),
+                                      alarms=int(alarms) if isinstance(alarms, (int, float)) else None)
+        return [replace(row, firing_alerts=firing[(row.route, row.arm, row.model, row.version, row.metric,
+                                                    row.feature)]) for row in rows]
 
     def served_between(self, start_s: float, end_s: float) -> Counter[str]:
         """Primary predictions per arm for requests sent in [start_s, end_s) (whole seconds)."""

@@ -101,7 +101,7 @@ class View:
         share_text = " ".join(f"{arm} {shares.get(arm, 0):.0%}" for arm in tel.arms)
         return (f"t={t:5.1f}s {self._phase_text().split(' (')[0]:<8} | sent {tel.sent} predicted {len(tel.predictions)}"
                 f" outcomes {tel.outcomes_sent} applied {applied if applied is not None else '-'} | {share_text} | "
-                f"drift alarms {len(tel.drift_alerts)}")
+                f"drift episodes {len(tel.drift_alerts)}")
 
     def render(self) -> Any:
         tel = self.telemetry

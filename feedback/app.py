@@ -30,6 +30,8 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry, start_http_server
 
 from banditgate.config import Config
+from banditgate.drift.episodes import EpisodeBook
+from banditgate.episode_store import EpisodeClaims, Episodes
 from banditgate.connections import check_kafka, check_redis, kafka_client_kwargs, kafka_ssl_context, redis_client
 from banditgate.logs import setup_logging
 from feedback.agents import JoinProcessor
@@ -149,10 +151,13 @@ class FeedbackRuntime(mode.Service):
         rules = join_rules(config)
         table = JoinTable(self.table.data, self._producer, self.table.changelog_topic.get_topic_name(), rules)
         self.drift_thresholds = ThresholdCache()
+        episodes = Episodes("quality", EpisodeBook(config.feedback.quality_episode_quiet_s),
+                            EpisodeClaims(self._redis, config.redis.key_prefix, "quality"))
         drift = QualityDriftWatch(QualityDriftTracker(arl0=config.feedback.quality_drift_arl0,
                                                       reference_outcomes=config.feedback.quality_drift_reference,
                                                       threshold=self.drift_thresholds),
-                                  {route.name: route.reward for route in config.routes}, self.metrics)
+                                  {route.name: route.reward for route in config.routes}, self.metrics,
+                                  episodes=episodes)
         self.quality_drift = drift  # its alarms feed the routes' `quality` retraining triggers (feedback.lifecycle)
         self.processor = JoinProcessor(table=table, redis=sink, out=out, rules=rules, topics=config.kafka.topics,
                                        metrics=self.metrics, max_event_bytes=config.max_event_bytes, drift=drift)
@@ -168,6 +173,8 @@ class FeedbackRuntime(mode.Service):
     async def on_stop(self) -> None:
         if self.drift_thresholds is not None:
             self.drift_thresholds.close()
+        if getattr(self, "quality_drift", None) is not None:
+            self.quality_drift.close()
         if self.webhooks is not None:
             await self.webhooks.stop()
         if self._producer is not None:

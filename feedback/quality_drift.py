@@ -17,10 +17,10 @@ supplies `threshold`, which may answer None until a background calibration is do
 wait in the series meanwhile, at most `max_pending`). Updates are vectorised: :meth:`update`
 feeds each series all of its outcomes since the last call as one array.
 
-Alarm episodes: the detector restarts after every alarm, so a persisting rise alarms again and
-again. The first alarm opens an episode (an :class:`Episode` is returned, once); later alarms
-extend it; `quiet_outcomes` outcomes without an alarm close it, and the next alarm opens a new
-one. The in-control rate is not re-learned, so a model that stays worse keeps its episode open.
+Every alarm is returned (a :class:`SeriesAlarm`): the detector restarts after each, so a
+persisting rise alarms again and again, and the caller groups them into episodes in time
+(banditgate.drift.episodes: one alert when an episode opens, one when it has gone quiet). The
+in-control rate is not re-learned, so a model that stays worse keeps alarming.
 
 >>> import numpy as np
 >>> tracker = QualityDriftTracker(arl0=1000, reference_outcomes=2000, threshold=lambda *args: 5.0)
@@ -30,7 +30,7 @@ one. The in-control rate is not re-learned, so a model that stays worse keeps it
 []
 >>> tracker.add_many(key, rng.random(1000) < 0.1); tracker.update()
 []
->>> tracker.add_many(key, rng.random(1000) < 0.4); [e.key.signal for e in tracker.update()]
+>>> tracker.add_many(key, rng.random(1000) < 0.4); sorted({a.key.signal for a in tracker.update()})
 ['label_error']
 """
 
@@ -64,8 +64,8 @@ class SeriesKey:
 
 
 @dataclass(frozen=True, slots=True)
-class Episode:
-    """A new alarm episode of one series: the alarm that opened it."""
+class SeriesAlarm:
+    """One alarm of one series."""
 
     key: SeriesKey
     alarm: QualityAlarm
@@ -83,13 +83,13 @@ class SeriesState:
     threshold: float | None
     p0: float | None
     in_alarm: bool
+    """An alarm episode of the series is open (the caller's episodes say)."""
     alarms_total: int
     outcomes: int
 
 
 class _Series:
-    __slots__ = ("key", "batch", "reference", "detector", "pending", "in_alarm", "since_alarm", "p0",
-                 "reference_count")
+    __slots__ = ("key", "batch", "reference", "detector", "pending", "p0", "reference_count")
 
     def __init__(self, key: SeriesKey) -> None:
         self.key = key
@@ -98,8 +98,6 @@ class _Series:
         self.reference_count = 0
         self.detector: BernoulliCusum | None = None
         self.pending: list[np.ndarray] = []
-        self.in_alarm = False
-        self.since_alarm = 0
         self.p0: float | None = None
 
 
@@ -109,14 +107,13 @@ class QualityDriftTracker:
     Raises ValueError for `arl0` < 10 or `reference_outcomes` < 20."""
 
     def __init__(self, *, arl0: float, reference_outcomes: int, threshold: ThresholdFor,
-                 quiet_outcomes: int = 1000, max_pending: int = 100_000) -> None:
+                 max_pending: int = 100_000) -> None:
         if not arl0 >= 10:
             raise ValueError(f"arl0 must be at least 10 outcomes, got {arl0}")
         if reference_outcomes < 20:
             raise ValueError(f"reference_outcomes must be at least 20, got {reference_outcomes}")
         self.arl0 = float(arl0)
         self.reference_outcomes = int(reference_outcomes)
-        self.quiet_outcomes = int(quiet_outcomes)
         self._threshold = threshold
         self._max_pending = max_pending
         # by the key's fields as a plain tuple: hashing it is cheaper than hashing a SeriesKey,
@@ -156,9 +153,9 @@ class QualityDriftTracker:
             self._get((route, "primary", arm, model, version, "reward_failure")).batch.append(reward == 0.0)
 
     # -- the batch update ---------------------------------------------------------------------
-    def update(self) -> list[Episode]:
-        """Run every series that got outcomes since the last call; return the episodes opened."""
-        episodes: list[Episode] = []
+    def update(self) -> list[SeriesAlarm]:
+        """Run every series that got outcomes since the last call; return their alarms."""
+        alarms: list[SeriesAlarm] = []
         touched, self._touched = self._touched, set()
         for fields in touched:
             series = self._series[fields]
@@ -171,8 +168,8 @@ class QualityDriftTracker:
                 values = self._learn(fields, series, values)
                 if values is None:
                     continue
-            episodes.extend(self._detect(key, series, values))
-        return episodes
+            alarms.extend(self._detect(key, series, values))
+        return alarms
 
     def _learn(self, fields: tuple[Any, ...], series: _Series, values: np.ndarray) -> np.ndarray | None:
         """Reference phase and calibration; returns the outcomes ready for the detector, if any."""
@@ -202,21 +199,11 @@ class QualityDriftTracker:
         pending, series.pending = series.pending, []
         return np.concatenate(pending) if pending else None
 
-    def _detect(self, key: SeriesKey, series: _Series, values: np.ndarray) -> Iterator[Episode]:
+    def _detect(self, key: SeriesKey, series: _Series, values: np.ndarray) -> Iterator[SeriesAlarm]:
         detector = series.detector
         assert detector is not None  # noqa: S101 - _learn made it
-        base = detector.observations
-        alarms = detector.update(values)
-        end = base + values.size
-        last = base - series.since_alarm - 1  # index of the last alarm before this batch
-        for alarm in alarms:
-            if not series.in_alarm or alarm.index - last > self.quiet_outcomes:
-                series.in_alarm = True
-                yield Episode(key, alarm, alarm.index + 1)
-            last = alarm.index
-        series.since_alarm = end - 1 - last
-        if series.in_alarm and series.since_alarm >= self.quiet_outcomes:
-            series.in_alarm = False
+        for alarm in detector.update(values):
+            yield SeriesAlarm(key, alarm, alarm.index + 1)
 
     # -- reading ---------------------------------------------------------------------------------
     @property
@@ -224,17 +211,17 @@ class QualityDriftTracker:
         """Some series have outcomes not yet run (call :meth:`update` again, e.g. on a timer)."""
         return bool(self._touched)
 
-    def states(self) -> list[SeriesState]:
-        """Every series as it stands (for gauges)."""
+    def states(self, in_alarm: Callable[[SeriesKey], bool] = lambda key: False) -> list[SeriesState]:
+        """Every series as it stands (for gauges); `in_alarm` says which have an open episode."""
         out = []
         for series in self._series.values():
             detector = series.detector
             out.append(SeriesState(key=series.key, statistic=None if detector is None else detector.statistic,
                                    threshold=None if detector is None else detector.threshold, p0=series.p0,
-                                   in_alarm=series.in_alarm,
+                                   in_alarm=in_alarm(series.key),
                                    alarms_total=0 if detector is None else detector.alarms_total,
                                    outcomes=series.reference_count + (0 if detector is None else detector.observations)))
         return out
 
 
-__all__ = ["Episode", "QualityDriftTracker", "SeriesKey", "SeriesState", "Signal", "ThresholdFor"]
+__all__ = ["QualityDriftTracker", "SeriesAlarm", "SeriesKey", "SeriesState", "Signal", "ThresholdFor"]

@@ -131,7 +131,8 @@ class Gateway:
                                        RolloutStore(self._redis, prefix=self.config.redis.key_prefix))
         await self.rollouts.refresh_once()
         self.drift = DriftWatch(self.config.drift.arl0, self.metrics, self._publish_alert,
-                                enabled=self.config.drift.enabled)
+                                enabled=self.config.drift.enabled, quiet_s=self.config.drift.episode_quiet_s,
+                                redis=self._redis, prefix=self.config.redis.key_prefix)
         self.dataplane.on_served = self.drift.observe
         for model in self.repository.loaded():
             self.drift.prepare(model)  # calibrate in the background from the start
@@ -394,6 +395,7 @@ class Gateway:
         call_counts = asyncio.get_running_loop().create_task(self._record_calls())
         assert self.rollouts is not None  # noqa: S101 - start() first
         rollout_task = asyncio.get_running_loop().create_task(self.rollouts.run(self.stopping))
+        drift_task = asyncio.get_running_loop().create_task(self.drift.run(self.stopping))
         loop_task = asyncio.get_running_loop().create_task(self.kafka.run(self.stopping))
         stop_wait = asyncio.get_running_loop().create_task(self.stopping.wait())
         done, _ = await asyncio.wait({loop_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -406,6 +408,7 @@ class Gateway:
         kafka_watch.cancel()
         call_counts.cancel()
         rollout_task.cancel()
+        drift_task.cancel()
         return code
 
     async def shutdown(self, loop_task: asyncio.Task, watcher: asyncio.Task) -> int:

@@ -2,13 +2,21 @@
 
 For every model version that has a `reference.json` (built by `banditgate profile`), a feature
 monitor and a score monitor (banditgate.drift) are updated with each served batch, off the event
-loop (in the default thread pool, never the inference pool) and in order per model. Alarms become
-`alerts` events (kind `drift`) and gauges. Shipping
-the inputs to the feedback worker instead would double the Kafka volume for nothing: the
-statistics are mergeable per replica and each replica sees a sample of the same traffic.
+loop (in the default thread pool, never the inference pool) and in order per model. Alarms update
+gauges and counters; alarm *episodes* become `alerts` events (kind `drift`): one `firing` alert
+when an episode opens, one `resolved` alert after `drift.episode_quiet_s` without an alarm, and
+across replicas an episode is opened once (a claim in Redis; banditgate.drift.episodes,
+banditgate.episode_store). Shipping the inputs to the feedback worker instead would double the
+Kafka volume for nothing: the statistics are mergeable per replica and each replica sees a
+sample of the same traffic.
 
-A model's monitors are built (their thresholds calibrated, which takes seconds) in a worker thread
-when its first batch is served; batches served before they are ready are not watched.
+A model's monitors are built when it is loaded, off the event loop; readiness never waits for
+them. Thresholds stored in its reference.json under the matching calibration key (written by
+`banditgate profile`) are used as they are, so the monitors are ready within milliseconds. A key
+that is not stored (an old reference.json, another `drift.arl0`) is calibrated by simulation,
+seconds per key, once per key per process, in one dedicated thread (so at most one simulation
+competes with serving for the CPU and the GIL); batches served before the monitors are ready are
+not watched.
 
 Under overload the watch skips whole batches rather than delay serving (counted in
 `banditgate_drift_batches_skipped_total`); the monitors' false-alarm rate is per observation, so
@@ -20,20 +28,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from banditgate.drift.monitor import DriftAlarm, FeatureDriftMonitor, ScoreDriftMonitor
+from banditgate.drift.episodes import EpisodeBook, EpisodeKey
+from banditgate.drift.monitor import DriftAlarm, FeatureDriftMonitor, ScoreDriftMonitor, profile_keys
 from banditgate.drift.reference import ProfileError, ReferenceProfile
+from banditgate.episode_store import EpisodeClaims, Episodes
 from gateway.metrics import GatewayMetrics
 from gateway.models.onnx_runtime import OnnxModel
 
 log = logging.getLogger("banditgate.drift")
 
 MAX_PENDING_BATCHES = 8
+SWEEP_INTERVAL_S = 1.0
+"""How often quiet episodes are looked at (a resolved alert is at most this late)."""
 
 
 @dataclass
@@ -58,13 +72,24 @@ def score_column(model: OnnxModel, outputs: dict[str, np.ndarray]) -> np.ndarray
 
 
 class DriftWatch:
+    """arl0: `drift.arl0`. quiet_s: `drift.episode_quiet_s`. redis, prefix: where episodes are
+    claimed across replicas (None: this process decides alone)."""
+
     def __init__(self, arl0: float, metrics: GatewayMetrics,
-                 publish_alert: Callable[[dict[str, Any]], None], enabled: bool = True) -> None:
+                 publish_alert: Callable[[dict[str, Any]], None], enabled: bool = True, *,
+                 quiet_s: float = 600.0, redis: Any = None, prefix: str = "banditgate",
+                 clock: Callable[[], float] = time.time) -> None:
         self.arl0 = arl0
         self.metrics = metrics
         self.publish_alert = publish_alert
         self.enabled = enabled
         self._watches: dict[tuple[str, int, int], _Watch | None] = {}
+        self._open: Counter[tuple[str, str, str]] = Counter()
+        self.episodes = Episodes("drift", EpisodeBook(quiet_s), EpisodeClaims(redis, prefix, "drift") if redis else None,
+                                 clock=clock, on_change=self._episode_changed)
+        # simulations only: one at a time, never in the default pool (Kafka's DNS lookups and
+        # to_thread calls must not wait behind seconds of numpy)
+        self._calibration = ThreadPoolExecutor(max_workers=1, thread_name_prefix="drift-calibration")
 
     def _watch_for(self, model: OnnxModel) -> _Watch | None:
         """The model's monitors once built; the first call starts building them off the event loop
@@ -82,18 +107,33 @@ class DriftWatch:
             self._watch_for(model)
 
     async def _build(self, key: tuple[str, int, int], model: OnnxModel) -> None:
-        # the default executor, not the inference pool: calibration takes seconds and must never
-        # hold up inference batches (they would time out behind it)
-        watch = await asyncio.to_thread(self._load_monitors, model)
+        # never the inference pool: calibration takes seconds and must never hold up inference
+        # batches (they would time out behind it). Reading the profile is quick (default pool);
+        # only a profile that lacks some thresholds goes to the calibration thread.
+        started = time.monotonic()
+        profile = await asyncio.to_thread(self._load_profile, model)
+        if profile is None:
+            return
+        missing = len(profile_keys(profile, self.arl0).keys() - profile.thresholds.keys())
+        if missing:
+            log.info("drift monitors for %s: %d threshold(s) not stored in reference.json for ARL0 %g (run "
+                     "`banditgate profile` to store them); calibrating in the background", model.key, missing,
+                     self.arl0)
+            watch = await asyncio.get_running_loop().run_in_executor(self._calibration, self._monitors, model, profile)
+        else:
+            watch = await asyncio.to_thread(self._monitors, model, profile)
         if watch is not None:
+            log.info("drift monitors for %s ready after %.2fs: %d features%s (ARL0 %.0f, %s)", model.key,
+                     time.monotonic() - started, len(profile.features), " + prediction score" if watch.score else "",
+                     self.arl0, f"{missing} threshold(s) calibrated" if missing else "thresholds from reference.json")
             self._watches[key] = watch
             self._export(watch)  # the series exist (statistic 0, threshold) from the moment it watches
             for monitor in (watch.features, watch.score):
                 for name in (monitor.feature_names if monitor is not None else ()):
                     self.metrics.drift_alarms.labels(model.name, str(model.version), name)
 
-    def _load_monitors(self, model: OnnxModel) -> _Watch | None:
-        """Load reference.json and calibrate the monitors (blocking: runs in a worker thread)."""
+    def _load_profile(self, model: OnnxModel) -> ReferenceProfile | None:
+        """The model's reference.json, None if it has none or it is unusable (blocking: a thread)."""
         path = model.path.parent / "reference.json"
         parents = model.path.parents  # <repository>/<model>/<version>/model.onnx
         repository = (parents[2] if len(parents) > 2 else model.path.parent).resolve()
@@ -104,14 +144,19 @@ class DriftWatch:
                       model.key)
             return None
         try:
-            profile = ReferenceProfile.load(path)
-            features = FeatureDriftMonitor(profile, family_arl0=self.arl0) if profile.features else None
-            score = ScoreDriftMonitor(profile, arl0=self.arl0) if profile.score is not None else None
-        except (ProfileError, OSError, ValueError) as exc:
+            return ReferenceProfile.load(path)
+        except (ProfileError, OSError) as exc:
             log.error("%s: drift reference unusable, drift not monitored for %s: %s", path, model.key, exc)
             return None
-        log.info("drift monitors for %s: %d features%s (ARL0 %.0f)", model.key, len(profile.features),
-                 " + prediction score" if score else "", self.arl0)
+
+    def _monitors(self, model: OnnxModel, profile: ReferenceProfile) -> _Watch | None:
+        """Build the monitors, calibrating any threshold the profile does not store (blocking)."""
+        try:
+            features = FeatureDriftMonitor(profile, family_arl0=self.arl0) if profile.features else None
+            score = ScoreDriftMonitor(profile, arl0=self.arl0) if profile.score is not None else None
+        except (ProfileError, ValueError) as exc:
+            log.error("drift reference of %s unusable, drift not monitored: %s", model.key, exc)
+            return None
         return _Watch(model, features, score, asyncio.Lock())
 
     def observe(self, model: OnnxModel, route: str, arm: str, feeds: dict[str, np.ndarray],
@@ -144,16 +189,48 @@ class DriftWatch:
         finally:
             watch.pending -= 1
         self._export(watch)
+        model = watch.model
         for metric, alarm in alarms:
-            self.metrics.drift_alarms.labels(watch.model.name, str(watch.model.version), alarm.feature).inc()
-            log.warning("drift alarm: model %s feature %s statistic %.2f > threshold %.2f (PSI %.3f)",
-                        watch.model.key, alarm.feature, alarm.statistic, alarm.threshold, alarm.effect_size_psi)
-            self.publish_alert({
-                "kind": "drift", "route": route, "arm": arm, "model_version": watch.model.version,
-                "metric": metric, "value": alarm.statistic, "threshold": alarm.threshold, "ts": time.time(),
-                "details": {"model": watch.model.name, "feature": alarm.feature, "index": alarm.index,
-                            "psi": alarm.effect_size_psi, "js": alarm.effect_size_js},
-            })
+            self.metrics.drift_alarms.labels(model.name, str(model.version), alarm.feature).inc()
+            key = EpisodeKey(route, arm, model.name, model.version, metric,
+                             alarm.feature if metric == "feature_drift" else None)
+            values = {"value": alarm.statistic, "threshold": alarm.threshold, "psi": alarm.effect_size_psi,
+                      "js": alarm.effect_size_js}
+            alert = await self.episodes.alarm(key, values, {"index": alarm.index, "psi": alarm.effect_size_psi,
+                                                            "js": alarm.effect_size_js})
+            if alert is None:
+                log.debug("drift alarm in an open episode: model %s feature %s statistic %.2f > threshold %.2f",
+                          model.key, alarm.feature, alarm.statistic, alarm.threshold)
+                continue
+            log.warning("drift episode opened: model %s feature %s statistic %.2f > threshold %.2f (PSI %.3f); "
+                        "further alarms are counted, not alerted, until %.0fs pass without one", model.key,
+                        alarm.feature, alarm.statistic, alarm.threshold, alarm.effect_size_psi,
+                        self.episodes.book.quiet_s)
+            self.publish_alert(alert)
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Close quiet episodes (their `resolved` alerts) every SWEEP_INTERVAL_S until `stopping`."""
+        try:
+            while not stopping.is_set():
+                try:
+                    await asyncio.wait_for(stopping.wait(), timeout=SWEEP_INTERVAL_S)
+                except TimeoutError:
+                    pass
+                for alert in await self.episodes.sweep():
+                    details = alert["details"]
+                    log.info("drift episode resolved: model %s v%s %s %s after %d alarm(s), quiet for %.0fs",
+                             details["model"], alert["model_version"], alert["metric"], details["feature"] or "",
+                             details["alarms"], details["quiet_s"])
+                    self.publish_alert(alert)
+        finally:
+            self._calibration.shutdown(wait=False, cancel_futures=True)
+
+    def _episode_changed(self, key: EpisodeKey, opened: bool) -> None:
+        labels = (key.model, str(key.version), key.feature if key.feature is not None else "score")
+        self._open[labels] += 1 if opened else -1
+        if self._open[labels] <= 0:
+            del self._open[labels]
+        self.metrics.drift_episodes_open.labels(*labels).set(self._open.get(labels, 0))
 
     @staticmethod
     def _apply(watch: _Watch, rows: np.ndarray | None, scores: np.ndarray | None) -> list[tuple[str, DriftAlarm]]:

@@ -158,6 +158,10 @@ class GatewayMetrics:
                                      ["model", "version", "feature"], **kw)
         self.drift_alarms = Counter("banditgate_drift_alarms_total", "Drift alarms raised, per model version and feature.",
                                     ["model", "version", "feature"], **kw)
+        self.drift_episodes_open = Gauge("banditgate_drift_episodes_open",
+                                         "Drift alarm episodes open in this replica (one alert each), per model "
+                                         "version and feature (score: the prediction score).",
+                                         ["model", "version", "feature"], **kw)
         self.drift_skipped = Counter("banditgate_drift_batches_skipped_total",
                                      "Served batches the drift monitors skipped because they were behind.",
                                      ["model", "version"], **kw)

@@ -182,7 +182,8 @@ class RolloutApplier:
         """Count a drift alarm of a route whose retraining triggers listen for it (the feedback
         worker evaluates the triggers; it does not read the alerts topic)."""
         route = alert.get("route")
-        if alert.get("kind") == "drift" and route in self.alarm_routes:
+        # a drift episode's `firing` alert counts; its `resolved` alert is no alarm
+        if alert.get("kind") == "drift" and alert.get("state") != "resolved" and route in self.alarm_routes:
             self._alarms.setdefault(str(route), Counter())["drift"] += 1
 
     async def flush_latency(self) -> None:

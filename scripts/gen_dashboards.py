@@ -159,8 +159,9 @@ def overview() -> Board:
                 [target("sum(banditgate_consumer_lag_messages)")], unit="short", width=4, height=4)
     board.panel("stat", "Join table entries", "Requests the feedback workers hold waiting for their partner.",
                 [target("sum(banditgate_feedback_join_entries)")], unit="short", width=4, height=4)
-    board.panel("stat", "Drift alarms", "Drift alarms raised in the selected time range.",
-                [target(f"sum(increase(banditgate_drift_alarms_total{{{MODEL}}}[$__range]))")],
+    board.panel("stat", "Drift episodes open", "Drift alarm episodes open now (one alert each, across gateway "
+                "replicas), per model version and feature summed.",
+                [target(f"sum(max by (model, version, feature) (banditgate_drift_episodes_open{{{MODEL}}}))")],
                 unit="short", width=4, height=4,
                 defaults={"thresholds": {"mode": "absolute", "steps": [{"color": "green", "value": None},
                                                                        {"color": "red", "value": 1}]}})
@@ -349,9 +350,13 @@ def quality_drift() -> Board:
                         "statistic {{model}} v{{version}} {{feature}}"),
                  target(f"max by (model, version, feature) (banditgate_drift_threshold{{{MODEL}}})",
                         "threshold {{model}} v{{version}} {{feature}}")], unit="none")
-    board.panel("timeseries", "Drift alarms", "Alarms raised per model version and feature.",
+    board.panel("timeseries", "Drift alarms and open episodes", "Alarms (threshold crossings; a persisting drift "
+                "keeps crossing) per model version and feature, and whether its episode is open (one alert per "
+                "episode).",
                 [target(f"sum by (model, version, feature) (increase(banditgate_drift_alarms_total{{{MODEL}}}[{RATE}]))",
-                        "{{model}} v{{version}} {{feature}}")], unit="short", width=24)
+                        "alarms {{model}} v{{version}} {{feature}}"),
+                 target(f"max by (model, version, feature) (banditgate_drift_episodes_open{{{MODEL}}})",
+                        "episode open {{model}} v{{version}} {{feature}}")], unit="short", width=24)
     return board
 
 

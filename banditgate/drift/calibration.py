@@ -14,15 +14,25 @@ exponential tail ARL ~ C * exp(theta * h), which holds for likelihood-ratio CUSU
 constant feature, which almost never crosses even a low threshold, gets h = ln(ARL0), the
 conservative bound that holds because exp(W) is a mean-one martingale when nothing drifts.
 
-Results are cached per (rounded, sorted bin frequencies, reference size, settings, seed): bins
-are exchangeable for these statistics, so every 10-quantile-bin numeric feature shares one run.
+The inputs of one calibration are (rounded, sorted bin frequencies, reference size, ARL0,
+settings, seed): bins are exchangeable for these statistics, so every 10-quantile-bin numeric
+feature shares one run. `feature_key` / `bernoulli_key` name them with a stable hash, under which
+`banditgate profile` stores thresholds in reference.json (a monitor given them simulates
+nothing). Within a process each key is calibrated once: the first caller runs the simulation and
+concurrent callers of the same key wait for its result (a per-key future; `functools.lru_cache`
+would run a concurrent miss once per thread).
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import hashlib
+import json
 import math
-from collections.abc import Callable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 
 import numpy as np
 
@@ -37,6 +47,11 @@ MAIN_STREAMS, MAIN_LENGTH = 50, 80_000
 CHUNK_ROWS = 2048
 MIN_CROSSINGS = 20
 CAP_CROSSINGS = 3000
+METHOD = "banditgate.calibration/1"
+"""Names the simulation method in every key: a change to how thresholds are computed (the
+constants above, the estimator, the fit) must change this, so stored thresholds are recomputed."""
+MEMO_SIZE = 256
+"""Keys whose thresholds a process keeps (each a float; older ones are forgotten first)."""
 
 
 class CalibrationError(ValueError):
@@ -116,20 +131,107 @@ def _bucket(probability: float) -> float:
     return float(2.0 ** (round(2.0 * math.log2(probability)) / 2.0))
 
 
-def feature_threshold(probabilities: np.ndarray, reference_count: int, arl0: float,
-                      settings: EstimatorSettings, seed: int = 0) -> float:
-    """Threshold for one feature's adaptive CUSUM. probabilities: its reference bin frequencies
-    (value bins then missing, summing to 1); reference_count: rows the profile was built from.
-    Raises CalibrationError for arl0 < 10 or probabilities that sum to zero."""
+class _Memo:
+    """Thresholds by key, computed once per key per process; thread-safe. A concurrent miss waits
+    for the computation already running (a Future per key) instead of starting its own. Failed
+    computations are not kept (the next caller tries again). At most MEMO_SIZE keys are kept."""
+
+    def __init__(self, size: int = MEMO_SIZE) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._futures: OrderedDict[str, Future[float]] = OrderedDict()
+        self.computed = 0
+        """Simulations run by this process (each key at most once while it is remembered)."""
+
+    def get(self, key: str, compute: Callable[[], float]) -> float:
+        with self._lock:
+            future = self._futures.get(key)
+            owner = future is None
+            if future is None:
+                future = self._futures[key] = Future()
+                while len(self._futures) > self._size:
+                    self._futures.popitem(last=False)
+            else:
+                self._futures.move_to_end(key)
+        if not owner:
+            return future.result()
+        try:
+            value = compute()
+        except BaseException as exc:
+            with self._lock:
+                if self._futures.get(key) is future:
+                    del self._futures[key]
+            future.set_exception(exc)
+            raise
+        with self._lock:
+            self.computed += 1
+        future.set_result(value)
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._futures.clear()
+            self.computed = 0
+
+
+_memo = _Memo()
+
+
+def calibrations_run() -> int:
+    """Simulations this process has run (tests count them: a stored threshold runs none)."""
+    return _memo.computed
+
+
+def clear_memo() -> None:
+    """Forget every threshold this process calibrated (tests)."""
+    _memo.clear()
+
+
+def _key(kind: str, inputs: Mapping[str, object]) -> str:
+    """A stable name for exactly the inputs of one calibration (sha256 of canonical JSON)."""
+    document = json.dumps({"method": METHOD, "kind": kind, **inputs}, sort_keys=True, separators=(",", ":"),
+                          allow_nan=False)
+    return f"{kind}:{hashlib.sha256(document.encode()).hexdigest()[:32]}"
+
+
+def _feature_inputs(probabilities: np.ndarray, reference_count: int, arl0: float, settings: EstimatorSettings,
+                    seed: int) -> tuple[tuple[float, ...], int, float, EstimatorSettings, int]:
     frequencies = np.sort([_bucket(p) for p in np.asarray(probabilities, dtype=float)])
     total = frequencies.sum()
     if not total > 0:
         raise CalibrationError("bin probabilities sum to zero")
-    key = tuple((frequencies / total).round(6).tolist())
-    return _feature_threshold(key, _round_significant(reference_count), float(arl0), settings, seed)
+    return (tuple((frequencies / total).round(6).tolist()), _round_significant(reference_count), float(arl0),
+            settings, int(seed))
 
 
-@functools.lru_cache(maxsize=256)
+def feature_key(probabilities: np.ndarray, reference_count: int, arl0: float, settings: EstimatorSettings,
+                seed: int = 0) -> str:
+    """The key of `feature_threshold`'s calibration for these arguments: equal keys, equal
+    thresholds. Raises CalibrationError for probabilities that sum to zero."""
+    frequencies, count, arl0, settings, seed = _feature_inputs(probabilities, reference_count, arl0, settings, seed)
+    return _key("feature", {"frequencies": list(frequencies), "reference_count": count, "arl0": arl0,
+                            "settings": dataclasses.asdict(settings), "seed": seed})
+
+
+def feature_threshold(probabilities: np.ndarray, reference_count: int, arl0: float,
+                      settings: EstimatorSettings, seed: int = 0,
+                      stored: Mapping[str, float] | None = None) -> float:
+    """Threshold for one feature's adaptive CUSUM. probabilities: its reference bin frequencies
+    (value bins then missing, summing to 1); reference_count: rows the profile was built from.
+    stored: thresholds by `feature_key` (from reference.json); a hit simulates nothing. Otherwise
+    calibrated once per key per process. Raises CalibrationError for arl0 < 10 or probabilities
+    that sum to zero."""
+    inputs = _feature_inputs(probabilities, reference_count, arl0, settings, seed)
+    key = feature_key(probabilities, reference_count, arl0, settings, seed)
+    if stored is not None and _usable(stored.get(key)):
+        return float(stored[key])
+    return _memo.get(key, lambda: _feature_threshold(*inputs))
+
+
+def _usable(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
 def _feature_threshold(frequencies: tuple[float, ...], reference_count: int, arl0: float,
                        settings: EstimatorSettings, seed: int) -> float:
     frequencies_array = np.asarray(frequencies)
@@ -151,19 +253,31 @@ def _feature_threshold(frequencies: tuple[float, ...], reference_count: int, arl
     return calibrate(factory, arl0, seed)
 
 
+def _bernoulli_inputs(p0: float, p1: float, arl0: float, reference_count: int | None,
+                      seed: int) -> tuple[float, float, float, int | None, int]:
+    ratio = p1 / p0
+    rounded = min(_bucket(p0), 1.0 / ratio - 1e-9, 0.999)
+    count = _round_significant(reference_count) if reference_count else None
+    return rounded, float(ratio), float(arl0), count, int(seed)
+
+
+def bernoulli_key(p0: float, p1: float, arl0: float, reference_count: int | None = None, seed: int = 0) -> str:
+    """The key of `bernoulli_threshold`'s calibration for these arguments."""
+    rounded, ratio, arl0, count, seed = _bernoulli_inputs(p0, p1, arl0, reference_count, seed)
+    return _key("bernoulli", {"p0": rounded, "ratio": ratio, "arl0": arl0, "reference_count": count, "seed": seed})
+
+
 def bernoulli_threshold(p0: float, p1: float, arl0: float, reference_count: int | None = None,
                         seed: int = 0) -> float:
     """Threshold for a Bernoulli CUSUM of p0 -> p1 (log-likelihood-ratio increments). With
     reference_count, p0 was estimated from that many observations and the simulated in-control
     rate is drawn from Beta(count * p0 + 1/2, count * (1 - p0) + 1/2). p0 and p1 are bucketed
-    like bin frequencies (about +-19%) for the cache; their ratio is kept."""
-    ratio = p1 / p0
-    rounded = min(_bucket(p0), 1.0 / ratio - 1e-9, 0.999)
-    count = _round_significant(reference_count) if reference_count else None
-    return _bernoulli_threshold(rounded, ratio, float(arl0), count, seed)
+    like bin frequencies (about +-19%) for the key; their ratio is kept. Calibrated once per key
+    per process."""
+    inputs = _bernoulli_inputs(p0, p1, arl0, reference_count, seed)
+    return _memo.get(bernoulli_key(p0, p1, arl0, reference_count, seed), lambda: _bernoulli_threshold(*inputs))
 
 
-@functools.lru_cache(maxsize=256)
 def _bernoulli_threshold(p0: float, ratio: float, arl0: float, reference_count: int | None, seed: int) -> float:
     p1 = p0 * ratio
     up, down = math.log(ratio), math.log((1 - p1) / (1 - p0))

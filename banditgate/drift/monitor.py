@@ -32,12 +32,13 @@ import numpy as np
 
 from banditgate.drift.adaptive import AdaptiveIncrements, EstimatorSettings, smoothed
 from banditgate.drift.binning import Binner, DriftInputError
-from banditgate.drift.calibration import feature_threshold
+from banditgate.drift.calibration import feature_key, feature_threshold
 from banditgate.drift.cusum import cusum_batch
 from banditgate.drift.effect import jensen_shannon, population_stability_index
 from banditgate.drift.reference import FeatureProfile, ProfileError, ReferenceProfile
 
-__all__ = ["DriftAlarm", "EffectSize", "FeatureDriftMonitor", "ScoreDriftMonitor", "DriftInputError"]
+__all__ = ["DriftAlarm", "EffectSize", "FeatureDriftMonitor", "ScoreDriftMonitor", "DriftInputError",
+           "profile_thresholds"]
 
 MAX_CHUNK_ROWS = 16_384
 
@@ -76,17 +77,19 @@ class BinnedDriftMonitor:
     same for the monitor as a whole (overrides arl0, see the module docstring). settings: how
     the live distribution is estimated (defaults suit most streams). calibration_seed: seeds
     the calibration simulation (thresholds are deterministic given it). thresholds: one per
-    feature, overriding calibration. Raises ValueError for a per-feature ARL0 below 10 or bad
-    thresholds, ProfileError for an empty feature list.
+    feature, overriding calibration. stored: calibrated thresholds by calibration key (a
+    profile's `thresholds`); a feature whose key is there is not simulated. Raises ValueError
+    for a per-feature ARL0 below 10 or bad thresholds, ProfileError for an empty feature list.
     """
 
     def __init__(self, features: Sequence[FeatureProfile], arl0: float = 10_000, *,
                  family_arl0: float | None = None, settings: EstimatorSettings | None = None,
-                 calibration_seed: int = 0, thresholds: Sequence[float] | None = None) -> None:
+                 calibration_seed: int = 0, thresholds: Sequence[float] | None = None,
+                 stored: Mapping[str, float] | None = None) -> None:
         if not features:
             raise ProfileError("a drift monitor needs at least one profiled feature")
         self.settings = settings or EstimatorSettings()
-        self.feature_arl0 = float(arl0) if family_arl0 is None else float(family_arl0) * len(features)
+        self.feature_arl0 = per_feature_arl0(len(features), arl0, family_arl0)
         if not self.feature_arl0 >= 10:
             raise ValueError(f"arl0 must be at least 10 observations per feature, got {self.feature_arl0}")
         self._binner = Binner(features)
@@ -98,8 +101,8 @@ class BinnedDriftMonitor:
             reference[index, :frequencies.size] = smoothed(frequencies, feature.count)
         self._estimator = AdaptiveIncrements(reference, self.settings)
         if thresholds is None:
-            thresholds = [feature_threshold(np.asarray(f.probabilities + (f.missing_probability,)), f.count,
-                                            self.feature_arl0, self.settings, calibration_seed)
+            thresholds = [feature_threshold(_frequencies(f), f.count, self.feature_arl0, self.settings,
+                                            calibration_seed, stored)
                           for f in features]
         self._threshold = np.asarray(thresholds, dtype=float)
         if self._threshold.shape != (len(features),) or not np.all(self._threshold > 0):
@@ -176,15 +179,53 @@ class BinnedDriftMonitor:
         return alarms
 
 
+def _frequencies(feature: FeatureProfile) -> np.ndarray:
+    return np.asarray(feature.probabilities + (feature.missing_probability,))
+
+
+def per_feature_arl0(features: int, arl0: float, family_arl0: float | None) -> float:
+    """The per-feature ARL0 a monitor of `features` columns calibrates to (see the module docstring)."""
+    return float(arl0) if family_arl0 is None else float(family_arl0) * features
+
+
+def profile_keys(profile: ReferenceProfile, family_arl0: float, settings: EstimatorSettings | None = None,
+                 calibration_seed: int = 0) -> dict[str, tuple[FeatureProfile, float]]:
+    """The calibrations the gateway's monitors of `profile` need at `drift.arl0` = family_arl0
+    (FeatureDriftMonitor(profile, family_arl0=...) and ScoreDriftMonitor(profile, arl0=...)):
+    calibration key -> (a feature with that key, its per-feature ARL0)."""
+    settings = settings or EstimatorSettings()
+    wanted: dict[str, tuple[FeatureProfile, float]] = {}
+    columns = [(f, per_feature_arl0(len(profile.features), 0, family_arl0)) for f in profile.features]
+    if profile.score is not None:
+        columns.append((profile.score, float(family_arl0)))
+    for feature, arl0 in columns:
+        wanted.setdefault(feature_key(_frequencies(feature), feature.count, arl0, settings, calibration_seed),
+                          (feature, arl0))
+    return wanted
+
+
+def profile_thresholds(profile: ReferenceProfile, family_arl0: float, settings: EstimatorSettings | None = None,
+                       calibration_seed: int = 0) -> dict[str, float]:
+    """Calibrate (or take from the profile, or this process's memo) every threshold the monitors
+    of `profile` need at `drift.arl0` = family_arl0; returns them by key, ready for
+    `profile.with_thresholds`. Seconds per distinct key (profiles with the same bin shares
+    share one). Raises CalibrationError / ValueError for an ARL0 below 10."""
+    settings = settings or EstimatorSettings()
+    return {key: feature_threshold(_frequencies(feature), feature.count, arl0, settings, calibration_seed,
+                                   profile.thresholds)
+            for key, (feature, arl0) in profile_keys(profile, family_arl0, settings, calibration_seed).items()}
+
+
 class FeatureDriftMonitor(BinnedDriftMonitor):
-    """Drift of a model's input features against `profile.features` (see the module docstring)."""
+    """Drift of a model's input features against `profile.features` (see the module docstring).
+    Thresholds stored in the profile under the matching calibration key are used as they are."""
 
     def __init__(self, profile: ReferenceProfile, arl0: float = 10_000, *, family_arl0: float | None = None,
                  settings: EstimatorSettings | None = None, calibration_seed: int = 0,
                  thresholds: Sequence[float] | None = None) -> None:
         self.profile = profile
         super().__init__(profile.features, arl0, family_arl0=family_arl0, settings=settings,
-                         calibration_seed=calibration_seed, thresholds=thresholds)
+                         calibration_seed=calibration_seed, thresholds=thresholds, stored=profile.thresholds)
 
     def update(self, rows: np.ndarray | Mapping[str, np.ndarray]) -> list[DriftAlarm]:
         """Feed a batch: [rows, features] in profile order (numbers; categorical features as their
@@ -205,7 +246,7 @@ class ScoreDriftMonitor(BinnedDriftMonitor):
             raise ProfileError("the reference profile has no prediction-score distribution")
         self.profile = profile
         super().__init__([profile.score], arl0, settings=settings, calibration_seed=calibration_seed,
-                         thresholds=None if threshold is None else [threshold])
+                         thresholds=None if threshold is None else [threshold], stored=profile.thresholds)
 
     def update(self, scores: np.ndarray) -> list[DriftAlarm]:
         """Feed a batch of prediction scores (1-D). Returns the alarms raised, ordered by index."""

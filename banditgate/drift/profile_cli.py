@@ -1,19 +1,26 @@
 """`banditgate profile`: build a model version's reference.json from its training data.
 
 Reads CSV (header row), Parquet or .npy; if `<repository>/<model>/<version>/model.onnx` exists,
-runs it with ONNX Runtime to profile the prediction scores too; writes reference.json beside
-the model atomically.
+runs it with ONNX Runtime to profile the prediction scores too; calibrates the drift monitors'
+CUSUM thresholds for the given ARL0s (the gateway's `drift.arl0`) and stores them in the
+profile, so a gateway loading it simulates nothing; writes reference.json beside the model
+atomically.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from banditgate.drift.reference import ProfileError, ReferenceProfile
+
+DEFAULT_ARL0 = 10_000.0
+"""The gateway's default `drift.arl0` (banditgate.config.DriftConfig)."""
 
 INFERENCE_ROWS = 65_536  # rows per ONNX call: bounded memory on large training sets
 
@@ -143,10 +150,27 @@ def _score_column(result: Any) -> np.ndarray:
     return array.reshape(array.shape[0], -1)[:, 0]
 
 
-def build_profile(repository: str, model: str, version: int, data: str, bins: int = 10) -> int:
-    """Profile `data` for `<repository>/<model>/<version>/` and write reference.json there.
-    Returns 0. Raises ProfileBuildError (one line) for a missing file or model directory,
-    unreadable data, or data whose width does not match the model's input."""
+def calibrated(profile: ReferenceProfile, arl0s: Sequence[float]) -> ReferenceProfile:
+    """`profile` with the thresholds its gateway monitors need at each `drift.arl0` in `arl0s`.
+    Raises ProfileBuildError for an ARL0 the monitors refuse."""
+    from banditgate.drift.monitor import profile_thresholds
+
+    thresholds: dict[str, float] = {}
+    for arl0 in arl0s:
+        try:
+            thresholds.update(profile_thresholds(profile, arl0))
+        except ValueError as exc:  # CalibrationError included
+            raise ProfileBuildError(f"--arl0 {arl0:g}: {exc}") from None
+    return profile.with_thresholds(thresholds)
+
+
+def build_profile(repository: str, model: str, version: int, data: str, bins: int = 10,
+                  arl0s: Sequence[float] = (DEFAULT_ARL0,)) -> int:
+    """Profile `data` for `<repository>/<model>/<version>/` and write reference.json there, with
+    the drift thresholds calibrated for each `drift.arl0` in `arl0s` (none: the gateway
+    calibrates them when it loads the model). Returns 0. Raises ProfileBuildError (one line) for
+    a missing file or model directory, unreadable data, data whose width does not match the
+    model's input, or an ARL0 below 10."""
     version_dir = Path(repository) / model / str(version)
     if not version_dir.is_dir():
         raise ProfileBuildError(f"{version_dir}: no such model version directory "
@@ -164,12 +188,17 @@ def build_profile(repository: str, model: str, version: int, data: str, bins: in
         profile = ReferenceProfile.build(columns, scores=scores, bins=bins)
     except ProfileError as exc:
         raise ProfileBuildError(f"{data}: {exc}") from None
+    started = time.monotonic()
+    profile = calibrated(profile, arl0s)
+    calibration_note = (f", {len(profile.thresholds)} drift thresholds for ARL0 "
+                        f"{', '.join(f'{a:g}' for a in arl0s)} calibrated in {time.monotonic() - started:.1f}s"
+                        if arl0s else ", no drift thresholds (the gateway calibrates them at load)")
     target = version_dir / "reference.json"
     profile.save(target)
     kinds = [feature.kind for feature in profile.features]
     rows = profile.features[0].count
     score_note = f", scores from output {output!r}" if scores is not None else ", no model.onnx: no scores"
     print(f"profiled {rows} rows, {len(kinds)} features ({kinds.count('numeric')} numeric, "
-          f"{kinds.count('categorical')} categorical){score_note} -> {target} "
+          f"{kinds.count('categorical')} categorical){score_note}{calibration_note} -> {target} "
           f"({target.stat().st_size} bytes)", file=sys.stdout)
     return 0

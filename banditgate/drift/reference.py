@@ -4,6 +4,12 @@ The profile holds, per feature, quantile bin edges and bin frequencies (numeric)
 categories with an "other" bucket (categorical), the share of missing values, and the number
 of reference rows (the monitors use it to account for the profile's own sampling error). It
 never holds raw rows, so its size depends on the bin counts only.
+
+It may also hold calibrated CUSUM thresholds (`thresholds`, written by `banditgate profile`),
+each under the key of exactly the inputs it was calibrated from
+(banditgate.drift.calibration.feature_key): a monitor whose inputs give the same key uses it
+instead of simulating; any other key is calibrated when the monitor is built. Files without
+thresholds load as before.
 """
 
 from __future__ import annotations
@@ -192,11 +198,22 @@ class ReferenceProfile:
     features: list[FeatureProfile]
     score: FeatureProfile | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    thresholds: dict[str, float] = field(default_factory=dict)
+    """Calibrated CUSUM thresholds by calibration key (see the module docstring)."""
 
     def __post_init__(self) -> None:
         names = [feature.name for feature in self.features]
         if len(set(names)) != len(names):
             raise ProfileError("feature names must be distinct")
+        for key, value in self.thresholds.items():
+            if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ProfileError(f"threshold {key!r}: must be a positive finite number, got {value!r}")
+
+    def with_thresholds(self, thresholds: Mapping[str, float]) -> ReferenceProfile:
+        """A copy that also holds `thresholds` (added to, and overriding, those it has)."""
+        return ReferenceProfile(features=self.features, score=self.score, metadata=self.metadata,
+                                thresholds={**self.thresholds, **{k: float(v) for k, v in thresholds.items()}})
 
     @property
     def feature_names(self) -> list[str]:
@@ -237,6 +254,8 @@ class ReferenceProfile:
         document = {"format": FORMAT, "metadata": self.metadata,
                     "features": [feature.to_dict() for feature in self.features],
                     "score": self.score.to_dict() if self.score is not None else None}
+        if self.thresholds:
+            document["thresholds"] = dict(sorted(self.thresholds.items()))
         return json.dumps(document, allow_nan=False, indent=1).encode()
 
     @classmethod
@@ -253,9 +272,12 @@ class ReferenceProfile:
             if not isinstance(features, list):
                 raise ProfileError("'features' must be a list")
             score = document.get("score")
+            thresholds = document.get("thresholds") or {}
+            if not isinstance(thresholds, dict):
+                raise ProfileError("'thresholds' must be an object of key: threshold")
             return cls(features=[FeatureProfile.from_dict(raw) for raw in features],
                        score=FeatureProfile.from_dict(score) if score is not None else None,
-                       metadata=dict(document.get("metadata") or {}))
+                       metadata=dict(document.get("metadata") or {}), thresholds=dict(thresholds))
         except KeyError as exc:
             raise ProfileError(f"{source}: missing field {exc.args[0]!r}") from None
         except ProfileError as exc:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,22 @@ def test_demo_quick_passes_and_writes_the_report(stack, tmp_path: Path) -> None:
     assert summary.startswith("# banditgate demo (quick): PASS")
     for check in CHECKS:
         assert f"| {check} | pass |" in summary, f"the summary does not state that check {check} passed"
+
+    # start-up measured and stated (how fast is a benchmark, not asserted here)
+    assert re.search(r"gateway ready after [0-9.]+ s", summary) and re.search(r"feedback worker ready after [0-9.]+ s",
+                                                                             summary)
+    assert "### Where the end-to-end time goes" in summary
+    # one `firing` alert per drift / quality episode key; the drift table lists the episodes
+    firing: Counter[tuple[object, ...]] = Counter()
+    for line in (report / "alerts.jsonl").read_text().splitlines():
+        alert = json.loads(line)
+        if alert["kind"] in ("drift", "quality") and alert.get("state") != "resolved":
+            assert alert["state"] == "firing" and "model" in alert["details"] and "feature" in alert["details"]
+            details = alert["details"]
+            firing[(alert["route"], alert["arm"], details["model"], alert["model_version"], alert["metric"],
+                    details["feature"])] += 1
+    assert firing and max(firing.values()) == 1, firing
+    assert "alarm episode(s)" in summary and "| opened t (s) |" in summary
 
     counts = json.loads((report / "counts.json").read_text())
     assert counts["requests_sent"] == counts["predictions_unique"] == counts["outcomes_sent"]

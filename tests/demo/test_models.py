@@ -49,3 +49,33 @@ def test_repository_layout_outputs_and_atomic_release(trained, tmp_path: Path) -
     assert sorted(p.name for p in (repository / "gbm").iterdir()) == ["1", "2", "config.yaml"]  # no temp folder left
     with pytest.raises(FileExistsError):
         publish(repository, versions[("gbm", 2)], dataset)
+
+
+def test_references_carry_the_thresholds_the_gateway_needs(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Every published reference.json holds the thresholds of its monitors at the demo's ARL0, so
+    the gateway builds them without simulating. The keys come from a cache file here (filled with
+    made-up values: this test is about which keys are stored, not about the statistics)."""
+    import json
+
+    from banditgate.drift.calibration import calibrations_run, clear_memo
+    from banditgate.drift.monitor import FeatureDriftMonitor, ScoreDriftMonitor, profile_keys
+    from demo.models import calibrate_references, reference_profile
+
+    dataset, versions = trained
+    wanted = {key for version in versions.values() for key in profile_keys(reference_profile(version, dataset), 10_000)}
+    assert len(wanted) < 2 * len(versions)  # the versions share the pool: their feature keys coincide
+    cache = tmp_path / "cache.json"
+    cache.write_text(json.dumps({key: 30.0 + index for index, key in enumerate(sorted(wanted))}))
+    assert calibrate_references(versions, dataset, 10_000, cache=cache) == 0  # nothing left to calibrate
+    repository = tmp_path / "models"
+    build_repository(repository, versions, dataset)
+    publish(repository, versions[("gbm", 2)], dataset)
+    clear_memo()
+    for model, version in (("gbm", 1), ("forest", 1), ("gbm", 2)):
+        profile = ReferenceProfile.load(repository / model / str(version) / "reference.json")
+        assert set(profile.thresholds) == set(profile_keys(profile, 10_000))
+        FeatureDriftMonitor(profile, family_arl0=10_000)
+        ScoreDriftMonitor(profile, arl0=10_000)
+    assert calibrations_run() == 0
+    for version in versions.values():
+        version.reference = None  # the module-scoped fixture is shared with the other tests

@@ -9,6 +9,8 @@ import pytest
 
 from banditgate.cli import main
 from banditgate.drift.profile_cli import ProfileBuildError, build_profile
+from banditgate.drift.calibration import calibrations_run, clear_memo
+from banditgate.drift.monitor import FeatureDriftMonitor, ScoreDriftMonitor, profile_keys
 from banditgate.drift.reference import ReferenceProfile
 
 
@@ -51,19 +53,26 @@ def test_classifier_scores_are_profiled_from_npy(repository: Path, tmp_path: Pat
     assert profile.feature_names == ["x0", "x1", "x2"] and profile.score is not None
     assert len(profile.features[0].edges) == 4 and profile.score.count == 1000
     assert 0.0 < profile.score.edges[0] < profile.score.edges[-1] < 1.0  # positive-class probabilities
-    assert "profiled 1000 rows, 3 features" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "profiled 1000 rows, 3 features" in out and "drift thresholds for ARL0 10000 calibrated" in out
+    # the thresholds the gateway's monitors need at drift.arl0 10 000 are stored: building them simulates nothing
+    assert set(profile.thresholds) == set(profile_keys(profile, 10_000))
+    clear_memo()
+    FeatureDriftMonitor(profile, family_arl0=10_000)
+    ScoreDriftMonitor(profile, arl0=10_000)
+    assert calibrations_run() == 0
 
 
 def test_regressor_from_csv_with_a_text_column_rejected_by_float_model(repository: Path, tmp_path: Path) -> None:
     _linear_model(repository / "churn" / "3" / "model.onnx", 2)
     data = tmp_path / "train.csv"
     data.write_text("a,b\n" + "".join(f"{i % 7},{i % 3}\n" for i in range(300)))
-    build_profile(str(repository), "churn", 3, str(data))
+    build_profile(str(repository), "churn", 3, str(data), arl0s=())
     profile = ReferenceProfile.load(repository / "churn" / "3" / "reference.json")
     assert profile.score is not None and profile.score.edges[-1] <= 6 + 2 * 2  # a + 2b
     data.write_text("a,city\n1,ams\n2,ber\n")
     with pytest.raises(ProfileBuildError, match="non-numeric columns"):
-        build_profile(str(repository), "churn", 3, str(data))
+        build_profile(str(repository), "churn", 3, str(data), arl0s=())
 
 
 def test_parquet_without_model_profiles_features_only(repository: Path, tmp_path: Path) -> None:
@@ -72,7 +81,7 @@ def test_parquet_without_model_profiles_features_only(repository: Path, tmp_path
 
     data = tmp_path / "train.parquet"
     parquet.write_table(arrow.table({"age": [31.0, None, 45.0, 52.0], "plan": ["a", "b", None, "a"]}), data)
-    build_profile(str(repository), "churn", 3, str(data))
+    build_profile(str(repository), "churn", 3, str(data), arl0s=())
     profile = ReferenceProfile.load(repository / "churn" / "3" / "reference.json")
     age, plan = profile.features
     assert profile.score is None and age.missing_probability == 0.25

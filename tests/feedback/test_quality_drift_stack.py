@@ -52,10 +52,11 @@ async def test_an_error_rate_rise_alerts_once_and_a_stationary_arm_stays_quiet(s
     alerts = await read_topic(stack.kafka, topics.topics.alerts, 1, timeout_s=30, settle_s=3.0)
     assert len(alerts) == 1, alerts
     alert = alerts[0]
-    assert (alert["kind"], alert["route"], alert["arm"], alert["model_version"], alert["metric"]) == (
-        "quality", "churn", "a", 3, "label_error_rate")
+    assert (alert["kind"], alert["state"], alert["route"], alert["arm"], alert["model_version"], alert["metric"]) == (
+        "quality", "firing", "churn", "a", 3, "label_error_rate")
     details = alert["details"]
     assert details["signal"] == "label_error" and details["role"] == "primary" and details["model"] == "churn-gbm"
+    assert "feature" in details and details["feature"] is None and details["episode"]
     assert 0.05 < details["p0"] < 0.2 and alert["value"] > 0.25 and details["statistic"] > details["cusum_threshold"]
     port = int(worker.output().split("metrics on port ")[1].split()[0])
     async with httpx.AsyncClient() as http:

@@ -32,7 +32,8 @@ def test_promtool_unit_tests_of_the_rules() -> None:
 def test_rules_cover_the_paging_cases() -> None:
     rules = {rule["alert"]: rule for rule in alert_rules()}
     wanted = {
-        "BanditgateDriftAlarm": "banditgate_drift_alarms_total",
+        "BanditgateDriftEpisode": "banditgate_drift_episodes_open",
+        "BanditgateQualityDriftEpisode": "banditgate_quality_drift_alarm",
         "BanditgateQualityDrop": "banditgate_quality_accuracy_ratio",
         "BanditgateRewardDrop": "banditgate_quality_reward_mean",
         "BanditgateArmDrained": "banditgate_arm_drained",
