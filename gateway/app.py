@@ -138,6 +138,9 @@ class Gateway:
         await self.kafka.start()
         await self._start_sidecar()
         self._banner()
+        if self.config.server.admin_open:
+            log.warning("the admin API is open without a token (server.admin_open: true): any local process can "
+                        "drain arms, reload models and operate rollouts; set server.admin_tokens instead")
         self.ready = True
         self.metrics.ready.set(1)
 

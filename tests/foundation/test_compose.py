@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from banditgate.cli import build_parser
@@ -64,3 +65,19 @@ def test_dockerfile_is_multistage_slim_and_non_root() -> None:
     assert users and users[-1].split()[1] not in ("root", "0")
     for package in ("banditgate", "gateway", "router", "feedback", "loadtests"):
         assert f"COPY {package} " in text
+
+
+def test_compose_gateway_binds_all_interfaces_only_with_an_admin_token() -> None:
+    """The container binds 0.0.0.0: compose must refuse to start it without an admin token (the
+    admin API would otherwise be closed, or, with admin_open, open to the network)."""
+    from banditgate.config import ConfigError, load_config
+
+    gateway = load_compose()["services"]["gateway"]
+    reference = gateway["environment"]["BANDITGATE_ADMIN_TOKENS"]
+    assert reference.startswith("${BANDITGATE_ADMIN_TOKENS:?"), reference  # compose errors when unset
+    config = load_config(ROOT / "deploy/config/banditgate.yaml", env={"BANDITGATE_ADMIN_TOKENS": "t0k3n"})
+    assert config.server.host == "0.0.0.0" and not config.server.admin_open  # noqa: S104
+    assert [t.get_secret_value() for t in config.server.admin_tokens] == ["t0k3n"]
+    assert "gateway" in config.server.allowed_hosts  # other containers reach it by its service name
+    with pytest.raises(ConfigError):
+        load_config(ROOT / "deploy/config/banditgate.yaml", env={"BANDITGATE_ADMIN_TOKENS": " , "})
