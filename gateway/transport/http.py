@@ -154,7 +154,7 @@ def _shown(value: str | None) -> str:
 
 
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
-_WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")  # noqa: S104 - names of the wildcard binds, not a bind
+_WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")  # nosec B104: names to recognise a wildcard bind by, not a bind
 
 
 def host_name(host: str) -> str:
