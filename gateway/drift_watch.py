@@ -18,6 +18,7 @@ skipping keeps it calibrated and only delays detection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -85,6 +86,8 @@ class DriftWatch:
         # the default executor, not the inference pool: calibration takes seconds and must never
         # hold up inference batches (they would time out behind it)
         watch = await asyncio.to_thread(self._load_monitors, model)
+        if key not in self._watches:
+            return  # the version was unloaded while its monitors were calibrating
         if watch is not None:
             self._watches[key] = watch
             self._export(watch)  # the series exist (statistic 0, threshold) from the moment it watches
@@ -113,6 +116,17 @@ class DriftWatch:
         log.info("drift monitors for %s: %d features%s (ARL0 %.0f)", model.key, len(profile.features),
                  " + prediction score" if score else "", self.arl0)
         return _Watch(model, features, score, asyncio.Lock())
+
+    def forget(self, model: OnnxModel) -> None:
+        """Drop an unloaded model version's monitors and their series (statistic, threshold, alarms)."""
+        for key in [k for k in self._watches if k[:2] == (model.name, model.version)]:
+            watch = self._watches.pop(key)
+            for monitor in (watch.features, watch.score) if watch is not None else ():
+                for name in (monitor.feature_names if monitor is not None else ()):
+                    for metric in (self.metrics.drift_statistic, self.metrics.drift_threshold,
+                                   self.metrics.drift_alarms):
+                        with contextlib.suppress(KeyError):
+                            metric.remove(model.name, str(model.version), name)
 
     def observe(self, model: OnnxModel, route: str, arm: str, feeds: dict[str, np.ndarray],
                 outputs: dict[str, np.ndarray]) -> None:
