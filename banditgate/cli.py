@@ -16,6 +16,9 @@ from typing import NoReturn
 
 from banditgate import __version__
 
+EXIT_USAGE = 2
+"""Exit code of a usage error: a wrong argument (argparse) or a wrong configuration file."""
+
 
 class UserError(Exception):
     """A failure the user can fix; printed as one line."""
@@ -232,7 +235,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         code = args.func(args)
-    except (UserError, StackError, ConfigError) as exc:
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_USAGE)  # a wrong config is a usage error: exit 2, like a wrong argument
+    except (UserError, StackError) as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         _fail("interrupted", 130)

@@ -25,10 +25,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -204,6 +205,23 @@ class BatchingConfig(_Strict):
         return self
 
 
+def _check_token(token: SecretStr) -> SecretStr:
+    """A bearer token is visible ASCII, nothing else: an unset ``${VAR}`` interpolated to '', a
+    blank line or a token with a space, a non-breaking space or a control character would match
+    (or never match) what an HTTP client sends in `Authorization: Bearer <token>`."""
+    value = token.get_secret_value()
+    if not value.strip():
+        raise ValueError("a token must not be empty or blank (an environment variable set to ''?)")
+    if not all("!" <= c <= "~" for c in value):
+        raise ValueError("a token may hold visible ASCII characters only (no spaces, control or non-ASCII "
+                         "characters)")
+    return token
+
+
+BearerToken = Annotated[SecretStr, AfterValidator(_check_token)]
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 class ServerConfig(_Strict):
     """HTTP/gRPC sidecar and metrics."""
 
@@ -212,10 +230,18 @@ class ServerConfig(_Strict):
     grpc_port: int = Field(8081, ge=0, le=65535)
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """Separate port for /metrics (default: served on the HTTP port)."""
-    infer_tokens: list[SecretStr] = []
+    infer_tokens: list[BearerToken] = []
     """Bearer tokens for inference, metadata and outcomes (several: rotation); none: open."""
-    admin_tokens: list[SecretStr] = []
-    """Bearer tokens for /v2/admin (separate from infer_tokens); none: open."""
+    admin_tokens: list[BearerToken] = []
+    """Bearer tokens for /v2/admin (separate from infer_tokens); none: the admin API is closed
+    (every request 403) unless `admin_open` is set."""
+    admin_open: bool = False
+    """Serve /v2/admin without a token. Only with a loopback `host` (a gateway nobody else can
+    reach); a warning at start. Host, Origin and Content-Type checks still apply."""
+    allowed_hosts: list[str] = []
+    """Host names an admin request's `Host` header may carry (port ignored), against DNS
+    rebinding; empty: `host` itself (unless a wildcard address), localhost, 127.0.0.1 and ::1.
+    `"*"` allows any (a gateway behind a proxy that checks Host itself)."""
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     """REST body and gRPC message size limit (413 / RESOURCE_EXHAUSTED)."""
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
@@ -238,6 +264,24 @@ class ServerConfig(_Strict):
     grpc_max_concurrent_streams: int = Field(256, ge=1)
     enable_http: bool = True
     enable_grpc: bool = True
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name != "*" and not re.fullmatch(r"[A-Za-z0-9.\-_]+|\[?[0-9A-Fa-f:.]+\]?", name):
+                raise ValueError(f"{name!r} is not a host name or address (no scheme, port or path)")
+        return [name.lower().strip("[]") for name in value]
+
+    @model_validator(mode="after")
+    def _admin(self) -> "ServerConfig":
+        if self.admin_open and self.admin_tokens:
+            raise ValueError("admin_open and admin_tokens contradict each other: remove admin_open (the tokens "
+                             "guard the admin API)")
+        if self.admin_open and self.host not in LOOPBACK_HOSTS:
+            raise ValueError(f"admin_open needs a loopback host ({', '.join(LOOPBACK_HOSTS)}), not {self.host!r}: "
+                             "a gateway other machines can reach needs admin_tokens")
+        return self
 
     @model_validator(mode="after")
     def _tls(self) -> "ServerConfig":
@@ -628,10 +672,11 @@ def _apply_env(data: dict[str, Any], env: dict[str, str]) -> None:
         section("kafka", "security")["sasl_password"] = v
     if v := env.get("BANDITGATE_REDIS_PASSWORD"):
         section("redis")["password"] = v
+    # a blank item ("a,,b", "a, ") is kept: the token check refuses it rather than dropping it quietly
     if v := env.get("BANDITGATE_INFER_TOKENS"):
-        section("server")["infer_tokens"] = [t.strip() for t in v.split(",") if t.strip()]
+        section("server")["infer_tokens"] = [t.strip() for t in v.split(",")]
     if v := env.get("BANDITGATE_ADMIN_TOKENS"):
-        section("server")["admin_tokens"] = [t.strip() for t in v.split(",") if t.strip()]
+        section("server")["admin_tokens"] = [t.strip() for t in v.split(",")]
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
@@ -673,12 +718,16 @@ def parse_config(data: Any, source: str = "config", base: Path | None = None,
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
     problems: list[str] = []
     data = _interpolate(data, "", problems, env)
+    unset = {problem.split(": ", 1)[0] for problem in problems}  # fields already reported as unset
     _read_secret_files(data, base or Path.cwd(), problems)
     _apply_env(data, env)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems.extend(_format_error(e) for e in exc.errors())  # type: ignore[arg-type]
+        for error in exc.errors():
+            line = _format_error(error)  # type: ignore[arg-type]
+            if line.split(": ", 1)[0] not in unset:  # an unset ${VAR} is one line, not two
+                problems.append(line)
         config = None
     if problems:
         raise ConfigError("\n".join(f"{source}: {p}" for p in problems))

@@ -54,6 +54,7 @@ class Admin:
 
     async def reload(self) -> dict[str, Any]:
         events = await asyncio.to_thread(self.repository.scan)
+        self.dataplane.collect_retired()  # a superseded `latest` version: freed when its batches end
         for event in events:
             log.info("admin reload: %s version %s %s%s", event.model, event.version,
                      "loaded" if event.ok else "failed", f": {event.error}" if event.error else "")

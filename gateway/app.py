@@ -31,6 +31,7 @@ from gateway.drift_watch import DriftWatch
 from gateway.errors import ModelError, ModelNotFound
 from gateway.guardrail_watch import GuardrailWatch
 from gateway.metrics import GatewayMetrics
+from gateway.models.onnx_runtime import OnnxModel
 from gateway.models.repository import ModelRepository
 from gateway.rollout_apply import RolloutApplier
 from gateway.transport.grpc_server import build_server
@@ -96,6 +97,7 @@ class Gateway:
         self.executor = ThreadPoolExecutor(max_workers=config.batching.inference_threads,
                                            thread_name_prefix="onnx")
         self.dataplane: Dataplane | None = None
+        self.drift: DriftWatch | None = None
         self.kafka: KafkaLoop | None = None
         self.stopping = asyncio.Event()
         self.ready = False
@@ -125,6 +127,7 @@ class Gateway:
             self.metrics.model_loaded.labels(model.name, str(model.version)).set(1)
         del events
         self.dataplane = Dataplane(self.config, self.repository, self.executor, on_batch=self._on_batch)
+        self.dataplane.on_retired.append(self._forget_model)
         await self._start_snapshots()
         # rollouts' lineups (candidates, canaries, drains) are in place before the first request
         self.rollouts = RolloutApplier(self.config, self.dataplane, self.repository,
@@ -141,6 +144,9 @@ class Gateway:
         await self.kafka.start()
         await self._start_sidecar()
         self._banner()
+        if self.config.server.admin_open:
+            log.warning("the admin API is open without a token (server.admin_open: true): any local process can "
+                        "drain arms, reload models and operate rollouts; set server.admin_tokens instead")
         self.ready = True
         self.metrics.ready.set(1)
 
@@ -332,6 +338,20 @@ class Gateway:
                     self.metrics.model_loaded.labels(event.model, str(event.version)).set(1)
                 else:
                     self.metrics.model_load_failures.labels(event.model).inc()
+            assert self.dataplane is not None  # noqa: S101 - start() first
+            self.dataplane.collect_retired()  # superseded `latest` versions: freed when their batches end
+
+    def _forget_model(self, model: OnnxModel) -> None:
+        """Remove every series of a model version that was unloaded (after its last batch)."""
+        labels = (model.name, str(model.version))
+        self.metrics.forget_version(*labels)
+        owner = ("queue", model.key)
+        exported = self._exported.pop(owner, None)
+        if exported is not None:
+            with contextlib.suppress(KeyError):
+                self.metrics.queue_depth.remove(*exported)
+        if self.drift is not None:
+            self.drift.forget(model)
 
     def is_ready(self) -> bool:
         """Readiness: started, not stopping, and the broker reachable. Redis being away does not

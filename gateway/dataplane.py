@@ -27,6 +27,10 @@ from gateway.validation import validate_batch
 from router.decision import RoutePolicy
 
 
+RETIRE_POLL_S = 0.05
+"""How often an unloaded model version's batcher is checked for rows still queued or running."""
+
+
 @dataclass(slots=True)
 class Pending:
     """One request as the dataplane sees it, whatever transport it came from."""
@@ -97,6 +101,9 @@ class Dataplane:
         repository.on_swap.append(self._swap)
         # called with (model, route, arm, feeds, outputs) for every served batch (drift monitors)
         self.on_served: Callable[[OnnxModel, str, str, dict[str, np.ndarray], dict[str, np.ndarray]], None] | None = None
+        # called with each unloaded model version once its batches are done (metrics cleanup)
+        self.on_retired: list[Callable[[OnnxModel], None]] = []
+        self._retiring: set[asyncio.Task] = set()
 
     # -- batchers --------------------------------------------------------------------------------
 
@@ -105,6 +112,32 @@ class Dataplane:
         if batcher is not None:
             batcher.model = model  # queued rows run on the new version from the next flush on
             batcher.circuit.retry_now()  # a replaced file may not hang: probe it at the next batch
+
+    def collect_retired(self) -> int:
+        """Free the model versions the repository unloaded (a superseded `latest`, a released
+        rollout candidate): each one's batcher - the last reference to its session - is dropped
+        once the rows queued or running on it are done, then `on_retired` is told. Call on the
+        event loop after a scan or a release; returns how many versions it took."""
+        retired = self.repository.take_retired()
+        loop = asyncio.get_running_loop()
+        for model in retired:
+            task = loop.create_task(self._retire_when_idle(model))
+            self._retiring.add(task)
+            task.add_done_callback(self._retiring.discard)
+        return len(retired)
+
+    async def _retire_when_idle(self, model: OnnxModel) -> None:
+        batcher = self.batchers.get(model.key)
+        # the batcher's queued_rows counts rows waiting and running; a batch past its timeout no
+        # longer counts (its thread may still hold the session until ONNX Runtime returns)
+        while batcher is not None and batcher.model is model and batcher.queued_rows > 0:
+            await asyncio.sleep(RETIRE_POLL_S)
+        if batcher is not None and batcher.model is model and self.batchers.get(model.key) is batcher:
+            del self.batchers[model.key]
+        if any(m.key == model.key for m in self.repository.loaded()):
+            return  # the same version was loaded again meanwhile (a rollout's ensure): it serves
+        for callback in self.on_retired:
+            callback(model)
 
     def batcher(self, model: OnnxModel) -> ModelBatcher:
         batcher = self.batchers.get(model.key)

@@ -26,6 +26,7 @@ skipping keeps it calibrated and only delays detection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
@@ -122,6 +123,8 @@ class DriftWatch:
             watch = await asyncio.get_running_loop().run_in_executor(self._calibration, self._monitors, model, profile)
         else:
             watch = await asyncio.to_thread(self._monitors, model, profile)
+        if key not in self._watches:
+            return  # the version was unloaded while its monitors were being built
         if watch is not None:
             log.info("drift monitors for %s ready after %.2fs: %d features%s (ARL0 %.0f, %s)", model.key,
                      time.monotonic() - started, len(profile.features), " + prediction score" if watch.score else "",
@@ -158,6 +161,17 @@ class DriftWatch:
             log.error("drift reference of %s unusable, drift not monitored: %s", model.key, exc)
             return None
         return _Watch(model, features, score, asyncio.Lock())
+
+    def forget(self, model: OnnxModel) -> None:
+        """Drop an unloaded model version's monitors and their series (statistic, threshold, alarms)."""
+        for key in [k for k in self._watches if k[:2] == (model.name, model.version)]:
+            watch = self._watches.pop(key)
+            for monitor in (watch.features, watch.score) if watch is not None else ():
+                for name in (monitor.feature_names if monitor is not None else ()):
+                    for metric in (self.metrics.drift_statistic, self.metrics.drift_threshold,
+                                   self.metrics.drift_alarms):
+                        with contextlib.suppress(KeyError):
+                            metric.remove(model.name, str(model.version), name)
 
     def observe(self, model: OnnxModel, route: str, arm: str, feeds: dict[str, np.ndarray],
                 outputs: dict[str, np.ndarray]) -> None:

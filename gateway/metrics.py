@@ -7,6 +7,7 @@ version, reason, transport, topic — never request ids.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
@@ -61,6 +62,12 @@ class BulkHistogram(Collector):
                 self._sums[labels] = 0.0
             counts[index] += 1
             self._sums[labels] += float(value)
+
+    def remove(self, *labels: str) -> None:
+        """Forget one label set (a model version that was unloaded); absent is fine."""
+        with self._lock:
+            self._counts.pop(labels, None)
+            self._sums.pop(labels, None)
 
     def describe(self) -> list[HistogramMetricFamily]:
         return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
@@ -165,6 +172,15 @@ class GatewayMetrics:
         self.drift_skipped = Counter("banditgate_drift_batches_skipped_total",
                                      "Served batches the drift monitors skipped because they were behind.",
                                      ["model", "version"], **kw)
+
+    def forget_version(self, model_name: str, version: str) -> None:
+        """Remove the series of one model version that was unloaded: loaded, batch histograms and
+        drift series without a feature label (the drift watch removes those with one)."""
+        for histogram in (self.batch_rows, self.queue_seconds, self.inference_seconds):
+            histogram.remove(model_name, version)
+        for gauge in (self.model_loaded, self.queue_depth, self.drift_skipped):
+            with contextlib.suppress(KeyError):
+                gauge.remove(model_name, version)
 
     def observe_batch(self, model_name: str, version: int, rows: int, queue_s: float, inference_s: float) -> None:
         labels = (model_name, str(version))

@@ -156,11 +156,13 @@ class RolloutApplier:
         dropped = set(current.retired)
         if previous is not None:
             dropped |= {(m, v) for m, v in previous.models() if isinstance(v, int)}
+        released = False
         for model, version in sorted(dropped):
-            if (model, version) not in in_use and self.repository.release(model, version):
-                batcher = self.dataplane.batchers.get(f"{model}:{version}")
-                if batcher is not None and batcher.queued_rows == 0:
-                    self.dataplane.batchers.pop(f"{model}:{version}", None)
+            if (model, version) not in in_use:
+                released |= self.repository.release(model, version)
+        if released:
+            # its batcher goes when its last rows are done (it stayed forever when busy here)
+            self.dataplane.collect_retired()
 
     # -- latency of candidates -------------------------------------------------------------------
 

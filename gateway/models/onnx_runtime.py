@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,14 +85,6 @@ def run_options() -> ort.RunOptions:
     return options
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _shape(raw: list) -> tuple[int | None, ...]:
     return tuple(d if isinstance(d, int) and d > 0 else None for d in raw)
 
@@ -121,8 +114,18 @@ class OnnxModel:
         if not path.is_file():
             raise ModelError(f"{path}: model file not found")
         expected = config.sha256.get(version)
-        if expected is not None:
-            actual = file_sha256(path)
+        # A pinned file is read once: the bytes whose sha256 matched are the bytes ONNX Runtime
+        # loads. Hashing one open and loading another would let a file swapped in between (a
+        # deploy writing the next version in place, an attacker racing the check) be served under
+        # the pin. (A pinned model must be one file: ONNX external data is not covered by the pin.)
+        try:
+            with path.open("rb") as handle:
+                mtime_ns = os.fstat(handle.fileno()).st_mtime_ns
+                data = handle.read() if expected is not None else None
+        except OSError as exc:
+            raise ModelError(f"{path}: cannot read it: {exc.strerror}") from None
+        if expected is not None and data is not None:
+            actual = hashlib.sha256(data).hexdigest()
             if actual != expected.lower():
                 raise ModelError(f"{path}: sha256 {actual[:16]}… does not match the {expected[:16]}… in config.yaml; "
                                  "refusing to load it")
@@ -132,9 +135,9 @@ class OnnxModel:
         options.graph_optimization_level = _GRAPH_LEVELS[settings.graph_optimization]
         options.log_severity_level = 3
         providers = choose_providers(config.providers or settings.providers)
-        mtime_ns = path.stat().st_mtime_ns
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            session = ort.InferenceSession(data if data is not None else str(path), sess_options=options,
+                                           providers=providers)
         except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
             detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{path}: ONNX Runtime cannot load it: {detail}") from None

@@ -2,7 +2,9 @@
 
 Versions load and warm up off the event loop; a swap replaces the served object only after the
 new one is ready, so no request is dropped; a broken file is one error line and the version in
-service keeps serving.
+service keeps serving. A `latest` version superseded by a newer one is forgotten once the newer
+one serves, unless a route names it by number; the forgotten versions wait in `take_retired()`
+for the dataplane, which frees them when their batches are done (`Dataplane.collect_retired`).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class ModelRepository:
         self._failed: dict[tuple[str, int], tuple[int, str]] = {}  # (model, version) -> (mtime, error)
         self._lock = threading.Lock()
         self.on_swap: list[Callable[[OnnxModel], None]] = []
+        self._newest_on_disk: dict[str, int] = {}  # per `latest` model, as of the last scan
+        self._retired: list[OnnxModel] = []  # unloaded, not yet collected by the dataplane
 
     # -- paths -----------------------------------------------------------------------------------
 
@@ -114,6 +118,7 @@ class ModelRepository:
                 if spec == "latest":
                     versions = self.available_versions(model)
                     if versions:
+                        self._newest_on_disk[model] = versions[-1]
                         targets.add((model, versions[-1]))
                         # keep serving the previous latest until the new one has loaded
                         if model in self._latest:
@@ -139,7 +144,41 @@ class ModelRepository:
                 self._failed[(model, version)] = (0, error)
                 continue
             events.extend(self._load_if_changed(model, version))
+        self._retire_superseded()
         return events
+
+    def _needed(self) -> set[tuple[str, int]]:
+        """The versions some route serves: every pinned one, and for a `latest` model the one in
+        service plus the newest on disk (so a version folder deleted under a newer loaded one
+        does not flap between loaded and retired)."""
+        needed: set[tuple[str, int]] = set()
+        for model, spec in self.wanted:
+            if spec != "latest":
+                needed.add((model, int(spec)))
+                continue
+            if model in self._latest:
+                needed.add((model, self._latest[model]))
+            if model in self._newest_on_disk:
+                needed.add((model, self._newest_on_disk[model]))
+        return needed
+
+    def _retire_superseded(self) -> None:
+        with self._lock:
+            needed = self._needed()
+            retired = [key for key in self._loaded if key not in needed]
+            for key in retired:
+                self._retired.append(self._loaded.pop(key))
+                self._failed.pop(key, None)
+        for model, version in sorted(retired):
+            log.info("model %s version %s unloaded: superseded by version %s (latest), no route names it", model,
+                     version, self._latest.get(model))
+
+    def take_retired(self) -> list[OnnxModel]:
+        """The model versions unloaded since the last call (superseded `latest` ones, released
+        ones); the caller frees what still refers to them once their batches are done."""
+        with self._lock:
+            taken, self._retired = self._retired, []
+        return taken
 
     def _load_if_changed(self, model: str, version: int) -> list[LoadEvent]:
         try:
@@ -205,6 +244,8 @@ class ModelRepository:
         with self._lock:
             self.wanted = [w for w in self.wanted if w != (model, version)]
             removed = self._loaded.pop((model, version), None)
+            if removed is not None:
+                self._retired.append(removed)
             self._failed.pop((model, version), None)
             if self._latest.get(model) == version:
                 remaining = [v for (m, v) in self._loaded if m == model]

@@ -4,7 +4,6 @@ in the gateway's own event loop."""
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from typing import Any
 
@@ -22,11 +21,18 @@ from gateway.transport.proto import banditgate_service_pb2 as bg_pb2
 from gateway.transport.proto import banditgate_service_pb2_grpc as bg_grpc
 from gateway.transport.proto import grpc_predict_v2_pb2 as pb2
 from gateway.transport.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
+from gateway.validation import check_shape, numbers_for
 
 _CONTENT_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",
                   "INT64": "int64_contents", "UINT8": "uint_contents", "UINT16": "uint_contents",
                   "UINT32": "uint_contents", "UINT64": "uint64_contents", "FP32": "fp32_contents",
                   "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+_CONTENT_DTYPE = {"bool_contents": np.dtype(np.bool_), "int_contents": np.dtype(np.int32),
+                  "int64_contents": np.dtype(np.int64), "uint_contents": np.dtype(np.uint32),
+                  "uint64_contents": np.dtype(np.uint64), "fp32_contents": np.dtype(np.float32),
+                  "fp64_contents": np.dtype(np.float64)}
 
 
 def _parameter(value: Any) -> pb2.InferParameter:
@@ -70,11 +76,7 @@ def decode_inputs(request: pb2.ModelInferRequest, max_elements: int, max_inputs:
         if tensor.datatype not in DTYPES:
             raise InvalidInput(f"input {tensor.name!r}: unknown datatype {tensor.datatype!r}")
         shape = list(tensor.shape)
-        if any(d < 0 for d in shape):
-            raise InvalidInput(f"input {tensor.name!r}: negative dimension in shape {shape}")
-        count = math.prod(shape)
-        if count > max_elements:
-            raise InvalidInput(f"input {tensor.name!r} has {count} elements, over the limit of {max_elements}")
+        count = check_shape(shape, tensor.name, max_elements)
         if raw:
             feeds[tensor.name] = tensor_from_raw(tensor.name, tensor.datatype, shape, raw[index])
             continue
@@ -83,9 +85,13 @@ def decode_inputs(request: pb2.ModelInferRequest, max_elements: int, max_inputs:
         values = getattr(tensor.contents, _CONTENT_FIELD[tensor.datatype])
         if len(values) != count:
             raise InvalidInput(f"input {tensor.name!r}: {len(values)} values for shape {shape} ({count} expected)")
-        dtype = DTYPES[tensor.datatype]
-        array = np.array(list(values), dtype=object) if tensor.datatype == "BYTES" else np.asarray(values, dtype=dtype)
-        feeds[tensor.name] = array.reshape(shape)
+        if tensor.datatype == "BYTES":
+            feeds[tensor.name] = np.array(list(values), dtype=object).reshape(shape)
+            continue
+        # the proto field's own width (int_contents is int32 for INT8/16/32), then the declared
+        # datatype through the one checked cast: INT8 300 is out_of_range, never wrapped or UNKNOWN
+        wide = np.asarray(values, dtype=_CONTENT_DTYPE[_CONTENT_FIELD[tensor.datatype]])
+        feeds[tensor.name] = numbers_for(wide, DTYPES[tensor.datatype], f"input {tensor.name!r}").reshape(shape)
     return feeds
 
 

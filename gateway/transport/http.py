@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from banditgate import __version__
-from banditgate.config import Config
+from banditgate.config import LOOPBACK_HOSTS, Config
 from banditgate.events import EventError, outcome_from_obj
 from gateway.dataplane import Dataplane, serve_tensors
 from gateway.errors import (Forbidden, GatewayError, InvalidInput, ModelNotFound, Overloaded, TooManyRequests,
@@ -79,19 +79,50 @@ class SidecarContext:
         self.metrics.errors.labels(name, reason, transport).inc()
 
     def check_token(self, authorization: str | None, admin: bool) -> None:
-        """Raise Unauthorized/Forbidden unless the bearer token is one of the configured ones."""
-        tokens = self.config.server.admin_tokens if admin else self.config.server.infer_tokens
+        """Raise Unauthorized/Forbidden unless the bearer token is one of the configured ones.
+
+        Without infer tokens inference is open; without admin tokens the admin API is closed
+        unless `server.admin_open` says otherwise (docs/security.md)."""
+        server = self.config.server
+        tokens = server.admin_tokens if admin else server.infer_tokens
         if not tokens:
+            if admin and not server.admin_open:
+                raise Forbidden("the admin API is closed: no server.admin_tokens are configured "
+                                "(or set server.admin_open: true on a loopback-only gateway)")
             return
         if not authorization or not authorization.startswith("Bearer "):
             raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-        offered = authorization[7:].strip().encode()
+        # only ASCII blanks around the token: str.strip() would also eat a non-breaking space
+        offered = authorization[7:].strip(" \t").encode()
         # compare against every token in constant time, without stopping at the first match
         matched = False
         for token in tokens:
             matched |= hmac.compare_digest(offered, token.get_secret_value().encode())
         if not matched:
             raise Forbidden("the bearer token is not valid for this endpoint")
+
+    def check_admin(self, method: str, headers: Mapping[str, str], scheme: str) -> None:
+        """Every check of an admin request, in order: the API is not closed, the Host is one of
+        ours (DNS rebinding), an Origin is our own (a cross-site page), the admin token, and a
+        POST's Content-Type is JSON (a cross-site form cannot send that without a preflight).
+        Raises Forbidden (403), Unauthorized (401) or UnsupportedMediaType (415)."""
+        server = self.config.server
+        if not server.admin_tokens and not server.admin_open:
+            self.check_token(None, admin=True)  # closed: 403 with the reason
+        host = headers.get("host")
+        if not host_allowed(host, server.allowed_hosts, server.host):
+            raise Forbidden(f"Host {_shown(host)} is not a name this gateway answers admin requests for "
+                            "(server.allowed_hosts)")
+        origin = headers.get("origin")
+        if origin is not None and not same_origin(origin, scheme, host or ""):
+            raise Forbidden(f"cross-site admin request refused: Origin {_shown(origin)} is not this gateway's "
+                            f"origin {scheme}://{host}")
+        self.check_token(headers.get("authorization"), admin=True)
+        if method == "POST":
+            media_type = (headers.get("content-type") or "").split(";", 1)[0].strip().lower()
+            if media_type != "application/json":
+                raise UnsupportedMediaType(f"admin POST requests need Content-Type: application/json "
+                                           f"(got {_shown(headers.get('content-type'))})")
 
     def describe(self, name: str, version: str | None) -> dict[str, Any]:
         """OIP model metadata for a route name (its first arm's model) or a concrete model."""
@@ -120,6 +151,57 @@ class SidecarContext:
             return dataplane.route_available(name)
         spec: int | str = int(version) if version and version.isascii() and version.isdigit() else "latest"
         return dataplane.model_available(dataplane.repository.get(name, spec))
+
+
+class UnsupportedMediaType(GatewayError):
+    http_status = 415
+    grpc_code = "INVALID_ARGUMENT"
+
+
+def _shown(value: str | None) -> str:
+    """A header value as it may appear in an error line: quoted, at most 80 characters."""
+    return "none" if value is None else repr(value[:80])
+
+
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+_WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")  # nosec B104: names to recognise a wildcard bind by, not a bind
+
+
+def host_name(host: str) -> str:
+    """The name part of a Host header (`[::1]:8080` -> `::1`, `Example.com.:80` -> `example.com`)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host[1:]
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+def host_allowed(host: str | None, allowed: Sequence[str], bound: str) -> bool:
+    """Whether an admin request's Host header names this gateway: one of `server.allowed_hosts`
+    (`*`: any), or by default the bind address (unless a wildcard), localhost and the loopbacks."""
+    if "*" in allowed:
+        return True
+    if not host:
+        return False  # HTTP/1.1 requires Host; a browser always sends one
+    names = set(allowed) if allowed else {*LOOPBACK_HOSTS, *([bound.lower()] if bound not in _WILDCARD_ADDRESSES else [])}
+    return host_name(host) in names
+
+
+def _origin_key(scheme: str, host: str) -> str:
+    host = host.strip().lower()
+    port = _DEFAULT_PORTS.get(scheme)
+    if port and host.endswith(f":{port}"):  # a browser leaves the default port out of Host and Origin
+        host = host[: -len(port) - 1]
+    return f"{scheme}://{host}"
+
+
+def same_origin(origin: str, scheme: str, host: str) -> bool:
+    """Whether a request's Origin header is the origin the request was sent to (scheme + Host)."""
+    origin_scheme, separator, origin_host = origin.strip().lower().partition("://")
+    if not separator or "/" in origin_host:
+        return False  # "null" (a sandboxed page, a file), or not an origin at all
+    return _origin_key(origin_scheme, origin_host) == _origin_key(scheme.lower(), host)
 
 
 def _label_name(ctx: SidecarContext, name: str) -> str:
@@ -162,7 +244,9 @@ def build_app(ctx: SidecarContext) -> "SidecarApp":
     def guarded(handler: Callable[[Request], Awaitable[Response]], admin: bool = False, auth: bool = True):  # type: ignore[no-untyped-def]
         async def endpoint(request: Request) -> Response:
             try:
-                if auth:
+                if admin:
+                    ctx.check_admin(request.method, request.headers, request.url.scheme)
+                elif auth:
                     ctx.check_token(request.headers.get("authorization"), admin)
                 return await handler(request)
             except GatewayError as exc:

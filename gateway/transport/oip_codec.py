@@ -8,6 +8,7 @@ each a 4-byte little-endian length followed by the bytes.
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 import orjson
 
 from gateway.errors import InvalidInput
+from gateway.validation import check_shape, numbers_for
 
 DTYPES: dict[str, np.dtype] = {
     "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
@@ -50,15 +52,6 @@ def datatype_for(array: np.ndarray) -> str:
     return DATATYPE_OF.get(array.dtype, "BYTES")
 
 
-def _check_shape(shape: Any, name: str, max_elements: int) -> list[int]:
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise InvalidInput(f"input {name!r}: 'shape' must be a list of non-negative integers")
-    elements = int(np.prod(shape)) if shape else 1
-    if elements > max_elements:
-        raise InvalidInput(f"input {name!r} has {elements} elements, over the limit of {max_elements}")
-    return shape
-
-
 def _decode_bytes_elements(raw: bytes, count: int, name: str) -> np.ndarray:
     out = np.empty(count, dtype=object)
     offset = 0
@@ -75,8 +68,9 @@ def _decode_bytes_elements(raw: bytes, count: int, name: str) -> np.ndarray:
 
 
 def tensor_from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> np.ndarray:
-    """A tensor from its flattened row-major little-endian bytes (REST binary or gRPC raw contents)."""
-    count = int(np.prod(shape)) if shape else 1
+    """A tensor from its flattened row-major little-endian bytes (REST binary or gRPC raw contents).
+    `shape` has passed `check_shape` (its product fits in memory limits)."""
+    count = math.prod(shape)
     if datatype == "BYTES":
         return _decode_bytes_elements(raw, count, name).reshape(shape)
     dtype = DTYPES[datatype].newbyteorder("<")
@@ -87,18 +81,17 @@ def tensor_from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> n
 
 
 def tensor_from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
-    count = int(np.prod(shape)) if shape else 1
-    try:
-        if datatype == "BYTES":
+    """A tensor from JSON `data` (flat or nested); a value the datatype cannot hold exactly (INT8
+    300, a fraction for INT32) is refused, never wrapped (gateway.validation.numbers_for)."""
+    count = math.prod(shape)
+    if datatype == "BYTES":
+        try:
             flat = np.array(data, dtype=object).reshape(-1)
-            flat = np.array([v.encode() if isinstance(v, str) else v for v in flat], dtype=object)
-        else:
-            flat = np.asarray(data)
-            if flat.dtype.kind not in "biuf":
-                raise InvalidInput(f"input {name!r}: data must be numbers for datatype {datatype}")
-            flat = flat.astype(DTYPES[datatype]).reshape(-1)
-    except (ValueError, TypeError):
-        raise InvalidInput(f"input {name!r}: 'data' does not match datatype {datatype}") from None
+        except (ValueError, TypeError):
+            raise InvalidInput(f"input {name!r}: 'data' does not match datatype {datatype}") from None
+        flat = np.array([v.encode() if isinstance(v, str) else v for v in flat], dtype=object)
+    else:
+        flat = numbers_for(data, DTYPES[datatype], f"input {name!r}").reshape(-1)
     if flat.size != count:
         raise InvalidInput(f"input {name!r}: {flat.size} values of data for shape {shape} ({count} expected)")
     return flat.reshape(shape)
@@ -132,7 +125,8 @@ def parse_rest_infer(body: bytes, header_length: int | None, max_elements: int, 
         datatype = item.get("datatype")
         if datatype not in DTYPES:
             raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r} (one of {', '.join(DTYPES)})")
-        shape = _check_shape(item.get("shape"), name, max_elements)
+        shape = item.get("shape")
+        check_shape(shape, name, max_elements)
         parameters = item.get("parameters") or {}
         size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
         if size is not None:

@@ -187,6 +187,10 @@ def route_config() -> dict[str, Any]:
             "arms": [{"name": arm, "model": model, "version": version} for arm, (model, version) in ARMS.items()]}
 
 
+# the admin API is closed without a token: scenarios that drain or inspect arms send this one
+ADMIN_TOKEN = "faults-admin-token"  # noqa: S105 - a loopback test gateway's token, not a secret
+
+
 def gateway_config(*, kafka: str, redis: str, topics: dict[str, str], group: str, redis_prefix: str,
                    models: Path, delivery: str = "at_least_once", http_port: int | None = None,
                    batching: dict[str, Any] | None = None, server: dict[str, Any] | None = None,
@@ -203,7 +207,7 @@ def gateway_config(*, kafka: str, redis: str, topics: dict[str, str], group: str
         "batching": {"max_batch_size": 256, "max_delay_us": 2000, "max_queue_rows": 4096, "inference_threads": 1,
                      "max_in_flight_batches": 4, **(batching or {})},
         "server": {"host": "127.0.0.1", "http_port": http_port or free_port(), "grpc_port": 0, "enable_grpc": False,
-                   **(server or {})},
+                   "admin_tokens": [ADMIN_TOKEN], **(server or {})},
         "drift": {"enabled": False},
         "delivery": delivery,
         "shutdown_grace_s": 10,

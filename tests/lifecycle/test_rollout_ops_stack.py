@@ -81,7 +81,7 @@ async def test_admin_endpoints_and_cli_operate_a_rollout(stack, topics, redis_pr
             assert [a.name for a in runtime.route.arms] == ["a", "m-v2"]
             assert runtime.policy.shares[1] == pytest.approx(0.5)  # capped at max_share (no rewards yet: even)
             await wait_until(lambda: _lineup(other, ["a", "m-v2"], []), 5, "the other replica to add the canary")
-            unknown = await http.post(f"{base}/explode", headers=auth)
+            unknown = await http.post(f"{base}/explode", headers=auth, json={})
             assert unknown.status_code == 404
         result = await asyncio.to_thread(subprocess.run, [
             sys.executable, "-m", "banditgate.cli", "rollout", "rollback", ROUTE, "-c", str(config_path),

@@ -105,3 +105,34 @@ async def test_traversal_admin_reload_loads_only_what_routes_name_inside_the_rep
             await admin.handle({"action": "../../outside"}, "POST", b"")
     finally:
         executor.shutdown(wait=False)
+
+
+def test_sha256_pin_holds_for_the_bytes_loaded_even_if_the_file_is_swapped_after_the_check(
+        repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pinned file is read once, hashed, and loaded from those bytes. Before, the hash was taken
+    on one open and ONNX Runtime opened the path again: a file swapped in between was served
+    under the pin. The swap is made deterministic by doing it just before the session is built."""
+    import numpy as np
+
+    from gateway.models import onnx_runtime
+
+    model_file = repository / "good" / "1" / "model.onnx"
+    pinned = model_file.read_bytes()
+    (repository / "good" / "config.yaml").write_text(f"sha256: {{1: {hashlib.sha256(pinned).hexdigest()}}}\n")
+    build_mlp(tmp_path / "other.onnx", n_features=4, seed=5)
+    real_session = onnx_runtime.ort.InferenceSession
+
+    def swap_then_load(source, *args, **kwargs):  # type: ignore[no-untyped-def]
+        shutil.copy(tmp_path / "other.onnx", model_file)  # between the check and the load
+        return real_session(source, *args, **kwargs)
+
+    monkeypatch.setattr(onnx_runtime.ort, "InferenceSession", swap_then_load)
+    repo = ModelRepository(repository, SETTINGS, [("good", 1)])
+    assert repo.load_all()[0].ok
+    monkeypatch.setattr(onnx_runtime.ort, "InferenceSession", real_session)
+    rows = {"input": np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4)}
+    served = repo.get("good", 1).run(rows)["probability"]
+    expected = real_session(pinned).run(["probability"], rows)[0]
+    swapped = real_session(str(tmp_path / "other.onnx")).run(["probability"], rows)[0]
+    assert not np.allclose(expected, swapped)  # the two files answer differently
+    np.testing.assert_allclose(served, expected)  # what is served is what was pinned

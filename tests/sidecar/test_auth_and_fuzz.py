@@ -77,3 +77,15 @@ def test_rest_surface_fuzzed_from_openapi_finds_no_5xx(served) -> None:
 
         fuzz()
     assert failures == []
+
+
+def test_admin_api_is_closed_without_admin_tokens(served) -> None:  # type: ignore[no-untyped-def]
+    """A real gateway started with no admin token: every admin endpoint answers 403, inference is
+    unaffected (no infer tokens configured: open, as before)."""
+    assert _request(f"{served.base_url}/v2/admin/config") == 403
+    assert _request(f"{served.base_url}/v2/admin/routes/churn") == 403
+    assert _request(f"{served.base_url}/v2/admin/reload", None, b"{}") == 403
+    assert _request(f"{served.base_url}/v2/admin/routes/churn/arms/a/drain", None, b"{}") == 403
+    body = orjson.dumps({"inputs": [{"name": "input", "shape": [1, N_FEATURES], "datatype": "FP32",
+                                     "data": [0.5] * N_FEATURES}]})
+    assert _request(f"{served.base_url}/v2/models/churn/infer", None, body) == 200
