@@ -6,7 +6,8 @@ its traffic generator sends (deploy/traffic/pool.csv).
 It reuses the demo's training (demo/models.py): scikit-learn's breast-cancer data (shipped inside
 scikit-learn, nothing downloaded), split 60/40, and the demo's three arms — gradient boosting,
 a decision stump and naive Bayes on three weak features — exported to ONNX, each as version 1
-with its drift reference profile. The held-out 40% with their true labels go to pool.csv, so
+with its drift reference profile and the calibrated drift thresholds for the compose gateway's
+`drift.arl0`. The held-out 40% with their true labels go to pool.csv, so
 the traffic generator's rewards are earned on rows the models never saw.
 """
 
@@ -41,15 +42,29 @@ def write_pool(path: Path, dataset: models.Dataset) -> None:
             writer.writerow([*(str(np.float32(v)) for v in row), int(label)])
 
 
+def _compose_arl0() -> float:
+    """`drift.arl0` of the compose gateway's configuration (deploy/config/banditgate.yaml)."""
+    from banditgate.config import load_config
+
+    return load_config(ROOT / "deploy" / "config" / "banditgate.yaml", env={}).drift.arl0
+
+
 def build(repository: Path, pool: Path) -> list[Path]:
     """Replace `repository` with version 1 of every arm; write `pool`. Returns the model files."""
     dataset = models.load_dataset(SEED)
     shutil.rmtree(repository, ignore_errors=True)
     repository.mkdir(parents=True)
-    written = []
+    versions = {}
     for spec in ARMS:
         estimator = spec.build(dataset.feature_names, SEED).fit(dataset.x_train, dataset.y_train)
-        version = models._version(spec.model, 1, spec.role, spec.description, estimator, dataset, dataset.x_pool)
+        versions[(spec.model, 1)] = models._version(spec.model, 1, spec.role, spec.description, estimator, dataset,
+                                                    dataset.x_pool)
+    # the drift thresholds the compose gateway's monitors need (its `drift.arl0`), stored in each
+    # reference.json: the gateway then starts watching at once instead of calibrating for seconds
+    models.calibrate_references(versions, dataset, arl0=_compose_arl0())
+    written = []
+    for spec in ARMS:
+        version = versions[(spec.model, 1)]
         models.write_model_config(repository, spec.model, dataset.feature_names)
         folder = models.publish(repository, version, dataset)
         for path in folder.iterdir():

@@ -194,3 +194,17 @@ def test_compose_admin_api_is_closed_unless_a_token_is_given() -> None:
     assert "gateway" in config.server.allowed_hosts  # other containers reach it by its service name
     with pytest.raises(ConfigError):
         load_config(ROOT / "deploy/config/banditgate.yaml", env={"BANDITGATE_ADMIN_TOKENS": " , "})
+
+
+def test_example_models_store_the_drift_thresholds_compose_needs() -> None:
+    """Every shipped reference.json holds the calibrated thresholds for the compose gateway's
+    `drift.arl0`, so the compose gateway watches drift at once instead of calibrating at start
+    (scripts/build_example_models.py stores them)."""
+    from banditgate.drift.monitor import profile_keys
+    from banditgate.drift.reference import ReferenceProfile
+
+    arl0 = gateway_config().drift.arl0
+    for path in sorted((ROOT / "deploy/models").glob("*/1/reference.json")):
+        profile = ReferenceProfile.load(path)
+        missing = profile_keys(profile, arl0).keys() - profile.thresholds.keys()
+        assert not missing, f"{path}: no stored threshold for {sorted(missing)}"
