@@ -240,13 +240,14 @@ class ExportWriter:
     """One export folder, written a row group at a time (see the module docstring).
 
     Memory: the row group being written (pyarrow holds one group's column chunks until it is
-    flushed to the file). ``rows_per_file`` rows go to one part file. Raises ExportError when the
-    destination cannot be written.
+    flushed to the file). ``rows_per_file`` rows go to one part file. The folder is made at once
+    (an unwritable destination fails before any work); `schema` (from SchemaProbe) may be set
+    later, before the first write. Raises ExportError when the destination cannot be written.
     """
 
     def __init__(self, destination: str, route: str, window_start: float, window_end: float | None,
-                 schema: Any, json_columns: Sequence[str] = (), reason: str = "manual", rows_per_file: int = 100_000,
-                 now: float | None = None) -> None:
+                 schema: Any = None, json_columns: Sequence[str] = (), reason: str = "manual",
+                 rows_per_file: int = 100_000, now: float | None = None) -> None:
         if rows_per_file < 1:
             raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
         self._fs, root = _filesystem(destination)
@@ -325,6 +326,9 @@ class ExportWriter:
 
     def _open_part(self) -> None:
         import pyarrow.parquet as pq
+
+        if self.schema is None:
+            raise ValueError("ExportWriter: set the schema before writing")
 
         name = f"part-{len(self.files):05d}.parquet"
         self._temporary = f"{self.folder}/.tmp-{uuid.uuid4().hex}-{name}"

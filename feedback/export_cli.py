@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -199,7 +200,7 @@ async def read_topic(kafka: KafkaConfig, topic: str, since: float, until: float 
                 raise ExportError(f"cannot read {where}: no progress for {stall_s:.0f} s (partition {stuck})")
             report(dict(stats))
     except KafkaError as exc:
-        raise ExportError(f"cannot read {where}: {type(exc).__name__}: {exc}") from None
+        raise ExportError(f"cannot read {where}: {exc}") from None  # aiokafka's text names the error
     finally:
         await consumer.stop()
     return stats
@@ -219,8 +220,14 @@ async def export_window(kafka: KafkaConfig, join_ttl_s: float, route: str, since
     """
     topics = kafka.topics
     lookback = since - join_ttl_s
-    join = SpillJoin(route, since, until, options.spill_dir)
-    writer: ExportWriter | None = None
+    # the folder first: an unwritable destination fails before hours of reading
+    writer: ExportWriter | None = ExportWriter(destination, route, since, until, reason=reason,
+                                               rows_per_file=options.rows_per_file)
+    try:
+        join = SpillJoin(route, since, until, options.spill_dir)
+    except BaseException:
+        writer.abort()
+        raise
     try:
         await read_topic(kafka, topics.outcomes, since, until, join.add_outcomes, options, progress, check)
         await read_topic(kafka, topics.requests, lookback, until, join.add_requests, options, progress, check)
@@ -235,8 +242,7 @@ async def export_window(kafka: KafkaConfig, join_ttl_s: float, route: str, since
                 check()
             probe.add(group)
             del group  # not held while the generator builds the next one
-        schema, json_columns = probe.schema()
-        writer = ExportWriter(destination, route, since, until, schema, json_columns, reason, options.rows_per_file)
+        writer.schema, writer.json_columns = probe.schema()
         report = _Reporter(progress, options.progress_interval_s)
         for group in join.groups(options.row_group_rows, options.row_group_bytes):
             if check is not None:
@@ -291,6 +297,9 @@ def run_export(config: Config, route: str, since: str, until: str | None, out: s
 
     def say(message: str) -> None:
         print(f"banditgate export: {message}", file=sys.stderr, flush=True)
+
+    # aiokafka logs every failed connection attempt; the one line of the ExportError says it all
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
     manifest = asyncio.run(export_window(config.kafka, config.feedback.join_ttl_s, route, start, end, destination,
                                          "manual", options, progress=lambda event: say(describe(event))))

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import os
 import queue
+import resource
 import sys
 import threading
 import time
@@ -95,7 +96,8 @@ async def run_export_job(spec: Mapping[str, Any], lease: ExportLease,
                          on_event: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
                          stop_grace_s: float = 10.0) -> dict[str, Any]:
     """Run the export `spec` (from job_spec) in a child process while holding `lease` (already
-    acquired); returns the child's ``done`` message (``manifest``, ``rows``, ``bytes``, ``files``).
+    acquired); returns the child's ``done`` message (``manifest``, ``rows``, ``bytes``, ``files``,
+    ``max_rss_mb``: the export process's peak resident memory).
 
     `on_event` is awaited with every message of the child (progress, ``commit?``) before the
     parent acts on it. Raises LeaseLost when the lease was lost (the child is stopped first),
@@ -272,7 +274,8 @@ def main() -> int:
         _emit({"kind": "error", "message": f"the export failed: {type(exc).__name__}: {exc}"})
         return 1
     _emit({"kind": "done", "manifest": f"{manifest.path}/manifest.json", "rows": manifest.rows,
-           "bytes": sum(int(f["bytes"] or 0) for f in manifest.files), "files": len(manifest.files)})
+           "bytes": sum(int(f["bytes"] or 0) for f in manifest.files), "files": len(manifest.files),
+           "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)})
     return 0
 
 

@@ -343,8 +343,8 @@ class LifecycleDriver:
             log.warning("retrain export of route %s failed (next try in %.0f s): %s", route.name, wait_s, exc)
             return None
         self._export_retry.pop(route.name, None)
-        log.info("retrain export of route %s: %s rows, %s bytes in %s file(s)", route.name, done.get("rows"),
-                 done.get("bytes"), done.get("files"))
+        log.info("retrain export of route %s: %s rows, %s bytes in %s file(s), export process peak RSS %s MB",
+                 route.name, done.get("rows"), done.get("bytes"), done.get("files"), done.get("max_rss_mb"))
         return str(done["manifest"])
 
     async def _serving(self, route: Route) -> tuple[str, int | None]:

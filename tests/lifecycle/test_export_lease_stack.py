@@ -153,3 +153,30 @@ async def test_a_lease_lost_mid_export_stops_it_cleanly(stack, topics, redis_pre
     _, table = read_export(str(manifest_path.parent))
     assert sorted(table.column("request_id").to_pylist()) == sorted(ids)
     assert len(await _retrain_alerts(client, second)) == 1
+
+
+async def test_the_export_process_stops_when_its_worker_is_gone(stack, topics, redis_prefix, client,
+                                                                tmp_path: Path) -> None:
+    """A worker killed mid-export: the export process sees its input close and stops, deleting
+    what it wrote (it would otherwise finish a manifest nobody queues an alert for)."""
+    import sys
+
+    from feedback.export_job import job_spec
+
+    exports = tmp_path / "exports"
+    config = _config(stack, topics, redis_prefix, exports)
+    driver = LifecycleDriver(config, client, out=None)  # type: ignore[arg-type]
+    await _open_window_and_join(driver, client, config)
+    spec = job_spec(config, "r", (time.time() - 60, time.time()), str(exports), "test")
+    child = await asyncio.create_subprocess_exec(sys.executable, "-m", "feedback.export_job",
+                                                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(orjson.dumps(spec) + b"\n")
+    await child.stdin.drain()
+    first = orjson.loads(await asyncio.wait_for(child.stdout.readline(), 60))
+    assert first["kind"] == "read"
+    child.stdin.close()  # what the worker's death looks like from here
+    messages = [orjson.loads(line) for line in (await asyncio.wait_for(child.stdout.read(), 60)).splitlines()]
+    assert await asyncio.wait_for(child.wait(), 60) == 3
+    assert messages[-1]["kind"] == "aborted" and not any(m["kind"] == "done" for m in messages)
+    assert list(exports.glob("r/*")) == []
