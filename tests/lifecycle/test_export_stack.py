@@ -5,6 +5,7 @@ exactly-once partitions whose last offset is a transaction marker."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import tracemalloc
 import uuid
@@ -29,7 +30,8 @@ def test_parse_time() -> None:
         parse_time("yesterday")
 
 
-async def test_export_reads_the_topics_and_writes_the_window(stack, topics, tmp_path: Path) -> None:
+async def test_export_reads_the_topics_and_writes_the_window(stack, topics, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     from aiokafka import AIOKafkaProducer
 
     config = parse_config({"kafka": {"bootstrap_servers": stack.kafka, "topics": topics.topics.model_dump()},
@@ -65,6 +67,12 @@ async def test_export_reads_the_topics_and_writes_the_window(stack, topics, tmp_
     assert sorted(table.column("request_id").to_pylist()) == sorted(f"q{i}" for i in range(20, 40))
     assert table.column("propensity").to_pylist() == [1.0] * 20
     assert manifest["ts_outcome_min"] == since and manifest["ts_outcome_max"] == base + 139
+    shown = capsys.readouterr()
+    assert shown.out.strip() == str(manifest_path)
+    progress = shown.err.splitlines()  # partitions done per topic, then rows, bytes and files written
+    assert re.search(rf"^banditgate export: {re.escape(topics.topics.outcomes)}: 4/4 partitions done, \d+ records "
+                     r"\(0\.\d MB\)(, 1 undecodable skipped)?$", "\n".join(progress), re.MULTILINE), progress
+    assert any(line.startswith("banditgate export: written: 20/20 rows") and "1 file(s)" in line for line in progress)
 
 
 def _config(stack: Any, topics: Any, tmp_path: Path) -> Config:
