@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from feedback.export import ExportError, ExportWriter, SchemaProbe, join_rows, read_export, write_export
+from feedback.export import (
+    ExportError,
+    ExportWriter,
+    SchemaProbe,
+    join_rows,
+    read_export,
+    write_export,
+)
 from feedback.export_join import SpillJoin
 
 pytest.importorskip("pyarrow")

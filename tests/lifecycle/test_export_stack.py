@@ -106,9 +106,8 @@ async def test_export_memory_does_not_grow_with_the_window(stack, topics, tmp_pa
     """12 000 requests with 256 inputs each: 130 MB of Python objects at the peak of the export
     before (it held the topics in lists), against a bound of 16 MiB for row groups of 500 rows,
     fetches of 1 MiB and batches of 200 records (measured: 7.5 MB; 12 000 or 36 000 rows alike)."""
-    from aiokafka import AIOKafkaProducer
-
     import pyarrow.parquet  # noqa: F401 - imported before tracing: its import is not the export's memory
+    from aiokafka import AIOKafkaProducer
 
     config = _config(stack, topics, tmp_path)
     count, width, base = 12_000, 256, time.time() - 3600
