@@ -221,13 +221,13 @@ async def export_window(kafka: KafkaConfig, join_ttl_s: float, route: str, since
     topics = kafka.topics
     lookback = since - join_ttl_s
     # the folder first: an unwritable destination fails before hours of reading
-    writer: ExportWriter | None = ExportWriter(destination, route, since, until, reason=reason,
-                                               rows_per_file=options.rows_per_file)
+    writer = ExportWriter(destination, route, since, until, reason=reason, rows_per_file=options.rows_per_file)
     try:
         join = SpillJoin(route, since, until, options.spill_dir)
     except BaseException:
         writer.abort()
         raise
+    committed = False
     try:
         await read_topic(kafka, topics.outcomes, since, until, join.add_outcomes, options, progress, check)
         await read_topic(kafka, topics.requests, lookback, until, join.add_requests, options, progress, check)
@@ -254,13 +254,13 @@ async def export_window(kafka: KafkaConfig, join_ttl_s: float, route: str, since
         if may_commit is not None and not may_commit():
             raise ExportAborted("the export was not committed: its lease was lost")
         manifest = writer.commit()
-        writer = None
+        committed = True
         if progress is not None:
             progress({"kind": "write", "rows": manifest.rows, "of": total,
                       "bytes": sum(int(f["bytes"] or 0) for f in manifest.files), "files": len(manifest.files)})
         return manifest
     finally:
-        if writer is not None:
+        if not committed:
             writer.abort()
         join.close()
 

@@ -142,6 +142,9 @@ async def run_export_job(spec: Mapping[str, Any], lease: ExportLease,
 
     helpers: list[asyncio.Task[Any]] = [asyncio.create_task(keep_stderr()), asyncio.create_task(keep_lease())]
     result: dict[str, Any] | None = None
+    committed = False
+    """Told the child to write its manifest (the lease was confirmed ours just before): from then on
+    a lost lease no longer stops it; the rev compare-and-set keeps its alert single."""
     try:
         stdin.write(orjson.dumps(dict(spec)) + b"\n")
         await stdin.drain()
@@ -149,8 +152,9 @@ async def run_export_job(spec: Mapping[str, Any], lease: ExportLease,
         helpers.append(waiting_lost)
         while result is None:
             reading = asyncio.create_task(stdout.readline())
-            await asyncio.wait({reading, waiting_lost}, return_when=asyncio.FIRST_COMPLETED)
-            if lost.is_set():
+            await asyncio.wait({reading, waiting_lost} if not committed else {reading},
+                               return_when=asyncio.FIRST_COMPLETED)
+            if lost.is_set() and not committed:
                 reading.cancel()
                 break
             line = reading.result()
@@ -171,14 +175,15 @@ async def run_export_job(spec: Mapping[str, Any], lease: ExportLease,
                     held = False  # cannot confirm it is ours: do not publish an export that may be a second one
                 if not held:
                     lost.set()
+                committed = held
                 await answer("commit" if held else "abort")
             elif kind == "done":
                 result = message
             elif kind in ("error", "aborted"):
-                if lost.is_set():
+                if lost.is_set() and not committed:
                     break
                 raise ExportError(str(message.get("message")))
-        if lost.is_set():
+        if lost.is_set() and not committed:
             raise LeaseLost(f"lease {lease.key} was lost during the export; stopped it, nothing written")
         if result is None:
             code = await process.wait()
