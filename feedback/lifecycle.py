@@ -10,9 +10,11 @@ Every second (a faust timer, on every worker; the store makes each effect happen
 * **retraining** - for each route with ``retrain:``, count the joined outcomes since the last
   look (the ledger's ``joined`` counter, all workers together), evaluate the triggers
   (:mod:`feedback.triggers`), and on a fire claim it by compare-and-set (``rev``), export the
-  window's joined rows as Parquet (when ``export_path`` is set), then queue the ``retrain`` alert
-  with the manifest's path. A fire whose export did not finish (worker killed) stays pending in
-  the stored state and is finished by the next worker that sees it.
+  window's joined rows as Parquet (when ``export_path`` is set; in a process of its own under a
+  lease, feedback.export_job), then queue the ``retrain`` alert with the manifest's path and clear
+  the fire by compare-and-set on ``rev`` (so one alert, whoever finishes). A fire whose export did
+  not finish (worker killed, lease lost, export failed) stays pending in the stored state and is
+  finished by the next worker that holds the lease (after a failure: 60 s later, doubling to 15 min).
 
 Alerts go to the alerts topic through the worker's KafkaOut, keyed by route (the same path as
 the quality alerts, so a per-route webhook fed from that path sees them too).
@@ -44,13 +46,14 @@ import asyncio
 import collections
 import logging
 import time
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
 
 from banditgate.config import Config, Route
+from feedback.export import ExportError
+from feedback.export_job import ExportLease, LeaseLost, job_spec, run_export_job
 from feedback.quality import shadow_verdict
 from feedback.sinks import FeedbackKeys, KafkaOut, parse_quality
 from feedback.triggers import TriggerDecision, TriggerState, evaluate, retrain_alert
@@ -63,7 +66,10 @@ from router.stats_store import ArmStatsStore
 log = logging.getLogger("banditgate.lifecycle")
 
 TICK_S = 1.0
-EXPORT_LEASE_MS = 600_000
+EXPORT_LEASE_MS = 60_000
+"""The retrain export's lease; extended every third of it while the export runs."""
+EXPORT_RETRY_S = (60.0, 900.0)
+"""A failed export is tried again after 60 s, doubling up to 15 min (the fire stays pending)."""
 
 
 def stats_since(total: ArmStats, start: ArmStats | None) -> ArmStats:
@@ -86,8 +92,15 @@ class LifecycleDriver:
     """Rollout steps and retraining triggers for every configured route (see the module docstring)."""
 
     def __init__(self, config: Config, redis: Any, out: KafkaOut, clock: Callable[[], float] = time.time,
-                 quality_alarms: collections.Counter[str] | None = None, metrics: Any = None) -> None:
+                 quality_alarms: collections.Counter[str] | None = None, metrics: Any = None,
+                 export_lease_ms: int = EXPORT_LEASE_MS,
+                 export_observer: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> None:
         self.config = config
+        self.export_lease_ms = export_lease_ms
+        self.export_observer = export_observer
+        """Awaited with every message of a running export (progress, ``commit?``): for tests and tools."""
+        self._export_retry: dict[str, tuple[float, float]] = {}
+        """route -> (monotonic time of the next try, the wait after it) for exports that failed."""
         self.metrics = metrics
         """FeedbackMetrics: the alerts this driver publishes are counted like the worker's others."""
         self.quality_alarms = quality_alarms
@@ -276,12 +289,16 @@ class LifecycleDriver:
         return decision
 
     async def _finish(self, route: Route, raw: Mapping[str, str]) -> None:
-        """Export the pending fire's window and queue its alert (one worker at a time, a lease)."""
+        """Export the pending fire's window and queue its alert, under a lease (one worker at a time:
+        the export runs in a process of its own while the lease is extended; see feedback.export_job)."""
         config = route.retrain
-        assert config is not None  # noqa: S101
+        assert config is not None
         key = self.retrain_key(route.name)
-        lease, token = key + ":lease", uuid.uuid4().hex
-        if not await self.redis.set(lease, token, nx=True, px=EXPORT_LEASE_MS):
+        retry = self._export_retry.get(route.name)
+        if config.export_path and retry is not None and time.monotonic() < retry[0]:
+            return
+        lease = ExportLease(self.redis, key + ":lease", self.export_lease_ms)
+        if not await lease.acquire():
             return
         try:
             pending = orjson.loads(raw["pending"])
@@ -290,8 +307,10 @@ class LifecycleDriver:
                                        int(pending["labels"]))
             manifest_path = None
             if config.export_path:
-                manifest_path = await export_window(self.config, route.name, window, config.export_path,
-                                                    reason=",".join(decision.reasons))
+                manifest_path = await self._export(route, window, config.export_path, ",".join(decision.reasons),
+                                                   lease)
+                if manifest_path is None:
+                    return
             model, version = await self._serving(route)
             alert = retrain_alert(decision, route.name, model, version, config, manifest_path)
             fields = dict(raw)
@@ -306,7 +325,27 @@ class LifecycleDriver:
                             route.name, model, version, window[0], window[1], decision.labels,
                             f", export {manifest_path}" if manifest_path else "")
         finally:
-            await self.redis.delete(lease)
+            await lease.release()
+
+    async def _export(self, route: Route, window: tuple[float, float], destination: str, reason: str,
+                      lease: ExportLease) -> str | None:
+        """The window's export in its own process; its manifest's path, or None when it failed or the
+        lease was lost (one log line either way; a failure is tried again after a backoff)."""
+        spec = job_spec(self.config, route.name, window, destination, reason)
+        try:
+            done = await run_export_job(spec, lease, on_event=self.export_observer)
+        except LeaseLost as exc:
+            log.warning("retrain export of route %s stopped: %s", route.name, exc)
+            return None
+        except ExportError as exc:
+            wait_s = self._export_retry.get(route.name, (0.0, EXPORT_RETRY_S[0]))[1]
+            self._export_retry[route.name] = (time.monotonic() + wait_s, min(2 * wait_s, EXPORT_RETRY_S[1]))
+            log.warning("retrain export of route %s failed (next try in %.0f s): %s", route.name, wait_s, exc)
+            return None
+        self._export_retry.pop(route.name, None)
+        log.info("retrain export of route %s: %s rows, %s bytes in %s file(s), export process peak RSS %s MB",
+                 route.name, done.get("rows"), done.get("bytes"), done.get("files"), done.get("max_rss_mb"))
+        return str(done["manifest"])
 
     async def _serving(self, route: Route) -> tuple[str, int | None]:
         model = route.rollout_model() or route.arms[0].model
@@ -344,25 +383,6 @@ class LifecycleDriver:
                 raise
             except Exception as exc:  # noqa: BLE001 - one route's problem never stops the others
                 log.warning("retrain triggers of route %s not evaluated: %s: %s", route.name, type(exc).__name__, exc)
-
-
-async def export_window(config: Config, route: str, window: tuple[float, float], destination: str,
-                        reason: str) -> str:
-    """Read the topics for `window` (as ``banditgate export`` does), write the Parquet export and
-    return its manifest's path. Raises ExportError / KafkaError on failure."""
-    from feedback.export import join_rows, write_export
-    from feedback.export_cli import read_topic
-
-    topics = config.kafka.topics
-    since, until = window
-    lookback = since - config.feedback.join_ttl_s
-    requests = await read_topic(config, topics.requests, lookback, until)
-    predictions = (await read_topic(config, topics.predictions, lookback, until)
-                   + await read_topic(config, topics.shadow_predictions, lookback, until))
-    outcomes = await read_topic(config, topics.outcomes, since, until)
-    rows = join_rows(requests, predictions, outcomes, route, since, until)
-    manifest = await asyncio.to_thread(write_export, rows, destination, route, since, until, reason)
-    return f"{manifest.path}/manifest.json"
 
 
 def install(app: Any, runtime: Any, config: Config) -> None:

@@ -16,6 +16,7 @@ SCENARIOS = {
     "faults": "loadtests.bench_faults",
     "lifecycle": "loadtests.bench_lifecycle",
     "interleave": "loadtests.bench_interleave",
+    "export": "loadtests.bench_export",
 }
 
 
