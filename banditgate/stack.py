@@ -538,6 +538,14 @@ def stop_pid(pid: int, grace_s: float = 20.0) -> None:
 # the stack as a whole
 
 
+def _ours_at(entry: dict, key: str, address: str) -> bool:
+    """Whether a state entry is a server this stack started, still running, at `address` (then a
+    BANDITGATE_KAFKA/BANDITGATE_REDIS naming it must not make the state forget its pid: `down` and
+    the next `up` still own it)."""
+    return bool(entry.get("pid")) and entry.get(key) == address and pid_alive(entry["pid"]) \
+        and _pid_is_ours(entry["pid"], entry.get("marker", "?"))
+
+
 @dataclass
 class Stack:
     """The development stack: one Kafka broker and one Redis, or the servers named in the environment."""
@@ -595,7 +603,8 @@ class Stack:
             host, port = _split_host_port(env, "BANDITGATE_KAFKA")
             if not kafka_answers(host, port):
                 raise StackError(f"BANDITGATE_KAFKA={env} does not answer a Kafka ApiVersions request: start that broker or unset the variable")
-            state["kafka"] = {"address": env, "external": True}
+            if not _ours_at(state.get("kafka") or {}, "address", env):
+                state["kafka"] = {"address": env, "external": True}
             return env
         server = self.kafka_server()
         entry = state.get("kafka") or {}
@@ -647,7 +656,8 @@ class Stack:
         if env := os.environ.get("BANDITGATE_REDIS"):
             if not redis_answers(env):
                 raise StackError(f"BANDITGATE_REDIS={_redact_url(env)} does not answer PING: start that server or unset the variable")
-            state["redis"] = {"url": _redact_url(env), "external": True}
+            if not _ours_at(state.get("redis") or {}, "url", env):
+                state["redis"] = {"url": _redact_url(env), "external": True}
             return env
         server = self.redis_server()
         entry = state.get("redis") or {}

@@ -345,6 +345,7 @@ class Gateway:
         """Remove every series of a model version that was unloaded (after its last batch)."""
         labels = (model.name, str(model.version))
         self.metrics.forget_version(*labels)
+        self._timeouts_counted.pop(model.key, None)
         owner = ("queue", model.key)
         exported = self._exported.pop(owner, None)
         if exported is not None:

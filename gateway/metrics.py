@@ -174,11 +174,13 @@ class GatewayMetrics:
                                      ["model", "version"], **kw)
 
     def forget_version(self, model_name: str, version: str) -> None:
-        """Remove the series of one model version that was unloaded: loaded, batch histograms and
-        drift series without a feature label (the drift watch removes those with one)."""
+        """Remove the series of one model version that was unloaded: loaded, batch histograms, circuit,
+        threads and timeouts, and drift series without a feature label (the drift watch removes those
+        with one)."""
         for histogram in (self.batch_rows, self.queue_seconds, self.inference_seconds):
             histogram.remove(model_name, version)
-        for gauge in (self.model_loaded, self.queue_depth, self.drift_skipped):
+        for gauge in (self.model_loaded, self.queue_depth, self.drift_skipped, self.model_circuit_state,
+                      self.model_threads, self.inference_timeouts):
             with contextlib.suppress(KeyError):
                 gauge.remove(model_name, version)
 
