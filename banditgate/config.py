@@ -1,4 +1,4 @@
-"""Typed configuration: one YAML file, validated at start-up (pure: imports nothing of ours).
+"""Typed configuration: one YAML file, validated at start-up (pure: of ours, imports only the events contract).
 
 Every wrong field is reported as one line naming the field path and the problem
 (``routes[0].arms[1].max_share: must be <= 1 (got 1.5)``), all of them at once.
@@ -30,7 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+from banditgate.events import NAME_PATTERN  # one definition: the feedback worker checks names in events with it
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
