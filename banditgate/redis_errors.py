@@ -6,7 +6,9 @@ some of them into exception classes of their own (``ReadOnlyError``, ``OutOfMemo
 and leaves the rest as a plain ``ResponseError`` whose message starts with the code (``BUSY``,
 ``MISCONF``, ``WRONGTYPE``...). A script that hits one inside ``redis.call`` returns it with the
 same code, plus ``script: <sha>, on @user_script:<line>.``. So the class is looked up first, then
-the message's first word.
+the message's first word. Redis before 7 (6.2 still ships) wraps a command's error inside a
+script as ``ERR Error running script (call to f_<sha>): @user_script:12: -READONLY ...``: the code
+inside is the one that counts.
 
 * :data:`TRANSIENT` — the server cannot take this now but will: the connection, a timeout,
   ``LOADING``, ``READONLY`` (a failover: the old primary is a replica now), ``OOM`` (maxmemory with
@@ -39,6 +41,10 @@ the message's first word.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable
 from typing import Final, Literal
 
 from redis import exceptions as rex
@@ -75,26 +81,33 @@ _REFUSED_MESSAGES = ("hash value is not a float", "value is not a valid float", 
 
 
 _PIPELINE_NOTE = " of pipeline caused error: "
+_SCRIPT_WRAPPERS = re.compile(r"^(?:Error running script \(call to f_[0-9a-f]+\): |@user_script: ?\d+: |-)+")
+"""What Redis before 7 wraps around a command's error inside a script (``Error running script
+(call to f_<sha>): @user_script:12: @user_script: 12: -READONLY ...``; an error table a script
+returns from ``redis.pcall`` keeps the inner ``@user_script: 12: -READONLY ...``)."""
 
 
 def reply_text(exc: BaseException) -> str:
-    """The error reply's text, without the note redis-py puts in front of an error raised from a
-    pipeline (``Command # 3 (EVALSHA ...) of pipeline caused error: <reply>``)."""
+    """The error reply's own text: without the note redis-py puts in front of an error raised
+    from a pipeline (``Command # 3 (EVALSHA ...) of pipeline caused error: <reply>``) and without
+    the script wrappers of Redis before 7."""
     text = str(exc.args[0]) if exc.args else ""
     if text.startswith("Command # ") and _PIPELINE_NOTE in text:
         text = text.split(_PIPELINE_NOTE, 1)[1]
-    return text
+    return _SCRIPT_WRAPPERS.sub("", text)
 
 
 def error_code(exc: BaseException) -> str | None:
-    """The Redis error code of an error reply (``READONLY``, ``WRONGTYPE``...), None for others."""
+    """The Redis error code of an error reply (``READONLY``, ``WRONGTYPE``...), None for others.
+
+    The reply's first word when it is a code (a script passes a command's error on with its
+    code); else the code redis-py took off the reply when it chose the exception class."""
+    if isinstance(exc, rex.ResponseError):
+        word = reply_text(exc).split(" ", 1)[0]
+        if word.isupper() and word.isalpha() and word != "ERR":
+            return word
     status = getattr(exc, "status_code", None)
-    if isinstance(status, str) and status:
-        return status
-    if not isinstance(exc, rex.ResponseError):
-        return None
-    word = reply_text(exc).split(" ", 1)[0]
-    return word if word.isupper() and word.isalpha() else None
+    return status if isinstance(status, str) and status else None
 
 
 def classify(exc: BaseException) -> Kind:
@@ -113,7 +126,7 @@ def classify(exc: BaseException) -> Kind:
     if code in _REFUSED_CODES:
         return REFUSED
     if isinstance(exc, rex.ResponseError):
-        message = reply_text(exc)
+        message = reply_text(exc).removeprefix("ERR ")
         if any(message.startswith(text) for text in _REFUSED_MESSAGES):
             return REFUSED
     return BUG
@@ -130,5 +143,49 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-__all__ = ["BUG", "KINDS", "OPERATOR", "REFUSAL_CODE", "REFUSED", "TRANSIENT", "Kind", "classify", "error_code",
+class FailureEpisodes:
+    """One log line when a background Redis writer starts failing (or fails in another way), one
+    when it works again, and a callback per failure with its kind (a counter): an outage of minutes
+    is two log lines, not one per attempt. A transient error is a warning; an operator error
+    (someone must fix the deployment), a refusal or a bug (with its trace) are errors. The caller
+    decides what to retry (the kind `failed` returns)."""
+
+    def __init__(self, logger: logging.Logger, what: str, on_failure: Callable[[Kind], None] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._log = logger
+        self._what = what
+        self._on_failure = on_failure
+        self._clock = clock
+        self._kind: Kind | None = None
+        self.failing_since: float | None = None
+        """Clock reading of the episode's first failure; None while writes work."""
+
+    def failed(self, exc: BaseException) -> Kind:
+        kind = classify(exc)
+        if self._on_failure is not None:
+            self._on_failure(kind)
+        if self.failing_since is None:
+            self.failing_since = self._clock()
+        elif kind == self._kind:
+            return kind
+        self._kind = kind
+        if kind == TRANSIENT:
+            self._log.warning("%s: Redis writes fail (%s); retrying, kept until they succeed", self._what,
+                              one_line(exc))
+        elif kind == OPERATOR:
+            self._log.error("%s: Redis refuses us (%s): check the credentials and ACL; retrying meanwhile",
+                            self._what, one_line(exc))
+        else:
+            self._log.error("%s: Redis refused a write for good (%s); it is dropped", self._what, one_line(exc),
+                            exc_info=exc)
+        return kind
+
+    def succeeded(self) -> None:
+        if self.failing_since is not None:
+            self._log.info("%s: Redis writes work again after %.1f s", self._what, self._clock() - self.failing_since)
+            self.failing_since = None
+            self._kind = None
+
+
+__all__ = ["BUG", "KINDS", "FailureEpisodes", "OPERATOR", "REFUSAL_CODE", "REFUSED", "TRANSIENT", "Kind", "classify", "error_code",
            "one_line", "reply_text", "retryable"]

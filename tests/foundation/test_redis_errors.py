@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import doctest
+import logging
 
 import pytest
 from redis import exceptions as rex
@@ -47,6 +48,19 @@ def reply(text: str) -> BaseException:
     ("ERR user_script:3: attempt to perform arithmetic on a nil value" + SCRIPT, BUG),
     ("ERR Error compiling script (new function): user_script:1: '=' expected near 'x'", BUG),
     ("ERR wrong number of arguments for 'hmget' command", BUG),
+    # Redis 6.2: a command's error inside a script, raised by redis.call or returned from redis.pcall
+    ("ERR Error running script (call to f_e44a100d118df6cbe073953627691bacb1dcbe14): @user_script:1: @user_script: 1: "
+     "-READONLY You can't write against a read only replica.", TRANSIENT),
+    ("@user_script: 1: -READONLY You can't write against a read only replica.", TRANSIENT),
+    ("ERR Error running script (call to f_17de6efb9ce1aa2c904beef238f3a075e21ecd5d): @user_script:1: @user_script: 1: "
+     "-OOM command not allowed when used memory > 'maxmemory'.", TRANSIENT),
+    ("@user_script: 52: -OOM command not allowed when used memory > 'maxmemory'.", TRANSIENT),
+    ("ERR Error running script (call to f_a74fc5e9f94f2ccf101d4770a460d9fa8eabe94e): @user_script:1: WRONGTYPE "
+     "Operation against a key holding the wrong kind of value", REFUSED),
+    ("ERR Error running script (call to f_8e201e9b3f4a0962305dd4065b53e81d8cefa1af): @user_script:1: ERR hash value "
+     "is not a float", REFUSED),
+    ("ERR Error running script (call to f_cd204846b476dfdb7c087f1a1cef2df50cc9a6e7): @user_script:1: user_script:1: "
+     "attempt to perform arithmetic on a nil value", BUG),
     ("ERR unknown command 'HSETX'", BUG),
 ])
 def test_each_error_reply_has_its_kind(text: str, kind: str) -> None:
@@ -88,3 +102,27 @@ def test_retryable_and_one_line() -> None:
 def test_docstring_examples() -> None:
     result = doctest.testmod(redis_errors, raise_on_error=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_failure_episodes_log_once_per_outage_and_count_every_failure(caplog) -> None:
+    """The gateway's background writers (call counts, guardrail): before, a READONLY Redis was one
+    debug line per attempt and no counter."""
+    now = [0.0]
+    kinds: list[str] = []
+    episodes = redis_errors.FailureEpisodes(logging.getLogger("test.episodes"), "arm call counts", kinds.append,
+                                            clock=lambda: now[0])
+    with caplog.at_level(logging.INFO, logger="test.episodes"):
+        for _ in range(5):
+            assert episodes.failed(reply("READONLY You can't write against a read only replica.")) == TRANSIENT
+            now[0] += 1.0
+        episodes.succeeded()
+        episodes.succeeded()
+        assert episodes.failed(reply("NOPERM no permissions to access a key")) == OPERATOR
+        assert episodes.failed(reply("WRONGTYPE Operation against a key")) == REFUSED
+        assert episodes.failed(reply("WRONGTYPE Operation against a key")) == REFUSED  # the same again: no line
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines[0] == ("WARNING", "arm call counts: Redis writes fail (ReadOnlyError: You can't write against a read "
+                                   "only replica.); retrying, kept until they succeed")
+    assert lines[1] == ("INFO", "arm call counts: Redis writes work again after 5.0 s")
+    assert [level for level, _ in lines[2:]] == ["ERROR", "ERROR"] and "check the credentials and ACL" in lines[2][1]
+    assert kinds == [TRANSIENT] * 5 + [OPERATOR, REFUSED, REFUSED]
