@@ -12,6 +12,12 @@ so a batch costs one script call per route and chunk, not two. A batch that is r
 failure, or replayed after a crash, adds nothing twice; the script returns which items (and how
 many arm updates) it applied, so the process's Prometheus counters count only those.
 
+Refusals: every script checks its arguments and what is stored before its first write and
+refuses with ``BGREFUSED <why>`` having changed nothing (Redis does not roll back a script that
+fails half-way: tokens it had written would make the items look applied to the retry). RedisSink
+splits a refused chunk until it has the single effects Redis refuses and hands them back to be
+dead-lettered (docs/feedback.md, "Poison values and Redis errors").
+
 Redis keys for route R with prefix P (hash tag ``{R}``: one Cluster slot per route):
 
 ``P:{R}:fb:counts``           joined / duplicate / late / orphan / default / unanswered /

@@ -287,8 +287,15 @@ async def poison_values(ctx: Context) -> dict[str, Any]:
             compare(f"count {kind}", counts.get(kind, 0.0), 0.0)
         non_finite = [name for values in (counts, quality, arms_hash) for name, value in values.items()
                       if not math.isfinite(value)]
-        result = delivery(load.order, scene.predictions.records, scene.dead_keys())
-        dead = scene.dead_keys()
+        dead_by_topic: dict[str, set[str]] = {}
+        for rec in scene.deadletter.records:
+            if rec.value is not None:
+                dead_by_topic.setdefault(orjson.loads(rec.value).get("topic", ""), set()).add(rec.key)
+        # a poison outcome's dead letter has its request's key: only the requests topic's dead
+        # letters are requests the gateway refused
+        requests_dead = dead_by_topic.get(scene.topics["requests"], set())
+        result = delivery(load.order, scene.predictions.records, requests_dead)
+        dead = dead_by_topic.get(scene.topics["outcomes"], set()) | dead_by_topic.get(scene.topics["predictions"], set())
         not_dead_lettered = sorted(dead_wanted - dead)
         reasons: Counter[str] = Counter()
         for rec in scene.deadletter.records:
@@ -297,13 +304,12 @@ async def poison_values(ctx: Context) -> dict[str, Any]:
         poison_http = sum(count for (what, _status), count in responder.statuses.items() if what == "poison")
         rejected_http = responder.statuses.get(("poison", 400), 0)
         good_http = sum(count for (what, _status), count in responder.statuses.items() if what == "good")
-        requests_dead = len(set(load.ids()) & dead)
         output = worker.output()
         result.update(
             outcomes=expected_total, applied=stats["counter"],
             double_counted=max(0, stats["counter"] - expected_total),
             lost=result["lost"] + max(0, expected_total - stats["counter"]) + len(not_dead_lettered),
-            client_errors=len(responder.http_failed) + requests_dead,
+            client_errors=len(responder.http_failed) + len(set(load.ids()) & requests_dead),
             exact=not mismatches, mismatches=mismatches[:10], non_finite_values=len(non_finite),
             poison_kafka=len(responder.poison_kafka), poison_kafka_kinds=dict(Counter(responder.poison_kafka.values())),
             bad_name_predictions=len(BAD_NAMES), dead_lettered=len(dead_wanted & dead),
