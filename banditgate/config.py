@@ -30,7 +30,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from banditgate.events import NAME_PATTERN  # one definition: the feedback worker checks names in events with it
+from banditgate.events import MAX_MAGNITUDE, NAME_PATTERN  # one definition each: events are checked with them too
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -386,7 +386,7 @@ class Route(_Strict):
     half_life: float | None = Field(None, gt=0)
     """Discounting for non-stationary arms, in outcomes."""
     reward_wait_s: float | None = Field(None, gt=0)
-    default_reward: float | None = None
+    default_reward: float | None = Field(None, ge=-MAX_MAGNITUDE, le=MAX_MAGNITUDE)  # as outcomes' rewards
     exploration_floor: float = Field(0.0, ge=0, lt=1)
     arms: list[Arm] = Field(min_length=1)
     shadows: list[Arm] = []
