@@ -77,19 +77,18 @@ local names, rows, expires, arm_spec = payload[1], payload[2], payload[3], paylo
 if type(names) ~= 'table' or type(rows) ~= 'table' or type(expires) ~= 'table' or type(arm_spec) ~= 'table' then
   return bg_refuse('the payload is not [names, items, expiries, arm]')
 end
-local nkeys, nnames = #KEYS, #names
-local function at(p, n)
-  return type(p) == 'number' and p >= 1 and p <= n and p % 1 == 0
+local type = type
+for j = 1, #names do
+  if type(names[j]) ~= 'string' then return bg_refuse('field name ' .. j .. ' is not a string') end
 end
-for j, name in ipairs(names) do
-  if type(name) ~= 'string' then return bg_refuse('field name ' .. j .. ' is not a string') end
-end
--- 1. the arguments, before anything is read or written
+-- 1. the arguments, before anything is read or written. A position is valid when KEYS (or
+-- names) has something there: that also refuses a fraction, a string or a JSON null
 local targets = {}
 local arms = {}
 local any_arm = false
-for i, item in ipairs(rows) do
-  if type(item) ~= 'table' or not at(item[1], nkeys) or type(item[2]) ~= 'string' then
+for i = 1, #rows do
+  local item = rows[i]
+  if type(item) ~= 'table' or KEYS[item[1]] == nil or type(item[2]) ~= 'string' then
     return bg_refuse('item ' .. i .. ' is not [seen key, token, group...]')
   end
   for g = 3, #item do
@@ -97,33 +96,45 @@ for i, item in ipairs(rows) do
     if type(group) ~= 'table' then return bg_refuse('item ' .. i .. ': group ' .. (g - 2) .. ' is not a list') end
     local n = group[1]
     if n == 0 then
-      if #group ~= 4 or not at(group[2], nkeys) then return bg_refuse('item ' .. i .. ': a malformed arm update') end
-      local why = arm_check(group[3], group[4])
-      if why then return bg_refuse('item ' .. i .. ': ' .. why) end
-      arms[group[3]] = true
+      local name, reward = group[3], group[4]
+      if #group ~= 4 or KEYS[group[2]] == nil or type(reward) ~= 'number'
+          or not (reward >= -MAX_MAGNITUDE and reward <= MAX_MAGNITUDE) or not (arms[name] or bg_name(name)) then
+        return bg_refuse('item ' .. i .. ': ' .. (arm_check(name, reward) or 'a malformed arm update'))
+      end
+      arms[name] = true
       any_arm = true
     else
-      if not at(n, nkeys) or (#group - 1 - n) % 2 ~= 0 then
+      if type(n) ~= 'number' or KEYS[n] == nil or (#group - 1 - n) % 2 ~= 0 then
         return bg_refuse('item ' .. i .. ': group ' .. (g - 2) .. ' is not [n, target..., name, amount...]')
       end
-      for k = 2, n + 1 do
-        if not at(group[k], nkeys) then return bg_refuse('item ' .. i .. ': a target is not a key') end
-        if not targets[group[k]] then targets[group[k]] = {} end
+      local last = n + 1
+      for k = 2, last do
+        local target = group[k]
+        if KEYS[target] == nil then return bg_refuse('item ' .. i .. ': a target is not a key') end
+        if targets[target] == nil then targets[target] = {} end
       end
-      for j = n + 2, #group, 2 do
-        local value = group[j + 1]
-        if not at(group[j], nnames) then return bg_refuse('item ' .. i .. ': a field is not a name') end
-        if type(value) ~= 'number' or not (value >= -MAX_INCREMENT and value <= MAX_INCREMENT) then
-          return bg_refuse('item ' .. i .. ': ' .. names[group[j]] .. ' adds ' .. tostring(value) ..
+      -- the fields each target gets (for step 2); one or two targets is every group the
+      -- planner makes (counts, pairs; a quality sum and its time bucket)
+      local first = targets[group[2]]
+      local second = n >= 2 and targets[group[3]] or first
+      for j = last + 1, #group, 2 do
+        local position, value = group[j], group[j + 1]
+        if names[position] == nil or type(value) ~= 'number'
+            or not (value >= -MAX_INCREMENT and value <= MAX_INCREMENT) then
+          return bg_refuse('item ' .. i .. ': ' .. tostring(names[position]) .. ' adds ' .. tostring(value) ..
                            ', not a number in [-1e31, 1e31]')
         end
-        for k = 2, n + 1 do targets[group[k]][group[j]] = true end
+        first[position] = true
+        second[position] = true
+        if n > 2 then
+          for k = 4, last do targets[group[k]][position] = true end
+        end
       end
     end
   end
 end
 for _, e in ipairs(expires) do
-  if type(e) ~= 'table' or not at(e[1], nkeys) or not bg_count(e[2]) then return bg_refuse('a malformed expiry') end
+  if type(e) ~= 'table' or KEYS[e[1]] == nil or not bg_count(e[2]) then return bg_refuse('a malformed expiry') end
 end
 -- 2. what is stored: every key added to is a hash (or absent) holding numbers there, every arm's
 -- statistics are numbers (reads only: a refusal here has changed nothing)
@@ -142,7 +153,7 @@ for target, fields in pairs(targets) do
 end
 local arm = nil
 if any_arm then
-  if #arm_spec ~= 3 or not at(arm_spec[1], nkeys) or not bg_count(arm_spec[3]) then
+  if #arm_spec ~= 3 or KEYS[arm_spec[1]] == nil or not bg_count(arm_spec[3]) then
     return bg_refuse('the arm statistics spec is not [hash, half-life, ttl]')
   end
   local why
