@@ -1,4 +1,4 @@
-"""Typed configuration: one YAML file, validated at start-up (pure: imports nothing of ours).
+"""Typed configuration: one YAML file, validated at start-up (pure: of ours, imports only the events contract).
 
 Every wrong field is reported as one line naming the field path and the problem
 (``routes[0].arms[1].max_share: must be <= 1 (got 1.5)``), all of them at once.
@@ -31,7 +31,7 @@ import yaml
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
                       model_validator)
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+from banditgate.events import MAX_MAGNITUDE, NAME_PATTERN  # one definition each: events are checked with them too
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -456,7 +456,7 @@ class Route(_Strict):
     half_life: float | None = Field(None, gt=0)
     """Discounting for non-stationary arms, in outcomes."""
     reward_wait_s: float | None = Field(None, gt=0)
-    default_reward: float | None = None
+    default_reward: float | None = Field(None, ge=-MAX_MAGNITUDE, le=MAX_MAGNITUDE)  # as outcomes' rewards
     exploration_floor: float = Field(0.0, ge=0, lt=1)
     arms: list[Arm] = Field(min_length=1)
     shadows: list[Arm] = []

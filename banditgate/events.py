@@ -5,11 +5,22 @@ Every Kafka value is a JSON object encoded with orjson. Times (`ts`, `ts_request
 
 Decoding never raises anything but :class:`EventError`, whose `reason` is a short, stable
 machine-readable code (used as a metric label) and whose message is one human line.
+
+Numbers from outside are bounded, not only finite: an outcome's ``reward``, a numeric ``label``
+and its ``ts``, and a prediction's numbers must lie in [-MAX_MAGNITUDE, MAX_MAGNITUDE] (else
+``out_of_range``; NaN and infinities are ``not_finite``). The feedback ledger adds rewards, their
+squares and squared label errors into running sums; with every value bounded by 1e15 a square is
+at most 4e30, so a sum overflows only after about 1e277 of them (and integers below the bound
+are exact as doubles). ``clicks`` hold at most MAX_CLICKS item ids of 1..MAX_ID_CHARS characters;
+a string label at most MAX_LABEL_CHARS. A prediction's ``arm`` and ``model`` are names
+(NAME_PATTERN, as routes and arms are in the configuration: no ``:`` or ``|``, which Redis keys
+and hash fields use as separators), else ``bad_id``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Container, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +30,16 @@ import orjson
 DEFAULT_MAX_EVENT_BYTES = 1_048_576
 MAX_ID_CHARS = 256
 MAX_NESTING = 4  # inputs may hold rows of rows (e.g. an image) but not arbitrarily deep trees
+MAX_MAGNITUDE = 1e15
+"""Largest absolute value of an outcome's reward, numeric label and ts, and of a prediction's
+numbers (see the module docstring: no sum or square the feedback ledger keeps can overflow)."""
+MAX_CLICKS = 1000
+"""Most item ids one outcome's ``clicks`` may list."""
+MAX_LABEL_CHARS = 1024
+"""Longest string label."""
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+"""Route, arm and model names (banditgate.config validates configured names with it)."""
+_NAME = re.compile(NAME_PATTERN)
 
 ALERT_KINDS = frozenset({"drift", "quality", "rollback", "promote", "reject", "guardrail", "retrain"})
 
@@ -26,7 +47,7 @@ ALERT_KINDS = frozenset({"drift", "quality", "rollback", "promote", "reject", "g
 REASONS = (
     "oversize", "not_json", "not_object", "missing_field", "wrong_type", "bad_id",
     "unknown_route", "not_finite", "too_deep", "bad_input", "out_of_range", "inference_failed",
-    "model_unavailable", "internal_error",
+    "model_unavailable", "internal_error", "redis_refused",
 )
 
 
@@ -294,6 +315,24 @@ def decode_request(raw: bytes, routes: Container[str] | None = None,
     return request_from_obj(load_object(raw, "request", max_bytes), routes)
 
 
+def _bounded(value: float, what: str) -> float:
+    """`value` (an int or a float) as a float if it is finite and within MAX_MAGNITUDE; raise
+    EventError (not_finite / out_of_range) otherwise. One comparison when it fits."""
+    if -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE:
+        return float(value)
+    if isinstance(value, float) and math.isnan(value):
+        raise EventError("not_finite", f"{what} is not a number (NaN)")
+    if isinstance(value, float) and math.isinf(value):
+        raise EventError("not_finite", f"{what} is not finite")
+    shown = repr(value) if isinstance(value, float) or abs(value) < 10**24 else f"{str(value)[:24]}..."
+    raise EventError("out_of_range", f"{what} is {shown}, outside [-{MAX_MAGNITUDE:g}, {MAX_MAGNITUDE:g}]")
+
+
+def is_name(value: Any) -> bool:
+    """Whether `value` is a route, arm or model name (NAME_PATTERN)."""
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
 def outcome_from_obj(obj: dict[str, Any]) -> Outcome:
     """Validate a decoded outcome object; raise EventError with the reason."""
     request_id = _require_id(obj, "request_id", "outcome")
@@ -303,21 +342,33 @@ def outcome_from_obj(obj: dict[str, Any]) -> Outcome:
             reward = float(reward)
         if not isinstance(reward, (int, float)):
             raise EventError("wrong_type", f"outcome {request_id!r} 'reward' must be a number, got {type(reward).__name__}")
-        reward = float(reward)
-        if not math.isfinite(reward):
-            raise EventError("not_finite", f"outcome {request_id!r} 'reward' is not finite")
+        reward = _bounded(reward, f"outcome {request_id!r} 'reward'")
     label = obj.get("label")
-    if label is not None and not isinstance(label, (str, int, float, bool)):
-        raise EventError("wrong_type", f"outcome {request_id!r} 'label' must be a number, string or boolean")
+    if label is not None:
+        if not isinstance(label, (str, int, float, bool)):
+            raise EventError("wrong_type", f"outcome {request_id!r} 'label' must be a number, string or boolean")
+        if isinstance(label, str):
+            if len(label) > MAX_LABEL_CHARS:
+                raise EventError("out_of_range", f"outcome {request_id!r} 'label' has {len(label)} characters, "
+                                                 f"over {MAX_LABEL_CHARS}")
+        elif not isinstance(label, bool):
+            _bounded(label, f"outcome {request_id!r} 'label'")
     clicks = obj.get("clicks")
     if clicks is not None:
         if not isinstance(clicks, list) or not all(isinstance(c, (str, int)) for c in clicks):
             raise EventError("wrong_type", f"outcome {request_id!r} 'clicks' must be a list of item ids")
+        if len(clicks) > MAX_CLICKS:
+            raise EventError("out_of_range", f"outcome {request_id!r} 'clicks' lists {len(clicks)} items, "
+                                             f"over {MAX_CLICKS}")
         clicks = tuple(str(c) for c in clicks)
+        if not all(0 < len(c) <= MAX_ID_CHARS for c in clicks):
+            raise EventError("bad_id", f"outcome {request_id!r} 'clicks' item ids must have 1..{MAX_ID_CHARS} characters")
     if reward is None and label is None and clicks is None:
         raise EventError("missing_field", f"outcome {request_id!r} has none of 'reward', 'label', 'clicks'")
-    return Outcome(request_id=request_id, reward=reward, label=label, ts=_optional_ts(obj, "ts", "outcome"),
-                   clicks=clicks)
+    ts = _optional_ts(obj, "ts", "outcome")
+    if ts is not None:
+        _bounded(ts, f"outcome {request_id!r} 'ts'")
+    return Outcome(request_id=request_id, reward=reward, label=label, ts=ts, clicks=clicks)
 
 
 def decode_outcome(raw: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Outcome:
@@ -334,6 +385,10 @@ def prediction_from_obj(obj: dict[str, Any]) -> Prediction:
     route = _require_id(obj, "route", "prediction")
     arm = _require_id(obj, "arm", "prediction")
     model = _require_id(obj, "model", "prediction")
+    for key, name in (("arm", arm), ("model", model)):
+        if _NAME.fullmatch(name) is None:
+            raise EventError("bad_id", f"prediction {request_id!r} '{key}' {name[:64]!r} is not a name (letters, digits, "
+                                       "'_', '.', '-'; at most 128 characters)")
     policy = _require_id(obj, "policy", "prediction")
     version = obj.get("model_version")
     if isinstance(version, bool) or not isinstance(version, int):
@@ -344,7 +399,7 @@ def prediction_from_obj(obj: dict[str, Any]) -> Prediction:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise EventError("wrong_type" if key in obj else "missing_field",
                              f"prediction {request_id!r} '{key}' must be a number")
-        numbers[key] = float(value)
+        numbers[key] = _bounded(value, f"prediction {request_id!r} '{key}'")
     outputs = obj.get("outputs")
     if not isinstance(outputs, dict):
         raise EventError("wrong_type", f"prediction {request_id!r} 'outputs' must be an object")

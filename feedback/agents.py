@@ -36,17 +36,29 @@ from typing import Any, TypeVar
 
 import orjson
 from aiokafka.errors import KafkaError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
+from banditgate import redis_errors
 from banditgate.config import Topics
-from banditgate.events import DEFAULT_MAX_EVENT_BYTES, MAX_ID_CHARS, EventError, decode_outcome, decode_prediction
+from banditgate.events import (
+    DEFAULT_MAX_EVENT_BYTES,
+    MAX_ID_CHARS,
+    MAX_LABEL_CHARS,
+    MAX_MAGNITUDE,
+    EventError,
+    decode_outcome,
+    decode_prediction,
+    is_name,
+)
 from feedback.join import (
+    Count,
     DropOutcome,
     Effect,
     Entry,
     JoinRules,
     OutcomeIn,
     PredictionIn,
+    Reward,
     Seen,
     Served,
     make_seen,
@@ -59,7 +71,7 @@ from feedback.pairs import impression_from_outputs
 from feedback.quality import outputs_view
 from feedback.metrics import FeedbackMetrics
 from feedback.quality_drift_watch import QualityDriftWatch
-from feedback.sinks import KafkaOut, RedisSink
+from feedback.sinks import KafkaOut, RedisSink, Refusal
 from feedback.state import JoinTable
 
 log = logging.getLogger("banditgate.feedback.agents")
@@ -68,8 +80,10 @@ T = TypeVar("T")
 
 _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
-_LABEL_TYPES = (str, int, float, bool)
 _NUMBER_TYPES = (int, float)
+_LOW, _HIGH = -MAX_MAGNITUDE, MAX_MAGNITUDE
+"""The events contract's bounds on numbers: the fast decoder compares what it has already read."""
+_KNOWN_NAMES_MAX = 4096
 _YIELDS_FOR_REDIS = 4
 """Event-loop turns the Redis calls of a batch get to plan and send their pipelines before the
 batch's changelog encoding takes the loop (fewer only means less overlap, never a wrong order)."""
@@ -108,6 +122,8 @@ class JoinProcessor:
         self._drift = drift
         self._sources = {topics.predictions: "predictions", topics.shadow_predictions: "shadow_predictions",
                          topics.outcomes: "outcomes"}
+        self._known_names: set[str] = set()
+        """Arm and model names seen valid (see `_learn_name`)."""
         self.lock = asyncio.Lock()
         self._unwritten: dict[str, tuple[int, Entry | None]] = {}
         """Changes of submitted batches not yet persisted (newest per request)."""
@@ -138,10 +154,15 @@ class JoinProcessor:
             reward = obj.get("reward")
             label = obj.get("label")
             ts = obj.get("ts")
-            if ((reward is None or type(reward) is float or type(reward) is int)
-                    and (label is None or type(label) in _LABEL_TYPES)
+            # the contract's bounds (banditgate.events) as comparisons on values already read;
+            # anything else takes the full validator, which says why (property-tested alike)
+            if ((reward is None or ((type(reward) is float or type(reward) is int) and _LOW <= reward <= _HIGH))
+                    and (label is None or (kind := type(label)) is bool
+                         or ((kind is int or kind is float) and _LOW <= label <= _HIGH)
+                         or (kind is str and len(label) <= MAX_LABEL_CHARS))
                     and (reward is not None or label is not None)
-                    and (ts is None or type(ts) is float or type(ts) is int) and "clicks" not in obj):
+                    and (ts is None or ((type(ts) is float or type(ts) is int) and _LOW <= ts <= _HIGH))
+                    and "clicks" not in obj):
                 if ts is None:
                     ts = (message.timestamp or 0) / 1000.0
                 return OutcomeIn(request_id, message.partition,
@@ -154,12 +175,15 @@ class JoinProcessor:
         version = obj.get("model_version")
         ts_predicted = obj.get("ts_predicted")
         outputs = obj.get("outputs")
+        names = self._known_names
         if (type(route) is str and type(arm) is str and type(model) is str and type(version) is int
-                and (type(ts_predicted) is float or type(ts_predicted) is int) and type(outputs) is dict
-                and 0 < len(arm) <= MAX_ID_CHARS and 0 < len(model) <= MAX_ID_CHARS
+                and (type(ts_predicted) is float or type(ts_predicted) is int) and _LOW <= ts_predicted <= _HIGH
+                and type(outputs) is dict
+                and (arm in names or self._learn_name(arm)) and (model in names or self._learn_name(model))
                 and type(policy := obj.get("policy")) is str and 0 < len(policy) <= MAX_ID_CHARS
-                and type(obj.get("propensity")) in _NUMBER_TYPES and type(obj.get("ts_request")) in _NUMBER_TYPES
-                and type(obj.get("latency_ms")) in _NUMBER_TYPES):
+                and type(number := obj.get("propensity")) in _NUMBER_TYPES and _LOW <= number <= _HIGH
+                and type(number := obj.get("ts_request")) in _NUMBER_TYPES and _LOW <= number <= _HIGH
+                and type(number := obj.get("latency_ms")) in _NUMBER_TYPES and _LOW <= number <= _HIGH):
             if route not in self._rules.routes:
                 return self._decode_slow(message)
             served = make_served(arm, model, version, outputs_view(outputs), message.offset,
@@ -167,6 +191,16 @@ class JoinProcessor:
                                  impression_from_outputs(outputs) if policy == "interleave" else None)
             return PredictionIn(request_id, message.partition, route, served, float(ts_predicted))
         return self._decode_slow(message)
+
+    def _learn_name(self, name: str) -> bool:
+        """Whether `name` is an arm or model name (banditgate.events.NAME_PATTERN); a valid one is
+        remembered, so the regular expression runs once per name, not once per event."""
+        if not is_name(name):
+            return False
+        if len(self._known_names) >= _KNOWN_NAMES_MAX:
+            self._known_names.clear()  # bounded: a deployment has a handful of names
+        self._known_names.add(name)
+        return True
 
     def _decode_slow(self, message: Any) -> PredictionIn | OutcomeIn:
         """The full validators (banditgate.events): the events' contract, every reason."""
@@ -342,6 +376,8 @@ class JoinProcessor:
                     await asyncio.sleep(0)
                 encoded = self._table.encode(changes)
             result = await redis_call
+            if result.refused:
+                letters.extend(self._refused(result.refused))
             self._metrics.count_all(result.counts)
             if self._drift is not None:
                 # fed only what the ledger applied now: a replayed outcome is not seen twice
@@ -364,22 +400,54 @@ class JoinProcessor:
             letters.append(self._out.alert(alert))
         return letters
 
+    def _refused(self, refused: Sequence[Refusal]) -> list[tuple[str, bytes | None, bytes]]:
+        """Dead letters for effects the ledger refused (one log line per batch: a broken key can
+        refuse every item of a route, batch after batch)."""
+        letters = []
+        for refusal in refused:
+            effect = refusal.effect
+            topic = self._topics.predictions if _from_prediction(effect) else self._topics.outcomes
+            source = self._sources[topic]
+            self._metrics.dead_letters.labels(source, refusal.reason).inc()
+            # the event was joined before: its offset is not at hand here (-1), the payload says
+            # which effect of which request it was
+            letters.append(self._out.dead_letter(effect.request_id.encode(), refusal.error, refusal.reason, topic, -1,
+                                                 -1, orjson.dumps(_describe(effect))))
+        log.warning("%d effect(s) refused and dead-lettered instead of applied (first: %s)", len(refused),
+                    refused[0].error)
+        return letters
+
     async def _retrying(self, sink: str, call: Callable[[], Awaitable[T]]) -> T:
-        """Call until it succeeds; transient Redis/Kafka/network errors are retried with backoff
-        (one warning per outage), anything else propagates."""
+        """Call until it succeeds. Redis errors are classified (banditgate.redis_errors):
+        transient ones (connection, timeout, READONLY, OOM, LOADING, BUSY...) and operator ones
+        (NOPERM, authentication: retried too, logged as errors, since no data is wrong) are
+        retried with backoff, one log line per episode, `redis_up` 0 and a counter by kind
+        meanwhile; a refusal that reaches here or anything else is a bug and propagates. Kafka
+        and network errors are retried as before."""
         delay = 0.05
         failing_since: float | None = None
+        kind = ""
         while True:
             try:
                 result = await call()
-            except ResponseError:
-                raise  # a script or command error is a bug, not an outage
             except (RedisError, KafkaError, OSError, asyncio.TimeoutError) as exc:
+                if isinstance(exc, RedisError):
+                    kind = redis_errors.classify(exc)
+                    if kind not in (redis_errors.TRANSIENT, redis_errors.OPERATOR):
+                        raise  # a script or command error we caused: a bug, not an outage
+                    self._metrics.redis_errors.labels(kind).inc()
+                else:
+                    kind = "transient"
                 if failing_since is None:
                     failing_since = time.monotonic()
                     gc.enable()  # paused for the batch (feedback/consumer.py BatchGc): not for an outage
-                    log.warning("%s write failed (%s: %s); retrying, nothing is acknowledged until it succeeds",
-                                sink, type(exc).__name__, exc)
+                    if kind == redis_errors.OPERATOR:
+                        log.error("%s write refused by the deployment (%s); retrying until an operator fixes it "
+                                  "(credentials or ACL), nothing is acknowledged meanwhile", sink,
+                                  redis_errors.one_line(exc))
+                    else:
+                        log.warning("%s write failed (%s); retrying, nothing is acknowledged until it succeeds",
+                                    sink, redis_errors.one_line(exc))
                 if sink == "redis":
                     self._metrics.redis_up.set(0)
                 self._metrics.retries.labels(sink).inc()
@@ -391,3 +459,27 @@ class JoinProcessor:
             if sink == "redis":
                 self._metrics.redis_up.set(1)
             return result
+
+
+_FROM_PREDICTION = frozenset({"default", "unanswered", "prediction_duplicate"})
+
+
+def _from_prediction(effect: Effect) -> bool:
+    """Whether an effect stems from a prediction (or its timer) rather than an outcome."""
+    return (isinstance(effect, Count) and effect.kind in _FROM_PREDICTION) or (
+        isinstance(effect, Reward) and effect.default)
+
+
+def _describe(effect: Effect) -> dict[str, Any]:
+    """A refused effect as a dead letter's payload: what it would have added, and for whom."""
+    out: dict[str, Any] = {"effect": type(effect).__name__.lower(), "request_id": effect.request_id}
+    for name in ("route", "kind", "token", "reward", "label", "fields", "default"):
+        value = getattr(effect, name, None)
+        if value is not None:
+            out[name] = value
+    served = getattr(effect, "served", None)
+    if served is not None:
+        out.update(arm=served.arm, model=served.model, model_version=served.model_version, role=served.role)
+    elif getattr(effect, "arm", None) is not None:
+        out["arm"] = effect.arm  # type: ignore[union-attr]
+    return out

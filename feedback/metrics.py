@@ -57,6 +57,10 @@ class FeedbackMetrics:
                                           "retries, dropped: queue full or stopping)",
                                           ["route", "result"], registry=registry)
         self.redis_up = Gauge("banditgate_feedback_redis_up", "1 while Redis writes succeed", registry=registry)
+        self.redis_errors = Counter("banditgate_feedback_redis_errors_total",
+                                    "Redis errors the worker retried, by kind: transient (connection, READONLY, OOM, "
+                                    "LOADING, BUSY...) or operator (NOPERM, authentication)",
+                                    ["kind"], registry=registry)
         self.quality = QualityCollector()
         registry.register(self.quality)
         self.interleave = InterleaveCollector()

@@ -41,6 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
+from banditgate.events import MAX_MAGNITUDE
 from feedback.reward import RewardKind, RewardStats
 
 WINDOW_BUCKETS = 12
@@ -68,7 +69,9 @@ def _first_number(value: Any) -> float | None:
         value = value[0]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return float(value) if math.isfinite(value) else None
+    # a score outside the events contract's bound (banditgate.events.MAX_MAGNITUDE) is no score:
+    # its squared error against a label could overflow the ledger's sums
+    return float(value) if -MAX_MAGNITUDE <= value <= MAX_MAGNITUDE else None
 
 
 _PROBABILITY_OUTPUTS = ("probability", "probabilities", "output_probability")
@@ -87,7 +90,7 @@ def outputs_view(outputs: Mapping[str, Any]) -> PredictionView:
         # the same view as the general rules below give it, without walking them (hot path)
         probability, predicted = outputs.get("probability"), outputs.get("label")
         if (probability.__class__ is list and len(probability) == 1 and predicted.__class__ is int
-                and (score := probability[0]).__class__ is float and math.isfinite(score)):
+                and (score := probability[0]).__class__ is float and -MAX_MAGNITUDE <= score <= MAX_MAGNITUDE):
             return PredictionView(score=score, predicted=predicted, predicted_name=None)
     score: float | None = None  # type: ignore[no-redef]
     for key in _PROBABILITY_OUTPUTS:

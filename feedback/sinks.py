@@ -12,6 +12,12 @@ so a batch costs one script call per route and chunk, not two. A batch that is r
 failure, or replayed after a crash, adds nothing twice; the script returns which items (and how
 many arm updates) it applied, so the process's Prometheus counters count only those.
 
+Refusals: every script checks its arguments and what is stored before its first write and
+refuses with ``BGREFUSED <why>`` having changed nothing (Redis does not roll back a script that
+fails half-way: tokens it had written would make the items look applied to the retry). RedisSink
+splits a refused chunk until it has the single effects Redis refuses and hands them back to be
+dead-lettered (docs/feedback.md, "Poison values and Redis errors").
+
 Redis keys for route R with prefix P (hash tag ``{R}``: one Cluster slot per route):
 
 ``P:{R}:fb:counts``           joined / duplicate / late / orphan / default / unanswered /
@@ -38,8 +44,9 @@ from typing import Any
 
 import orjson
 
+from banditgate import redis_errors
 from banditgate.config import Route
-from banditgate.events import Alert, DeadLetter, dead_letter_payload, encode
+from banditgate.events import MAX_MAGNITUDE, Alert, DeadLetter, dead_letter_payload, encode, is_name
 from feedback.join import Count, DropOutcome, Effect, Label, Reward
 from feedback.metrics import FeedbackMetrics
 from feedback.pairs import Pairs
@@ -61,30 +68,133 @@ log = logging.getLogger("banditgate.feedback.sinks")
 _CHUNK = 1000  # ledger items per script call: keeps each atomic step short on the Redis side
 
 _LEDGER = ARM_UPDATE_LUA + """
+local MAX_INCREMENT = 1e31
 local ttl = tonumber(ARGV[1])
-local payload = cjson.decode(ARGV[2])
-local names = payload[1]
-local arm_spec = payload[4]
+if not bg_count(ttl) then return bg_refuse('dedup TTL ' .. tostring(ARGV[1]) .. ' is not a whole number of seconds') end
+local decoded, payload = pcall(cjson.decode, ARGV[2])
+if not decoded or type(payload) ~= 'table' then return bg_refuse('the payload is not a JSON array') end
+local names, rows, expires, arm_spec = payload[1], payload[2], payload[3], payload[4]
+if type(names) ~= 'table' or type(rows) ~= 'table' or type(expires) ~= 'table' or type(arm_spec) ~= 'table' then
+  return bg_refuse('the payload is not [names, items, expiries, arm]')
+end
+local type = type
+for j = 1, #names do
+  if type(names[j]) ~= 'string' then return bg_refuse('field name ' .. j .. ' is not a string') end
+end
+-- 1. the arguments, before anything is read or written. A position is valid when KEYS (or
+-- names) has something there: that also refuses a fraction, a string or a JSON null
+local targets = {}
+local arms = {}
+local any_arm = false
+for i = 1, #rows do
+  local item = rows[i]
+  if type(item) ~= 'table' or KEYS[item[1]] == nil or type(item[2]) ~= 'string' then
+    return bg_refuse('item ' .. i .. ' is not [seen key, token, group...]')
+  end
+  for g = 3, #item do
+    local group = item[g]
+    if type(group) ~= 'table' then return bg_refuse('item ' .. i .. ': group ' .. (g - 2) .. ' is not a list') end
+    local n = group[1]
+    if n == 0 then
+      local name, reward = group[3], group[4]
+      if #group ~= 4 or KEYS[group[2]] == nil or type(reward) ~= 'number'
+          or not (reward >= -MAX_MAGNITUDE and reward <= MAX_MAGNITUDE) or not (arms[name] or bg_name(name)) then
+        return bg_refuse('item ' .. i .. ': ' .. (arm_check(name, reward) or 'a malformed arm update'))
+      end
+      arms[name] = true
+      any_arm = true
+    else
+      if type(n) ~= 'number' or KEYS[n] == nil or (#group - 1 - n) % 2 ~= 0 then
+        return bg_refuse('item ' .. i .. ': group ' .. (g - 2) .. ' is not [n, target..., name, amount...]')
+      end
+      local last = n + 1
+      for k = 2, last do
+        local target = group[k]
+        if KEYS[target] == nil then return bg_refuse('item ' .. i .. ': a target is not a key') end
+        if targets[target] == nil then targets[target] = {} end
+      end
+      -- the fields each target gets (for step 2); one or two targets is every group the
+      -- planner makes (counts, pairs; a quality sum and its time bucket)
+      local first = targets[group[2]]
+      local second = n >= 2 and targets[group[3]] or first
+      for j = last + 1, #group, 2 do
+        local position, value = group[j], group[j + 1]
+        if names[position] == nil or type(value) ~= 'number'
+            or not (value >= -MAX_INCREMENT and value <= MAX_INCREMENT) then
+          return bg_refuse('item ' .. i .. ': ' .. tostring(names[position]) .. ' adds ' .. tostring(value) ..
+                           ', not a number in [-1e31, 1e31]')
+        end
+        first[position] = true
+        second[position] = true
+        if n > 2 then
+          for k = 4, last do targets[group[k]][position] = true end
+        end
+      end
+    end
+  end
+end
+for _, e in ipairs(expires) do
+  if type(e) ~= 'table' or KEYS[e[1]] == nil or not bg_count(e[2]) then return bg_refuse('a malformed expiry') end
+end
+-- 2. what is stored: every key added to is a hash (or absent) holding numbers there, every arm's
+-- statistics are numbers (reads only: a refusal here has changed nothing)
+for target, fields in pairs(targets) do
+  local why = bg_hash_or_none(KEYS[target])
+  if why then return bg_refuse(why) end
+  local list = {}
+  for position in pairs(fields) do list[#list + 1] = names[position] end
+  if #list > 0 then
+    local values = redis.call('HMGET', KEYS[target], unpack(list))
+    for k, value in ipairs(values) do
+      local _, err = bg_stored(KEYS[target], list[k], value)
+      if err then return bg_refuse(err) end
+    end
+  end
+end
 local arm = nil
-local sums = {}
+if any_arm then
+  if #arm_spec ~= 3 or KEYS[arm_spec[1]] == nil or not bg_count(arm_spec[3]) then
+    return bg_refuse('the arm statistics spec is not [hash, half-life, ttl]')
+  end
+  local why
+  arm, why = arm_open(KEYS[arm_spec[1]], arm_spec[2])
+  if why then return bg_refuse(why) end
+  for name in pairs(arms) do
+    why = arm_load(arm, name)
+    if why then return bg_refuse(why) end
+  end
+end
+-- 3. the writes. A seen hash can only fail HSETNX if it holds another type (or, on the first
+-- write, with OOM / READONLY): the tokens this call set are removed again and the error returned
+-- as it came, so a failed call leaves nothing behind either
 local flags = {}
+local set_now = {}
 local expired = {}
-for i, item in ipairs(payload[2]) do
-  local new = redis.call('HSETNX', KEYS[item[1]], item[2], '1') == 1
-  if new then
+for i, item in ipairs(rows) do
+  local key = KEYS[item[1]]
+  local reply = redis.pcall('HSETNX', key, item[2], '1')
+  if type(reply) == 'table' and reply.err then
+    for _, done in ipairs(set_now) do redis.call('HDEL', done[1], done[2]) end
+    return reply
+  end
+  if reply == 1 then
+    set_now[#set_now + 1] = {key, item[2]}
     if not expired[item[1]] then
-      redis.call('EXPIRE', KEYS[item[1]], ttl)
+      redis.call('EXPIRE', key, ttl)
       expired[item[1]] = true
     end
     flags[i] = '1'
   else
     flags[i] = '0'
   end
+end
+local sums = {}
+for i, item in ipairs(rows) do
+  local new = flags[i] == '1'
   for g = 3, #item do
     local group = item[g]
     if group[1] == 0 then
       -- an arm update: counted once per its own seen key, whatever the item's token says
-      if not arm then arm = arm_open(KEYS[arm_spec[1]], arm_spec[2]) end
       arm_add(arm, KEYS[group[2]], arm_spec[3], group[3], group[4])
     elseif new then
       local last_target = 1 + group[1]
@@ -105,7 +215,7 @@ for target, t in pairs(sums) do
     redis.call('HINCRBYFLOAT', KEYS[target], name, string.format('%.17g', value))
   end
 end
-for _, e in ipairs(payload[3]) do
+for _, e in ipairs(expires) do
   if sums[e[1]] then redis.call('EXPIRE', KEYS[e[1]], e[2]) end
 end
 if arm then
@@ -114,6 +224,11 @@ if arm then
 end
 return {table.concat(flags), 0, 0}
 """
+"""The ledger script (docs/feedback.md, "Poison values and Redis errors"): checks its arguments
+(1), then what is stored where it adds (2), and refuses with ``BGREFUSED <why>`` having changed
+nothing; only then writes (3). An amount is a sum of the contract's bounded numbers or of their
+squares (banditgate.events.MAX_MAGNITUDE = 1e15, so at most 4e30): anything beyond 1e31, NaN, or a
+JSON null (what orjson writes for an infinity) is refused."""
 
 # ---------------------------------------------------------------------------------------------
 # Redis: key names and the ledger
@@ -219,16 +334,38 @@ class Ledger:
         """Apply each chunk's items; return, per chunk, which items were applied now (False:
         their token had been applied before) and how many arm updates counted. Raises RedisError
         on failure (then retry the same chunks: nothing is applied twice)."""
+        replies = await self.apply_each(chunks)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies  # type: ignore[return-value]
+
+    async def apply_each(self, chunks: Sequence[LedgerChunk]) -> list[ChunkApplied | BaseException]:
+        """`apply`, with each chunk's own result: a script call Redis answered with an error
+        gives that error in its place (the script changed nothing then), the other chunks are
+        applied. Raises what the connection raises (then nothing is known about any chunk)."""
         if not chunks:
             return []
         pipe = self._client.pipeline(transaction=False)
         for chunk in chunks:
             await self._script(keys=chunk.keys, args=[self._dedup_ttl_s, chunk.payload()], client=pipe)
-        replies = await pipe.execute()
+        replies = await pipe.execute(raise_on_error=False)
         # one '0'/'1' character per item: a bulk string parses in one step, an array of integers
         # costs the client a Python call per item
-        return [ChunkApplied([flag == 49 for flag in flags], int(applied), int(duplicates))
-                for flags, applied, duplicates in replies]
+        return [reply if isinstance(reply, BaseException)
+                else ChunkApplied([flag == 49 for flag in reply[0]], int(reply[1]), int(reply[2]))
+                for reply in replies]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """An effect the ledger cannot take, to be dead-lettered instead of applied."""
+
+    effect: Effect
+    reason: str
+    """A banditgate.events.REASONS code."""
+    error: str
+    """One line: what was wrong."""
 
 
 class LedgerPlanner:
@@ -237,6 +374,8 @@ class LedgerPlanner:
     token was applied before, in an earlier call or earlier in the same one, changes nothing)."""
 
     def __init__(self, keys: FeedbackKeys, window_s: float, chunk_items: int = _CHUNK) -> None:
+        self._arm_names: set[str] = set()
+        """Arm names already checked (the name check runs once per name, not per reward)."""
         self._keys = keys
         self._bucket_s = bucket_seconds(window_s)
         self._bucket_ttl_s = int(window_s + 2 * self._bucket_s) + 1
@@ -287,10 +426,26 @@ class LedgerPlanner:
             chunk.groups[(kind, arm)] = group
         return group
 
-    def plan(self, effects: Iterable[Effect], arms: ArmStatsStore | None = None) -> list[LedgerChunk]:
+    def _check_reward(self, effect: Reward) -> Refusal | None:
+        """None when the arm statistics can take `effect` (its arm name is remembered), else why not."""
+        try:
+            check_arm_update(effect.served.arm, effect.reward)
+        except ValueError as exc:
+            reason = "bad_id" if not is_name(effect.served.arm) else \
+                "not_finite" if not math.isfinite(effect.reward) else "out_of_range"
+            return Refusal(effect, reason, f"reward for {effect.request_id!r} on route {effect.route!r}: {exc}")
+        if len(self._arm_names) >= 4096:
+            self._arm_names.clear()  # bounded: a deployment has a handful of arms
+        self._arm_names.add(effect.served.arm)
+        return None
+
+    def plan(self, effects: Iterable[Effect], arms: ArmStatsStore | None = None,
+             refused: list[Refusal] | None = None) -> list[LedgerChunk]:
         """The ledger chunks for `effects` (at most `chunk_items` items each, one route each);
         with `arms`, each Reward also updates the route's arm statistics in that store's keys.
-        Raises ValueError for a reward the arm statistics cannot take (as ArmUpdate does)."""
+        A Reward the arm statistics cannot take (an arm that is not a name, a reward outside the
+        events contract's bound: what check_arm_update refuses) is left out and added to
+        `refused`; without `refused`, it raises ValueError."""
         chunks: list[LedgerChunk] = []
         current: dict[str, LedgerChunk] = {}
         seen_key = self._keys.seen
@@ -302,10 +457,20 @@ class LedgerPlanner:
         last_request = last_route = ""
         last_chunk: LedgerChunk | None = None
         seen_position = 0
+        arm_names = self._arm_names
         for effect in effects:
             cls = effect.__class__
             if cls is DropOutcome:
                 continue
+            if cls is Reward and arms is not None and not (
+                    effect.served.arm in arm_names  # type: ignore[union-attr]
+                    and -MAX_MAGNITUDE <= effect.reward <= MAX_MAGNITUDE):  # type: ignore[union-attr]
+                refusal = self._check_reward(effect)  # type: ignore[arg-type]
+                if refusal is not None:
+                    if refused is None:
+                        raise ValueError(refusal.error)
+                    refused.append(refusal)
+                    continue
             route = effect.route  # type: ignore[union-attr]
             request_id = effect.request_id
             chunk = current.get(route)
@@ -357,7 +522,6 @@ class LedgerPlanner:
                     group += (positions[name], value)
                 row.append(group)
             if cls is Reward and arms is not None:
-                check_arm_update(served.arm, reward)
                 if not chunk.arm:
                     chunk.arm = [chunk.key(arms.stats_key(route)), arms.half_life(route), arms.dedup_ttl_s]
                 row.append([0, chunk.key(arms.seen_key(route, request_id).encode()), served.arm, reward])
@@ -378,6 +542,22 @@ class Applied:
     arm_duplicates: int
     scored: list[Label | Reward] = field(default_factory=list)
     """Label and Reward effects applied now: what the quality-drift watch is fed (once each)."""
+    refused: list[Refusal] = field(default_factory=list)
+    """Effects left out (the planner's checks) or refused by Redis for good: to dead-letter."""
+
+
+class Plan:
+    """One batch's script calls and how far they got. `RedisSink.apply_planned` moves each
+    chunk from `pending` to `done` (with its result) or, refused for good, splits it until the
+    refused effects are found (`refused`); called again after an outage it sends only what is
+    still pending, so the result counts every applied effect once."""
+
+    __slots__ = ("pending", "done", "refused")
+
+    def __init__(self, chunks: Iterable[LedgerChunk], refused: list[Refusal] | None = None) -> None:
+        self.pending: list[LedgerChunk] = list(chunks)
+        self.done: list[tuple[LedgerChunk, ChunkApplied]] = []
+        self.refused: list[Refusal] = refused if refused is not None else []
 
 
 class RedisSink:
@@ -394,19 +574,59 @@ class RedisSink:
         same effects is safe (what landed is not applied twice)."""
         return await self.apply_planned(self.plan(effects), metrics)
 
-    def plan(self, effects: Sequence[Effect]) -> list[LedgerChunk]:
+    def plan(self, effects: Sequence[Effect]) -> Plan:
         """The script calls that apply `effects` (pure CPU: a batch plans while the one before it
-        is in Redis). Raises ValueError for a reward the arm statistics cannot take."""
-        return self._planner.plan(effects, self._store)
+        is in Redis); a reward the arm statistics cannot take is refused here (`Plan.refused`)."""
+        refused: list[Refusal] = []
+        return Plan(self._planner.plan(effects, self._store, refused), refused)
 
-    async def apply_planned(self, chunks: list[LedgerChunk], metrics: FeedbackMetrics | None = None) -> Applied:
-        """`apply` for chunks from `plan`; as safe to call again with the same chunks."""
-        results = await self._ledger.apply(chunks)
+    async def apply_planned(self, plan: Plan | list[LedgerChunk], metrics: FeedbackMetrics | None = None) -> Applied:
+        """`apply` for a plan from `plan` (or a list of chunks); as safe to call again with the
+        same plan, which then sends only the chunks not applied yet.
+
+        A chunk Redis refuses for good (banditgate.redis_errors.REFUSED: our script's argument
+        checks, WRONGTYPE, a stored field that is not a number; the script changed nothing) is
+        split in halves and sent again, until the single effects it refuses are found: those go
+        to `Applied.refused` (reason ``redis_refused``), every other effect is applied. Raises the
+        first transient or operator error (after recording what was applied) or a bug."""
+        if not isinstance(plan, Plan):
+            plan = Plan(plan)
+        while plan.pending:
+            replies = await self._ledger.apply_each(plan.pending)
+            again: list[LedgerChunk] = []
+            failure: BaseException | None = None
+            for chunk, reply in zip(plan.pending, replies):
+                if not isinstance(reply, BaseException):
+                    plan.done.append((chunk, reply))
+                elif redis_errors.classify(reply) != redis_errors.REFUSED:
+                    again.append(chunk)
+                    failure = failure or reply
+                elif len(chunk.members) == 1:
+                    effect = chunk.members[0]
+                    plan.refused.append(Refusal(effect, "redis_refused", f"Redis refused the ledger item of "
+                                                f"{effect.request_id!r} on route {chunk.route!r}: "
+                                                f"{redis_errors.one_line(reply)}"))
+                else:
+                    again.extend(self._halves(chunk))
+            plan.pending = again
+            if failure is not None:
+                raise failure
+        return self._applied(plan, metrics)
+
+    def _halves(self, chunk: LedgerChunk) -> list[LedgerChunk]:
+        """`chunk`'s effects as two chunks (re-planned: keys and names are per chunk)."""
+        middle = len(chunk.members) // 2
+        ignored: list[Refusal] = []  # refused when first planned, never members
+        return [*self._planner.plan(chunk.members[:middle], self._store, ignored),
+                *self._planner.plan(chunk.members[middle:], self._store, ignored)]
+
+    @staticmethod
+    def _applied(plan: Plan, metrics: FeedbackMetrics | None) -> Applied:
         counts: list[Count] = []
         scored: list[Label | Reward] = []
         arm_applied = arm_duplicates = 0
         arm_counts: dict[str, list[int]] = {}
-        for chunk, result in zip(chunks, results):
+        for chunk, result in plan.done:
             for member, applied in zip(chunk.members, result.items):
                 if applied:
                     cls = member.__class__
@@ -424,7 +644,7 @@ class RedisSink:
             for route, (applied_now, duplicates) in arm_counts.items():
                 metrics.arm_updates.labels(route, "applied").inc(applied_now)
                 metrics.arm_updates.labels(route, "duplicate").inc(duplicates)
-        return Applied(counts, arm_applied, arm_duplicates, scored)
+        return Applied(counts, arm_applied, arm_duplicates, scored, list(plan.refused))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,5 +792,5 @@ def _summary(stats: QualityStats) -> dict[str, float]:
     return {k: round(v, 6) for k, v in stats.metrics().items()}
 
 
-__all__ = ["Applied", "ChunkApplied", "FeedbackKeys", "KafkaOut", "Ledger", "LedgerChunk", "LedgerPlanner", "QualityMonitor",
-           "RedisSink", "parse_quality"]
+__all__ = ["Applied", "ChunkApplied", "FeedbackKeys", "KafkaOut", "Ledger", "LedgerChunk", "LedgerPlanner", "Plan",
+           "QualityMonitor", "RedisSink", "Refusal", "parse_quality"]

@@ -19,8 +19,8 @@ import orjson
 import uvicorn
 import uvloop
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
-from redis.exceptions import RedisError
 
+from banditgate import redis_errors
 from banditgate.config import Config
 from banditgate.logs import setup_logging
 from banditgate.connections import check_redis, redis_client, server_ssl_context
@@ -161,8 +161,11 @@ class Gateway:
         def redis_state(ok: bool) -> None:
             self.metrics.redis_up.set(1 if ok else 0)
 
+        def unusable(route: str, arms: tuple[str, ...]) -> None:
+            self.metrics.arm_stats_unusable.labels(route).set(len(arms))
+
         self.refresher = SnapshotRefresher(self.store, policies, redis_config.snapshot_refresh_ms,
-                                           on_state_change=redis_state)
+                                           on_state_change=redis_state, on_unusable=unusable)
         # a wrong password, a missing ACL permission or an untrusted certificate stops start-up
         # (ConnectionCheckError); an unreachable Redis does not: the routes start on their priors
         # and the refresher says so once and picks the statistics up when Redis answers
@@ -386,6 +389,8 @@ class Gateway:
         error rate is significantly the worst (a model that crashes or hangs past its timeout)."""
         assert self.dataplane is not None and self.store is not None  # noqa: S101
         pending: dict[str, dict[str, tuple[int, int]]] = {}
+        episodes = redis_errors.FailureEpisodes(
+            log, "arm call counts", lambda kind: self.metrics.redis_errors.labels("call_counts", kind).inc())
         while not self.stopping.is_set():
             try:
                 await asyncio.wait_for(self.stopping.wait(), timeout=CALLS_FLUSH_S)
@@ -399,10 +404,12 @@ class Gateway:
             for route in list(pending):
                 try:
                     await asyncio.wait_for(self.store.record_calls(route, pending[route]), timeout=2.0)
-                except (RedisError, OSError, TimeoutError) as exc:
-                    log.debug("arm call counts not recorded yet (%s); kept for the next try", type(exc).__name__)
-                    break
-                del pending[route]
+                except Exception as exc:  # noqa: BLE001 - classified: an outage (READONLY, OOM...) keeps them
+                    if episodes.failed(exc) in (redis_errors.TRANSIENT, redis_errors.OPERATOR):
+                        break
+                else:
+                    episodes.succeeded()
+                del pending[route]  # recorded, or refused for good (logged)
 
     async def run(self) -> int:
         assert self.kafka is not None  # noqa: S101 - start() first
@@ -410,7 +417,8 @@ class Gateway:
         exporter = asyncio.get_running_loop().create_task(self._export_shares())
         assert self.store is not None and self.dataplane is not None  # noqa: S101 - start() first
         guardrail = GuardrailWatch(self.store, self._redis, {n: r.route for n, r in self.dataplane.routes.items()},
-                                   self._publish_alert)
+                                   self._publish_alert,
+                                   on_failure=lambda kind: self.metrics.redis_errors.labels("guardrail", kind).inc())
         guard_task = asyncio.get_running_loop().create_task(guardrail.run(self.stopping))
         kafka_watch = asyncio.get_running_loop().create_task(self._watch_kafka())
         call_counts = asyncio.get_running_loop().create_task(self._record_calls())

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from banditgate import redis_errors
 from banditgate.config import Route
 from router.guardrail import evaluate
 from router.stats_store import ArmStatsStore
@@ -47,9 +48,11 @@ def marker_key(store: ArmStatsStore, route: str, arm: str) -> str:
 class GuardrailWatch:
     def __init__(self, store: ArmStatsStore, client: Any, routes: Mapping[str, Route],
                  publish_alert: Callable[[dict[str, Any]], None], interval_s: float = 5.0,
-                 marker_ttl_s: float = MARKER_TTL_S) -> None:
+                 marker_ttl_s: float = MARKER_TTL_S, on_failure: Callable[[str], None] | None = None) -> None:
+        """`on_failure(kind)` counts each failed check (banditgate.redis_errors kinds)."""
         if marker_ttl_s <= 0:
             raise ValueError(f"marker_ttl_s must be > 0, got {marker_ttl_s}")
+        self.episodes = redis_errors.FailureEpisodes(log, "guardrail", on_failure)
         self.store = store
         self.client = client
         self.marker_ttl_ms = max(1, int(marker_ttl_s * 1000))
@@ -94,5 +97,7 @@ class GuardrailWatch:
                 pass
             try:
                 await self.check_once()
-            except Exception as exc:  # noqa: BLE001 - Redis away: the snapshot refresher already says so
-                log.debug("guardrail check skipped: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - classified: an outage (READONLY, OOM...) is logged once
+                self.episodes.failed(exc)
+            else:
+                self.episodes.succeeded()

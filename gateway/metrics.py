@@ -131,6 +131,13 @@ class GatewayMetrics:
                                            ["model"], **kw)
         self.redis_up = Gauge("banditgate_redis_up", "1 if the last arm-statistics snapshot read from Redis worked.",
                               **kw)
+        self.redis_errors = Counter("banditgate_redis_errors_total",
+                                    "Failed Redis calls of the gateway's background writers (call_counts, guardrail), "
+                                    "by kind: transient, operator, refused, bug (banditgate.redis_errors).",
+                                    ["writer", "kind"], **kw)
+        self.arm_stats_unusable = Gauge("banditgate_arm_stats_unusable",
+                                        "Arms whose statistics in Redis are not numbers (drained in this gateway's "
+                                        "view until fixed).", ["route"], **kw)
         self.kafka_up = Gauge("banditgate_kafka_up", "1 while the Kafka consumer and producer are connected.", **kw)
         self.ready = Gauge("banditgate_ready", "1 while the gateway reports ready.", **kw)
         self.paused = Counter("banditgate_backpressure_pauses_total",

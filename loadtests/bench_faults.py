@@ -40,7 +40,17 @@ def _say(message: str) -> None:
 
 
 def scenarios() -> list[tuple[str, ScenarioFn]]:
-    from loadtests.faults import feedback_faults, gateway_faults, hung_model, malformed, outages, overload, poison_model
+    from loadtests.faults import (
+        feedback_faults,
+        gateway_faults,
+        hung_model,
+        malformed,
+        outages,
+        overload,
+        poison,
+        poison_model,
+        redis_modes,
+    )
 
     return [
         ("malformed", malformed.malformed),
@@ -54,11 +64,15 @@ def scenarios() -> list[tuple[str, ScenarioFn]]:
         ("redis_outage", outages.redis_outage),
         ("overload", overload.overload),
         ("broker_restart", outages.broker_restart),
+        ("poison_values", poison.poison_values),
+        ("redis_readonly", redis_modes.redis_readonly),
+        ("redis_oom", redis_modes.redis_oom),
     ]
 
 
 TARGETS = "lost = 0, double_counted = 0, crashes = 0, client_errors = 0; *_eos duplicates = 0; recovered_s <= 10; " \
-          "overload max_rss_mb <= 1.5 x steady_rss_mb; hung_model other_route_p99_ratio <= 2 and drained"
+          "overload max_rss_mb <= 1.5 x steady_rss_mb; hung_model other_route_p99_ratio <= 2 and drained; " \
+          "poison_values poison_accepted = 0, non_finite_values = 0, exact"
 
 
 def missed_targets(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -81,6 +95,10 @@ def missed_targets(results: dict[str, dict[str, Any]]) -> list[str]:
                 bad.append(f"hung_model.other_route_p99_ratio={r.get('other_route_p99_ratio')} > 2")
             if not r.get("drained"):
                 bad.append("hung_model.drained=False")
+        if name == "poison_values":  # every poison refused, Redis exactly the good ones' tally
+            for key, want in (("poison_accepted", 0), ("non_finite_values", 0), ("exact", True)):
+                if r.get(key) != want:
+                    bad.append(f"poison_values.{key}={r.get(key)}")
     return bad
 
 
@@ -107,6 +125,12 @@ SCENARIO_KEYS = {
                      "guardrail_alerts"),
     "hung_model": ("sent", "lost", "client_errors", "other_route_p99_ratio", "other_route_p99_ms", "drained_after_s",
                    "failed_fast_after_s", "hung_arm_dead_lettered", "healthy_model_timeouts"),
+    "poison_values": ("sent", "outcomes", "applied", "lost", "double_counted", "client_errors", "poison_kafka",
+                      "dead_lettered", "poison_http", "rejected_http", "exact", "non_finite_values"),
+    "redis_readonly": ("sent", "lost", "client_errors", "double_counted", "recovered_s", "all_held_applied_s", "down_s",
+                       "held_outcomes", "feedback_outage_log_lines", "gateway_write_failure_log_lines"),
+    "redis_oom": ("sent", "lost", "client_errors", "double_counted", "recovered_s", "all_held_applied_s", "down_s",
+                  "held_outcomes", "feedback_outage_log_lines", "gateway_write_failure_log_lines"),
 }
 """What the markdown table shows per scenario (every key is in the JSON)."""
 

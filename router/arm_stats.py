@@ -141,6 +141,8 @@ class RouteSnapshot:
     arms: Mapping[str, ArmSnapshot] = field(default_factory=dict)
     outcome_count: int = 0
     """Outcomes the route has counted so far (the discounting clock)."""
+    unusable: tuple[str, ...] = ()
+    """Arms whose stored statistics are not numbers: drained here, never sampled from."""
 
     def arm(self, name: str) -> ArmSnapshot:
         """The named arm, or an empty active one if the store has never heard of it."""

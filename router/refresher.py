@@ -3,7 +3,9 @@
 Gateways never read Redis per request; this task re-reads all routes' statistics in one round
 trip every `refresh_ms` and swaps each policy's snapshot. When Redis is away the policies keep
 routing on the last snapshot, `redis_ok` says so (export it as a metric), one warning is logged per
-outage and one info line when it ends.
+outage and one info line when it ends. An arm whose stored statistics are not numbers comes drained
+out of the snapshot (router.stats_store); the refresher logs it once per arm and episode and
+reports the route's unusable arms through `on_unusable` (a gauge).
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ class SnapshotRefresher:
 
     def __init__(self, store: SnapshotSource, policies: Mapping[str, RoutePolicy], refresh_ms: int = 250,
                  on_state_change: Callable[[bool], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, timeout_s: float | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, timeout_s: float | None = None,
+                 on_unusable: Callable[[str, tuple[str, ...]], None] | None = None) -> None:
         """`timeout_s` bounds one refresh (default: 4 intervals, at least 1 s), so a Redis that
         hangs, or a client retrying with backoff, is reported as an outage promptly."""
         if refresh_ms < 1:
@@ -48,6 +51,9 @@ class SnapshotRefresher:
         self._interval_s = refresh_ms / 1000.0
         self._timeout_s = timeout_s if timeout_s is not None else max(1.0, 4 * self._interval_s)
         self._on_state_change = on_state_change
+        self._on_unusable = on_unusable
+        self.unusable: dict[str, tuple[str, ...]] = {}
+        """Per route, the arms whose stored statistics are not numbers (last snapshot)."""
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
         self._read: asyncio.Task[dict[str, RouteSnapshot]] | None = None
@@ -76,6 +82,8 @@ class SnapshotRefresher:
             snapshots = read.result()
             for route, snapshot in snapshots.items():
                 self._policies[route].apply_snapshot(snapshot)
+                if snapshot.unusable or self.unusable.get(route):
+                    self._note_unusable(route, snapshot.unusable)
         except (*self._store.transient_errors, asyncio.TimeoutError) as exc:
             self._failed(exc)
             return False
@@ -84,6 +92,18 @@ class SnapshotRefresher:
             return False
         self._succeeded()
         return True
+
+    def _note_unusable(self, route: str, arms: tuple[str, ...]) -> None:
+        """One warning per arm when its statistics become unusable, one info line when fixed."""
+        before = self.unusable.get(route, ())
+        for arm in sorted(set(arms) - set(before)):
+            log.warning("route %s arm %s: its statistics in Redis are not numbers; the arm is drained in this "
+                        "gateway's view until they are (reset the arm to start it afresh)", route, arm)
+        for arm in sorted(set(before) - set(arms)):
+            log.info("route %s arm %s: its statistics in Redis are numbers again", route, arm)
+        self.unusable[route] = arms
+        if self._on_unusable is not None and arms != before:
+            self._on_unusable(route, arms)
 
     def _failed(self, exc: BaseException, unexpected: bool = False) -> None:
         if not self.redis_ok:

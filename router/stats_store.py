@@ -41,15 +41,71 @@ import redis.asyncio as redis_asyncio
 from redis.exceptions import RedisError
 
 from banditgate.config import RedisConfig, Route
+from banditgate.events import MAX_MAGNITUDE, is_name
 from router.arm_stats import ARM_STATES, ArmSnapshot, ArmStats, RouteSnapshot, decay_factor
 
 # at most this many outcomes per script call: keeps each atomic step short on the Redis side
 _CHUNK = 1000
 
 ARM_UPDATE_LUA = """
+local MAX_MAGNITUDE = 1e15
+local MAX_STORED = 1e300
+local function bg_number(v)
+  return type(v) == 'number' and v >= -MAX_MAGNITUDE and v <= MAX_MAGNITUDE
+end
+local function bg_count(v)
+  return type(v) == 'number' and v >= 1 and v <= 1e12 and v % 1 == 0
+end
+local function bg_name(v)
+  return type(v) == 'string' and #v <= 128 and string.find(v, '^[%w][%w_%.%-]*$') ~= nil
+end
+local function bg_refuse(why)
+  return redis.error_reply('BGREFUSED ' .. why)
+end
+local function bg_stored(hash, field, value)
+  -- a number this code wrote (or nothing); NaN fails both comparisons
+  if value == false or value == nil then return 0, nil end
+  local n = tonumber(value)
+  if n == nil or not (n >= -MAX_STORED and n <= MAX_STORED) then
+    return nil, 'field ' .. field .. ' of ' .. hash .. ' holds ' .. string.sub(tostring(value), 1, 40) .. ', not a number'
+  end
+  return n, nil
+end
+local function bg_hash_or_none(key)
+  local t = redis.call('TYPE', key)['ok']
+  if t ~= 'hash' and t ~= 'none' then return key .. ' holds a ' .. t .. ', not a hash' end
+  return nil
+end
+local function arm_check(arm, reward)
+  if not bg_name(arm) then return 'arm ' .. string.sub(tostring(arm), 1, 64) .. ' is not a name' end
+  if not bg_number(reward) then return 'reward ' .. tostring(reward) .. ' is not a number in [-1e15, 1e15]' end
+  return nil
+end
 local function arm_open(hash, half_life)
-  return {hash = hash, half_life = half_life, counter = tonumber(redis.call('HGET', hash, 'counter') or '0'),
-          arms = {}, applied = 0, duplicates = 0}
+  -- reads only: the caller refuses the call (before any write) when this returns an error
+  if type(half_life) ~= 'number' or not (half_life >= 0 and half_life <= 1e12) then
+    return nil, 'half-life ' .. tostring(half_life) .. ' is not a number in [0, 1e12]'
+  end
+  local why = bg_hash_or_none(hash)
+  if why then return nil, why end
+  local counter, err = bg_stored(hash, 'counter', redis.call('HGET', hash, 'counter'))
+  if err then return nil, err end
+  return {hash = hash, half_life = half_life, counter = counter, arms = {}, applied = 0, duplicates = 0}, nil
+end
+local function arm_load(s, arm)
+  -- reads one arm's fields into the state (before any write); returns an error or nil
+  if s.arms[arm] then return nil end
+  local names = {':w', ':m', ':q', ':c'}
+  local v = redis.call('HMGET', s.hash, arm .. ':w', arm .. ':m', arm .. ':q', arm .. ':c')
+  local a = {}
+  for i, suffix in ipairs(names) do
+    local n, err = bg_stored(s.hash, arm .. suffix, v[i])
+    if err then return err end
+    a[i] = n
+  end
+  if a[1] < 0 or a[3] < 0 then return 'arm ' .. arm .. ' of ' .. s.hash .. ' has a negative weight or m2' end
+  s.arms[arm] = {w = a[1], m = a[2], q = a[3], c = a[4]}
+  return nil
 end
 local function arm_add(s, seen, ttl, arm, reward)
   if not redis.call('SET', seen, '1', 'NX', 'EX', ttl) then
@@ -57,11 +113,6 @@ local function arm_add(s, seen, ttl, arm, reward)
     return
   end
   local a = s.arms[arm]
-  if not a then
-    local v = redis.call('HMGET', s.hash, arm .. ':w', arm .. ':m', arm .. ':q', arm .. ':c')
-    a = {w = tonumber(v[1] or '0'), m = tonumber(v[2] or '0'), q = tonumber(v[3] or '0'), c = tonumber(v[4] or '0')}
-    s.arms[arm] = a
-  end
   s.counter = s.counter + 1
   if s.half_life > 0 and s.counter > a.c then
     local f = math.pow(2, -(s.counter - a.c) / s.half_life)
@@ -89,15 +140,38 @@ local function arm_close(s)
 end
 """
 """The arm update as Lua functions, for any script that updates arm statistics (this store's,
-and the feedback ledger's, which applies them in the same script call as its own items):
-``arm_open(stats hash, half_life)`` reads the clock, ``arm_add(state, seen key, ttl, arm, reward)``
-counts one outcome once per seen key, ``arm_close(state)`` writes the touched arms back."""
+and the feedback ledger's, which applies them in the same script call as its own items).
+
+A script checks everything before its first write and refuses with an error reply
+(``BGREFUSED <why>``, banditgate.redis_errors.REFUSAL_CODE) that changed nothing; Redis does not
+roll back a script that fails half-way, so this is what keeps a retry or a replay exact.
+``arm_check(arm, reward)`` checks one update's arguments (a name as banditgate.events.NAME_PATTERN,
+a reward within banditgate.events.MAX_MAGNITUDE, ``MAX_MAGNITUDE`` here); ``arm_open(stats hash,
+half_life)`` checks the hash's type and reads the clock, and ``arm_load(state, arm)`` reads and
+checks one arm's stored numbers (both only read; they return an error text instead of failing);
+then ``arm_add(state, seen key, ttl, arm, reward)`` counts one outcome once per seen key (``SET
+NX``: never an error, whatever the key holds) and ``arm_close(state)`` writes the touched arms back.
+With rewards within the bound and stored numbers finite, nothing these compute can overflow."""
 
 _APPLY = ARM_UPDATE_LUA + """
-local s = arm_open(KEYS[1], tonumber(ARGV[1]))
 local ttl = tonumber(ARGV[2])
+if not bg_count(ttl) then return bg_refuse('dedup TTL ' .. tostring(ARGV[2]) .. ' is not a whole number of seconds') end
+if #ARGV ~= 2 * #KEYS then return bg_refuse('expected ' .. (2 * #KEYS) .. ' arguments, got ' .. #ARGV) end
+local rewards = {}
 for i = 2, #KEYS do
-  arm_add(s, KEYS[i], ttl, ARGV[2 * i - 1], tonumber(ARGV[2 * i]))
+  local arm, reward = ARGV[2 * i - 1], tonumber(ARGV[2 * i])
+  local why = arm_check(arm, reward)
+  if why then return bg_refuse('update ' .. (i - 1) .. ': ' .. why) end
+  rewards[i] = reward
+end
+local s, why = arm_open(KEYS[1], tonumber(ARGV[1]))
+if why then return bg_refuse(why) end
+for i = 2, #KEYS do
+  why = arm_load(s, ARGV[2 * i - 1])
+  if why then return bg_refuse(why) end
+end
+for i = 2, #KEYS do
+  arm_add(s, KEYS[i], ttl, ARGV[2 * i - 1], rewards[i])
 end
 arm_close(s)
 return {s.applied, s.duplicates}
@@ -119,11 +193,13 @@ class ArmUpdate:
 
 
 def check_arm_update(arm: str, reward: float) -> None:
-    """Raises ValueError unless `arm` is a non-empty name without ':' and `reward` is finite."""
-    if not arm or ":" in arm:
-        raise ValueError(f"ArmUpdate arm must be a non-empty name without ':', got {arm!r}")
-    if not math.isfinite(reward):
-        raise ValueError(f"ArmUpdate reward must be finite, got {reward!r}")
+    """Raises ValueError unless `arm` is a name (banditgate.events.NAME_PATTERN: no ':') and
+    `reward` a number within banditgate.events.MAX_MAGNITUDE (what the update script accepts)."""
+    if not is_name(arm):
+        raise ValueError(f"ArmUpdate arm must be a name (letters, digits, '_', '.', '-'), got {arm!r}")
+    if not -MAX_MAGNITUDE <= reward <= MAX_MAGNITUDE:
+        raise ValueError(f"ArmUpdate reward must be finite and within [-{MAX_MAGNITUDE:g}, {MAX_MAGNITUDE:g}], "
+                         f"got {reward!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,25 +308,48 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
+def _stored(value: str, what: str) -> float:
+    """A number the update script wrote; ValueError for anything else (NaN and infinities too)."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{what} is {value!r}, not a finite number")
+    return number
+
+
 def _parse(route: str, raw: Mapping[Any, Any]) -> RouteSnapshot:
-    """Turn the hash into a snapshot, decaying each arm from its last update to `counter`."""
+    """Turn the hash into a snapshot, decaying each arm from its last update to `counter`.
+
+    An arm whose stored numbers are not finite numbers (a hash corrupted by hand, or written by
+    something else) is *unusable*: it is listed in ``unusable`` and comes out drained with empty
+    statistics, so routing never samples from garbage, and the other arms are unaffected. A
+    corrupt ``counter`` or ``half_life`` (the whole route's clock) raises ValueError: the
+    refresher then keeps the route's last snapshot and says so."""
     fields = {_text(k): _text(v) for k, v in raw.items()}
-    counter = int(float(fields.get("counter", "0")))
-    half_life = float(fields.get("half_life", "0")) or None
+    counter = int(_stored(fields.get("counter", "0"), "counter"))
+    half_life = _stored(fields.get("half_life", "0"), "half_life") or None
+    if half_life is not None and half_life < 0:
+        raise ValueError(f"half_life is {half_life!r}, not >= 0")
     per_arm: dict[str, dict[str, str]] = {}
     for name, value in fields.items():
         arm, separator, field = name.rpartition(":")
         if separator:
             per_arm.setdefault(arm, {})[field] = value
     arms = {}
+    unusable = []
     for arm, values in per_arm.items():
-        stats = ArmStats(weight=float(values.get("w", 0.0)), mean=float(values.get("m", 0.0)),
-                         m2=float(values.get("q", 0.0)))
-        elapsed = max(0, counter - int(float(values.get("c", counter))))
-        arms[arm] = ArmSnapshot(stats=stats.decayed(decay_factor(elapsed, half_life)),
-                                state=values.get("state", "active"), calls=int(values.get("calls", 0)),
-                                errors=int(values.get("errors", 0)))
-    return RouteSnapshot(route=route, arms=arms, outcome_count=counter)
+        try:
+            weight, m2 = _stored(values.get("w", "0"), "w"), _stored(values.get("q", "0"), "q")
+            if weight < 0 or m2 < 0:
+                raise ValueError("negative weight or m2")
+            stats = ArmStats(weight=weight, mean=_stored(values.get("m", "0"), "m"), m2=m2)
+            elapsed = max(0, counter - int(_stored(values.get("c", str(counter)), "c")))
+            arms[arm] = ArmSnapshot(stats=stats.decayed(decay_factor(elapsed, half_life)),
+                                    state=values.get("state", "active"), calls=int(values.get("calls", 0)),
+                                    errors=int(values.get("errors", 0)))
+        except (ValueError, OverflowError):
+            unusable.append(arm)
+            arms[arm] = ArmSnapshot(state="drained")
+    return RouteSnapshot(route=route, arms=arms, outcome_count=counter, unusable=tuple(sorted(unusable)))
 
 
 # the refresher is plain asyncio and lives in its own module; re-exported for callers of the store

@@ -217,7 +217,7 @@ def gateway_config(*, kafka: str, redis: str, topics: dict[str, str], group: str
 
 
 def feedback_config(*, kafka: str, redis: str, topics: dict[str, str], app_id: str, redis_prefix: str,
-                    join_ttl_s: float = 600.0) -> dict[str, Any]:
+                    join_ttl_s: float = 600.0, routes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {
         "kafka": {"bootstrap_servers": kafka, "topics": topics, "session_timeout_ms": 6000},
         "redis": {"url": redis, "key_prefix": redis_prefix},
@@ -226,7 +226,7 @@ def feedback_config(*, kafka: str, redis: str, topics: dict[str, str], app_id: s
                      "quality_window_s": 60},
         "drift": {"enabled": False},
         "logging": {"level": "info"},
-        "routes": [route_config()],
+        "routes": routes or [route_config()],
     }
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -170,17 +172,39 @@ async def arm_statistics(client: aredis.Redis, prefix: str) -> dict[str, Any]:
     return {"counter": int(float(raw.get("counter", 0))), "arms": arms}
 
 
+@dataclass(frozen=True)
+class RedisFault:
+    """How a Redis scenario breaks Redis and puts it right again (:func:`redis_fault` runs the
+    same load and the same checks around it): `begin` / `end` with what they do, for the log."""
+
+    begin: Callable[[], Awaitable[Any]]
+    end: Callable[[], Awaitable[Any]]
+    doing: str = "stopping Redis"
+    undoing: str = "starting Redis again"
+
+
 async def redis_outage(ctx: Context) -> dict[str, Any]:
     """Redis down for `down_s` while requests, predictions and outcomes flow (Kafka and HTTP)."""
-    rate, before_s, down_s, after_s = ctx.pick((300, 3.0, 8.0, 3.0), (800, 10.0, 30.0, 10.0))
+    return await redis_fault(ctx, "redis_outage", ctx.pick((300, 3.0, 8.0, 3.0), (800, 10.0, 30.0, 10.0)),
+                             RedisFault(lambda: asyncio.to_thread(ctx.stack.stop_redis),
+                                        lambda: asyncio.to_thread(ctx.stack.start_redis)))
+
+
+async def redis_fault(ctx: Context, name: str, timing: tuple[int, float, float, float],
+                      fault: RedisFault) -> dict[str, Any]:
+    """`fault` for `down_s` while requests, predictions and outcomes flow (Kafka and HTTP), with
+    `timing` = (requests/s, seconds before, down_s, seconds after): nothing may be lost or counted
+    twice, every process stays up; `recovered_s` is from the fault's end to the first outcome
+    that arrived meanwhile being applied."""
+    rate, before_s, down_s, after_s = timing
     n = int(rate * (before_s + down_s + after_s))
-    scene = await GatewayScene.create(ctx, "redis_outage")
-    prefix = ctx.prefix("redis_outage")
+    scene = await GatewayScene.create(ctx, name)
+    prefix = ctx.prefix(name)
     client = aredis.Redis.from_url(ctx.redis, socket_timeout=2, socket_connect_timeout=2)
     responder = OutcomeResponder(ctx.kafka, scene.topics["outcomes"])
     scene.predictions.keep_values = True
     scene.predictions.on_records = responder.on_predictions
-    worker = FeedbackProc("redis_outage-feedback", feedback_config(
+    worker = FeedbackProc(f"{name}-feedback", feedback_config(
         kafka=ctx.kafka, redis=ctx.redis, topics=scene.topics, app_id=f"{prefix}-fb", redis_prefix=prefix), ctx.work)
     scene.procs.add(worker)
     try:
@@ -198,14 +222,14 @@ async def redis_outage(ctx: Context) -> dict[str, Any]:
         readiness: list[tuple[float, bool]] = []
         probing = asyncio.get_running_loop().create_task(_probe_ready([gateway], probe_stop, readiness))
         await asyncio.sleep(before_s)
-        ctx.say(f"redis_outage: stopping Redis after {load.sent} requests sent")
-        await asyncio.to_thread(ctx.stack.stop_redis)
+        ctx.say(f"{name}: {fault.doing} after {load.sent} requests sent")
+        await fault.begin()
         stopped_at = time.time()
         await asyncio.sleep(down_s)
         held = [rid for rid, ts in responder.produced_at.items() if ts >= stopped_at]
-        ctx.say(f"redis_outage: starting Redis again after {time.time() - stopped_at:.1f}s down "
+        ctx.say(f"{name}: {fault.undoing} after {time.time() - stopped_at:.1f}s "
                 f"({len(held)} outcomes arrived meanwhile)")
-        await asyncio.to_thread(ctx.stack.start_redis)
+        await fault.end()
         back_at = time.time()
         recovered_s, all_held_s = await _held_applied(client, prefix, held, back_at, timeout_s=60.0)
         await sending
@@ -249,7 +273,9 @@ async def redis_outage(ctx: Context) -> dict[str, Any]:
             exact_arm_statistics=not mismatches, mismatches=mismatches,
             gateway_ready_during_outage=all(_ready_between(readiness, stopped_at, back_at) or [False]),
             gateway_outage_log_lines=log.count("arm statistics unavailable"),
+            gateway_write_failure_log_lines=log.count("Redis writes fail"),
             feedback_outage_log_lines=worker.output().count("write failed"),
+            feedback_fatal_log_lines=worker.output().count("stopping after an unexpected error"),
             drain_s=round(drain_s, 2),
         )
     finally:

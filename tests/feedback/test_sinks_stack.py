@@ -87,8 +87,8 @@ async def test_arm_updates_in_the_ledger_script_match_the_router_store(redis, re
         assert got.arm(arm).stats.m2 == pytest.approx(expected.arm(arm).stats.m2, rel=1e-12)
     again = await sink.apply([Reward("churn", r, served[arm], reward, False, now) for r, arm, reward in rewards])
     assert (again.arm_applied, again.arm_duplicates) == (0, 250)
-    with pytest.raises(ValueError):
-        await sink.apply([Reward("churn", "bad", served["a"], float("nan"), False, now)])
+    refused = (await sink.apply([Reward("churn", "bad", served["a"], float("nan"), False, now)])).refused
+    assert [(r.effect.request_id, r.reason) for r in refused] == [("bad", "not_finite")]  # dead-lettered, not raised
 
 
 

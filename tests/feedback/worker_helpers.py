@@ -58,7 +58,10 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = self.log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # the config names the servers; BANDITGATE_KAFKA / BANDITGATE_REDIS (set when the stack is
+        # external) would override them, e.g. point a test's private Redis back at the shared one
+        env = {**{k: v for k, v in os.environ.items() if k not in ("BANDITGATE_KAFKA", "BANDITGATE_REDIS")},
+               "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen([sys.executable, "-m", "banditgate.cli", "feedback", "-c", str(self.config)],
                                         cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()

@@ -121,3 +121,13 @@ def test_gil_switch_interval_defaults_and_bounds() -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(bad, source="x.yaml", env={})
     assert str(info.value).startswith("x.yaml: feedback.gil_switch_interval_ms:") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e16])
+def test_a_default_reward_is_bounded_like_an_outcome_reward(value: float) -> None:
+    """The default reward goes to the arm statistics and the ledger as an outcome's would
+    (banditgate.events.MAX_MAGNITUDE); before, `.nan` in the YAML was taken."""
+    bad = yaml.safe_load(yaml.safe_dump(GOOD))
+    bad["routes"][0]["default_reward"] = value
+    with pytest.raises(ConfigError, match=r"routes\[0\]\.default_reward"):
+        parse_config(bad, env={})

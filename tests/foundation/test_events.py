@@ -14,6 +14,8 @@ from banditgate.events import EventError, Outcome, Prediction, Request
 
 ids = st.text(min_size=1, max_size=40).filter(lambda s: s.strip() == s or True)
 finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+bounded = st.floats(-events.MAX_MAGNITUDE, events.MAX_MAGNITUDE)
+names = st.from_regex(events.NAME_PATTERN, fullmatch=True)
 scalars = st.one_of(finite, st.integers(-10**9, 10**9), st.text(max_size=10), st.booleans())
 rows = st.lists(scalars, min_size=0, max_size=8)
 
@@ -31,16 +33,16 @@ def test_request_round_trip(request: Request) -> None:
     assert events.decode_request(events.encode(request)) == request
 
 
-@given(st.builds(Outcome, request_id=ids, reward=finite, label=st.none() | st.integers(0, 5) | st.text(max_size=5),
-                 ts=st.none() | finite))
+@given(st.builds(Outcome, request_id=ids, reward=bounded, label=st.none() | st.integers(0, 5) | st.text(max_size=5),
+                 ts=st.none() | bounded))
 def test_outcome_round_trip(outcome: Outcome) -> None:
     assert events.decode_outcome(events.encode(outcome)) == outcome
 
 
-@given(st.builds(Prediction, request_id=ids, route=ids, arm=ids, model=ids, model_version=st.integers(1, 1000),
+@given(st.builds(Prediction, request_id=ids, route=ids, arm=names, model=names, model_version=st.integers(1, 1000),
                  policy=st.sampled_from(["thompson", "fixed", "shadow"]), propensity=st.floats(0, 1),
                  outputs=st.dictionaries(st.text(min_size=1, max_size=5), st.lists(finite, max_size=3), max_size=3),
-                 ts_request=finite, ts_predicted=finite, latency_ms=st.floats(0, 1e6),
+                 ts_request=bounded, ts_predicted=bounded, latency_ms=st.floats(0, 1e6),
                  shadow=st.just(False), primary_arm=st.none(), extra=st.just({})))
 def test_prediction_round_trip(prediction: Prediction) -> None:
     decoded = events.decode_prediction(events.encode(prediction))
@@ -100,6 +102,52 @@ def test_oversize_is_refused_before_parsing() -> None:
     with pytest.raises(EventError) as info:
         events.decode_request(raw, max_bytes=1000)
     assert info.value.reason == "oversize"
+
+
+@pytest.mark.parametrize(("raw", "reason"), [
+    (b'{"request_id": "a", "reward": 1e200}', "out_of_range"),
+    (b'{"request_id": "a", "reward": -1000000000000001}', "out_of_range"),
+    (b'{"request_id": "a", "reward": 18446744073709551615}', "out_of_range"),
+    (b'{"request_id": "a", "reward": 1e400}', "not_finite"),
+    (b'{"request_id": "a", "reward": -1e400}', "not_finite"),
+    (b'{"request_id": "a", "reward": NaN}', "not_json"),
+    (b'{"request_id": "a", "label": 1e200}', "out_of_range"),
+    (b'{"request_id": "a", "label": -1e16}', "out_of_range"),
+    (b'{"request_id": "a", "label": 1e400}', "not_finite"),
+    (b'{"request_id": "a", "reward": 1, "ts": 1e300}', "out_of_range"),
+    (b'{"request_id": "a", "clicks": ["' + b'x' * 257 + b'"]}', "bad_id"),
+    (b'{"request_id": "a", "clicks": [""]}', "bad_id"),
+    (b'{"request_id": "a", "clicks": [' + b",".join([b'"i"'] * 1001) + b']}', "out_of_range"),
+    (b'{"request_id": "a", "label": "' + b'y' * 1025 + b'"}', "out_of_range"),
+])
+def test_poison_outcome_numbers_are_refused_with_their_reason(raw: bytes, reason: str) -> None:
+    """Numbers whose square or sum the feedback ledger could not hold (or that are not numbers)."""
+    with pytest.raises(EventError) as info:
+        events.decode_outcome(raw)
+    assert info.value.reason == reason
+    assert "\n" not in str(info.value)
+
+
+def test_outcome_numbers_at_the_bound_are_accepted() -> None:
+    bound = events.MAX_MAGNITUDE
+    outcome = events.outcome_from_obj({"request_id": "a", "reward": -bound, "label": bound, "ts": bound,
+                                       "clicks": ["i"] * events.MAX_CLICKS})
+    assert (outcome.reward, outcome.label, outcome.ts) == (-bound, bound, bound)
+    assert events.outcome_from_obj({"request_id": "a", "label": 10**15}).label == 10**15
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("arm", "a:b", "bad_id"), ("arm", "a|b", "bad_id"), ("arm", "a\n", "bad_id"), ("arm", "-a", "bad_id"),
+    ("model", "m:1", "bad_id"), ("model", "m" * 129, "bad_id"),
+    ("ts_predicted", 1e200, "out_of_range"), ("propensity", -1e16, "out_of_range"),
+])
+def test_prediction_names_and_numbers_are_checked(field: str, value: object, reason: str) -> None:
+    doc = {"request_id": "r", "route": "churn", "arm": "a", "model": "m", "model_version": 1, "policy": "thompson",
+           "propensity": 0.5, "outputs": {}, "ts_request": 1.0, "ts_predicted": 1.0, "latency_ms": 1.0}
+    events.prediction_from_obj(doc)
+    with pytest.raises(EventError) as info:
+        events.prediction_from_obj({**doc, field: value})
+    assert info.value.reason == reason
 
 
 def test_outcome_needs_something_to_say() -> None:

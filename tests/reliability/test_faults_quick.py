@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = ("gateway_kill_alo", "gateway_kill_eos", "feedback_kill", "broker_restart", "redis_outage", "overload",
-             "malformed", "rebalance", "graceful_shutdown", "poison_model", "hung_model")
+             "malformed", "rebalance", "graceful_shutdown", "poison_model", "poison_values", "redis_readonly", "redis_oom",
+             "hung_model")
 MUST_BE_ZERO = ("lost", "double_counted", "crashes", "client_errors", "unclean_exits")
 
 
@@ -75,6 +76,19 @@ def test_outages_recover_within_ten_seconds(quick_run) -> None:  # type: ignore[
     assert outage["gateway_outage_log_lines"] == 1  # one line for the outage, not one per request
     assert scenarios["broker_restart"]["unready_during_outage"]  # readiness said the broker was away
     assert scenarios["broker_restart"]["ready_after"]
+
+
+def test_poison_is_refused_and_redis_refusing_writes_is_an_outage(quick_run) -> None:  # type: ignore[no-untyped-def]
+    scenarios = quick_run[0]["scenarios"]
+    poison = scenarios["poison_values"]
+    assert poison["exact"] and poison["non_finite_values"] == 0, poison["mismatches"]
+    assert poison["poison_accepted"] == 0 and poison["rejected_http"] == poison["poison_http"] > 0
+    assert poison["dead_lettered"] == poison["poison_kafka"] + poison["bad_name_predictions"]
+    for name in ("redis_readonly", "redis_oom"):
+        result = scenarios[name]
+        assert result["exact_arm_statistics"], result["mismatches"]
+        assert result["recovered_s"] is not None and result["recovered_s"] <= 10, name
+        assert result["feedback_outage_log_lines"] >= 1 and result["feedback_fatal_log_lines"] == 0, name
 
 
 def test_overload_memory_stays_bounded_and_http_is_told_to_retry(quick_run) -> None:  # type: ignore[no-untyped-def]

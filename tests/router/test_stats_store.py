@@ -13,7 +13,9 @@ import pytest
 import redis.asyncio as redis_asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ResponseError
 
+from banditgate import redis_errors
 from banditgate.config import RedisConfig, Route
 from router.arm_stats import ArmStats, decay_factor
 from router.decision import RoutePolicy
@@ -197,3 +199,44 @@ async def test_a_hanging_read_is_reported_and_abandoned(client) -> None:
         server.close()
         await server.wait_closed()
         await hanging.aclose()
+
+
+@pytest.mark.parametrize(("arm", "reward"), [("b", "inf"), ("b", "nan"), ("b", "1e16"), ("b:x", "1.0"), ("", "1.0"),
+                                             ("b", "one")])
+async def test_the_update_script_refuses_bad_arguments_before_any_write(client, arm, reward) -> None:
+    """The last update of a call is bad: nothing of the call lands (before, `tonumber('inf')` was
+    added as inf, and an arm name with ':' wrote fields the snapshot splits wrongly)."""
+    store = store_for(client)
+    keys = [store.stats_key("churn"), *(store.seen_key("churn", f"r{i}") for i in range(3))]
+    with pytest.raises(ResponseError, match=r"^BGREFUSED update 3: "):
+        await store._apply_script(keys=keys, args=["0.0", 3600, "a", "1.0", "a", "0.0", arm, reward])
+    assert [key async for key in client.scan_iter(match=f"{PREFIXES[id(client)]}:*")] == []
+    assert redis_errors.classify(ResponseError("BGREFUSED update 3: x")) == redis_errors.REFUSED
+
+
+async def test_an_arm_whose_stored_statistics_are_not_numbers_is_unusable(client, caplog) -> None:
+    """A hash corrupted by hand (inf, NaN, text): that arm is drained in the snapshot (never
+    sampled from garbage) and logged once; the other arm routes on; the update script refuses to
+    add to it. Before, inf went into sampling and text failed every refresh of every route."""
+    store = store_for(client)
+    route = Route(name="live", arms=[{"name": "a", "model": "m", "version": 1}, {"name": "b", "model": "m", "version": 1}])
+    policy = RoutePolicy.from_route(route, np.random.default_rng(0))
+    await store.apply("live", [ArmUpdate(f"{arm}{i}", arm, 1.0) for i in range(50) for arm in "ab"])
+    seen: list[tuple[str, tuple[str, ...]]] = []
+    refresher = SnapshotRefresher(store, {"live": policy}, refresh_ms=10, on_unusable=lambda r, a: seen.append((r, a)))
+    for corrupt in ("inf", "nan", "lots"):
+        await client.hset(store.stats_key("live"), "a:m", corrupt)
+        snapshot = await store.snapshot("live")
+        assert snapshot.unusable == ("a",) and snapshot.arm("a").state == "drained"
+        assert snapshot.arm("b").stats.weight == 50 and snapshot.arm("b").state == "active"
+        with caplog.at_level(logging.INFO, logger="banditgate.router.stats_store"):
+            assert await refresher.refresh_once() and await refresher.refresh_once()
+        assert policy.decide(200).arm_index.tolist().count(0) < 200 * 0.2  # mostly b: a gets only its floor
+        with pytest.raises(ResponseError, match="BGREFUSED field a:m of"):
+            await store.apply("live", [ArmUpdate("v1", "a", 1.0)])
+    assert [r.getMessage() for r in caplog.records].count(
+        "route live arm a: its statistics in Redis are not numbers; the arm is drained in this gateway's view "
+        "until they are (reset the arm to start it afresh)") == 1
+    await store.reset_arm("live", "a")
+    assert await refresher.refresh_once() and refresher.unusable["live"] == ()
+    assert seen == [("live", ("a",)), ("live", ())]

@@ -1,0 +1,134 @@
+"""The feedback worker's two decoders (feedback/agents.py): the fast path checks the common shape
+with a few type tests and comparisons, anything else takes the full validators of
+banditgate.events. The fast path must accept exactly what the slow one accepts, with the same
+values: otherwise a poison number (a reward of 1e200, an arm named ``a:b``) that the contract
+refuses would reach the ledger through the fast path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from banditgate.config import Topics
+from banditgate.events import MAX_CLICKS, MAX_LABEL_CHARS, MAX_MAGNITUDE, EventError
+from feedback.agents import JoinProcessor, SourceMessage
+from feedback.join import JoinRules, RouteRules
+from feedback.metrics import FeedbackMetrics
+
+TOPICS = Topics()
+BOUND = MAX_MAGNITUDE
+
+edge_numbers = st.sampled_from([0, 1, -1, 0.5, BOUND, -BOUND, BOUND * (1 + 2**-52), -BOUND * (1 + 2**-52),
+                                10**15, 10**15 + 1, -(10**15) - 1, 2**63, 1e200, -1e200, 1e308, 5e-324])
+numbers = st.one_of(edge_numbers, st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False, allow_infinity=False))
+anything = st.one_of(st.none(), st.booleans(), numbers, st.text(max_size=6), st.lists(st.integers(0, 3), max_size=2),
+                     st.just("x" * (MAX_LABEL_CHARS + 1)), st.just({"a": 1}))
+names = st.one_of(st.sampled_from(["a", "b", "churn-gbm", "m.v2", "a:b", "a|b", "", "-a", "a\n", "é", "x" * 128,
+                                   "x" * 129]), st.text(max_size=8))
+
+
+def _maybe(draw: st.DrawFn, obj: dict[str, Any], key: str, values: st.SearchStrategy[Any]) -> None:
+    if draw(st.booleans()):
+        obj[key] = draw(values)
+
+
+@st.composite
+def outcome_objects(draw: st.DrawFn) -> dict[str, Any]:
+    obj: dict[str, Any] = {"request_id": draw(st.sampled_from(["r1", "", 5, "x" * 257]) | st.text(min_size=1, max_size=4))}
+    _maybe(draw, obj, "reward", anything)
+    _maybe(draw, obj, "label", anything)
+    _maybe(draw, obj, "ts", anything)
+    if draw(st.integers(0, 5)) == 0:
+        obj["clicks"] = draw(st.one_of(st.lists(st.text(max_size=3), max_size=3), st.just(["i"] * (MAX_CLICKS + 1)),
+                                       anything))
+    return obj
+
+
+@st.composite
+def prediction_objects(draw: st.DrawFn) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "request_id": "r1", "route": draw(st.sampled_from(["churn", "churn", "nope", 7])),
+        "arm": draw(names), "model": draw(names), "model_version": draw(st.sampled_from([1, 3, True, 1.5, "1"])),
+        "policy": draw(st.sampled_from(["thompson", "", "interleave", None])),
+        "outputs": draw(st.sampled_from([{"probability": [0.7], "label": 1}, {"y": [1e200]}, {}, [1]])),
+    }
+    for key in ("propensity", "ts_request", "ts_predicted", "latency_ms"):
+        obj[key] = draw(st.one_of(numbers, st.just(0.5))) if draw(st.integers(0, 4)) else draw(anything)
+    if draw(st.integers(0, 9)) == 0:
+        del obj[draw(st.sampled_from(sorted(obj)))]
+    return obj
+
+
+def _processor() -> JoinProcessor:
+    # only the decoders are used: they read the topics, the routes and the size limit
+    return JoinProcessor(table=None, redis=None, out=None,  # type: ignore[arg-type]
+                         rules=JoinRules(ttl_s=600.0, routes={"churn": RouteRules()}), topics=TOPICS,
+                         metrics=FeedbackMetrics(CollectorRegistry()))
+
+
+PROCESSOR = _processor()
+
+
+def _both(topic: str, obj: Any) -> tuple[Any, Any]:
+    """(fast, slow) results: the decoded event, or the EventError's reason."""
+    message = SourceMessage(topic, 2, 41, b"r1", orjson.dumps(obj), 1_700_000_000_000)
+    out = []
+    for decode in (PROCESSOR._decode, PROCESSOR._decode_slow):
+        try:
+            out.append(decode(message))
+        except EventError as exc:
+            out.append(exc.reason)
+    return out[0], out[1]
+
+
+def _same(fast: Any, slow: Any) -> None:
+    if isinstance(slow, str) or isinstance(fast, str):
+        assert fast == slow, f"fast path gave {fast!r}, the full validator {slow!r}"
+        return
+    assert type(fast) is type(slow)
+    for name in fast.__dataclass_fields__:
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert a == b and type(a) is type(b), f"{name}: fast {a!r}, slow {b!r}"
+    if hasattr(fast, "outcome"):
+        for name in ("reward", "label", "ts", "offset", "clicks"):
+            a, b = getattr(fast.outcome, name), getattr(slow.outcome, name)
+            assert a == b and type(a) is type(b), f"outcome.{name}: fast {a!r}, slow {b!r}"
+
+
+@settings(max_examples=1500, deadline=None)
+@given(outcome_objects())
+def test_fast_outcome_decoder_accepts_exactly_what_the_contract_accepts(obj: dict[str, Any]) -> None:
+    _same(*_both(TOPICS.outcomes, obj))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(prediction_objects(), st.sampled_from([TOPICS.predictions, TOPICS.shadow_predictions]))
+def test_fast_prediction_decoder_accepts_exactly_what_the_contract_accepts(obj: dict[str, Any], topic: str) -> None:
+    _same(*_both(topic, obj))
+
+
+@pytest.mark.parametrize(("obj", "reason"), [
+    ({"request_id": "r1", "reward": 1e200}, "out_of_range"),
+    ({"request_id": "r1", "reward": 1.0, "label": 1e200}, "out_of_range"),
+    ({"request_id": "r1", "label": -(10**16)}, "out_of_range"),
+    ({"request_id": "r1", "reward": 1.0, "ts": 1e300}, "out_of_range"),
+    ({"request_id": "r1", "label": "y" * (MAX_LABEL_CHARS + 1)}, "out_of_range"),
+])
+def test_poison_outcomes_are_refused_by_the_fast_path_too(obj: dict[str, Any], reason: str) -> None:
+    """These passed the fast path's type tests before it compared against the bound."""
+    fast, slow = _both(TOPICS.outcomes, obj)
+    assert fast == slow == reason
+
+
+@pytest.mark.parametrize("arm", ["a:b", "a|b", "-a", "x" * 129])
+def test_a_prediction_whose_arm_is_not_a_name_is_refused(arm: str) -> None:
+    obj = {"request_id": "r1", "route": "churn", "arm": arm, "model": "m", "model_version": 1, "policy": "thompson",
+           "propensity": 0.5, "outputs": {"probability": [0.7], "label": 1}, "ts_request": 1.0, "ts_predicted": 1.0,
+           "latency_ms": 1.0}
+    assert _both(TOPICS.predictions, obj) == ("bad_id", "bad_id")
+    assert _both(TOPICS.predictions, {**obj, "arm": "a", "model": arm}) == ("bad_id", "bad_id")
