@@ -43,6 +43,8 @@ class Sent:
     partition: int
     future: asyncio.Future
     sources: list[Any]
+    size: int = 0
+    """The batch's bytes as sent (what the broker compares with the topic's max.message.bytes)."""
 
 
 @dataclass
@@ -109,11 +111,11 @@ class OutboundBatches:
         try:
             for (topic, partition), builder, sources in self._full:
                 sent.append(Sent(topic, partition, await producer.send_batch(builder, topic, partition=partition),
-                                 sources))
+                                 sources, builder.size()))
             for (topic, partition), (builder, sources) in self._builders.items():
                 builder.close()
                 sent.append(Sent(topic, partition, await producer.send_batch(builder, topic, partition=partition),
-                                 sources))
+                                 sources, builder.size()))
         except BaseException:
             # the caller treats the whole lot as failed; the batches already submitted must not
             # leave an exception nobody retrieves

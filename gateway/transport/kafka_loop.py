@@ -412,6 +412,8 @@ class KafkaLoop:
                 continue
             positions = [_position(s) for s in sent.sources if s is not None]
             self.memo.learn(sent.topic, positions, found, now)
+            if found.reason == "output_too_large":
+                self.shared.learn_too_large(sent.topic, sent.size, len(sent.sources))
             log.warning("the broker refused a batch of %d records for %s[%d] for good (%s); %s", len(sent.sources),
                         sent.topic, sent.partition, found.error,
                         "the topic is skipped for a while" if found.scope == "topic"

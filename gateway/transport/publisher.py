@@ -127,6 +127,8 @@ class PredictionPublisher:
             else:
                 refused.extend((event, found.reason, found.error) for event in sent.sources)
                 cause = cause or error  # the refused batch broke the producer's sequence for that partition
+                if found.reason == "output_too_large":
+                    self.shared.learn_too_large(sent.topic, sent.size, len(sent.sources))
         if refused:
             self._dead_letter(refused)
         if cause is None:

@@ -25,11 +25,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from banditgate.config import KafkaConfig
 from banditgate.connections import kafka_client_kwargs
-from gateway.transport.delivery import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    batch_bytes,
-    record_limit,
-)
+from gateway.transport.delivery import DEFAULT_MAX_MESSAGE_BYTES, RECORD_OVERHEAD_BYTES, batch_bytes, record_limit
 
 log = logging.getLogger("banditgate.kafka")
 
@@ -113,6 +109,22 @@ class SharedProducer:
             sizes = {t: sizes.get(t, DEFAULT_MAX_MESSAGE_BYTES) for t in topics}
         self.limits = {t: record_limit(size, self.kafka.max_request_bytes) for t, size in sizes.items()}
         self.batch_bytes = batch_bytes(self.limits)
+
+    def learn_too_large(self, topic: str, refused_bytes: int, records: int) -> None:
+        """The broker refused a `refused_bytes` batch of `records` records for `topic` as too large:
+        its real limit is below what we believed (kafka.max_message_bytes too high, or the topic
+        changed since start). Records that large are refused before sending from now on, and the
+        next producer (every refusal replaces it) builds batches of at most half that size, so a
+        topic that takes smaller batches than ours stops refusing after a few halvings."""
+        limit = max(0, refused_bytes - RECORD_OVERHEAD_BYTES - 1)
+        if limit < self.limits.get(topic, limit + 1):
+            self.limits[topic] = limit
+            log.warning("the broker refused a %d-byte batch for %s as too large; outputs over %d bytes for it are "
+                        "dead-lettered before sending from now on", refused_bytes, topic, limit)
+        if records > 1 and refused_bytes // 2 < self.batch_bytes:
+            self.batch_bytes = max(1024, refused_bytes // 2)
+            log.warning("producer batches are cut to %d bytes (the broker refused a batch of %d records)",
+                        self.batch_bytes, records)
 
     def new_producer(self) -> AIOKafkaProducer:
         kafka = self.kafka
