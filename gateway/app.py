@@ -36,6 +36,7 @@ from gateway.rollout_apply import RolloutApplier
 from gateway.transport.grpc_server import build_server
 from gateway.transport.http import SidecarContext, build_app
 from gateway.transport.http_limits import bounded_httptools_protocol
+from gateway.transport.delivery import refusal
 from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, delivered
 from gateway.transport.kafka_loop import KafkaLoop
 from gateway.transport.kafka_transactions import TransactionalKafkaLoop
@@ -245,8 +246,10 @@ class Gateway:
 
     async def _produce_outcomes(self, outcomes: list[dict[str, Any]]) -> None:
         """Publish outcomes posted over HTTP/gRPC and wait for the broker. A failed publication
-        replaces the shared producer (as the Kafka loop does) and is tried once more; raises
-        Unavailable (503) if Kafka still does not take them, InvalidInput if one is too large."""
+        replaces the shared producer (as the Kafka loop does; a failed send can leave its sequence
+        numbers ahead of the broker's) and is tried once more. Raises InvalidInput when the topic
+        refuses an outcome for good (too large, not authorized), Unavailable (503) when Kafka
+        still does not take them."""
         assert self.kafka is not None  # noqa: S101
         shared, topic = self.kafka.shared, self.config.kafka.topics.outcomes
         values = [(str(outcome["request_id"]).encode(), orjson.dumps(outcome)) for outcome in outcomes]
@@ -265,13 +268,14 @@ class Gateway:
                 cause: BaseException = failures[0][1]
             except (KafkaError, OSError, TimeoutError) as exc:
                 cause = exc
-            log.warning("outcomes could not be published (%s: %s)%s", type(cause).__name__, str(cause)[:200],
-                        "; replacing the producer and trying once more" if attempt == 1 else "")
-            if attempt == 1:
-                try:
-                    await shared.replace(producer)
-                except (KafkaError, OSError, TimeoutError):
-                    break
+            found = refusal(cause)
+            log.warning("outcomes could not be published (%s: %s)", type(cause).__name__, str(cause)[:200])
+            try:
+                await shared.replace(producer)
+            except (KafkaError, OSError, TimeoutError):
+                break
+            if found is not None:
+                raise InvalidInput(f"outcome not accepted by {topic}: {found.error}", found.reason)
         raise Unavailable("Kafka does not take outcomes right now; retry later")
 
     async def _start_sidecar(self) -> None:

@@ -120,7 +120,7 @@ class OutboundBatches:
             # the caller treats the whole lot as failed; the batches already submitted must not
             # leave an exception nobody retrieves
             for batch in sent:
-                batch.future.add_done_callback(_retrieve)
+                batch.future.add_done_callback(retrieve_exception)
             raise
         finally:
             self._full.clear()
@@ -128,7 +128,8 @@ class OutboundBatches:
         return sent
 
 
-def _retrieve(future: asyncio.Future) -> None:
+def retrieve_exception(future: asyncio.Future) -> None:
+    """Mark a future's exception as seen (a done callback for futures nobody awaits)."""
     if not future.cancelled():
         future.exception()
 

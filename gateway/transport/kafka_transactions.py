@@ -44,9 +44,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
 
 from banditgate.connections import kafka_client_kwargs
 from gateway.transport.delivery import is_delivery_error, refusal
@@ -58,8 +60,20 @@ log = logging.getLogger("banditgate.kafka")
 
 START_TIMEOUT_S = 30.0
 """How long starting a transactional producer (metadata, coordinator, InitProducerId) may take."""
+T = TypeVar("T")
 BACKOFF_S = (0.2, 5.0)
 """First and longest wait between two attempts to (re-)acquire a partition's producer."""
+
+
+async def _in_transaction(step: Awaitable[T]) -> T:
+    """Await one step of a transaction. A producer whose sender stopped mid-transaction (fenced,
+    or a fatal broker answer) leaves its transaction state, and aiokafka's state machine then
+    refuses the next step with IllegalOperation or an assertion: to us that is a failed
+    transaction (the producer is replaced), not a defect."""
+    try:
+        return await step
+    except (IllegalOperation, AssertionError) as exc:
+        raise KafkaError(f"the transactional producer left its transaction ({type(exc).__name__}: {exc})") from exc
 
 
 class _TransactionalRebalance(ConsumerRebalanceListener):
@@ -196,18 +210,16 @@ class TransactionalKafkaLoop(KafkaLoop):
             if producer is None or self.generation.get(tp, 0) != generation:
                 return  # no longer ours (or stopping): the next owner starts at the committed offset
             try:
-                try:
-                    await producer.begin_transaction()
-                except AssertionError as exc:  # aiokafka's state machine: a producer left in an error state
-                    raise KafkaError(f"transactional producer not ready ({exc})") from exc
+                await _in_transaction(producer.begin_transaction())
                 out = OutboundBatches(producer, self.partitions, self.shared.limits)
                 await self._serve_records(records, out)
-                failures = await delivered(await out.send())
+                failures = await delivered(await _in_transaction(out.send()))
                 if failures:
                     self._learn_refusals(failures)
                     raise PublicationFailed(producer, failures[0][1])
-                await producer.send_offsets_to_transaction({tp: records[-1].offset + 1}, self.config.kafka.group_id)
-                await producer.commit_transaction()
+                await _in_transaction(producer.send_offsets_to_transaction({tp: records[-1].offset + 1},
+                                                                           self.config.kafka.group_id))
+                await _in_transaction(producer.commit_transaction())
             except Exception as exc:
                 if not isinstance(exc, PublicationFailed) and not is_delivery_error(exc):
                     raise  # a defect in our code, not the broker's doing: the loop stops on it

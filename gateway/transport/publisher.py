@@ -32,8 +32,8 @@ log = logging.getLogger("banditgate.publisher")
 BACKOFF_S = (0.5, 10.0)
 """First and longest wait between two attempts while publishing fails."""
 
-# (topic, key, value, is a dead letter)
-_Event = tuple[str, bytes, bytes, bool]
+# (topic, key, value, is a dead letter, send in a batch of its own)
+_Event = tuple[str, bytes, bytes, bool, bool]
 
 
 class PredictionPublisher:
@@ -72,7 +72,7 @@ class PredictionPublisher:
             self._drop(topic, "queue_full", len(events))
             return
         for event in events:
-            self._queue.append((topic, str(event[key_field]).encode(), orjson.dumps(event), False))
+            self._queue.append((topic, str(event[key_field]).encode(), orjson.dumps(event), False, False))
         if len(self._queue) >= 512:
             self._wakeup.set()
 
@@ -95,8 +95,8 @@ class PredictionPublisher:
             if self._queue and (self._closing or self.clock() >= self._next_try_s):
                 ok = await self._flush()
                 if not ok and self._closing:
-                    for topic, _key, _value, _dead in self._queue:
-                        self._drop(topic, "shutdown", 1)
+                    for event in self._queue:
+                        self._drop(event[0], "shutdown", 1)
                     self._queue.clear()
 
     async def _flush(self) -> bool:
@@ -105,47 +105,58 @@ class PredictionPublisher:
         producer = self.shared.producer
         out = OutboundBatches(producer, self.partitions, self.shared.limits)
         refused: list[tuple[_Event, str, str]] = []
+        sent_events: list[_Event] = []
         for event in batch:
             try:
-                out.add(event[0], event[1], event[2], source=event)
+                out.add(event[0], event[1], event[2], source=event, alone=event[4])
             except OutputRefused as exc:
                 refused.append((event, exc.reason, str(exc)))
+                continue
+            sent_events.append(event)
         retry: list[_Event] = []
         cause: BaseException | None = None
+        broken = False  # a refused batch leaves the producer's sequence for its partition broken
         try:
             failures = await delivered(await out.send())
         except Exception as exc:
             if not is_delivery_error(exc):
                 raise
-            not_sent = {id(r[0]) for r in refused}
-            failures, retry, cause = [], [e for e in batch if id(e) not in not_sent], exc
+            failures, retry, cause = [], sent_events, exc
         for sent, error in failures:
             found = refusal(error)
             if found is None:
                 retry.extend(sent.sources)
                 cause = error
+                continue
+            broken = True
+            if found.reason == "output_too_large":
+                self.shared.learn_too_large(sent.topic, sent.size, len(sent.sources))
+            if found.scope == "record" and len(sent.sources) > 1:
+                # which one? each goes alone next time; the one refused then is dead-lettered
+                self._queue.extend((t, k, v, dead, True) for t, k, v, dead, _alone in sent.sources)
             else:
                 refused.extend((event, found.reason, found.error) for event in sent.sources)
-                cause = cause or error  # the refused batch broke the producer's sequence for that partition
-                if found.reason == "output_too_large":
-                    self.shared.learn_too_large(sent.topic, sent.size, len(sent.sources))
         if refused:
             self._dead_letter(refused)
         if cause is None:
             self._recovered()
+            if broken and not self._closing:
+                await self._replace(producer)
             return True
         self._queue[:0] = retry  # oldest first, ahead of what arrived meanwhile
         excess = len(self._queue) - self.max_queued
         if excess > 0:
-            for topic, _key, _value, _dead in self._queue[self.max_queued:]:
-                self._drop(topic, "queue_full", 1)
+            for event in self._queue[self.max_queued:]:
+                self._drop(event[0], "queue_full", 1)
             del self._queue[self.max_queued:]
-        await self._recover(producer, cause)
-        return not retry
+        self._failed(cause)
+        if not self._closing:
+            await self._replace(producer)
+        return False
 
     def _dead_letter(self, refused: list[tuple[_Event, str, str]]) -> None:
         """Queue a dead letter for each refused event; count (and log once) a refused dead letter."""
-        for (topic, key, value, is_dead), reason, message in refused:
+        for (topic, key, value, is_dead, _alone), reason, message in refused:
             if self.metrics is not None and not is_dead:
                 self.metrics.output_refusals.labels(topic, reason).inc()
             if is_dead or self.deadletter_topic is None:
@@ -159,10 +170,11 @@ class PredictionPublisher:
                 continue
             # the event was answered over HTTP/gRPC already; its dead letter keeps it (position unknown: -1)
             letter = dead_letter_value(message, reason, topic, -1, -1, value, payload_chars=16_384)
-            self._queue.append((self.deadletter_topic, key, letter, True))
+            self._queue.append((self.deadletter_topic, key, letter, True, False))
 
-    async def _recover(self, failed: Any, cause: BaseException) -> None:
-        """After a failed flush: say so once, and replace the shared producer (unless someone did)."""
+    def _failed(self, cause: BaseException) -> None:
+        """Publishing failed for a reason that may pass (the broker away): say so once per episode
+        and wait before the next try (doubling up to BACKOFF_S[1])."""
         now = self.clock()
         if self._failing_since is None:
             self._failing_since = now
@@ -171,13 +183,15 @@ class PredictionPublisher:
                       type(cause).__name__, str(cause)[:200], self.max_queued)
         self._next_try_s = now + self._backoff_s
         self._backoff_s = min(self._backoff_s * 2, BACKOFF_S[1])
-        if self._closing:
-            return  # what is left is dropped (counted) by _run
+
+    async def _replace(self, failed: Any) -> None:
+        """Replace the shared producer after a failed send (unless someone did already)."""
         try:
             await self.shared.replace(failed)
         except Exception as exc:
             if not is_delivery_error(exc):
                 raise  # the broker is away otherwise: the next try comes after the backoff
+            self._failed(exc)
 
     def _recovered(self) -> None:
         if self._failing_since is not None:

@@ -25,7 +25,13 @@ from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from banditgate.config import KafkaConfig
 from banditgate.connections import kafka_client_kwargs
-from gateway.transport.delivery import DEFAULT_MAX_MESSAGE_BYTES, RECORD_OVERHEAD_BYTES, batch_bytes, record_limit
+from gateway.transport.delivery import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    RECORD_OVERHEAD_BYTES,
+    batch_bytes,
+    record_limit,
+)
+from gateway.transport.kafka_batches import retrieve_exception
 
 log = logging.getLogger("banditgate.kafka")
 
@@ -33,10 +39,28 @@ CLOSE_TIMEOUT_S = 5.0
 """How long a replaced producer may take to flush what it still holds before it is closed hard."""
 
 
+def _retrieve_internal_errors(producer: AIOKafkaProducer) -> None:
+    """A failed producer's own futures that nobody awaits (its batches' drain waiters, its
+    transaction waiter) carry the error too; retrieve it, or asyncio logs "Future exception was
+    never retrieved" with a traceback per failure. Private to aiokafka 0.12-0.14 (looked up with
+    getattr: a later version without them only brings the log lines back)."""
+    accumulator = getattr(producer, "_message_accumulator", None)
+    batches = [batch for queue in getattr(accumulator, "_batches", {}).values() for batch in queue]
+    batches += list(getattr(accumulator, "_pending_batches", ()))
+    futures = [getattr(batch, "_drain_waiter", None) for batch in batches]
+    manager = getattr(producer, "_txn_manager", None)
+    if manager is not None and getattr(manager, "transactional_id", None):
+        futures.append(manager.wait_for_transaction_end())
+    for future in futures:
+        if isinstance(future, asyncio.Future):
+            future.add_done_callback(retrieve_exception)
+
+
 async def close_producer(producer: AIOKafkaProducer, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
     """Stop `producer`, giving its pending batches `timeout_s` to be delivered; past that (the
     broker is away) they are failed so that the producer's background sender and connections do
     not outlive it. Never raises for a broker problem."""
+    _retrieve_internal_errors(producer)
     stopping = asyncio.ensure_future(producer.stop())
     done, _ = await asyncio.wait([stopping], timeout=timeout_s)
     if not done:
@@ -45,6 +69,7 @@ async def close_producer(producer: AIOKafkaProducer, timeout_s: float = CLOSE_TI
         accumulator = getattr(producer, "_message_accumulator", None)
         if accumulator is not None and hasattr(accumulator, "fail_all"):
             accumulator.fail_all(KafkaConnectionError("producer closed after a failed publication"))
+            _retrieve_internal_errors(producer)
         done, _ = await asyncio.wait([stopping], timeout=timeout_s)
         if not done:
             stopping.cancel()
@@ -122,7 +147,7 @@ class SharedProducer:
             log.warning("the broker refused a %d-byte batch for %s as too large; outputs over %d bytes for it are "
                         "dead-lettered before sending from now on", refused_bytes, topic, limit)
         if records > 1 and refused_bytes // 2 < self.batch_bytes:
-            self.batch_bytes = max(1024, refused_bytes // 2)
+            self.batch_bytes = max(RECORD_OVERHEAD_BYTES, refused_bytes // 2)  # the first record always fits
             log.warning("producer batches are cut to %d bytes (the broker refused a batch of %d records)",
                         self.batch_bytes, records)
 

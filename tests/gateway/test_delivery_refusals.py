@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
@@ -105,6 +105,24 @@ async def read_ids(bootstrap: str, topic: str, ids: set[str], timeout_s: float =
     return out
 
 
+async def committed_to_the_end(bootstrap: str, group: str, topic: str, timeout_s: float = 60.0) -> None:
+    """Wait until `group` has committed every partition of `topic` up to its end (all served)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(4)]  # the topics fixture makes 4
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            ends = await consumer.end_offsets(partitions)
+            committed = [await consumer.committed(tp) or 0 for tp in partitions]
+            if all(done >= ends[tp] for tp, done in zip(partitions, committed)):
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"{group} did not commit {topic} to its end within {timeout_s}s")
+    finally:
+        await consumer.stop()
+
+
 async def quiet(bootstrap: str, topic: str, seconds: float = 3.0) -> tuple[int, int]:
     """How many records `topic` holds, and how many `seconds` later (equal: nothing is republished)."""
     first = len(await read_topic(bootstrap, topic, 0, timeout_s=10, settle_s=1.0))
@@ -149,6 +167,7 @@ async def test_batches_the_broker_refuses_are_split_and_the_culprits_dead_letter
         await produce(stack.kafka, topics.topics.requests, events)
         await read_ids(stack.kafka, topics.topics.predictions, good)
         dead = await read_ids(stack.kafka, topics.topics.deadletter, big)
+        await committed_to_the_end(stack.kafka, f"gw-{topics.prefix}", topics.topics.requests)
         before, after = await quiet(stack.kafka, topics.topics.predictions)
         predictions = await read_topic(stack.kafka, topics.topics.predictions, 0, timeout_s=10, settle_s=1.0)
         assert not running.task.done()
@@ -177,6 +196,7 @@ async def test_refused_dead_letters_are_counted_and_never_looped(stack, topics, 
             bad = [(f"b{burst}-{i}".encode(), b"{not json " + b"x" * 200) for i in range(10)]
             await produce(stack.kafka, topics.topics.requests, good[:75] + bad + good[75:])
             await read_ids(stack.kafka, topics.topics.predictions, {f"g{burst}-{i}" for i in range(150)})
+        await committed_to_the_end(stack.kafka, f"gw-{topics.prefix}", topics.topics.requests)
         before, after = await quiet(stack.kafka, topics.topics.predictions)
         predictions = await read_topic(stack.kafka, topics.topics.predictions, 0, timeout_s=10, settle_s=1.0)
         assert not running.task.done()
