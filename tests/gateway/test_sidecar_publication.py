@@ -56,8 +56,9 @@ async def test_http_predictions_are_published_again_after_a_refusal_broke_the_pr
     try:
         assert gateway.publisher is not None and gateway.publisher.metrics is gateway.metrics
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=10) as client:
-            # one request per flush: two predictions in one batch would exceed the topic's 600 bytes too
-            for request_id in [LONG_ID, *short]:
+            # one request per flush: two predictions in one batch would exceed the topic's 600 bytes too.
+            # One goes first: a partition the producer never wrote to accepts any first sequence number
+            for request_id in [short[0], LONG_ID, *short[1:]]:
                 response = await client.post("/v2/models/fixed-route/infer", json=infer_body(request_id))
                 assert response.status_code == 200, response.text
                 await asyncio.sleep(0.15)
@@ -83,14 +84,17 @@ async def test_outcomes_are_accepted_again_after_a_refusal_broke_the_producer(st
     short = ids_on_partition_of(LONG_ID, 5)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{running.gateway.http_port}", timeout=30) as client:
+            # one goes first: a partition the producer never wrote to accepts any first sequence number
+            first = await client.post("/v2/outcomes", json={"request_id": short[0], "reward": 1})
             refused = await client.post("/v2/outcomes", json={"request_id": LONG_ID, "reward": 1})
             statuses = [(await client.post("/v2/outcomes", json={"request_id": rid, "reward": 1})).status_code
-                        for rid in short]
+                        for rid in short[1:]]
         outcomes = await read_ids(stack.kafka, topics.topics.outcomes, set(short), timeout_s=30)
     finally:
         assert await running.stop() == 0
+    assert first.status_code == 200
+    assert statuses == [200] * (len(short) - 1)  # the producer the refusal broke was replaced
     assert refused.status_code == 400 and "MessageSizeTooLarge" in refused.text, refused.text  # not a 500
-    assert statuses == [200] * len(short)
     assert {o["request_id"] for o in outcomes} == set(short)
 
 
