@@ -149,7 +149,7 @@ async def _fence(bootstrap: str, transactional_id: str) -> None:
 
 
 async def eos_txn_abort(ctx: Context) -> dict[str, Any]:
-    n, rate, every_s = ctx.pick((5000, 800, 0.25), (30_000, 1500, 0.2))
+    n, rate, every_s = ctx.pick((5000, 800, 0.1), (30_000, 1500, 0.1))
     partitions = 4
     scene = await GatewayScene.create(ctx, "eos_txn_abort", partitions=partitions, delivery="exactly_once")
     intrusions = 0
