@@ -105,6 +105,10 @@ class KafkaConfig(_Strict):
     interval means fewer commit round trips for the gateway and the broker, and at most this much
     more work served again after a crash (at-least-once)."""
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_message_bytes: int | None = Field(None, ge=1024)
+    """The largest record batch the output topics accept (their `max.message.bytes`). Unset: the
+    gateway asks the broker for each topic at start. An output larger than its topic accepts is
+    dead-lettered (`output_too_large`) before it is sent."""
     session_timeout_ms: int = Field(10_000, ge=1000)
     request_timeout_ms: int = Field(30_000, ge=1000)
     """How long the gateway's producer waits for a broker's answer before a publication fails

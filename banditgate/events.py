@@ -48,6 +48,8 @@ REASONS = (
     "oversize", "not_json", "not_object", "missing_field", "wrong_type", "bad_id",
     "unknown_route", "not_finite", "too_deep", "bad_input", "out_of_range", "inference_failed",
     "model_unavailable", "internal_error", "redis_refused",
+    # outputs the broker refuses for good (gateway/transport/delivery.py)
+    "output_too_large", "output_refused", "not_authorized",
 )
 
 

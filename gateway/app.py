@@ -19,6 +19,7 @@ import orjson
 import uvicorn
 import uvloop
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from aiokafka.errors import KafkaError
 
 from banditgate import redis_errors
 from banditgate.config import Config
@@ -28,7 +29,7 @@ from gateway.admin import Admin
 from gateway.batching.circuit import STATE_CODES
 from gateway.dataplane import Dataplane
 from gateway.drift_watch import DriftWatch
-from gateway.errors import ModelError, ModelNotFound
+from gateway.errors import InvalidInput, ModelError, ModelNotFound, Unavailable
 from gateway.guardrail_watch import GuardrailWatch
 from gateway.metrics import GatewayMetrics
 from gateway.models.onnx_runtime import OnnxModel
@@ -37,7 +38,8 @@ from gateway.rollout_apply import RolloutApplier
 from gateway.transport.grpc_server import build_server
 from gateway.transport.http import SidecarContext, build_app
 from gateway.transport.http_limits import bounded_httptools_protocol
-from gateway.transport.kafka_batches import OutboundBatches
+from gateway.transport.delivery import refusal
+from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, delivered
 from gateway.transport.kafka_loop import KafkaLoop
 from gateway.transport.kafka_transactions import TransactionalKafkaLoop
 from gateway.transport.publisher import PredictionPublisher
@@ -263,24 +265,49 @@ class Gateway:
             self.publisher.publish(self.config.kafka.topics.alerts, [alert], key_field="route")
 
     async def _produce_outcomes(self, outcomes: list[dict[str, Any]]) -> None:
-        assert self.kafka is not None and self.kafka.producer is not None  # noqa: S101
-        topic = self.config.kafka.topics.outcomes
-        partitions = {topic: len(await self.kafka.producer.partitions_for(topic))}
-        out = OutboundBatches(self.kafka.producer, partitions)
-        for outcome in outcomes:
-            out.add(topic, str(outcome["request_id"]).encode(), orjson.dumps(outcome))
-        await asyncio.gather(*await out.send())
+        """Publish outcomes posted over HTTP/gRPC and wait for the broker. A failed publication
+        replaces the shared producer (as the Kafka loop does; a failed send can leave its sequence
+        numbers ahead of the broker's) and is tried once more. Raises InvalidInput when the topic
+        refuses an outcome for good (too large, not authorized), Unavailable (503) when Kafka
+        still does not take them."""
+        assert self.kafka is not None  # noqa: S101
+        shared, topic = self.kafka.shared, self.config.kafka.topics.outcomes
+        values = [(str(outcome["request_id"]).encode(), orjson.dumps(outcome)) for outcome in outcomes]
+        for attempt in (1, 2):
+            producer = shared.producer
+            out = OutboundBatches(producer, self.kafka.partitions, shared.limits)
+            try:
+                for key, value in values:
+                    out.add(topic, key, value)
+            except OutputRefused as exc:
+                raise InvalidInput(f"outcome not accepted: {exc}", exc.reason) from None
+            try:
+                failures = await delivered(await out.send())
+                if not failures:
+                    return
+                cause: BaseException = failures[0][1]
+            except (KafkaError, OSError, TimeoutError) as exc:
+                cause = exc
+            found = refusal(cause)
+            log.warning("outcomes could not be published (%s: %s)", type(cause).__name__, str(cause)[:200])
+            try:
+                await shared.replace(producer)
+            except (KafkaError, OSError, TimeoutError):
+                break
+            if found is not None:
+                raise InvalidInput(f"outcome not accepted by {topic}: {found.error}", found.reason)
+        raise Unavailable("Kafka does not take outcomes right now; retry later")
 
     async def _start_sidecar(self) -> None:
         """REST (uvicorn) and gRPC (grpc.aio) in this event loop, sharing the dataplane and producer."""
         assert self.kafka is not None and self.kafka.producer is not None and self.dataplane is not None  # noqa: S101
         server = self.config.server
-        self.publisher = PredictionPublisher(self.kafka.producer, self.kafka.partitions,
+        # the publisher shares the Kafka loop's producer and replaces it the same way after a failure
+        self.publisher = PredictionPublisher(self.kafka.shared, self.kafka.partitions, metrics=self.metrics,
+                                            deadletter_topic=self.config.kafka.topics.deadletter,
                                             flush_interval_s=self.config.server.publish_interval_ms / 1000)
         self.publisher.start()
         publisher = self.publisher
-        # a producer replaced after a failed publication is the publisher's from then on too
-        self.kafka.on_new_producer.append(lambda producer: setattr(publisher, "producer", producer))
         context = SidecarContext(config=self.config, dataplane=self.dataplane,
                                  publish=lambda topic, events: publisher.publish(topic, events),
                                  produce_outcomes=self._produce_outcomes, is_ready=self.is_ready,
@@ -428,10 +455,16 @@ class Gateway:
         loop_task = asyncio.get_running_loop().create_task(self.kafka.run(self.stopping))
         stop_wait = asyncio.get_running_loop().create_task(self.stopping.wait())
         done, _ = await asyncio.wait({loop_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        if loop_task in done and loop_task.exception() is not None:
-            log.error("the Kafka loop stopped: %s", loop_task.exception())
+        crashed = loop_task in done and not loop_task.cancelled() and loop_task.exception() is not None
+        if crashed:
+            error = loop_task.exception()
+            log.error("the Kafka loop crashed (%s: %s); shutting down with exit code 1", type(error).__name__,
+                      str(error).splitlines()[0][:300] if str(error) else "", exc_info=error)
             self.stopping.set()
+        stop_wait.cancel()
         code = await self.shutdown(loop_task, watcher)
+        if crashed:
+            code = 1
         exporter.cancel()
         guard_task.cancel()
         kafka_watch.cancel()
@@ -466,6 +499,11 @@ class Gateway:
             log.error("shutdown took longer than the %.1fs grace period; exiting with work unfinished "
                       "(it will be served again from the last committed offsets)", grace)
             code = 1
+            if self.kafka is not None:
+                loop_task.cancel()
+                # leave the group now, so the partitions move to other replicas at once rather than
+                # after the session timeout
+                await self.kafka.close_now()
         watcher.cancel()
         if self.grpc is not None:
             await self.grpc.stop(grace=1.0)

@@ -44,6 +44,12 @@ class Overloaded(GatewayError):
         self.retry_after_s = retry_after_s
 
 
+class Unavailable(Overloaded):
+    """A server the gateway depends on (Kafka) does not answer: retry later."""
+
+    reason = "unavailable"
+
+
 class TooManyRequests(Overloaded):
     """More inference requests in flight than `server.max_in_flight_requests`: retry later."""
 

@@ -179,6 +179,24 @@ class GatewayMetrics:
         self.drift_skipped = Counter("banditgate_drift_batches_skipped_total",
                                      "Served batches the drift monitors skipped because they were behind.",
                                      ["model", "version"], **kw)
+        self.output_refusals = Counter("banditgate_output_refusals_total",
+                                       "Outputs the broker refuses for good (too large for the topic, invalid, not "
+                                       "authorized), found before sending or by the broker; their requests are "
+                                       "dead-lettered.", ["topic", "reason"], **kw)
+        self.deadletter_failures = Counter("banditgate_deadletter_failures_total",
+                                           "Dead letters that could not be written (refused for good); the event is "
+                                           "dropped, counted here and logged once per topic.", ["topic", "reason"], **kw)
+        self.sidecar_dropped = Counter("banditgate_sidecar_events_dropped_total",
+                                       "Sidecar (REST/gRPC) prediction, shadow and alert events not published: "
+                                       "queue full while Kafka was away, or refused for good.", ["topic", "reason"],
+                                       **kw)
+        self.producer_replacements = Counter("banditgate_producer_replacements_total",
+                                             "Times the shared idempotent producer was replaced after a failed "
+                                             "publication (a new producer id).", **kw)
+        self.transaction_failures = Counter("banditgate_transaction_failures_total",
+                                            "Exactly-once transactions that failed and were redone from the committed "
+                                            "offset with a new transactional producer, by cause (failed, fenced, "
+                                            "refused).", ["reason"], **kw)
 
     def forget_version(self, model_name: str, version: str) -> None:
         """Remove the series of one model version that was unloaded: loaded, batch histograms, circuit,

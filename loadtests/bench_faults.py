@@ -41,6 +41,7 @@ def _say(message: str) -> None:
 
 def scenarios() -> list[tuple[str, ScenarioFn]]:
     from loadtests.faults import (
+        delivery,
         feedback_faults,
         gateway_faults,
         hung_model,
@@ -67,10 +68,14 @@ def scenarios() -> list[tuple[str, ScenarioFn]]:
         ("poison_values", poison.poison_values),
         ("redis_readonly", redis_modes.redis_readonly),
         ("redis_oom", redis_modes.redis_oom),
+        ("oversize_output", delivery.oversize_output),
+        ("eos_broker_restart", delivery.eos_broker_restart),
+        ("eos_txn_abort", delivery.eos_txn_abort),
     ]
 
 
-TARGETS = "lost = 0, double_counted = 0, crashes = 0, client_errors = 0; *_eos duplicates = 0; recovered_s <= 10; " \
+TARGETS = "lost = 0, double_counted = 0, crashes = 0, client_errors = 0; *_eos, eos_* duplicates = 0; " \
+          "oversize_output duplicates = 0; recovered_s <= 10; " \
           "overload max_rss_mb <= 1.5 x steady_rss_mb; hung_model other_route_p99_ratio <= 2 and drained; " \
           "poison_values poison_accepted = 0, non_finite_values = 0, exact"
 
@@ -84,7 +89,8 @@ def missed_targets(results: dict[str, dict[str, Any]]) -> list[str]:
         for key in ("lost", "double_counted", "crashes", "client_errors"):
             if r.get(key, 0) != 0:
                 bad.append(f"{name}.{key}={r[key]}")
-        if name.endswith("_eos") and r.get("duplicates", 1) != 0:
+        if (name.endswith("_eos") or name.startswith("eos_") or name == "oversize_output") \
+                and r.get("duplicates", 1) != 0:
             bad.append(f"{name}.duplicates={r.get('duplicates')}")
         if r.get("recovered_s", 0) is None or r.get("recovered_s", 0) > 10:
             bad.append(f"{name}.recovered_s={r.get('recovered_s')}")
@@ -131,6 +137,11 @@ SCENARIO_KEYS = {
                        "held_outcomes", "feedback_outage_log_lines", "gateway_write_failure_log_lines"),
     "redis_oom": ("sent", "lost", "client_errors", "double_counted", "recovered_s", "all_held_applied_s", "down_s",
                   "held_outcomes", "feedback_outage_log_lines", "gateway_write_failure_log_lines"),
+    "oversize_output": ("sent", "answered", "lost", "duplicates", "oversize_sent", "oversize_dead_lettered",
+                        "client_errors", "rewinds"),
+    "eos_broker_restart": ("sent", "lost", "duplicates", "recovered_s", "down_s", "unready_during_outage",
+                           "transactions_redone"),
+    "eos_txn_abort": ("sent", "answered", "lost", "duplicates", "intrusions", "transactions_redone", "stalled"),
 }
 """What the markdown table shows per scenario (every key is in the JSON)."""
 

@@ -67,7 +67,7 @@ async def passthrough_batch(bootstrap: str, in_topic: str, out_topic: str, group
             for tp, records in batch.items():
                 for record in records:
                     out.add(out_topic, record.key, record.value, tp.partition)
-            futures = await out.send()
+            futures = [sent.future for sent in await out.send()]
             if futures:
                 await asyncio.gather(*futures)
                 await consumer.commit()

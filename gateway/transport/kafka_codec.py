@@ -57,10 +57,12 @@ def decode_records(records: Iterable[Any], routes: Container[str], max_bytes: in
     return out
 
 
-def dead_letter_value(error: str, reason: str, topic: str, partition: int, offset: int, raw: bytes | None) -> bytes:
-    """The dead-letter event of DESIGN.md (plus a machine-readable `reason`)."""
+def dead_letter_value(error: str, reason: str, topic: str, partition: int, offset: int, raw: bytes | None,
+                      payload_chars: int = 65_536) -> bytes:
+    """The dead-letter event of DESIGN.md (plus a machine-readable `reason`); the original bytes are
+    cut to `payload_chars` characters (the full record stays in its topic at `offset`)."""
     return orjson.dumps({"error": error, "reason": reason, "topic": topic, "partition": partition, "offset": offset,
-                         "payload": dead_letter_payload(raw or b"")})
+                         "payload": dead_letter_payload(raw or b"", payload_chars)})
 
 
 def encode_event(event: dict[str, Any]) -> bytes:

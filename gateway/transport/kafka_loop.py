@@ -5,6 +5,13 @@ shadow prediction and dead-letter it produced is acknowledged by the broker, and
 every earlier batch is too. When producing fails (broker away past the producer's retries),
 the loop rewinds to the last committed offsets and processes again: some predictions may
 repeat, none go missing.
+
+Outputs the broker refuses for good (gateway/transport/delivery.py) are not retried forever:
+one too large for its topic is found before sending and its request dead-lettered
+(`output_too_large`); a batch the broker refuses is remembered by its requests' positions
+(`RefusalMemo`), the loop rewinds once, and the replay dead-letters what was refused (a batch of
+several records is first split, one record per batch, to find which). A dead letter that is
+itself refused is dropped, counted and logged once per topic and reason.
 """
 
 from __future__ import annotations
@@ -12,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import orjson
 
@@ -24,12 +33,26 @@ from banditgate.config import Config
 from banditgate.connections import ConnectionCheckError, check_kafka, describe_kafka_failure, kafka_client_kwargs
 from gateway.dataplane import Answer, Dataplane
 from gateway.metrics import GatewayMetrics
-from gateway.transport.kafka_batches import OutboundBatches
+from gateway.transport.delivery import Position, RefusalMemo, is_delivery_error, refusal
+from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, Sent, delivered
 from gateway.transport.kafka_codec import dead_letter_value, decode_records
+from gateway.transport.shared_producer import SharedProducer, close_producer
 
 dumps = orjson.dumps
 
 log = logging.getLogger("banditgate.kafka")
+
+CLOSE_NOW_TIMEOUT_S = 5.0
+"""How long leaving the group and closing may take once the grace period is over."""
+
+
+class PublicationFailed(Exception):
+    """A batch's outputs were not all delivered (the loop rewinds); `producer` is the one that failed."""
+
+    def __init__(self, producer: AIOKafkaProducer | None, cause: BaseException) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.producer = producer
+        self.cause = cause
 
 
 class _Rebalance(ConsumerRebalanceListener):
@@ -44,6 +67,11 @@ class _Rebalance(ConsumerRebalanceListener):
         log.info("assigned partitions: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)) or "none")
 
 
+def _position(source: Any) -> Position:
+    """The input position an output's source stands for (a request or the position itself)."""
+    return source if isinstance(source, tuple) else (source.topic, source.partition, source.offset)
+
+
 class KafkaLoop:
     """Consumes requests, serves them through the dataplane, produces predictions (at-least-once)."""
 
@@ -55,7 +83,9 @@ class KafkaLoop:
         self.clock = clock
         self.topics = config.kafka.topics
         self.consumer: AIOKafkaConsumer | None = None
-        self.producer: AIOKafkaProducer | None = None
+        self.shared = SharedProducer(config.kafka, on_replaced=metrics.producer_replacements.inc)
+        """The idempotent producer (shared with the sidecar publisher and `/v2/outcomes`)."""
+        self.memo = RefusalMemo()
         self.partitions: dict[str, int] = {}
         self._in_flight: collections.deque[tuple[asyncio.Task, dict[TopicPartition, int]]] = collections.deque()
         self._commit_lock = asyncio.Lock()
@@ -63,13 +93,21 @@ class KafkaLoop:
         """Offsets whose batches are delivered, not yet committed (the committer takes them)."""
         self._committer: asyncio.Task | None = None
         self._last_handed_over: asyncio.Event | None = None
-        self.on_new_producer: list[Callable[[AIOKafkaProducer], None]] = []
-        """Called with the new producer after a restart (the sidecar publisher shares it)."""
         self._last_lag_s = 0.0
         self._last_commit_s = float("-inf")
         self._committer_waiting = False
         """True while the committer waits out the commit interval (it holds no offsets then)."""
+        self._failed_producer: AIOKafkaProducer | None = None
+        self._fatal: BaseException | None = None
+        """A defect in our own code met while serving a batch: run() raises it (the process exits)."""
+        self._stopping: asyncio.Event | None = None
+        self._dead_letter_logged: set[tuple[str, str]] = set()
         self.processed = 0
+
+    @property
+    def producer(self) -> AIOKafkaProducer | None:
+        """The current shared producer (a new one after each failed publication)."""
+        return self.shared.producer
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -83,16 +121,20 @@ class KafkaLoop:
         try:
             await self._start_clients()
         except KafkaError as exc:
-            for client in (self.consumer, self.producer):
-                if client is not None:
-                    await client.stop()
+            if self.consumer is not None:
+                await self.consumer.stop()
+            await self.shared.stop()
             raise ConnectionCheckError(describe_kafka_failure(kafka, kafka.bootstrap_servers, exc)) from None
         self.metrics.kafka_up.set(1)
+
+    def output_topics(self) -> list[str]:
+        topics = self.topics
+        return [topics.predictions, topics.shadow_predictions, topics.deadletter, topics.alerts, topics.outcomes]
 
     async def _start_clients(self) -> None:
         kafka = self.config.kafka
         common = kafka_client_kwargs(kafka)
-        self.producer = self._new_producer()
+        await self.shared.discover_limits(self.output_topics())
         self.consumer = AIOKafkaConsumer(**common, group_id=kafka.group_id, enable_auto_commit=False,
                                          auto_offset_reset="earliest", isolation_level="read_committed",
                                          fetch_max_wait_ms=kafka.fetch_max_wait_ms, fetch_min_bytes=kafka.fetch_min_bytes,
@@ -100,40 +142,11 @@ class KafkaLoop:
                                          fetch_max_bytes=32 * 1024 * 1024,
                                          session_timeout_ms=kafka.session_timeout_ms,
                                          heartbeat_interval_ms=max(1000, kafka.session_timeout_ms // 4))
-        await self.producer.start()
-        for topic in (self.topics.predictions, self.topics.shadow_predictions, self.topics.deadletter,
-                      self.topics.requests, self.topics.alerts, self.topics.outcomes):
-            self.partitions[topic] = len(await self.producer.partitions_for(topic))
+        producer = await self.shared.start()
+        for topic in (*self.output_topics(), self.topics.requests):
+            self.partitions[topic] = len(await producer.partitions_for(topic))
         self.consumer.subscribe([self.topics.requests], listener=self._listener())
         await self.consumer.start()
-
-    def _new_producer(self) -> AIOKafkaProducer:
-        kafka = self.config.kafka
-        return AIOKafkaProducer(**kafka_client_kwargs(kafka), enable_idempotence=True, acks="all",
-                                linger_ms=kafka.linger_ms, max_batch_size=512 * 1024,
-                                max_request_size=kafka.max_request_bytes, request_timeout_ms=kafka.request_timeout_ms)
-
-    async def _restart_producer(self) -> None:
-        """Replace the producer after a failed publication. A send that failed (e.g. the broker went
-        away mid-request) can leave the idempotent producer's sequence numbers ahead of what the
-        broker holds; aiokafka has no KIP-360 epoch bump, so every later send then fails with
-        OutOfOrderSequenceNumber. A new producer gets a new producer id and starts its sequences
-        afresh. Raises KafkaError when the broker cannot be reached (the caller tries again later)."""
-        fresh = self._new_producer()
-        try:
-            await fresh.start()
-        except BaseException:
-            await fresh.stop()
-            raise
-        old, self.producer = self.producer, fresh
-        for hook in self.on_new_producer:
-            hook(fresh)
-        if old is not None:
-            try:
-                await asyncio.wait_for(old.stop(), timeout=5.0)
-            except (KafkaError, OSError, TimeoutError) as exc:
-                log.warning("the replaced producer did not close cleanly (%s)", type(exc).__name__)
-        log.info("producer replaced after a failed publication (new producer id)")
 
     def _listener(self) -> ConsumerRebalanceListener:
         return _Rebalance(self)
@@ -152,6 +165,9 @@ class KafkaLoop:
                 continue
         return False
 
+    def _should_stop(self) -> bool:
+        return self._stopping is not None and self._stopping.is_set()
+
     async def stop(self) -> None:
         """Finish in-flight batches, commit, close (the graceful part of shutdown)."""
         try:
@@ -159,18 +175,43 @@ class KafkaLoop:
         finally:
             if self.consumer is not None:
                 await self.consumer.stop()
-            if self.producer is not None:
-                await self.producer.stop()
+            await self.shared.stop()
             self.metrics.kafka_up.set(0)
+
+    async def close_now(self, timeout_s: float = CLOSE_NOW_TIMEOUT_S) -> None:
+        """The grace period is over: drop what is in flight (it is served again from the committed
+        offsets), leave the consumer group (so the partitions move to other replicas at once, not
+        after the session timeout) and close. Never raises for a broker problem."""
+        await self._cancel_in_flight()
+        if self.consumer is not None:
+            try:
+                await asyncio.wait_for(self.consumer.stop(), timeout_s)  # sends LeaveGroup
+            except (KafkaError, OSError, TimeoutError) as exc:
+                log.warning("could not leave the consumer group cleanly (%s)", type(exc).__name__)
+        if self.producer is not None:
+            await close_producer(self.producer, min(timeout_s, 2.0))
+        self.metrics.kafka_up.set(0)
+
+    async def _cancel_in_flight(self) -> None:
+        tasks = [t for t, _ in self._in_flight]
+        self._in_flight.clear()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # -- the loop --------------------------------------------------------------------------------
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Fetch and process until `stopping` is set."""
+        """Fetch and process until `stopping` is set. Raises what a batch met that is a defect in
+        our own code (not the broker's or the network's doing): retrying it cannot help."""
         assert self.consumer is not None  # noqa: S101 - start() is the caller's contract
+        self._stopping = stopping
         batching = self.config.batching
         while not stopping.is_set():
             await self._respect_bounds(batching.max_in_flight_batches)
+            self._raise_fatal()
+            if stopping.is_set():
+                break
             fetched = await self.consumer.getmany(timeout_ms=100, max_records=self.config.kafka.max_poll_records)
             if fetched:
                 offsets = {tp: records[-1].offset + 1 for tp, records in fetched.items()}
@@ -179,12 +220,20 @@ class KafkaLoop:
             if self._commit_in_background():
                 await self._settle_commits()
                 await self._rewind()
+            self._raise_fatal()
             await self._update_lag()
 
+    def _raise_fatal(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+
     async def _respect_bounds(self, max_in_flight: int) -> None:
-        """Backpressure: wait while too many batches are in flight or model queues are full."""
+        """Backpressure: wait while too many batches are in flight or model queues are full (but not
+        once stopping: shutdown waits for them within its grace period)."""
         paused = False
         while self._in_flight and (len(self._in_flight) >= max_in_flight or not self._queues_have_room()):
+            if self._should_stop() or self._fatal is not None:
+                return
             if not paused:
                 self.metrics.paused.inc()
                 paused = True
@@ -199,13 +248,22 @@ class KafkaLoop:
 
     def _take_completed(self) -> bool:
         """Move the offsets of the completed prefix of in-flight batches (order preserved) to the
-        ones to commit; True if a batch in that prefix failed (the caller rewinds)."""
+        ones to commit; True if a batch in that prefix failed to publish (the caller rewinds). A
+        batch that failed for another reason (a defect) stops the taking and is kept in `_fatal`."""
         while self._in_flight and self._in_flight[0][0].done():
             task, offsets = self._in_flight[0]
-            if task.cancelled() or task.exception() is not None:
-                error = "cancelled" if task.cancelled() else repr(task.exception())
-                log.error("a batch could not be published (%s); rewinding to the last committed offsets", error)
+            if task.cancelled():
+                log.error("a batch was cancelled before it was published; rewinding to the last committed offsets")
                 return True
+            exc = task.exception()
+            if isinstance(exc, PublicationFailed):
+                log.error("a batch could not be published (%s); rewinding to the last committed offsets", exc)
+                self._failed_producer = exc.producer
+                return True
+            if exc is not None:
+                if self._fatal is None:
+                    self._fatal = exc
+                return False
             self._in_flight.popleft()
             self._to_commit.update(offsets)
         return False
@@ -269,16 +327,15 @@ class KafkaLoop:
     async def _rewind(self) -> None:
         """After a failed batch: drop later batches' results and re-read from the committed offsets."""
         assert self.consumer is not None  # noqa: S101
-        tasks = [t for t, _ in self._in_flight]
-        self._in_flight.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._cancel_in_flight()
+        failed, self._failed_producer = self._failed_producer, None
         # nothing after the failed batch may be committed before it is served again: keep trying to
         # seek back (and to get a working producer) for as long as the broker is away
         while True:
             try:
-                await self._restart_producer()
+                # the failed producer's sequence numbers may be ahead of the broker's (see shared_producer)
+                await self.shared.replace(failed or self.shared.producer)
+                failed = None
                 for tp in self.consumer.assignment():
                     committed = await self.consumer.committed(tp)
                     if committed is None:
@@ -286,7 +343,9 @@ class KafkaLoop:
                     else:
                         self.consumer.seek(tp, committed)
                 break
-            except (KafkaError, OSError) as exc:
+            except (KafkaError, OSError, TimeoutError) as exc:
+                if self._should_stop():
+                    return  # shutting down: the next owner starts at the committed offsets
                 log.warning("cannot rewind yet (%s); retrying in 1s", type(exc).__name__)
                 await asyncio.sleep(1.0)
         await asyncio.sleep(0.5)  # let the broker recover before trying again
@@ -316,8 +375,9 @@ class KafkaLoop:
     # -- one fetched batch -----------------------------------------------------------------------
 
     async def _process(self, fetched: dict[TopicPartition, list]) -> None:
-        """At-least-once: serve everything fetched, publish through the shared idempotent producer."""
-        assert self.producer is not None  # noqa: S101
+        """At-least-once: serve everything fetched, publish through the shared idempotent producer.
+        Raises PublicationFailed when any output was not delivered (after remembering refusals)."""
+        producer = self.shared.producer
         # batches are served concurrently but handed to the producer in fetch order, so the
         # answers of one partition are appended in the order its requests were (the producer
         # keeps per-partition order from there on)
@@ -325,29 +385,51 @@ class KafkaLoop:
         self._last_handed_over = handed_over
         try:
             records = [record for batch in fetched.values() for record in batch]
-            out = OutboundBatches(self.producer, self.partitions)
+            out = OutboundBatches(producer, self.partitions, self.shared.limits)
             await self._serve_records(records, out)
             if previous is not None:
                 await previous.wait()
-            futures = await out.send()
+            try:
+                sent = await out.send()
+            except Exception as exc:
+                if is_delivery_error(exc):
+                    raise PublicationFailed(producer, exc) from exc
+                raise
         finally:
             handed_over.set()
-        if futures:
-            # wait for every delivery (so none is left with an unretrieved exception), then fail
-            for delivered in await asyncio.gather(*futures, return_exceptions=True):
-                if isinstance(delivered, BaseException):
-                    raise delivered
+        failures = await delivered(sent)
+        if failures:
+            self._learn_refusals(failures)
+            raise PublicationFailed(producer, failures[0][1])
+
+    def _learn_refusals(self, failures: list[tuple[Sent, BaseException]]) -> None:
+        """Remember the batches the broker refused for good, by their requests' positions (the
+        replay after the rewind dead-letters them, or splits a batch of several to find which)."""
+        now = self.clock()
+        for sent, exc in failures:
+            found = refusal(exc)
+            if found is None:
+                continue
+            positions = [_position(s) for s in sent.sources if s is not None]
+            self.memo.learn(sent.topic, positions, found, now)
+            if found.reason == "output_too_large":
+                self.shared.learn_too_large(sent.topic, sent.size, len(sent.sources))
+            log.warning("the broker refused a batch of %d records for %s[%d] for good (%s); %s", len(sent.sources),
+                        sent.topic, sent.partition, found.error,
+                        "the topic is skipped for a while" if found.scope == "topic"
+                        else "its requests are dead-lettered" if len(set(positions)) == 1
+                        else "its records are sent one per batch to find the refused one")
 
     async def _serve_records(self, records: list, out: OutboundBatches) -> None:
         """Decode, serve and add every resulting prediction, shadow prediction and dead-letter to `out`."""
         routes = self.dataplane.routes
         decoded = decode_records(records, routes, self.config.max_event_bytes, clock=self.clock)
         self.processed += decoded.count
-        dead_topic = self.topics.deadletter
+        guarded = bool(self.memo)  # refusals remembered: check each request against them (slow path)
         for record, reason, message in decoded.dead:
             self.metrics.deadletters.labels(record.topic, reason).inc()
-            out.add(dead_topic, record.key, dead_letter_value(message, reason, record.topic, record.partition,
-                                                                    record.offset, record.value))
+            self._dead_letter(out, (record.topic, record.partition, record.offset), record.key, message, reason,
+                              record.value, guarded)
         route_names = list(decoded.by_route)
         answers_per_route = await asyncio.gather(*(self.dataplane.serve(name, decoded.by_route[name])
                                                    for name in route_names), return_exceptions=True)
@@ -363,8 +445,12 @@ class KafkaLoop:
         same_partitioning = self.partitions[self.topics.requests] == self.partitions[self.topics.predictions]
         predictions_topic = self.topics.predictions
         shadows_topic = self.topics.shadow_predictions
+        limits = out.limits or {}
+        prediction_limit = limits.get(predictions_topic, sys.maxsize)
+        shadow_limit = limits.get(shadows_topic, sys.maxsize)
         now = self.clock()
         for route_name, answers in zip(route_names, answers_per_route):
+            assert not isinstance(answers, BaseException)  # noqa: S101 - replaced by error answers above
             pendings = decoded.by_route[route_name]
             counts: collections.Counter[tuple[str, str]] = collections.Counter()
             shadow_counts: collections.Counter[str] = collections.Counter()
@@ -372,24 +458,101 @@ class KafkaLoop:
             for pending, answer in zip(pendings, answers):
                 key = pending.request_id.encode()
                 partition = pending.partition if same_partitioning and pending.key == key else None
-                if answer.prediction is not None:
-                    out.add(predictions_topic, key, dumps(answer.prediction), partition)
-                    counts[(answer.prediction["arm"], "ok")] += 1
-                    latencies.append(now - pending.received_s)
-                    if answer.shadows:
-                        for shadow in answer.shadows:
-                            out.add(shadows_topic, key, dumps(shadow), partition)
-                            shadow_counts[shadow["arm"]] += 1
+                prediction = answer.prediction
+                if prediction is not None:
+                    value = dumps(prediction)
+                    shadows = answer.shadows
+                    shadow_values = [dumps(shadow) for shadow in shadows] if shadows else None
+                    error = None
+                    alone = False
+                    # one length test per output on the hot path; the rest only when something is off
+                    if (guarded or len(value) + len(key) > prediction_limit
+                            or (shadow_values and max(map(len, shadow_values)) + len(key) > shadow_limit)):
+                        error = self._refused_output(pending, len(key), value, shadow_values, out)
+                        alone = guarded and _position(pending) in self.memo.isolated
+                    if error is None:
+                        out.add(predictions_topic, key, value, partition, pending, alone)
+                        counts[(prediction["arm"], "ok")] += 1
+                        latencies.append(now - pending.received_s)
+                        if shadows and shadow_values:
+                            for shadow, shadow_value in zip(shadows, shadow_values):
+                                out.add(shadows_topic, key, shadow_value, partition, pending, alone)
+                                shadow_counts[shadow["arm"]] += 1
+                        continue
                 else:
-                    reason, message = answer.error or ("inference_failed", "no answer")
-                    counts[("-", "error")] += 1
-                    self.metrics.errors.labels(route_name, reason, "kafka").inc()
-                    self.metrics.deadletters.labels(pending.topic, reason).inc()
-                    out.add(dead_topic, pending.key, dead_letter_value(message, reason, pending.topic,
-                                                                             pending.partition, pending.offset,
-                                                                             pending.raw))
+                    error = answer.error or ("inference_failed", "no answer")
+                reason, message = error
+                counts[("-", "error")] += 1
+                self.metrics.errors.labels(route_name, reason, "kafka").inc()
+                self.metrics.deadletters.labels(pending.topic, reason).inc()
+                self._dead_letter(out, _position(pending), pending.key, message, reason, pending.raw, guarded)
             for arm, count in shadow_counts.items():
                 self.metrics.shadow_predictions.labels(route_name, arm).inc(count)
             for (arm, status), count in counts.items():
                 self.metrics.requests.labels(route_name, arm, status, "kafka").inc(count)
             self.metrics.end_to_end_seconds.observe_many(latencies, route_name, "kafka")
+
+    def _refused_output(self, pending: Any, key_bytes: int, value: bytes, shadow_values: list[bytes] | None,
+                        out: OutboundBatches) -> tuple[str, str] | None:
+        """(reason, message) when this request's outputs must not be sent (too large for their
+        topic, refused before, or their topic closed to us); None when they may go. All or nothing:
+        a request whose prediction or any shadow cannot be published is dead-lettered whole."""
+        predictions_topic, shadows_topic = self.topics.predictions, self.topics.shadow_predictions
+        outputs = [(predictions_topic, value)] + [(shadows_topic, v) for v in shadow_values or ()]
+        memo = self.memo
+        found = None
+        if memo:
+            known = memo.refused.get(_position(pending))
+            if known is not None and known[0] != self.topics.deadletter:
+                why = f"the broker refused this request's output for {known[0]}: {known[1].error}"
+                found = (known[0], known[1].reason, why)
+            for topic in dict.fromkeys(topic for topic, _ in outputs):
+                closed = memo.closed(topic, self.clock()) if found is None else None
+                if closed is not None:
+                    found = (topic, closed.reason, f"{topic} refuses us for now: {closed.error}")
+        if found is None:
+            for topic, output in outputs:
+                too_large = out.too_large(topic, len(output) + key_bytes)
+                if too_large is not None:
+                    kind = "prediction" if topic == predictions_topic else "shadow prediction"
+                    found = (topic, "output_too_large", f"the {kind} is too large to publish: {too_large}")
+                    break
+        if found is None:
+            return None
+        self.metrics.output_refusals.labels(found[0], found[1]).inc()
+        return found[1], found[2]
+
+    def _dead_letter(self, out: OutboundBatches, position: Position, key: bytes | None, message: str, reason: str,
+                     raw: bytes | None, guarded: bool) -> None:
+        """Add a dead letter for the request at `position` - unless its dead letter was refused for
+        good before or the dead-letter topic refuses us: then it is dropped and counted (a dead
+        letter is never retried in a loop)."""
+        dead_topic = self.topics.deadletter
+        alone = False
+        if guarded:
+            memo = self.memo
+            known = memo.refused.get(position)
+            closed = memo.closed(dead_topic, self.clock())
+            if closed is not None or (known is not None and known[0] == dead_topic):
+                found = closed if closed is not None else known[1]  # type: ignore[index]
+                self._dead_letter_failed(found.reason, found.error)
+                return
+            alone = position in memo.isolated
+        value = dead_letter_value(message, reason, position[0], position[1], position[2], raw)
+        if out.too_large(dead_topic, len(value) + len(key or b"")) is not None:
+            # the position says where the whole request is; keep what fits of its bytes
+            limit = (out.limits or {}).get(dead_topic, 0)
+            value = dead_letter_value(message[:1000], reason, position[0], position[1], position[2], raw,
+                                      payload_chars=max(0, (limit - 4096) // 6))
+        try:
+            out.add(dead_topic, key, value, None, position, alone)
+        except OutputRefused as exc:
+            self._dead_letter_failed(exc.reason, str(exc))
+
+    def _dead_letter_failed(self, reason: str, detail: str) -> None:
+        topic = self.topics.deadletter
+        self.metrics.deadletter_failures.labels(topic, reason).inc()
+        if (topic, reason) not in self._dead_letter_logged:
+            self._dead_letter_logged.add((topic, reason))
+            log.error("a dead letter could not be written to %s (%s: %s); such dead letters are dropped and counted "
+                      "in banditgate_deadletter_failures_total (logged once)", topic, reason, detail)

@@ -1,37 +1,67 @@
 """Publishes prediction events of HTTP/gRPC requests to Kafka in small batches, off the request path.
 
 The caller gets its answer without waiting for the broker; events are flushed every
-`flush_interval_s` (or sooner when many are queued). The queue is bounded: when Kafka is away
-for long, new events are counted as dropped rather than growing memory without limit.
+`flush_interval_s` (or sooner when many are queued). A flush that fails (the broker away, a
+sequence broken by an earlier failure) keeps its events queued and replaces the shared producer
+exactly as the Kafka loop does (`SharedProducer.replace`), retrying with backoff, so a gateway
+that serves only REST/gRPC recovers on its own. The queue is bounded: when Kafka is away for
+long, new events are dropped and counted (`banditgate_sidecar_events_dropped_total`). An event
+its topic refuses for good (too large, not authorized) is dead-lettered with its reason instead;
+a dead letter refused in turn is dropped and counted. One log line when publishing stops
+working, one when it works again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaProducer
 
-from gateway.transport.kafka_batches import OutboundBatches
+from gateway.metrics import GatewayMetrics
+from gateway.transport.delivery import is_delivery_error, refusal
+from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, delivered
+from gateway.transport.kafka_codec import dead_letter_value
+from gateway.transport.shared_producer import SharedProducer
 
 log = logging.getLogger("banditgate.publisher")
 
+BACKOFF_S = (0.5, 10.0)
+"""First and longest wait between two attempts while publishing fails."""
+
+# (topic, key, value, is a dead letter, send in a batch of its own)
+_Event = tuple[str, bytes, bytes, bool, bool]
+
 
 class PredictionPublisher:
-    def __init__(self, producer: AIOKafkaProducer, partitions: dict[str, int], flush_interval_s: float = 0.02,
-                 max_queued: int = 100_000, on_drop: Any = None) -> None:
-        self.producer = producer
+    def __init__(self, shared: SharedProducer, partitions: dict[str, int], metrics: GatewayMetrics | None = None,
+                 deadletter_topic: str | None = None, flush_interval_s: float = 0.02, max_queued: int = 100_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.shared = shared
         self.partitions = partitions
+        self.metrics = metrics
+        self.deadletter_topic = deadletter_topic
         self.flush_interval_s = flush_interval_s
         self.max_queued = max_queued
-        self.on_drop = on_drop
-        self._queue: list[tuple[str, bytes, bytes]] = []
+        self.clock = clock
+        self._queue: list[_Event] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing = False
+        self._failing_since: float | None = None
+        self._dropped_in_episode = 0
+        self._backoff_s = BACKOFF_S[0]
+        self._next_try_s = float("-inf")
+        self._dead_letter_logged: set[str] = set()
         self.dropped = 0
+
+    @property
+    def producer(self) -> Any:
+        """The shared producer the next flush uses."""
+        return self.shared.producer
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -39,14 +69,21 @@ class PredictionPublisher:
     def publish(self, topic: str, events: list[dict[str, Any]], key_field: str = "request_id") -> None:
         """Queue events for `topic` (keyed by their `key_field`); never blocks."""
         if len(self._queue) + len(events) > self.max_queued:
-            self.dropped += len(events)
-            if self.on_drop:
-                self.on_drop(len(events))
+            self._drop(topic, "queue_full", len(events))
             return
         for event in events:
-            self._queue.append((topic, str(event[key_field]).encode(), orjson.dumps(event)))
+            self._queue.append((topic, str(event[key_field]).encode(), orjson.dumps(event), False, False))
         if len(self._queue) >= 512:
             self._wakeup.set()
+
+    def _drop(self, topic: str, reason: str, count: int) -> None:
+        self.dropped += count
+        self._dropped_in_episode += count
+        if self.metrics is not None:
+            self.metrics.sidecar_dropped.labels(topic, reason).inc(count)
+        if reason == "queue_full" and self._dropped_in_episode == count:
+            log.error("sidecar prediction events are being dropped: %d queued while Kafka does not take them "
+                      "(counted in banditgate_sidecar_events_dropped_total)", len(self._queue))
 
     async def _run(self) -> None:
         while not self._closing or self._queue:
@@ -55,22 +92,114 @@ class PredictionPublisher:
             except TimeoutError:
                 pass
             self._wakeup.clear()
-            if self._queue:
-                await self._flush()
+            if self._queue and (self._closing or self.clock() >= self._next_try_s):
+                ok = await self._flush()
+                if not ok and self._closing:
+                    for event in self._queue:
+                        self._drop(event[0], "shutdown", 1)
+                    self._queue.clear()
 
-    async def _flush(self) -> None:
+    async def _flush(self) -> bool:
+        """Publish what is queued; False if some of it must be tried again later."""
         batch, self._queue = self._queue, []
-        out = OutboundBatches(self.producer, self.partitions)
-        for topic, key, value in batch:
-            out.add(topic, key, value)
+        producer = self.shared.producer
+        out = OutboundBatches(producer, self.partitions, self.shared.limits)
+        refused: list[tuple[_Event, str, str]] = []
+        sent_events: list[_Event] = []
+        for event in batch:
+            try:
+                out.add(event[0], event[1], event[2], source=event, alone=event[4])
+            except OutputRefused as exc:
+                refused.append((event, exc.reason, str(exc)))
+                continue
+            sent_events.append(event)
+        retry: list[_Event] = []
+        cause: BaseException | None = None
+        broken = False  # a refused batch leaves the producer's sequence for its partition broken
         try:
-            futures = await out.send()
-            await asyncio.gather(*futures)
-        except Exception as exc:  # noqa: BLE001 - the producer already retried; count and say so once per batch
-            self.dropped += len(batch)
-            if self.on_drop:
-                self.on_drop(len(batch))
-            log.error("could not publish %d sidecar prediction events: %s", len(batch), type(exc).__name__)
+            failures = await delivered(await out.send())
+        except Exception as exc:
+            if not is_delivery_error(exc):
+                raise
+            failures, retry, cause = [], sent_events, exc
+        for sent, error in failures:
+            found = refusal(error)
+            if found is None:
+                retry.extend(sent.sources)
+                cause = error
+                continue
+            broken = True
+            if found.reason == "output_too_large":
+                self.shared.learn_too_large(sent.topic, sent.size, len(sent.sources))
+            if found.scope == "record" and len(sent.sources) > 1:
+                # which one? each goes alone next time; the one refused then is dead-lettered
+                self._queue.extend((t, k, v, dead, True) for t, k, v, dead, _alone in sent.sources)
+            else:
+                refused.extend((event, found.reason, found.error) for event in sent.sources)
+        if refused:
+            self._dead_letter(refused)
+        if cause is None:
+            self._recovered()
+            if broken and not self._closing:
+                await self._replace(producer)
+            return True
+        self._queue[:0] = retry  # oldest first, ahead of what arrived meanwhile
+        excess = len(self._queue) - self.max_queued
+        if excess > 0:
+            for event in self._queue[self.max_queued:]:
+                self._drop(event[0], "queue_full", 1)
+            del self._queue[self.max_queued:]
+        self._failed(cause)
+        if not self._closing:
+            await self._replace(producer)
+        return False
+
+    def _dead_letter(self, refused: list[tuple[_Event, str, str]]) -> None:
+        """Queue a dead letter for each refused event; count (and log once) a refused dead letter."""
+        for (topic, key, value, is_dead, _alone), reason, message in refused:
+            if self.metrics is not None and not is_dead:
+                self.metrics.output_refusals.labels(topic, reason).inc()
+            if is_dead or self.deadletter_topic is None:
+                if self.metrics is not None:
+                    self.metrics.deadletter_failures.labels(topic, reason).inc()
+                if reason not in self._dead_letter_logged:
+                    self._dead_letter_logged.add(reason)
+                    log.error("a sidecar dead letter could not be written to %s (%s: %s); such dead letters are "
+                              "dropped and counted in banditgate_deadletter_failures_total (logged once)",
+                              topic, reason, message)
+                continue
+            # the event was answered over HTTP/gRPC already; its dead letter keeps it (position unknown: -1)
+            letter = dead_letter_value(message, reason, topic, -1, -1, value, payload_chars=16_384)
+            self._queue.append((self.deadletter_topic, key, letter, True, False))
+
+    def _failed(self, cause: BaseException) -> None:
+        """Publishing failed for a reason that may pass (the broker away): say so once per episode
+        and wait before the next try (doubling up to BACKOFF_S[1])."""
+        now = self.clock()
+        if self._failing_since is None:
+            self._failing_since = now
+            self._dropped_in_episode = 0
+            log.error("sidecar prediction events cannot be published (%s: %s); holding up to %d and retrying",
+                      type(cause).__name__, str(cause)[:200], self.max_queued)
+        self._next_try_s = now + self._backoff_s
+        self._backoff_s = min(self._backoff_s * 2, BACKOFF_S[1])
+
+    async def _replace(self, failed: Any) -> None:
+        """Replace the shared producer after a failed send (unless someone did already)."""
+        try:
+            await self.shared.replace(failed)
+        except Exception as exc:
+            if not is_delivery_error(exc):
+                raise  # the broker is away otherwise: the next try comes after the backoff
+            self._failed(exc)
+
+    def _recovered(self) -> None:
+        if self._failing_since is not None:
+            log.info("sidecar prediction events are published again after %.1fs (%d dropped meanwhile)",
+                     self.clock() - self._failing_since, self._dropped_in_episode)
+            self._failing_since = None
+        self._backoff_s = BACKOFF_S[0]
+        self._next_try_s = float("-inf")
 
     async def close(self) -> None:
         self._closing = True

@@ -35,11 +35,12 @@ def _ready_between(log: list[tuple[float, bool]], start: float, end: float) -> l
     return [ok for ts, ok in log if start <= ts <= end]
 
 
-async def broker_restart(ctx: Context) -> dict[str, Any]:
-    """Stop the broker for `down_s` mid-stream, start it again; nothing lost, recovery measured."""
+async def broker_restart(ctx: Context, mode: str = "at_least_once", name: str = "broker_restart") -> dict[str, Any]:
+    """Stop the broker for `down_s` mid-stream, start it again; nothing lost, recovery measured
+    (`mode`: the gateway's delivery, at_least_once or exactly_once)."""
     rate, before_s, down_s, after_s = ctx.pick((400, 3.0, 6.0, 3.0), (1000, 8.0, 20.0, 10.0))
     n = int(rate * (before_s + down_s + after_s))
-    scene = await GatewayScene.create(ctx, "broker_restart")
+    scene = await GatewayScene.create(ctx, name, delivery=mode)
     try:
         (gateway,) = await scene.start_replicas(1)
         load = SteadyLoad(ctx.kafka, scene.topics["requests"], tag="broker", n=n, rate_rps=rate)
@@ -48,11 +49,11 @@ async def broker_restart(ctx: Context) -> dict[str, Any]:
         readiness: list[tuple[float, bool]] = []
         probing = asyncio.get_running_loop().create_task(_probe_ready([gateway], probe_stop, readiness))
         await asyncio.sleep(before_s)
-        ctx.say(f"broker_restart: stopping the broker after {load.sent} requests sent")
+        ctx.say(f"{name}: stopping the broker after {load.sent} requests sent")
         await asyncio.to_thread(ctx.stack.stop_kafka)
         stopped_at = time.time()
         await asyncio.sleep(down_s)
-        ctx.say(f"broker_restart: starting the broker again after {time.time() - stopped_at:.1f}s down")
+        ctx.say(f"{name}: starting the broker again after {time.time() - stopped_at:.1f}s down")
         restart_at = time.time()
         await asyncio.to_thread(ctx.stack.start_kafka)
         back_at = time.time()
@@ -82,6 +83,8 @@ async def broker_restart(ctx: Context) -> dict[str, Any]:
             # from the gateway's log: how often a publication failed and the producer was replaced
             publication_failures=gateway.output().count("could not be published"),
             producer_replacements=gateway.output().count("producer replaced"),
+            transactions_redone=gateway.output().count("exactly-once: transaction for"),
+            delivery=mode,
             ready_after=_ready_between(readiness, time.time() - 2.0, time.time())[-1:] == [True],
             drain_s=round(drain_s, 2),
         )

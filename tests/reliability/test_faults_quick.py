@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = ("gateway_kill_alo", "gateway_kill_eos", "feedback_kill", "broker_restart", "redis_outage", "overload",
              "malformed", "rebalance", "graceful_shutdown", "poison_model", "poison_values", "redis_readonly", "redis_oom",
-             "hung_model")
+             "hung_model", "oversize_output", "eos_broker_restart", "eos_txn_abort")
 MUST_BE_ZERO = ("lost", "double_counted", "crashes", "client_errors", "unclean_exits")
 
 
@@ -120,6 +120,17 @@ def test_a_hung_model_is_isolated_and_drained(quick_run) -> None:  # type: ignor
     assert result["drained"]
     assert result["hung_arm_dead_lettered"] > 0 and result["wrong_reason"] == 0  # failed fast, model_unavailable
     assert result["healthy_model_timeouts"] == 0
+
+
+def test_refused_outputs_are_dead_lettered_and_exactly_once_survives_broker_and_transaction_faults(quick_run) -> None:  # type: ignore[no-untyped-def]
+    scenarios = quick_run[0]["scenarios"]
+    oversize = scenarios["oversize_output"]
+    assert oversize["oversize_sent"] > 0 and oversize["oversize_dead_lettered"] == oversize["oversize_sent"]
+    assert oversize["duplicates"] == 0  # no endless rewind republishing the batch's other predictions
+    for name in ("eos_broker_restart", "eos_txn_abort"):
+        assert scenarios[name]["duplicates"] == 0 and scenarios[name]["lost"] == 0, name
+    assert scenarios["eos_broker_restart"]["recovered_s"] is not None and scenarios["eos_broker_restart"]["recovered_s"] <= 10
+    assert scenarios["eos_txn_abort"]["intrusions"] > 0 and not scenarios["eos_txn_abort"]["stalled"]
 
 
 def test_sigterm_exits_zero_within_the_grace_period(quick_run) -> None:  # type: ignore[no-untyped-def]
