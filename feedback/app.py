@@ -47,7 +47,7 @@ from feedback.sinks import (
 )
 from feedback.quality_drift import QualityDriftTracker
 from feedback.quality_drift_watch import QualityDriftWatch, ThresholdCache
-from feedback.state import JoinTable
+from feedback.state import JoinBudget, JoinTable
 from feedback.webhooks import WebhookNotifier
 from router.stats_store import ArmStatsStore
 
@@ -147,7 +147,11 @@ class FeedbackRuntime(mode.Service):
         self.webhooks.start()
         out = KafkaOut(self._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts, self.webhooks)
         rules = join_rules(config)
-        table = JoinTable(self.table.data, self._producer, self.table.changelog_topic.get_topic_name(), rules)
+        budget = JoinBudget(max_bytes=config.feedback.join_max_bytes, max_entries=config.feedback.join_max_entries,
+                            partitions=config.feedback.partitions)
+        self.metrics.join_budget_bytes.set(budget.max_bytes or 0)
+        table = JoinTable(self.table.data, self._producer, self.table.changelog_topic.get_topic_name(), rules,
+                          budget=budget)
         self.drift_thresholds = ThresholdCache()
         drift = QualityDriftWatch(QualityDriftTracker(arl0=config.feedback.quality_drift_arl0,
                                                       reference_outcomes=config.feedback.quality_drift_reference,

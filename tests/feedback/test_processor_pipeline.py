@@ -55,6 +55,9 @@ class RecordingTable:
     def encode(self, changes: dict[str, Any]) -> dict[int, list[Any]]:
         return {}
 
+    def over_budget(self) -> bool:
+        return False
+
     async def persist(self, changes: dict[str, Any], encoded: Any = None) -> None:
         batch = int(next(iter(changes)).split("-")[0])
         self.log.append(f"changelog {batch} start")

@@ -1,0 +1,109 @@
+"""A real worker with a small join budget (`feedback.join_max_entries`) on the real Kafka and
+Redis: it evicts the oldest entries of each partition beyond its share, counts every eviction
+exactly, and a restarted worker recovers the same bounded table from the changelog."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+import pytest
+
+from gateway.transport.kafka_batches import partition_for
+from tests.feedback.worker_helpers import WorkerProcess, counts, outcome, prediction, wait_until
+from tests.kafka_helpers import produce
+
+pytestmark = pytest.mark.stack
+
+BUDGET = 400
+PARTITIONS = 4
+SHARE = BUDGET // PARTITIONS
+
+
+async def metric(worker: WorkerProcess, name: str) -> float | None:
+    """One sample of the worker's Prometheus endpoint (None if absent)."""
+    port = int(worker.output().split("metrics on port ")[1].split()[0])
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def test_a_small_budget_evicts_counts_and_survives_a_restart(stack, topics, redis, redis_prefix,
+                                                                   start_worker) -> None:
+    """1 000 predictions that no outcome answers, a budget of 400 entries (100 per partition): each
+    partition keeps its 100 newest and evicts the rest as unanswered, counted once each. After a
+    SIGKILL a new worker recovers exactly those 400 from the changelog: outcomes for them all join,
+    outcomes for evicted ones find nothing (they wait as early outcomes) and push the oldest joined
+    entries out instead."""
+    now = time.time()
+    ids = [f"bud-{i}" for i in range(1000)]
+    partition_of = {r: partition_for(r.encode(), PARTITIONS) for r in ids}
+    per_partition: dict[int, list[str]] = {p: [r for r in ids if partition_of[r] == p] for p in range(PARTITIONS)}
+    assert all(len(members) > SHARE for members in per_partition.values())
+    kept = {r for members in per_partition.values() for r in members[-SHARE:]}  # the newest of each partition
+    evicted = [r for r in ids if r not in kept]
+    worker = start_worker(join_ttl_s=3600.0, join_max_entries=BUDGET, kafka_settings={"session_timeout_ms": 6000})
+    await worker.wait_ready()
+    # one second apart, oldest first: each in its own timer bucket, so the eviction order is exact
+    await produce(stack.kafka, topics.topics.predictions, [
+        (r.encode(), prediction(r, "churn", "a", "churn-gbm", 3, 0.4, now - 1200 + i)) for i, r in enumerate(ids)])
+
+    async def evictions_counted() -> dict[str, float] | None:
+        got = await counts(redis, redis_prefix, "churn")
+        return got if got.get("evicted", 0) >= len(evicted) else None
+
+    got = await wait_until(evictions_counted, 60, f"{len(evicted)} evictions", worker)
+
+    async def table_bounded() -> bool:
+        return await metric(worker, "banditgate_feedback_join_entries") == BUDGET
+
+    await wait_until(table_bounded, 30, f"{BUDGET} entries in the table", worker)
+    await asyncio.sleep(2.5)  # past the 1 s offset commit: nothing of this is replayed
+    assert got.get("evicted") == len(evicted) and got.get("unanswered") == len(evicted)
+    assert got.get("evicted|a") == len(evicted)
+    assert await metric(worker, 'banditgate_feedback_join_evictions_total{reason="unanswered",route="churn"}') \
+        == len(evicted)
+    assert (await metric(worker, "banditgate_feedback_join_bytes") or 0) > 0
+    worker.kill()
+
+    second = start_worker()
+    await second.wait_ready()
+    await wait_until(lambda: _entries_are(second, BUDGET), 30, "the recovered table's size", second)
+    late = evicted[-50:]  # their predictions are gone: these outcomes wait for one
+    await produce(stack.kafka, topics.topics.outcomes, [
+        (r.encode(), outcome(r, time.time(), reward=1.0, label=1)) for r in [*sorted(kept), *late]])
+
+    async def all_joined() -> dict[str, float] | None:
+        got = await counts(redis, redis_prefix, "churn")
+        return got if got.get("joined", 0) >= len(kept) else None
+
+    await wait_until(all_joined, 60, f"{len(kept)} joined", second)
+    # each partition holds its joined entries plus the early outcomes; over its share it evicts
+    # joined ones (settled: they only recognise duplicates) before any outcome still waiting
+    over = Counter(partition_of[r] for r in late)
+
+    async def settled_evicted() -> dict[str, float] | None:
+        got = await counts(redis, redis_prefix, "churn")
+        return got if got.get("evicted", 0) >= len(evicted) + sum(over.values()) else None
+
+    await wait_until(settled_evicted, 30, "the oldest joined entries evicted", second)
+    await asyncio.sleep(1.5)  # a double count would land now
+    got = await counts(redis, redis_prefix, "churn")
+    assert got["joined"] == len(kept)  # every kept prediction was recovered, no evicted one
+    assert got["evicted"] == len(evicted) + sum(over.values())
+    assert got["unanswered"] == len(evicted)
+    assert "orphan" not in got and "default" not in got
+    assert (await counts(redis, redis_prefix, "_none")).get("orphan", 0) == 0  # the late ones still wait
+    assert await metric(second, 'banditgate_feedback_join_evictions_total{reason="settled",route="churn"}') \
+        == sum(over.values())
+    assert second.stop() == 0
+
+
+async def _entries_are(worker: WorkerProcess, expected: int) -> Any:
+    return await metric(worker, "banditgate_feedback_join_entries") == expected
