@@ -37,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from aiokafka.errors import KafkaError
@@ -68,6 +68,9 @@ from feedback.quality_drift_watch import QualityDriftWatch
 from feedback.sinks import KafkaOut, RedisSink
 from feedback.state import JoinTable
 
+if TYPE_CHECKING:
+    from feedback.disk_store import DiskJoinTable
+
 log = logging.getLogger("banditgate.feedback.agents")
 
 T = TypeVar("T")
@@ -97,7 +100,8 @@ class SourceMessage:
 class JoinProcessor:
     """Runs batches and sweeps through the join and its sinks (see the module docstring)."""
 
-    def __init__(self, *, table: JoinTable, redis: RedisSink, out: KafkaOut, rules: JoinRules, topics: Topics,
+    def __init__(self, *, table: JoinTable | DiskJoinTable, redis: RedisSink, out: KafkaOut, rules: JoinRules,
+                 topics: Topics,
                  metrics: FeedbackMetrics, clock: Callable[[], float] = time.time,
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, sweep_limit: int = 5000,
                  retry_max_s: float = 2.0, drift: QualityDriftWatch | None = None,
@@ -233,7 +237,7 @@ class JoinProcessor:
                 change = changes.get(request_id)
                 if change is None and unwritten:
                     change = unwritten.get(request_id)
-                entry = change[1] if change is not None else get(request_id)
+                entry = change[1] if change is not None else get(request_id, event.partition)
                 if message.topic == outcomes_topic:
                     step = on_outcome(entry, event, now, rules)  # type: ignore[arg-type]
                 else:
@@ -269,7 +273,7 @@ class JoinProcessor:
             change = changes.get(request_id)
             if change is None and unwritten:
                 change = unwritten.get(request_id)
-            entry = change[1] if change is not None else get(request_id)
+            entry = change[1] if change is not None else get(request_id, partition)
             if entry is None:
                 continue  # deleted already by this batch or one being written
             changes[request_id] = (partition, None)
@@ -327,7 +331,7 @@ class JoinProcessor:
             changes: dict[str, tuple[int, Entry | None]] = {}
             effects: list[Effect] = []
             for partition, request_id in due:
-                entry = self._table.get(request_id)
+                entry = self._table.get(request_id, partition)
                 if entry is None:
                     continue
                 step = on_due(entry, now, self._rules)

@@ -41,6 +41,7 @@ def _say(message: str) -> None:
 
 def scenarios() -> list[tuple[str, ScenarioFn]]:
     from loadtests.faults import feedback_faults, gateway_faults, malformed, outages, overload, poison_model
+    from loadtests.faults import join_memory
 
     return [
         ("malformed", malformed.malformed),
@@ -53,11 +54,12 @@ def scenarios() -> list[tuple[str, ScenarioFn]]:
         ("redis_outage", outages.redis_outage),
         ("overload", overload.overload),
         ("broker_restart", outages.broker_restart),
+        ("join_memory", join_memory.join_memory),
     ]
 
 
 TARGETS = "lost = 0, double_counted = 0, crashes = 0, client_errors = 0; *_eos duplicates = 0; recovered_s <= 10; " \
-          "overload max_rss_mb <= 1.5 x steady_rss_mb"
+          "overload max_rss_mb <= 1.5 x steady_rss_mb; join_memory max_rss_mb <= 1.5 x budget_mb + 200"
 
 
 def missed_targets(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -75,6 +77,8 @@ def missed_targets(results: dict[str, dict[str, Any]]) -> list[str]:
             bad.append(f"{name}.recovered_s={r.get('recovered_s')}")
         if name == "overload" and "max_rss_mb" in r and r["max_rss_mb"] > 1.5 * r["steady_rss_mb"]:
             bad.append(f"overload.max_rss_mb={r['max_rss_mb']} > 1.5 x {r['steady_rss_mb']}")
+        if name == "join_memory" and "error" not in r and not r["max_rss_mb"] <= 1.5 * r["budget_mb"] + 200:
+            bad.append(f"join_memory.max_rss_mb={r['max_rss_mb']} > 1.5 x {r['budget_mb']} + 200")
     return bad
 
 
@@ -99,6 +103,7 @@ SCENARIO_KEYS = {
                           "unready_after_s"),
     "poison_model": ("sent", "answered", "lost", "failed_on_broken_arm", "drained_after_s", "broken_share_after_drain",
                      "guardrail_alerts"),
+    "join_memory": ("sent", "lost", "evicted", "held", "budget_mb", "max_rss_mb", "idle_rss_mb", "drain_s"),
 }
 """What the markdown table shows per scenario (every key is in the JSON)."""
 

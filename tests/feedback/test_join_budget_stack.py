@@ -1,10 +1,13 @@
 """A real worker with a small join budget (`feedback.join_max_entries`) on the real Kafka and
-Redis: it evicts the oldest entries of each partition beyond its share, counts every eviction
-exactly, and a restarted worker recovers the same bounded table from the changelog."""
+Redis, with the in-memory store and with the RocksDB store (`feedback.join_store: rocksdb`, skipped
+when rocksdict is not installed): it evicts the oldest entries of each partition beyond its
+share, counts every eviction exactly, and a restarted worker recovers the same bounded table —
+from the changelog, or from its own disk."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import time
 from collections import Counter
 from typing import Any
@@ -13,7 +16,7 @@ import httpx
 import pytest
 
 from gateway.transport.kafka_batches import partition_for
-from tests.feedback.worker_helpers import WorkerProcess, counts, outcome, prediction, wait_until
+from tests.feedback.worker_helpers import WorkerProcess, counts, outcome, prediction, wait_until, write_config
 from tests.kafka_helpers import produce
 
 pytestmark = pytest.mark.stack
@@ -34,13 +37,20 @@ async def metric(worker: WorkerProcess, name: str) -> float | None:
     return None
 
 
-async def test_a_small_budget_evicts_counts_and_survives_a_restart(stack, topics, redis, redis_prefix,
-                                                                   start_worker) -> None:
+ROCKSDB = pytest.param("rocksdb", marks=pytest.mark.skipif(
+    importlib.util.find_spec("rocksdict") is None,
+    reason="rocksdict is not installed (pip install 'banditgate[rocksdb]'): the rocksdb join store is not tested"))
+
+
+@pytest.mark.parametrize("store", ["memory", ROCKSDB])
+async def test_a_small_budget_evicts_counts_and_survives_a_restart(stack, topics, redis, redis_prefix, unique,
+                                                                   tmp_path, start_worker, store) -> None:
     """1 000 predictions that no outcome answers, a budget of 400 entries (100 per partition): each
     partition keeps its 100 newest and evicts the rest as unanswered, counted once each. After a
-    SIGKILL a new worker recovers exactly those 400 from the changelog: outcomes for them all join,
-    outcomes for evicted ones find nothing (they wait as early outcomes) and push the oldest joined
-    entries out instead."""
+    SIGKILL a new worker recovers exactly those 400 — from the changelog into memory, or with the
+    RocksDB store first from its own disk, then (as a worker on another machine would) from the
+    changelog into an empty folder. Outcomes for them all join; outcomes for evicted ones find
+    nothing (they wait as early outcomes) and push the oldest joined entries out instead."""
     now = time.time()
     ids = [f"bud-{i}" for i in range(1000)]
     partition_of = {r: partition_for(r.encode(), PARTITIONS) for r in ids}
@@ -48,7 +58,11 @@ async def test_a_small_budget_evicts_counts_and_survives_a_restart(stack, topics
     assert all(len(members) > SHARE for members in per_partition.values())
     kept = {r for members in per_partition.values() for r in members[-SHARE:]}  # the newest of each partition
     evicted = [r for r in ids if r not in kept]
-    worker = start_worker(join_ttl_s=3600.0, join_max_entries=BUDGET, kafka_settings={"session_timeout_ms": 6000})
+    settings: dict[str, Any] = {"join_ttl_s": 3600.0, "join_max_entries": BUDGET,
+                                "kafka_settings": {"session_timeout_ms": 6000}}
+    if store == "rocksdb":
+        settings.update(join_store="rocksdb", join_store_dir=str(tmp_path / "disk-a"))
+    worker = start_worker(**settings)
     await worker.wait_ready()
     # one second apart, oldest first: each in its own timer bucket, so the eviction order is exact
     await produce(stack.kafka, topics.topics.predictions, [
@@ -72,7 +86,27 @@ async def test_a_small_budget_evicts_counts_and_survives_a_restart(stack, topics
     assert (await metric(worker, "banditgate_feedback_join_bytes") or 0) > 0
     worker.kill()
 
-    second = start_worker()
+    if store == "rocksdb":  # restarted on the same disk: faust reads only the changelog's tail
+        same_disk = start_worker()
+        await same_disk.wait_ready()
+        await wait_until(lambda: _entries_are(same_disk, BUDGET), 30, "the table read from disk", same_disk)
+        assert "partitions [0, 1, 2, 3] assigned (400 entries" in same_disk.output()
+        same_disk.kill()
+        # another machine: an empty folder, everything recovered (and indexed) from the changelog
+        settings["join_store_dir"] = str(tmp_path / "disk-b")
+        second = WorkerProcess(write_config(tmp_path / "feedback-b.yaml", kafka=stack.kafka, redis=stack.redis,
+                                            topics=topics.topics.model_dump(), redis_prefix=redis_prefix,
+                                            app_id=f"fb-{unique}", **settings), tmp_path / "worker-b.log").start()
+    else:
+        second = start_worker()
+    try:
+        await _finish(stack, topics, redis, redis_prefix, second, partition_of, kept, evicted)
+    finally:
+        second.stop()
+
+
+async def _finish(stack: Any, topics: Any, redis: Any, redis_prefix: str, second: WorkerProcess,
+                  partition_of: dict[str, int], kept: set[str], evicted: list[str]) -> None:
     await second.wait_ready()
     await wait_until(lambda: _entries_are(second, BUDGET), 30, "the recovered table's size", second)
     late = evicted[-50:]  # their predictions are gone: these outcomes wait for one
