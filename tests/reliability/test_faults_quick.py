@@ -111,3 +111,10 @@ def test_the_suite_exits_zero(quick_run) -> None:  # type: ignore[no-untyped-def
     doc, proc = quick_run
     assert doc["failed_targets"] == []
     assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_join_state_stays_within_its_budget(quick_run) -> None:  # type: ignore[no-untyped-def]
+    result = quick_run[0]["scenarios"]["join_memory"]
+    assert (result["lost"], result["crashes"]) == (0, 0)
+    assert result["max_rss_mb"] <= 1.5 * result["budget_mb"] + 200
+    assert result["evicted"] + result["held"] == result["sent"]  # every prediction evicted (counted) or held
