@@ -502,15 +502,18 @@ def lane_of(entry: Entry, rules: JoinRules) -> int:
 
 def schedule_of(entry: Entry, rules: JoinRules) -> tuple[float, int]:
     """(:func:`due_at`, :func:`lane_of`) of an entry in one step (the table schedules every
-    entry it writes). In a lane every entry's due time is its age plus a constant (the TTL, or
-    the route's wait): due order is age order in the first two lanes and deadline order in the third."""
+    entry it writes: :func:`reward_deadline` is inlined). In a lane every entry's due time is its
+    age plus a constant (the TTL, or the route's wait): due order is age order in the first two
+    lanes and deadline order in the third."""
     expiry = entry.anchor_ts + rules.ttl_s
-    deadline = reward_deadline(entry, rules)
-    if deadline is not None:
-        return min(expiry, deadline), LANE_DEADLINE
-    if entry.primary is not None and (entry.outcome is not None or entry.reward_state != "open"):
+    if entry.primary is None:
+        return expiry, LANE_WAITING
+    if entry.outcome is not None or entry.reward_state != "open":
         return expiry, LANE_SETTLED
-    return expiry, LANE_WAITING
+    wait_s = rules.route(entry.route).reward_wait_s
+    if wait_s is None or entry.ts_predicted is None:
+        return expiry, LANE_WAITING
+    return min(expiry, entry.ts_predicted + wait_s), LANE_DEADLINE
 
 
 def on_evict(entry: Entry, now: float, rules: JoinRules) -> Step:
@@ -680,16 +683,17 @@ class DueIndex:
     def set(self, key: Any, due: float, lane: int = 0, size: int = 0) -> None:
         """Schedule `key` at `due` in `lane` with `size` (replacing any earlier schedule)."""
         slot = int(due // self._resolution_s) * self._lanes + lane
-        old = self._slot_of.get(key)
-        if old == slot:
-            members = self._slots[slot]
-            self.bytes += size - members[key]
-            members[key] = size
-            return
+        slot_of = self._slot_of
+        old = slot_of.get(key)
         if old is not None:
+            if old == slot:
+                members = self._slots[slot]
+                self.bytes += size - members[key]
+                members[key] = size
+                return
             self._discard_from(old, key)
-        self._slot_of[key] = slot
-        members = self._slots.get(slot)
+        slot_of[key] = slot
+        members = self._slots.get(slot)  # type: ignore[assignment]
         if members is None:
             members = self._slots[slot] = {}
             heapq.heappush(self._heaps[lane], slot)
