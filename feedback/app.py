@@ -2,8 +2,9 @@
 
 What faust provides here: the consumer group over the three co-partitioned source topics
 (predictions, shadow-predictions, outcomes; faust's assignor gives one worker the same partition
-numbers of all of them and of the table), the join table (in-memory store recovered from its
-compacted changelog topic on start and on every rebalance), offset commits of acknowledged
+numbers of all of them and of the table), the join table (in-memory store, or RocksDB on disk,
+recovered from its compacted changelog topic on start and on every rebalance; bounded by
+`feedback.join_max_bytes`), offset commits of acknowledged
 events only, timers, and the worker lifecycle (signals, graceful stop). What it does not: no
 stream-stream join (faust-streaming has none; ``Table.join`` raises NotImplementedError) — the
 join is a table keyed by request_id; no windowed-table expiry (the join's own timer index does
@@ -91,9 +92,9 @@ def quality_refresh_s(config: Config) -> float:
 
 
 def data_dir(app_id: str) -> Path:
-    """faust's local folder for this app (it keeps little there: the table store is in memory):
-    ``$XDG_CACHE_HOME/banditgate/feedback/<app_id>`` (default ``~/.cache/...``), never the
-    current directory."""
+    """faust's local folder for this app (it keeps little there unless the join table is on disk
+    and `feedback.join_store_dir` is not set): ``$XDG_CACHE_HOME/banditgate/feedback/<app_id>``
+    (default ``~/.cache/...``), never the current directory."""
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "banditgate" / "feedback" / app_id
 
