@@ -766,6 +766,12 @@ class DueIndex:
             self._slots.pop(slot, None)
             heapq.heappop(heap)
 
+    def pop_all(self) -> list[Any]:
+        """Remove and return every key."""
+        keys = list(self._slot_of)
+        self.clear()
+        return keys
+
     def clear(self) -> None:
         self._slot_of.clear()
         self._slots.clear()

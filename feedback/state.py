@@ -276,7 +276,8 @@ class JoinTable:
         for partition in removed:
             self._synced.discard(partition)
             index = self._indexes.pop(partition, None)
-            for key in index.pop_due(float("inf")) if index is not None else ():
+            # (pop_due(inf) raised: inf // 1.0 is nan, so a revocation stopped the worker)
+            for key in index.pop_all() if index is not None else ():
                 self._store.pop(key.encode(), None)
         if added:
             for partition in added:

@@ -367,3 +367,16 @@ def test_evictions_bring_every_partition_within_its_share() -> None:
             for p in range(4)}
     for partition, request_id in victims:
         assert (changes[request_id][1].ts_predicted or 0) < kept[partition]
+
+
+def test_a_revoked_partition_s_entries_leave_memory() -> None:
+    """A rebalance that takes partitions away drops their entries (the new owner recovers them
+    from the changelog). This raised before (the index was emptied with pop_due(inf), and
+    inf // 1.0 is nan): the worker stopped at its first rebalance that revoked a partition."""
+    changes = _gateway_entries(40, joined=False)
+    table = JoinTable({}, _Producer(), "changelog", RULES, budget=JoinBudget(partitions=4))
+    table.sync_partitions(range(4))
+    asyncio.run(table.persist(changes))
+    assert table.sync_partitions([0, 1]) == (set(), {2, 3})
+    assert len(table) == 20 and table.partitions == {0, 1}
+    assert all((table.get(r) is None) == (p in (2, 3)) for r, (p, _) in changes.items())

@@ -141,3 +141,33 @@ async def _finish(stack: Any, topics: Any, redis: Any, redis_prefix: str, second
 
 async def _entries_are(worker: WorkerProcess, expected: int) -> Any:
     return await metric(worker, "banditgate_feedback_join_entries") == expected
+
+
+async def test_a_second_worker_takes_partitions_and_both_keep_counting(stack, topics, redis, redis_prefix,
+                                                                      start_worker) -> None:
+    """A second worker joins the group: the first loses half of its partitions (their entries
+    leave its memory; the second recovers them from the changelog) and keeps running — before,
+    dropping a revoked partition's entries raised (`pop_due(inf)`: inf // 1.0 is nan) and the
+    first worker stopped at its first rebalance. Predictions consumed by the first and their
+    outcomes by the second still join exactly once."""
+    now = time.time()
+    ids = [f"reb-{i}" for i in range(400)]
+    first = start_worker(kafka_settings={"session_timeout_ms": 6000})
+    await first.wait_ready()
+    await produce(stack.kafka, topics.topics.predictions, [
+        (r.encode(), prediction(r, "churn", "a", "churn-gbm", 3, 0.4, now)) for r in ids])
+    await wait_until(lambda: _entries_are(first, len(ids)), 30, "the first worker holding every prediction", first)
+    second = start_worker()
+    await second.wait_ready()
+    await first.wait_for("revoked", timeout_s=60)
+    await asyncio.sleep(2.0)  # the first worker's sweeps after the revocation
+    assert first.process is not None and first.process.poll() is None, first.output()[-3000:]
+    await produce(stack.kafka, topics.topics.outcomes, [(r.encode(), outcome(r, time.time(), reward=1.0)) for r in ids])
+
+    async def all_joined() -> bool:
+        return (await counts(redis, redis_prefix, "churn")).get("joined", 0) >= len(ids)
+
+    await wait_until(all_joined, 60, "every outcome joined", first)
+    await asyncio.sleep(1.0)
+    assert (await counts(redis, redis_prefix, "churn"))["joined"] == len(ids)
+    assert first.process.poll() is None and second.process is not None and second.process.poll() is None
