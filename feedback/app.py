@@ -49,7 +49,7 @@ from feedback.sinks import (
 )
 from feedback.quality_drift import QualityDriftTracker
 from feedback.quality_drift_watch import QualityDriftWatch, ThresholdCache
-from feedback.state import JoinBudget, JoinTable
+from feedback.state import JoinBudget, JoinTable, apply_changelog_records
 from feedback.webhooks import WebhookNotifier
 from router.stats_store import ArmStatsStore
 
@@ -250,6 +250,10 @@ def build_app(config: Config, registry: CollectorRegistry | None = None) -> tupl
                            extra_topic_configs=CHANGELOG_TOPIC_CONFIG)
     table.join_rules = join_rules(config)  # the rocksdb store indexes entries as it writes them
     app.tables.add(table)
+    # its changelog is recovered in bulk by the batch consumer, not record by record by faust
+    app.batch_source.changelog_topic = table.changelog_topic.get_topic_name()
+    app.batch_source.apply_changelog = lambda partition, records: apply_changelog_records(table.data, partition,
+                                                                                          records)
     metrics = FeedbackMetrics(registry or CollectorRegistry())
     runtime = FeedbackRuntime(config, app, table, metrics)
     async def sweep() -> None:

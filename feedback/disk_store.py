@@ -163,6 +163,17 @@ class IndexedRocksStore(RocksStore):
         for partition, (write_batch, _pending) in batches.items():
             self.commit(partition, write_batch, offsets[partition])
 
+    def apply_records(self, partition: int, records: Any) -> None:
+        """The worker's bulk recovery path (feedback/consumer.py): aiokafka records of one
+        partition, in offset order, written as :meth:`apply_changelog_batch` would."""
+        import rocksdict
+
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        pending: dict[bytes, bytes | None] = {}
+        for record in records:
+            self.write_change(partition, batch, pending, record.key, record.value)
+        self.commit(partition, batch, records[-1].offset if records else None)
+
     def write_change(self, partition: int, batch: Any, pending: dict[bytes, bytes | None], key: bytes,
                      value: bytes | None) -> None:
         """Add one entry's new value (None: delete) to `batch`, with its index and counters;

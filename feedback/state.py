@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +118,24 @@ async def send_changelog(producer: Any, topic: str, by_partition: Mapping[int, l
             if isinstance(offset, int) and appended:
                 last[partition] = max(last.get(partition, -1), offset + appended - 1)
     return last
+
+
+def apply_changelog_records(store: Any, partition: int, records: Sequence[Any]) -> None:
+    """Write recovered changelog records (key, value or None for a tombstone, offset; in offset
+    order) into the table's store: faust's memory store's dict, or the disk store (which indexes
+    them as it writes)."""
+    apply = getattr(store, "apply_records", None)
+    if apply is not None:
+        apply(partition, records)
+        return
+    data = store.data
+    pop = data.pop
+    for record in records:
+        value = record.value
+        if value is None:
+            pop(record.key, None)
+        else:
+            data[record.key] = value
 
 
 class JoinTable:
