@@ -302,6 +302,18 @@ class FeedbackConfig(_Strict):
     app_id: str = "banditgate-feedback"
     join_ttl_s: float = Field(7 * 86400, gt=0)
     """A prediction or outcome waits this long for its partner before it expires."""
+    join_max_bytes: int | None = Field(1 << 30, ge=1 << 20)
+    """Budget of the whole join table (all partitions; a worker holds its partitions' share), in
+    estimated bytes: with `join_store: memory` the entries' Python objects, with `rocksdb` their
+    keys and values on disk before compression. Over it the oldest entries are evicted (counted;
+    see docs/feedback.md). null: no byte budget."""
+    join_max_entries: int | None = Field(None, ge=1)
+    """Optional budget of the whole join table in entries (as join_max_bytes, both apply)."""
+    join_store: Literal["memory", "rocksdb"] = "memory"
+    """Where the join table lives: `memory` (fastest; about 0.7 KB per pending request) or
+    `rocksdb` (faust's RocksDB store through `rocksdict`, on disk: the `[rocksdb]` extra)."""
+    join_store_dir: str | None = None
+    """Folder of the rocksdb store's files (default: the worker's cache folder)."""
     partitions: int = Field(4, ge=1)
     web_port: int = Field(6066, ge=0, le=65535)
     flush_interval_s: float = Field(0.2, gt=0)

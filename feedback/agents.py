@@ -11,6 +11,11 @@ interleave on an entry:
 3. write the changed entries to the changelog and wait for the broker, then to memory;
 4. only then the caller acks the events, so faust can commit their offsets.
 
+When the table is over its budget, step 1 also evicts its oldest entries (`on_evict`): their
+deletions and effects (default rewards, unanswered and orphan counts, orphan dead letters, the
+``evicted`` count) join the batch's own and take the same path, so an eviction is exactly once and
+a worker that recovers the changelog recovers the same bounded table.
+
 Steps 2-4 of a batch run while the next batch does step 1 (``submit``), and batch N+1's step 2
 while batch N's steps 3-4 run: each step stays in batch order (Redis applies batch N before N+1,
 the changelog gets N before N+1), and step 1 joins against the changes of batches not yet
@@ -32,7 +37,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 from aiokafka.errors import KafkaError
@@ -64,6 +69,7 @@ from feedback.join import (
     make_seen,
     make_served,
     on_due,
+    on_evict,
     on_outcome,
     on_prediction,
 )
@@ -73,6 +79,9 @@ from feedback.metrics import FeedbackMetrics
 from feedback.quality_drift_watch import QualityDriftWatch
 from feedback.sinks import KafkaOut, RedisSink, Refusal
 from feedback.state import JoinTable
+
+if TYPE_CHECKING:
+    from feedback.disk_store import DiskJoinTable
 
 log = logging.getLogger("banditgate.feedback.agents")
 
@@ -105,10 +114,12 @@ class SourceMessage:
 class JoinProcessor:
     """Runs batches and sweeps through the join and its sinks (see the module docstring)."""
 
-    def __init__(self, *, table: JoinTable, redis: RedisSink, out: KafkaOut, rules: JoinRules, topics: Topics,
+    def __init__(self, *, table: JoinTable | DiskJoinTable, redis: RedisSink, out: KafkaOut, rules: JoinRules,
+                 topics: Topics,
                  metrics: FeedbackMetrics, clock: Callable[[], float] = time.time,
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, sweep_limit: int = 5000,
-                 retry_max_s: float = 2.0, drift: QualityDriftWatch | None = None) -> None:
+                 retry_max_s: float = 2.0, drift: QualityDriftWatch | None = None,
+                 evict_limit: int = 16_000) -> None:
         self._table = table
         self._redis = redis
         self._out = out
@@ -118,6 +129,8 @@ class JoinProcessor:
         self._clock = clock
         self._max_event_bytes = max_event_bytes
         self._sweep_limit = sweep_limit
+        self._evict_limit = evict_limit
+        """Most entries one batch or sweep evicts: twice what a batch adds, so eviction keeps up."""
         self._retry_max_s = retry_max_s
         self._drift = drift
         self._sources = {topics.predictions: "predictions", topics.shadow_predictions: "shadow_predictions",
@@ -258,7 +271,7 @@ class JoinProcessor:
                 change = changes.get(request_id)
                 if change is None and unwritten:
                     change = unwritten.get(request_id)
-                entry = change[1] if change is not None else get(request_id)
+                entry = change[1] if change is not None else get(request_id, event.partition)
                 if message.topic == outcomes_topic:
                     step = on_outcome(entry, event, now, rules)  # type: ignore[arg-type]
                 else:
@@ -267,6 +280,8 @@ class JoinProcessor:
                     changes[request_id] = (event.partition, step.entry)
                 if step.effects:
                     extend(step.effects)
+            if self._table.over_budget():
+                self._evict(changes, effects, now)
             for topic, count in consumed.items():
                 self._metrics.events.labels(self._sources.get(topic, topic)).inc(count)
             for (source, reason), count in dead.items():
@@ -279,6 +294,24 @@ class JoinProcessor:
 
         written.add_done_callback(observe)
         return written
+
+    def _evict(self, changes: dict[str, tuple[int, Entry | None]], effects: list[Effect], now: float) -> None:
+        """Evict the table's oldest entries (in its eviction order) until every partition is
+        within its share of the budget, at most `evict_limit`: each victim's latest state (this
+        batch's, a batch still being written, or the table's) gets `on_evict`, and its deletion
+        and effects join `changes` and `effects`."""
+        unwritten = self._unwritten
+        get = self._table.get
+        rules = self._rules
+        for partition, request_id in self._table.evictions(self._evict_limit):
+            change = changes.get(request_id)
+            if change is None and unwritten:
+                change = unwritten.get(request_id)
+            entry = change[1] if change is not None else get(request_id, partition)
+            if entry is None:
+                continue  # deleted already by this batch or one being written
+            changes[request_id] = (partition, None)
+            effects.extend(on_evict(entry, now, rules).effects)
 
     def _write_after_previous(self, changes: dict[str, tuple[int, Entry | None]], effects: list[Effect],
                               letters: list[tuple[str, bytes | None, bytes]]) -> asyncio.Future[None]:
@@ -322,13 +355,17 @@ class JoinProcessor:
                 # the due entries' latest state must be in the table, not in flight; a sweep
                 # with nothing due does not wait (it holds the lock: batches would wait with it)
                 await self.drain()
+            # batches evict while they flow; the sweep of an idle worker (nothing in flight, and
+            # nothing can start while it holds the lock) evicts what is left: after a recovery
+            # into a smaller budget, or entries that grew
+            idle = self._last_write is None or self._last_write.done()
             self._table.sync_partitions(assigned)
             now = self._clock()
             due = self._table.pop_due(now, self._sweep_limit)
             changes: dict[str, tuple[int, Entry | None]] = {}
             effects: list[Effect] = []
             for partition, request_id in due:
-                entry = self._table.get(request_id)
+                entry = self._table.get(request_id, partition)
                 if entry is None:
                     continue
                 step = on_due(entry, now, self._rules)
@@ -337,6 +374,8 @@ class JoinProcessor:
                 else:
                     self._table.schedule(partition, request_id, entry)
                 effects.extend(step.effects)
+            if idle and self._table.over_budget():
+                self._evict(changes, effects, now)
             if changes or effects:
                 await self._finish(changes, effects, [])
             elif self._drift is not None and self._drift.waiting:
@@ -345,6 +384,7 @@ class JoinProcessor:
                 if letters:
                     await self._retrying("kafka", lambda: self._out.send_all(letters))
             self._metrics.join_entries.set(len(self._table))
+            self._metrics.join_bytes.set(self._table.bytes)
             return len(due)
 
     async def _finish(self, changes: dict[str, tuple[int, Entry | None]], effects: list[Effect],

@@ -2,8 +2,9 @@
 
 What faust provides here: the consumer group over the three co-partitioned source topics
 (predictions, shadow-predictions, outcomes; faust's assignor gives one worker the same partition
-numbers of all of them and of the table), the join table (in-memory store recovered from its
-compacted changelog topic on start and on every rebalance), offset commits of acknowledged
+numbers of all of them and of the table), the join table (in-memory store, or RocksDB on disk,
+recovered from its compacted changelog topic on start and on every rebalance; bounded by
+`feedback.join_max_bytes`), offset commits of acknowledged
 events only, timers, and the worker lifecycle (signals, graceful stop). What it does not: no
 stream-stream join (faust-streaming has none; ``Table.join`` raises NotImplementedError) — the
 join is a table keyed by request_id; no windowed-table expiry (the join's own timer index does
@@ -36,6 +37,7 @@ from banditgate.connections import check_kafka, check_redis, kafka_client_kwargs
 from banditgate.logs import setup_logging
 from feedback.agents import JoinProcessor
 from feedback.consumer import BatchSource, FeedbackApp
+from feedback.disk_store import ROCKSDB_OPTIONS, DiskJoinTable, JoinCollection, rocksdict_missing
 from feedback.interleave_monitor import InterleaveMonitor
 from feedback.join import JoinRules, RouteRules
 from feedback.metrics import FeedbackMetrics
@@ -49,7 +51,7 @@ from feedback.sinks import (
 )
 from feedback.quality_drift import QualityDriftTracker
 from feedback.quality_drift_watch import QualityDriftWatch, ThresholdCache
-from feedback.state import JoinTable
+from feedback.state import JoinBudget, JoinTable, apply_changelog_records
 from feedback.webhooks import WebhookNotifier
 from router.stats_store import ArmStatsStore
 
@@ -59,6 +61,23 @@ BATCH_EVENTS = 8000
 """Most events joined and applied per batch (one Redis round trip, one changelog write)."""
 SWEEP_INTERVAL_S = 0.5
 """How often due default rewards and expiries are applied."""
+CHANGELOG_TOPIC_CONFIG = {
+    # segments roll at least hourly, so the log cleaner can compact them (Kafka only compacts
+    # closed segments; the broker default is 1 GiB or 7 days) ...
+    "segment.ms": str(3600 * 1000),
+    "segment.bytes": str(64 * 1024 * 1024),
+    # ... and keeps tombstones (expired and evicted entries) for an hour instead of a day: a
+    # recovery reads the live entries plus about an hour of changes, not a day's deletions
+    "delete.retention.ms": str(3600 * 1000),
+}
+"""Topic settings of the join changelog, applied when faust creates it (an existing topic keeps
+its own: see docs/feedback.md)."""
+
+
+class JoinStoreUnavailable(Exception):
+    """`feedback.join_store: rocksdb` without rocksdict installed (one line for the CLI)."""
+
+    user_facing = True
 
 
 def join_rules(config: Config) -> JoinRules:
@@ -75,9 +94,9 @@ def quality_refresh_s(config: Config) -> float:
 
 
 def data_dir(app_id: str) -> Path:
-    """faust's local folder for this app (it keeps little there: the table store is in memory):
-    ``$XDG_CACHE_HOME/banditgate/feedback/<app_id>`` (default ``~/.cache/...``), never the
-    current directory."""
+    """faust's local folder for this app (it keeps little there unless the join table is on disk
+    and `feedback.join_store_dir` is not set): ``$XDG_CACHE_HOME/banditgate/feedback/<app_id>``
+    (default ``~/.cache/...``), never the current directory."""
     cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(cache) / "banditgate" / "feedback" / app_id
 
@@ -149,7 +168,15 @@ class FeedbackRuntime(mode.Service):
         self.webhooks.start()
         out = KafkaOut(self._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts, self.webhooks)
         rules = join_rules(config)
-        table = JoinTable(self.table.data, self._producer, self.table.changelog_topic.get_topic_name(), rules)
+        budget = JoinBudget(max_bytes=config.feedback.join_max_bytes, max_entries=config.feedback.join_max_entries,
+                            partitions=config.feedback.partitions)
+        self.metrics.join_budget_bytes.set(budget.max_bytes or 0)
+        changelog = self.table.changelog_topic.get_topic_name()
+        table: JoinTable | DiskJoinTable
+        if config.feedback.join_store == "rocksdb":
+            table = DiskJoinTable(self.table.data, self._producer, changelog, rules, budget=budget)
+        else:
+            table = JoinTable(self.table.data, self._producer, changelog, rules, budget=budget)
         self.drift_thresholds = ThresholdCache()
         episodes = Episodes("quality", EpisodeBook(config.feedback.quality_episode_quiet_s),
                             EpisodeClaims(self._redis, config.redis.key_prefix, "quality"))
@@ -203,7 +230,8 @@ def build_app(config: Config, registry: CollectorRegistry | None = None) -> tupl
         broker=[f"kafka://{server.strip()}" for server in config.kafka.bootstrap_servers.split(",") if server.strip()],
         broker_credentials=_credentials(config),
         broker_client_id=config.kafka.client_id,
-        store="memory://",
+        # the join table's store (the app has no other table)
+        store="rocksdb://" if feedback.join_store == "rocksdb" else "memory://",
         topic_partitions=feedback.partitions,
         web_enabled=False,
         autodiscover=False,
@@ -213,6 +241,7 @@ def build_app(config: Config, registry: CollectorRegistry | None = None) -> tupl
         broker_heartbeat_interval=min(3.0, config.kafka.session_timeout_ms / 3000.0),
         broker_max_poll_records=BATCH_EVENTS,
         producer_acks=-1,
+        tabledir=feedback.join_store_dir,  # None: faust's default, under datadir
     )
     source_topics = frozenset({topics.predictions, topics.shadow_predictions, topics.outcomes})
     # the consumer group subscribes to the three source topics; their records are not streamed
@@ -221,8 +250,17 @@ def build_app(config: Config, registry: CollectorRegistry | None = None) -> tupl
     app.topics.add(app.topic(*sorted(source_topics), key_serializer="raw", value_serializer="raw"))
     # bytes keys and values: faust then uses the "raw" codec for the changelog (entries are
     # encoded by feedback.join.encode_entry)
-    table = app.Table("join", partitions=feedback.partitions, key_type=bytes, value_type=bytes,
-                      help="join entries by request_id (see feedback/join.py)")
+    on_disk = feedback.join_store == "rocksdb"
+    table = JoinCollection(app, name="join", partitions=feedback.partitions, key_type=bytes, value_type=bytes,
+                           help="join entries by request_id (see feedback/join.py)", beacon=app.tables.beacon,
+                           options=dict(ROCKSDB_OPTIONS) if on_disk else None,
+                           extra_topic_configs=CHANGELOG_TOPIC_CONFIG)
+    table.join_rules = join_rules(config)  # the rocksdb store indexes entries as it writes them
+    app.tables.add(table)
+    # its changelog is recovered in bulk by the batch consumer, not record by record by faust
+    app.batch_source.changelog_topic = table.changelog_topic.get_topic_name()
+    app.batch_source.apply_changelog = lambda partition, records: apply_changelog_records(table.data, partition,
+                                                                                          records)
     metrics = FeedbackMetrics(registry or CollectorRegistry())
     runtime = FeedbackRuntime(config, app, table, metrics)
     async def sweep() -> None:
@@ -278,6 +316,8 @@ def run_feedback(config: Config, log_level: str | None = None, json_logs: bool |
     """Run the feedback worker until SIGTERM/SIGINT; return the exit code (1 after a fatal error).
     Raises ConnectionCheckError (user-facing, one line) when Kafka or Redis refuse the configured
     credentials or certificates."""
+    if config.feedback.join_store == "rocksdb" and (missing := rocksdict_missing()) is not None:
+        raise JoinStoreUnavailable(missing)
     level = log_level or config.logging.level
     setup_logging(level, config.logging.json_format if json_logs is None else json_logs)
     # wrong credentials are one line here, not a client's traceback or retry loop (a loop of

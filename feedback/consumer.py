@@ -45,11 +45,12 @@ import asyncio
 import collections
 import gc
 import logging
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from time import monotonic
 from typing import Any, cast
 
 import faust
+from aiokafka.errors import IllegalStateError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
@@ -64,13 +65,21 @@ WRITES_IN_FLIGHT = 2
 """Batches joined but not yet durable: the next batch is joined while the last one is written."""
 
 
+ChangelogApplier = Callable[[int, Sequence[Any]], None]
+"""Writes recovered changelog records (aiokafka ConsumerRecords of one partition, in offset order)
+into the join table's store."""
+
+
 class BatchSource:
     """What the consumer needs from the worker: the batch topics, how long a fetch may wait on
-    the broker, and the handler (set at start)."""
+    the broker, the handler (set at start), and the join changelog's bulk recovery."""
 
-    def __init__(self, topics: frozenset[str], fetch_max_wait_ms: int = 50) -> None:
+    def __init__(self, topics: frozenset[str], fetch_max_wait_ms: int = 50, changelog_topic: str | None = None,
+                 apply_changelog: ChangelogApplier | None = None) -> None:
         self.topics = topics
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.changelog_topic = changelog_topic
+        self.apply_changelog = apply_changelog
         self.handler: BatchHandler | None = None
         self.ready = asyncio.Event()
         self.failed: BaseException | None = None
@@ -215,6 +224,60 @@ class BatchConsumer(faust_aiokafka.Consumer):
             self._done.pop(tp, None)
         await super().on_partitions_assigned(assigned, generation_id)
 
+    # -- recovery -----------------------------------------------------------------------------
+    def _recover_in_bulk(self, tp: TP, records: Sequence[Any]) -> bool:
+        """Apply the join changelog's records (recovery of an active partition, or a standby's)
+        straight to the table's store, as faust's recovery would, and advance faust's recovery
+        offsets; False for anything else (faust's path).
+
+        faust hands each changelog record through its conductor, a queue and an
+        ``asyncio.wait_for`` per record to its recovery loop, which applies them 1 000 at a time:
+        about 4 700 records/s here (a 1 GiB table took 3.5 minutes to recover). Here a fetch's
+        records are written at once, in order; faust's recovery service sees its offsets reach
+        the highwater and ends the recovery as it would (this ends it at once instead of at its
+        5 s idle check)."""
+        source = self._source
+        if source.apply_changelog is None or tp.topic != source.changelog_topic:
+            return False
+        recovery = self.app.tables.recovery  # type: ignore[attr-defined]
+        now = monotonic()
+        if tp in recovery.active_tps:
+            offsets = recovery.active_offsets
+            recovery._active_events_received_at[tp] = now  # faust's "no events" warnings read these
+        elif tp in recovery.standby_tps:
+            offsets = recovery.standby_offsets
+            recovery._standby_events_received_at[tp] = now
+        else:
+            return False
+        seen = offsets.get(tp)
+        if seen is not None and records[0].offset <= seen:
+            records = [r for r in records if r.offset > seen]
+        if not records:
+            return True
+        source.apply_changelog(tp.partition, records)
+        offsets[tp] = records[-1].offset
+        if recovery.in_recovery and not recovery.need_recovery():
+            # what faust's recovery loop does when it finds the actives up to date
+            recovery.flush_buffers()
+            recovery._set_recovery_ended()
+            recovery.signal_recovery_end.set()
+        return True
+
+    async def _seek_back(self, records: Mapping[TP, Sequence[Any]]) -> None:
+        """Records fetched but not processed (the flow stopped, or the generation changed) are
+        read again. The batch topics go back to their committed offsets (as faust does); any
+        other partition (the changelog) goes back to the first record dropped: it has no committed
+        offset, so faust's seek left it past them, and a recovery that had already sought there
+        waited for them forever (seen once in four runs of a rebalance)."""
+        batch_topics = self._source.topics
+        for tp, tp_records in records.items():
+            if tp.topic not in batch_topics and tp_records:
+                try:
+                    await self.seek(tp, tp_records[0].offset)
+                except (IllegalStateError, AssertionError):
+                    pass  # no longer assigned: nothing to read again
+        await self.perform_seek()
+
     # -- the drain loop ---------------------------------------------------------------------
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised by the worker tests
         source = self._source
@@ -232,7 +295,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     await asyncio.sleep(0)
                     continue
                 if not self.flow_active or generation != self.app.consumer_generation_id:
-                    await self.perform_seek()  # re-read what was fetched but not processed
+                    await self._seek_back(records)  # re-read what was fetched but not processed
                     continue
                 batch: list[Any] = []
                 ends: dict[TP, int] = {}
@@ -246,8 +309,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     if tp.topic in batch_topics:
                         batch.extend(tp_records)
                         ends[tp] = tp_records[-1].offset + 1
-                    else:
-                        for record in tp_records:  # changelog (recovery, standbys): faust's own path
+                    elif not self._recover_in_bulk(tp, tp_records):
+                        for record in tp_records:  # other topics: faust's own path
                             await callback(to_message(tp, record))
                 if not batch:
                     continue

@@ -19,7 +19,11 @@ feedback worker keeps entries in a faust table (changelog-backed) and applies th
 * an entry expires ``ttl_s`` after its anchor (the prediction's ``ts_predicted``, or the early
   outcome's ``ts``): an outcome that never met its prediction is an ``orphan`` (counted and
   dead-lettered); a prediction that never got an outcome is ``unanswered``. An outcome that
-  arrives already older than the TTL with nothing to join is an orphan at once.
+  arrives already older than the TTL with nothing to join is an orphan at once;
+* an entry evicted because the table is over its budget (:func:`on_evict`, in the order of
+  :func:`lane_of` and age) ends as its expiry would: an orphan, an unanswered prediction or the
+  route's default reward, applied now, plus an ``evicted`` count; its late outcome then finds no
+  prediction and ends as an orphan.
 
 Replays: after a crash the worker re-reads events whose offsets were not committed, against a
 table that may already hold their effect. Every entry remembers the source offset of what it
@@ -45,7 +49,16 @@ from feedback.reward import RewardError, RewardKind, checked_reward
 NO_ROUTE = "_none"
 """Route name for counts about requests whose route never became known (orphans)."""
 
-COUNT_KINDS = ("joined", "duplicate", "late", "orphan", "default", "unanswered", "prediction_duplicate", "invalid")
+COUNT_KINDS = ("joined", "duplicate", "late", "orphan", "default", "unanswered", "prediction_duplicate", "invalid",
+               "evicted")
+
+EVICTION_REASONS = ("settled", "unanswered", "default", "orphan", "shadow")
+"""What an evicted entry held: `settled` a joined or defaulted request (kept only to recognise
+duplicates and late shadows), `unanswered` a prediction still waiting for its outcome on a route
+without a default reward (counted unanswered), `default` one on a route with a default reward
+(the default is applied now), `orphan` an outcome waiting for its prediction (dead-lettered as an
+orphan), `shadow` shadow predictions waiting for their primary. The ``evicted`` Count's token is
+``evicted:<reason>:<offset>``."""
 
 RewardState = Literal["open", "joined", "defaulted"]
 
@@ -446,7 +459,9 @@ def _orphaned(entry: Entry, rules: JoinRules, why: str) -> tuple[Effect, ...]:
     assert outcome is not None  # noqa: S101 - callers only pass entries holding an outcome
     route = entry.route or NO_ROUTE
     effects: list[Effect] = [
-        Count(route, entry.request_id, "orphan", "orphan"),
+        # per outcome offset: an outcome that comes after its request's first orphan (e.g. after an
+        # eviction) is another outcome and counts too
+        Count(route, entry.request_id, "orphan", f"orphan:{outcome.offset}"),
         DropOutcome(entry.request_id, entry.partition, outcome, "orphan",
                     f"orphan outcome for request {entry.request_id!r}: {why} (join TTL {rules.ttl_s:g} s)"),
     ]
@@ -467,6 +482,76 @@ def due_at(entry: Entry, rules: JoinRules) -> float:
     expiry = entry.anchor_ts + rules.ttl_s
     deadline = reward_deadline(entry, rules)
     return expiry if deadline is None else min(expiry, deadline)
+
+
+LANE_SETTLED = 0
+"""Eviction lanes, evicted in this order (oldest first within each): entries that only recognise
+duplicates and late shadows (joined, defaulted) ..."""
+LANE_WAITING = 1
+"""... then entries waiting for their partner with nothing else to come: a prediction on a route
+without a default reward, an outcome before its prediction, shadows before their primary ..."""
+LANE_DEADLINE = 2
+"""... then predictions whose route's default reward is still to come (earliest deadline first)."""
+LANES = 3
+
+
+def lane_of(entry: Entry, rules: JoinRules) -> int:
+    """The eviction lane of an entry (see LANE_SETTLED)."""
+    return schedule_of(entry, rules)[1]
+
+
+def schedule_of(entry: Entry, rules: JoinRules) -> tuple[float, int]:
+    """(:func:`due_at`, :func:`lane_of`) of an entry in one step (the table schedules every
+    entry it writes: :func:`reward_deadline` is inlined). In a lane every entry's due time is its
+    age plus a constant (the TTL, or the route's wait): due order is age order in the first two
+    lanes and deadline order in the third."""
+    expiry = entry.anchor_ts + rules.ttl_s
+    if entry.primary is None:
+        return expiry, LANE_WAITING
+    if entry.outcome is not None or entry.reward_state != "open":
+        return expiry, LANE_SETTLED
+    wait_s = rules.route(entry.route).reward_wait_s
+    if wait_s is None or entry.ts_predicted is None:
+        return expiry, LANE_WAITING
+    return min(expiry, entry.ts_predicted + wait_s), LANE_DEADLINE
+
+
+def on_evict(entry: Entry, now: float, rules: JoinRules) -> Step:
+    """Delete `entry` now because the table is over its budget: what its expiry would count, now
+    (an orphan outcome, an unanswered prediction, or the route's default reward for a prediction
+    still waiting for it), plus one ``evicted`` Count (token ``evicted:<reason>:<offset>``). The entry's
+    late outcome, if one comes, finds no prediction and ends as an orphan (counted,
+    dead-lettered): nothing is dropped silently."""
+    route = entry.route or NO_ROUTE
+    request_id = entry.request_id
+    primary = entry.primary
+    outcome = entry.outcome
+    effects: list[Effect] = []
+    if primary is None:
+        if outcome is not None:
+            reason = "orphan"
+            effects.extend(_orphaned(entry, rules, "evicted before its prediction came: the join table was over "
+                                                   "its budget (feedback.join_max_bytes / join_max_entries)"))
+        else:
+            reason = "shadow"
+    elif entry.outcome is None and entry.reward_state == "open":
+        route_rules = rules.route(entry.route)
+        if route_rules.default_reward is not None and route_rules.reward_wait_s is not None:
+            reason = "default"
+            effects.append(Count(route, request_id, "default", "decision", primary.arm))
+            effects.append(Reward(route, request_id, primary, float(route_rules.default_reward), True, now))
+        else:
+            reason = "unanswered"
+            effects.append(Count(route, request_id, "unanswered", "unanswered", primary.arm))
+    else:
+        reason = "settled"
+    # the token names the event the entry began with, so a request evicted twice (its outcome
+    # came after its prediction was evicted) counts twice, and a replay of one eviction once
+    offset = (primary.offset if primary is not None else outcome.offset if outcome is not None
+              else entry.shadows[0].offset if entry.shadows else 0)
+    effects.append(Count(route, request_id, "evicted", f"evicted:{reason}:{offset}",
+                         None if primary is None else primary.arm))
+    return Step(None, True, tuple(effects))
 
 
 def on_due(entry: Entry, now: float, rules: JoinRules) -> Step:
@@ -570,76 +655,126 @@ def entry_partition_and_due(raw: bytes, rules: JoinRules, request_id: str = "") 
 
 
 class DueIndex:
-    """Which keys fall due when, in buckets of `resolution_s`: adding, moving and popping a key
-    is O(1) (plus a heap of bucket numbers), so a sweep costs what falls due, not the table size.
-    Each key is in exactly one bucket."""
+    """Which keys fall due when, in buckets of `resolution_s`, in `lanes` eviction lanes, with a
+    size per key: adding, moving and popping a key is O(1) (plus a heap of bucket numbers per
+    lane), so a sweep costs what falls due, not the table size, and so does an eviction. Each key
+    is in exactly one bucket of one lane; `bytes` is the sum of the keys' sizes."""
 
-    def __init__(self, resolution_s: float = 1.0) -> None:
+    def __init__(self, resolution_s: float = 1.0, lanes: int = 1) -> None:
         if not resolution_s > 0:
             raise ValueError(f"resolution_s must be > 0, got {resolution_s!r}")
+        if lanes < 1:
+            raise ValueError(f"lanes must be >= 1, got {lanes!r}")
         self._resolution_s = resolution_s
-        self._bucket_of: dict[Any, int] = {}
-        self._buckets: dict[int, set[Any]] = {}
-        self._heap: list[int] = []  # bucket numbers; may hold numbers of emptied buckets
+        self._lanes = lanes
+        self._slot_of: dict[Any, int] = {}
+        """key -> slot (bucket number * lanes + lane)"""
+        self._slots: dict[int, dict[Any, int]] = {}
+        """slot -> {key: size}"""
+        self._heaps: list[list[int]] = [[] for _ in range(lanes)]  # slots per lane; may hold emptied ones
+        self.bytes = 0
 
     def __len__(self) -> int:
-        return len(self._bucket_of)
+        return len(self._slot_of)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._bucket_of
+        return key in self._slot_of
 
-    def set(self, key: Any, due: float) -> None:
-        """Schedule `key` at `due` (replacing any earlier schedule)."""
-        bucket = int(due // self._resolution_s)
-        old = self._bucket_of.get(key)
-        if old == bucket:
-            return
+    def set(self, key: Any, due: float, lane: int = 0, size: int = 0) -> None:
+        """Schedule `key` at `due` in `lane` with `size` (replacing any earlier schedule)."""
+        slot = int(due // self._resolution_s) * self._lanes + lane
+        slot_of = self._slot_of
+        old = slot_of.get(key)
         if old is not None:
+            if old == slot:
+                members = self._slots[slot]
+                self.bytes += size - members[key]
+                members[key] = size
+                return
             self._discard_from(old, key)
-        self._bucket_of[key] = bucket
-        members = self._buckets.get(bucket)
+        slot_of[key] = slot
+        members = self._slots.get(slot)  # type: ignore[assignment]
         if members is None:
-            members = self._buckets[bucket] = set()
-            heapq.heappush(self._heap, bucket)
-        members.add(key)
+            members = self._slots[slot] = {}
+            heapq.heappush(self._heaps[lane], slot)
+        members[key] = size
+        self.bytes += size
 
     def discard(self, key: Any) -> None:
         """Forget `key` (no error if unknown)."""
-        old = self._bucket_of.pop(key, None)
+        old = self._slot_of.pop(key, None)
         if old is not None:
             self._discard_from(old, key)
 
-    def _discard_from(self, bucket: int, key: Any) -> None:
-        members = self._buckets.get(bucket)
+    def _discard_from(self, slot: int, key: Any) -> None:
+        members = self._slots.get(slot)
         if members is not None:
-            members.discard(key)
+            self.bytes -= members.pop(key, 0)
             if not members:
-                del self._buckets[bucket]
+                del self._slots[slot]
 
     def has_due(self, now: float) -> bool:
-        """Whether :meth:`pop_due` at `now` may return keys (O(1); True may also mean a bucket
+        """Whether :meth:`pop_due` at `now` may return keys (O(lanes); True may also mean a bucket
         emptied since, which the next pop_due discards)."""
-        return bool(self._heap) and self._heap[0] <= int(now // self._resolution_s) - 1
+        newest = (int(now // self._resolution_s) - 1) * self._lanes
+        return any(heap and heap[0] - lane <= newest for lane, heap in enumerate(self._heaps))
 
     def pop_due(self, now: float, limit: int | None = None) -> list[Any]:
         """Remove and return keys whose bucket ended at or before `now`, oldest bucket first,
         at most `limit` of them."""
-        newest = int(now // self._resolution_s) - 1
+        newest = (int(now // self._resolution_s) - 1) * self._lanes
         out: list[Any] = []
-        heap = self._heap
-        while heap and heap[0] <= newest and (limit is None or len(out) < limit):
-            bucket = heap[0]
-            members = self._buckets.get(bucket)
-            while members and (limit is None or len(out) < limit):
-                key = members.pop()
-                del self._bucket_of[key]
-                out.append(key)
-            if not members:
-                self._buckets.pop(bucket, None)
-                heapq.heappop(heap)
+        heaps = self._heaps
+        while limit is None or len(out) < limit:
+            best = -1
+            for lane, heap in enumerate(heaps):
+                if heap and heap[0] - lane <= newest and (best < 0 or heap[0] - lane < heaps[best][0] - best):
+                    best = lane
+            if best < 0:
+                break
+            self._pop_slot(heaps[best], out, None if limit is None else limit - len(out))
+        return [key for key, _size in out]
+
+    def pop_evict(self, max_entries: int | None, max_bytes: int | None, limit: int) -> list[tuple[Any, int]]:
+        """Remove and return (key, size) in eviction order — lane 0 oldest bucket first, then
+        lane 1, ... — until at most `max_entries` keys and `max_bytes` bytes are left (None: no
+        cap), at most `limit` of them."""
+        out: list[tuple[Any, int]] = []
+        for heap in self._heaps:
+            while heap and len(out) < limit and self.over(max_entries, max_bytes):
+                self._pop_slot(heap, out, 1)
         return out
 
+    def over(self, max_entries: int | None, max_bytes: int | None) -> bool:
+        """Whether the keys exceed `max_entries` or their sizes `max_bytes` (None: no cap)."""
+        return ((max_entries is not None and len(self._slot_of) > max_entries)
+                or (max_bytes is not None and self.bytes > max_bytes))
+
+    def _pop_slot(self, heap: list[int], out: list[tuple[Any, int]], limit: int | None) -> None:
+        """Move up to `limit` keys of the heap's first slot to `out` (dropping it when emptied)."""
+        slot = heap[0]
+        members = self._slots.get(slot)
+        slot_of = self._slot_of
+        taken = 0
+        while members and (limit is None or taken < limit):
+            key, size = members.popitem()
+            del slot_of[key]
+            self.bytes -= size
+            out.append((key, size))
+            taken += 1
+        if not members:
+            self._slots.pop(slot, None)
+            heapq.heappop(heap)
+
+    def pop_all(self) -> list[Any]:
+        """Remove and return every key."""
+        keys = list(self._slot_of)
+        self.clear()
+        return keys
+
     def clear(self) -> None:
-        self._bucket_of.clear()
-        self._buckets.clear()
-        self._heap.clear()
+        self._slot_of.clear()
+        self._slots.clear()
+        for heap in self._heaps:
+            heap.clear()
+        self.bytes = 0

@@ -52,6 +52,16 @@ class FeedbackMetrics:
         self.join_entries = Gauge("banditgate_feedback_join_entries",
                                   "Requests held in this worker's join table (pending and recently joined)",
                                   registry=registry)
+        self.join_bytes = Gauge("banditgate_feedback_join_bytes",
+                                "Estimated size of this worker's join table (memory store: its Python objects; "
+                                "rocksdb store: keys and values on disk before compression)", registry=registry)
+        self.join_budget_bytes = Gauge("banditgate_feedback_join_budget_bytes",
+                                       "feedback.join_max_bytes: the whole table's budget (a worker holds its "
+                                       "partitions' share)", registry=registry)
+        self.join_evictions = Counter("banditgate_feedback_join_evictions_total",
+                                      "Join entries evicted because the table was over its budget, by what they held "
+                                      "(settled, unanswered, default, orphan, shadow); counted once per evicted entry "
+                                      "(Redis-deduplicated)", ["route", "reason"], registry=registry)
         self.webhook_deliveries = Counter("banditgate_feedback_webhook_deliveries_total",
                                           "Alerts for a route's webhook by result (delivered, failed after "
                                           "retries, dropped: queue full or stopping)",
@@ -72,10 +82,13 @@ class FeedbackMetrics:
         """Count effects that the ledger applied, one counter increment per route and kind."""
         totals: dict[tuple[str, str], int] = {}
         for effect in effects:
-            key = (effect.route, effect.kind)
+            # an eviction's reason is in its token (evicted:<reason>:<offset>)
+            key = (effect.route, effect.token.rsplit(":", 1)[0] if effect.kind == "evicted" else effect.kind)
             totals[key] = totals.get(key, 0) + 1
         for (route, kind), amount in totals.items():
-            if kind == "default":
+            if kind.startswith("evicted:"):
+                self.join_evictions.labels(route, kind[8:]).inc(amount)
+            elif kind == "default":
                 self.defaults.labels(route).inc(amount)
             elif kind == "unanswered":
                 self.unanswered.labels(route).inc(amount)
@@ -86,7 +99,9 @@ class FeedbackMetrics:
 
     def count(self, effect: Count) -> None:
         """A Count effect that the ledger applied (first time for its token)."""
-        if effect.kind == "default":
+        if effect.kind == "evicted":
+            self.join_evictions.labels(effect.route, effect.token.split(":", 2)[1]).inc()
+        elif effect.kind == "default":
             self.defaults.labels(effect.route).inc()
         elif effect.kind == "unanswered":
             self.unanswered.labels(effect.route).inc()

@@ -45,6 +45,7 @@ def scenarios() -> list[tuple[str, ScenarioFn]]:
         feedback_faults,
         gateway_faults,
         hung_model,
+        join_memory,
         malformed,
         outages,
         overload,
@@ -71,13 +72,15 @@ def scenarios() -> list[tuple[str, ScenarioFn]]:
         ("oversize_output", delivery.oversize_output),
         ("eos_broker_restart", delivery.eos_broker_restart),
         ("eos_txn_abort", delivery.eos_txn_abort),
+        ("join_memory", join_memory.join_memory),
     ]
 
 
 TARGETS = "lost = 0, double_counted = 0, crashes = 0, client_errors = 0; *_eos, eos_* duplicates = 0; " \
           "oversize_output duplicates = 0; recovered_s <= 10; " \
           "overload max_rss_mb <= 1.5 x steady_rss_mb; hung_model other_route_p99_ratio <= 2 and drained; " \
-          "poison_values poison_accepted = 0, non_finite_values = 0, exact"
+          "poison_values poison_accepted = 0, non_finite_values = 0, exact; " \
+          "join_memory max_rss_mb <= 1.5 x budget_mb + 200"
 
 
 def missed_targets(results: dict[str, dict[str, Any]]) -> list[str]:
@@ -105,6 +108,8 @@ def missed_targets(results: dict[str, dict[str, Any]]) -> list[str]:
             for key, want in (("poison_accepted", 0), ("non_finite_values", 0), ("exact", True)):
                 if r.get(key) != want:
                     bad.append(f"poison_values.{key}={r.get(key)}")
+        if name == "join_memory" and "error" not in r and not r["max_rss_mb"] <= 1.5 * r["budget_mb"] + 200:
+            bad.append(f"join_memory.max_rss_mb={r['max_rss_mb']} > 1.5 x {r['budget_mb']} + 200")
     return bad
 
 
@@ -142,6 +147,7 @@ SCENARIO_KEYS = {
     "eos_broker_restart": ("sent", "lost", "duplicates", "recovered_s", "down_s", "unready_during_outage",
                            "transactions_redone"),
     "eos_txn_abort": ("sent", "answered", "lost", "duplicates", "intrusions", "transactions_redone", "stalled"),
+    "join_memory": ("sent", "lost", "evicted", "held", "budget_mb", "max_rss_mb", "idle_rss_mb", "drain_s"),
 }
 """What the markdown table shows per scenario (every key is in the JSON)."""
 

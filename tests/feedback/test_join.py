@@ -155,7 +155,7 @@ def test_outcome_older_than_ttl_is_an_orphan_at_once() -> None:
     step = on_outcome(None, outcome(ts=0.0), now=TTL + 1, rules=RULES)
     assert step.entry is None and not step.changed
     assert kinds(step.effects) == ["orphan", "DropOutcome"]
-    assert step.effects[0] == Count(NO_ROUTE, "q", "orphan", "orphan")
+    assert step.effects[0] == Count(NO_ROUTE, "q", "orphan", "orphan:30")
 
 
 def test_unanswered_prediction_expires_and_is_counted() -> None:

@@ -49,11 +49,14 @@ class RecordingTable:
     def __init__(self, log: list[str], gates: dict[str, asyncio.Event]) -> None:
         self.log, self.gates, self.data = log, gates, {}
 
-    def get(self, request_id: str) -> Any:
+    def get(self, request_id: str, partition: int | None = None) -> Any:
         return self.data.get(request_id)
 
     def encode(self, changes: dict[str, Any]) -> dict[int, list[Any]]:
         return {}
+
+    def over_budget(self) -> bool:
+        return False
 
     async def persist(self, changes: dict[str, Any], encoded: Any = None) -> None:
         batch = int(next(iter(changes)).split("-")[0])

@@ -22,7 +22,8 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = ("gateway_kill_alo", "gateway_kill_eos", "feedback_kill", "broker_restart", "redis_outage", "overload",
              "malformed", "rebalance", "graceful_shutdown", "poison_model", "poison_values", "redis_readonly", "redis_oom",
-             "hung_model", "oversize_output", "eos_broker_restart", "eos_txn_abort")
+             "hung_model", "oversize_output", "eos_broker_restart", "eos_txn_abort",
+             "join_memory")
 MUST_BE_ZERO = ("lost", "double_counted", "crashes", "client_errors", "unclean_exits")
 
 
@@ -127,7 +128,8 @@ def test_refused_outputs_are_dead_lettered_and_exactly_once_survives_broker_and_
     oversize = scenarios["oversize_output"]
     assert oversize["oversize_sent"] > 0 and oversize["oversize_dead_lettered"] == oversize["oversize_sent"]
     assert oversize["duplicates"] == 0  # no endless rewind republishing the batch's other predictions
-    for name in ("eos_broker_restart", "eos_txn_abort"):
+    for name in ("eos_broker_restart", "eos_txn_abort",
+             "join_memory"):
         assert scenarios[name]["duplicates"] == 0 and scenarios[name]["lost"] == 0, name
     assert scenarios["eos_broker_restart"]["recovered_s"] is not None and scenarios["eos_broker_restart"]["recovered_s"] <= 10
     assert scenarios["eos_txn_abort"]["intrusions"] > 0 and not scenarios["eos_txn_abort"]["stalled"]
@@ -144,3 +146,10 @@ def test_the_suite_exits_zero(quick_run) -> None:  # type: ignore[no-untyped-def
     doc, proc = quick_run
     assert doc["failed_targets"] == []
     assert proc.returncode == 0, proc.stdout[-2000:]
+
+
+def test_join_state_stays_within_its_budget(quick_run) -> None:  # type: ignore[no-untyped-def]
+    result = quick_run[0]["scenarios"]["join_memory"]
+    assert (result["lost"], result["crashes"]) == (0, 0)
+    assert result["max_rss_mb"] <= 1.5 * result["budget_mb"] + 200
+    assert result["evicted"] + result["held"] == result["sent"]  # every prediction evicted (counted) or held
