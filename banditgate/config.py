@@ -131,7 +131,7 @@ class RedisConfig(_Strict):
     key_prefix: str = "bg"
     snapshot_refresh_ms: int = Field(250, ge=10, le=60_000)
     """How often gateways re-read arm posteriors (never per request)."""
-    dedup_ttl_s: int = Field(8 * 86400, ge=60)
+    dedup_ttl_s: int = Field(8 * 86400, ge=60, le=10**12)  # the ledger scripts refuse a TTL past 1e12 s
     """How long a request_id is remembered so a redelivered outcome never counts twice."""
 
     @field_validator("url")
@@ -282,6 +282,9 @@ class ServerConfig(_Strict):
         if self.admin_open and self.admin_tokens:
             raise ValueError("admin_open and admin_tokens contradict each other: remove admin_open (the tokens "
                              "guard the admin API)")
+        if self.admin_open and "*" in self.allowed_hosts:
+            raise ValueError("admin_open with allowed_hosts ['*'] would let any web page reach the admin API "
+                             "through DNS rebinding: name the hosts, or use admin_tokens")
         if self.admin_open and self.host not in LOOPBACK_HOSTS:
             raise ValueError(f"admin_open needs a loopback host ({', '.join(LOOPBACK_HOSTS)}), not {self.host!r}: "
                              "a gateway other machines can reach needs admin_tokens")
@@ -469,7 +472,7 @@ class Route(_Strict):
     name: str = Field(pattern=NAME_PATTERN)
     policy: Literal["thompson", "fixed", "shadow", "interleave"] = "thompson"
     reward: Literal["bernoulli", "gaussian"] = "bernoulli"
-    half_life: float | None = Field(None, gt=0)
+    half_life: float | None = Field(None, gt=0, le=1e12, allow_inf_nan=False)  # the arm script's bound
     """Discounting for non-stationary arms, in outcomes."""
     reward_wait_s: float | None = Field(None, gt=0)
     default_reward: float | None = Field(None, ge=-MAX_MAGNITUDE, le=MAX_MAGNITUDE)  # as outcomes' rewards

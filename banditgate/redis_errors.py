@@ -129,6 +129,8 @@ def classify(exc: BaseException) -> Kind:
         message = reply_text(exc).removeprefix("ERR ")
         if any(message.startswith(text) for text in _REFUSED_MESSAGES):
             return REFUSED
+        if "Script killed by user" in message:  # an operator's SCRIPT KILL (the answer to BUSY): nothing written
+            return TRANSIENT
     return BUG
 
 

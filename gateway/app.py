@@ -294,6 +294,9 @@ class Gateway:
                 await shared.replace(producer)
             except (KafkaError, OSError, TimeoutError):
                 break
+            if found is not None and found.reason == "not_authorized":  # the operator's ACLs, not the client
+                raise Unavailable(f"outcomes refused by {topic}: {found.error}; the gateway's principal needs "
+                                  "WRITE on it (retry once the ACL is fixed)")
             if found is not None:
                 raise InvalidInput(f"outcome not accepted by {topic}: {found.error}", found.reason)
         raise Unavailable("Kafka does not take outcomes right now; retry later")
@@ -463,8 +466,8 @@ class Gateway:
             self.stopping.set()
         stop_wait.cancel()
         code = await self.shutdown(loop_task, watcher)
-        if crashed:
-            code = 1
+        if crashed or (loop_task.done() and not loop_task.cancelled() and loop_task.exception() is not None):
+            code = 1  # also a loop that crashed while it drained after SIGTERM
         exporter.cancel()
         guard_task.cancel()
         kafka_watch.cancel()

@@ -83,13 +83,36 @@ TARGETS = "lost = 0, double_counted = 0, crashes = 0, client_errors = 0; *_eos, 
           "join_memory max_rss_mb <= 1.5 x budget_mb + 200"
 
 
+_WITH_OUTCOMES = {"feedback_kill", "redis_outage", "poison_values", "redis_readonly", "redis_oom"}
+_WITH_CLIENTS = {"hung_model", "redis_outage", "poison_values", "redis_readonly", "redis_oom", "oversize_output"}
+
+
+def zero_keys(name: str) -> tuple[str, ...]:
+    """The keys scenario `name` must report, each with the target 0 (a missing one is a missed target:
+    a scenario that stopped reporting a count must not pass as if it were 0). `double_counted`
+    where outcomes are applied, `client_errors` where clients are well-behaved, `unclean_exits`
+    where processes are stopped with SIGTERM."""
+    keys = ["lost", "crashes"]
+    if name in _WITH_OUTCOMES:
+        keys.append("double_counted")
+    if name in _WITH_CLIENTS:
+        keys.append("client_errors")
+    if name != "join_memory":
+        keys.append("unclean_exits")
+    return tuple(keys)
+
+
 def missed_targets(results: dict[str, dict[str, Any]]) -> list[str]:
     """Every target a scenario missed, as `scenario.key=value` (an `error` counts as missed)."""
     bad = []
     for name, r in results.items():
         if "error" in r:
             bad.append(f"{name}.error={r['error']}")
-        for key in ("lost", "double_counted", "crashes", "client_errors"):
+        if "error" not in r:
+            for key in zero_keys(name):
+                if key not in r:
+                    bad.append(f"{name}.{key} missing")
+        for key in ("lost", "double_counted", "crashes", "client_errors", "unclean_exits"):
             if r.get(key, 0) != 0:
                 bad.append(f"{name}.{key}={r[key]}")
         if (name.endswith("_eos") or name.startswith("eos_") or name == "oversize_output") \

@@ -210,7 +210,10 @@ class FeedbackServicer(bg_grpc.FeedbackServicer):
                 errors.append(f"outcome {index}: {exc}")
         if errors:
             return bg_pb2.OutcomesResponse(accepted=0, errors=errors)
-        await self.ctx.produce_outcomes(accepted)
+        try:
+            await self.ctx.produce_outcomes(accepted)
+        except GatewayError as exc:  # refused by the broker (INVALID_ARGUMENT) or Kafka away (UNAVAILABLE)
+            await abort(context, exc)
         return bg_pb2.OutcomesResponse(accepted=len(accepted))
 
 

@@ -58,7 +58,7 @@ async def produce(bootstrap: str, topic: str, n: int) -> float:
             for i in range(start, min(n, start + SEND_CHUNK)):
                 request_id = f"jm-{i}"
                 batches.add(topic, request_id.encode(), prediction(request_id, i, now + i / 100_000.0))
-            pending.extend(await batches.send())
+            pending.extend(sent.future for sent in await batches.send())
             if len(pending) > 64:  # bounded in flight: wait for the older half
                 await asyncio.gather(*pending[:32])
                 del pending[:32]

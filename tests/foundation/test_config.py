@@ -131,3 +131,18 @@ def test_a_default_reward_is_bounded_like_an_outcome_reward(value: float) -> Non
     bad["routes"][0]["default_reward"] = value
     with pytest.raises(ConfigError, match=r"routes\[0\]\.default_reward"):
         parse_config(bad, env={})
+
+
+@pytest.mark.parametrize(("path", "value"), [(("routes", 0, "half_life"), float("inf")),
+                                             (("routes", 0, "half_life"), 1e13),
+                                             (("redis", "dedup_ttl_s"), 10**13)])
+def test_numbers_the_redis_scripts_would_refuse_are_refused_at_load(path: tuple, value: float) -> None:
+    """A half-life or TTL past the ledger scripts' bounds would make them refuse every reward of
+    the route (each dead-lettered as redis_refused): refused when the config loads instead."""
+    bad = yaml.safe_load(yaml.safe_dump(GOOD))
+    node = bad
+    for key in path[:-1]:
+        node = node.setdefault(key, {}) if isinstance(key, str) else node[key]
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=str(path[-1])):
+        parse_config(bad, source="x.yaml", env={})

@@ -62,6 +62,10 @@ def reply(text: str) -> BaseException:
     ("ERR Error running script (call to f_cd204846b476dfdb7c087f1a1cef2df50cc9a6e7): @user_script:1: user_script:1: "
      "attempt to perform arithmetic on a nil value", BUG),
     ("ERR unknown command 'HSETX'", BUG),
+    # an operator's SCRIPT KILL (the answer to BUSY): the script had written nothing, try again
+    ("ERR Script killed by user with SCRIPT KILL...", TRANSIENT),
+    ("ERR Error running script (call to f_17de6efb9ce1aa2c904beef238f3a075e21ecd5d): @user_script:12: Script killed "
+     "by user with SCRIPT KILL...", TRANSIENT),
 ])
 def test_each_error_reply_has_its_kind(text: str, kind: str) -> None:
     assert classify(reply(text)) == kind

@@ -171,6 +171,8 @@ def test_admin_open_needs_a_loopback_host_and_no_tokens() -> None:
     with pytest.raises(ConfigError, match="allowed_hosts"):
         parse_config({"server": {"allowed_hosts": ["http://gw:8080"]}, "routes": ROUTES}, env={})
     assert parse_config({"server": {"admin_open": True, "host": "localhost"}, "routes": ROUTES}, env={}).server.admin_open
+    with pytest.raises(ConfigError, match="DNS rebinding"):  # Host unchecked: a rebinding page is same-origin
+        parse_config({"server": {"admin_open": True, "allowed_hosts": ["*"]}, "routes": ROUTES}, env={})
 
 
 def test_serve_with_a_blank_admin_token_exits_2_with_one_line(tmp_path: Path) -> None:
