@@ -271,7 +271,7 @@ async def check_redis(client: Any, redis_config: RedisConfig, probe_key: str | N
         await client.ping()
         if probe_key is not None:
             await client.hgetall(probe_key)
-    except (RedisError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, RedisError, OSError) as exc:
         message, fatal = describe_redis_failure(redis_config, exc)
         if fatal:
             raise ConnectionCheckError(message) from None

@@ -292,7 +292,7 @@ class LifecycleDriver:
         """Export the pending fire's window and queue its alert, under a lease (one worker at a time:
         the export runs in a process of its own while the lease is extended; see feedback.export_job)."""
         config = route.retrain
-        assert config is not None
+        assert config is not None  # noqa: S101 - only retrain routes get here
         key = self.retrain_key(route.name)
         retry = self._export_retry.get(route.name)
         if config.export_path and retry is not None and time.monotonic() < retry[0]:

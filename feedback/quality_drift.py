@@ -89,7 +89,7 @@ class SeriesState:
 
 
 class _Series:
-    __slots__ = ("key", "batch", "reference", "detector", "pending", "p0", "reference_count")
+    __slots__ = ("batch", "detector", "key", "p0", "pending", "reference", "reference_count")
 
     def __init__(self, key: SeriesKey) -> None:
         self.key = key

@@ -32,15 +32,14 @@ worker calls it at least every sweep while `waiting` is true).
 
 from __future__ import annotations
 
-import collections
-
 import asyncio
+import collections
 import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from typing import Any
 
 from banditgate.drift.calibration import bernoulli_threshold

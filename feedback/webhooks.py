@@ -69,7 +69,7 @@ class WebhookNotifier:
         if task is not None:
             try:
                 await asyncio.wait_for(self._queue.join(), self._drain_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             task.cancel()
             try:
@@ -125,7 +125,7 @@ class WebhookNotifier:
                 async with session.post(url, data=alert, headers={"content-type": "application/json"}) as response:
                     status = response.status
                     await response.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
                 if status < 300:

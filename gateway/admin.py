@@ -16,8 +16,8 @@ import orjson
 from banditgate.config import dump_public
 from gateway.dataplane import Dataplane
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound
-from gateway.models.repository import ModelRepository
 from gateway.guardrail_watch import marker_key
+from gateway.models.repository import ModelRepository
 from router.stats_store import ArmStatsStore
 
 log = logging.getLogger("banditgate.admin")
@@ -75,9 +75,9 @@ class Admin:
         if self.store is not None:
             try:
                 snapshot = await self.store.snapshot(route)
-                for name in arms:
+                for name, entry in arms.items():
                     arm = snapshot.arm(name)
-                    arms[name].update(weight=arm.stats.weight, mean=arm.stats.mean, calls=arm.calls,
+                    entry.update(weight=arm.stats.weight, mean=arm.stats.mean, calls=arm.calls,
                                       errors=arm.errors, state=arm.state)
             except Exception as exc:  # noqa: BLE001 - status still answers from the local policy
                 arms_note = f"arm statistics unavailable: {type(exc).__name__}"

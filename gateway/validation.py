@@ -210,8 +210,8 @@ def validate_batch(model: OnnxModel, rows: Sequence[Mapping[str, Any]]) -> Valid
         unknown = [k for k in row if k not in names]
         if unknown:
             ok[index] = False
-            errors[index] = ("bad_input", f"unknown input {unknown[0]!r} for model {model.key} "
-                                          f"(it takes {sorted(names)})")
+            errors[index] = ("bad_input", (f"unknown input {unknown[0]!r} for model {model.key} "
+                                           f"(it takes {sorted(names)})"))
     arrays: dict[str, np.ndarray] = {}
     for spec in model.inputs:
         values = [row.get(spec.name) for row in rows]
@@ -273,8 +273,8 @@ def validate_batch(model: OnnxModel, rows: Sequence[Mapping[str, Any]]) -> Valid
                 column = int(np.flatnonzero(outside[index])[0])
                 ok[index] = False
                 errors[int(index)] = ("out_of_range",
-                                      f"{model.feature_name(spec.name, column)} = {flat[index, column]:g} is outside "
-                                      f"the model's range [{low[column]:g}, {high[column]:g}]")
+                                      (f"{model.feature_name(spec.name, column)} = {flat[index, column]:g} is "
+                                       f"outside the model's range [{low[column]:g}, {high[column]:g}]"))
     feeds = {name: array[ok] if not ok.all() else array for name, array in arrays.items()}
     return ValidatedBatch(feeds=feeds, ok=ok, errors=errors)
 

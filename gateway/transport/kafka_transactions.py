@@ -77,7 +77,7 @@ async def _in_transaction(step: Awaitable[T]) -> T:
 
 
 class _TransactionalRebalance(ConsumerRebalanceListener):
-    def __init__(self, loop: "TransactionalKafkaLoop") -> None:
+    def __init__(self, loop: TransactionalKafkaLoop) -> None:
         self.loop = loop
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
