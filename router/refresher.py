@@ -70,6 +70,7 @@ class SnapshotRefresher:
         reply) can then never stall the refresher or its shutdown. While an abandoned read is
         still pending no new one is started, so reads never pile up.
         """
+        transient: tuple[type[BaseException], ...] = (TimeoutError, *self._store.transient_errors)
         try:
             if self._read is None or self._read.done():
                 self._read = asyncio.get_running_loop().create_task(self._store.snapshots(self._policies))
@@ -84,7 +85,7 @@ class SnapshotRefresher:
                 self._policies[route].apply_snapshot(snapshot)
                 if snapshot.unusable or self.unusable.get(route):
                     self._note_unusable(route, snapshot.unusable)
-        except (TimeoutError, *self._store.transient_errors) as exc:
+        except transient as exc:
             self._failed(exc)
             return False
         except Exception as exc:  # noqa: BLE001 - e.g. a corrupt hash: keep routing, say so once with the trace
