@@ -38,6 +38,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from banditgate.events import MAX_MAGNITUDE, NAME_PATTERN  # one definition each: events are checked with them too
 
@@ -717,7 +718,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _format_error(err: dict[str, Any]) -> str:
+def _format_error(err: ErrorDetails) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
     msg = err["msg"]
     msg = msg.removeprefix("Value error, ")
@@ -753,7 +754,7 @@ def parse_config(data: Any, source: str = "config", base: Path | None = None,
         config = Config.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors():
-            line = _format_error(error)  # type: ignore[arg-type]
+            line = _format_error(error)
             if line.split(": ", 1)[0] not in unset:  # an unset ${VAR} is one line, not two
                 problems.append(line)
         config = None
