@@ -54,6 +54,7 @@ import orjson
 from banditgate.config import Config, Route
 from feedback.export import ExportError
 from feedback.export_job import ExportLease, LeaseLost, job_spec, run_export_job
+from feedback.metrics import FeedbackMetrics
 from feedback.quality import shadow_verdict
 from feedback.sinks import FeedbackKeys, KafkaOut, parse_quality
 from feedback.triggers import TriggerDecision, TriggerState, evaluate, retrain_alert
@@ -92,7 +93,7 @@ class LifecycleDriver:
     """Rollout steps and retraining triggers for every configured route (see the module docstring)."""
 
     def __init__(self, config: Config, redis: Any, out: KafkaOut, clock: Callable[[], float] = time.time,
-                 quality_alarms: collections.Counter[str] | None = None, metrics: Any = None,
+                 quality_alarms: collections.Counter[str] | None = None, metrics: FeedbackMetrics | None = None,
                  export_lease_ms: int = EXPORT_LEASE_MS,
                  export_observer: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> None:
         self.config = config

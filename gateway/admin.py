@@ -18,6 +18,7 @@ from gateway.dataplane import Dataplane, RouteRuntime
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound
 from gateway.guardrail_watch import marker_key
 from gateway.models.repository import ModelRepository
+from gateway.rollout_apply import RolloutApplier
 from router.stats_store import ArmStatsStore
 
 log = logging.getLogger("banditgate.admin")
@@ -25,12 +26,12 @@ log = logging.getLogger("banditgate.admin")
 
 class Admin:
     def __init__(self, dataplane: Dataplane, repository: ModelRepository, store: ArmStatsStore | None,
-                 redis: Any = None, rollouts: Any = None) -> None:
+                 redis: Any = None, rollouts: RolloutApplier | None = None) -> None:
         self.dataplane = dataplane
         self.repository = repository
         self.store = store
         self.redis = redis
-        self.rollouts = rollouts  # gateway.rollout_apply.RolloutApplier
+        self.rollouts = rollouts
 
     async def handle(self, params: dict[str, str], method: str, body: bytes) -> dict[str, Any]:
         """Dispatch one admin request; raises GatewayError subclasses for the caller's mistakes."""
