@@ -1,0 +1,53 @@
+"""A poison pair whose join entry cannot fit the changelog, on the real stack.
+
+Before: a prediction whose interleave impression holds a ~900 KB item id, then an outcome with
+1000 clicks of 256 characters, made a join entry of ~1.16 MB, over the changelog topic's 1 MB;
+the broker refused the changelog record, the worker retried it forever on the same producer, no
+offset was committed again, and a restart replayed into the same wedge. Now the outcome that
+would make the entry too large is dead-lettered (`oversize`) and the worker goes on."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+
+from tests.feedback.test_worker_stack import assert_exact, complete, expected_from_topic, make_traffic, send
+from tests.feedback.worker_helpers import ROUTES, wait_until
+from tests.kafka_helpers import read_topic
+
+pytestmark = pytest.mark.stack
+
+SEARCH = {"name": "search", "policy": "interleave", "k": 2,
+          "arms": [{"name": "x", "model": "rank-a", "version": 1}, {"name": "y", "model": "rank-b", "version": 1}]}
+
+
+def interleave_prediction(request_id: str, items: list[str], now: float) -> bytes:
+    return orjson.dumps({"request_id": request_id, "route": "search", "arm": "x", "model": "rank-a",
+                         "model_version": 1, "policy": "interleave", "propensity": 1.0,
+                         "outputs": {"items": items, "teams": ["x", "y"][:len(items)], "rankings": {"x": [], "y": []}},
+                         "ts_request": now, "ts_predicted": now, "latency_ms": 1.0})
+
+
+async def test_an_entry_too_large_for_the_changelog_is_dead_lettered_and_the_worker_goes_on(
+        stack, topics, redis, redis_prefix, start_worker) -> None:
+    worker = start_worker(routes=[*ROUTES, SEARCH])
+    await worker.wait_ready()
+    now = time.time()
+    big_item = "i" * 900_000
+    clicks = [f"{k:03d}" + "c" * 253 for k in range(1000)]
+    poison = [("predictions", b"huge", interleave_prediction("huge", [big_item, "small"], now)),
+              ("outcomes", b"huge", orjson.dumps({"request_id": "huge", "clicks": clicks, "ts": now + 1}))]
+    await send(stack.kafka, topics, poison)
+    letters = await read_topic(stack.kafka, topics.topics.deadletter, 1, timeout_s=60, settle_s=1.0)
+    assert [(letter["reason"], letter["topic"]) for letter in letters] == [("oversize", topics.topics.outcomes)]
+
+    # the worker is not wedged: what follows is joined exactly, and its offsets move on
+    traffic = make_traffic(200, seed=11, now=now, orphan_ts=now - 10_000)
+    await send(stack.kafka, topics, traffic.messages)
+    traffic = await expected_from_topic(stack.kafka, topics, traffic)
+    await wait_until(complete(traffic, redis, redis_prefix), 90, "the traffic after the poison pair joined", worker)
+    await assert_exact(redis, redis_prefix, traffic)
+    assert "MessageSizeTooLarge" not in worker.output()
+    assert worker.stop() == 0
