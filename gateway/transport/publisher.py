@@ -56,12 +56,20 @@ class PredictionPublisher:
         self._backoff_s = BACKOFF_S[0]
         self._next_try_s = float("-inf")
         self._dead_letter_logged: set[str] = set()
+        self._in_flight: list[_Event] = []
         self.dropped = 0
+        self.errors = 0
+        """Flushes that failed with an unexpected error (a defect): their events were dropped."""
 
     @property
     def producer(self) -> Any:
         """The shared producer the next flush uses."""
         return self.shared.producer
+
+    @property
+    def task(self) -> asyncio.Task | None:
+        """The publishing task (the gateway exits non-zero if it ever dies)."""
+        return self._task
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -93,7 +101,19 @@ class PredictionPublisher:
                 pass
             self._wakeup.clear()
             if self._queue and (self._closing or self.clock() >= self._next_try_s):
-                ok = await self._flush()
+                try:
+                    ok = await self._flush()
+                except Exception:
+                    # a defect (not the broker): the task must not die with it, or every later
+                    # prediction would be queued and dropped while readiness stays true
+                    ok = True
+                    self.errors += 1
+                    lost, self._in_flight = self._in_flight, []
+                    for event in lost:
+                        self._drop(event[0], "internal_error", 1)
+                    log.exception("sidecar publisher: a flush failed with an unexpected error; its %d event(s) are "
+                                  "dropped (banditgate_sidecar_events_dropped_total, reason internal_error) and "
+                                  "publishing goes on", len(lost))
                 if not ok and self._closing:
                     for event in self._queue:
                         self._drop(event[0], "shutdown", 1)
@@ -102,6 +122,7 @@ class PredictionPublisher:
     async def _flush(self) -> bool:
         """Publish what is queued; False if some of it must be tried again later."""
         batch, self._queue = self._queue, []
+        self._in_flight = batch
         producer = self.shared.producer
         out = OutboundBatches(producer, self.partitions, self.shared.limits)
         refused: list[tuple[_Event, str, str]] = []
@@ -122,6 +143,7 @@ class PredictionPublisher:
             if not is_delivery_error(exc):
                 raise
             failures, retry, cause = [], sent_events, exc
+        self._in_flight = []  # from here on every event is queued again, dead-lettered or delivered
         for sent, error in failures:
             found = refusal(error)
             if found is None:
