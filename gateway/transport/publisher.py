@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from gateway.metrics import GatewayMetrics
-from gateway.transport.delivery import is_delivery_error, refusal
+from gateway.transport.delivery import RefusalMemo, is_delivery_error, refusal
 from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, delivered
 from gateway.transport.kafka_codec import dead_letter_value
 from gateway.transport.shared_producer import SharedProducer
@@ -57,6 +57,8 @@ class PredictionPublisher:
         self._next_try_s = float("-inf")
         self._dead_letter_logged: set[str] = set()
         self._in_flight: list[_Event] = []
+        self.memo = RefusalMemo()
+        """Topics refused for everyone (authorization): not written to for a while."""
         self.dropped = 0
         self.errors = 0
         """Flushes that failed with an unexpected error (a defect): their events were dropped."""
@@ -121,13 +123,26 @@ class PredictionPublisher:
 
     async def _flush(self) -> bool:
         """Publish what is queued; False if some of it must be tried again later."""
+        holding = getattr(self.shared, "holding", None)
+        if holding is None:
+            return await self._flush_with(self.shared.producer)
+        with holding() as producer:  # not closed under this flush by another user's replacement
+            return await self._flush_with(producer)
+
+    async def _flush_with(self, producer: Any) -> bool:
         batch, self._queue = self._queue, []
         self._in_flight = batch
-        producer = self.shared.producer
         out = OutboundBatches(producer, self.partitions, self.shared.limits)
         refused: list[tuple[_Event, str, str]] = []
         sent_events: list[_Event] = []
+        now = self.clock()
         for event in batch:
+            closed = self.memo.closed(event[0], now) if self.memo else None
+            if closed is not None:
+                # the topic refused us for good a moment ago: dead-letter without sending (and
+                # without breaking and replacing the shared producer on every flush)
+                refused.append((event, closed.reason, closed.error))
+                continue
             try:
                 out.add(event[0], event[1], event[2], source=event, alone=event[4])
             except OutputRefused as exc:
@@ -151,6 +166,8 @@ class PredictionPublisher:
                 cause = error
                 continue
             broken = True
+            if found.scope == "topic":
+                self.memo.learn(sent.topic, [], found, self.clock())
             if found.reason == "output_too_large":
                 self.shared.learn_too_large(sent.topic, sent.size, len(sent.sources))
             if found.scope == "record" and len(sent.sources) > 1:
