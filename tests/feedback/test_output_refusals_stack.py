@@ -3,8 +3,10 @@
 Before: a prediction whose interleave impression holds a ~900 KB item id, then an outcome with
 1000 clicks of 256 characters, made a join entry of ~1.16 MB, over the changelog topic's 1 MB;
 the broker refused the changelog record, the worker retried it forever on the same producer, no
-offset was committed again, and a restart replayed into the same wedge. Now the outcome that
-would make the entry too large is dead-lettered (`oversize`) and the worker goes on."""
+offset was committed again, and a restart replayed into the same wedge. Now an item id over
+MAX_ID_CHARS is refused with the prediction (`out_of_range`), and an outcome that would make an
+entry within every per-event bound too large for the changelog's record limit is dead-lettered
+(`oversize`); the worker goes on."""
 
 from __future__ import annotations
 
@@ -26,22 +28,31 @@ SEARCH = {"name": "search", "policy": "interleave", "k": 2,
 def interleave_prediction(request_id: str, items: list[str], now: float) -> bytes:
     return orjson.dumps({"request_id": request_id, "route": "search", "arm": "x", "model": "rank-a",
                          "model_version": 1, "policy": "interleave", "propensity": 1.0,
-                         "outputs": {"items": items, "teams": ["x", "y"][:len(items)], "rankings": {"x": [], "y": []}},
+                         "outputs": {"items": items, "teams": [("x", "y")[i % 2] for i in range(len(items))], "rankings": {"x": [], "y": []}},
                          "ts_request": now, "ts_predicted": now, "latency_ms": 1.0})
 
 
 async def test_an_entry_too_large_for_the_changelog_is_dead_lettered_and_the_worker_goes_on(
         stack, topics, redis, redis_prefix, start_worker) -> None:
-    worker = start_worker(routes=[*ROUTES, SEARCH])
+    # the changelog takes 300 kB records here (kafka.max_message_bytes): an impression of 1000
+    # items of 200 characters (~210 kB) fits, the same entry with 1000 clicks of 256 more does not
+    worker = start_worker(routes=[*ROUTES, SEARCH], kafka_settings={"max_message_bytes": 300_000})
     await worker.wait_ready()
     now = time.time()
-    big_item = "i" * 900_000
+    items = [f"{k:03d}" + "i" * 197 for k in range(1000)]
     clicks = [f"{k:03d}" + "c" * 253 for k in range(1000)]
-    poison = [("predictions", b"huge", interleave_prediction("huge", [big_item, "small"], now)),
-              ("outcomes", b"huge", orjson.dumps({"request_id": "huge", "clicks": clicks, "ts": now + 1}))]
+    poison = [
+        # the pair of the review: a ~900 kB item id (refused at the edge now: item ids are ids) ...
+        ("predictions", b"huge", interleave_prediction("huge", ["i" * 900_000, "small"], now)),
+        ("outcomes", b"huge", orjson.dumps({"request_id": "huge", "clicks": clicks, "ts": now + 1})),
+        # ... and one within every per-event bound whose join entry is still too large
+        ("predictions", b"big", interleave_prediction("big", items, now)),
+        ("outcomes", b"big", orjson.dumps({"request_id": "big", "clicks": clicks, "ts": now + 1})),
+    ]
     await send(stack.kafka, topics, poison)
-    letters = await read_topic(stack.kafka, topics.topics.deadletter, 1, timeout_s=60, settle_s=1.0)
-    assert [(letter["reason"], letter["topic"]) for letter in letters] == [("oversize", topics.topics.outcomes)]
+    letters = await read_topic(stack.kafka, topics.topics.deadletter, 2, timeout_s=60, settle_s=1.0)
+    assert sorted((letter["reason"], letter["topic"], letter["offset"] >= 0) for letter in letters) == [
+        ("out_of_range", topics.topics.predictions, True), ("oversize", topics.topics.outcomes, True)]
 
     # the worker is not wedged: what follows is joined exactly, and its offsets move on
     traffic = make_traffic(200, seed=11, now=now, orphan_ts=now - 10_000)
