@@ -40,7 +40,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from banditgate.events import MAX_MAGNITUDE, NAME_PATTERN  # one definition each: events are checked with them too
+from banditgate.events import MAX_MAGNITUDE, MAX_RANKERS, NAME_PATTERN  # one definition each: events are checked with them too
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -535,6 +535,8 @@ class Route(_Strict):
             raise ValueError("reward_wait_s and default_reward go together")
         if self.policy == "interleave" and n < 2:
             raise ValueError("policy interleave needs at least two arms (rankers)")
+        if self.policy == "interleave" and n > MAX_RANKERS:
+            raise ValueError(f"policy interleave takes at most {MAX_RANKERS} arms (rankers), got {n}")
         if self.rollout is not None:
             self._check_rollout(self.rollout)
         return self

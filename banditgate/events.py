@@ -36,6 +36,9 @@ numbers (see the module docstring: no sum or square the feedback ledger keeps ca
 MAX_CLICKS = 1000
 """Most item ids one outcome's ``clicks`` may list."""
 MAX_LABEL_CHARS = 1024
+MAX_RANKERS = 16
+"""Most rankers (arms) one interleave route may have: a prediction's impression names each, and the
+worker keeps a pair of counters per two of them (k rankers, k(k-1)/2 pairs per click)."""
 """Longest string label."""
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 """Route, arm and model names (banditgate.config validates configured names with it)."""

@@ -45,6 +45,8 @@ from redis.exceptions import RedisError
 
 from banditgate import redis_errors
 from banditgate.config import Topics
+from banditgate.kafka_delivery import needs_new_producer
+from banditgate.kafka_delivery import refusal as kafka_refusal
 from banditgate.events import (
     DEFAULT_MAX_EVENT_BYTES,
     MAX_ID_CHARS,
@@ -72,6 +74,7 @@ from feedback.join import (
     on_evict,
     on_outcome,
     on_prediction,
+    encode_entry,
 )
 from feedback.pairs import impression_from_outputs
 from feedback.quality import outputs_view
@@ -119,7 +122,7 @@ class JoinProcessor:
                  metrics: FeedbackMetrics, clock: Callable[[], float] = time.time,
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, sweep_limit: int = 5000,
                  retry_max_s: float = 2.0, drift: QualityDriftWatch | None = None,
-                 evict_limit: int = 16_000) -> None:
+                 evict_limit: int = 16_000, producer: Any = None, max_entry_bytes: int | None = None) -> None:
         self._table = table
         self._redis = redis
         self._out = out
@@ -132,6 +135,12 @@ class JoinProcessor:
         self._evict_limit = evict_limit
         """Most entries one batch or sweep evicts: twice what a batch adds, so eviction keeps up."""
         self._retry_max_s = retry_max_s
+        self._producer = producer
+        """The :class:`feedback.producer.ReplaceableProducer` behind `out` and the table: replaced
+        after a changelog failure that breaks it."""
+        self._max_entry_bytes = max_entry_bytes
+        """The largest changelog record (key + encoded entry) the changelog topic takes: an event
+        whose entry would be larger is dead-lettered (`oversize`) instead of joined."""
         self._drift = drift
         self._sources = {topics.predictions: "predictions", topics.shadow_predictions: "shadow_predictions",
                          topics.outcomes: "outcomes"}
@@ -257,6 +266,8 @@ class JoinProcessor:
             outcomes_topic = self._topics.outcomes
             rules = self._rules
             extend = effects.extend
+            values: dict[str, bytes] = {}
+            max_entry = self._max_entry_bytes
             for message in messages:
                 consumed[message.topic] += 1
                 try:
@@ -277,6 +288,14 @@ class JoinProcessor:
                 else:
                     step = on_prediction(entry, event, rules)  # type: ignore[arg-type]
                 if step.changed:
+                    if max_entry is not None and step.entry is not None:
+                        # checked here, not when the changelog is written: a record the topic refuses
+                        # would hold the batch (and every offset after it) forever
+                        value = bytes(memoryview(encode_entry(step.entry)))
+                        if len(value) + len(request_id.encode()) > max_entry:
+                            self._oversize(message, len(value), dead, letters)
+                            continue
+                        values[request_id] = value
                     changes[request_id] = (event.partition, step.entry)
                 if step.effects:
                     extend(step.effects)
@@ -286,7 +305,7 @@ class JoinProcessor:
                 self._metrics.events.labels(self._sources.get(topic, topic)).inc(count)
             for (source, reason), count in dead.items():
                 self._metrics.dead_letters.labels(source, reason).inc(count)
-            written = self._write_after_previous(changes, effects, letters)
+            written = self._write_after_previous(changes, effects, letters, values)
 
         def observe(_: asyncio.Future[None]) -> None:
             self._metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -294,6 +313,17 @@ class JoinProcessor:
 
         written.add_done_callback(observe)
         return written
+
+    def _oversize(self, message: Any, size: int, dead: Counter[tuple[str, str]],
+                  letters: list[tuple[str, bytes | None, bytes]]) -> None:
+        """Dead-letter an event whose join entry would not fit the changelog (`oversize`): the
+        entry stays as it was, as if the event had not come."""
+        source = self._sources.get(message.topic, message.topic)
+        dead[(source, "oversize")] += 1
+        letters.append(self._out.dead_letter(
+            message.key, f"the join entry this event makes would take {size} bytes, over the changelog's limit of "
+                         f"{self._max_entry_bytes} (kafka.max_message_bytes)", "oversize", message.topic,
+            message.partition, message.offset, message.value or b""))
 
     def _evict(self, changes: dict[str, tuple[int, Entry | None]], effects: list[Effect], now: float) -> None:
         """Evict the table's oldest entries (in its eviction order) until every partition is
@@ -314,7 +344,8 @@ class JoinProcessor:
             effects.extend(on_evict(entry, now, rules).effects)
 
     def _write_after_previous(self, changes: dict[str, tuple[int, Entry | None]], effects: list[Effect],
-                              letters: list[tuple[str, bytes | None, bytes]]) -> asyncio.Future[None]:
+                              letters: list[tuple[str, bytes | None, bytes]],
+                              values: dict[str, bytes] | None = None) -> asyncio.Future[None]:
         """Queue `_finish` behind the batches already writing (called under the lock). Until
         it has persisted them, `changes` are what later batches join against."""
         previous = self._last_write
@@ -327,7 +358,7 @@ class JoinProcessor:
         async def write() -> None:
             try:
                 await self._finish(changes, effects, letters, after_applied=previous_applied, applied=applied,
-                                   after_written=previous)
+                                   after_written=previous, values=values)
             except BaseException as exc:
                 if not applied.done():  # later batches' Redis stage fails with this one
                     applied.set_exception(exc)
@@ -382,7 +413,7 @@ class JoinProcessor:
                 # series whose threshold was still being calibrated run now, even if no batch comes
                 letters = self._drift_alerts([])
                 if letters:
-                    await self._retrying("kafka", lambda: self._out.send_all(letters))
+                    await self._retrying("kafka", lambda: self._out.deliver(letters))
             self._metrics.join_entries.set(len(self._table))
             self._metrics.join_bytes.set(self._table.bytes)
             return len(due)
@@ -390,7 +421,8 @@ class JoinProcessor:
     async def _finish(self, changes: dict[str, tuple[int, Entry | None]], effects: list[Effect],
                       letters: list[tuple[str, bytes | None, bytes]], *,
                       after_applied: asyncio.Future[None] | None = None, applied: asyncio.Future[None] | None = None,
-                      after_written: asyncio.Future[None] | None = None) -> None:
+                      after_written: asyncio.Future[None] | None = None, values: dict[str, bytes] | None = None
+                      ) -> None:
         """Apply a batch's effects to Redis, then send its dead letters and alerts, then persist
         its entries. In a pipeline of batches, the Redis stage starts once `after_applied` (the
         batch before's Redis stage) is done, and completes `applied`; the sends start once
@@ -414,7 +446,7 @@ class JoinProcessor:
                 # sent before Redis has applied the effects: see "Exactly once")
                 for _ in range(_YIELDS_FOR_REDIS):
                     await asyncio.sleep(0)
-                encoded = self._table.encode(changes)
+                encoded = self._table.encode(changes, values)
             result = await redis_call
             if result.refused:
                 letters.extend(self._refused(result.refused))
@@ -427,8 +459,11 @@ class JoinProcessor:
         if after_written is not None:
             await after_written  # dead letters and changelog in batch order
         if letters:
-            await self._retrying("kafka", lambda: self._out.send_all(letters))
+            pending = list(letters)  # what is delivered or refused for good is not sent again
+            await self._retrying("kafka", lambda: self._out.deliver(pending))
         if changes:
+            if encoded is None:
+                encoded = self._table.encode(changes, values)
             await self._retrying("changelog", lambda: self._table.persist(changes, encoded))
 
     def _drift_alerts(self, scored: list[Any]) -> list[tuple[str, bytes | None, bytes]]:
@@ -468,6 +503,7 @@ class JoinProcessor:
         failing_since: float | None = None
         kind = ""
         while True:
+            used = getattr(self._producer, "current", None)
             try:
                 result = await call()
             except (RedisError, KafkaError, OSError, asyncio.TimeoutError) as exc:
@@ -478,6 +514,13 @@ class JoinProcessor:
                     self._metrics.redis_errors.labels(kind).inc()
                 else:
                     kind = "transient"
+                    found = kafka_refusal(exc)
+                    if found is not None:
+                        # only the changelog reaches here refused (dead letters and alerts are
+                        # dropped by KafkaOut): its records are the join's state and cannot be dropped
+                        kind = redis_errors.OPERATOR
+                    if needs_new_producer(exc):
+                        await self._replace_producer(used)
                 if failing_since is None:
                     failing_since = time.monotonic()
                     gc.enable()  # paused for the batch (feedback/consumer.py BatchGc): not for an outage
@@ -499,6 +542,17 @@ class JoinProcessor:
             if sink == "redis":
                 self._metrics.redis_up.set(1)
             return result
+
+
+    async def _replace_producer(self, failed: Any) -> None:
+        """Replace the worker's producer after a failure that breaks it; the broker being away
+        only means the next try replaces it."""
+        if self._producer is None or failed is None:
+            return
+        try:
+            await self._producer.replace(failed)
+        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+            log.warning("could not replace the feedback producer yet (%s)", type(exc).__name__)
 
 
 _FROM_PREDICTION = frozenset({"default", "unanswered", "prediction_duplicate"})

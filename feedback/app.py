@@ -30,10 +30,11 @@ import mode
 from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry, start_http_server
 
-from banditgate.config import Config
+from banditgate.config import Config, KafkaConfig
 from banditgate.drift.episodes import EpisodeBook
 from banditgate.episode_store import EpisodeClaims, Episodes
 from banditgate.connections import check_kafka, check_redis, kafka_client_kwargs, kafka_ssl_context, redis_client
+from banditgate.kafka_delivery import DEFAULT_MAX_MESSAGE_BYTES, record_limit
 from banditgate.logs import setup_logging
 from feedback.agents import JoinProcessor
 from feedback.consumer import BatchSource, FeedbackApp
@@ -41,6 +42,7 @@ from feedback.disk_store import ROCKSDB_OPTIONS, DiskJoinTable, JoinCollection, 
 from feedback.interleave_monitor import InterleaveMonitor
 from feedback.join import JoinRules, RouteRules
 from feedback.metrics import FeedbackMetrics
+from feedback.producer import ReplaceableProducer
 from feedback.sinks import (
     FeedbackKeys,
     KafkaOut,
@@ -72,6 +74,12 @@ CHANGELOG_TOPIC_CONFIG = {
 }
 """Topic settings of the join changelog, applied when faust creates it (an existing topic keeps
 its own: see docs/feedback.md)."""
+
+
+def changelog_record_limit(kafka: KafkaConfig) -> int:
+    """The largest join entry (key + encoded value) the changelog takes: what `kafka.max_message_bytes`
+    says the topics accept (Kafka's default 1 MB when unset), within the producer's request size."""
+    return record_limit(kafka.max_message_bytes or DEFAULT_MAX_MESSAGE_BYTES, kafka.max_request_bytes)
 
 
 class JoinStoreUnavailable(Exception):
@@ -146,7 +154,7 @@ class FeedbackRuntime(mode.Service):
         self.metrics_port: int | None = None
         self.announced = False
         self._redis: Any = None
-        self._producer: AIOKafkaProducer | None = None
+        self._producer: ReplaceableProducer | None = None
         self.webhooks: WebhookNotifier | None = None
         self.drift_thresholds: ThresholdCache | None = None
         """Alerts to per-route webhooks; every KafkaOut of the worker should carry it."""
@@ -154,9 +162,11 @@ class FeedbackRuntime(mode.Service):
     async def on_start(self) -> None:
         config = self.config
         self._redis = redis_client(config.redis)
-        self._producer = AIOKafkaProducer(**kafka_client_kwargs(config.kafka), enable_idempotence=True, acks="all",
-                                          linger_ms=config.kafka.linger_ms, max_batch_size=1024 * 1024,
-                                          max_request_size=config.kafka.max_request_bytes)
+        self._producer = ReplaceableProducer(
+            lambda: AIOKafkaProducer(**kafka_client_kwargs(config.kafka), enable_idempotence=True, acks="all",
+                                     linger_ms=config.kafka.linger_ms, max_batch_size=1024 * 1024,
+                                     max_request_size=config.kafka.max_request_bytes),
+            on_replaced=self.metrics.producer_replacements.inc)
         await self._producer.start()
         keys = FeedbackKeys(config.redis.key_prefix)
         store = ArmStatsStore(self._redis, prefix=config.redis.key_prefix, dedup_ttl_s=config.redis.dedup_ttl_s,
@@ -166,7 +176,8 @@ class FeedbackRuntime(mode.Service):
         self.webhooks = WebhookNotifier({route.name: route.webhook_url for route in config.routes if route.webhook_url},
                                         self.metrics)
         self.webhooks.start()
-        out = KafkaOut(self._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts, self.webhooks)
+        out = KafkaOut(self._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts, self.webhooks,
+                       self.metrics)
         rules = join_rules(config)
         budget = JoinBudget(max_bytes=config.feedback.join_max_bytes, max_entries=config.feedback.join_max_entries,
                             partitions=config.feedback.partitions)
@@ -187,7 +198,8 @@ class FeedbackRuntime(mode.Service):
                                   episodes=episodes)
         self.quality_drift = drift  # its alarms feed the routes' `quality` retraining triggers (feedback.lifecycle)
         self.processor = JoinProcessor(table=table, redis=sink, out=out, rules=rules, topics=config.kafka.topics,
-                                       metrics=self.metrics, max_event_bytes=config.max_event_bytes, drift=drift)
+                                       metrics=self.metrics, max_event_bytes=config.max_event_bytes, drift=drift,
+                                       producer=self._producer, max_entry_bytes=changelog_record_limit(config.kafka))
         self.monitor = QualityMonitor(self._redis, keys, config.routes, config.feedback.quality_window_s,
                                       config.feedback.promote_confidence, config.feedback.promote_margin, out,
                                       self.metrics)

@@ -399,7 +399,8 @@ def install(app: Any, runtime: Any, config: Config) -> None:
             return None
         if "driver" not in holder:
             out = KafkaOut(runtime._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts,  # noqa: SLF001
-                           getattr(runtime, "webhooks", None))  # the route's webhook gets these alerts too
+                           getattr(runtime, "webhooks", None),  # the route's webhook gets these alerts too
+                           getattr(runtime, "metrics", None))  # refused alerts are counted
             drift = getattr(runtime, "quality_drift", None)
             holder["driver"] = LifecycleDriver(config, runtime._redis, out,  # noqa: SLF001
                                                quality_alarms=drift.pending_alarms if drift is not None else None,

@@ -66,6 +66,13 @@ class FeedbackMetrics:
                                           "Alerts for a route's webhook by result (delivered, failed after "
                                           "retries, dropped: queue full or stopping)",
                                           ["route", "result"], registry=registry)
+        self.output_refusals = Counter("banditgate_feedback_output_refusals_total",
+                                       "Dead letters and alerts the broker refused for good (too large, not "
+                                       "authorized, invalid), dropped instead of retried forever",
+                                       ["topic", "reason"], registry=registry)
+        self.producer_replacements = Counter("banditgate_feedback_producer_replacements_total",
+                                             "Producers replaced after a failure that breaks them (refused batch, "
+                                             "broken sequence, fenced, closed)", registry=registry)
         self.redis_up = Gauge("banditgate_feedback_redis_up", "1 while Redis writes succeed", registry=registry)
         self.redis_errors = Counter("banditgate_feedback_redis_errors_total",
                                     "Redis errors the worker retried, by kind: transient (connection, READONLY, OOM, "

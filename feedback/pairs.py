@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from banditgate.events import MAX_CLICKS, MAX_ID_CHARS, MAX_RANKERS, EventError, is_name
 from router.interleave import clicked_positions
 from router.preference import ArmVerdict, PreferenceTest
 
@@ -74,10 +75,36 @@ class Impression:
         return cls(tuple(row[0]), tuple(row[1]), tuple(row[2]))
 
 
+MAX_IMPRESSION_ITEMS = MAX_CLICKS
+"""Most items one impression may list (a route's `k` is at most 1000 too)."""
+
+
 def impression_from_outputs(outputs: Mapping[str, Any]) -> Impression | None:
     """The impression an interleave prediction's `outputs` describe, or None when they do not
-    describe one (not an interleave route, or malformed: then its clicks cannot be credited)."""
+    describe one (not an interleave route, or malformed: then its clicks cannot be credited).
+
+    Raises EventError for what a hostile predictions topic could use against the worker (both
+    decoders call this, so the fast and the full path refuse alike): a ranker name that is not a
+    name (``bad_id``: a '|' broke the pair fields' parsing), more than MAX_RANKERS rankers (each
+    click adds a counter per two of them, in one Lua item), more than MAX_IMPRESSION_ITEMS items or
+    an item id over MAX_ID_CHARS (``out_of_range``: the join entry keeps them all)."""
     items, teams, rankings = outputs.get("items"), outputs.get("teams"), outputs.get("rankings")
+    if isinstance(rankings, Mapping):
+        if len(rankings) > MAX_RANKERS:
+            raise EventError("out_of_range", f"an interleave prediction names {len(rankings)} rankers; at most "
+                                             f"{MAX_RANKERS}")
+        for name in rankings:
+            if not is_name(name):
+                raise EventError("bad_id", f"an interleave prediction's ranker {str(name)[:64]!r} is not a name "
+                                           "(letters, digits, '_', '.', '-'; at most 128 characters)")
+    if type(items) is list:
+        if len(items) > MAX_IMPRESSION_ITEMS:
+            raise EventError("out_of_range", f"an interleave prediction lists {len(items)} items; at most "
+                                             f"{MAX_IMPRESSION_ITEMS}")
+        for item in items:
+            if type(item) is str and len(item) > MAX_ID_CHARS:
+                raise EventError("out_of_range", f"an interleave prediction's item id has {len(item)} characters; "
+                                                 f"at most {MAX_ID_CHARS}")
     if type(items) is not list or type(teams) is not list or len(items) != len(teams):
         return None
     if not isinstance(rankings, Mapping):

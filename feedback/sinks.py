@@ -46,6 +46,7 @@ import orjson
 
 from banditgate import redis_errors
 from banditgate.config import Route
+from banditgate.kafka_delivery import is_delivery_error, needs_new_producer, refusal
 from banditgate.events import MAX_MAGNITUDE, Alert, DeadLetter, dead_letter_payload, encode, is_name
 from feedback.join import Count, DropOutcome, Effect, Label, Reward
 from feedback.metrics import FeedbackMetrics
@@ -654,26 +655,98 @@ class RedisSink:
 class KafkaOut:
     """Dead letters and alerts through one aiokafka producer (acknowledged before returning).
     Every alert it sends (any message to the alerts topic, whoever built it) also goes to its
-    route's webhook, when `webhooks` has one for it (queued; never blocks: feedback/webhooks.py)."""
+    route's webhook, when `webhooks` has one for it (queued; never blocks: feedback/webhooks.py).
 
-    def __init__(self, producer: Any, deadletter_topic: str, alerts_topic: str, webhooks: Any = None) -> None:
+    A message the broker refuses for good (too large, not authorized, invalid:
+    banditgate.kafka_delivery.refusal) is dropped and counted
+    (`banditgate_feedback_output_refusals_total{topic,reason}`), logged once per episode: sending
+    it again could never succeed, and retrying it held every offset of the worker forever. A
+    failure that breaks the producer (a refusal, a broken sequence, fenced, closed) replaces it
+    when `producer` is a :class:`feedback.producer.ReplaceableProducer`."""
+
+    def __init__(self, producer: Any, deadletter_topic: str, alerts_topic: str, webhooks: Any = None,
+                 metrics: FeedbackMetrics | None = None) -> None:
         self._producer = producer
         self.deadletter_topic = deadletter_topic
         self.alerts_topic = alerts_topic
         self.webhooks: WebhookNotifier | None = webhooks
+        self.metrics = metrics
+        self.refused = 0
+        self._refusals_logged: set[tuple[str, str]] = set()
 
     async def send_all(self, messages: Sequence[tuple[str, bytes | None, bytes]]) -> None:
-        """Send (topic, key, value) messages and wait until the broker acknowledged all of them."""
-        futures = [await self._producer.send(topic, key=key, value=value) for topic, key, value in messages]
+        """Send (topic, key, value) messages and wait until the broker acknowledged all of them
+        (or refused some for good: dropped and counted). Raises the first retriable failure."""
+        await self.deliver(list(messages))
+
+    async def deliver(self, pending: list[tuple[str, bytes | None, bytes]]) -> None:
+        """As `send_all`, and leaves in `pending` only the messages to send again: a retry after
+        a retriable failure sends neither the delivered nor the refused ones again."""
+        producer = self._producer
+        used = getattr(producer, "current", producer)
+        sent: list[tuple[str, bytes | None, bytes]] = []
+        futures = []
+        retry: list[tuple[str, bytes | None, bytes]] = []
+        cause: BaseException | None = None
+        broken = refused_any = False
+        outcomes: list[tuple[tuple[str, bytes | None, bytes], BaseException]] = []
+        for message in pending:
+            topic, key, value = message
+            try:
+                futures.append(await producer.send(topic, key=key, value=value))
+            except Exception as exc:  # a record over max_request_size is refused here, before sending
+                if not is_delivery_error(exc):
+                    raise
+                outcomes.append((message, exc))
+                continue
+            sent.append(message)
+        delivered = []
         if futures:
-            await asyncio.gather(*futures)
+            for message, result in zip(sent, await asyncio.gather(*futures, return_exceptions=True)):
+                if isinstance(result, BaseException):
+                    if not is_delivery_error(result):
+                        raise result
+                    outcomes.append((message, result))
+                else:
+                    delivered.append(message)
+        for message, exc in outcomes:
+            broken = broken or needs_new_producer(exc)
+            found = refusal(exc)
+            if found is None:
+                retry.append(message)
+                cause = cause or exc
+                continue
+            refused_any = True
+            self._refuse(message[0], found.reason, found.error)
+        if not refused_any and not retry:
+            self._refusals_logged.clear()  # the episode is over: the next refusal is logged again
+        pending[:] = retry
         webhooks = self.webhooks
         if webhooks is not None and webhooks.urls:
-            for topic, key, value in messages:
+            for topic, key, value in delivered:
                 if topic == self.alerts_topic:
                     route = alert_route(key, value)
                     if route is not None:
                         webhooks.notify(route, value)
+        replace = getattr(producer, "replace", None)
+        if broken and replace is not None:
+            try:
+                await replace(used)
+            except Exception as exc:
+                if not is_delivery_error(exc):
+                    raise
+                cause = cause or exc  # the broker is away: retried (and replaced) on the next try
+        if cause is not None:
+            raise cause
+
+    def _refuse(self, topic: str, reason: str, error: str) -> None:
+        self.refused += 1
+        if self.metrics is not None:
+            self.metrics.output_refusals.labels(topic, reason).inc()
+        if (topic, reason) not in self._refusals_logged:
+            self._refusals_logged.add((topic, reason))
+            log.error("the broker refused a message to %s for good (%s: %s); it is dropped and counted in "
+                      "banditgate_feedback_output_refusals_total (logged once per episode)", topic, reason, error)
 
     def dead_letter(self, key: bytes | None, error: str, reason: str, topic: str, partition: int, offset: int,
                     payload: bytes) -> tuple[str, bytes | None, bytes]:

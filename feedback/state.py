@@ -200,9 +200,11 @@ class JoinTable:
         return decode_entry(request_id, raw)
 
     @staticmethod
-    def encode(changes: Mapping[str, tuple[int, Entry | None]]) -> Encoded:
+    def encode(changes: Mapping[str, tuple[int, Entry | None]], values: Mapping[str, bytes] | None = None) -> Encoded:
         """The changelog records of `changes` (key, value or None for a tombstone) by partition,
-        and their stored sizes: pure CPU, done while the batch's Redis writes are in flight."""
+        and their stored sizes: pure CPU, done while the batch's Redis writes are in flight.
+        `values`: entries encoded already (by request_id; the processor encodes each change when
+        it checks its size), used instead of encoding them again."""
         encoded: dict[int, list[tuple[bytes, bytes | None]]] = defaultdict(list)
         sizes: list[int] = []
         size = sizes.append
@@ -211,6 +213,10 @@ class JoinTable:
             if entry is None:
                 encoded[partition].append((key, None))
                 size(0)
+            elif values is not None and request_id in values:
+                value = values[request_id]
+                encoded[partition].append((key, value))
+                size(len(key) + len(value))
             else:
                 # orjson's output keeps a 4 KiB buffer whatever its length; the batch's records
                 # wait for Redis and the broker, so a right-sized copy (0.1 us) holds 8 000 of

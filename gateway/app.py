@@ -457,12 +457,17 @@ class Gateway:
         drift_task = asyncio.get_running_loop().create_task(self.drift.run(self.stopping))
         loop_task = asyncio.get_running_loop().create_task(self.kafka.run(self.stopping))
         stop_wait = asyncio.get_running_loop().create_task(self.stopping.wait())
-        done, _ = await asyncio.wait({loop_task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-        crashed = loop_task in done and not loop_task.cancelled() and loop_task.exception() is not None
+        # a background task that dies is a defect: exit non-zero (readiness would stay true otherwise)
+        background = {loop_task: "Kafka loop", guard_task: "guardrail", rollout_task: "rollout", drift_task: "drift"}
+        if self.publisher is not None and self.publisher.task is not None:
+            background[self.publisher.task] = "sidecar publisher"
+        done, _ = await asyncio.wait({*background, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        dead = [t for t in background if t in done and not t.cancelled() and t.exception() is not None]
+        crashed = bool(dead)
         if crashed:
-            error = loop_task.exception()
-            log.error("the Kafka loop crashed (%s: %s); shutting down with exit code 1", type(error).__name__,
-                      str(error).splitlines()[0][:300] if str(error) else "", exc_info=error)
+            error = dead[0].exception()
+            log.error("the %s crashed (%s: %s); shutting down with exit code 1", background[dead[0]],
+                      type(error).__name__, str(error).splitlines()[0][:300] if str(error) else "", exc_info=error)
             self.stopping.set()
         stop_wait.cancel()
         code = await self.shutdown(loop_task, watcher)

@@ -22,96 +22,28 @@ every batch pays a refusal and a rewind.
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
-from typing import Literal
 
-from aiokafka.errors import (
-    ClusterAuthorizationFailedError,
-    CorruptRecordException,
-    InvalidTimestampError,
-    InvalidTopicError,
-    KafkaError,
-    MessageSizeTooLargeError,
-    RecordListTooLargeError,
-    TopicAuthorizationFailedError,
-    UnknownError,
+from banditgate.kafka_delivery import (  # the classifier is shared with the feedback worker
+    DEFAULT_MAX_MESSAGE_BYTES,
+    RECORD_OVERHEAD_BYTES,
+    REQUEST_OVERHEAD_BYTES,
+    Refusal,
+    Scope,
+    is_delivery_error,
+    needs_new_producer,
+    record_limit,
+    refusal,
 )
 
-DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
-"""Kafka's default `message.max.bytes` (broker) and `max.message.bytes` (topic): the largest record
-batch a topic accepts when nobody changed it."""
 BATCH_BYTES = 512 * 1024
 """The gateway's producer batch size (fewer, larger produce requests; measured in kafka_batches)."""
-RECORD_OVERHEAD_BYTES = 100
-"""A record batch's 61-byte header plus a record's own framing (attributes, timestamp and offset
-deltas, length varints, header count: at most 25 bytes), rounded up: a record of key + value
-bytes up to `limit - RECORD_OVERHEAD_BYTES` fits a topic whose batches may be `limit` bytes."""
-REQUEST_OVERHEAD_BYTES = 1024
-"""A produce request's own framing around its batches (client id, transactional id, topic names)."""
 TOPIC_CLOSED_S = 30.0
 """How long a topic the broker refused us for good (authorization) is not written to before one
 batch tries again."""
 
-Scope = Literal["record", "topic"]
-
-
-@dataclass(frozen=True, slots=True)
-class Refusal:
-    """The broker refused records for good: `reason` (a dead-letter reason of banditgate.events)
-    and whether it refuses these records only or the whole topic."""
-
-    reason: str
-    scope: Scope
-    error: str
-
-
-_REFUSALS: tuple[tuple[type[BaseException], str, Scope], ...] = (
-    (MessageSizeTooLargeError, "output_too_large", "record"),
-    (RecordListTooLargeError, "output_too_large", "record"),
-    (CorruptRecordException, "output_refused", "record"),
-    (InvalidTimestampError, "output_refused", "record"),
-    # INVALID_RECORD (87) and anything else the client has no class for arrive as UnknownError:
-    # retrying an answer nobody can interpret is how the endless rewind began
-    (UnknownError, "output_refused", "record"),
-    (TopicAuthorizationFailedError, "not_authorized", "topic"),
-    (ClusterAuthorizationFailedError, "not_authorized", "topic"),
-    (InvalidTopicError, "output_refused", "topic"),
-)
-
-
-def refusal(exc: BaseException) -> Refusal | None:
-    """The refusal `exc` means, or None when serving the records again can succeed.
-
-    >>> refusal(MessageSizeTooLargeError()).reason
-    'output_too_large'
-    >>> refusal(TopicAuthorizationFailedError("t")).scope
-    'topic'
-    >>> from aiokafka.errors import NotLeaderForPartitionError, OutOfOrderSequenceNumber
-    >>> refusal(NotLeaderForPartitionError()) is None and refusal(OutOfOrderSequenceNumber()) is None
-    True
-    """
-    for kind, reason, scope in _REFUSALS:
-        if isinstance(exc, kind):
-            return Refusal(reason, scope, f"{type(exc).__name__}: {exc}"[:300])
-    return None
-
-
-def is_delivery_error(exc: BaseException) -> bool:
-    """True for failures of the broker or the network (handled by retrying or dead-lettering); False
-    for everything else, a defect that retrying cannot fix."""
-    return isinstance(exc, (KafkaError, OSError, TimeoutError))
-
-
-def record_limit(max_message_bytes: int, max_request_bytes: int) -> int:
-    """The largest key + value (bytes) a topic that accepts `max_message_bytes`-byte batches takes
-    from a producer whose requests may be `max_request_bytes`.
-
-    >>> record_limit(1_048_588, 8 * 1024 * 1024)
-    1048488
-    >>> record_limit(10_000_000, 1_000_000)
-    998876
-    """
-    return max(0, min(max_message_bytes, max_request_bytes - REQUEST_OVERHEAD_BYTES) - RECORD_OVERHEAD_BYTES)
+__all__ = ["BATCH_BYTES", "DEFAULT_MAX_MESSAGE_BYTES", "RECORD_OVERHEAD_BYTES", "REQUEST_OVERHEAD_BYTES",
+           "TOPIC_CLOSED_S", "Position", "Refusal", "RefusalMemo", "Scope", "batch_bytes", "is_delivery_error",
+           "needs_new_producer", "record_limit", "refusal"]
 
 
 def batch_bytes(limits: dict[str, int]) -> int:

@@ -333,8 +333,10 @@ class KafkaLoop:
         # seek back (and to get a working producer) for as long as the broker is away
         while True:
             try:
-                # the failed producer's sequence numbers may be ahead of the broker's (see shared_producer)
-                await self.shared.replace(failed or self.shared.producer)
+                # the failed producer's sequence numbers may be ahead of the broker's (see shared_producer);
+                # a rewind without a failed producer (a cancelled batch) keeps the healthy one
+                if failed is not None:
+                    await self.shared.replace(failed)
                 failed = None
                 for tp in self.consumer.assignment():
                     committed = await self.consumer.committed(tp)
@@ -377,7 +379,10 @@ class KafkaLoop:
     async def _process(self, fetched: dict[TopicPartition, list]) -> None:
         """At-least-once: serve everything fetched, publish through the shared idempotent producer.
         Raises PublicationFailed when any output was not delivered (after remembering refusals)."""
-        producer = self.shared.producer
+        with self.shared.holding() as producer:  # not closed by a replacement before its records are acknowledged
+            await self._process_with(fetched, producer)
+
+    async def _process_with(self, fetched: dict[TopicPartition, list], producer: AIOKafkaProducer) -> None:
         # batches are served concurrently but handed to the producer in fetch order, so the
         # answers of one partition are appended in the order its requests were (the producer
         # keeps per-partition order from there on)

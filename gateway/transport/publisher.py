@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from gateway.metrics import GatewayMetrics
-from gateway.transport.delivery import is_delivery_error, refusal
+from gateway.transport.delivery import RefusalMemo, is_delivery_error, refusal
 from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, delivered
 from gateway.transport.kafka_codec import dead_letter_value
 from gateway.transport.shared_producer import SharedProducer
@@ -56,12 +56,22 @@ class PredictionPublisher:
         self._backoff_s = BACKOFF_S[0]
         self._next_try_s = float("-inf")
         self._dead_letter_logged: set[str] = set()
+        self._in_flight: list[_Event] = []
+        self.memo = RefusalMemo()
+        """Topics refused for everyone (authorization): not written to for a while."""
         self.dropped = 0
+        self.errors = 0
+        """Flushes that failed with an unexpected error (a defect): their events were dropped."""
 
     @property
     def producer(self) -> Any:
         """The shared producer the next flush uses."""
         return self.shared.producer
+
+    @property
+    def task(self) -> asyncio.Task | None:
+        """The publishing task (the gateway exits non-zero if it ever dies)."""
+        return self._task
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -93,7 +103,19 @@ class PredictionPublisher:
                 pass
             self._wakeup.clear()
             if self._queue and (self._closing or self.clock() >= self._next_try_s):
-                ok = await self._flush()
+                try:
+                    ok = await self._flush()
+                except Exception:
+                    # a defect (not the broker): the task must not die with it, or every later
+                    # prediction would be queued and dropped while readiness stays true
+                    ok = True
+                    self.errors += 1
+                    lost, self._in_flight = self._in_flight, []
+                    for event in lost:
+                        self._drop(event[0], "internal_error", 1)
+                    log.exception("sidecar publisher: a flush failed with an unexpected error; its %d event(s) are "
+                                  "dropped (banditgate_sidecar_events_dropped_total, reason internal_error) and "
+                                  "publishing goes on", len(lost))
                 if not ok and self._closing:
                     for event in self._queue:
                         self._drop(event[0], "shutdown", 1)
@@ -101,12 +123,26 @@ class PredictionPublisher:
 
     async def _flush(self) -> bool:
         """Publish what is queued; False if some of it must be tried again later."""
+        holding = getattr(self.shared, "holding", None)
+        if holding is None:
+            return await self._flush_with(self.shared.producer)
+        with holding() as producer:  # not closed under this flush by another user's replacement
+            return await self._flush_with(producer)
+
+    async def _flush_with(self, producer: Any) -> bool:
         batch, self._queue = self._queue, []
-        producer = self.shared.producer
+        self._in_flight = batch
         out = OutboundBatches(producer, self.partitions, self.shared.limits)
         refused: list[tuple[_Event, str, str]] = []
         sent_events: list[_Event] = []
+        now = self.clock()
         for event in batch:
+            closed = self.memo.closed(event[0], now) if self.memo else None
+            if closed is not None:
+                # the topic refused us for good a moment ago: dead-letter without sending (and
+                # without breaking and replacing the shared producer on every flush)
+                refused.append((event, closed.reason, closed.error))
+                continue
             try:
                 out.add(event[0], event[1], event[2], source=event, alone=event[4])
             except OutputRefused as exc:
@@ -122,6 +158,7 @@ class PredictionPublisher:
             if not is_delivery_error(exc):
                 raise
             failures, retry, cause = [], sent_events, exc
+        self._in_flight = []  # from here on every event is queued again, dead-lettered or delivered
         for sent, error in failures:
             found = refusal(error)
             if found is None:
@@ -129,6 +166,8 @@ class PredictionPublisher:
                 cause = error
                 continue
             broken = True
+            if found.scope == "topic":
+                self.memo.learn(sent.topic, [], found, self.clock())
             if found.reason == "output_too_large":
                 self.shared.learn_too_large(sent.topic, sent.size, len(sent.sources))
             if found.scope == "record" and len(sent.sources) > 1:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaConnectionError, KafkaError
@@ -112,6 +112,38 @@ class SharedProducer:
         self.batch_bytes = batch_bytes({})
         self.on_replaced = on_replaced
         self._lock = asyncio.Lock()
+        self._users: dict[int, int] = {}
+        """id(producer) -> how many publications are using it now (see `holding`)."""
+        self._retired: dict[int, AIOKafkaProducer] = {}
+        """Replaced producers still in use: closed when their last user lets go."""
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[AIOKafkaProducer]:
+        """The current producer, not closed by a replacement until the `with` block ends. A
+        publication that captured the producer (the Kafka loop's batch, a sidecar flush) holds it
+        until its records are acknowledged: before, another user's replacement closed it under
+        them, their batch failed with ProducerClosed and the loop rewound and republished
+        predictions already delivered (duplicates)."""
+        producer = self.producer
+        key = id(producer)
+        self._users[key] = self._users.get(key, 0) + 1
+        try:
+            yield producer  # type: ignore[misc]
+        finally:
+            left = self._users[key] - 1
+            if left:
+                self._users[key] = left
+            else:
+                del self._users[key]
+                retired = self._retired.pop(key, None)
+                if retired is not None:
+                    self._close_later(retired)
+
+    def _close_later(self, producer: AIOKafkaProducer) -> None:
+        task = asyncio.get_running_loop().create_task(close_producer(producer))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def discover_limits(self, topics: list[str]) -> None:
         """Set `limits` for `topics`: `kafka.max_message_bytes` when configured, else what the broker
@@ -186,9 +218,17 @@ class SharedProducer:
         if self.on_replaced is not None:
             self.on_replaced()
         if current is not None:
-            await close_producer(current)
+            if self._users.get(id(current)):
+                self._retired[id(current)] = current  # closed when its last user lets go
+            else:
+                await close_producer(current)
         return fresh
 
     async def stop(self) -> None:
+        for retired in list(self._retired.values()):
+            self._close_later(retired)
+        self._retired.clear()
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         if self.producer is not None:
             await self.producer.stop()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from banditgate.config import Topics
-from banditgate.events import MAX_CLICKS, MAX_LABEL_CHARS, MAX_MAGNITUDE, EventError
+from banditgate.events import MAX_CLICKS, MAX_LABEL_CHARS, MAX_MAGNITUDE, MAX_RANKERS, EventError
 from feedback.agents import JoinProcessor, SourceMessage
 from feedback.join import JoinRules, RouteRules
 from feedback.metrics import FeedbackMetrics
@@ -49,13 +49,23 @@ def outcome_objects(draw: st.DrawFn) -> dict[str, Any]:
     return obj
 
 
+GOOD_IMPRESSION = {"items": ["i1", "i2"], "teams": ["x", "y"], "rankings": {"x": ["i1"], "y": ["i2"]}}
+HOSTILE_IMPRESSIONS = {
+    "bad_id": {"items": ["i1", "i2"], "teams": ["x|y", "y"], "rankings": {"x|y": [], "y": []}},
+    "out_of_range": {"items": ["i1"], "teams": ["r0"], "rankings": {f"r{k}": [] for k in range(MAX_RANKERS + 1)}},
+    "out_of_range_items": {"items": ["i"] * 1001, "teams": ["x"] * 1001, "rankings": {"x": [], "y": []}},
+    "out_of_range_id": {"items": ["i" * 257, "j"], "teams": ["x", "y"], "rankings": {"x": [], "y": []}},
+}
+
+
 @st.composite
 def prediction_objects(draw: st.DrawFn) -> dict[str, Any]:
     obj: dict[str, Any] = {
         "request_id": "r1", "route": draw(st.sampled_from(["churn", "churn", "nope", 7])),
         "arm": draw(names), "model": draw(names), "model_version": draw(st.sampled_from([1, 3, True, 1.5, "1"])),
         "policy": draw(st.sampled_from(["thompson", "", "interleave", None])),
-        "outputs": draw(st.sampled_from([{"probability": [0.7], "label": 1}, {"y": [1e200]}, {}, [1]])),
+        "outputs": draw(st.sampled_from([{"probability": [0.7], "label": 1}, {"y": [1e200]}, {}, [1],
+                                         *HOSTILE_IMPRESSIONS.values(), GOOD_IMPRESSION])),
     }
     for key in ("propensity", "ts_request", "ts_predicted", "latency_ms"):
         obj[key] = draw(st.one_of(numbers, st.just(0.5))) if draw(st.integers(0, 4)) else draw(anything)
@@ -132,3 +142,17 @@ def test_a_prediction_whose_arm_is_not_a_name_is_refused(arm: str) -> None:
            "latency_ms": 1.0}
     assert _both(TOPICS.predictions, obj) == ("bad_id", "bad_id")
     assert _both(TOPICS.predictions, {**obj, "arm": "a", "model": arm}) == ("bad_id", "bad_id")
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_IMPRESSIONS))
+def test_a_hostile_interleave_prediction_is_refused_by_both_paths(case: str) -> None:
+    """Before: ranker names were not checked (a '|' broke the pair fields' parsing) nor counted
+    (k rankers made k(k-1)/2 pair fields per click in one Lua item), and items neither."""
+    obj = {"request_id": "r1", "route": "churn", "arm": "a", "model": "m", "model_version": 1,
+           "policy": "interleave", "propensity": 1.0, "outputs": HOSTILE_IMPRESSIONS[case], "ts_request": 1.0,
+           "ts_predicted": 1.0, "latency_ms": 1.0}
+    reason = "bad_id" if case == "bad_id" else "out_of_range"
+    assert _both(TOPICS.predictions, obj) == (reason, reason)
+    fast, slow = _both(TOPICS.predictions, {**obj, "outputs": GOOD_IMPRESSION})
+    _same(fast, slow)
+    assert fast.served.impression is not None

@@ -52,7 +52,7 @@ class RecordingTable:
     def get(self, request_id: str, partition: int | None = None) -> Any:
         return self.data.get(request_id)
 
-    def encode(self, changes: dict[str, Any]) -> dict[int, list[Any]]:
+    def encode(self, changes: dict[str, Any], values: Any = None) -> dict[int, list[Any]]:
         return {}
 
     def over_budget(self) -> bool:

@@ -66,3 +66,20 @@ async def test_grace_period_expiry_still_leaves_the_group(stack, topics, reposit
         release.set()
     assert code == 1  # the grace period expired with work in flight
     assert members == 0  # left at once, not after the 10 s session timeout
+
+
+async def test_a_dead_background_task_exits_non_zero(stack, topics, repository, redis_prefix, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Before: only the Kafka loop was watched; a drift, guardrail, rollout or publisher task that
+    died left the gateway running (and ready) without it."""
+    running = await start_gateway(gateway_config(stack, topics, repository, redis_prefix))
+
+    async def defect(stopping: asyncio.Event) -> None:
+        raise RuntimeError("a defect in the drift watch")
+
+    assert running.gateway.drift is not None
+    running.gateway.drift.run = defect  # type: ignore[method-assign]  # before run() starts its tasks
+    with caplog.at_level(logging.ERROR, logger="banditgate.gateway"):
+        code = await asyncio.wait_for(running.task, timeout=60)
+    assert code == 1
+    assert any("the drift crashed (RuntimeError: a defect in the drift watch)" in r.getMessage()
+               for r in caplog.records)

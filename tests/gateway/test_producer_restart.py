@@ -23,6 +23,7 @@ async def test_rewind_replaces_the_producer_and_nothing_is_lost(stack, topics, r
     first = await read_topic(stack.kafka, topics.topics.predictions, 300, timeout_s=60, settle_s=0.2)
     assert {p["request_id"] for p in first} >= {f"a-{i}" for i in range(300)}
     old = loop.producer
+    loop._failed_producer = old  # what a failed publication records (a rewind without one keeps the producer)
     await loop._rewind()  # what a failed publication triggers
     assert loop.producer is not old
     assert gateway.publisher is not None and gateway.publisher.producer is loop.producer  # the sidecar follows
