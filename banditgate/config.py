@@ -40,7 +40,11 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
-from banditgate.events import MAX_MAGNITUDE, MAX_RANKERS, NAME_PATTERN  # one definition each: events are checked with them too
+from banditgate.events import (  # one definition each: events are checked with them too
+    MAX_MAGNITUDE,
+    MAX_RANKERS,
+    NAME_PATTERN,
+)
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
