@@ -12,9 +12,12 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from banditgate import __version__
+
+if TYPE_CHECKING:  # imported lazily: `banditgate --help` stays fast
+    from banditgate.config import Config
 
 EXIT_USAGE = 2
 """Exit code of a usage error: a wrong argument (argparse) or a wrong configuration file."""
@@ -69,7 +72,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 # serving processes
 
 
-def _load(path: str):  # type: ignore[no-untyped-def]
+def _load(path: str) -> Config:
     from banditgate.config import load_config
 
     return load_config(path)
@@ -84,8 +87,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_feedback(args: argparse.Namespace) -> int:
     config = _load(args.config)
-    from feedback.app import run_feedback
+    from feedback.faust_internals import FaustInternalsError
 
+    try:
+        from feedback.app import run_feedback
+    except FaustInternalsError as exc:  # another faust-streaming than the one pinned: one line
+        raise UserError(str(exc)) from None
     return run_feedback(config, log_level=args.log_level, json_logs=args.json_logs)
 
 

@@ -28,10 +28,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
 
-from banditgate.events import MAX_MAGNITUDE, MAX_RANKERS, NAME_PATTERN  # one definition each: events are checked with them too
+from banditgate.events import (  # one definition each: events are checked with them too
+    MAX_MAGNITUDE,
+    MAX_RANKERS,
+    NAME_PATTERN,
+)
+
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -69,7 +83,7 @@ class KafkaSecurity(_Strict):
     check_hostname: bool = True
 
     @model_validator(mode="after")
-    def _consistent(self) -> "KafkaSecurity":
+    def _consistent(self) -> KafkaSecurity:
         if self.protocol.startswith("SASL"):
             if not self.sasl_mechanism:
                 raise ValueError(f"protocol {self.protocol} needs sasl_mechanism (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
@@ -142,7 +156,7 @@ class RedisConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _tls(self) -> "RedisConfig":
+    def _tls(self) -> RedisConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file and key_file go together (client certificate for TLS)")
         if (self.ca_file or self.cert_file) and not self.url.startswith("rediss://"):
@@ -172,7 +186,7 @@ class ModelsConfig(_Strict):
     """The wait between probes doubles after every probe that times out, up to this."""
 
     @model_validator(mode="after")
-    def _retry_order(self) -> "ModelsConfig":
+    def _retry_order(self) -> ModelsConfig:
         if self.unavailable_retry_s > self.unavailable_retry_max_s:
             raise ValueError("unavailable_retry_s must not exceed unavailable_retry_max_s")
         return self
@@ -202,7 +216,7 @@ class BatchingConfig(_Strict):
     at least 1."""
 
     @model_validator(mode="after")
-    def _thread_share(self) -> "BatchingConfig":
+    def _thread_share(self) -> BatchingConfig:
         if self.model_max_threads is not None and self.model_max_threads > self.inference_threads:
             raise ValueError(f"model_max_threads ({self.model_max_threads}) exceeds inference_threads "
                              f"({self.inference_threads})")
@@ -278,7 +292,7 @@ class ServerConfig(_Strict):
         return [name.lower().strip("[]") for name in value]
 
     @model_validator(mode="after")
-    def _admin(self) -> "ServerConfig":
+    def _admin(self) -> ServerConfig:
         if self.admin_open and self.admin_tokens:
             raise ValueError("admin_open and admin_tokens contradict each other: remove admin_open (the tokens "
                              "guard the admin API)")
@@ -291,7 +305,7 @@ class ServerConfig(_Strict):
         return self
 
     @model_validator(mode="after")
-    def _tls(self) -> "ServerConfig":
+    def _tls(self) -> ServerConfig:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together")
         if self.client_ca_file is not None and self.tls_cert_file is None:
@@ -418,7 +432,7 @@ class CanaryStage(_Strict):
     """Calls before the error rate and p99 are judged."""
 
     @model_validator(mode="after")
-    def _shares(self) -> "CanaryStage":
+    def _shares(self) -> CanaryStage:
         if self.min_share is not None and self.min_share > self.max_share:
             raise ValueError(f"min_share {self.min_share} is above max_share {self.max_share}")
         return self
@@ -460,7 +474,7 @@ class Retrain(_Strict):
     """Folder (or s3:// / gs:// path) the window's joined rows are written to as Parquet."""
 
     @model_validator(mode="after")
-    def _some_trigger(self) -> "Retrain":
+    def _some_trigger(self) -> Retrain:
         if self.every_s is None and self.new_labels is None and not self.quality and not self.drift:
             raise ValueError("retrain needs at least one trigger: every_s, new_labels, quality or drift")
         return self
@@ -503,7 +517,7 @@ class Route(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Route":
+    def _consistent(self) -> Route:
         names = [a.name for a in self.arms] + [s.name for s in self.shadows]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -596,7 +610,7 @@ class Config(_Strict):
     routes: list[Route] = Field(min_length=1)
 
     @model_validator(mode="after")
-    def _unique_routes(self) -> "Config":
+    def _unique_routes(self) -> Config:
         names = [r.name for r in self.routes]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -710,7 +724,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _format_error(err: dict[str, Any]) -> str:
+def _format_error(err: ErrorDetails) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
     msg = err["msg"]
     msg = msg.removeprefix("Value error, ")
@@ -746,7 +760,7 @@ def parse_config(data: Any, source: str = "config", base: Path | None = None,
         config = Config.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors():
-            line = _format_error(error)  # type: ignore[arg-type]
+            line = _format_error(error)
             if line.split(": ", 1)[0] not in unset:  # an unset ${VAR} is one line, not two
                 problems.append(line)
         config = None

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from banditgate.config import KafkaConfig, RedisConfig, ServerConfig
+
+if TYPE_CHECKING:
+    import redis.asyncio as aredis
 
 
 class ConnectionSettingsError(Exception):
@@ -99,7 +102,7 @@ def kafka_client_kwargs(kafka: KafkaConfig) -> dict[str, Any]:
     return kwargs
 
 
-def redis_client(redis_config: RedisConfig, **overrides: Any):  # type: ignore[no-untyped-def]
+def redis_client(redis_config: RedisConfig, **overrides: Any) -> aredis.Redis:
     """A redis.asyncio client for the configured URL (password, CA and client certificate from the config)."""
     import redis.asyncio as aredis
 
@@ -132,7 +135,7 @@ def redact_url(url: str) -> str:
 
 def _kafka_where(kafka: KafkaConfig, address: str) -> str:
     security = kafka.security
-    parts = [security.protocol]
+    parts: list[str] = [security.protocol]
     if security.protocol.startswith("SASL"):
         parts.append(f"{security.sasl_mechanism} as user {security.sasl_username!r}")
     if security.protocol in ("SSL", "SASL_SSL"):
@@ -271,7 +274,7 @@ async def check_redis(client: Any, redis_config: RedisConfig, probe_key: str | N
         await client.ping()
         if probe_key is not None:
             await client.hgetall(probe_key)
-    except (RedisError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, RedisError, OSError) as exc:
         message, fatal = describe_redis_failure(redis_config, exc)
         if fatal:
             raise ConnectionCheckError(message) from None

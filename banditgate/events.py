@@ -188,7 +188,7 @@ class Alert:
     state: str = "firing"
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"kind": self.kind, "state": self.state, "route": self.route, "arm": self.arm,
+        out: dict[str, Any] = {"kind": self.kind, "state": self.state, "route": self.route, "arm": self.arm,
                "model_version": self.model_version,
                "metric": self.metric, "value": self.value, "threshold": self.threshold, "ts": self.ts}
         if self.details:

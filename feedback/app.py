@@ -31,9 +31,9 @@ from aiokafka import AIOKafkaProducer
 from prometheus_client import CollectorRegistry, start_http_server
 
 from banditgate.config import Config, KafkaConfig
+from banditgate.connections import check_kafka, check_redis, kafka_client_kwargs, kafka_ssl_context, redis_client
 from banditgate.drift.episodes import EpisodeBook
 from banditgate.episode_store import EpisodeClaims, Episodes
-from banditgate.connections import check_kafka, check_redis, kafka_client_kwargs, kafka_ssl_context, redis_client
 from banditgate.kafka_delivery import DEFAULT_MAX_MESSAGE_BYTES, record_limit
 from banditgate.logs import setup_logging
 from feedback.agents import JoinProcessor
@@ -43,6 +43,8 @@ from feedback.interleave_monitor import InterleaveMonitor
 from feedback.join import JoinRules, RouteRules
 from feedback.metrics import FeedbackMetrics
 from feedback.producer import ReplaceableProducer
+from feedback.quality_drift import QualityDriftTracker
+from feedback.quality_drift_watch import QualityDriftWatch, ThresholdCache
 from feedback.sinks import (
     FeedbackKeys,
     KafkaOut,
@@ -51,8 +53,6 @@ from feedback.sinks import (
     QualityMonitor,
     RedisSink,
 )
-from feedback.quality_drift import QualityDriftTracker
-from feedback.quality_drift_watch import QualityDriftWatch, ThresholdCache
 from feedback.state import JoinBudget, JoinTable, apply_changelog_records
 from feedback.webhooks import WebhookNotifier
 from router.stats_store import ArmStatsStore
@@ -139,7 +139,7 @@ def _credentials(config: Config) -> Any:
 class FeedbackRuntime(mode.Service):
     """Clients and processors the agent and timers use; started and stopped with the worker."""
 
-    def __init__(self, config: Config, app: faust.App, table: Any, metrics: FeedbackMetrics, **kwargs: Any) -> None:
+    def __init__(self, config: Config, app: FeedbackApp, table: Any, metrics: FeedbackMetrics, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.config = config
         self.app = app
@@ -278,7 +278,7 @@ def build_app(config: Config, registry: CollectorRegistry | None = None) -> tupl
     async def sweep() -> None:
         if not runtime.ready.is_set() or app.rebalancing or getattr(app, "in_recovery", False):
             return
-        if not app.tables.recovery.completed.is_set():
+        if not app.tables.recovery.completed.is_set():  # type: ignore[attr-defined] # TableManagerT omits it
             return
         assigned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic in source_topics}
         processor = runtime.processor

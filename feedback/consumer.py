@@ -54,6 +54,10 @@ from aiokafka.errors import IllegalStateError
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
+from feedback.faust_internals import check_faust_internals
+
+check_faust_internals()  # what this module overrides below exists in the installed faust (one clear error if not)
+
 log = logging.getLogger("banditgate.feedback.consumer")
 
 BatchHandler = Callable[[Sequence[Any]], Awaitable["asyncio.Future[None]"]]

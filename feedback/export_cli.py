@@ -138,7 +138,7 @@ async def read_topic(kafka: KafkaConfig, topic: str, since: float, until: float 
     try:
         await consumer.start()
         # a consumer that subscribes to nothing has no metadata for the topic yet: fetch it
-        cluster = await consumer._client.fetch_all_metadata()  # aiokafka has no public call for this
+        cluster = await consumer._client.fetch_all_metadata()  # noqa: SLF001 - aiokafka has no public call for this
         partitions = cluster.partitions_for_topic(topic)
         if not partitions:
             raise ExportError(f"cannot read {where}: the topic does not exist (or this client may not see it)")

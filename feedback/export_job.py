@@ -109,7 +109,7 @@ async def run_export_job(spec: Mapping[str, Any], lease: ExportLease,
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "feedback.export_job", stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
-    assert process.stdin is not None and process.stdout is not None and process.stderr is not None
+    assert process.stdin is not None and process.stdout is not None and process.stderr is not None  # noqa: S101 - PIPE
     stdin, stdout, stderr = process.stdin, process.stdout, process.stderr
     last_errors: collections.deque[str] = collections.deque(maxlen=5)
     lost = asyncio.Event()

@@ -289,7 +289,7 @@ class Reward:
     reward: float
     default: bool
     ts: float
-    token: str = "reward"
+    token: str = "reward"  # noqa: S105 - the kind of event, not a secret
 
 
 @dataclass(slots=True)

@@ -54,6 +54,7 @@ import orjson
 from banditgate.config import Config, Route
 from feedback.export import ExportError
 from feedback.export_job import ExportLease, LeaseLost, job_spec, run_export_job
+from feedback.metrics import FeedbackMetrics
 from feedback.quality import shadow_verdict
 from feedback.sinks import FeedbackKeys, KafkaOut, parse_quality
 from feedback.triggers import TriggerDecision, TriggerState, evaluate, retrain_alert
@@ -92,7 +93,7 @@ class LifecycleDriver:
     """Rollout steps and retraining triggers for every configured route (see the module docstring)."""
 
     def __init__(self, config: Config, redis: Any, out: KafkaOut, clock: Callable[[], float] = time.time,
-                 quality_alarms: collections.Counter[str] | None = None, metrics: Any = None,
+                 quality_alarms: collections.Counter[str] | None = None, metrics: FeedbackMetrics | None = None,
                  export_lease_ms: int = EXPORT_LEASE_MS,
                  export_observer: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> None:
         self.config = config
@@ -273,17 +274,18 @@ class LifecycleDriver:
         decision = evaluate(current, config, now, alarms)
         if not decision.fired and not delta and not alarms and decision.state == state:
             return None
+        window = decision.window if decision.fired else None
         pending = None
-        if decision.fired and decision.window is not None:
-            pending = {"window": list(decision.window), "reasons": list(decision.reasons), "labels": decision.labels,
+        if window is not None:
+            pending = {"window": list(window), "reasons": list(decision.reasons), "labels": decision.labels,
                        "fired_at": now}
         written = await self.rollouts.compare_and_set_hash(key, outbox, "rev", rev,
                                                            self._fields(decision.state, joined, rev + 1, pending,
                                                                         counted))
-        if not written or pending is None:
+        if not written or window is None:  # no window: nothing fired (pending is None)
             return None
         log.warning("retrain trigger: route %s, %s, window [%.3f, %.3f], %d labels", route.name,
-                    ", ".join(decision.reasons), decision.window[0], decision.window[1], decision.labels)
+                    ", ".join(decision.reasons), window[0], window[1], decision.labels)
         raw = {_text(k): _text(v) for k, v in (await self.redis.hgetall(key)).items()}
         await self._finish(route, raw)
         return decision
@@ -292,7 +294,7 @@ class LifecycleDriver:
         """Export the pending fire's window and queue its alert, under a lease (one worker at a time:
         the export runs in a process of its own while the lease is extended; see feedback.export_job)."""
         config = route.retrain
-        assert config is not None
+        assert config is not None  # noqa: S101 - only retrain routes get here
         key = self.retrain_key(route.name)
         retry = self._export_retry.get(route.name)
         if config.export_path and retry is not None and time.monotonic() < retry[0]:

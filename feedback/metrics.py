@@ -3,7 +3,7 @@ collector that serves the latest quality snapshot as gauges). Names are listed i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -181,11 +181,11 @@ class InterleaveCollector:
     """Prometheus collector serving the latest interleaving snapshot (pair counts and the test)."""
 
     def __init__(self) -> None:
-        self._pairs: list[tuple[tuple[str, str, str], Mapping[str, float]]] = []
-        self._verdicts: list[tuple[tuple[str, str], float]] = []
+        self._pairs: Sequence[tuple[tuple[str, str, str], Mapping[str, float]]] = []
+        self._verdicts: Sequence[tuple[tuple[str, str], float]] = []
 
-    def update(self, pairs: list[tuple[tuple[str, str, str], Mapping[str, float]]],
-               verdicts: list[tuple[tuple[str, str], float]]) -> None:
+    def update(self, pairs: Sequence[tuple[tuple[str, str, str], Mapping[str, float]]],
+               verdicts: Sequence[tuple[tuple[str, str], float]]) -> None:
         """`pairs`: ((route, arm_a, arm_b), values by key of _PAIR_GAUGES); `verdicts`: ((route, arm), value)."""
         self._pairs, self._verdicts = pairs, verdicts
 
@@ -195,8 +195,8 @@ class InterleaveCollector:
             for key, value in values.items():
                 families[key].add_metric(list(labels), float(value))
         verdict = GaugeMetricFamily(*_VERDICT, labels=["route", "arm"])
-        for labels, value in self._verdicts:
-            verdict.add_metric(list(labels), float(value))
+        for arm_labels, value in self._verdicts:
+            verdict.add_metric(list(arm_labels), float(value))
         return [*families.values(), verdict]
 
     def describe(self) -> Iterable[GaugeMetricFamily]:

@@ -164,7 +164,7 @@ class Pairs:
     request_id: str
     fields: Mapping[str, float]
     ts: float
-    token: str = "pairs"
+    token: str = "pairs"  # noqa: S105 - the kind of event, not a secret
 
 
 def pairs_effect(route: str, request_id: str, impression: Impression, clicks: Sequence[str], ts: float) -> Pairs:
@@ -213,7 +213,7 @@ def parse_pairs(raw: Mapping[Any, Any]) -> PairTable:
     impressions = unshown = 0
     for name, value in raw.items():
         parts = _text(name).split("|")
-        amount = int(round(float(_text(value))))
+        amount = round(float(_text(value)))
         if len(parts) == 3 and parts[2] in RESULTS:
             counts.setdefault((parts[0], parts[1]), {})[parts[2]] = amount
         elif len(parts) == 2 and parts[1] == "clicks":

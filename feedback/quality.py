@@ -116,8 +116,9 @@ def outputs_view(outputs: Mapping[str, Any]) -> PredictionView:
         predicted = predicted[0] if len(predicted) == 1 else None
     if isinstance(predicted, float) and predicted.is_integer():
         predicted = int(predicted)
-    name = outputs.get("class")
-    return PredictionView(score=score, predicted=predicted, predicted_name=name if isinstance(name, str) else None)
+    class_name = outputs.get("class")
+    return PredictionView(score=score, predicted=predicted,
+                          predicted_name=class_name if isinstance(class_name, str) else None)
 
 
 def binary_label(label: Any) -> int | None:

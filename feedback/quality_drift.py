@@ -89,7 +89,7 @@ class SeriesState:
 
 
 class _Series:
-    __slots__ = ("key", "batch", "reference", "detector", "pending", "p0", "reference_count")
+    __slots__ = ("batch", "detector", "key", "p0", "pending", "reference", "reference_count")
 
     def __init__(self, key: SeriesKey) -> None:
         self.key = key
@@ -165,9 +165,10 @@ class QualityDriftTracker:
             values = np.fromiter(series.batch, dtype=bool, count=len(series.batch))
             series.batch.clear()
             if series.detector is None:
-                values = self._learn(fields, series, values)
-                if values is None:
+                learned = self._learn(fields, series, values)
+                if learned is None:
                     continue
+                values = learned
             alarms.extend(self._detect(key, series, values))
         return alarms
 

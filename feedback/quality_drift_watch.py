@@ -32,15 +32,14 @@ worker calls it at least every sweep while `waiting` is true).
 
 from __future__ import annotations
 
-import collections
-
 import asyncio
+import collections
 import logging
 import multiprocessing
 import os
 import time
-from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from typing import Any
 
 from banditgate.drift.calibration import bernoulli_threshold
@@ -153,12 +152,12 @@ class QualityDriftWatch:
         bernoulli = self._bernoulli
         for effect in scored:
             served = effect.served
-            if effect.__class__ is Label:
+            if type(effect) is Label:  # exact class (as __class__ was), and mypy narrows on it
                 tracker.add_label(effect.route, served.role, served.arm, served.model, served.model_version,
-                                  served.view, effect.label)  # type: ignore[union-attr]
-            elif not effect.default and effect.route in bernoulli:  # type: ignore[union-attr]
+                                  served.view, effect.label)
+            elif type(effect) is Reward and not effect.default and effect.route in bernoulli:
                 tracker.add_reward(effect.route, served.arm, served.model, served.model_version,
-                                   effect.reward)  # type: ignore[union-attr]
+                                   effect.reward)
         alarms = tracker.update()
         if alarms:
             self._spawn(self._alarms(alarms))

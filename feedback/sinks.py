@@ -46,11 +46,10 @@ import orjson
 
 from banditgate import redis_errors
 from banditgate.config import Route
-from banditgate.kafka_delivery import is_delivery_error, needs_new_producer, refusal
 from banditgate.events import MAX_MAGNITUDE, Alert, DeadLetter, dead_letter_payload, encode, is_name
+from banditgate.kafka_delivery import is_delivery_error, needs_new_producer, refusal
 from feedback.join import Count, DropOutcome, Effect, Label, Reward
 from feedback.metrics import FeedbackMetrics
-from feedback.pairs import Pairs
 from feedback.quality import (
     FIELD_NAMES,
     QualityStats,
@@ -267,15 +266,26 @@ class LedgerChunk:
     with a group ``[n targets, target..., name, amount, name, amount...]`` (1-based positions), or,
     for the route's arm statistics, ``[0, arm seen key, arm, reward]`` (see `arm`)."""
 
-    __slots__ = ("route", "keys", "key_index", "names", "name_index", "rows", "members", "expire", "groups",
-                 "stat_names", "arm")
+    __slots__ = (
+        "arm",
+        "expire",
+        "groups",
+        "key_index",
+        "keys",
+        "members",
+        "name_index",
+        "names",
+        "route",
+        "rows",
+        "stat_names",
+    )
 
     def __init__(self, route: str = "") -> None:
         self.route = route
         self.arm: list[Any] = []
         """``[stats hash position, half-life, dedup TTL s]`` once an item updates arm statistics."""
-        self.keys: list[str] = []
-        self.key_index: dict[str, int] = {}
+        self.keys: list[str | bytes] = []
+        self.key_index: dict[str | bytes, int] = {}
         self.names: list[str] = []
         self.name_index: dict[str, int] = {}
         self.rows: list[list[Any]] = []
@@ -285,11 +295,11 @@ class LedgerChunk:
         """Target key position -> TTL in seconds (time buckets)."""
         self.groups: dict[Any, list[Any]] = {}
         """Count groups by (kind, arm): the same list for every item that has it."""
-        self.stat_names: dict[Any, tuple[tuple[int, int, int], dict[str, int]]] = {}
+        self.stat_names: dict[Any, tuple[list[float], dict[str, int]]] = {}
         """Per (route, time bucket, model version): the quality group's targets and the positions
         of its sum names in `names`."""
 
-    def key(self, key: str) -> int:
+    def key(self, key: str | bytes) -> int:
         position = self.key_index.get(key)
         if position is None:
             self.keys.append(key)
@@ -399,7 +409,8 @@ class LedgerPlanner:
             keys = self._route_keys[route] = (self._keys.counts(route), self._keys.quality(route))
         return keys
 
-    def _quality_slot(self, chunk: LedgerChunk, route: str, slot_key: tuple[Any, ...], served: Any) -> tuple[Any, Any]:
+    def _quality_slot(self, chunk: LedgerChunk, route: str, slot_key: tuple[Any, ...],
+                      served: Any) -> tuple[list[float], dict[str, int]]:
         """The quality group's targets and the positions of its sum names in `chunk`, for a
         model version's sums in one time bucket (`chunk` is one route's; `slot_key` is
         ``(bucket number, shadow, arm, model, version)``, as `plan` looks it up)."""
@@ -553,7 +564,7 @@ class Plan:
     refused effects are found (`refused`); called again after an outage it sends only what is
     still pending, so the result counts every applied effect once."""
 
-    __slots__ = ("pending", "done", "refused")
+    __slots__ = ("done", "pending", "refused")
 
     def __init__(self, chunks: Iterable[LedgerChunk], refused: list[Refusal] | None = None) -> None:
         self.pending: list[LedgerChunk] = list(chunks)
@@ -709,12 +720,12 @@ class KafkaOut:
                     outcomes.append((message, result))
                 else:
                     delivered.append(message)
-        for message, exc in outcomes:
-            broken = broken or needs_new_producer(exc)
-            found = refusal(exc)
+        for message, error in outcomes:
+            broken = broken or needs_new_producer(error)
+            found = refusal(error)
             if found is None:
                 retry.append(message)
-                cause = cause or exc
+                cause = cause or error
                 continue
             refused_any = True
             self._refuse(message[0], found.reason, found.error)

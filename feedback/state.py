@@ -24,6 +24,7 @@ entries for eviction (:data:`feedback.join.LANE_SETTLED`): the processor takes t
 from __future__ import annotations
 
 import asyncio
+import builtins  # JoinTable.bytes (a property) hides the type in its class body
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
@@ -200,7 +201,7 @@ class JoinTable:
         return decode_entry(request_id, raw)
 
     @staticmethod
-    def encode(changes: Mapping[str, tuple[int, Entry | None]], values: Mapping[str, bytes] | None = None) -> Encoded:
+    def encode(changes: Mapping[str, tuple[int, Entry | None]], values: Mapping[str, builtins.bytes] | None = None) -> Encoded:
         """The changelog records of `changes` (key, value or None for a tombstone) by partition,
         and their stored sizes: pure CPU, done while the batch's Redis writes are in flight.
         `values`: entries encoded already (by request_id; the processor encodes each change when

@@ -19,12 +19,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Any
 
 import aiohttp
 import orjson
 
 from banditgate.config import url_origin
+from feedback.metrics import FeedbackMetrics
 
 log = logging.getLogger("banditgate.feedback.webhooks")
 
@@ -37,7 +37,7 @@ class WebhookNotifier:
     `urls` maps route name to URL (routes without one are skipped). Start with :meth:`start` on
     the event loop; :meth:`stop` gives queued alerts up to `drain_s` to go, then cancels."""
 
-    def __init__(self, urls: Mapping[str, str], metrics: Any = None, *, queue_size: int = 1000,
+    def __init__(self, urls: Mapping[str, str], metrics: FeedbackMetrics | None = None, *, queue_size: int = 1000,
                  timeout_s: float = 5.0, attempts: int = 4, backoff_s: float = 0.5, backoff_max_s: float = 8.0,
                  drain_s: float = 2.0) -> None:
         if queue_size < 1 or attempts < 1:
@@ -69,7 +69,7 @@ class WebhookNotifier:
         if task is not None:
             try:
                 await asyncio.wait_for(self._queue.join(), self._drain_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             task.cancel()
             try:
@@ -125,7 +125,7 @@ class WebhookNotifier:
                 async with session.post(url, data=alert, headers={"content-type": "application/json"}) as response:
                     status = response.status
                     await response.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
                 if status < 300:

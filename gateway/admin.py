@@ -14,10 +14,11 @@ from typing import Any
 import orjson
 
 from banditgate.config import dump_public
-from gateway.dataplane import Dataplane
+from gateway.dataplane import Dataplane, RouteRuntime
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound
-from gateway.models.repository import ModelRepository
 from gateway.guardrail_watch import marker_key
+from gateway.models.repository import ModelRepository
+from gateway.rollout_apply import RolloutApplier
 from router.stats_store import ArmStatsStore
 
 log = logging.getLogger("banditgate.admin")
@@ -25,12 +26,12 @@ log = logging.getLogger("banditgate.admin")
 
 class Admin:
     def __init__(self, dataplane: Dataplane, repository: ModelRepository, store: ArmStatsStore | None,
-                 redis: Any = None, rollouts: Any = None) -> None:
+                 redis: Any = None, rollouts: RolloutApplier | None = None) -> None:
         self.dataplane = dataplane
         self.repository = repository
         self.store = store
         self.redis = redis
-        self.rollouts = rollouts  # gateway.rollout_apply.RolloutApplier
+        self.rollouts = rollouts
 
     async def handle(self, params: dict[str, str], method: str, body: bytes) -> dict[str, Any]:
         """Dispatch one admin request; raises GatewayError subclasses for the caller's mistakes."""
@@ -61,7 +62,7 @@ class Admin:
         return {"events": [{"model": e.model, "version": e.version, "ok": e.ok, "error": e.error} for e in events],
                 "errors": self.repository.errors()}
 
-    def _runtime(self, route: str):  # type: ignore[no-untyped-def]
+    def _runtime(self, route: str) -> RouteRuntime:
         runtime = self.dataplane.routes.get(route)
         if runtime is None:
             raise ModelNotFound(f"unknown route {route!r}")
@@ -70,14 +71,14 @@ class Admin:
     async def route_status(self, route: str) -> dict[str, Any]:
         runtime = self._runtime(route)
         policy = runtime.policy
-        arms = {name: {"share": float(share), "drained": name in policy.drained}
+        arms: dict[str, dict[str, float | str]] = {name: {"share": float(share), "drained": name in policy.drained}
                 for name, share in zip(policy.arm_names, policy.shares)}
         if self.store is not None:
             try:
                 snapshot = await self.store.snapshot(route)
-                for name in arms:
+                for name, entry in arms.items():
                     arm = snapshot.arm(name)
-                    arms[name].update(weight=arm.stats.weight, mean=arm.stats.mean, calls=arm.calls,
+                    entry.update(weight=arm.stats.weight, mean=arm.stats.mean, calls=arm.calls,
                                       errors=arm.errors, state=arm.state)
             except Exception as exc:  # noqa: BLE001 - status still answers from the local policy
                 arms_note = f"arm statistics unavailable: {type(exc).__name__}"

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
-
-import contextlib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,13 +17,13 @@ import numpy as np
 import orjson
 import uvicorn
 import uvloop
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from aiokafka.errors import KafkaError
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
 from banditgate import redis_errors
 from banditgate.config import Config
-from banditgate.logs import setup_logging
 from banditgate.connections import check_redis, redis_client, server_ssl_context
+from banditgate.logs import setup_logging
 from gateway.admin import Admin
 from gateway.batching.circuit import STATE_CODES
 from gateway.dataplane import Dataplane
@@ -35,10 +34,10 @@ from gateway.metrics import GatewayMetrics
 from gateway.models.onnx_runtime import OnnxModel
 from gateway.models.repository import ModelRepository
 from gateway.rollout_apply import RolloutApplier
+from gateway.transport.delivery import refusal
 from gateway.transport.grpc_server import build_server
 from gateway.transport.http import SidecarContext, build_app
 from gateway.transport.http_limits import bounded_httptools_protocol
-from gateway.transport.delivery import refusal
 from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, delivered
 from gateway.transport.kafka_loop import KafkaLoop
 from gateway.transport.kafka_transactions import TransactionalKafkaLoop
@@ -273,7 +272,7 @@ class Gateway:
         assert self.kafka is not None  # noqa: S101
         shared, topic = self.kafka.shared, self.config.kafka.topics.outcomes
         values = [(str(outcome["request_id"]).encode(), orjson.dumps(outcome)) for outcome in outcomes]
-        for attempt in (1, 2):
+        for _attempt in (1, 2):
             producer = shared.producer
             out = OutboundBatches(producer, self.kafka.partitions, shared.limits)
             try:
@@ -452,7 +451,7 @@ class Gateway:
         guard_task = asyncio.get_running_loop().create_task(guardrail.run(self.stopping))
         kafka_watch = asyncio.get_running_loop().create_task(self._watch_kafka())
         call_counts = asyncio.get_running_loop().create_task(self._record_calls())
-        assert self.rollouts is not None  # noqa: S101 - start() first
+        assert self.rollouts is not None and self.drift is not None  # noqa: S101 - start() first
         rollout_task = asyncio.get_running_loop().create_task(self.rollouts.run(self.stopping))
         drift_task = asyncio.get_running_loop().create_task(self.drift.run(self.stopping))
         loop_task = asyncio.get_running_loop().create_task(self.kafka.run(self.stopping))

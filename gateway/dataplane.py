@@ -26,7 +26,6 @@ from gateway.models.repository import ModelRepository
 from gateway.validation import validate_batch
 from router.decision import RoutePolicy
 
-
 RETIRE_POLL_S = 0.05
 """How often an unloaded model version's batcher is checked for rows still queued or running."""
 
@@ -234,9 +233,11 @@ class Dataplane:
         primary_names = (np.array([a.name for a in route.arms], dtype=object)[decision.arm_index].tolist()
                          if shadow_jobs else [])
         for job in shadows:
-            if isinstance(job, BaseException) or job[3] is None or job[1] is None:
+            if isinstance(job, BaseException):
                 continue  # a shadow never affects the answer
             shadow_index, model, rows, result = job
+            if result is None or model is None:
+                continue
             self._emit(route, route.shadows[shadow_index].name, model, rows, result, requests, answers,
                        None, now_wall, now, primary_names, False)
         return answers
@@ -342,6 +343,7 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
     from gateway.validation import validate_arrays
 
     shadows: list[tuple[Arm, int]] = []
+    policy: str  # the route's policy, or "direct" for a model named without a route
     runtime = dataplane.routes.get(name) if not version else None
     if runtime is not None:
         route = runtime.route

@@ -92,16 +92,15 @@ class GatewayMetrics:
     """The gateway's metrics, registered in `registry` (the default one unless tests pass their own)."""
 
     def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
-        kw = {"registry": registry}
         self.requests = Counter("banditgate_requests_total", "Requests answered or failed, by route, arm and status.",
-                                ["route", "arm", "status", "transport"], **kw)
+                                ["route", "arm", "status", "transport"], registry=registry)
         self.errors = Counter("banditgate_request_errors_total", "Requests that could not be answered, by reason.",
-                              ["route", "reason", "transport"], **kw)
+                              ["route", "reason", "transport"], registry=registry)
         self.shadow_predictions = Counter("banditgate_shadow_predictions_total",
                                           "Shadow predictions published, by route and shadow arm.",
-                                          ["route", "arm"], **kw)
+                                          ["route", "arm"], registry=registry)
         self.deadletters = Counter("banditgate_deadletters_total", "Events sent to the dead-letter topic, by reason.",
-                                   ["topic", "reason"], **kw)
+                                   ["topic", "reason"], registry=registry)
         self.batch_rows = BulkHistogram("banditgate_batch_size_rows", "Rows per ONNX Runtime call.",
                                         ["model", "version"], BATCH_BUCKETS_ROWS, registry)
         self.queue_seconds = BulkHistogram("banditgate_queue_seconds", "Time a batch's oldest row waited in the queue.",
@@ -112,91 +111,94 @@ class GatewayMetrics:
                                                 "From receiving a request to its prediction being built.",
                                                 ["route", "transport"], LATENCY_BUCKETS_S, registry)
         self.queue_depth = Gauge("banditgate_queue_depth_rows", "Rows queued or being inferred, per model version.",
-                                 ["model", "version"], **kw)
+                                 ["model", "version"], registry=registry)
         self.model_circuit_state = Gauge("banditgate_model_circuit_state",
                                          "0 available, 1 being probed, 2 unavailable (a batch outlived the "
-                                         "inference timeout), per model version.", ["model", "version"], **kw)
+                                         "inference timeout), per model version.", ["model", "version"],
+                                         registry=registry)
         self.model_threads = Gauge("banditgate_model_threads",
                                    "Inference pool threads running a model version's batches now (a hung run "
-                                   "counts until it ends).", ["model", "version"], **kw)
+                                   "counts until it ends).", ["model", "version"], registry=registry)
         self.inference_timeouts = Counter("banditgate_inference_timeouts_total",
                                           "Batches and probes that outlived models.inference_timeout_s.",
-                                          ["model", "version"], **kw)
+                                          ["model", "version"], registry=registry)
         self.consumer_lag = Gauge("banditgate_consumer_lag_messages", "Requests not yet consumed, per partition.",
-                                  ["topic", "partition"], **kw)
+                                  ["topic", "partition"], registry=registry)
         self.model_loaded = Gauge("banditgate_model_loaded", "1 while a model version is loaded and serving.",
-                                  ["model", "version"], **kw)
+                                  ["model", "version"], registry=registry)
         self.model_load_failures = Counter("banditgate_model_load_failures_total",
                                            "Model versions that failed to load (bad file, checksum, config).",
-                                           ["model"], **kw)
+                                           ["model"], registry=registry)
         self.redis_up = Gauge("banditgate_redis_up", "1 if the last arm-statistics snapshot read from Redis worked.",
-                              **kw)
+                              registry=registry)
         self.redis_errors = Counter("banditgate_redis_errors_total",
                                     "Failed Redis calls of the gateway's background writers (call_counts, guardrail), "
                                     "by kind: transient, operator, refused, bug (banditgate.redis_errors).",
-                                    ["writer", "kind"], **kw)
+                                    ["writer", "kind"], registry=registry)
         self.arm_stats_unusable = Gauge("banditgate_arm_stats_unusable",
                                         "Arms whose statistics in Redis are not numbers (drained in this gateway's "
-                                        "view until fixed).", ["route"], **kw)
-        self.kafka_up = Gauge("banditgate_kafka_up", "1 while the Kafka consumer and producer are connected.", **kw)
-        self.ready = Gauge("banditgate_ready", "1 while the gateway reports ready.", **kw)
+                                        "view until fixed).", ["route"], registry=registry)
+        self.kafka_up = Gauge("banditgate_kafka_up", "1 while the Kafka consumer and producer are connected.",
+                              registry=registry)
+        self.ready = Gauge("banditgate_ready", "1 while the gateway reports ready.", registry=registry)
         self.paused = Counter("banditgate_backpressure_pauses_total",
-                              "Times the Kafka loop paused fetching because queues were full.", **kw)
+                              "Times the Kafka loop paused fetching because queues were full.", registry=registry)
         self.arm_share = Gauge("banditgate_arm_traffic_share", "Probability the route's policy gives each arm now.",
-                               ["route", "arm"], **kw)
+                               ["route", "arm"], registry=registry)
         self.arm_policy_share = Gauge("banditgate_arm_policy_share",
                                       "Share the route's policy alone would give each arm (before the exploration "
-                                      "floor, max_share caps and drains).", ["route", "arm"], **kw)
+                                      "floor, max_share caps and drains).", ["route", "arm"], registry=registry)
         self.arm_posterior_mean = Gauge("banditgate_arm_posterior_mean",
                                         "Posterior mean of the arm's reward (Thompson routes), reward units.",
-                                        ["route", "arm"], **kw)
+                                        ["route", "arm"], registry=registry)
         self.arm_posterior_lower = Gauge("banditgate_arm_posterior_lower",
                                          "Lower end of the arm's 95% posterior interval of the mean reward "
                                          "(mean - 1.96 posterior scale, clipped to the reward's support).",
-                                         ["route", "arm"], **kw)
+                                         ["route", "arm"], registry=registry)
         self.arm_posterior_upper = Gauge("banditgate_arm_posterior_upper",
                                          "Upper end of the arm's 95% posterior interval of the mean reward.",
-                                         ["route", "arm"], **kw)
+                                         ["route", "arm"], registry=registry)
         self.arm_drained = Gauge("banditgate_arm_drained",
                                  "1 while the arm is drained (by the guardrail or an admin): it gets only the "
-                                 "exploration floor.", ["route", "arm"], **kw)
+                                 "exploration floor.", ["route", "arm"], registry=registry)
         self.arm_info = Gauge("banditgate_arm_info",
                               "1 per arm and the model version serving it now (role primary or shadow).",
-                              ["route", "arm", "role", "model", "version"], **kw)
+                              ["route", "arm", "role", "model", "version"], registry=registry)
 
         self.drift_statistic = Gauge("banditgate_drift_statistic",
                                      "Sequential drift statistic per model version and feature (alarm above threshold).",
-                                     ["model", "version", "feature"], **kw)
+                                     ["model", "version", "feature"], registry=registry)
         self.drift_threshold = Gauge("banditgate_drift_threshold",
                                      "Alarm threshold of the drift statistic, calibrated to the configured ARL0.",
-                                     ["model", "version", "feature"], **kw)
+                                     ["model", "version", "feature"], registry=registry)
         self.drift_alarms = Counter("banditgate_drift_alarms_total", "Drift alarms raised, per model version and feature.",
-                                    ["model", "version", "feature"], **kw)
+                                    ["model", "version", "feature"], registry=registry)
         self.drift_episodes_open = Gauge("banditgate_drift_episodes_open",
                                          "Drift alarm episodes open in this replica (one alert each), per model "
                                          "version and feature (score: the prediction score).",
-                                         ["model", "version", "feature"], **kw)
+                                         ["model", "version", "feature"], registry=registry)
         self.drift_skipped = Counter("banditgate_drift_batches_skipped_total",
                                      "Served batches the drift monitors skipped because they were behind.",
-                                     ["model", "version"], **kw)
+                                     ["model", "version"], registry=registry)
         self.output_refusals = Counter("banditgate_output_refusals_total",
                                        "Outputs the broker refuses for good (too large for the topic, invalid, not "
                                        "authorized), found before sending or by the broker; their requests are "
-                                       "dead-lettered.", ["topic", "reason"], **kw)
+                                       "dead-lettered.", ["topic", "reason"], registry=registry)
         self.deadletter_failures = Counter("banditgate_deadletter_failures_total",
                                            "Dead letters that could not be written (refused for good); the event is "
-                                           "dropped, counted here and logged once per topic.", ["topic", "reason"], **kw)
+                                           "dropped, counted here and logged once per topic.", ["topic", "reason"],
+                                           registry=registry)
         self.sidecar_dropped = Counter("banditgate_sidecar_events_dropped_total",
                                        "Sidecar (REST/gRPC) prediction, shadow and alert events not published: "
                                        "queue full while Kafka was away, or refused for good.", ["topic", "reason"],
-                                       **kw)
+                                       registry=registry)
         self.producer_replacements = Counter("banditgate_producer_replacements_total",
                                              "Times the shared idempotent producer was replaced after a failed "
-                                             "publication (a new producer id).", **kw)
+                                             "publication (a new producer id).", registry=registry)
         self.transaction_failures = Counter("banditgate_transaction_failures_total",
                                             "Exactly-once transactions that failed and were redone from the committed "
                                             "offset with a new transactional producer, by cause (failed, fenced, "
-                                            "refused).", ["reason"], **kw)
+                                            "refused).", ["reason"], registry=registry)
 
     def forget_version(self, model_name: str, version: str) -> None:
         """Remove the series of one model version that was unloaded: loaded, batch histograms, circuit,

@@ -39,8 +39,8 @@ async def serve_interleave(dataplane: Dataplane, runtime: RouteRuntime, requests
     for index, request in enumerate(requests):
         items = request.items
         if not items:
-            answers[index].error = ("missing_field", f"request {request.request_id!r} on interleave route "
-                                                     f"{route.name!r} needs 'items' (candidate ids)")
+            answers[index].error = ("missing_field", (f"request {request.request_id!r} on interleave route "
+                                                      f"{route.name!r} needs 'items' (candidate ids)"))
             continue
         candidate_rows = _candidate_rows(request, len(items))
         if isinstance(candidate_rows, str):
@@ -55,8 +55,8 @@ async def serve_interleave(dataplane: Dataplane, runtime: RouteRuntime, requests
     for local, (reason, message) in checked.errors.items():
         request_index = owner[local]
         if answers[request_index].error is None:
-            answers[request_index].error = (reason, f"request {requests[request_index].request_id!r}, candidate "
-                                                    f"{local - owner.index(request_index)}: {message}")
+            answers[request_index].error = (reason, (f"request {requests[request_index].request_id!r}, candidate "
+                                                     f"{local - owner.index(request_index)}: {message}"))
     bad_requests = {i for i, a in enumerate(answers) if a.error is not None}
     keep = checked.ok & ~np.isin(owner_array, list(bad_requests))
     if not keep.any():

@@ -197,12 +197,12 @@ class RolloutApplier:
                 log.debug("drift alarms not recorded yet: %s", exc)
                 self._alarms.setdefault(route, Counter()).update(counts)
         pending, self._latency = self._latency, {}
-        for (route, seq), counts in pending.items():
+        for (route, seq), buckets in pending.items():
             try:
-                await self.store.add_latency(route, seq, counts)
+                await self.store.add_latency(route, seq, buckets)
             except Exception as exc:  # noqa: BLE001 - Redis away: keep them for the next flush
                 log.debug("candidate latency not recorded yet: %s", exc)
-                for bucket, rows in counts.items():
+                for bucket, rows in buckets.items():
                     self._latency.setdefault((route, seq), Counter())[bucket] += rows
 
     # -- new versions ----------------------------------------------------------------------------

@@ -210,8 +210,8 @@ def validate_batch(model: OnnxModel, rows: Sequence[Mapping[str, Any]]) -> Valid
         unknown = [k for k in row if k not in names]
         if unknown:
             ok[index] = False
-            errors[index] = ("bad_input", f"unknown input {unknown[0]!r} for model {model.key} "
-                                          f"(it takes {sorted(names)})")
+            errors[index] = ("bad_input", (f"unknown input {unknown[0]!r} for model {model.key} "
+                                           f"(it takes {sorted(names)})"))
     arrays: dict[str, np.ndarray] = {}
     for spec in model.inputs:
         values = [row.get(spec.name) for row in rows]
@@ -234,9 +234,9 @@ def validate_batch(model: OnnxModel, rows: Sequence[Mapping[str, Any]]) -> Valid
                 except ValueError:
                     array = None
             if array is None:  # every row passed alone but they do not stack: dynamic dims differ
-                for index in np.flatnonzero(ok):
-                    ok[index] = False
-                    errors[int(index)] = ("bad_input", f"input {spec.name!r} rows have different shapes in one batch")
+                for bad_row in np.flatnonzero(ok):
+                    ok[bad_row] = False
+                    errors[int(bad_row)] = ("bad_input", f"input {spec.name!r} rows have different shapes in one batch")
                 array = np.empty((0,), dtype=spec.dtype)
             arrays[spec.name] = _expand(array, ok)
         else:
@@ -249,11 +249,12 @@ def validate_batch(model: OnnxModel, rows: Sequence[Mapping[str, Any]]) -> Valid
         cast, outside = checked_cast(array, spec.dtype)  # rows refused here may hold garbage: dropped
         if outside is not None and array.size:
             outside = outside.reshape(array.shape[0], -1)
-            for index in np.flatnonzero(ok & outside.any(axis=1)):
-                column = int(np.flatnonzero(outside[index])[0])
-                problem = _outside(f"input {spec.name!r}", array.reshape(array.shape[0], -1)[index, column], spec.dtype)
-                ok[index] = False
-                errors[int(index)] = (problem.reason, str(problem))
+            for bad_row in np.flatnonzero(ok & outside.any(axis=1)):
+                column = int(np.flatnonzero(outside[bad_row])[0])
+                refused = _outside(f"input {spec.name!r}", array.reshape(array.shape[0], -1)[bad_row, column],
+                                   spec.dtype)
+                ok[bad_row] = False
+                errors[int(bad_row)] = (refused.reason, str(refused))
         arrays[spec.name] = cast
     # finiteness and configured ranges, vectorized over the batch
     for spec in model.inputs:
@@ -262,19 +263,19 @@ def validate_batch(model: OnnxModel, rows: Sequence[Mapping[str, Any]]) -> Valid
             continue
         flat = array.reshape(array.shape[0], -1)
         bad = ok & ~np.isfinite(flat).all(axis=1)
-        for index in np.flatnonzero(bad):
-            ok[index] = False
-            errors[int(index)] = ("not_finite", f"input {spec.name!r} holds NaN or infinity")
+        for bad_row in np.flatnonzero(bad):
+            ok[bad_row] = False
+            errors[int(bad_row)] = ("not_finite", f"input {spec.name!r} holds NaN or infinity")
         if spec.name in model.ranges:
             low, high = model.ranges[spec.name]
             outside = (flat < low) | (flat > high)
             bad = ok & outside.any(axis=1)
-            for index in np.flatnonzero(bad):
-                column = int(np.flatnonzero(outside[index])[0])
-                ok[index] = False
-                errors[int(index)] = ("out_of_range",
-                                      f"{model.feature_name(spec.name, column)} = {flat[index, column]:g} is outside "
-                                      f"the model's range [{low[column]:g}, {high[column]:g}]")
+            for bad_row in np.flatnonzero(bad):
+                column = int(np.flatnonzero(outside[bad_row])[0])
+                ok[bad_row] = False
+                errors[int(bad_row)] = ("out_of_range",
+                                        (f"{model.feature_name(spec.name, column)} = {flat[bad_row, column]:g} is "
+                                         f"outside the model's range [{low[column]:g}, {high[column]:g}]"))
     feeds = {name: array[ok] if not ok.all() else array for name, array in arrays.items()}
     return ValidatedBatch(feeds=feeds, ok=ok, errors=errors)
 

@@ -35,8 +35,14 @@ from banditgate.config import Route
 from router.allocation import ThinningPlan, apply_thinning, constrain_shares, drain_is_feasible, thinning_plan
 from router.arm_stats import ArmStats, RouteSnapshot
 from router.sticky import arm_hashes, rendezvous, unit_hashes
-from router.thompson import (BetaPosterior, BetaPrior, NormalInverseGammaPrior, Posterior, StudentTPosterior,
-                             probability_best)
+from router.thompson import (
+    BetaPosterior,
+    BetaPrior,
+    NormalInverseGammaPrior,
+    Posterior,
+    StudentTPosterior,
+    probability_best,
+)
 
 
 class RoutingError(ValueError):

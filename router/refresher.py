@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 from router.arm_stats import RouteSnapshot
 from router.decision import RoutePolicy
@@ -70,6 +70,7 @@ class SnapshotRefresher:
         reply) can then never stall the refresher or its shutdown. While an abandoned read is
         still pending no new one is started, so reads never pile up.
         """
+        transient: tuple[type[BaseException], ...] = (TimeoutError, *self._store.transient_errors)
         try:
             if self._read is None or self._read.done():
                 self._read = asyncio.get_running_loop().create_task(self._store.snapshots(self._policies))
@@ -78,13 +79,13 @@ class SnapshotRefresher:
             done, _ = await asyncio.wait({read}, timeout=self._timeout_s)
             if not done:
                 read.cancel()
-                raise asyncio.TimeoutError(f"snapshot read took over {self._timeout_s:g} s")
+                raise TimeoutError(f"snapshot read took over {self._timeout_s:g} s")
             snapshots = read.result()
             for route, snapshot in snapshots.items():
                 self._policies[route].apply_snapshot(snapshot)
                 if snapshot.unusable or self.unusable.get(route):
                     self._note_unusable(route, snapshot.unusable)
-        except (*self._store.transient_errors, asyncio.TimeoutError) as exc:
+        except transient as exc:
             self._failed(exc)
             return False
         except Exception as exc:  # noqa: BLE001 - e.g. a corrupt hash: keep routing, say so once with the trace
@@ -150,7 +151,7 @@ class SnapshotRefresher:
                 pass
             self._task = None
 
-    async def __aenter__(self) -> SnapshotRefresher:
+    async def __aenter__(self) -> Self:
         self.start()
         return self
 

@@ -368,14 +368,14 @@ class Transition:
     audit: AuditRecord
 
 
-_NEXT: Mapping[str, str] = {"shadow": "canary", "canary": "full", "full": "done"}
+_NEXT: Mapping[str, Stage] = {"shadow": "canary", "canary": "full", "full": "done"}
 
 
-def _move(state: RolloutState, to_stage: str, config: Rollout, actor: str, reason: str, now: float,
+def _move(state: RolloutState, to_stage: Stage, config: Rollout, actor: str, reason: str, now: float,
           details: Mapping[str, Any] | None = None, paused: bool | None = None) -> Transition:
     if (state.stage, to_stage) not in EDGES and to_stage != state.stage:
         raise RolloutError(f"route {state.route}: cannot go from {state.stage} to {to_stage}")
-    new = replace(state, stage=to_stage, seq=state.seq + 1, reason=reason,  # type: ignore[arg-type]
+    new = replace(state, stage=to_stage, seq=state.seq + 1, reason=reason,
                   stage_since=now if to_stage != state.stage else state.stage_since,
                   paused=state.paused if paused is None else paused)
     audit = AuditRecord(route=state.route, model=state.model, version=state.version, arm=state.candidate_arm,
@@ -397,7 +397,7 @@ def step(state: RolloutState, evidence: Evidence, config: Rollout, now: float) -
         return None
     verdict = assess(state, evidence, config, now)
     if verdict.action == "rollback":
-        to_stage = "rejected" if state.stage == "shadow" and verdict.rule == "shadow-test" else "rolled_back"
+        to_stage: Stage = "rejected" if state.stage == "shadow" and verdict.rule == "shadow-test" else "rolled_back"
         return _move(state, to_stage, config, f"rule:{verdict.rule}", verdict.reason, now, verdict.details)
     if verdict.action == "promote" and not state.paused:
         return _move(state, _NEXT[state.stage], config, f"rule:{verdict.rule}", verdict.reason, now, verdict.details)

@@ -212,6 +212,7 @@ class RolloutStore:
             record = await self.read(route.name)
             if record is None:
                 raise RolloutError(f"route {route.name} has no rollout")
+            # `action` is the operator's word, not yet an Action: manual refuses an unknown one
             transition = manual(record.state, action, who, time.time() if now is None else now,  # type: ignore[arg-type]
                                 route.rollout, reason)
             if await self.apply(record, transition):

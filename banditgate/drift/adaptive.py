@@ -101,8 +101,8 @@ class AdaptiveIncrements:
         # cell of (segment, feature, bin); a row's lookups then fall in one contiguous slab
         flat = (segment * (features * width))[:, None] + (np.arange(features) * width)[None, :]
         flat += bins
-        counts = np.bincount(flat.ravel(), minlength=segments * features * width)
-        counts = counts.reshape(segments, features, width).astype(float)
+        counts = np.bincount(flat.ravel(), minlength=segments * features * width).reshape(
+            segments, features, width).astype(float)
         counts[0] += self.pending
         complete = segments if (first + rows) % size == 0 else segments - 1
         shares = counts[:complete]

@@ -119,8 +119,8 @@ def calibrate(factory: Factory, arl0: float, seed: int, scale: float = 0.5) -> f
 def _round_significant(value: float, digits: int = 2) -> int:
     if value <= 0:
         return 0
-    magnitude = 10 ** max(0, int(math.floor(math.log10(value))) - digits + 1)
-    return int(round(value / magnitude) * magnitude)
+    magnitude = 10 ** max(0, math.floor(math.log10(value)) - digits + 1)
+    return round(value / magnitude) * magnitude
 
 
 def _bucket(probability: float) -> float:

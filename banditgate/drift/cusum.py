@@ -77,13 +77,13 @@ def cusum_batch(increments: np.ndarray, start: np.ndarray, threshold: np.ndarray
     threshold: per series (> 0). Returns the statistic per series after the last row and the
     crossings sorted by row. A crossing is `statistic > threshold`; the series then restarts at 0.
     """
-    rows, series = increments.shape
+    rows, _ = increments.shape
     start = np.asarray(start, dtype=float)
     if rows == 0:
         return start.copy(), []
     paths = _chunked_paths(increments, start)
     end = paths[-1, -1].copy()
-    crossed = np.flatnonzero((paths.max(axis=(0, 1)) > threshold))
+    crossed = np.flatnonzero(paths.max(axis=(0, 1)) > threshold)
     crossings: list[Crossing] = []
     for index in crossed.tolist():
         # rare: redo this series in stream order, restarting after each crossing

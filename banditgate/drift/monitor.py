@@ -37,8 +37,14 @@ from banditgate.drift.cusum import cusum_batch
 from banditgate.drift.effect import jensen_shannon, population_stability_index
 from banditgate.drift.reference import FeatureProfile, ProfileError, ReferenceProfile
 
-__all__ = ["DriftAlarm", "EffectSize", "FeatureDriftMonitor", "ScoreDriftMonitor", "DriftInputError",
-           "profile_thresholds"]
+__all__ = [
+    "DriftAlarm",
+    "DriftInputError",
+    "EffectSize",
+    "FeatureDriftMonitor",
+    "ScoreDriftMonitor",
+    "profile_thresholds",
+]
 
 MAX_CHUNK_ROWS = 16_384
 

@@ -46,7 +46,7 @@ def load_table(path: Path) -> dict[str, np.ndarray]:
                 raise ProfileBuildError(f"{path}: expected a 2-D array [rows, features], got shape {array.shape}")
             return {f"x{index}": array[:, index] for index in range(array.shape[1])}
         if suffix in (".parquet", ".pq"):
-            import pyarrow.parquet as parquet
+            from pyarrow import parquet
 
             return _from_arrow(parquet.read_table(path))
         if suffix in (".csv", ".txt"):
@@ -140,7 +140,7 @@ def _score_column(result: Any) -> np.ndarray:
     if isinstance(result, list):  # ZipMap: one {class: probability} per row; positive = last class
         if not result:
             return np.zeros(0)
-        key = sorted(result[0])[-1]
+        key = max(result[0])
         return np.asarray([row[key] for row in result], dtype=float)
     array = np.asarray(result, dtype=float)
     if array.ndim == 2 and array.shape[1] == 2:

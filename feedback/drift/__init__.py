@@ -1,3 +1,3 @@
 """Moved to banditgate.drift (pure statistics shared by gateway and feedback); kept while callers move."""
 
-from banditgate.drift import *  # noqa: F401,F403
+from banditgate.drift import *

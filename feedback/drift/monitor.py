@@ -1,3 +1,3 @@
 """Moved to banditgate.drift.monitor."""
 
-from banditgate.drift.monitor import *  # noqa: F401,F403
+from banditgate.drift.monitor import *

@@ -1,3 +1,3 @@
 """Moved to banditgate.drift.quality."""
 
-from banditgate.drift.quality import *  # noqa: F401,F403
+from banditgate.drift.quality import *

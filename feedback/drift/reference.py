@@ -1,3 +1,3 @@
 """Moved to banditgate.drift.reference."""
 
-from banditgate.drift.reference import *  # noqa: F401,F403
+from banditgate.drift.reference import *

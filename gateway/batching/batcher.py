@@ -13,8 +13,8 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import onnxruntime as ort
@@ -236,7 +236,7 @@ class ModelBatcher:
                 else:
                     work = [(slice_feeds(feeds, *slices[s]), slices[s][1] - slices[s][0]) for s in batch.groups[index]]
                 self._submit(batch, index, work, options)
-        except Exception as exc:  # a bug in merging or a closed pool: fail these items loudly
+        except Exception as exc:  # noqa: BLE001 - a bug in merging or a closed pool: fail these items loudly
             self._end(batch, InferenceFailed(f"batch on {batch.model.key} failed: {one_line(exc)}"))
 
     def _submit(self, batch: _Batch, index: int, work: list[tuple[Feeds, int]], options: ort.RunOptions) -> None:
@@ -398,7 +398,7 @@ class ModelBatcher:
                 pieces = [(outputs, ok)]
             else:
                 pieces = split_results(outputs, ok, [i.rows for i in items])
-        except Exception as exc:  # a bug in merging, not in the model: fail these items loudly
+        except Exception as exc:  # noqa: BLE001 - a bug in merging, not in the model: fail these items loudly
             self._fail(items, InferenceFailed(f"batch on {batch.model.key} failed: {one_line(exc)}"))
             return
         row = 0

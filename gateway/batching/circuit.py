@@ -84,7 +84,7 @@ class ModelCircuit:
     starts a batch.
     """
 
-    __slots__ = ("policy", "state", "running", "retry_at", "backoff_s", "timeouts", "probes")
+    __slots__ = ("backoff_s", "policy", "probes", "retry_at", "running", "state", "timeouts")
 
     def __init__(self, policy: CircuitPolicy) -> None:
         self.policy = policy

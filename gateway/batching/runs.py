@@ -38,7 +38,7 @@ def run_isolating_failures(model: OnnxModel, feeds: Feeds, rows: int, options: o
     """
     try:
         return model.run(feeds, options), np.ones(rows, dtype=bool), {}
-    except Exception as exc:  # ORT raises various types; the rows are isolated below
+    except Exception as exc:  # noqa: BLE001 - ORT raises various types; the rows are isolated below
         if options is not None and options.terminate:
             raise Terminated(one_line(exc)) from None
         if rows == 1:

@@ -109,7 +109,7 @@ class OnnxModel:
         return f"{self.name}:{self.version}"
 
     @classmethod
-    def load(cls, path: Path, name: str, version: int, config: ModelConfig, settings: ModelsConfig) -> "OnnxModel":
+    def load(cls, path: Path, name: str, version: int, config: ModelConfig, settings: ModelsConfig) -> OnnxModel:
         """Load and warm up `path`; raise ModelError (one line) if it is missing, corrupt or incompatible."""
         if not path.is_file():
             raise ModelError(f"{path}: model file not found")
@@ -138,7 +138,7 @@ class OnnxModel:
         try:
             session = ort.InferenceSession(data if data is not None else str(path), sess_options=options,
                                            providers=providers)
-        except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises several unrelated types for a bad file
             detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{path}: ONNX Runtime cannot load it: {detail}") from None
         inputs = []
@@ -214,5 +214,5 @@ class OnnxModel:
                 feeds[spec.name] = np.broadcast_to(np.clip(0.0, low, high), shape).astype(spec.dtype)
         try:
             self.run(feeds)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - ORT raises various types; the load fails with one line
             raise ModelError(f"{self.path}: warm-up inference failed: {str(exc).splitlines()[0][:200]}") from None

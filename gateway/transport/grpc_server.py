@@ -48,7 +48,7 @@ def retry_trailers(exc: Exception) -> tuple[tuple[str, str], ...]:
     (seconds, as REST's header) and `grpc-retry-pushback-ms`, which gRPC's own retry policy obeys."""
     if not isinstance(exc, Overloaded):
         return ()
-    seconds = max(1, int(round(exc.retry_after_s)))
+    seconds = max(1, round(exc.retry_after_s))
     return (("retry-after", str(seconds)), ("grpc-retry-pushback-ms", str(seconds * 1000)))
 
 
@@ -95,24 +95,32 @@ def decode_inputs(request: pb2.ModelInferRequest, max_elements: int, max_inputs:
     return feeds
 
 
+def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+    """The call's `authorization` metadata (grpc gives bytes only for keys ending in -bin)."""
+    value = dict(context.invocation_metadata() or ()).get("authorization")
+    return value if isinstance(value, str) else None
+
+
 class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, ctx: SidecarContext) -> None:
         self.ctx = ctx
 
     async def _guard(self, context: grpc.aio.ServicerContext, admin: bool = False) -> None:
-        metadata = dict(context.invocation_metadata() or ())
         try:
-            self.ctx.check_token(metadata.get("authorization"), admin)
+            self.ctx.check_token(_authorization(context), admin)
         except GatewayError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
 
-    async def ServerLive(self, request, context):  # noqa: N802 - names fixed by the proto
+    async def ServerLive(self, request: pb2.ServerLiveRequest,  # noqa: N802 - names fixed by the proto
+                         context: grpc.aio.ServicerContext) -> pb2.ServerLiveResponse:
         return pb2.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request, context):  # noqa: N802
+    async def ServerReady(self, request: pb2.ServerReadyRequest,  # noqa: N802
+                          context: grpc.aio.ServicerContext) -> pb2.ServerReadyResponse:
         return pb2.ServerReadyResponse(ready=self.ctx.is_ready())
 
-    async def ModelReady(self, request, context):  # noqa: N802
+    async def ModelReady(self, request: pb2.ModelReadyRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> pb2.ModelReadyResponse:
         await self._guard(context)
         try:
             self.ctx.describe(request.name, request.version or None)
@@ -121,11 +129,13 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             return pb2.ModelReadyResponse(ready=False)
         return pb2.ModelReadyResponse(ready=self.ctx.is_ready() and available)
 
-    async def ServerMetadata(self, request, context):  # noqa: N802
+    async def ServerMetadata(self, request: pb2.ServerMetadataRequest,  # noqa: N802
+                             context: grpc.aio.ServicerContext) -> pb2.ServerMetadataResponse:
         await self._guard(context)
         return pb2.ServerMetadataResponse(name="banditgate", version=__version__, extensions=EXTENSIONS)
 
-    async def ModelMetadata(self, request, context):  # noqa: N802
+    async def ModelMetadata(self, request: pb2.ModelMetadataRequest,  # noqa: N802
+                            context: grpc.aio.ServicerContext) -> pb2.ModelMetadataResponse:
         await self._guard(context)
         try:
             doc = self.ctx.describe(request.name, request.version or None)
@@ -137,7 +147,8 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in doc["inputs"]],
             outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in doc["outputs"]])
 
-    async def ModelInfer(self, request, context):  # noqa: N802
+    async def ModelInfer(self, request: pb2.ModelInferRequest,  # noqa: N802
+                         context: grpc.aio.ServicerContext) -> pb2.ModelInferResponse:
         received = time.monotonic()
         server = self.ctx.config.server
         if server.infer_tokens:
@@ -187,10 +198,10 @@ class FeedbackServicer(bg_grpc.FeedbackServicer):
     def __init__(self, ctx: SidecarContext) -> None:
         self.ctx = ctx
 
-    async def PostOutcomes(self, request, context):  # noqa: N802
-        metadata = dict(context.invocation_metadata() or ())
+    async def PostOutcomes(self, request: bg_pb2.OutcomesRequest,  # noqa: N802
+                           context: grpc.aio.ServicerContext) -> bg_pb2.OutcomesResponse:
         try:
-            self.ctx.check_token(metadata.get("authorization"), admin=False)
+            self.ctx.check_token(_authorization(context), admin=False)
         except GatewayError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
         accepted, errors = [], []
@@ -234,4 +245,4 @@ def build_server(ctx: SidecarContext, credentials: grpc.ServerCredentials | None
     return server, port
 
 
-__all__ = ["build_server", "decode_inputs", "ModelNotFound"]
+__all__ = ["ModelNotFound", "build_server", "decode_inputs"]

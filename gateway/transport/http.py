@@ -20,13 +20,21 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from banditgate import __version__
 from banditgate.config import LOOPBACK_HOSTS, Config
 from banditgate.events import EventError, outcome_from_obj
 from gateway.dataplane import Dataplane, serve_tensors
-from gateway.errors import (Forbidden, GatewayError, InvalidInput, ModelNotFound, Overloaded, TooManyRequests,
-                             Unauthorized)
+from gateway.errors import (
+    Forbidden,
+    GatewayError,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    TooManyRequests,
+    Unauthorized,
+)
 from gateway.request_ids import new_request_id
 from gateway.transport.oip_codec import build_rest_response, parse_rest_infer
 from gateway.transport.openapi import OPENAPI
@@ -164,7 +172,7 @@ def _shown(value: str | None) -> str:
 
 
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
-_WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")  # nosec B104: names to recognise a wildcard bind by, not a bind
+_WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")  # noqa: S104  # nosec B104: to recognise a wildcard bind by, not a bind
 
 
 def host_name(host: str) -> str:
@@ -219,7 +227,7 @@ def _error(exc: Exception) -> Response:
     status = getattr(exc, "http_status", 500)
     headers = {}
     if isinstance(exc, Overloaded):
-        headers["Retry-After"] = str(max(1, int(round(exc.retry_after_s))))
+        headers["Retry-After"] = str(max(1, round(exc.retry_after_s)))
     return _json({"error": str(exc)}, status, headers)
 
 
@@ -237,7 +245,7 @@ class _Timeout(GatewayError):
     grpc_code = "DEADLINE_EXCEEDED"
 
 
-def build_app(ctx: SidecarContext) -> "SidecarApp":
+def build_app(ctx: SidecarContext) -> SidecarApp:
     """The REST surface (see gateway/transport/openapi.py for the document served at /v2/openapi.json)."""
     server = ctx.config.server
 
@@ -380,8 +388,7 @@ class SidecarApp:
         self.ctx = ctx
         self.app = app
 
-    async def __call__(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
-                       send: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             target = infer_target(scope["path"])
             if target is not None:
@@ -392,7 +399,7 @@ class SidecarApp:
                 return
         await self.app(scope, receive, send)
 
-    async def _infer(self, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]], name: str,
+    async def _infer(self, scope: Scope, receive: Receive, name: str,
                      version: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         ctx = self.ctx
         try:
@@ -400,20 +407,20 @@ class SidecarApp:
         except GatewayError as exc:
             headers = list(_JSON)
             if isinstance(exc, Overloaded):
-                headers.append((b"retry-after", str(max(1, int(round(exc.retry_after_s)))).encode()))
+                headers.append((b"retry-after", str(max(1, round(exc.retry_after_s))).encode()))
             return getattr(exc, "http_status", 500), headers, orjson.dumps({"error": str(exc)})
         except Exception as exc:  # noqa: BLE001 - a bug: answer 500 in one line, like Starlette's handler
             return 500, list(_JSON), orjson.dumps({"error": f"internal error: {type(exc).__name__}"})
 
 
-def _header(scope: dict[str, Any], name: bytes) -> str | None:
+def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
             return value.decode("latin-1")
     return None
 
 
-async def _receive_body(receive: Callable[[], Awaitable[dict[str, Any]]], length: str | None, limit: int) -> bytes:
+async def _receive_body(receive: Receive, length: str | None, limit: int) -> bytes:
     if length is not None:
         if not (length.isascii() and length.isdigit()):
             raise InvalidInput("Content-Length is not a number")
@@ -435,7 +442,7 @@ async def _receive_body(receive: Callable[[], Awaitable[dict[str, Any]]], length
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def infer_rest(ctx: SidecarContext, scope: dict[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+async def infer_rest(ctx: SidecarContext, scope: Scope, receive: Receive,
                      name: str, version: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """One OIP REST infer call: (status, headers, body). Raises GatewayError for 4xx/5xx."""
     received = time.monotonic()

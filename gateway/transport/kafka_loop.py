@@ -25,7 +25,6 @@ from collections.abc import Callable
 from typing import Any
 
 import orjson
-
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
@@ -56,7 +55,7 @@ class PublicationFailed(Exception):
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, loop: "KafkaLoop") -> None:
+    def __init__(self, loop: KafkaLoop) -> None:
         self.loop = loop
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -161,7 +160,7 @@ class KafkaLoop:
             try:
                 if await asyncio.wait_for(client.ready(broker.nodeId), timeout_s):
                     return True
-            except (KafkaError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, KafkaError, OSError):
                 continue
         return False
 

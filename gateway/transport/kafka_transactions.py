@@ -45,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
@@ -77,7 +77,7 @@ async def _in_transaction(step: Awaitable[T]) -> T:
 
 
 class _TransactionalRebalance(ConsumerRebalanceListener):
-    def __init__(self, loop: "TransactionalKafkaLoop") -> None:
+    def __init__(self, loop: TransactionalKafkaLoop) -> None:
         self.loop = loop
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
@@ -90,7 +90,7 @@ class _TransactionalRebalance(ConsumerRebalanceListener):
 class TransactionalKafkaLoop(KafkaLoop):
     """The Kafka loop in `delivery: exactly_once` mode."""
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # KafkaLoop's arguments, passed through
         super().__init__(*args, **kwargs)
         self.transactional: dict[TopicPartition, AIOKafkaProducer] = {}
         self.locks: dict[TopicPartition, asyncio.Lock] = {}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -125,8 +125,9 @@ def parse_rest_infer(body: bytes, header_length: int | None, max_elements: int, 
         datatype = item.get("datatype")
         if datatype not in DTYPES:
             raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r} (one of {', '.join(DTYPES)})")
-        shape = item.get("shape")
-        check_shape(shape, name, max_elements)
+        raw_shape = item.get("shape")
+        check_shape(raw_shape, name, max_elements)
+        shape = cast("list[int]", raw_shape)  # check_shape refused anything but a list of ints
         parameters = item.get("parameters") or {}
         size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
         if size is not None:
@@ -149,9 +150,10 @@ def parse_rest_infer(body: bytes, header_length: int | None, max_elements: int, 
                 raise InvalidInput("each requested output needs a 'name'")
             params = item.get("parameters") or {}
             outputs.append((item["name"], bool(params.get("binary_data", False)) if isinstance(params, dict) else False))
-    parameters = doc.get("parameters") if isinstance(doc.get("parameters"), dict) else {}
+    request_parameters = doc.get("parameters")
     request_id = doc.get("id")
-    return InferRequest(id=str(request_id) if request_id is not None else None, parameters=parameters,
+    return InferRequest(id=str(request_id) if request_id is not None else None,
+                        parameters=request_parameters if isinstance(request_parameters, dict) else {},
                         inputs=tensors, outputs=outputs)
 
 

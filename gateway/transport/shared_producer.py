@@ -129,7 +129,7 @@ class SharedProducer:
         key = id(producer)
         self._users[key] = self._users.get(key, 0) + 1
         try:
-            yield producer  # type: ignore[misc]
+            yield producer
         finally:
             left = self._users[key] - 1
             if left:
