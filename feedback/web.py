@@ -64,7 +64,8 @@ def start_web_server(host: str, port: int, registry: CollectorRegistry,
     Raises OSError when the port cannot be bound."""
     family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     server_class = type("WebServer", (_Server,), {"address_family": family})
-    server = make_server(address[0], port, make_app(registry, board), server_class, handler_class=_QuietHandler)
+    server: WSGIServer = make_server(str(address[0]), port, make_app(registry, board), server_class,
+                                     handler_class=_QuietHandler)
     thread = threading.Thread(target=server.serve_forever, name="feedback-web", daemon=True)
     thread.start()
     return server, thread
