@@ -28,7 +28,8 @@ from typing import Any
 import faust
 import mode
 from aiokafka import AIOKafkaProducer
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
+from redis.exceptions import RedisError
 
 from banditgate.config import Config, KafkaConfig
 from banditgate.connections import check_kafka, check_redis, kafka_client_kwargs, kafka_ssl_context, redis_client
@@ -39,6 +40,7 @@ from banditgate.logs import setup_logging
 from feedback.agents import JoinProcessor
 from feedback.consumer import BatchSource, FeedbackApp
 from feedback.disk_store import ROCKSDB_OPTIONS, DiskJoinTable, JoinCollection, rocksdict_missing
+from feedback.health import HEALTH_INTERVAL_S, REDIS_PING_TIMEOUT_S, HealthBoard, Probe
 from feedback.interleave_monitor import InterleaveMonitor
 from feedback.join import JoinRules, RouteRules
 from feedback.metrics import FeedbackMetrics
@@ -54,6 +56,7 @@ from feedback.sinks import (
     RedisSink,
 )
 from feedback.state import JoinBudget, JoinTable, apply_changelog_records
+from feedback.web import start_web_server
 from feedback.webhooks import WebhookNotifier
 from router.stats_store import ArmStatsStore
 
@@ -158,6 +161,9 @@ class FeedbackRuntime(mode.Service):
         self.webhooks: WebhookNotifier | None = None
         self.drift_thresholds: ThresholdCache | None = None
         """Alerts to per-route webhooks; every KafkaOut of the worker should carry it."""
+        self.health = HealthBoard()
+        """What /health/live and /health/ready answer (feedback/health.py, feedback/web.py)."""
+        self._redis_answered = True
 
     async def on_start(self) -> None:
         config = self.config
@@ -220,6 +226,42 @@ class FeedbackRuntime(mode.Service):
             await self._producer.stop()
         if self._redis is not None:
             await self._redis.aclose()
+
+    @mode.Service.task
+    async def _report_health(self) -> None:
+        """A health probe every HEALTH_INTERVAL_S, from the start of the runtime (faust's own timers
+        start only after the first recovery, which a liveness probe must not wait for)."""
+        while not self.should_stop:
+            self.health.record(await self._probe())
+            await self.sleep(HEALTH_INTERVAL_S)
+
+    async def _probe(self) -> Probe:
+        app = self.app
+        started = self.ready.is_set()
+        rebalancing = bool(app.rebalancing or getattr(app, "in_recovery", False))
+        topics = self.source.topics
+        partitions = tuple(sorted({tp.partition for tp in app.assignor.assigned_actives() if tp.topic in topics}))
+        recovered = app.tables.recovery.completed.is_set()  # type: ignore[attr-defined] # TableManagerT omits it
+        return Probe(at=time.monotonic(), started=started, rebalancing=rebalancing,
+                     recovered=recovered, redis_ok=await self._redis_answers(),
+                     partitions=partitions, fatal=self.fatal is not None)
+
+    async def _redis_answers(self) -> bool:
+        """One PING within REDIS_PING_TIMEOUT_S (readiness); a log line when the answer changes."""
+        if self._redis is None:
+            return False
+        try:
+            await asyncio.wait_for(self._redis.ping(), timeout=REDIS_PING_TIMEOUT_S)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if self._redis_answered:
+                log.warning("Redis does not answer the readiness ping (%s: %s); not ready until it does",
+                            type(exc).__name__, str(exc)[:200])
+            self._redis_answered = False
+            return False
+        if not self._redis_answered:
+            log.info("Redis answers the readiness ping again")
+        self._redis_answered = True
+        return True
 
     def fail(self, exc: BaseException) -> None:
         """A bug, not an outage: stop the worker (exit code 1); unacked events are replayed on restart."""
@@ -341,9 +383,10 @@ def run_feedback(config: Config, log_level: str | None = None, json_logs: bool |
         loop.close()
     registry = CollectorRegistry()
     app, runtime = build_app(config, registry)
-    server, _thread = start_http_server(config.feedback.web_port, addr=config.server.host, registry=registry)
+    server, _thread = start_web_server(config.server.host, config.feedback.web_port, registry, runtime.health)
     runtime.metrics_port = server.server_port
-    log.info("feedback worker starting: app %s, broker %s, redis prefix %s, metrics on http://%s:%d/metrics",
+    log.info("feedback worker starting: app %s, broker %s, redis prefix %s, metrics on http://%s:%d/metrics, "
+             "probes on /health/live and /health/ready",
              config.feedback.app_id, config.kafka.bootstrap_servers, config.redis.key_prefix, config.server.host,
              server.server_port)
     worker = faust.Worker(app, runtime, loglevel=level.upper() if level != "warning" else "WARN",

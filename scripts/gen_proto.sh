@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=gateway/transport/proto
 python -m grpc_tools.protoc -I $dir --python_out=$dir --grpc_python_out=$dir --pyi_out=$dir \
-  $dir/grpc_predict_v2.proto $dir/banditgate_service.proto
+  $dir/grpc_predict_v2.proto $dir/banditgate_service.proto $dir/health.proto
 # protoc writes top-level imports; make them package imports
 sed -i 's/^import \(.*_pb2\) as/from gateway.transport.proto import \1 as/' $dir/*_pb2_grpc.py
 # A private descriptor pool: the `inference` package then coexists in one process with other

@@ -1,5 +1,5 @@
-"""gRPC sidecar: `inference.GRPCInferenceService` (the OIP proto) and `banditgate.Feedback`, on grpc.aio
-in the gateway's own event loop."""
+"""gRPC sidecar: `inference.GRPCInferenceService` (the OIP proto), `banditgate.Feedback` and
+`grpc.health.v1.Health` (grpc_health.py), on grpc.aio in the gateway's own event loop."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from banditgate.events import EventError, outcome_from_obj
 from gateway.dataplane import serve_tensors
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded
 from gateway.request_ids import new_request_id
+from gateway.transport.grpc_health import add_health
 from gateway.transport.http import EXTENSIONS, SidecarContext, _label_name
 from gateway.transport.oip_codec import DTYPES, _raw_bytes, datatype_for, tensor_from_raw
 from gateway.transport.proto import banditgate_service_pb2 as bg_pb2
@@ -229,7 +230,8 @@ class FeedbackServicer(bg_grpc.FeedbackServicer):
 
 
 def build_server(ctx: SidecarContext, credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server with both services, bound to the configured host/port; returns (server, port)."""
+    """A grpc.aio server with both services and the standard health service, bound to the configured
+    host/port; returns (server, port)."""
     server_config = ctx.config.server
     options = [("grpc.max_receive_message_length", server_config.max_body_bytes),
                ("grpc.max_send_message_length", 64 * 1024 * 1024),
@@ -240,6 +242,7 @@ def build_server(ctx: SidecarContext, credentials: grpc.ServerCredentials | None
     server = grpc.aio.server(options=options)
     pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(ctx), server)
     bg_grpc.add_FeedbackServicer_to_server(FeedbackServicer(ctx), server)
+    add_health(server, ctx.is_ready)
     address = f"{server_config.host}:{server_config.grpc_port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     return server, port
