@@ -140,6 +140,24 @@ def cmd_profile(args: argparse.Namespace) -> int:
                          data=args.data, bins=args.bins, arl0s=() if args.no_thresholds else args.arl0 or [10_000.0])
 
 
+def cmd_schemas(args: argparse.Namespace) -> int:
+    """Write every event's JSON Schema (banditgate.events.json_schemas) as DIR/<name>.schema.json."""
+    import json
+    from pathlib import Path
+
+    from banditgate.events import SCHEMA_VERSION, json_schemas
+
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, schema in json_schemas().items():
+            (out / f"{name}.v{SCHEMA_VERSION}.schema.json").write_text(json.dumps(schema, indent=2) + "\n")
+    except OSError as exc:
+        raise UserError(f"cannot write the schemas to {out}: {exc.strerror or exc}") from None
+    print(f"wrote {len(json_schemas())} event schemas (schema_version {SCHEMA_VERSION}) to {out}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # parser
 
@@ -218,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--version", type=int, default=None, help="start: the model version to roll out")
     rollout.add_argument("--json", action="store_true", help="print one JSON object")
     rollout.set_defaults(func=cmd_rollout)
+
+    schemas = sub.add_parser("schemas", help="write the JSON Schema of every event banditgate reads or writes")
+    schemas.add_argument("--out", required=True, help="folder to write <event>.v<version>.schema.json files to")
+    schemas.set_defaults(func=cmd_schemas)
 
     profile = sub.add_parser("profile", help="build a model version's drift reference profile from training data")
     profile.add_argument("--model", required=True)

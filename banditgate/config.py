@@ -128,6 +128,12 @@ class KafkaConfig(_Strict):
     """How long the gateway's producer waits for a broker's answer before a publication fails
     (the batch is then served again from the committed offsets, by a fresh producer)."""
     transaction_timeout_ms: int = Field(60_000, ge=1000)
+    reply_topics: list[str] = Field(default_factory=list)
+    """Topic-name patterns (shell-style: ``bg.replies.*``) a request's ``reply_to`` may name; the
+    gateway also publishes the prediction there, keyed by request_id. Default: none (a request
+    with ``reply_to`` is dead-lettered, reason reply_refused). Name long-lived topics (one per
+    service): a reply topic deleted while requests still name it stalls publication until the
+    producer's request timeout."""
 
 
 class RedisConfig(_Strict):

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Container, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Container, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import orjson
@@ -44,6 +44,15 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
 """Route, arm and model names (banditgate.config validates configured names with it)."""
 _NAME = re.compile(NAME_PATTERN)
 
+SCHEMA_VERSION = 1
+"""The version of the event layouts this code writes (every event's ``schema_version``)."""
+KNOWN_SCHEMA_VERSIONS = frozenset({1})
+"""The versions the readers accept. An event without ``schema_version`` was written before the
+field existed and reads as version 1; any other value is refused (``unknown_version``)."""
+TOPIC_PATTERN = r"^[A-Za-z0-9._\-]{1,249}$"
+"""A Kafka topic name (what the broker accepts): a request's ``reply_to``."""
+_TOPIC = re.compile(TOPIC_PATTERN)
+
 ALERT_KINDS = frozenset({"drift", "quality", "rollback", "promote", "reject", "guardrail", "retrain"})
 
 # reason codes: bounded set, safe as Prometheus label values
@@ -53,6 +62,8 @@ REASONS = (
     "model_unavailable", "internal_error", "redis_refused",
     # outputs the broker refuses for good (gateway/transport/delivery.py)
     "output_too_large", "output_refused", "not_authorized",
+    # a schema_version this reader does not know; a reply topic the gateway may not write to
+    "unknown_version", "reply_refused",
 )
 
 
@@ -65,57 +76,123 @@ class EventError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------
-# value types
+# value types: each dataclass is the one definition of its event. A field's ``metadata["schema"]``
+# is its JSON Schema (what the readers below accept, see `json_schemas`); a field with
+# ``metadata["wire"] = False`` is not an event key of its own.
+
+
+def _wire(schema: dict[str, Any], doc: str, default: Any = MISSING, factory: Any = MISSING,
+          wire: bool = True) -> Any:
+    metadata = {"schema": {**schema, "description": doc}, "wire": wire}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _id(doc: str, **kw: Any) -> Any:
+    return _wire({"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}, doc, **kw)
+
+
+def _portable(pattern: str) -> str:
+    """`pattern` for a JSON Schema: ``$`` becomes "no character follows", because Python's ``$``
+    (which jsonschema uses) also matches before a final newline and ECMA-262's does not."""
+    assert pattern.endswith("$")  # noqa: S101 - the patterns above, fixed
+    return pattern[:-1] + r"(?![\s\S])"
+
+
+_NUMBER = {"type": "number", "minimum": -MAX_MAGNITUDE, "maximum": MAX_MAGNITUDE}
+_NAME_SCHEMA = {"type": "string", "pattern": _portable(NAME_PATTERN)}
+_VERSION_DOC = ("layout version (absent: 1, events written before the field); readers refuse versions they "
+                "do not know with reason unknown_version")
+
+
+def _version() -> Any:
+    return _wire({"type": ["integer", "null"], "enum": [*sorted(KNOWN_SCHEMA_VERSIONS), None]}, _VERSION_DOC,
+                 default=SCHEMA_VERSION)
+
+
+def _input_value(depth: int) -> dict[str, Any]:
+    """What `_check_value` accepts at `depth`: a scalar, or (above MAX_NESTING) a list whose first
+    element is one at depth + 1 (only the first elements are walked; the model's metadata checks
+    the rest)."""
+    scalar: dict[str, Any] = {"type": ["string", "number", "boolean", "null"]}
+    if depth >= MAX_NESTING:
+        return scalar
+    return {"anyOf": [scalar, {"type": "array", "prefixItems": [_input_value(depth + 1)]}]}
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
     """One inference request: one row per input name (or, for ranking routes, one row per item)."""
 
-    request_id: str
-    route: str
-    inputs: Mapping[str, Any]
-    unit_id: str | None = None
-    ts: float | None = None
-    items: tuple[str, ...] | None = None  # ranking routes: candidate ids, one input row each
+    request_id: str = _id("correlates the prediction and the outcomes (the record key, too)")
+    route: str = _id("a configured route (else unknown_route)")
+    inputs: Mapping[str, Any] = _wire({"type": "object", "minProperties": 1,
+                                       "additionalProperties": _input_value(0)},
+                                      "input name -> row (numbers, strings or lists nested up to "
+                                      f"{MAX_NESTING} levels); shape and dtype follow the model's metadata")
+    unit_id: str | None = _wire({"type": ["string", "integer", "null"]},
+                                "the sticky key (same unit, same arm where the route is sticky)", default=None)
+    ts: float | None = _wire({"type": ["number", "null"]}, "when the request was made (epoch seconds)", default=None)
+    items: tuple[str, ...] | None = _wire(
+        {"type": ["array", "null"], "minItems": 1, "items": {"type": ["string", "integer"]}},
+        "ranking routes: candidate ids, one input row each", default=None)
+    reply_to: str | None = _wire({"type": ["string", "null"], "pattern": _portable(TOPIC_PATTERN)},
+                                 "a topic the gateway also publishes the prediction to (keyed by request_id); "
+                                 "allowed only where it matches kafka.reply_topics (else reply_refused)",
+                                 default=None)
+    schema_version: int = _version()
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"request_id": self.request_id, "route": self.route, "inputs": dict(self.inputs)}
+        out: dict[str, Any] = {"schema_version": self.schema_version, "request_id": self.request_id,
+                               "route": self.route, "inputs": dict(self.inputs)}
         if self.unit_id is not None:
             out["unit_id"] = self.unit_id
         if self.ts is not None:
             out["ts"] = self.ts
         if self.items is not None:
             out["items"] = list(self.items)
+        if self.reply_to is not None:
+            out["reply_to"] = self.reply_to
         return out
+
+
+def prediction_event(request_id: str, route: str, arm: str, model: str, model_version: int, policy: str,
+                     propensity: float, outputs: dict[str, Any], ts_request: float, ts_predicted: float,
+                     latency_ms: float) -> dict[str, Any]:
+    """A prediction event as the gateway publishes it (the fields of :class:`Prediction`; a shadow
+    adds ``shadow`` and ``primary_arm``, an interleave prediction ``rankers`` and ``method``).
+    A plain function building one dict: the gateway calls it once per answered row."""
+    return {"schema_version": SCHEMA_VERSION, "request_id": request_id, "route": route, "arm": arm, "model": model,
+            "model_version": model_version, "policy": policy, "propensity": propensity, "outputs": outputs,
+            "ts_request": ts_request, "ts_predicted": ts_predicted, "latency_ms": latency_ms}
 
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
     """What an arm answered for one request (a shadow prediction when `shadow` is true)."""
 
-    request_id: str
-    route: str
-    arm: str
-    model: str
-    model_version: int
-    policy: str
-    propensity: float
-    outputs: Mapping[str, Any]
-    ts_request: float
-    ts_predicted: float
-    latency_ms: float
-    shadow: bool = False
-    primary_arm: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)  # e.g. interleaving teams
+    request_id: str = _id("the request's id (the record key)")
+    route: str = _id("the request's route")
+    arm: str = _wire(_NAME_SCHEMA, "the arm that answered")
+    model: str = _wire(_NAME_SCHEMA, "the arm's model")
+    model_version: int = _wire({"type": "integer"}, "the model version that answered")
+    policy: str = _id("the route's policy (thompson, fixed, shadow, interleave, direct)")
+    propensity: float = _wire(_NUMBER, "the probability with which the policy chose this arm")
+    outputs: Mapping[str, Any] = _wire({"type": "object"}, "output name -> the row's values")
+    ts_request: float = _wire(_NUMBER, "when the request was made (epoch seconds)")
+    ts_predicted: float = _wire(_NUMBER, "when the prediction was made (epoch seconds)")
+    latency_ms: float = _wire(_NUMBER, "gateway time from receipt to answer, milliseconds")
+    shadow: bool = _wire({}, "true: a shadow arm's prediction (shadow-predictions topic)", default=False)
+    primary_arm: str | None = _wire({}, "shadows: the arm that answered the request", default=None)
+    extra: Mapping[str, Any] = _wire({}, "further keys (interleave: rankers, method)", factory=dict, wire=False)
+    schema_version: int = _version()
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "request_id": self.request_id, "route": self.route, "arm": self.arm, "model": self.model,
-            "model_version": self.model_version, "policy": self.policy, "propensity": self.propensity,
-            "outputs": dict(self.outputs), "ts_request": self.ts_request, "ts_predicted": self.ts_predicted,
-            "latency_ms": self.latency_ms,
-        }
+        out = prediction_event(self.request_id, self.route, self.arm, self.model, self.model_version, self.policy,
+                               self.propensity, dict(self.outputs), self.ts_request, self.ts_predicted,
+                               self.latency_ms)
+        out["schema_version"] = self.schema_version
         if self.shadow:
             out["shadow"] = True
             out["primary_arm"] = self.primary_arm
@@ -128,14 +205,22 @@ class Prediction:
 class Outcome:
     """What happened after a prediction: a reward for the serving arm and/or a ground-truth label."""
 
-    request_id: str
-    reward: float | None = None
-    label: Any = None
-    ts: float | None = None
-    clicks: tuple[str, ...] | None = None  # ranking routes: clicked item ids in click order
+    request_id: str = _id("the request the outcome belongs to (the record key)")
+    reward: float | None = _wire({"type": ["number", "boolean", "null"], "minimum": -MAX_MAGNITUDE,
+                                  "maximum": MAX_MAGNITUDE}, "scores the arm that served", default=None)
+    label: Any = _wire({"anyOf": [_NUMBER, {"type": "string", "maxLength": MAX_LABEL_CHARS},
+                                  {"type": ["boolean", "null"]}]},
+                       "ground truth: scores every model that predicted the request, shadows included", default=None)
+    ts: float | None = _wire({"type": ["number", "null"], "minimum": -MAX_MAGNITUDE, "maximum": MAX_MAGNITUDE},
+                             "when it happened (epoch seconds; absent: the record's time)", default=None)
+    clicks: tuple[str, ...] | None = _wire(
+        {"type": ["array", "null"], "maxItems": MAX_CLICKS,
+         "items": {"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}, {"type": "integer"}]}},
+        "ranking routes: clicked item ids in click order", default=None)
+    schema_version: int = _version()
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"request_id": self.request_id}
+        out: dict[str, Any] = {"schema_version": self.schema_version, "request_id": self.request_id}
         if self.reward is not None:
             out["reward"] = self.reward
         if self.label is not None:
@@ -147,20 +232,30 @@ class Outcome:
         return out
 
 
+def dead_letter_event(error: str, reason: str, topic: str, partition: int, offset: int, payload: str
+                      ) -> dict[str, Any]:
+    """A dead-letter event (the fields of :class:`DeadLetter`)."""
+    return {"schema_version": SCHEMA_VERSION, "error": error, "reason": reason, "topic": topic,
+            "partition": partition, "offset": offset, "payload": payload}
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """An event that could not be processed, with why and where it came from."""
 
-    error: str
-    topic: str
-    partition: int
-    offset: int
-    payload: str
-    reason: str = "bad_input"
+    error: str = _wire({"type": "string"}, "what was wrong, one line")
+    topic: str = _wire({"type": "string"}, "where the event was read")
+    partition: int = _wire({"type": "integer"}, "its partition (-1: not from a record)")
+    offset: int = _wire({"type": "integer"}, "its offset (-1: not from a record)")
+    payload: str = _wire({"type": "string"}, "the original bytes as text, cut to 64 KiB")
+    reason: str = _wire({"type": "string"}, "machine-readable reason (a metric label), e.g. " + ", ".join(REASONS),
+                        default="bad_input")
+    schema_version: int = _version()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"error": self.error, "reason": self.reason, "topic": self.topic, "partition": self.partition,
-                "offset": self.offset, "payload": self.payload}
+        out = dead_letter_event(self.error, self.reason, self.topic, self.partition, self.offset, self.payload)
+        out["schema_version"] = self.schema_version
+        return out
 
 
 ALERT_STATES = frozenset({"firing", "resolved"})
@@ -176,31 +271,110 @@ class Alert:
     details.feature (None for a whole-model signal). Consumers written before the field read
     every alert as firing; read it as ``alert.get("state", "firing")``."""
 
-    kind: str
-    route: str
-    arm: str | None
-    model_version: int | None
-    metric: str
-    value: float
-    threshold: float
-    ts: float
-    details: Mapping[str, Any] = field(default_factory=dict)
-    state: str = "firing"
+    kind: str = _wire({"type": "string", "enum": sorted(ALERT_KINDS)}, "what happened")
+    route: str = _id("the route it concerns (the record key)")
+    arm: str | None = _wire({"type": ["string", "null"]}, "the arm it concerns, if one")
+    model_version: int | None = _wire({"type": ["integer", "null"]}, "the model version it concerns, if one")
+    metric: str = _wire({"type": "string"}, "what was measured")
+    value: float = _wire({"type": ["number", "null"]}, "the measured value")
+    threshold: float = _wire({"type": ["number", "null"]}, "the value it was compared with")
+    ts: float = _wire({"type": ["number", "null"]}, "when (epoch seconds)")
+    details: Mapping[str, Any] = _wire({"type": ["object", "null"]}, "kind-specific details", factory=dict)
+    state: str = _wire({"type": "string", "enum": sorted(ALERT_STATES)}, "firing or resolved (absent: firing)",
+                       default="firing")
+    schema_version: int = _version()
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind, "state": self.state, "route": self.route, "arm": self.arm,
-               "model_version": self.model_version,
+        out: dict[str, Any] = {"schema_version": self.schema_version, "kind": self.kind, "state": self.state, "route": self.route,
+               "arm": self.arm, "model_version": self.model_version,
                "metric": self.metric, "value": self.value, "threshold": self.threshold, "ts": self.ts}
         if self.details:
             out["details"] = dict(self.details)
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class RoutingChange:
+    """One rollout transition (routing-changes topic, keyed by route): who moved which arm from
+    which stage to which, with the routing before and after (router/rollout.py AuditRecord)."""
+
+    seq: int = _wire({"type": "integer"}, "the rollout state's seq after the change")
+    route: str = _id("the route (the record key)")
+    model: str = _wire({"type": "string"}, "the candidate's model")
+    version: int = _wire({"type": "integer"}, "the candidate's model version")
+    arm: str = _wire({"type": "string"}, "the candidate arm")
+    from_stage: str = _wire({"type": "string"}, "stage before")
+    to_stage: str = _wire({"type": "string"}, "stage after")
+    actor: str = _wire({"type": "string"}, "rule:<criterion> for automation, admin:<who> for an operator")
+    reason: str = _wire({"type": "string"}, "why, one line")
+    before: Mapping[str, Any] = _wire({"type": "object"}, "routing before")
+    after: Mapping[str, Any] = _wire({"type": "object"}, "routing after")
+    ts: float = _wire({"type": "number"}, "when (epoch seconds)")
+    from_seq: int = _wire({"type": "integer"}, "the state's seq before the change")
+    alert_kind: str | None = _wire({"type": ["string", "null"]}, "promote/reject/rollback (alerts topic), else null",
+                                   default=None)
+    details: Mapping[str, Any] = _wire({"type": "object"}, "criterion details", factory=dict)
+    kind: str = _wire({"const": "routing_change"}, "always routing_change", default="routing_change")
+    schema_version: int = _version()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in ("before", "after", "details"):
+            out[key] = dict(out[key])
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON Schemas, generated from the dataclasses above
+
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+EVENT_TYPES: dict[str, type] = {"request": Request, "prediction": Prediction, "shadow-prediction": Prediction,
+                                "outcome": Outcome, "dead-letter": DeadLetter, "alert": Alert,
+                                "routing-change": RoutingChange}
+"""Schema name -> its definition; every event banditgate reads or writes."""
+
+
+def json_schema(name: str) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of event `name` (a key of EVENT_TYPES), built from the
+    dataclass's fields: a field without a default is required. What the readers accept beyond a
+    schema: a reader also checks what needs the configuration (a route is configured, a reply
+    topic allowed), an interleave prediction's impression, and that an integer is not written as
+    a float (JSON Schema reads 1.0 as an integer; the readers refuse it)."""
+    cls = EVENT_TYPES[name]
+    properties: dict[str, Any] = {}
+    required = []
+    for f in fields(cls):
+        if not f.metadata.get("wire", True):
+            continue
+        properties[f.name] = dict(f.metadata["schema"])
+        if f.default is MISSING and f.default_factory is MISSING:
+            required.append(f.name)
+    doc = " ".join((cls.__doc__ or "").split())
+    schema: dict[str, Any] = {"$schema": SCHEMA_DIALECT, "$id": f"banditgate:{name}:v{SCHEMA_VERSION}",
+                              "title": f"banditgate {name} event (schema_version {SCHEMA_VERSION})",
+                              "description": doc, "type": "object", "properties": properties, "required": required}
+    if cls is Outcome:
+        schema["anyOf"] = [{"required": [key], "properties": {key: {"not": {"type": "null"}}}}
+                           for key in ("reward", "label", "clicks")]
+    if name == "shadow-prediction":
+        properties["shadow"] = {"const": True, "description": properties["shadow"]["description"]}
+        properties["primary_arm"] = {**_NAME_SCHEMA, "description": properties["primary_arm"]["description"]}
+        schema["required"] = [*required, "shadow", "primary_arm"]
+    return schema
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """Every event's JSON Schema by name (`banditgate schemas`, GET /v2/schemas)."""
+    return {name: json_schema(name) for name in EVENT_TYPES}
+
+
 # ---------------------------------------------------------------------------------------------
 # encoding
 
 
-def encode(event: Request | Prediction | Outcome | DeadLetter | Alert) -> bytes:
+def encode(event: Request | Prediction | Outcome | DeadLetter | Alert | RoutingChange) -> bytes:
     """Serialize an event to JSON bytes (orjson)."""
     return orjson.dumps(event.to_dict())
 
@@ -231,6 +405,18 @@ def load_object(raw: bytes | None, kind: str, max_bytes: int) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise EventError("not_object", f"{kind} event is a JSON {type(obj).__name__}, not an object")
     return obj
+
+
+def check_version(obj: dict[str, Any], kind: str) -> int:
+    """The event's schema_version (1 when absent: written before the field); raise EventError
+    (unknown_version) for a version this reader does not know."""
+    version = obj.get("schema_version")
+    if version is None:
+        return 1
+    if type(version) is int and version in KNOWN_SCHEMA_VERSIONS:
+        return version
+    raise EventError("unknown_version", f"{kind} event has schema_version {str(version)[:32]!r}; this reader knows "
+                                        f"{', '.join(map(str, sorted(KNOWN_SCHEMA_VERSIONS)))}")
 
 
 def _require_id(obj: dict[str, Any], key: str, kind: str) -> str:
@@ -275,13 +461,18 @@ def _check_value(value: Any, path: str, depth: int) -> None:
         raise EventError("not_finite", f"request input '{path}' is not a finite number")
 
 
-def request_fields(obj: dict[str, Any], routes: Container[str] | None = None
-                   ) -> tuple[str, str, dict[str, Any], str | None, float | None, tuple[str, ...] | None]:
-    """Validate a decoded request object; return (request_id, route, inputs, unit_id, ts, items).
+def request_fields(obj: dict[str, Any], routes: Container[str] | None = None,
+                   reply_allowed: Callable[[str], bool] | None = None
+                   ) -> tuple[str, str, dict[str, Any], str | None, float | None, tuple[str, ...] | None, str | None]:
+    """Validate a decoded request object; return (request_id, route, inputs, unit_id, ts, items,
+    reply_to). `reply_allowed` says whether the gateway may write to a reply topic (None: not
+    checked here).
 
     The tuple form spares the hot path one object per request; raise EventError with the reason.
     """
     request_id = _require_id(obj, "request_id", "request")
+    if "schema_version" in obj:
+        check_version(obj, "request")
     route = _require_id(obj, "route", "request")
     if routes is not None and route not in routes:
         raise EventError("unknown_route", f"request {request_id!r} names unknown route {route!r}")
@@ -305,13 +496,22 @@ def request_fields(obj: dict[str, Any], routes: Container[str] | None = None
     ts = obj.get("ts")
     if ts is not None:
         ts = _optional_ts(obj, "ts", "request")
-    return request_id, route, inputs, unit_id, ts, items
+    reply_to = obj.get("reply_to")
+    if reply_to is not None:
+        if not isinstance(reply_to, str) or _TOPIC.fullmatch(reply_to) is None:
+            raise EventError("wrong_type", f"request {request_id!r} 'reply_to' must be a topic name "
+                                           "(1..249 letters, digits, '.', '_', '-')")
+        if reply_allowed is not None and not reply_allowed(reply_to):
+            raise EventError("reply_refused", f"request {request_id!r} asks for replies on topic {reply_to!r}, "
+                                              "which matches no kafka.reply_topics pattern of this gateway")
+    return request_id, route, inputs, unit_id, ts, items, reply_to
 
 
 def request_from_obj(obj: dict[str, Any], routes: Container[str] | None = None) -> Request:
     """Validate a decoded request object against the contract; raise EventError with the reason."""
-    request_id, route, inputs, unit_id, ts, items = request_fields(obj, routes)
-    return Request(request_id=request_id, route=route, inputs=inputs, unit_id=unit_id, ts=ts, items=items)
+    request_id, route, inputs, unit_id, ts, items, reply_to = request_fields(obj, routes)
+    return Request(request_id=request_id, route=route, inputs=inputs, unit_id=unit_id, ts=ts, items=items,
+                   reply_to=reply_to, schema_version=check_version(obj, "request"))
 
 
 def decode_request(raw: bytes, routes: Container[str] | None = None,
@@ -341,6 +541,7 @@ def is_name(value: Any) -> bool:
 def outcome_from_obj(obj: dict[str, Any]) -> Outcome:
     """Validate a decoded outcome object; raise EventError with the reason."""
     request_id = _require_id(obj, "request_id", "outcome")
+    version = check_version(obj, "outcome")
     reward = obj.get("reward")
     if reward is not None:
         if isinstance(reward, bool):
@@ -373,7 +574,7 @@ def outcome_from_obj(obj: dict[str, Any]) -> Outcome:
     ts = _optional_ts(obj, "ts", "outcome")
     if ts is not None:
         _bounded(ts, f"outcome {request_id!r} 'ts'")
-    return Outcome(request_id=request_id, reward=reward, label=label, ts=ts, clicks=clicks)
+    return Outcome(request_id=request_id, reward=reward, label=label, ts=ts, clicks=clicks, schema_version=version)
 
 
 def decode_outcome(raw: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Outcome:
@@ -387,6 +588,7 @@ _PREDICTION_NUMBERS = ("propensity", "ts_request", "ts_predicted", "latency_ms")
 def prediction_from_obj(obj: dict[str, Any]) -> Prediction:
     """Validate a decoded (shadow-)prediction object; raise EventError with the reason."""
     request_id = _require_id(obj, "request_id", "prediction")
+    schema_version = check_version(obj, "prediction")
     route = _require_id(obj, "route", "prediction")
     arm = _require_id(obj, "arm", "prediction")
     model = _require_id(obj, "model", "prediction")
@@ -409,13 +611,14 @@ def prediction_from_obj(obj: dict[str, Any]) -> Prediction:
     if not isinstance(outputs, dict):
         raise EventError("wrong_type", f"prediction {request_id!r} 'outputs' must be an object")
     known = {"request_id", "route", "arm", "model", "model_version", "policy", "outputs", "shadow",
-             "primary_arm", *_PREDICTION_NUMBERS}
+             "primary_arm", "schema_version", *_PREDICTION_NUMBERS}
     extra = {k: v for k, v in obj.items() if k not in known}
     shadow = bool(obj.get("shadow", False))
     primary = obj.get("primary_arm")
     return Prediction(request_id=request_id, route=route, arm=arm, model=model, model_version=version,
                       policy=policy, outputs=outputs, shadow=shadow,
-                      primary_arm=primary if isinstance(primary, str) else None, extra=extra, **numbers)
+                      primary_arm=primary if isinstance(primary, str) else None, extra=extra,
+                      schema_version=schema_version, **numbers)
 
 
 def decode_prediction(raw: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Prediction:
@@ -426,17 +629,24 @@ def decode_prediction(raw: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> P
 def decode_dead_letter(raw: bytes) -> DeadLetter:
     """Decode a dead-letter event (written by us)."""
     obj = load_object(raw, "dead-letter", DEFAULT_MAX_EVENT_BYTES * 8)
+    version = check_version(obj, "dead-letter")
     try:
         return DeadLetter(error=str(obj["error"]), topic=str(obj["topic"]), partition=int(obj["partition"]),
                           offset=int(obj["offset"]), payload=str(obj["payload"]),
-                          reason=str(obj.get("reason", "bad_input")))
+                          reason=str(obj.get("reason", "bad_input")), schema_version=version)
     except (KeyError, TypeError, ValueError) as exc:
         raise EventError("missing_field", f"dead-letter event is incomplete: {exc}") from None
 
 
 def decode_alert(raw: bytes) -> Alert:
     """Decode an alert event."""
-    obj = load_object(raw, "alert", DEFAULT_MAX_EVENT_BYTES)
+    return alert_from_obj(load_object(raw, "alert", DEFAULT_MAX_EVENT_BYTES))
+
+
+def alert_from_obj(obj: Mapping[str, Any]) -> Alert:
+    """Validate an alert object (decoded, or built as a dict by a monitor); raise EventError."""
+    obj = dict(obj)
+    version = check_version(obj, "alert")
     kind = obj.get("kind")
     if kind not in ALERT_KINDS:
         raise EventError("wrong_type", f"alert 'kind' must be one of {sorted(ALERT_KINDS)}, got {kind!r}")
@@ -448,6 +658,6 @@ def decode_alert(raw: bytes) -> Alert:
         return Alert(kind=kind, route=route, arm=obj.get("arm"), model_version=obj.get("model_version"),
                      metric=str(obj.get("metric", "")), value=float(obj.get("value", 0.0)),
                      threshold=float(obj.get("threshold", 0.0)), ts=float(obj.get("ts", 0.0)),
-                     details=obj.get("details") or {}, state=state)
+                     details=obj.get("details") or {}, state=state, schema_version=version)
     except (TypeError, ValueError) as exc:
         raise EventError("wrong_type", f"alert has a non-numeric field: {exc}") from None

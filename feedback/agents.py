@@ -47,6 +47,7 @@ from banditgate import redis_errors
 from banditgate.config import Topics
 from banditgate.events import (
     DEFAULT_MAX_EVENT_BYTES,
+    KNOWN_SCHEMA_VERSIONS,
     MAX_ID_CHARS,
     MAX_LABEL_CHARS,
     MAX_MAGNITUDE,
@@ -92,6 +93,7 @@ T = TypeVar("T")
 
 _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
+_KNOWN_VERSIONS = KNOWN_SCHEMA_VERSIONS
 _LOW, _HIGH = -MAX_MAGNITUDE, MAX_MAGNITUDE
 """The events contract's bounds on numbers: the fast decoder compares what it has already read."""
 _KNOWN_NAMES_MAX = 4096
@@ -171,6 +173,9 @@ class JoinProcessor:
         request_id = obj.get("request_id")
         if type(request_id) is not str or not 0 < len(request_id) <= MAX_ID_CHARS:
             return self._decode_slow(message)
+        version = obj.get("schema_version")
+        if version is not None and (type(version) is not int or version not in _KNOWN_VERSIONS):
+            return self._decode_slow(message)  # which says unknown_version
         if message.topic == self._topics.outcomes:
             reward = obj.get("reward")
             label = obj.get("label")

@@ -23,6 +23,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from banditgate import redis_errors
 from banditgate.config import Config
 from banditgate.connections import check_redis, redis_client, server_ssl_context
+from banditgate.events import alert_from_obj
 from banditgate.logs import setup_logging
 from gateway.admin import Admin
 from gateway.batching.circuit import STATE_CODES
@@ -261,7 +262,9 @@ class Gateway:
         if self.rollouts is not None:
             self.rollouts.note_alarm(alert)  # drift alarms feed retraining triggers
         if self.publisher is not None:
-            self.publisher.publish(self.config.kafka.topics.alerts, [alert], key_field="route")
+            # through the one definition (banditgate.events.Alert): checked, with its schema_version
+            self.publisher.publish(self.config.kafka.topics.alerts, [alert_from_obj(alert).to_dict()],
+                                   key_field="route")
 
     async def _produce_outcomes(self, outcomes: list[dict[str, Any]]) -> None:
         """Publish outcomes posted over HTTP/gRPC and wait for the broker. A failed publication

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from banditgate.config import Arm, Config, Route
+from banditgate.events import prediction_event
 from gateway.batching.batcher import ModelBatcher, RowsResult
 from gateway.batching.circuit import CircuitPolicy, thread_share
 from gateway.batching.policy import BatchPolicy
@@ -300,14 +301,10 @@ class Dataplane:
         route_name, policy, model_name, version = route.name, route.policy, model.name, model.version
         for position, row in enumerate(ok_rows):
             request = requests[row]
-            event = {
-                "request_id": request.request_id, "route": route_name, "arm": arm_name, "model": model_name,
-                "model_version": version, "policy": policy,
-                "propensity": 1.0 if propensities is None else propensities[row],
-                "outputs": {name: column[position] for name, column in zip(names, columns)},
-                "ts_request": request.ts_request, "ts_predicted": now_wall,
-                "latency_ms": round((now - request.received_s) * 1000.0, 3),
-            }
+            event = prediction_event(request.request_id, route_name, arm_name, model_name, version, policy,
+                                     1.0 if propensities is None else propensities[row],
+                                     {name: column[position] for name, column in zip(names, columns)},
+                                     request.ts_request, now_wall, round((now - request.received_s) * 1000.0, 3))
             answer = answers[row]
             if primary_names is None:
                 answer.prediction = event
@@ -395,10 +392,10 @@ def _row_events(outputs: dict[str, np.ndarray], rows: int, request_id: str, rout
     columns = {name: array.tolist() for name, array in outputs.items()}
     events = []
     for row in range(rows):
-        event = {"request_id": request_id if rows == 1 else f"{request_id}/{row}", "route": route, "arm": arm,
-                 "model": model.name, "model_version": model.version, "policy": policy, "propensity": propensity,
-                 "outputs": {name: values[row] for name, values in columns.items()}, "ts_request": ts_request,
-                 "ts_predicted": ts_predicted, "latency_ms": round(latency_ms, 3)}
+        event = prediction_event(request_id if rows == 1 else f"{request_id}/{row}", route, arm, model.name,
+                                 model.version, policy, propensity,
+                                 {name: values[row] for name, values in columns.items()}, ts_request, ts_predicted,
+                                 round(latency_ms, 3))
         if primary_arm is not None:
             event["shadow"] = True
             event["primary_arm"] = primary_arm

@@ -188,6 +188,10 @@ class GatewayMetrics:
                                            "Dead letters that could not be written (refused for good); the event is "
                                            "dropped, counted here and logged once per topic.", ["topic", "reason"],
                                            registry=registry)
+        self.replies_skipped = Counter("banditgate_replies_skipped_total",
+                                       "Predictions not also sent to a request's reply topic (it is unknown to the "
+                                       "broker, or refused for good); the predictions topic has them.", ["reason"],
+                                       registry=registry)
         self.sidecar_dropped = Counter("banditgate_sidecar_events_dropped_total",
                                        "Sidecar (REST/gRPC) prediction, shadow and alert events not published: "
                                        "queue full while Kafka was away, or refused for good.", ["topic", "reason"],

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from banditgate.events import prediction_event
 from gateway.dataplane import Answer, Dataplane, Pending, RouteRuntime
 from gateway.drift_watch import score_column
 from gateway.errors import GatewayError, ModelNotFound, ModelUnavailable
@@ -107,14 +108,12 @@ async def serve_interleave(dataplane: Dataplane, runtime: RouteRuntime, requests
         shown = [items[c] for c in shown_all[slot] if c >= 0]
         teams = [arm_names[t] for t, c in zip(team_all[slot], shown_all[slot]) if c >= 0]
         own = {arm_names[r]: [items[c] for c in top_all[slot][r] if c >= 0] for r in range(len(models))}
-        answers[index].prediction = {
-            "request_id": request.request_id, "route": route.name, "arm": "interleave", "model": "interleave",
-            "model_version": 0, "policy": "interleave", "propensity": 1.0,
-            "outputs": {"items": shown, "teams": teams, "rankings": own}, "rankers": rankers,
-            "method": "team_draft" if len(models) == 2 else "multileave",
-            "ts_request": request.ts_request, "ts_predicted": now_wall,
-            "latency_ms": round((now - request.received_s) * 1000.0, 3),
-        }
+        event = prediction_event(request.request_id, route.name, "interleave", "interleave", 0, "interleave", 1.0,
+                                 {"items": shown, "teams": teams, "rankings": own}, request.ts_request, now_wall,
+                                 round((now - request.received_s) * 1000.0, 3))
+        event["rankers"] = rankers
+        event["method"] = "team_draft" if len(models) == 2 else "multileave"
+        answers[index].prediction = event
     return answers
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import orjson
 
 from banditgate.config import Route
-from banditgate.events import Alert
+from banditgate.events import Alert, RoutingChange
 from router.lineup import RolloutRecord, lineup, primaries_after, replaced_arm, serving_version
 from router.rollout import AuditRecord, RolloutState, Transition, may_start, start
 
@@ -84,7 +84,7 @@ def latency_quantile(counts: Mapping[int, float], q: float) -> float | None:
 
 def audit_event(audit: AuditRecord) -> dict[str, Any]:
     """The routing-changes event of a transition (``seq``: the state's seq after it)."""
-    return {"kind": "routing_change", "seq": audit.from_seq + 1, **audit.to_dict()}
+    return RoutingChange(seq=audit.from_seq + 1, **audit.to_dict()).to_dict()
 
 
 def rollout_alert(audit: AuditRecord) -> Alert | None:

@@ -24,7 +24,7 @@ from starlette.types import Receive, Scope, Send
 
 from banditgate import __version__
 from banditgate.config import LOOPBACK_HOSTS, Config
-from banditgate.events import EventError, outcome_from_obj
+from banditgate.events import SCHEMA_VERSION, EventError, json_schemas, outcome_from_obj
 from gateway.dataplane import Dataplane, serve_tensors
 from gateway.errors import (
     Forbidden,
@@ -314,6 +314,9 @@ def build_app(ctx: SidecarContext) -> SidecarApp:
     async def metrics(_: Request) -> Response:
         return Response(generate_latest(ctx.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def schemas(_: Request) -> Response:
+        return _json({"schema_version": SCHEMA_VERSION, "schemas": json_schemas()})
+
     async def openapi(_: Request) -> Response:
         return _json(OPENAPI)
 
@@ -338,6 +341,7 @@ def build_app(ctx: SidecarContext) -> SidecarApp:
         Route(f"{versioned}/infer", guarded(infer), methods=["POST"]),
         Route("/v2/outcomes", guarded(outcomes), methods=["POST"]),
         Route("/v2/openapi.json", guarded(openapi, auth=False), methods=["GET"]),
+        Route("/v2/schemas", guarded(schemas, auth=False), methods=["GET"]),
         Route("/metrics", guarded(metrics, auth=False), methods=["GET"]),
         Route("/v2/admin/{action}", guarded(admin_dispatch, admin=True), methods=["GET", "POST"]),
         Route("/v2/admin/routes/{route}", guarded(admin_dispatch, admin=True), methods=["GET"]),

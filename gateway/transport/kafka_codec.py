@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from banditgate.events import EventError, dead_letter_payload, load_object, request_fields
+from banditgate.events import EventError, dead_letter_event, dead_letter_payload, load_object, request_fields
 from gateway.dataplane import Pending
 
 
@@ -22,6 +22,10 @@ class SourcedPending(Pending):
     offset: int = 0
     key: bytes | None = None
     raw: bytes = b""
+    reply_to: str | None = None
+    """A topic the prediction also goes to (allowed by kafka.reply_topics), keyed by request_id."""
+    headers: Any = None
+    """The request record's headers (the trace context travels on from them)."""
 
 
 @dataclass
@@ -29,11 +33,15 @@ class DecodedRecords:
     by_route: dict[str, list[SourcedPending]] = field(default_factory=dict)
     dead: list[tuple[Any, str, str]] = field(default_factory=list)  # (record, reason, message)
     count: int = 0
+    reply_topics: set[str] = field(default_factory=set)
+    """The reply topics the decoded requests name."""
 
 
 def decode_records(records: Iterable[Any], routes: Container[str], max_bytes: int,
-                   clock: Any = time.monotonic, wall_clock: Any = time.time) -> DecodedRecords:
-    """Decode and validate request records; malformed ones go to `dead` with their reason."""
+                   clock: Any = time.monotonic, wall_clock: Any = time.time,
+                   reply_allowed: Callable[[str], bool] = lambda _topic: False) -> DecodedRecords:
+    """Decode and validate request records; malformed ones go to `dead` with their reason (a
+    `reply_to` that `reply_allowed` refuses: reply_refused)."""
     out = DecodedRecords()
     by_route = out.by_route
     now = clock()
@@ -42,13 +50,16 @@ def decode_records(records: Iterable[Any], routes: Container[str], max_bytes: in
         out.count += 1
         raw = record.value
         try:
-            request_id, route, inputs, unit_id, ts, items = request_fields(load_object(raw, "request", max_bytes),
-                                                                           routes)
+            request_id, route, inputs, unit_id, ts, items, reply_to = request_fields(
+                load_object(raw, "request", max_bytes), routes, reply_allowed)
         except EventError as exc:
             out.dead.append((record, exc.reason, str(exc)))
             continue
         pending = SourcedPending(request_id, inputs, unit_id, wall if ts is None else ts, now, items,
-                                 record.topic, record.partition, record.offset, record.key, raw)
+                                 record.topic, record.partition, record.offset, record.key, raw, reply_to,
+                                 record.headers)
+        if reply_to is not None:
+            out.reply_topics.add(reply_to)
         group = by_route.get(route)
         if group is None:
             by_route[route] = [pending]
@@ -61,8 +72,8 @@ def dead_letter_value(error: str, reason: str, topic: str, partition: int, offse
                       payload_chars: int = 65_536) -> bytes:
     """The dead-letter event of DESIGN.md (plus a machine-readable `reason`); the original bytes are
     cut to `payload_chars` characters (the full record stays in its topic at `offset`)."""
-    return orjson.dumps({"error": error, "reason": reason, "topic": topic, "partition": partition, "offset": offset,
-                         "payload": dead_letter_payload(raw or b"", payload_chars)})
+    return orjson.dumps(dead_letter_event(error, reason, topic, partition, offset,
+                                          dead_letter_payload(raw or b"", payload_chars)))
 
 
 def encode_event(event: dict[str, Any]) -> bytes:

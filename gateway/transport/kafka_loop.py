@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fnmatch
 import logging
 import sys
 import time
@@ -33,7 +34,7 @@ from banditgate.connections import ConnectionCheckError, check_kafka, describe_k
 from gateway.dataplane import Answer, Dataplane
 from gateway.metrics import GatewayMetrics
 from gateway.transport.delivery import Position, RefusalMemo, is_delivery_error, refusal
-from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, Sent, delivered
+from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, Sent, delivered, partition_for
 from gateway.transport.kafka_codec import dead_letter_value, decode_records
 from gateway.transport.shared_producer import SharedProducer, close_producer
 
@@ -42,6 +43,13 @@ dumps = orjson.dumps
 log = logging.getLogger("banditgate.kafka")
 
 CLOSE_NOW_TIMEOUT_S = 5.0
+REPLY_TOPICS_MAX = 1024
+"""Most reply topics whose partition counts (or absence) are remembered; a deployment has one per
+client service, so the memory is cleared whole when a misbehaving one exceeds it."""
+REPLY_METADATA_TIMEOUT_S = 5.0
+"""How long a batch waits for the broker to describe a reply topic it has not seen."""
+REPLY_RETRY_S = 30.0
+"""How long a reply topic the broker did not know is skipped before it is looked up again."""
 """How long leaving the group and closing may take once the grace period is over."""
 
 
@@ -102,6 +110,11 @@ class KafkaLoop:
         self._stopping: asyncio.Event | None = None
         self._dead_letter_logged: set[tuple[str, str]] = set()
         self.processed = 0
+        patterns = tuple(config.kafka.reply_topics)
+        self._reply_allowed: Callable[[str], bool] = (
+            (lambda topic: any(fnmatch.fnmatchcase(topic, p) for p in patterns)) if patterns else (lambda _: False))
+        self._reply_partitions: dict[str, int | float] = {}
+        """Reply topic -> its partition count, or the monotonic time until which it is skipped."""
 
     @property
     def producer(self) -> AIOKafkaProducer | None:
@@ -427,7 +440,10 @@ class KafkaLoop:
     async def _serve_records(self, records: list, out: OutboundBatches) -> None:
         """Decode, serve and add every resulting prediction, shadow prediction and dead-letter to `out`."""
         routes = self.dataplane.routes
-        decoded = decode_records(records, routes, self.config.max_event_bytes, clock=self.clock)
+        decoded = decode_records(records, routes, self.config.max_event_bytes, clock=self.clock,
+                                 reply_allowed=self._reply_allowed)
+        if decoded.reply_topics:
+            await self._learn_reply_topics(decoded.reply_topics, out.producer)
         self.processed += decoded.count
         guarded = bool(self.memo)  # refusals remembered: check each request against them (slow path)
         for record, reason, message in decoded.dead:
@@ -478,6 +494,8 @@ class KafkaLoop:
                         out.add(predictions_topic, key, value, partition, pending, alone)
                         counts[(prediction["arm"], "ok")] += 1
                         latencies.append(now - pending.received_s)
+                        if pending.reply_to is not None:
+                            self._reply(out, pending, key, value, alone)
                         if shadows and shadow_values:
                             for shadow, shadow_value in zip(shadows, shadow_values):
                                 out.add(shadows_topic, key, shadow_value, partition, pending, alone)
@@ -495,6 +513,40 @@ class KafkaLoop:
             for (arm, status), count in counts.items():
                 self.metrics.requests.labels(route_name, arm, status, "kafka").inc(count)
             self.metrics.end_to_end_seconds.observe_many(latencies, route_name, "kafka")
+
+    async def _learn_reply_topics(self, topics: set[str], producer: AIOKafkaProducer) -> None:
+        """Look up the partition counts of reply topics not seen before (one metadata request each,
+        bounded in time; a topic the broker does not know is skipped for REPLY_RETRY_S)."""
+        known = self._reply_partitions
+        now = self.clock()
+        todo = [t for t in topics if not isinstance(known.get(t), int) and known.get(t, 0.0) <= now]
+        if not todo:
+            return
+        if len(known) + len(todo) > REPLY_TOPICS_MAX:
+            known.clear()
+        for topic in todo:
+            try:
+                partitions = await asyncio.wait_for(producer.partitions_for(topic), REPLY_METADATA_TIMEOUT_S)
+            except (KafkaError, TimeoutError) as exc:
+                partitions = None
+                log.warning("reply topic %s is unknown to the broker (%s); its replies are skipped for %.0fs "
+                            "(the predictions topic has them)", topic, type(exc).__name__, REPLY_RETRY_S)
+            known[topic] = len(partitions) if partitions else now + REPLY_RETRY_S
+
+    def _reply(self, out: OutboundBatches, pending: Any, key: bytes, value: bytes, alone: bool) -> None:
+        """Add the prediction for the request's reply topic too (the same bytes, keyed by request_id)."""
+        topic = pending.reply_to
+        partitions = self._reply_partitions.get(topic)
+        if not isinstance(partitions, int):
+            self.metrics.replies_skipped.labels("unknown_topic").inc()
+            return
+        if self.memo and self.memo.closed(topic, self.clock()) is not None:
+            self.metrics.replies_skipped.labels("refused").inc()
+            return
+        try:
+            out.add(topic, key, value, partition_for(key, partitions), pending, alone)
+        except OutputRefused:
+            self.metrics.replies_skipped.labels("refused").inc()
 
     def _refused_output(self, pending: Any, key_bytes: int, value: bytes, shadow_values: list[bytes] | None,
                         out: OutboundBatches) -> tuple[str, str] | None:

@@ -42,6 +42,8 @@ OPENAPI: dict[str, Any] = {
                                                                     "403": _ERROR}}},
         **_model_paths("/v2/models/{name}", [_NAME]),
         **_model_paths("/v2/models/{name}/versions/{version}", [_NAME, _VERSION]),
+        "/v2/schemas": {"get": {"summary": "The JSON Schema of every event banditgate reads or writes",
+                                "responses": {"200": _ok("EventSchemas")}}},
         "/v2/outcomes": {"post": {
             "summary": "Outcome events (one object or a list) produced to the outcomes topic",
             "requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
@@ -86,5 +88,7 @@ OPENAPI: dict[str, Any] = {
             "request_id": {"type": "string"}, "reward": {"type": "number"}, "label": {},
             "ts": {"type": "number"}, "clicks": {"type": "array", "items": {"type": "string"}}}},
         "Accepted": {"type": "object", "properties": {"accepted": {"type": "integer"}}},
+        "EventSchemas": {"type": "object", "required": ["schema_version", "schemas"], "properties": {
+            "schema_version": {"type": "integer"}, "schemas": {"type": "object"}}},
     }},
 }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import jsonschema
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from banditgate.config import Topics
-from banditgate.events import MAX_CLICKS, MAX_LABEL_CHARS, MAX_MAGNITUDE, MAX_RANKERS, EventError
+from banditgate.events import MAX_CLICKS, MAX_LABEL_CHARS, MAX_MAGNITUDE, MAX_RANKERS, EventError, json_schema
 from feedback.agents import JoinProcessor, SourceMessage
 from feedback.join import JoinRules, RouteRules
 from feedback.metrics import FeedbackMetrics
@@ -32,6 +33,10 @@ names = st.one_of(st.sampled_from(["a", "b", "churn-gbm", "m.v2", "a:b", "a|b", 
                                    "x" * 129]), st.text(max_size=8))
 
 
+versions = st.sampled_from([1, 1, 2, 0, -1, "1", 1.5, None, True])
+"""schema_version: absent (see _maybe), known, unknown, or not an integer."""
+
+
 def _maybe(draw: st.DrawFn, obj: dict[str, Any], key: str, values: st.SearchStrategy[Any]) -> None:
     if draw(st.booleans()):
         obj[key] = draw(values)
@@ -43,6 +48,7 @@ def outcome_objects(draw: st.DrawFn) -> dict[str, Any]:
     _maybe(draw, obj, "reward", anything)
     _maybe(draw, obj, "label", anything)
     _maybe(draw, obj, "ts", anything)
+    _maybe(draw, obj, "schema_version", versions)
     if draw(st.integers(0, 5)) == 0:
         obj["clicks"] = draw(st.one_of(st.lists(st.text(max_size=3), max_size=3), st.just(["i"] * (MAX_CLICKS + 1)),
                                        anything))
@@ -69,6 +75,7 @@ def prediction_objects(draw: st.DrawFn) -> dict[str, Any]:
     }
     for key in ("propensity", "ts_request", "ts_predicted", "latency_ms"):
         obj[key] = draw(st.one_of(numbers, st.just(0.5))) if draw(st.integers(0, 4)) else draw(anything)
+    _maybe(draw, obj, "schema_version", versions)
     if draw(st.integers(0, 9)) == 0:
         del obj[draw(st.sampled_from(sorted(obj)))]
     return obj
@@ -110,16 +117,46 @@ def _same(fast: Any, slow: Any) -> None:
             assert a == b and type(a) is type(b), f"outcome.{name}: fast {a!r}, slow {b!r}"
 
 
+SCHEMAS = {name: jsonschema.Draft202012Validator(json_schema(name)) for name in ("outcome", "prediction")}
+
+
+def _schema_agrees(name: str, obj: Any, fast: Any) -> None:
+    """The published JSON Schema (banditgate.events.json_schema) accepts what the decoders accept.
+    Checked where the decoders judge the event alone: a prediction's route must also be one the
+    worker is configured for, and an interleave prediction's impression is checked beyond the
+    schema (see json_schema's docstring)."""
+    if name == "prediction" and (obj.get("route") != "churn" or obj.get("policy") == "interleave"):
+        return
+    errors = [e.message for e in SCHEMAS[name].iter_errors(orjson.loads(orjson.dumps(obj)))]
+    assert (not errors) == (not isinstance(fast, str)), f"decoders: {fast!r}; schema: {errors[:2]}"
+
+
 @settings(max_examples=1500, deadline=None)
 @given(outcome_objects())
 def test_fast_outcome_decoder_accepts_exactly_what_the_contract_accepts(obj: dict[str, Any]) -> None:
-    _same(*_both(TOPICS.outcomes, obj))
+    fast, slow = _both(TOPICS.outcomes, obj)
+    _same(fast, slow)
+    _schema_agrees("outcome", obj, fast)
 
 
 @settings(max_examples=1500, deadline=None)
 @given(prediction_objects(), st.sampled_from([TOPICS.predictions, TOPICS.shadow_predictions]))
 def test_fast_prediction_decoder_accepts_exactly_what_the_contract_accepts(obj: dict[str, Any], topic: str) -> None:
-    _same(*_both(topic, obj))
+    fast, slow = _both(topic, obj)
+    _same(fast, slow)
+    _schema_agrees("prediction", obj, fast)
+
+
+@pytest.mark.parametrize("version", [2, 0, "1", 1.5, True])
+@pytest.mark.parametrize("topic", [TOPICS.outcomes, TOPICS.predictions])
+def test_an_unknown_schema_version_is_refused_by_both_paths(version: Any, topic: str) -> None:
+    obj: dict[str, Any] = ({"request_id": "r1", "reward": 1.0} if topic == TOPICS.outcomes else
+                           {"request_id": "r1", "route": "churn", "arm": "a", "model": "m", "model_version": 1,
+                            "policy": "fixed", "outputs": {}, "propensity": 1.0, "ts_request": 1.0,
+                            "ts_predicted": 2.0, "latency_ms": 1.0})
+    assert not isinstance(_both(topic, obj)[0], str)
+    fast, slow = _both(topic, {**obj, "schema_version": version})
+    assert fast == slow == "unknown_version"
 
 
 @pytest.mark.parametrize(("obj", "reason"), [

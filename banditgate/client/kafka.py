@@ -1,0 +1,189 @@
+"""Request-reply over Kafka (as Spring's ReplyingKafkaTemplate does): each request carries
+``reply_to``, the gateway also publishes the prediction there keyed by request_id, and one
+consumer of the reply topic (and of the dead-letter topic, for refusals) resolves the waiting
+futures by request_id.
+
+Defined behaviour:
+- no prediction within ``timeout_s``: :class:`PredictionTimeout` (the future is dropped; a late
+  prediction is ignored);
+- the request dead-lettered by the gateway: :class:`GatewayRejected` with the gateway's reason;
+- the gateway restarts (or is down) while a request waits: the gateway serves at least once from
+  its committed offsets, so the prediction arrives once a gateway is back - within the timeout the
+  call simply returns, later it raises PredictionTimeout. A prediction delivered twice resolves
+  the call once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Container, Mapping
+from typing import Any, Self
+
+import orjson
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from banditgate.client.errors import ClientError, GatewayRejected, InvalidRequest, PredictionTimeout
+from banditgate.client.types import Prediction
+from banditgate.client.validation import outcome_event, request_event
+from banditgate.events import KNOWN_SCHEMA_VERSIONS
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+class KafkaClient:
+    """Async Kafka client (``async with KafkaClient(...) as client``)."""
+
+    def __init__(self, bootstrap_servers: str, *, reply_topic: str | None = None, requests_topic: str = "bg.requests",
+                 outcomes_topic: str = "bg.outcomes", deadletter_topic: str = "bg.deadletter",
+                 routes: Container[str] | None = None, metadata: Mapping[str, Mapping[str, Any]] | None = None,
+                 max_in_flight: int = 10_000, linger_ms: int = 5, **kafka_kwargs: Any) -> None:
+        """`reply_topic`: this service's reply topic (it must exist and match the gateway's
+        kafka.reply_topics); None: `predict` is unavailable, `send` and `report_outcome` work.
+        `routes` / `metadata` (route -> OIP model metadata): checked before sending when given.
+        `kafka_kwargs` go to aiokafka (security_protocol, ssl_context, sasl_*)."""
+        self.bootstrap_servers = bootstrap_servers
+        self.reply_topic = reply_topic
+        self.requests_topic = requests_topic
+        self.outcomes_topic = outcomes_topic
+        self.deadletter_topic = deadletter_topic
+        self.routes = routes
+        self.metadata = dict(metadata or {})
+        self.max_in_flight = max_in_flight
+        self._linger_ms = linger_ms
+        self._kwargs = kafka_kwargs
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._waiting: dict[str, tuple[asyncio.Future[Prediction], float]] = {}
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, linger_ms=self._linger_ms,
+                                          acks="all", enable_idempotence=True, **self._kwargs)
+        await self._producer.start()
+        if self.reply_topic is None:
+            return
+        # assigned (no group) and positioned at the end before any request is sent: nothing this
+        # client asks for can be answered before the consumer's position is fixed
+        partitions = []
+        for topic in (self.reply_topic, self.deadletter_topic):
+            found = await self._producer.partitions_for(topic)
+            partitions += [TopicPartition(topic, p) for p in sorted(found)]
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap_servers, group_id=None,
+                                          enable_auto_commit=False, isolation_level="read_committed",
+                                          fetch_max_wait_ms=100, **self._kwargs)
+        await self._consumer.start()
+        self._consumer.assign(partitions)
+        await self._consumer.seek_to_end(*partitions)
+        for tp in partitions:
+            await self._consumer.position(tp)
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        for future, _ in self._waiting.values():
+            if not future.done():
+                future.set_exception(ClientError("closed", "the client was closed while the request waited"))
+        self._waiting.clear()
+        if self._consumer is not None:
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    # -- requests --------------------------------------------------------------------------------
+
+    async def predict(self, route: str, inputs: Mapping[str, Any], *, unit: str | None = None,
+                      request_id: str | None = None, items: list[str] | None = None,
+                      timeout_s: float = DEFAULT_TIMEOUT_S) -> Prediction:
+        """Send one request and wait for its prediction (see the module docstring for failures)."""
+        if self.reply_topic is None or self._producer is None:
+            raise ClientError("not_started", "predict needs a started client with a reply_topic")
+        event = request_event(route, inputs, unit=unit, request_id=request_id, reply_to=self.reply_topic,
+                              items=items, routes=self.routes, metadata=self.metadata.get(route))
+        rid = event["request_id"]
+        if rid in self._waiting:
+            raise InvalidRequest("bad_id", f"request {rid!r} is already waiting for its prediction")
+        if len(self._waiting) >= self.max_in_flight:
+            raise ClientError("overloaded", f"{self.max_in_flight} requests are already waiting (max_in_flight)")
+        future: asyncio.Future[Prediction] = asyncio.get_running_loop().create_future()
+        started = time.monotonic()
+        self._waiting[rid] = (future, started)
+        try:
+            await (await self._producer.send(self.requests_topic, orjson.dumps(event), key=rid.encode()))
+            return await asyncio.wait_for(asyncio.shield(future), timeout_s - (time.monotonic() - started))
+        except TimeoutError:
+            raise PredictionTimeout(f"no prediction for request {rid!r} within {timeout_s}s") from None
+        finally:
+            self._waiting.pop(rid, None)
+
+    async def send(self, route: str, inputs: Mapping[str, Any], *, unit: str | None = None,
+                   request_id: str | None = None, items: list[str] | None = None) -> str:
+        """Fire and forget: queue one request (the producer batches them); returns its request_id.
+        `flush()` waits until everything queued is acknowledged."""
+        if self._producer is None:
+            raise ClientError("not_started", "start the client first")
+        event = request_event(route, inputs, unit=unit, request_id=request_id, reply_to=None, items=items,
+                              routes=self.routes, metadata=self.metadata.get(route))
+        rid: str = event["request_id"]
+        await self._producer.send(self.requests_topic, orjson.dumps(event), key=rid.encode())
+        return rid
+
+    async def flush(self) -> None:
+        if self._producer is not None:
+            await self._producer.flush()
+
+    async def report_outcome(self, request_id: str, *, reward: float | None = None, label: Any = None,
+                             clicks: list[str] | None = None, ts: float | None = None) -> None:
+        """Publish an outcome for `request_id` and wait for the broker's acknowledgement."""
+        if self._producer is None:
+            raise ClientError("not_started", "start the client first")
+        event = outcome_event(request_id, reward, label, clicks, ts)
+        await (await self._producer.send(self.outcomes_topic, orjson.dumps(event), key=request_id.encode()))
+
+    # -- replies ---------------------------------------------------------------------------------
+
+    async def _read(self) -> None:
+        assert self._consumer is not None  # noqa: S101 - started before the task
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200, max_records=1000)
+            if not self._waiting:
+                continue
+            for records in batches.values():
+                for record in records:
+                    self._resolve(record)
+
+    def _resolve(self, record: Any) -> None:
+        if record.topic == self.deadletter_topic:
+            rid = record.key.decode("utf-8", "replace") if record.key else None
+            slot = self._waiting.get(rid) if rid else None
+            if slot is None or slot[0].done():
+                return
+            try:
+                letter = orjson.loads(record.value)
+                reason, error = str(letter.get("reason", "bad_input")), str(letter.get("error", ""))
+            except (orjson.JSONDecodeError, AttributeError):
+                reason, error = "bad_input", "the gateway dead-lettered the request"
+            slot[0].set_exception(GatewayRejected(reason, error))
+            return
+        try:
+            event = orjson.loads(record.value)
+            rid = event["request_id"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return
+        slot = self._waiting.get(rid)
+        if slot is None or slot[0].done():
+            return  # not ours, timed out, or delivered twice
+        if event.get("schema_version", 1) not in KNOWN_SCHEMA_VERSIONS:
+            slot[0].set_exception(ClientError("unknown_version", f"prediction for {rid!r} has schema_version "
+                                                                 f"{event.get('schema_version')!r}; upgrade the client"))
+            return
+        slot[0].set_result(Prediction.from_event(event, (time.monotonic() - slot[1]) * 1000.0))

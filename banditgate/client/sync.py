@@ -1,0 +1,85 @@
+"""Blocking wrappers: each runs its async client on a private event loop in a daemon thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, Self, TypeVar
+
+from banditgate.client.http import HttpClient
+from banditgate.client.kafka import KafkaClient
+from banditgate.client.types import Prediction
+
+T = TypeVar("T")
+
+
+class _Loop:
+    def __init__(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="banditgate-client", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
+
+
+class SyncKafkaClient:
+    """KafkaClient, blocking (``with SyncKafkaClient(...) as client``); same arguments."""
+
+    def __init__(self, bootstrap_servers: str, **kwargs: Any) -> None:
+        self._loop = _Loop()
+        self._client = KafkaClient(bootstrap_servers, **kwargs)
+        try:
+            self._loop.run(self._client.start())
+        except BaseException:
+            self._loop.stop()
+            raise
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def predict(self, route: str, inputs: dict[str, Any], **kwargs: Any) -> Prediction:
+        return self._loop.run(self._client.predict(route, inputs, **kwargs))
+
+    def send(self, route: str, inputs: dict[str, Any], **kwargs: Any) -> str:
+        return self._loop.run(self._client.send(route, inputs, **kwargs))
+
+    def flush(self) -> None:
+        self._loop.run(self._client.flush())
+
+    def report_outcome(self, request_id: str, **kwargs: Any) -> None:
+        self._loop.run(self._client.report_outcome(request_id, **kwargs))
+
+    def close(self) -> None:
+        try:
+            self._loop.run(self._client.close())
+        finally:
+            self._loop.stop()
+
+
+class SyncHttpClient:
+    """HttpClient, blocking; same arguments."""
+
+    def __init__(self, base_url: str, **kwargs: Any) -> None:
+        self._client = HttpClient(base_url, **kwargs)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+    def predict(self, route: str, inputs: dict[str, Any], **kwargs: Any) -> Prediction:
+        return asyncio.run(self._client.predict(route, inputs, **kwargs))
+
+    def report_outcome(self, request_id: str, **kwargs: Any) -> None:
+        asyncio.run(self._client.report_outcome(request_id, **kwargs))

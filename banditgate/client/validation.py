@@ -1,0 +1,91 @@
+"""Client-side checks with the gateway's validators and reason names (banditgate.events)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Container, Mapping
+from typing import Any
+
+import numpy as np
+
+from banditgate.client.errors import InvalidRequest
+from banditgate.events import EventError, outcome_from_obj, request_fields
+
+_DTYPES = {"FP16": "f", "FP32": "f", "FP64": "f", "INT8": "i", "INT16": "i", "INT32": "i", "INT64": "i",
+           "UINT8": "u", "UINT16": "u", "UINT32": "u", "UINT64": "u", "BOOL": "b", "BYTES": "S"}
+
+
+def plain_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """Inputs as JSON values (numpy arrays as lists); non-finite numbers refused (``not_finite``:
+    JSON has no NaN, the encoder would write null)."""
+    out: dict[str, Any] = {}
+    for name, value in inputs.items():
+        array = value if isinstance(value, np.ndarray) else None
+        if array is None and isinstance(value, (list, tuple, float)):
+            try:
+                array = np.asarray(value)
+            except ValueError:  # ragged: the gateway says why (bad_input)
+                array = None
+        if array is not None and array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise InvalidRequest("not_finite", f"input {name!r} holds a NaN or an infinity")
+        out[name] = value.tolist() if isinstance(value, np.ndarray) else list(value) if isinstance(value, tuple) \
+            else value
+    return out
+
+
+def request_event(route: str, inputs: Mapping[str, Any], *, unit: str | None, request_id: str | None,
+                  reply_to: str | None, items: list[str] | None, routes: Container[str] | None,
+                  metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The request event, checked as the gateway will check it; raise InvalidRequest with its reason."""
+    obj: dict[str, Any] = {"request_id": request_id or uuid.uuid4().hex, "route": route,
+                           "inputs": plain_inputs(inputs)}
+    if unit is not None:
+        obj["unit_id"] = unit
+    if items is not None:
+        obj["items"] = list(items)
+    if reply_to is not None:
+        obj["reply_to"] = reply_to
+    try:
+        request_fields(obj, routes)
+    except EventError as exc:
+        raise InvalidRequest(exc.reason, str(exc)) from None
+    if metadata is not None:
+        check_metadata(obj["inputs"], metadata)
+    obj["schema_version"] = 1
+    return obj
+
+
+def check_metadata(inputs: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
+    """One row per input against the model's OIP metadata (GET /v2/models/{route}): names
+    (``bad_input``), shape (``bad_input``) and element kind (``wrong_type``)."""
+    specs = {spec["name"]: spec for spec in metadata.get("inputs", [])}
+    unknown = sorted(set(inputs) - set(specs))
+    if unknown:
+        raise InvalidRequest("bad_input", f"input {unknown[0]!r} is not one of the model's inputs {sorted(specs)}")
+    missing = sorted(set(specs) - set(inputs))
+    if missing:
+        raise InvalidRequest("bad_input", f"input {missing[0]!r} is missing")
+    for name, value in inputs.items():
+        spec = specs[name]
+        array = np.asarray(value)
+        row_shape = [d for d in spec.get("shape", [])[1:]]
+        if array.dtype == object or len(array.shape) != len(row_shape) or any(
+                d >= 0 and d != s for d, s in zip(row_shape, array.shape)):
+            raise InvalidRequest("bad_input", f"input {name!r} has shape {list(array.shape)}, the model takes "
+                                              f"rows of {row_shape}")
+        kind = _DTYPES.get(spec.get("datatype", ""), "")
+        if kind in "fiu" and array.dtype.kind not in "fiub":
+            raise InvalidRequest("wrong_type", f"input {name!r} holds {array.dtype.kind!r} values, the model takes "
+                                               f"{spec['datatype']}")
+
+
+def outcome_event(request_id: str, reward: float | None, label: Any, clicks: list[str] | None,
+                  ts: float | None) -> dict[str, Any]:
+    obj: dict[str, Any] = {"request_id": request_id}
+    for key, value in (("reward", reward), ("label", label), ("clicks", clicks), ("ts", ts)):
+        if value is not None:
+            obj[key] = value
+    try:
+        return outcome_from_obj(obj).to_dict()
+    except EventError as exc:
+        raise InvalidRequest(exc.reason, str(exc)) from None
