@@ -131,8 +131,7 @@ def test_refused_outputs_are_dead_lettered_and_exactly_once_survives_broker_and_
     oversize = scenarios["oversize_output"]
     assert oversize["oversize_sent"] > 0 and oversize["oversize_dead_lettered"] == oversize["oversize_sent"]
     assert oversize["duplicates"] == 0  # no endless rewind republishing the batch's other predictions
-    for name in ("eos_broker_restart", "eos_txn_abort",
-             "join_memory"):
+    for name in ("eos_broker_restart", "eos_txn_abort"):
         assert scenarios[name]["duplicates"] == 0 and scenarios[name]["lost"] == 0, name
     assert scenarios["eos_broker_restart"]["recovered_s"] is not None and scenarios["eos_broker_restart"]["recovered_s"] <= 10
     assert scenarios["eos_txn_abort"]["intrusions"] > 0 and not scenarios["eos_txn_abort"]["stalled"]

@@ -164,11 +164,14 @@ class SecureRedis:
         stop_pid(self.pid, grace_s=10)
 
 
-# What the project runs on Redis (router/stats_store.py, feedback/sinks.py): hashes, SET NX EX
-# for dedup marks, EXPIRE, and Lua scripts through EVALSHA (SCRIPT LOAD on a NOSCRIPT reply).
+# What the project runs on Redis (router/stats_store.py, feedback/ledger.py, the guardrail, the
+# drift episodes, the export lease, the rollout outbox): hashes, SET NX EX for dedup marks,
+# EXPIRE/PEXPIRE, TYPE (the scripts check a key's type before their first write), a list for the
+# rollout outbox, and Lua scripts through EVALSHA (SCRIPT LOAD on a NOSCRIPT reply).
 ACL_COMMANDS = ("+ping", "+hello", "+auth", "+client|setname", "+select",
                 "+hgetall", "+hget", "+hmget", "+hset", "+hsetnx", "+hdel", "+hincrby", "+hincrbyfloat",
-                "+set", "+get", "+del", "+expire", "+exists",
+                "+set", "+get", "+del", "+expire", "+pexpire", "+exists", "+type",
+                "+rpush", "+llen", "+lrange", "+ltrim",
                 "+eval", "+evalsha", "+script|load", "+script|exists")
 
 
