@@ -408,7 +408,7 @@ class ShadowStage(_Strict):
     min_outcomes: int = Field(100, ge=1)
     """Labelled (shadow, primary) pairs before a `promote` verdict is acted on (a `reject` acts at once)."""
     confidence: float = Field(0.95, gt=0.5, lt=1)
-    """Of the always-valid confidence sequence on loss(primary) - loss(shadow) (feedback.quality)."""
+    """Of the always-valid confidence sequence on loss(primary) - loss(shadow) (feedback.outcome_metrics)."""
     margin: float = Field(0.0, ge=0, lt=1)
     """Promote only when the shadow's advantage is surely above this (loss units)."""
 

@@ -78,8 +78,8 @@ from feedback.join import (
     on_prediction,
 )
 from feedback.metrics import FeedbackMetrics
+from feedback.outcome_metrics import outputs_view
 from feedback.pairs import impression_from_outputs
-from feedback.quality import outputs_view
 from feedback.quality_drift_watch import QualityDriftWatch
 from feedback.sinks import KafkaOut, RedisSink, Refusal
 from feedback.state import JoinTable

@@ -45,7 +45,7 @@ from feedback.interleave_monitor import InterleaveMonitor
 from feedback.join import JoinRules, RouteRules
 from feedback.metrics import FeedbackMetrics
 from feedback.producer import ReplaceableProducer
-from feedback.quality_drift import QualityDriftTracker
+from feedback.quality_drift_tracker import QualityDriftTracker
 from feedback.quality_drift_watch import QualityDriftWatch, ThresholdCache
 from feedback.sinks import (
     FeedbackKeys,

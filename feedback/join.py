@@ -42,8 +42,8 @@ from typing import Any, Literal
 
 import orjson
 
+from feedback.outcome_metrics import PredictionView
 from feedback.pairs import Impression, Pairs, pairs_effect
-from feedback.quality import PredictionView
 from feedback.reward import RewardError, RewardKind, checked_reward
 
 NO_ROUTE = "_none"

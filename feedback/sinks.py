@@ -50,7 +50,7 @@ from banditgate.events import MAX_MAGNITUDE, Alert, DeadLetter, dead_letter_payl
 from banditgate.kafka_delivery import is_delivery_error, needs_new_producer, refusal
 from feedback.join import Count, DropOutcome, Effect, Label, Reward
 from feedback.metrics import FeedbackMetrics
-from feedback.quality import (
+from feedback.outcome_metrics import (
     FIELD_NAMES,
     QualityStats,
     bucket_seconds,

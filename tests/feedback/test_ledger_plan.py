@@ -12,7 +12,7 @@ import redis.asyncio as aredis
 
 from banditgate.events import MAX_MAGNITUDE
 from feedback.join import Count, Reward, Served
-from feedback.quality import PredictionView
+from feedback.outcome_metrics import PredictionView
 from feedback.sinks import FeedbackKeys, Ledger, LedgerPlanner, Plan, RedisSink, Refusal
 from router.stats_store import ArmStatsStore
 

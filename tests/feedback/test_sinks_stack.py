@@ -12,8 +12,8 @@ from prometheus_client import CollectorRegistry
 
 from banditgate.config import Route
 from feedback.join import Count, Label, Reward, Served
-from feedback.quality import PredictionView
 from feedback.metrics import FeedbackMetrics
+from feedback.outcome_metrics import PredictionView
 from feedback.sinks import FeedbackKeys, KafkaOut, Ledger, LedgerPlanner, QualityMonitor, RedisSink
 from router.stats_store import ArmStatsStore, ArmUpdate
 from tests.feedback.worker_helpers import counts, quality_totals
