@@ -54,9 +54,10 @@ import orjson
 from banditgate.config import Config, Route
 from feedback.export import ExportError
 from feedback.export_job import ExportLease, LeaseLost, job_spec, run_export_job
+from feedback.ledger import FeedbackKeys
 from feedback.metrics import FeedbackMetrics
 from feedback.outcome_metrics import shadow_verdict
-from feedback.sinks import FeedbackKeys, KafkaOut, parse_quality
+from feedback.sinks import KafkaOut, parse_quality
 from feedback.triggers import TriggerDecision, TriggerState, evaluate, retrain_alert
 from router.arm_stats import ArmStats
 from router.lineup import RolloutRecord, primaries_after, serving_version

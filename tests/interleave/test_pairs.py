@@ -25,6 +25,7 @@ from feedback.join import (
     on_outcome,
     on_prediction,
 )
+from feedback.ledger import FeedbackKeys, LedgerPlanner
 from feedback.outcome_metrics import PredictionView
 from feedback.pairs import (
     Impression,
@@ -36,7 +37,6 @@ from feedback.pairs import (
     route_verdicts,
     score_impression,
 )
-from feedback.sinks import FeedbackKeys, LedgerPlanner
 from router.interleave import clicked_positions, credit_clicks, pairwise_outcome
 from router.preference import PreferenceTest
 

@@ -164,7 +164,7 @@ class SecureRedis:
         stop_pid(self.pid, grace_s=10)
 
 
-# What the project runs on Redis (router/stats_store.py, feedback/sinks.py): hashes, SET NX EX
+# What the project runs on Redis (router/stats_store.py, feedback/ledger.py): hashes, SET NX EX
 # for dedup marks, EXPIRE, and Lua scripts through EVALSHA (SCRIPT LOAD on a NOSCRIPT reply).
 ACL_COMMANDS = ("+ping", "+hello", "+auth", "+client|setname", "+select",
                 "+hgetall", "+hget", "+hmget", "+hset", "+hsetnx", "+hdel", "+hincrby", "+hincrbyfloat",
