@@ -35,14 +35,14 @@ Redis keys for route R with prefix P (hash tag ``{R}``: one Cluster slot per rou
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, assert_never
 
 import orjson
 
 from banditgate.events import MAX_MAGNITUDE, is_name
-from feedback.join import Count, DropOutcome, Effect, Label, Reward
+from feedback.join import Count, DropOutcome, Effect, Label, Reward, Served
 from feedback.outcome_metrics import (
     FIELD_NAMES,
     bucket_seconds,
@@ -50,12 +50,51 @@ from feedback.outcome_metrics import (
     rewarded_fields,
     shadow_fields,
 )
+from feedback.pairs import Pairs
 from router.stats_store import ARM_UPDATE_LUA, ArmStatsStore, check_arm_update
 
 _CHUNK = 1000  # ledger items per script call: keeps each atomic step short on the Redis side
 
-_LEDGER = ARM_UPDATE_LUA + """
-local MAX_INCREMENT = 1e31
+# ---------------------------------------------------------------------------------------------
+# The wire format between the planner (Python, writes) and the script (Lua, reads): positional
+# JSON arrays. Each constant below is defined in the script under the same name, from this value
+# (LEDGER_LUA's first lines), so the two sides cannot disagree.
+#
+# ARGV: [dedup TTL s, payload]; payload = [names, items, expiries, arm spec] (LedgerChunk.payload)
+#   names       field names, referred to by 1-based position
+#   items       [seen key, token, group...], groups from position FIRST_GROUP:
+#               [n, target 1..n, name, amount, name, amount...]  a sum group (n >= 1 targets, each
+#                                                                adds every amount to its name)
+#               [ARM_UPDATE, arm seen key, arm, reward]          the route's arm statistics
+#   expiries    [[target, TTL s]...]: targets (time buckets) that expire
+#   arm spec    [] or [stats hash, half-life, TTL s] (when an item has an ARM_UPDATE group)
+# keys and targets are 1-based positions in KEYS.
+# Reply: [flags, arm updates applied, arm updates duplicate], flags one APPLIED / NOT_APPLIED
+# character per item.
+
+ARM_UPDATE = 0
+"""First element of a group that updates the route's arm statistics (a sum group starts with its
+number of targets, at least 1)."""
+FIRST_GROUP = 3
+"""1-based position of an item's first group (after its seen key and token)."""
+APPLIED = "1"
+"""An item's flag in the reply: its token was new, its sums were added now."""
+NOT_APPLIED = "0"
+"""An item's flag in the reply: its token had been applied before, nothing was added."""
+MAX_INCREMENT = 1e31
+"""The largest amount an item may add (a sum of the contract's numbers, at most 1e15, or their
+squares: at most 4e30); past it, NaN or a JSON null (orjson's infinity) the script refuses."""
+_APPLIED_BYTE = ord(APPLIED)
+
+_WIRE_LUA = f"""
+-- the wire format: feedback/ledger.py defines these, under the same names
+local ARM_UPDATE = {ARM_UPDATE}
+local FIRST_GROUP = {FIRST_GROUP}
+local APPLIED, NOT_APPLIED = '{APPLIED}', '{NOT_APPLIED}'
+local MAX_INCREMENT = {MAX_INCREMENT:.0e}
+"""
+
+LEDGER_LUA = ARM_UPDATE_LUA + _WIRE_LUA + """
 local ttl = tonumber(ARGV[1])
 if not bg_count(ttl) then return bg_refuse('dedup TTL ' .. tostring(ARGV[1]) .. ' is not a whole number of seconds') end
 local decoded, payload = pcall(cjson.decode, ARGV[2])
@@ -78,11 +117,13 @@ for i = 1, #rows do
   if type(item) ~= 'table' or KEYS[item[1]] == nil or type(item[2]) ~= 'string' then
     return bg_refuse('item ' .. i .. ' is not [seen key, token, group...]')
   end
-  for g = 3, #item do
+  for g = FIRST_GROUP, #item do
     local group = item[g]
-    if type(group) ~= 'table' then return bg_refuse('item ' .. i .. ': group ' .. (g - 2) .. ' is not a list') end
+    if type(group) ~= 'table' then
+      return bg_refuse('item ' .. i .. ': group ' .. (g - FIRST_GROUP + 1) .. ' is not a list')
+    end
     local n = group[1]
-    if n == 0 then
+    if n == ARM_UPDATE then
       local name, reward = group[3], group[4]
       if #group ~= 4 or KEYS[group[2]] == nil or type(reward) ~= 'number'
           or not (reward >= -MAX_MAGNITUDE and reward <= MAX_MAGNITUDE) or not (arms[name] or bg_name(name)) then
@@ -92,7 +133,7 @@ for i = 1, #rows do
       any_arm = true
     else
       if type(n) ~= 'number' or KEYS[n] == nil or (#group - 1 - n) % 2 ~= 0 then
-        return bg_refuse('item ' .. i .. ': group ' .. (g - 2) .. ' is not [n, target..., name, amount...]')
+        return bg_refuse('item ' .. i .. ': group ' .. (g - FIRST_GROUP + 1) .. ' is not [n, target..., name, amount...]')
       end
       local last = n + 1
       for k = 2, last do
@@ -170,17 +211,17 @@ for i, item in ipairs(rows) do
       redis.call('EXPIRE', key, ttl)
       expired[item[1]] = true
     end
-    flags[i] = '1'
+    flags[i] = APPLIED
   else
-    flags[i] = '0'
+    flags[i] = NOT_APPLIED
   end
 end
 local sums = {}
 for i, item in ipairs(rows) do
-  local new = flags[i] == '1'
-  for g = 3, #item do
+  local new = flags[i] == APPLIED
+  for g = FIRST_GROUP, #item do
     local group = item[g]
-    if group[1] == 0 then
+    if group[1] == ARM_UPDATE then
       -- an arm update: counted once per its own seen key, whatever the item's token says
       arm_add(arm, KEYS[group[2]], arm_spec[3], group[3], group[4])
     elseif new then
@@ -251,7 +292,8 @@ class LedgerChunk:
     """One script call's worth of ledger items for one route, encoded as the script reads them:
     KEYS (seen hashes and target hashes), field names, and per item ``[seen key, token, group...]``
     with a group ``[n targets, target..., name, amount, name, amount...]`` (1-based positions), or,
-    for the route's arm statistics, ``[0, arm seen key, arm, reward]`` (see `arm`)."""
+    for the route's arm statistics, ``[ARM_UPDATE, arm seen key, arm, reward]`` (see `arm`; the
+    wire format above)."""
 
     __slots__ = (
         "arm",
@@ -326,17 +368,18 @@ class Ledger:
         self._client = client
         self._keys = keys
         self._dedup_ttl_s = int(dedup_ttl_s)
-        self._script = client.register_script(_LEDGER)
+        self._script = client.register_script(LEDGER_LUA)
 
     async def apply(self, chunks: Sequence[LedgerChunk]) -> list[ChunkApplied]:
         """Apply each chunk's items; return, per chunk, which items were applied now (False:
         their token had been applied before) and how many arm updates counted. Raises RedisError
         on failure (then retry the same chunks: nothing is applied twice)."""
-        replies = await self.apply_each(chunks)
-        for reply in replies:
+        applied: list[ChunkApplied] = []
+        for reply in await self.apply_each(chunks):
             if isinstance(reply, BaseException):
                 raise reply
-        return replies  # type: ignore[return-value]
+            applied.append(reply)
+        return applied
 
     async def apply_each(self, chunks: Sequence[LedgerChunk]) -> list[ChunkApplied | BaseException]:
         """`apply`, with each chunk's own result: a script call Redis answered with an error
@@ -350,8 +393,9 @@ class Ledger:
         replies = await pipe.execute(raise_on_error=False)
         # one '0'/'1' character per item: a bulk string parses in one step, an array of integers
         # costs the client a Python call per item
+        applied = _APPLIED_BYTE
         return [reply if isinstance(reply, BaseException)
-                else ChunkApplied([flag == 49 for flag in reply[0]], int(reply[1]), int(reply[2]))
+                else ChunkApplied([flag == applied for flag in reply[0]], int(reply[1]), int(reply[2]))
                 for reply in replies]
 
 
@@ -382,7 +426,7 @@ class LedgerPlanner:
         self._route_keys: dict[str, tuple[str, str]] = {}
         self._bucket_keys: dict[tuple[str, int], str] = {}
 
-    def _field_names(self, served: Any) -> dict[str, str]:
+    def _field_names(self, served: Served) -> dict[str, str]:
         key = (served.role, served.arm, served.model, served.model_version)
         names = self._names.get(key)
         if names is None:
@@ -397,7 +441,7 @@ class LedgerPlanner:
         return keys
 
     def _quality_slot(self, chunk: LedgerChunk, route: str, slot_key: tuple[Any, ...],
-                      served: Any) -> tuple[list[float], dict[str, int]]:
+                      served: Served) -> tuple[list[float], dict[str, int]]:
         """The quality group's targets and the positions of its sum names in `chunk`, for a
         model version's sums in one time bucket (`chunk` is one route's; `slot_key` is
         ``(bucket number, shadow, arm, model, version)``, as `plan` looks it up)."""
@@ -458,19 +502,44 @@ class LedgerPlanner:
         seen_position = 0
         arm_names = self._arm_names
         for effect in effects:
-            cls = effect.__class__
-            if cls is DropOutcome:
-                continue
-            if cls is Reward and arms is not None and not (
-                    effect.served.arm in arm_names  # type: ignore[union-attr]
-                    and -MAX_MAGNITUDE <= effect.reward <= MAX_MAGNITUDE):  # type: ignore[union-attr]
-                refusal = self._check_reward(effect)  # type: ignore[arg-type]
-                if refusal is not None:
-                    if refused is None:
-                        raise ValueError(refusal.error)
-                    refused.append(refusal)
-                    continue
-            route = effect.route  # type: ignore[union-attr]
+            # what each kind of effect adds, taken out of it here (cases by frequency in a
+            # batch: a label per model that predicted, then the serving arm's reward and count)
+            reward: float | None = None
+            count: tuple[str, str | None] | None = None
+            pair_sums: Mapping[str, float] | None = None
+            match effect:
+                case Label():
+                    served = effect.served
+                    token = "label:" + served.arm  # Label.token, without the call
+                    ts = effect.ts
+                    fields = labelled_fields(served.view, effect.label)
+                    if served.shadow:
+                        primary = effect.primary
+                        fields.update(shadow_fields(served.view, None if primary is None else primary.view, effect.label))
+                case Reward():
+                    served = effect.served
+                    reward = effect.reward
+                    if arms is not None and not (served.arm in arm_names and -MAX_MAGNITUDE <= reward <= MAX_MAGNITUDE):
+                        refusal = self._check_reward(effect)
+                        if refusal is not None:
+                            if refused is None:
+                                raise ValueError(refusal.error)
+                            refused.append(refusal)
+                            continue
+                    token = effect.token
+                    fields = rewarded_fields(reward)
+                    ts = effect.ts
+                case Count():
+                    token = effect.token
+                    count = (effect.kind, effect.arm)
+                case Pairs():
+                    token = effect.token
+                    pair_sums = effect.fields
+                case DropOutcome():
+                    continue  # a dead letter: nothing to count
+                case _:
+                    assert_never(effect)
+            route = effect.route
             request_id = effect.request_id
             chunk = current.get(route)
             if chunk is None or len(chunk.rows) >= limit:
@@ -480,31 +549,18 @@ class LedgerPlanner:
                 # bytes: the Redis client passes them on as they are (a str costs it ~4x more)
                 seen_position = chunk.key(seen_key(route, request_id).encode())
                 last_request, last_route, last_chunk = request_id, route, chunk
-            # one item per effect: an effect repeated in a batch (a token applied before) is
-            # recognised by the script like any replay
-            row: list[Any] = [seen_position, "label:" + effect.served.arm if cls is Label  # type: ignore[union-attr]
-                              else effect.token]  # type: ignore[union-attr]
+            # one item per effect, [seen key, token, group...]: an effect repeated in a batch (a
+            # token applied before) is recognised by the script like any replay
+            row: list[Any] = [seen_position, token]
             chunk.rows.append(row)
             chunk.members.append(effect)
-            if cls is Count:
-                group = chunk.groups.get((effect.kind, effect.arm))  # type: ignore[union-attr]
-                row.append(group if group is not None
-                           else count_group(chunk, route, effect.kind, effect.arm))  # type: ignore[union-attr]
+            if count is not None:
+                group = chunk.groups.get(count)
+                row.append(group if group is not None else count_group(chunk, route, count[0], count[1]))
                 continue
-            if cls is Reward:
-                served = effect.served  # type: ignore[union-attr]
-                reward = effect.reward  # type: ignore[union-attr]
-                fields = rewarded_fields(reward)
-            elif cls is Label:
-                served = effect.served  # type: ignore[union-attr]
-                fields = labelled_fields(served.view, effect.label)  # type: ignore[union-attr]
-                if served.shadow:
-                    primary = effect.primary  # type: ignore[union-attr]
-                    fields.update(shadow_fields(served.view, None if primary is None else primary.view,
-                                                effect.label))  # type: ignore[union-attr]
-            else:  # Pairs
-                group = [1, chunk.key(self._keys.pairs(route))]
-                for name, amount in effect.fields.items():  # type: ignore[union-attr]
+            if pair_sums is not None:
+                group = [1, chunk.key(self._keys.pairs(route))]  # a sum group with one target
+                for name, amount in pair_sums.items():
                     group.append(chunk.name(name))
                     group.append(amount)
                 row.append(group)
@@ -512,7 +568,7 @@ class LedgerPlanner:
             if fields:
                 # per chunk, the group's targets and sum names' positions of each (time bucket,
                 # model version): nearly every item of a batch reuses one of a handful
-                bucket_number = int(effect.ts // bucket_s)  # type: ignore[union-attr]
+                bucket_number = int(ts // bucket_s)
                 slot_key = (bucket_number, served.shadow, served.arm, served.model, served.model_version)
                 stat = chunk.stat_names.get(slot_key)
                 targets, positions = stat if stat is not None else quality_slot(chunk, route, slot_key, served)
@@ -520,8 +576,8 @@ class LedgerPlanner:
                 for name, value in fields.items():
                     group += (positions[name], value)
                 row.append(group)
-            if cls is Reward and arms is not None:
+            if reward is not None and arms is not None:
                 if not chunk.arm:
                     chunk.arm = [chunk.key(arms.stats_key(route)), arms.half_life(route), arms.dedup_ttl_s]
-                row.append([0, chunk.key(arms.seen_key(route, request_id).encode()), served.arm, reward])
+                row.append([ARM_UPDATE, chunk.key(arms.seen_key(route, request_id).encode()), served.arm, reward])
         return chunks
