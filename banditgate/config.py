@@ -45,6 +45,7 @@ from banditgate.events import (  # one definition each: events are checked with 
     MAX_RANKERS,
     NAME_PATTERN,
 )
+from banditgate.redaction import redact_url
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -407,7 +408,7 @@ class ShadowStage(_Strict):
     min_outcomes: int = Field(100, ge=1)
     """Labelled (shadow, primary) pairs before a `promote` verdict is acted on (a `reject` acts at once)."""
     confidence: float = Field(0.95, gt=0.5, lt=1)
-    """Of the always-valid confidence sequence on loss(primary) - loss(shadow) (feedback.quality)."""
+    """Of the always-valid confidence sequence on loss(primary) - loss(shadow) (feedback.outcome_metrics)."""
     margin: float = Field(0.0, ge=0, lt=1)
     """Promote only when the shadow's advantage is surely above this (loss units)."""
 
@@ -653,16 +654,6 @@ def _interpolate(value: Any, path: str, problems: list[str], env: dict[str, str]
 _SECRET_WORDS = ("password", "token", "secret")
 
 
-def _redact(text: str) -> str:
-    """A URL-looking value with its password replaced by ***."""
-    scheme, separator, rest = text.partition("://")
-    if not separator or "@" not in rest:
-        return text
-    credentials, host = rest.rsplit("@", 1)
-    user, has_password, _password = credentials.partition(":")
-    return f"{scheme}://{user}:***@{host}" if has_password else text
-
-
 _SECRET_FILE_FIELDS = {
     ("kafka", "security"): ("sasl_password", "key_password"),
     ("redis",): ("password",),
@@ -741,7 +732,7 @@ def _format_error(err: ErrorDetails) -> str:
     inp = err.get("input")
     secret = any(word in str(part).lower() for part in loc for word in _SECRET_WORDS)
     if isinstance(inp, str):
-        inp = _redact(inp)
+        inp = redact_url(inp)
     shown = "" if err["type"] in ("missing", "extra_forbidden") or isinstance(inp, (dict, list)) or secret \
         else f" (got {inp!r})"
     if isinstance(inp, str) and len(inp) > 60:
@@ -800,7 +791,7 @@ def dump_public(config: Config) -> dict[str, Any]:
     """The configuration as served to operators: every secret replaced by '**********', and any
     password inside the Redis URL by '***'."""
     data = config.model_dump(mode="json", by_alias=True)
-    data["redis"]["url"] = _redact(data["redis"]["url"])
+    data["redis"]["url"] = redact_url(data["redis"]["url"])
     for route in data.get("routes", []):
         if route.get("webhook_url"):
             route["webhook_url"] = url_origin(route["webhook_url"]) + "/**********"

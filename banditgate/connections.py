@@ -12,6 +12,7 @@ import ssl
 from typing import TYPE_CHECKING, Any
 
 from banditgate.config import KafkaConfig, RedisConfig, ServerConfig
+from banditgate.redaction import redact_url
 
 if TYPE_CHECKING:
     import redis.asyncio as aredis
@@ -117,16 +118,6 @@ def redis_client(redis_config: RedisConfig, **overrides: Any) -> aredis.Redis:
             kwargs["ssl_keyfile"] = str(redis_config.key_file)
     kwargs.update(overrides)
     return aredis.Redis.from_url(redis_config.url, **kwargs)
-
-
-def redact_url(url: str) -> str:
-    """A URL with any password in it replaced by ``***`` (user names are kept: they are not secret)."""
-    scheme, separator, rest = url.partition("://")
-    if not separator or "@" not in rest:
-        return url
-    credentials, host = rest.rsplit("@", 1)
-    user, has_password, _password = credentials.partition(":")
-    return f"{scheme}://{user}:***@{host}" if has_password else url
 
 
 # ---------------------------------------------------------------------------------------------

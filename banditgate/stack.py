@@ -32,6 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from banditgate.redaction import redact_url
+
 KAFKA_VERSION = "4.1.0"
 LOG4J_VERSION = "2.24.3"
 DEFAULT_KAFKA_PORT = 19092
@@ -658,9 +660,9 @@ class Stack:
     def _up_redis(self, state: dict, say: Callable[[str], None]) -> str:
         if env := os.environ.get("BANDITGATE_REDIS"):
             if not redis_answers(env):
-                raise StackError(f"BANDITGATE_REDIS={_redact_url(env)} does not answer PING: start that server or unset the variable")
+                raise StackError(f"BANDITGATE_REDIS={redact_url(env)} does not answer PING: start that server or unset the variable")
             if not _ours_at(state.get("redis") or {}, "url", env):
-                state["redis"] = {"url": _redact_url(env), "external": True}
+                state["redis"] = {"url": redact_url(env), "external": True}
             return env
         server = self.redis_server()
         entry = state.get("redis") or {}
@@ -740,7 +742,7 @@ class Stack:
         redis_env = os.environ.get("BANDITGATE_REDIS")
         rserver = self.redis_server()
         if redis_env:
-            out["redis"] = {"address": _redact_url(redis_env), "pid": None, "up": redis_answers(redis_env), "by": "BANDITGATE_REDIS"}
+            out["redis"] = {"address": redact_url(redis_env), "pid": None, "up": redis_answers(redis_env), "by": "BANDITGATE_REDIS"}
         else:
             entry = state.get("redis") or {}
             pid = entry.get("pid")
@@ -787,11 +789,3 @@ def _split_host_port(value: str, where: str) -> tuple[str, int]:
     return host or HOST, int(port)
 
 
-def _redact_url(url: str) -> str:
-    """Hide a password in a redis URL so it can be printed."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"

@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from banditgate.drift.reference import ReferenceProfile
+
 ROUTE = "diagnosis"
 INPUT_NAME = "features"
 CLASS_NAMES = ["benign", "malignant"]
@@ -45,12 +47,6 @@ REFERENCE_BINS = 8
 feature of this pool has the same bin frequencies, so the gateway calibrates one feature
 threshold instead of three (bins=10 leaves some features with tied edges): a third of the
 start-up cost, and no slower to detect the shift."""
-
-
-try:  # the pure drift package moved into banditgate; older trees keep it under feedback
-    from banditgate.drift.reference import ReferenceProfile
-except ImportError:  # pragma: no cover - depends on the tree's age
-    from feedback.drift.reference import ReferenceProfile  # type: ignore[no-redef]
 
 
 @dataclass(frozen=True)

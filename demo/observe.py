@@ -20,8 +20,9 @@ from demo.models import ROUTE
 from demo.telemetry import Sample, Telemetry, beta_posterior
 
 try:
-    from feedback.quality import QualityStats
-    from feedback.sinks import FeedbackKeys, parse_quality
+    from feedback.ledger import FeedbackKeys
+    from feedback.outcome_metrics import QualityStats
+    from feedback.sinks import parse_quality
 except ImportError:  # pragma: no cover - the feedback worker's ledger is optional for the view
     FeedbackKeys = None  # type: ignore[assignment,misc]
     parse_quality = None  # type: ignore[assignment]

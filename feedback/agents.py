@@ -77,11 +77,12 @@ from feedback.join import (
     on_outcome,
     on_prediction,
 )
+from feedback.ledger import Refusal
 from feedback.metrics import FeedbackMetrics
+from feedback.outcome_metrics import outputs_view
 from feedback.pairs import impression_from_outputs
-from feedback.quality import outputs_view
 from feedback.quality_drift_watch import QualityDriftWatch
-from feedback.sinks import KafkaOut, RedisSink, Refusal
+from feedback.sinks import KafkaOut, RedisSink
 from feedback.state import JoinTable
 
 if TYPE_CHECKING:

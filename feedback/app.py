@@ -43,18 +43,12 @@ from feedback.disk_store import ROCKSDB_OPTIONS, DiskJoinTable, JoinCollection, 
 from feedback.health import HEALTH_INTERVAL_S, REDIS_PING_TIMEOUT_S, HealthBoard, Probe
 from feedback.interleave_monitor import InterleaveMonitor
 from feedback.join import JoinRules, RouteRules
+from feedback.ledger import FeedbackKeys, Ledger, LedgerPlanner
 from feedback.metrics import FeedbackMetrics
 from feedback.producer import ReplaceableProducer
-from feedback.quality_drift import QualityDriftTracker
+from feedback.quality_drift_tracker import QualityDriftTracker
 from feedback.quality_drift_watch import QualityDriftWatch, ThresholdCache
-from feedback.sinks import (
-    FeedbackKeys,
-    KafkaOut,
-    Ledger,
-    LedgerPlanner,
-    QualityMonitor,
-    RedisSink,
-)
+from feedback.sinks import KafkaOut, QualityMonitor, RedisSink
 from feedback.state import JoinBudget, JoinTable, apply_changelog_records
 from feedback.web import start_web_server
 from feedback.webhooks import WebhookNotifier

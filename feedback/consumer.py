@@ -282,6 +282,20 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     pass  # no longer assigned: nothing to read again
         await self.perform_seek()
 
+    async def _stale_sought_back(self, generation: int, records: Mapping[TP, Sequence[Any]] | None = None) -> bool:
+        """False while records fetched in consumer `generation` may still be processed (faust's
+        flow is active and no rebalance began since). Otherwise they are dropped and read again
+        later: True, after seeking back - with `records` (nothing of them processed yet) as
+        `_seek_back` says, without (only the batch topics' records were left) to the committed
+        offsets, as faust does."""
+        if self.flow_active and generation == self.app.consumer_generation_id:
+            return False
+        if records is None:
+            await self.perform_seek()
+        else:
+            await self._seek_back(records)
+        return True
+
     # -- the drain loop ---------------------------------------------------------------------
     async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised by the worker tests
         source = self._source
@@ -298,9 +312,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
                 if not records or self.should_stop:
                     await asyncio.sleep(0)
                     continue
-                if not self.flow_active or generation != self.app.consumer_generation_id:
-                    await self._seek_back(records)  # re-read what was fetched but not processed
-                    continue
+                if await self._stale_sought_back(generation, records):
+                    continue  # re-read what was fetched but not processed
                 batch: list[Any] = []
                 ends: dict[TP, int] = {}
                 for tp, tp_records in records.items():
@@ -320,15 +333,13 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     continue
                 if source.handler is None:
                     await source.ready.wait()  # the worker's clients are still starting
-                    if not self.flow_active or generation != self.app.consumer_generation_id:
-                        await self.perform_seek()
+                    if await self._stale_sought_back(generation):
                         continue
                 handler = cast(BatchHandler, source.handler)
                 if len(self._writing) >= WRITES_IN_FLIGHT:
                     await asyncio.wait([self._writing[0][0]])
-                    if not self.flow_active or generation != self.app.consumer_generation_id:
-                        await self.perform_seek()  # a rebalance began meanwhile: re-read this batch later
-                        continue
+                    if await self._stale_sought_back(generation):
+                        continue  # a rebalance began meanwhile: re-read this batch later
                 if source.failed is not None:
                     await asyncio.Event().wait()  # stopping; nothing from the failed batch on is marked done
                 self._batch_idle.clear()

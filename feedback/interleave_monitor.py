@@ -2,7 +2,7 @@
 sequential test as gauges, and send a promote or reject alert once per verdict.
 
 The counts are all-time sums over every worker (``P:{R}:fb:pairs``, written through the ledger,
-see feedback/sinks.py), so any worker may run the test; an alert is marked in
+see feedback/ledger.py), so any worker may run the test; an alert is marked in
 ``P:{R}:fb:alerted`` (field ``interleave|<kind>|<arm>``) after it is sent, so it is sent once, or
 (rarely, when two workers decide in the same refresh or a worker dies between the two steps)
 twice — as the shadow promote/reject alerts. The verdict is the test's first crossing; to start a
@@ -21,9 +21,10 @@ import orjson
 
 from banditgate.config import Route
 from banditgate.events import Alert
+from feedback.ledger import FeedbackKeys
 from feedback.metrics import FeedbackMetrics
 from feedback.pairs import RouteVerdicts, parse_pairs, route_verdicts
-from feedback.sinks import FeedbackKeys, KafkaOut
+from feedback.sinks import KafkaOut
 from router.preference import PreferenceTest
 
 log = logging.getLogger("banditgate.feedback.interleave")

@@ -42,8 +42,8 @@ from typing import Any, Literal
 
 import orjson
 
+from feedback.outcome_metrics import PredictionView
 from feedback.pairs import Impression, Pairs, pairs_effect
-from feedback.quality import PredictionView
 from feedback.reward import RewardError, RewardKind, checked_reward
 
 NO_ROUTE = "_none"
@@ -612,15 +612,26 @@ _STATE_NUMBERS = {state: number for number, state in enumerate(_STATES)}
 _dumps = orjson.dumps
 
 
+ENTRY_FORMAT = 2
+"""Version of the stored entry layout, the first element of every record `encode_entry` writes
+(as ``"v2"``). Format 1, written before records carried a version, is the same list without it
+(its first element is the partition, a number): `decode_entry` reads both, so the changelog and
+the RocksDB store of a worker upgraded in place still recover. A change of the layout bumps the
+version and keeps a decoder for the one before (docs/feedback.md, "Changelog entry format")."""
+_ENTRY_TAG = f"v{ENTRY_FORMAT}"
+
+
 def encode_entry(entry: Entry) -> bytes:
-    """Serialize an entry for the table (the request_id is the table key, not repeated)."""
+    """Serialize an entry for the table (the request_id is the table key, not repeated):
+    ``["v2", partition, route, primary, ts_predicted, shadows, outcome, reward state, scored,
+    anchor_ts, early duplicates]``."""
     outcome = entry.outcome
     primary = entry.primary
     shadows = entry.shadows
     scored = entry.scored
-    # tuples and lists serialize alike (JSON arrays): the stored bytes are as before
+    # tuples and lists serialize alike (JSON arrays)
     return _dumps((
-        entry.partition, entry.route,
+        _ENTRY_TAG, entry.partition, entry.route,
         None if primary is None else _served_row(primary), entry.ts_predicted,
         [_served_row(s) for s in shadows] if shadows else (),
         None if outcome is None else _seen_row(outcome),
@@ -630,10 +641,19 @@ def encode_entry(entry: Entry) -> bytes:
 
 
 def decode_entry(request_id: str, raw: bytes) -> Entry:
-    """Inverse of encode_entry. Raises ValueError on bytes it did not write."""
+    """Inverse of encode_entry, for this format and format 1 (no version: the same fields).
+    Raises ValueError on bytes it did not write, or written in a format it does not know."""
     try:
-        (partition, route, primary, ts_predicted, shadows, outcome, state, scored, anchor_ts,
-         early) = orjson.loads(raw)
+        record = orjson.loads(raw)
+        version = record[0] if record.__class__ is list and record else None
+        if version == _ENTRY_TAG:
+            (_, partition, route, primary, ts_predicted, shadows, outcome, state, scored, anchor_ts,
+             early) = record
+        elif version.__class__ is str:
+            raise ValueError(f"format {version!r} is not one this worker reads (it reads {_ENTRY_TAG!r} and 1): "
+                             f"was it written by a newer version?")
+        else:  # format 1, before records carried a version
+            (partition, route, primary, ts_predicted, shadows, outcome, state, scored, anchor_ts, early) = record
         return Entry(request_id=request_id, partition=partition, route=route,
                      primary=None if primary is None else _served(primary, False), ts_predicted=ts_predicted,
                      shadows=tuple(_served(s, True) for s in shadows),

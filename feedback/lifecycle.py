@@ -23,7 +23,7 @@ Evidence, from what the stack already records:
 
 =================  ============================================================================
 shadow verdict     the shadow's paired label losses in the feedback ledger (``fb:quality``),
-                   judged by feedback.quality.shadow_verdict at the rollout's shadow confidence
+                   judged by feedback.outcome_metrics.shadow_verdict at the rollout's shadow confidence
                    and margin
 canary rewards     the candidate arm's statistics in the arm store (it has rewards only since
                    it serves); the replaced arm's statistics minus those stored when the canary
@@ -54,9 +54,10 @@ import orjson
 from banditgate.config import Config, Route
 from feedback.export import ExportError
 from feedback.export_job import ExportLease, LeaseLost, job_spec, run_export_job
+from feedback.ledger import FeedbackKeys
 from feedback.metrics import FeedbackMetrics
-from feedback.quality import shadow_verdict
-from feedback.sinks import FeedbackKeys, KafkaOut, parse_quality
+from feedback.outcome_metrics import shadow_verdict
+from feedback.sinks import KafkaOut, parse_quality
 from feedback.triggers import TriggerDecision, TriggerState, evaluate, retrain_alert
 from router.arm_stats import ArmStats
 from router.lineup import RolloutRecord, primaries_after, serving_version

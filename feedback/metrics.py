@@ -222,7 +222,7 @@ class QualityDriftCollector:
         self._states: list[Any] = []
 
     def update(self, states: list[Any]) -> None:
-        """`states`: feedback.quality_drift.SeriesState rows (replaced as a whole)."""
+        """`states`: feedback.quality_drift_tracker.SeriesState rows (replaced as a whole)."""
         self._states = states
 
     def collect(self) -> Iterable[GaugeMetricFamily]:

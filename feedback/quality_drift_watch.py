@@ -2,7 +2,7 @@
 
 After each batch's effects are in Redis, the Label and Reward effects the ledger applied *now*
 (so a replayed or redelivered outcome is fed once) go to the pure
-:class:`feedback.quality_drift.QualityDriftTracker`, one series per route / role / arm / model
+:class:`feedback.quality_drift_tracker.QualityDriftTracker`, one series per route / role / arm / model
 version / signal. Thresholds are calibrated in a worker thread (1-2 s per distinct error rate,
 cached for the process) in a helper process at a lower CPU priority, never on the event loop; a
 series waits, holding its outcomes, until its
@@ -48,7 +48,7 @@ from banditgate.episode_store import Episodes
 from banditgate.events import Alert
 from feedback.join import Label, Reward
 from feedback.metrics import FeedbackMetrics
-from feedback.quality_drift import QualityDriftTracker, SeriesAlarm, SeriesKey
+from feedback.quality_drift_tracker import QualityDriftTracker, SeriesAlarm, SeriesKey
 
 log = logging.getLogger("banditgate.feedback.quality_drift")
 

@@ -5,7 +5,7 @@ A route's ``retrain:`` config enables any combination of
 * ``every_s``    - a schedule: fire when that long has passed since the last trigger (or since
                    the first joined outcome the trigger saw);
 * ``new_labels`` - fire when that many joined outcomes arrived since the last trigger;
-* ``quality``    - fire on the quality-drift alarm (banditgate.drift.quality's Bernoulli CUSUM);
+* ``quality``    - fire on the quality-drift alarm (banditgate.drift.bernoulli_cusum's Bernoulli CUSUM);
 * ``drift``      - fire on a feature or score drift alarm.
 
 Whatever fires, at most one trigger per ``cooldown_s``: while cooling down, alarms are counted as

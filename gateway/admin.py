@@ -14,11 +14,12 @@ from typing import Any
 import orjson
 
 from banditgate.config import dump_public
-from gateway.dataplane import Dataplane, RouteRuntime
+from gateway.dataplane import Dataplane
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound
 from gateway.guardrail_watch import marker_key
 from gateway.models.repository import ModelRepository
 from gateway.rollout_apply import RolloutApplier
+from gateway.serving import RouteRuntime
 from router.stats_store import ArmStatsStore
 
 log = logging.getLogger("banditgate.admin")

@@ -11,7 +11,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import orjson
@@ -25,6 +24,7 @@ from banditgate.config import Config
 from banditgate.connections import check_redis, redis_client, server_ssl_context
 from banditgate.events import alert_from_obj
 from banditgate.logs import setup_logging
+from banditgate.redaction import redact_url
 from gateway.admin import Admin
 from gateway.batching.circuit import STATE_CODES
 from gateway.dataplane import Dataplane
@@ -64,15 +64,6 @@ def posterior_interval(posterior: Posterior) -> tuple[np.ndarray, np.ndarray, np
     low, high = posterior.support()
     spread = 1.96 * np.asarray(scale, dtype=float)
     return mean, np.clip(mean - spread, low, high), np.clip(mean + spread, low, high)
-
-
-def redacted_url(url: str) -> str:
-    """`url` without a password (for logs)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}{f':{parts.port}' if parts.port else ''}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def wanted_models(config: Config) -> list[tuple[str, int | str]]:
@@ -251,7 +242,7 @@ class Gateway:
         log.info("serving: kafka %s (requests %s, delivery %s), redis %s (prefix %s), models %s, providers %s, "
                  "batching %d rows / %d us, http %s:%s, grpc %s:%s, metrics %s",
                  self.config.kafka.bootstrap_servers, self.config.kafka.topics.requests, self.config.delivery,
-                 redacted_url(self.config.redis.url), self.config.redis.key_prefix, self.config.models.repository,
+                 redact_url(self.config.redis.url), self.config.redis.key_prefix, self.config.models.repository,
                  ", ".join(providers), self.config.batching.max_batch_size, self.config.batching.max_delay_us,
                  server.host, self.http_port or "off", server.host, self.grpc_port or "off", metrics_url)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,39 +24,13 @@ from gateway.batching.policy import BatchPolicy
 from gateway.errors import GatewayError, InferenceFailed, ModelNotFound, ModelUnavailable, Overloaded
 from gateway.models.onnx_runtime import OnnxModel
 from gateway.models.repository import ModelRepository
+from gateway.ranking import serve_interleave
+from gateway.serving import Answer, Pending, RouteRuntime
 from gateway.validation import validate_batch
 from router.decision import RoutePolicy
 
 RETIRE_POLL_S = 0.05
 """How often an unloaded model version's batcher is checked for rows still queued or running."""
-
-
-@dataclass(slots=True)
-class Pending:
-    """One request as the dataplane sees it, whatever transport it came from."""
-
-    request_id: str
-    inputs: Mapping[str, Any]
-    unit_id: str | None
-    ts_request: float  # epoch seconds the request was made (its `ts`, else when we received it)
-    received_s: float  # monotonic seconds when we received it
-    items: tuple[str, ...] | None = None  # ranking requests: candidate ids, one input row each
-
-
-@dataclass(slots=True)
-class Answer:
-    """The outcome for one request: a prediction (+ shadow predictions) or an error."""
-
-    prediction: dict[str, Any] | None = None
-    shadows: list[dict[str, Any]] | None = None
-    error: tuple[str, str] | None = None  # (reason, message)
-    outputs: dict[str, np.ndarray] | None = None  # raw output rows, for OIP responses
-
-
-@dataclass
-class RouteRuntime:
-    route: Route
-    policy: RoutePolicy
 
 
 def usable_cpus() -> float:
@@ -204,8 +178,6 @@ class Dataplane:
         runtime = self.routes[route_name]
         route = runtime.route
         if route.policy == "interleave":
-            from gateway.ranking import serve_interleave
-
             return await serve_interleave(self, runtime, requests, self._merge_rng)
         n = len(requests)
         decision = runtime.policy.decide(n, [r.unit_id for r in requests] if route.sticky_key else None)

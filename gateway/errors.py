@@ -1,4 +1,6 @@
-"""Errors the gateway raises, each carrying the transport status it maps to (REST / gRPC)."""
+"""Errors the gateway raises, each carrying the transport status it maps to (REST / gRPC) and the
+reason its metrics and dead letters name it by (`reason`, a class attribute found along the MRO,
+so a subclass answers for its parent unless it says otherwise)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ class GatewayError(Exception):
     http_status = 500
     grpc_code = "INTERNAL"
     user_facing = True
+    reason: str | None = None
+    """The `reason` label of banditgate_request_errors_total; None: `error_reason`'s default."""
 
 
 class ModelError(GatewayError):
@@ -20,6 +24,7 @@ class ModelError(GatewayError):
 class ModelNotFound(GatewayError):
     http_status = 404
     grpc_code = "NOT_FOUND"
+    reason = "model_unavailable"
 
 
 class InvalidInput(GatewayError):
@@ -27,6 +32,7 @@ class InvalidInput(GatewayError):
 
     http_status = 400
     grpc_code = "INVALID_ARGUMENT"
+    reason: str = "bad_input"  # each one's own, set by __init__
 
     def __init__(self, message: str, reason: str = "bad_input") -> None:
         super().__init__(message)
@@ -38,6 +44,7 @@ class Overloaded(GatewayError):
 
     http_status = 503
     grpc_code = "UNAVAILABLE"
+    reason = "overloaded"
 
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
@@ -69,6 +76,7 @@ class InferenceFailed(GatewayError):
 
     http_status = 500
     grpc_code = "INTERNAL"
+    reason = "inference_failed"
 
 
 class Unauthorized(GatewayError):
@@ -79,3 +87,28 @@ class Unauthorized(GatewayError):
 class Forbidden(GatewayError):
     http_status = 403
     grpc_code = "PERMISSION_DENIED"
+
+
+FOREIGN_REASONS: dict[type[BaseException], str] = {TimeoutError: "timeout"}
+"""Reasons of exceptions that are not ours and so carry no `reason` (asyncio.wait_for's
+TimeoutError), looked up along their MRO like ours."""
+
+
+def error_reason(error: BaseException, default: str = "bad_input") -> str:
+    """The reason an error is counted under: its own `reason` (an instance's, as InvalidInput
+    sets, else its class's along the MRO), else that of the nearest class in FOREIGN_REASONS,
+    else `default`.
+
+    >>> error_reason(TooManyRequests("busy")), error_reason(ModelUnavailable("down"))
+    ('overloaded', 'model_unavailable')
+    >>> error_reason(InvalidInput("no", "missing_field")), error_reason(Forbidden("no"))
+    ('missing_field', 'bad_input')
+    """
+    reason = getattr(error, "reason", None)
+    if isinstance(reason, str) and reason:
+        return reason
+    for klass in type(error).__mro__:
+        found = FOREIGN_REASONS.get(klass)
+        if found is not None:
+            return found
+    return default

@@ -10,20 +10,34 @@ its clicks now and re-scored later.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
 from banditgate.events import prediction_event
-from gateway.dataplane import Answer, Dataplane, Pending, RouteRuntime
+from gateway.batching.batcher import ModelBatcher
 from gateway.drift_watch import score_column
 from gateway.errors import GatewayError, ModelNotFound, ModelUnavailable
+from gateway.models.onnx_runtime import OnnxModel
+from gateway.models.repository import ModelRepository
+from gateway.serving import Answer, Pending, RouteRuntime
 from gateway.validation import validate_batch
 from router.interleave import multileave, rankings_from_scores, team_draft
 
 
-async def serve_interleave(dataplane: Dataplane, runtime: RouteRuntime, requests: Sequence[Pending],
+class Rankers(Protocol):
+    """What an interleave route needs of `gateway.dataplane.Dataplane` (which calls it): the models,
+    their batchers and the clocks. A protocol, so this module does not import the dataplane's."""
+
+    repository: ModelRepository
+    clock: Callable[[], float]
+    wall_clock: Callable[[], float]
+
+    def batcher(self, model: OnnxModel) -> ModelBatcher: ...
+
+
+async def serve_interleave(dataplane: Rankers, runtime: RouteRuntime, requests: Sequence[Pending],
                            rng: np.random.Generator) -> list[Answer]:
     """Score, merge and build prediction events for ranking requests of one interleave route."""
     route = runtime.route

@@ -3,7 +3,7 @@
 The route serves an incumbent version; at request ``arrival`` a new version appears and the real
 rollout state machine (:mod:`router.rollout`) takes it through its stages, driven by
 
-* the real shadow test (:func:`feedback.quality.shadow_verdict`) on paired label losses of the
+* the real shadow test (:func:`feedback.outcome_metrics.shadow_verdict`) on paired label losses of the
   requests the candidate mirrored, counted when their labels arrive;
 * the real router (:class:`router.decision.RoutePolicy`, Thompson sampling with the canary's cap)
   fed snapshots of arm statistics every ``block`` requests, as a gateway refreshes them;
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from banditgate.config import Guardrail, Rollout
-from feedback.quality import QualityStats, shadow_verdict
+from feedback.outcome_metrics import QualityStats, shadow_verdict
 from router.arm_stats import ArmSnapshot, ArmStats, RouteSnapshot
 from router.decision import RoutePolicy
 from router.guardrail import evaluate

@@ -1,7 +1,7 @@
 """Progressive rollout of a new model version: the state machine and its criteria (pure).
 
 A new version of a route's model enters as a **shadow** (mirrors traffic, serves nothing). On a
-``promote`` verdict of the shadow test (feedback.quality's always-valid confidence sequence on
+``promote`` verdict of the shadow test (feedback.outcome_metrics's always-valid confidence sequence on
 paired label losses, computed by the caller) it becomes a **canary**: a primary arm capped at
 ``canary.max_share``. When the canary's own criteria hold - enough outcomes, long enough, reward
 not worse than the arm it replaces under a sequential test, error rate and p99 within limits - it
@@ -149,7 +149,7 @@ class Evidence:
     """What the feedback worker and gateway counters know about the candidate right now."""
 
     shadow_decision: Literal["promote", "reject"] | None = None
-    """Verdict of feedback.quality.shadow_verdict for the candidate as a shadow."""
+    """Verdict of feedback.outcome_metrics.shadow_verdict for the candidate as a shadow."""
     shadow_pairs: float = 0.0
     """Labelled (shadow, primary) pairs behind that verdict."""
     shadow_advantage: float = 0.0

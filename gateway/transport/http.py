@@ -34,6 +34,7 @@ from gateway.errors import (
     Overloaded,
     TooManyRequests,
     Unauthorized,
+    error_reason,
 )
 from gateway.request_ids import new_request_id
 from gateway.transport.oip_codec import build_rest_response, parse_rest_infer
@@ -41,8 +42,6 @@ from gateway.transport.openapi import OPENAPI
 
 HEADER_LENGTH = "inference-header-content-length"
 # bounded label values for errors that carry no reason of their own
-_ERROR_REASONS = {"Overloaded": "overloaded", "TooManyRequests": "overloaded", "ModelNotFound": "model_unavailable", "InferenceFailed": "inference_failed",
-                  "_Timeout": "timeout", "_TooLarge": "oversize", "TimeoutError": "timeout"}
 EXTENSIONS = ["binary_tensor_data", "banditgate_routing", "banditgate_outcomes"]
 
 
@@ -82,7 +81,7 @@ class SidecarContext:
         if error is None:
             self.metrics.requests.labels(name, arm or "-", "ok", transport).inc()
             return
-        reason = getattr(error, "reason", None) or _ERROR_REASONS.get(type(error).__name__, "bad_input")
+        reason = error_reason(error)
         self.metrics.requests.labels(name, "-", "error", transport).inc()
         self.metrics.errors.labels(name, reason, transport).inc()
 
@@ -238,11 +237,13 @@ async def _body(request: Request, limit: int) -> bytes:
 class _TooLarge(GatewayError):
     http_status = 413
     grpc_code = "RESOURCE_EXHAUSTED"
+    reason = "oversize"
 
 
 class _Timeout(GatewayError):
     http_status = 504
     grpc_code = "DEADLINE_EXCEEDED"
+    reason = "timeout"
 
 
 def build_app(ctx: SidecarContext) -> SidecarApp:

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from banditgate.events import EventError, dead_letter_event, dead_letter_payload, load_object, request_fields
-from gateway.dataplane import Pending
+from gateway.serving import Pending
 
 
 @dataclass(slots=True)

@@ -31,8 +31,9 @@ from aiokafka.errors import KafkaError
 
 from banditgate.config import Config
 from banditgate.connections import ConnectionCheckError, check_kafka, describe_kafka_failure, kafka_client_kwargs
-from gateway.dataplane import Answer, Dataplane
+from gateway.dataplane import Dataplane
 from gateway.metrics import GatewayMetrics
+from gateway.serving import Answer
 from gateway.transport.delivery import Position, RefusalMemo, is_delivery_error, refusal
 from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, Sent, delivered, partition_for
 from gateway.transport.kafka_codec import dead_letter_value, decode_records

@@ -6,10 +6,10 @@ import doctest
 
 import pytest
 
-from banditgate.drift import monitor, quality
+from banditgate.drift import bernoulli_cusum, monitor
 
 
-@pytest.mark.parametrize("module", [monitor, quality], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [monitor, bernoulli_cusum], ids=lambda m: m.__name__)
 def test_docstring_examples(module: object) -> None:
     result = doctest.testmod(module, raise_on_error=False)  # type: ignore[arg-type]
     assert result.attempted > 0 and result.failed == 0

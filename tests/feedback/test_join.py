@@ -29,7 +29,7 @@ from feedback.join import (
     on_outcome,
     on_prediction,
 )
-from feedback.quality import PredictionView
+from feedback.outcome_metrics import PredictionView
 
 TTL = 1000.0
 RULES = JoinRules(ttl_s=TTL, routes={"r": RouteRules(), "d": RouteRules(reward_wait_s=100.0, default_reward=0.0),

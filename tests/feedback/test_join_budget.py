@@ -18,7 +18,6 @@ from prometheus_client import CollectorRegistry
 
 from banditgate.config import Topics
 from feedback.agents import JoinProcessor, SourceMessage
-
 from feedback.join import (
     LANE_DEADLINE,
     LANE_SETTLED,
@@ -43,8 +42,8 @@ from feedback.join import (
     on_prediction,
     schedule_of,
 )
-from feedback.quality import PredictionView
 from feedback.metrics import FeedbackMetrics
+from feedback.outcome_metrics import PredictionView
 from feedback.state import JoinBudget, JoinTable
 from tests.feedback.test_join import Ledger, kinds, outcome, primary, shadow
 

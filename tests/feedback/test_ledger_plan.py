@@ -12,8 +12,9 @@ import redis.asyncio as aredis
 
 from banditgate.events import MAX_MAGNITUDE
 from feedback.join import Count, Reward, Served
-from feedback.quality import PredictionView
-from feedback.sinks import FeedbackKeys, Ledger, LedgerPlanner, Plan, RedisSink, Refusal
+from feedback.ledger import FeedbackKeys, Ledger, LedgerPlanner, Refusal
+from feedback.outcome_metrics import PredictionView
+from feedback.sinks import Plan, RedisSink
 from router.stats_store import ArmStatsStore
 
 A = Served("a", "m", 3, PredictionView(0.8, 1), offset=1)

@@ -14,8 +14,9 @@ from redis.exceptions import ResponseError
 
 from banditgate import redis_errors
 from feedback.join import Count, Label, Reward, Served
-from feedback.quality import PredictionView
-from feedback.sinks import FeedbackKeys, Ledger, LedgerPlanner, RedisSink
+from feedback.ledger import FeedbackKeys, Ledger, LedgerPlanner
+from feedback.outcome_metrics import PredictionView
+from feedback.sinks import RedisSink
 from router.stats_store import ArmStatsStore
 from tests.feedback.worker_helpers import counts
 

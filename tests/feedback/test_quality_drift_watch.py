@@ -13,8 +13,8 @@ from banditgate.drift.episodes import EpisodeBook
 from banditgate.episode_store import Episodes
 from feedback.join import Label, Served
 from feedback.metrics import FeedbackMetrics
-from feedback.quality import PredictionView
-from feedback.quality_drift import QualityDriftTracker
+from feedback.outcome_metrics import PredictionView
+from feedback.quality_drift_tracker import QualityDriftTracker
 from feedback.quality_drift_watch import QualityDriftWatch
 
 QUIET_S = 30.0

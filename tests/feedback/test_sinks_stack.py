@@ -12,9 +12,10 @@ from prometheus_client import CollectorRegistry
 
 from banditgate.config import Route
 from feedback.join import Count, Label, Reward, Served
-from feedback.quality import PredictionView
+from feedback.ledger import FeedbackKeys, Ledger, LedgerPlanner
 from feedback.metrics import FeedbackMetrics
-from feedback.sinks import FeedbackKeys, KafkaOut, Ledger, LedgerPlanner, QualityMonitor, RedisSink
+from feedback.outcome_metrics import PredictionView
+from feedback.sinks import KafkaOut, QualityMonitor, RedisSink
 from router.stats_store import ArmStatsStore, ArmUpdate
 from tests.feedback.worker_helpers import counts, quality_totals
 from tests.kafka_helpers import read_topic

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from banditgate import stack as stack_mod
-from banditgate.stack import Stack, StackError, _redact_url, _split_host_port
+from banditgate.redaction import redact_url
+from banditgate.stack import Stack, StackError, _split_host_port
 
 
 def test_port_taken_by_a_stranger_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,8 +70,8 @@ def test_address_parsing_and_redaction() -> None:
     assert _split_host_port("kafka://10.0.0.1:9092,other:9092", "X") == ("10.0.0.1", 9092)
     with pytest.raises(StackError, match="is not host:port"):
         _split_host_port("nohost", "BANDITGATE_KAFKA")
-    assert _redact_url("redis://user:s3cret@h:1/0") == "redis://user:***@h:1/0"
-    assert "s3cret" not in _redact_url("rediss://:s3cret@h:1")
+    assert redact_url("redis://user:s3cret@h:1/0") == "redis://user:***@h:1/0"
+    assert "s3cret" not in redact_url("rediss://:s3cret@h:1")
 
 
 def test_tls_support_of_a_redis_server_is_probed(tmp_path: Path) -> None:

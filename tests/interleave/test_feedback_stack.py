@@ -19,8 +19,9 @@ import orjson
 import pytest
 import redis.asyncio as aredis
 
+from feedback.ledger import FeedbackKeys, Ledger, LedgerPlanner
 from feedback.pairs import Pairs
-from feedback.sinks import FeedbackKeys, Ledger, LedgerPlanner, RedisSink
+from feedback.sinks import RedisSink
 from loadtests.models import write_repository
 from router.stats_store import ArmStatsStore
 from tests.conftest import delete_topics

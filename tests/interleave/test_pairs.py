@@ -25,18 +25,18 @@ from feedback.join import (
     on_outcome,
     on_prediction,
 )
+from feedback.ledger import FeedbackKeys, LedgerPlanner
+from feedback.outcome_metrics import PredictionView
 from feedback.pairs import (
     Impression,
-    PairTable,
     Pairs,
+    PairTable,
     impression_from_outputs,
     pair_fields,
     parse_pairs,
     route_verdicts,
     score_impression,
 )
-from feedback.quality import PredictionView
-from feedback.sinks import FeedbackKeys, LedgerPlanner
 from router.interleave import clicked_positions, credit_clicks, pairwise_outcome
 from router.preference import PreferenceTest
 

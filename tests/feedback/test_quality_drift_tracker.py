@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from banditgate.drift.calibration import bernoulli_threshold
-from feedback.quality import PredictionView, label_error
-from feedback.quality_drift import QualityDriftTracker, SeriesKey
+from feedback.outcome_metrics import PredictionView, label_error
+from feedback.quality_drift_tracker import QualityDriftTracker, SeriesKey
 
 KEY = SeriesKey("churn", "primary", "a", "churn-gbm", 3, "label_error")
 

@@ -10,7 +10,7 @@ the order they were joined:
                        (default rewards are not outcomes and are left out).
 
 A series first learns its in-control error rate p0 from its first `reference_outcomes`
-outcomes, then runs :class:`banditgate.drift.quality.BernoulliCusum` (p1 = its default, a 50 %
+outcomes, then runs :class:`banditgate.drift.bernoulli_cusum.BernoulliCusum` (p1 = its default, a 50 %
 relative rise for small p0) with a threshold calibrated to `arl0` joined outcomes between false
 alarms (:func:`banditgate.drift.calibration.bernoulli_threshold`, which takes ~1-2 s: the caller
 supplies `threshold`, which may answer None until a background calibration is done; outcomes
@@ -42,8 +42,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from banditgate.drift.quality import BernoulliCusum, QualityAlarm
-from feedback.quality import PredictionView, label_error
+from banditgate.drift.bernoulli_cusum import BernoulliCusum, QualityAlarm
+from feedback.outcome_metrics import PredictionView, label_error
 
 Signal = Literal["label_error", "reward_failure"]
 ThresholdFor = Callable[[float, float, float, int], "float | None"]

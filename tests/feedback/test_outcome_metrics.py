@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import accuracy_score, brier_score_loss, f1_score, log_loss, precision_score, recall_score
 
-from feedback.quality import (
+from feedback.outcome_metrics import (
     FIELD_NAMES,
     WINDOW_BUCKETS,
     PredictionView,
@@ -56,7 +56,7 @@ def test_outputs_view_fast_path_reads_what_the_general_rules_read(probability, l
        label=st.one_of(st.integers(-2, 3), st.booleans(), st.floats(-1, 2), st.sampled_from(["a", "1", "churn"]), st.none()))
 @settings(max_examples=600, deadline=None)
 def test_labelled_fields_and_label_error_fast_paths_agree_with_the_general_rules(score, predicted, name, label) -> None:
-    from feedback.quality import _label_error, _labelled_fields, label_error, labelled_fields
+    from feedback.outcome_metrics import _label_error, _labelled_fields, label_error, labelled_fields
 
     view = PredictionView(score, predicted, name)
     assert labelled_fields(view, label) == _labelled_fields(view, label)
@@ -214,7 +214,7 @@ def test_confidence_sequence_contains_the_mean_and_shrinks(n: float, mean: float
 
 
 def test_outputs_view_reads_the_positive_class_of_two_column_probabilities() -> None:
-    from feedback.quality import outputs_view
+    from feedback.outcome_metrics import outputs_view
 
     assert outputs_view({"probabilities": [0.9, 0.1], "label": 0}).score == pytest.approx(0.1)
     assert outputs_view({"probability": [0.73], "label": 1}).score == pytest.approx(0.73)

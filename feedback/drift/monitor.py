@@ -1,3 +1,0 @@
-"""Moved to banditgate.drift.monitor."""
-
-from banditgate.drift.monitor import *

@@ -1,3 +1,0 @@
-"""Moved to banditgate.drift.quality."""
-
-from banditgate.drift.quality import *

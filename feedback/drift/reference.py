@@ -1,3 +1,0 @@
-"""Moved to banditgate.drift.reference."""
-
-from banditgate.drift.reference import *
