@@ -17,6 +17,7 @@ SCENARIOS = {
     "lifecycle": "loadtests.bench_lifecycle",
     "interleave": "loadtests.bench_interleave",
     "export": "loadtests.bench_export",
+    "scale": "loadtests.bench_scale",
 }
 
 
