@@ -94,7 +94,7 @@ local APPLIED, NOT_APPLIED = '{APPLIED}', '{NOT_APPLIED}'
 local MAX_INCREMENT = {MAX_INCREMENT:.0e}
 """
 
-LEDGER_LUA = ARM_UPDATE_LUA + _WIRE_LUA + """
+_LEDGER_BODY = """
 local ttl = tonumber(ARGV[1])
 if not bg_count(ttl) then return bg_refuse('dedup TTL ' .. tostring(ARGV[1]) .. ' is not a whole number of seconds') end
 local decoded, payload = pcall(cjson.decode, ARGV[2])
@@ -252,6 +252,8 @@ if arm then
 end
 return {table.concat(flags), 0, 0}
 """
+
+LEDGER_LUA = ARM_UPDATE_LUA + _WIRE_LUA + _LEDGER_BODY  # nosec B608: Lua text, no SQL is built here
 """The ledger script (docs/feedback.md, "Poison values and Redis errors"): checks its arguments
 (1), then what is stored where it adds (2), and refuses with ``BGREFUSED <why>`` having changed
 nothing; only then writes (3). An amount is a sum of the contract's bounded numbers or of their
