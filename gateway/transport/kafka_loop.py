@@ -31,6 +31,7 @@ from aiokafka.errors import KafkaError
 
 from banditgate.config import Config
 from banditgate.connections import ConnectionCheckError, check_kafka, describe_kafka_failure, kafka_client_kwargs
+from banditgate.tracecontext import TraceHeaders, from_kafka_headers
 from gateway.dataplane import Answer, Dataplane
 from gateway.metrics import GatewayMetrics
 from gateway.transport.delivery import Position, RefusalMemo, is_delivery_error, refusal
@@ -449,7 +450,7 @@ class KafkaLoop:
         for record, reason, message in decoded.dead:
             self.metrics.deadletters.labels(record.topic, reason).inc()
             self._dead_letter(out, (record.topic, record.partition, record.offset), record.key, message, reason,
-                              record.value, guarded)
+                              record.value, guarded, from_kafka_headers(record.headers) if record.headers else None)
         route_names = list(decoded.by_route)
         answers_per_route = await asyncio.gather(*(self.dataplane.serve(name, decoded.by_route[name])
                                                    for name in route_names), return_exceptions=True)
@@ -479,6 +480,9 @@ class KafkaLoop:
                 key = pending.request_id.encode()
                 partition = pending.partition if same_partitioning and pending.key == key else None
                 prediction = answer.prediction
+                # the request's trace context goes on with everything it causes (one truth test
+                # when, as usually, the request has no headers)
+                trace = from_kafka_headers(pending.headers) if pending.headers else None
                 if prediction is not None:
                     value = dumps(prediction)
                     shadows = answer.shadows
@@ -491,14 +495,14 @@ class KafkaLoop:
                         error = self._refused_output(pending, len(key), value, shadow_values, out)
                         alone = guarded and _position(pending) in self.memo.isolated
                     if error is None:
-                        out.add(predictions_topic, key, value, partition, pending, alone)
+                        out.add(predictions_topic, key, value, partition, pending, alone, trace)
                         counts[(prediction["arm"], "ok")] += 1
                         latencies.append(now - pending.received_s)
                         if pending.reply_to is not None:
-                            self._reply(out, pending, key, value, alone)
+                            self._reply(out, pending, key, value, alone, trace)
                         if shadows and shadow_values:
                             for shadow, shadow_value in zip(shadows, shadow_values):
-                                out.add(shadows_topic, key, shadow_value, partition, pending, alone)
+                                out.add(shadows_topic, key, shadow_value, partition, pending, alone, trace)
                                 shadow_counts[shadow["arm"]] += 1
                         continue
                 else:
@@ -507,7 +511,7 @@ class KafkaLoop:
                 counts[("-", "error")] += 1
                 self.metrics.errors.labels(route_name, reason, "kafka").inc()
                 self.metrics.deadletters.labels(pending.topic, reason).inc()
-                self._dead_letter(out, _position(pending), pending.key, message, reason, pending.raw, guarded)
+                self._dead_letter(out, _position(pending), pending.key, message, reason, pending.raw, guarded, trace)
             for arm, count in shadow_counts.items():
                 self.metrics.shadow_predictions.labels(route_name, arm).inc(count)
             for (arm, status), count in counts.items():
@@ -533,7 +537,8 @@ class KafkaLoop:
                             "(the predictions topic has them)", topic, type(exc).__name__, REPLY_RETRY_S)
             known[topic] = len(partitions) if partitions else now + REPLY_RETRY_S
 
-    def _reply(self, out: OutboundBatches, pending: Any, key: bytes, value: bytes, alone: bool) -> None:
+    def _reply(self, out: OutboundBatches, pending: Any, key: bytes, value: bytes, alone: bool,
+               trace: TraceHeaders | None = None) -> None:
         """Add the prediction for the request's reply topic too (the same bytes, keyed by request_id)."""
         topic = pending.reply_to
         partitions = self._reply_partitions.get(topic)
@@ -544,7 +549,7 @@ class KafkaLoop:
             self.metrics.replies_skipped.labels("refused").inc()
             return
         try:
-            out.add(topic, key, value, partition_for(key, partitions), pending, alone)
+            out.add(topic, key, value, partition_for(key, partitions), pending, alone, trace)
         except OutputRefused:
             self.metrics.replies_skipped.labels("refused").inc()
 
@@ -579,7 +584,7 @@ class KafkaLoop:
         return found[1], found[2]
 
     def _dead_letter(self, out: OutboundBatches, position: Position, key: bytes | None, message: str, reason: str,
-                     raw: bytes | None, guarded: bool) -> None:
+                     raw: bytes | None, guarded: bool, trace: TraceHeaders | None = None) -> None:
         """Add a dead letter for the request at `position` - unless its dead letter was refused for
         good before or the dead-letter topic refuses us: then it is dropped and counted (a dead
         letter is never retried in a loop)."""
@@ -601,7 +606,7 @@ class KafkaLoop:
             value = dead_letter_value(message[:1000], reason, position[0], position[1], position[2], raw,
                                       payload_chars=max(0, (limit - 4096) // 6))
         try:
-            out.add(dead_topic, key, value, None, position, alone)
+            out.add(dead_topic, key, value, None, position, alone, trace)
         except OutputRefused as exc:
             self._dead_letter_failed(exc.reason, str(exc))
 
