@@ -163,6 +163,9 @@ class Entry:
     """Expiry clock start (event time, epoch seconds)."""
     early_duplicates: tuple[int, ...] = ()
     """Offsets of duplicate outcomes that came before the prediction (counted when the route is known)."""
+    trace: str | None = None
+    """The primary prediction's W3C traceparent (banditgate.tracecontext), when its record had one:
+    what the worker emits for this request, and an outcome's processing, link to that trace."""
 
 
 _set = object.__setattr__
@@ -185,7 +188,7 @@ _new = object.__new__
 _sv = _slot_setters(Served, ("arm", "model", "model_version", "view", "offset", "shadow", "impression"))
 _ss = _slot_setters(Seen, ("reward", "label", "ts", "offset", "clicks"))
 _se = _slot_setters(Entry, ("request_id", "partition", "route", "primary", "ts_predicted", "shadows", "outcome",
-                            "reward_state", "scored", "anchor_ts", "early_duplicates"))
+                            "reward_state", "scored", "anchor_ts", "early_duplicates", "trace"))
 
 
 def make_served(arm: Any, model: Any, model_version: Any, view: Any, offset: Any, shadow: Any,
@@ -207,12 +210,13 @@ def make_seen(reward: Any, label: Any, ts: Any, offset: Any, clicks: Any) -> See
 
 
 def _make_entry(request_id: Any, partition: Any, route: Any, primary: Any, ts_predicted: Any, shadows: Any,
-                outcome: Any, reward_state: Any, scored: Any, anchor_ts: Any, early_duplicates: Any) -> Entry:
+                outcome: Any, reward_state: Any, scored: Any, anchor_ts: Any, early_duplicates: Any,
+                trace: Any = None) -> Entry:
     new = _new(Entry)
     s = _se
     s[0](new, request_id); s[1](new, partition); s[2](new, route); s[3](new, primary)  # noqa: E702
     s[4](new, ts_predicted); s[5](new, shadows); s[6](new, outcome); s[7](new, reward_state)  # noqa: E702
-    s[8](new, scored); s[9](new, anchor_ts); s[10](new, early_duplicates)  # noqa: E702
+    s[8](new, scored); s[9](new, anchor_ts); s[10](new, early_duplicates); s[11](new, trace)  # noqa: E702
     return new
 
 
@@ -224,7 +228,7 @@ def _copy(old: Entry) -> Entry:
     s[0](new, old.request_id); s[1](new, old.partition); s[2](new, old.route); s[3](new, old.primary)  # noqa: E702
     s[4](new, old.ts_predicted); s[5](new, old.shadows); s[6](new, old.outcome)  # noqa: E702
     s[7](new, old.reward_state); s[8](new, old.scored); s[9](new, old.anchor_ts)  # noqa: E702
-    s[10](new, old.early_duplicates)
+    s[10](new, old.early_duplicates); s[11](new, old.trace)  # noqa: E702
     return new
 
 
@@ -248,6 +252,8 @@ class PredictionIn:
     route: str
     served: Served
     ts_predicted: float
+    trace: str | None = None
+    """The event record's valid traceparent, if any."""
 
 
 @dataclass(slots=True)
@@ -318,6 +324,8 @@ class DropOutcome:
     outcome: Seen
     reason: str
     error: str
+    trace: str | None = None
+    """The request's prediction's traceparent (its dead letter carries it)."""
 
 
 Effect = Count | Reward | Label | DropOutcome | Pairs
@@ -364,7 +372,7 @@ def _settle(entry: Entry, rules: JoinRules) -> tuple[Entry, list[Effect]]:
                 reward = checked_reward(reward, rules.route(entry.route).reward)
             except RewardError as exc:
                 effects.append(DropOutcome(request_id, entry.partition, outcome, exc.reason,
-                                           f"outcome for {request_id!r} on route {route!r}: {exc}"))
+                                           f"outcome for {request_id!r} on route {route!r}: {exc}", entry.trace))
                 effects.append(Count(route, request_id, "invalid", f"invalid:{outcome.offset}", primary.arm))
                 _set(entry, "outcome", None)
                 return entry, effects
@@ -409,6 +417,8 @@ def on_prediction(entry: Entry | None, event: PredictionIn, rules: JoinRules) ->
         _set(new, "route", entry.route or event.route)
         _set(new, "primary", served)
         _set(new, "ts_predicted", event.ts_predicted)
+        if event.trace is not None:
+            _set(new, "trace", event.trace)
     else:
         for known in entry.shadows:
             if known.arm == served.arm:
@@ -618,28 +628,36 @@ def encode_entry(entry: Entry) -> bytes:
     primary = entry.primary
     shadows = entry.shadows
     scored = entry.scored
-    # tuples and lists serialize alike (JSON arrays): the stored bytes are as before
-    return _dumps((
+    # tuples and lists serialize alike (JSON arrays): the stored bytes are as before; the trace
+    # is an 11th item only when there is one, so entries without it are stored as they always were
+    row: tuple[Any, ...] = (
         entry.partition, entry.route,
         None if primary is None else _served_row(primary), entry.ts_predicted,
         [_served_row(s) for s in shadows] if shadows else (),
         None if outcome is None else _seen_row(outcome),
         _STATE_NUMBERS[entry.reward_state], sorted(scored) if scored else (), entry.anchor_ts,
         entry.early_duplicates,
-    ))
+    )
+    if entry.trace is not None:
+        row += (entry.trace,)
+    return _dumps(row)
 
 
 def decode_entry(request_id: str, raw: bytes) -> Entry:
     """Inverse of encode_entry. Raises ValueError on bytes it did not write."""
     try:
+        items = orjson.loads(raw)
+        trace = items.pop() if type(items) is list and len(items) == 11 else None
+        if trace is not None and type(trace) is not str:
+            raise ValueError("the trace is not a string")
         (partition, route, primary, ts_predicted, shadows, outcome, state, scored, anchor_ts,
-         early) = orjson.loads(raw)
+         early) = items
         return Entry(request_id=request_id, partition=partition, route=route,
                      primary=None if primary is None else _served(primary, False), ts_predicted=ts_predicted,
                      shadows=tuple(_served(s, True) for s in shadows),
                      outcome=None if outcome is None else _seen(outcome),
                      reward_state=_STATES[state], scored=frozenset(scored), anchor_ts=anchor_ts,
-                     early_duplicates=tuple(early))
+                     early_duplicates=tuple(early), trace=trace)
     except (orjson.JSONDecodeError, TypeError, ValueError, IndexError) as exc:
         raise ValueError(f"join entry for {request_id!r} is not in the expected format: {exc}") from None
 

@@ -31,7 +31,8 @@ from aiokafka.errors import KafkaError
 
 from banditgate.config import Config
 from banditgate.connections import ConnectionCheckError, check_kafka, describe_kafka_failure, kafka_client_kwargs
-from banditgate.tracecontext import TraceHeaders, from_kafka_headers
+from banditgate.tracecontext import TRACEPARENT, TraceHeaders, from_kafka_headers
+from banditgate.tracing import Tracing, wall_ns
 from gateway.dataplane import Answer, Dataplane
 from gateway.metrics import GatewayMetrics
 from gateway.transport.delivery import Position, RefusalMemo, is_delivery_error, refusal
@@ -84,8 +85,11 @@ class KafkaLoop:
     """Consumes requests, serves them through the dataplane, produces predictions (at-least-once)."""
 
     def __init__(self, config: Config, dataplane: Dataplane, metrics: GatewayMetrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, tracing: Tracing | None = None) -> None:
         self.config = config
+        self.tracing = tracing if tracing is not None else Tracing.from_config(config.tracing, "banditgate-gateway")
+        """Spans (banditgate.tracing); OFF unless tracing.enabled: every tracing call below is behind
+        one `self.tracing.enabled` test per batch, or a None test on what that test made."""
         self.dataplane = dataplane
         self.metrics = metrics
         self.clock = clock
@@ -190,6 +194,8 @@ class KafkaLoop:
                 await self.consumer.stop()
             await self.shared.stop()
             self.metrics.kafka_up.set(0)
+            if self.tracing.enabled:
+                self.tracing.shutdown()
 
     async def close_now(self, timeout_s: float = CLOSE_NOW_TIMEOUT_S) -> None:
         """The grace period is over: drop what is in flight (it is served again from the committed
@@ -401,21 +407,37 @@ class KafkaLoop:
         # keeps per-partition order from there on)
         previous, handed_over = self._last_handed_over, asyncio.Event()
         self._last_handed_over = handed_over
+        batch_span: Any = None
+        produce_span: Any = None
         try:
             records = [record for batch in fetched.values() for record in batch]
+            if self.tracing.enabled:
+                batch_span = self.tracing.start("gateway.batch", kind="consumer",
+                                                attributes={"messaging.batch.message_count": len(records)})
             out = OutboundBatches(producer, self.partitions, self.shared.limits)
-            await self._serve_records(records, out)
+            await self._serve_records(records, out, batch_span)
             if previous is not None:
                 await previous.wait()
+            if batch_span is not None:
+                produce_span = self.tracing.start("gateway.produce", parent=batch_span, kind="producer",
+                                                  attributes={"messaging.batch.message_count": out.count})
             try:
                 sent = await out.send()
             except Exception as exc:
+                if batch_span is not None:
+                    batch_span.record_exception(exc)
+                    produce_span.end()
+                    batch_span.end()
                 if is_delivery_error(exc):
                     raise PublicationFailed(producer, exc) from exc
                 raise
         finally:
             handed_over.set()
         failures = await delivered(sent)
+        if batch_span is not None:
+            produce_span.set_attribute("banditgate.failed_batches", len(failures))
+            produce_span.end()
+            batch_span.end()
         if failures:
             self._learn_refusals(failures)
             raise PublicationFailed(producer, failures[0][1])
@@ -438,11 +460,17 @@ class KafkaLoop:
                         else "its requests are dead-lettered" if len(set(positions)) == 1
                         else "its records are sent one per batch to find the refused one")
 
-    async def _serve_records(self, records: list, out: OutboundBatches) -> None:
-        """Decode, serve and add every resulting prediction, shadow prediction and dead-letter to `out`."""
+    async def _serve_records(self, records: list, out: OutboundBatches, batch_span: Any = None) -> None:
+        """Decode, serve and add every resulting prediction, shadow prediction and dead-letter to
+        `out`. `batch_span`: the batch's span when tracing (its stages become its children)."""
         routes = self.dataplane.routes
+        started_ns = time.time_ns() if batch_span is not None else 0
         decoded = decode_records(records, routes, self.config.max_event_bytes, clock=self.clock,
                                  reply_allowed=self._reply_allowed)
+        if batch_span is not None:
+            self.tracing.record("gateway.consume", parent=batch_span, start_ns=started_ns,
+                                attributes={"banditgate.requests": decoded.count,
+                                            "banditgate.dead_letters": len(decoded.dead)})
         if decoded.reply_topics:
             await self._learn_reply_topics(decoded.reply_topics, out.producer)
         self.processed += decoded.count
@@ -452,7 +480,8 @@ class KafkaLoop:
             self._dead_letter(out, (record.topic, record.partition, record.offset), record.key, message, reason,
                               record.value, guarded, from_kafka_headers(record.headers) if record.headers else None)
         route_names = list(decoded.by_route)
-        answers_per_route = await asyncio.gather(*(self.dataplane.serve(name, decoded.by_route[name])
+        serve = self.dataplane.serve if batch_span is None else self._traced_serve(batch_span)
+        answers_per_route = await asyncio.gather(*(serve(name, decoded.by_route[name])
                                                    for name in route_names), return_exceptions=True)
         for position, (route_name, answers) in enumerate(zip(route_names, answers_per_route)):
             if isinstance(answers, BaseException):
@@ -483,6 +512,8 @@ class KafkaLoop:
                 # the request's trace context goes on with everything it causes (one truth test
                 # when, as usually, the request has no headers)
                 trace = from_kafka_headers(pending.headers) if pending.headers else None
+                if trace is not None and batch_span is not None:
+                    trace = self._request_span(trace, pending, route_name, prediction, batch_span, now)
                 if prediction is not None:
                     value = dumps(prediction)
                     shadows = answer.shadows
@@ -517,6 +548,44 @@ class KafkaLoop:
             for (arm, status), count in counts.items():
                 self.metrics.requests.labels(route_name, arm, status, "kafka").inc(count)
             self.metrics.end_to_end_seconds.observe_many(latencies, route_name, "kafka")
+
+    def _traced_serve(self, batch_span: Any) -> Callable[[str, list], Any]:
+        """`dataplane.serve` inside a `gateway.infer` span per route (decide, queue and infer of the
+        route's requests in this batch: the batcher merges rows of several batches, so queueing
+        and inference are not split further without a span per model batch)."""
+        tracing = self.tracing
+
+        async def serve(route_name: str, pendings: list) -> list[Answer]:
+            span = tracing.start("gateway.infer", parent=batch_span,
+                                 attributes={"banditgate.route": route_name, "banditgate.requests": len(pendings)})
+            try:
+                return await self.dataplane.serve(route_name, pendings)
+            except BaseException as exc:
+                span.record_exception(exc)
+                raise
+            finally:
+                span.end()
+
+        return serve
+
+    def _request_span(self, trace: TraceHeaders, pending: Any, route_name: str, prediction: Any, batch_span: Any,
+                      now: float) -> TraceHeaders:
+        """A `gateway.request` span in the request's own trace (sampled by its trace id), from its
+        receipt to now, linked to its batch; returns the headers to carry on, naming that span as
+        the parent of what the prediction causes."""
+        tracing = self.tracing
+        traceparent = trace[0][1].decode()
+        attributes = {"banditgate.request_id": pending.request_id, "banditgate.route": route_name}
+        if prediction is not None:
+            attributes["banditgate.arm"] = prediction["arm"]
+        span = tracing.start("gateway.request", traceparent=traceparent, kind="consumer",
+                             start_ns=wall_ns(pending.received_s, now), attributes=attributes,
+                             links=[tracing.link_span(batch_span)])
+        sampled = span.is_recording()
+        span.end()
+        if not sampled:
+            return trace  # not sampled: the caller's context goes on unchanged
+        return [(TRACEPARENT, tracing.traceparent_of(span).encode()), *trace[1:]]
 
     async def _learn_reply_topics(self, topics: set[str], producer: AIOKafkaProducer) -> None:
         """Look up the partition counts of reply topics not seen before (one metadata request each,
