@@ -74,8 +74,8 @@ def parse_traceparent(value: str | bytes | None) -> str | None:
 
 
 def parse_tracestate(value: str | bytes | None) -> str | None:
-    """`value` when it is a plausible ``tracestate`` (printable ASCII, at most
-    MAX_TRACESTATE_CHARS, no leading or trailing list syntax errors checked beyond that); else None."""
+    """`value` when it is a plausible ``tracestate`` (non-empty printable ASCII of at most
+    MAX_TRACESTATE_CHARS; its list members are passed on as they are, not checked), else None."""
     if value is None:
         return None
     if isinstance(value, (bytes, bytearray, memoryview)):

@@ -4,7 +4,7 @@ Off unless ``tracing.enabled``: then :data:`OFF` is used, whose ``enabled`` attr
 check a hot path makes before any tracing call (nothing else is called, nothing is imported).
 On, spans are exported over OTLP/HTTP by a batching span processor (off the event loop's path),
 sampled by trace id (``TraceIdRatioBased``: the gateway and the feedback worker record the same
-traces, whatever the caller's sampled flag says; a client that does not record sends ``00``).
+traces, whatever the caller's sampled flag says: banditgate's client sets it on the ids it makes).
 
 Spans are per batch where a span per request would cost more than the work (a request is served
 in a few microseconds of a batch): the gateway makes ``gateway.batch`` with ``gateway.consume``,
@@ -31,7 +31,9 @@ MAX_LINKS = 64
 
 
 class TracingUnavailable(RuntimeError):
-    """Tracing is enabled but the ``[otel]`` extra is not installed."""
+    """Tracing is enabled but the ``[otel]`` extra is not installed (the CLI prints the one line)."""
+
+    user_facing = True
 
 
 class Tracing:

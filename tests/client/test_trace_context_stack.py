@@ -6,41 +6,21 @@ carries the prediction's trace id even though the outcome itself came with anoth
 
 from __future__ import annotations
 
-import asyncio
-import uuid
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
 
 from banditgate.client import GatewayRejected, HttpClient, KafkaClient
 from banditgate.tracecontext import new_traceparent, parse_traceparent, trace_id_of
 from tests.client.conftest import N_FEATURES
 from tests.feedback.worker_helpers import WorkerProcess, write_config
+from tests.kafka_helpers import read_records
 
 pytestmark = pytest.mark.stack
 
 ROW = [0.5] * N_FEATURES
-
-
-async def read_records(bootstrap: str, topic: str, want: Any, timeout_s: float = 60.0) -> list[Any]:
-    """Records of `topic` (from the beginning) until `want(records)` holds or `timeout_s` passes."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
-                                group_id=f"reader-{uuid.uuid4().hex[:8]}", enable_auto_commit=False,
-                                isolation_level="read_committed")
-    await consumer.start()
-    out: list[Any] = []
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    try:
-        while loop.time() < deadline and not want(out):
-            batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
-            out.extend(r for records in batch.values() for r in records)
-    finally:
-        await consumer.stop()
-    return out
 
 
 def trace_of(record: Any) -> str | None:
