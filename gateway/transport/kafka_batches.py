@@ -14,12 +14,15 @@ producer's sequence for that partition.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
+
+_NO_HEADERS: list[tuple[str, bytes]] = []
+"""Shared, never changed: aiokafka's record builder takes a list (a tuple is refused)."""
 
 
 def partition_for(key: bytes, partitions: int) -> int:
@@ -73,11 +76,11 @@ class OutboundBatches:
         return None
 
     def add(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None,
-            source: Any = None, alone: bool = False, headers: Sequence[tuple[str, bytes]] | None = None) -> None:
+            source: Any = None, alone: bool = False, headers: list[tuple[str, bytes]] | None = None) -> None:
         """Queue one record (no I/O: full builders wait for `send()`). Raises OutputRefused when the
         record is larger than its topic accepts (nothing is queued then). `headers`: the record's
         Kafka headers (the trace context, banditgate.tracecontext), if any."""
-        headers = headers or ()
+        headers = headers or _NO_HEADERS
         limits = self.limits
         if limits is not None:
             limit = limits.get(topic)
