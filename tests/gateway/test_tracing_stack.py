@@ -36,7 +36,8 @@ def header(record, name: str) -> str | None:  # type: ignore[no-untyped-def]
 
 
 async def test_one_trace_covers_request_prediction_and_outcome(stack, topics, repository, redis_prefix) -> None:  # type: ignore[no-untyped-def]
-    exporter = InMemorySpanExporter()
+    # one exporter per process: the gateway's stop shuts its tracer provider down, and its exporter with it
+    exporter, worker_exporter = InMemorySpanExporter(), InMemorySpanExporter()
     on = TracingConfig(enabled=True, sample_ratio=1.0)
     t = topics.topics
     running = await start_gateway(gateway_config(stack, topics, repository, redis_prefix))
@@ -64,11 +65,11 @@ async def test_one_trace_covers_request_prediction_and_outcome(stack, topics, re
     table.sync_partitions(range(16))
     processor = JoinProcessor(table=table, redis=Ledger(), out=Out(), rules=rules, topics=t,  # type: ignore[arg-type]
                               metrics=FeedbackMetrics(CollectorRegistry()),
-                              tracing=Tracing.from_config(on, "banditgate-feedback", exporter=exporter))
+                              tracing=Tracing.from_config(on, "banditgate-feedback", exporter=worker_exporter))
     await (await processor.submit(predictions))
     await (await processor.submit(outcomes))
 
-    spans = exporter.get_finished_spans()
+    spans = [*exporter.get_finished_spans(), *worker_exporter.get_finished_spans()]
     trace = int(trace_id_of(parent), 16)
     in_trace = {s.name: s for s in spans if s.context.trace_id == trace}
     assert {"gateway.request", "feedback.outcome"} <= set(in_trace), sorted(in_trace)
