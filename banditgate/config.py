@@ -600,6 +600,27 @@ class LoggingConfig(_Strict):
     json_format: bool = Field(False, alias="json")
 
 
+class TracingConfig(_Strict):
+    """OpenTelemetry tracing (the optional extra ``banditgate[otel]``); off unless enabled. The
+    W3C trace context travels on Kafka headers whether or not this is on (docs/deploy.md)."""
+
+    enabled: bool = False
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    """Where spans go: an OTLP/HTTP traces endpoint (a collector's port 4318)."""
+    sample_ratio: float = Field(0.01, ge=0.0, le=1.0)
+    """Share of traces recorded, decided by trace id (so the gateway and the feedback worker
+    record the same traces): 1.0 records every request carrying a traceparent and every batch."""
+    service_name: str | None = None
+    """The ``service.name`` resource; default ``banditgate-gateway`` / ``banditgate-feedback``."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_endpoint(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint {value!r} is not an http:// or https:// URL (OTLP/HTTP)")
+        return value
+
+
 class Config(_Strict):
     """The whole configuration file."""
 
@@ -611,6 +632,7 @@ class Config(_Strict):
     feedback: FeedbackConfig = FeedbackConfig()
     logging: LoggingConfig = LoggingConfig()
     drift: DriftConfig = DriftConfig()
+    tracing: TracingConfig = TracingConfig()
     delivery: Literal["at_least_once", "exactly_once"] = "at_least_once"
     shutdown_grace_s: float = Field(10.0, gt=0, le=600)
     max_event_bytes: int = Field(1_048_576, ge=256)

@@ -58,6 +58,8 @@ from banditgate.events import (
 )
 from banditgate.kafka_delivery import needs_new_producer
 from banditgate.kafka_delivery import refusal as kafka_refusal
+from banditgate.tracecontext import TRACEPARENT, from_kafka_headers, parse_traceparent, trace_headers
+from banditgate.tracing import OFF, Tracing
 from feedback.join import (
     Count,
     DropOutcome,
@@ -82,7 +84,7 @@ from feedback.metrics import FeedbackMetrics
 from feedback.outcome_metrics import outputs_view
 from feedback.pairs import impression_from_outputs
 from feedback.quality_drift_watch import QualityDriftWatch
-from feedback.sinks import KafkaOut, RedisSink
+from feedback.sinks import KafkaOut, Outgoing, RedisSink
 from feedback.state import JoinTable
 
 if TYPE_CHECKING:
@@ -114,6 +116,8 @@ class SourceMessage:
     value: bytes
     timestamp: int | None
     """Kafka record time, epoch milliseconds."""
+    headers: Sequence[tuple[str, bytes]] = ()
+    """The record's headers (a valid ``traceparent`` among them is kept with the prediction)."""
 
 
 class JoinProcessor:
@@ -124,8 +128,11 @@ class JoinProcessor:
                  metrics: FeedbackMetrics, clock: Callable[[], float] = time.time,
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, sweep_limit: int = 5000,
                  retry_max_s: float = 2.0, drift: QualityDriftWatch | None = None,
-                 evict_limit: int = 16_000, producer: Any = None, max_entry_bytes: int | None = None) -> None:
+                 evict_limit: int = 16_000, producer: Any = None, max_entry_bytes: int | None = None,
+                 tracing: Tracing = OFF) -> None:
         self._table = table
+        self.tracing = tracing
+        """Spans (banditgate.tracing); every call behind one `enabled` test per batch."""
         self._redis = redis
         self._out = out
         self._rules = rules
@@ -219,7 +226,9 @@ class JoinProcessor:
             served = make_served(arm, model, version, outputs_view(outputs), message.offset,
                                  message.topic == self._topics.shadow_predictions,
                                  impression_from_outputs(outputs) if policy == "interleave" else None)
-            return PredictionIn(request_id, message.partition, route, served, float(ts_predicted))
+            headers = getattr(message, "headers", None)  # test doubles may have none
+            return PredictionIn(request_id, message.partition, route, served, float(ts_predicted),
+                                _traceparent(headers) if headers else None)
         return self._decode_slow(message)
 
     def _learn_name(self, name: str) -> bool:
@@ -249,8 +258,9 @@ class JoinProcessor:
                         message.offset, shadow=message.topic == self._topics.shadow_predictions,
                         impression=impression_from_outputs(prediction.outputs)
                         if prediction.policy == "interleave" else None)
+        headers = getattr(message, "headers", None)
         return PredictionIn(prediction.request_id, message.partition, prediction.route, served,
-                            prediction.ts_predicted)
+                            prediction.ts_predicted, _traceparent(headers) if headers else None)
 
     async def submit(self, messages: Sequence[Any]) -> asyncio.Future[None]:
         """Join one batch of records (:class:`SourceMessage` or aiokafka ConsumerRecords) against
@@ -261,11 +271,13 @@ class JoinProcessor:
         joined while batch N waits for Redis and the broker, which left the worker idle for about
         40% of a drain."""
         started = time.perf_counter()
+        tracing = self.tracing
+        join_span: Any = tracing.start("feedback.join", kind="consumer") if tracing.enabled else None
         async with self.lock:
             now = self._clock()
             changes: dict[str, tuple[int, Entry | None]] = {}
             effects: list[Effect] = []
-            letters: list[tuple[str, bytes | None, bytes]] = []
+            letters: list[Outgoing] = []
             consumed: Counter[str] = Counter()
             dead: Counter[tuple[str, str]] = Counter()
             get = self._table.get
@@ -284,7 +296,8 @@ class JoinProcessor:
                     source = self._sources.get(message.topic, message.topic)
                     dead[(source, exc.reason)] += 1
                     letters.append(self._out.dead_letter(message.key, str(exc), exc.reason, message.topic,
-                                                         message.partition, message.offset, message.value or b""))
+                                                         message.partition, message.offset, message.value or b"",
+                                                         _carried(message)))
                     continue
                 request_id = event.request_id
                 change = changes.get(request_id)
@@ -293,6 +306,8 @@ class JoinProcessor:
                 entry = change[1] if change is not None else get(request_id, event.partition)
                 if message.topic == outcomes_topic:
                     step = on_outcome(entry, event, now, rules)  # type: ignore[arg-type]
+                    if join_span is not None:
+                        self._outcome_span(message, entry, join_span)
                 else:
                     step = on_prediction(entry, event, rules)  # type: ignore[arg-type]
                 if step.changed:
@@ -313,7 +328,16 @@ class JoinProcessor:
                 self._metrics.events.labels(self._sources.get(topic, topic)).inc(count)
             for (source, reason), count in dead.items():
                 self._metrics.dead_letters.labels(source, reason).inc(count)
+            if join_span is not None:
+                join_span.set_attribute("messaging.batch.message_count", len(messages))
+                join_span.set_attribute("banditgate.effects", len(effects))
+                join_span.end()
+                apply_span = tracing.start("feedback.apply", links=[tracing.link_span(join_span)],
+                                           attributes={"banditgate.effects": len(effects),
+                                                       "banditgate.entries": len(changes)})
             written = self._write_after_previous(changes, effects, letters, values)
+            if join_span is not None:
+                written.add_done_callback(lambda _: apply_span.end())
 
         def observe(_: asyncio.Future[None]) -> None:
             self._metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -322,8 +346,27 @@ class JoinProcessor:
         written.add_done_callback(observe)
         return written
 
+    def _outcome_span(self, message: Any, entry: Entry | None, join_span: Any) -> None:
+        """A `feedback.outcome` span for an outcome of a traced request: a child of the outcome's
+        own context when it has one (a client that continued the prediction's trace), else of
+        the prediction's (kept in the join entry), linked to the prediction and to the batch."""
+        headers = getattr(message, "headers", None)
+        own = _traceparent(headers) if headers else None
+        predicted = entry.trace if entry is not None else None
+        if own is None and predicted is None:
+            return
+        tracing = self.tracing
+        links = [tracing.link_span(join_span)]
+        if predicted is not None and predicted != own:
+            links.append(tracing.link_to(predicted))
+        span = tracing.start("feedback.outcome", traceparent=own or predicted, kind="consumer", links=links,
+                             attributes={"banditgate.request_id": entry.request_id if entry is not None
+                                         else str(message.key), "banditgate.joined": entry is not None
+                                         and entry.primary is not None})
+        span.end()
+
     def _oversize(self, message: Any, size: int, dead: Counter[tuple[str, str]],
-                  letters: list[tuple[str, bytes | None, bytes]]) -> None:
+                  letters: list[Outgoing]) -> None:
         """Dead-letter an event whose join entry would not fit the changelog (`oversize`): the
         entry stays as it was, as if the event had not come."""
         source = self._sources.get(message.topic, message.topic)
@@ -331,7 +374,7 @@ class JoinProcessor:
         letters.append(self._out.dead_letter(
             message.key, f"the join entry this event makes would take {size} bytes, over the changelog's limit of "
                          f"{self._max_entry_bytes} (kafka.max_message_bytes)", "oversize", message.topic,
-            message.partition, message.offset, message.value or b""))
+            message.partition, message.offset, message.value or b"", _carried(message)))
 
     def _evict(self, changes: dict[str, tuple[int, Entry | None]], effects: list[Effect], now: float) -> None:
         """Evict the table's oldest entries (in its eviction order) until every partition is
@@ -352,7 +395,7 @@ class JoinProcessor:
             effects.extend(on_evict(entry, now, rules).effects)
 
     def _write_after_previous(self, changes: dict[str, tuple[int, Entry | None]], effects: list[Effect],
-                              letters: list[tuple[str, bytes | None, bytes]],
+                              letters: list[Outgoing],
                               values: dict[str, bytes] | None = None) -> asyncio.Future[None]:
         """Queue `_finish` behind the batches already writing (called under the lock). Until
         it has persisted them, `changes` are what later batches join against."""
@@ -427,7 +470,7 @@ class JoinProcessor:
             return len(due)
 
     async def _finish(self, changes: dict[str, tuple[int, Entry | None]], effects: list[Effect],
-                      letters: list[tuple[str, bytes | None, bytes]], *,
+                      letters: list[Outgoing], *,
                       after_applied: asyncio.Future[None] | None = None, applied: asyncio.Future[None] | None = None,
                       after_written: asyncio.Future[None] | None = None, values: dict[str, bytes] | None = None
                       ) -> None:
@@ -441,7 +484,8 @@ class JoinProcessor:
                 self._metrics.dead_letters.labels("outcomes", effect.reason).inc()
                 letters.append(self._out.dead_letter(
                     effect.request_id.encode(), effect.error, effect.reason, self._topics.outcomes,
-                    effect.partition, effect.outcome.offset, orjson.dumps(effect.outcome.to_event(effect.request_id))))
+                    effect.partition, effect.outcome.offset, orjson.dumps(effect.outcome.to_event(effect.request_id)),
+                    trace_headers(effect.trace)))
         encoded = None
         chunks = self._redis.plan(effects) if effects else None  # CPU: while the batch before is in Redis
         if after_applied is not None:
@@ -474,16 +518,16 @@ class JoinProcessor:
                 encoded = self._table.encode(changes, values)
             await self._retrying("changelog", lambda: self._table.persist(changes, encoded))
 
-    def _drift_alerts(self, scored: list[Any]) -> list[tuple[str, bytes | None, bytes]]:
+    def _drift_alerts(self, scored: list[Any]) -> list[Outgoing]:
         """Feed the quality-drift watch; the alerts of the episodes it opened, ready to send."""
         assert self._drift is not None  # noqa: S101 - callers check
-        letters = []
+        letters: list[Outgoing] = []
         for alert in self._drift.observe(scored):
             self._metrics.alerts.labels(alert.route, alert.kind).inc()
             letters.append(self._out.alert(alert))
         return letters
 
-    def _refused(self, refused: Sequence[Refusal]) -> list[tuple[str, bytes | None, bytes]]:
+    def _refused(self, refused: Sequence[Refusal]) -> list[Outgoing]:
         """Dead letters for effects the ledger refused (one log line per batch: a broken key can
         refuse every item of a route, batch after batch)."""
         letters = []
@@ -561,6 +605,20 @@ class JoinProcessor:
             await self._producer.replace(failed)
         except (TimeoutError, KafkaError, OSError) as exc:
             log.warning("could not replace the feedback producer yet (%s)", type(exc).__name__)
+
+
+def _traceparent(headers: Any) -> str | None:
+    """The valid traceparent among a record's headers, or None."""
+    for name, value in headers:
+        if name == TRACEPARENT:
+            return parse_traceparent(value)
+    return None
+
+
+def _carried(message: Any) -> list[tuple[str, bytes]] | None:
+    """The trace context of a consumed record, to carry onto what the worker emits for it."""
+    headers = getattr(message, "headers", None)
+    return from_kafka_headers(headers) if headers else None
 
 
 _FROM_PREDICTION = frozenset({"default", "unanswered", "prediction_duplicate"})

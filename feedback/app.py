@@ -37,6 +37,7 @@ from banditgate.drift.episodes import EpisodeBook
 from banditgate.episode_store import EpisodeClaims, Episodes
 from banditgate.kafka_delivery import DEFAULT_MAX_MESSAGE_BYTES, record_limit
 from banditgate.logs import setup_logging
+from banditgate.tracing import Tracing
 from feedback.agents import JoinProcessor
 from feedback.consumer import BatchSource, FeedbackApp
 from feedback.disk_store import ROCKSDB_OPTIONS, DiskJoinTable, JoinCollection, rocksdict_missing
@@ -199,7 +200,8 @@ class FeedbackRuntime(mode.Service):
         self.quality_drift = drift  # its alarms feed the routes' `quality` retraining triggers (feedback.lifecycle)
         self.processor = JoinProcessor(table=table, redis=sink, out=out, rules=rules, topics=config.kafka.topics,
                                        metrics=self.metrics, max_event_bytes=config.max_event_bytes, drift=drift,
-                                       producer=self._producer, max_entry_bytes=changelog_record_limit(config.kafka))
+                                       producer=self._producer, max_entry_bytes=changelog_record_limit(config.kafka),
+                                       tracing=Tracing.from_config(config.tracing, "banditgate-feedback"))
         self.monitor = QualityMonitor(self._redis, keys, config.routes, config.feedback.quality_window_s,
                                       config.feedback.promote_confidence, config.feedback.promote_margin, out,
                                       self.metrics)

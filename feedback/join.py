@@ -163,6 +163,9 @@ class Entry:
     """Expiry clock start (event time, epoch seconds)."""
     early_duplicates: tuple[int, ...] = ()
     """Offsets of duplicate outcomes that came before the prediction (counted when the route is known)."""
+    trace: str | None = None
+    """The primary prediction's W3C traceparent (banditgate.tracecontext), when its record had one:
+    what the worker emits for this request, and an outcome's processing, link to that trace."""
 
 
 _set = object.__setattr__
@@ -185,7 +188,7 @@ _new = object.__new__
 _sv = _slot_setters(Served, ("arm", "model", "model_version", "view", "offset", "shadow", "impression"))
 _ss = _slot_setters(Seen, ("reward", "label", "ts", "offset", "clicks"))
 _se = _slot_setters(Entry, ("request_id", "partition", "route", "primary", "ts_predicted", "shadows", "outcome",
-                            "reward_state", "scored", "anchor_ts", "early_duplicates"))
+                            "reward_state", "scored", "anchor_ts", "early_duplicates", "trace"))
 
 
 def make_served(arm: Any, model: Any, model_version: Any, view: Any, offset: Any, shadow: Any,
@@ -207,12 +210,13 @@ def make_seen(reward: Any, label: Any, ts: Any, offset: Any, clicks: Any) -> See
 
 
 def _make_entry(request_id: Any, partition: Any, route: Any, primary: Any, ts_predicted: Any, shadows: Any,
-                outcome: Any, reward_state: Any, scored: Any, anchor_ts: Any, early_duplicates: Any) -> Entry:
+                outcome: Any, reward_state: Any, scored: Any, anchor_ts: Any, early_duplicates: Any,
+                trace: Any = None) -> Entry:
     new = _new(Entry)
     s = _se
     s[0](new, request_id); s[1](new, partition); s[2](new, route); s[3](new, primary)  # noqa: E702
     s[4](new, ts_predicted); s[5](new, shadows); s[6](new, outcome); s[7](new, reward_state)  # noqa: E702
-    s[8](new, scored); s[9](new, anchor_ts); s[10](new, early_duplicates)  # noqa: E702
+    s[8](new, scored); s[9](new, anchor_ts); s[10](new, early_duplicates); s[11](new, trace)  # noqa: E702
     return new
 
 
@@ -224,7 +228,7 @@ def _copy(old: Entry) -> Entry:
     s[0](new, old.request_id); s[1](new, old.partition); s[2](new, old.route); s[3](new, old.primary)  # noqa: E702
     s[4](new, old.ts_predicted); s[5](new, old.shadows); s[6](new, old.outcome)  # noqa: E702
     s[7](new, old.reward_state); s[8](new, old.scored); s[9](new, old.anchor_ts)  # noqa: E702
-    s[10](new, old.early_duplicates)
+    s[10](new, old.early_duplicates); s[11](new, old.trace)  # noqa: E702
     return new
 
 
@@ -248,6 +252,8 @@ class PredictionIn:
     route: str
     served: Served
     ts_predicted: float
+    trace: str | None = None
+    """The event record's valid traceparent, if any."""
 
 
 @dataclass(slots=True)
@@ -318,6 +324,8 @@ class DropOutcome:
     outcome: Seen
     reason: str
     error: str
+    trace: str | None = None
+    """The request's prediction's traceparent (its dead letter carries it)."""
 
 
 Effect = Count | Reward | Label | DropOutcome | Pairs
@@ -364,7 +372,7 @@ def _settle(entry: Entry, rules: JoinRules) -> tuple[Entry, list[Effect]]:
                 reward = checked_reward(reward, rules.route(entry.route).reward)
             except RewardError as exc:
                 effects.append(DropOutcome(request_id, entry.partition, outcome, exc.reason,
-                                           f"outcome for {request_id!r} on route {route!r}: {exc}"))
+                                           f"outcome for {request_id!r} on route {route!r}: {exc}", entry.trace))
                 effects.append(Count(route, request_id, "invalid", f"invalid:{outcome.offset}", primary.arm))
                 _set(entry, "outcome", None)
                 return entry, effects
@@ -409,6 +417,8 @@ def on_prediction(entry: Entry | None, event: PredictionIn, rules: JoinRules) ->
         _set(new, "route", entry.route or event.route)
         _set(new, "primary", served)
         _set(new, "ts_predicted", event.ts_predicted)
+        if event.trace is not None:
+            _set(new, "trace", event.trace)
     else:
         for known in entry.shadows:
             if known.arm == served.arm:
@@ -624,20 +634,23 @@ _ENTRY_TAG = f"v{ENTRY_FORMAT}"
 def encode_entry(entry: Entry) -> bytes:
     """Serialize an entry for the table (the request_id is the table key, not repeated):
     ``["v2", partition, route, primary, ts_predicted, shadows, outcome, reward state, scored,
-    anchor_ts, early duplicates]``."""
+    anchor_ts, early duplicates]``, and the primary prediction's traceparent last when it had one."""
     outcome = entry.outcome
     primary = entry.primary
     shadows = entry.shadows
     scored = entry.scored
-    # tuples and lists serialize alike (JSON arrays)
-    return _dumps((
+    # tuples and lists serialize alike (JSON arrays); the trace is a last item only when there is one
+    row: tuple[Any, ...] = (
         _ENTRY_TAG, entry.partition, entry.route,
         None if primary is None else _served_row(primary), entry.ts_predicted,
         [_served_row(s) for s in shadows] if shadows else (),
         None if outcome is None else _seen_row(outcome),
         _STATE_NUMBERS[entry.reward_state], sorted(scored) if scored else (), entry.anchor_ts,
         entry.early_duplicates,
-    ))
+    )
+    if entry.trace is not None:
+        row += (entry.trace,)
+    return _dumps(row)
 
 
 def decode_entry(request_id: str, raw: bytes) -> Entry:
@@ -646,7 +659,12 @@ def decode_entry(request_id: str, raw: bytes) -> Entry:
     try:
         record = orjson.loads(raw)
         version = record[0] if record.__class__ is list and record else None
+        trace = None
         if version == _ENTRY_TAG:
+            if len(record) == 12:  # the primary prediction's traceparent, when it had one
+                trace = record.pop()
+                if trace.__class__ is not str:
+                    raise ValueError("the trace is not a string")
             (_, partition, route, primary, ts_predicted, shadows, outcome, state, scored, anchor_ts,
              early) = record
         elif version.__class__ is str:
@@ -659,7 +677,7 @@ def decode_entry(request_id: str, raw: bytes) -> Entry:
                      shadows=tuple(_served(s, True) for s in shadows),
                      outcome=None if outcome is None else _seen(outcome),
                      reward_state=_STATES[state], scored=frozenset(scored), anchor_ts=anchor_ts,
-                     early_duplicates=tuple(early))
+                     early_duplicates=tuple(early), trace=trace)
     except (orjson.JSONDecodeError, TypeError, ValueError, IndexError) as exc:
         raise ValueError(f"join entry for {request_id!r} is not in the expected format: {exc}") from None
 

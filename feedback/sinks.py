@@ -160,6 +160,10 @@ class RedisSink:
 # Kafka: dead letters and alerts
 
 
+Outgoing = tuple[str, bytes | None, bytes] | tuple[str, bytes | None, bytes, list[tuple[str, bytes]]]
+"""A message KafkaOut sends: (topic, key, value), or with the record's headers as a 4th item."""
+
+
 class KafkaOut:
     """Dead letters and alerts through one aiokafka producer (acknowledged before returning).
     Every alert it sends (any message to the alerts topic, whoever built it) also goes to its
@@ -182,26 +186,28 @@ class KafkaOut:
         self.refused = 0
         self._refusals_logged: set[tuple[str, str]] = set()
 
-    async def send_all(self, messages: Sequence[tuple[str, bytes | None, bytes]]) -> None:
-        """Send (topic, key, value) messages and wait until the broker acknowledged all of them
+    async def send_all(self, messages: Sequence[Outgoing]) -> None:
+        """Send (topic, key, value[, headers]) messages and wait until the broker acknowledged all of them
         (or refused some for good: dropped and counted). Raises the first retriable failure."""
         await self.deliver(list(messages))
 
-    async def deliver(self, pending: list[tuple[str, bytes | None, bytes]]) -> None:
+    async def deliver(self, pending: list[Outgoing]) -> None:
         """As `send_all`, and leaves in `pending` only the messages to send again: a retry after
         a retriable failure sends neither the delivered nor the refused ones again."""
         producer = self._producer
         used = getattr(producer, "current", producer)
-        sent: list[tuple[str, bytes | None, bytes]] = []
+        sent: list[Outgoing] = []
         futures = []
-        retry: list[tuple[str, bytes | None, bytes]] = []
+        retry: list[Outgoing] = []
         cause: BaseException | None = None
         broken = refused_any = False
-        outcomes: list[tuple[tuple[str, bytes | None, bytes], BaseException]] = []
+        outcomes: list[tuple[Outgoing, BaseException]] = []
         for message in pending:
-            topic, key, value = message
+            topic, key, value = message[0], message[1], message[2]
             try:
-                futures.append(await producer.send(topic, key=key, value=value))
+                # a 4th item is the record's headers (the request's trace context)
+                futures.append(await (producer.send(topic, key=key, value=value) if len(message) == 3
+                                      else producer.send(topic, key=key, value=value, headers=message[3])))
             except Exception as exc:  # a record over max_request_size is refused here, before sending
                 if not is_delivery_error(exc):
                     raise
@@ -231,7 +237,7 @@ class KafkaOut:
         pending[:] = retry
         webhooks = self.webhooks
         if webhooks is not None and webhooks.urls:
-            for topic, key, value in delivered:
+            for topic, key, value, *_headers in delivered:
                 if topic == self.alerts_topic:
                     route = alert_route(key, value)
                     if route is not None:
@@ -257,9 +263,12 @@ class KafkaOut:
                       "banditgate_feedback_output_refusals_total (logged once per episode)", topic, reason, error)
 
     def dead_letter(self, key: bytes | None, error: str, reason: str, topic: str, partition: int, offset: int,
-                    payload: bytes) -> tuple[str, bytes | None, bytes]:
+                    payload: bytes, headers: list[tuple[str, bytes]] | None = None) -> Outgoing:
+        """A dead letter to send; `headers`: the trace context of the request it concerns."""
         letter = DeadLetter(error=error, topic=topic, partition=partition, offset=offset,
                             payload=dead_letter_payload(payload), reason=reason)
+        if headers:
+            return self.deadletter_topic, key, encode(letter), headers
         return self.deadletter_topic, key, encode(letter)
 
     def alert(self, alert: Alert) -> tuple[str, bytes | None, bytes]:

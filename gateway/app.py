@@ -257,7 +257,7 @@ class Gateway:
             self.publisher.publish(self.config.kafka.topics.alerts, [alert_from_obj(alert).to_dict()],
                                    key_field="route")
 
-    async def _produce_outcomes(self, outcomes: list[dict[str, Any]]) -> None:
+    async def _produce_outcomes(self, outcomes: list[dict[str, Any]], trace: Any = None) -> None:
         """Publish outcomes posted over HTTP/gRPC and wait for the broker. A failed publication
         replaces the shared producer (as the Kafka loop does; a failed send can leave its sequence
         numbers ahead of the broker's) and is tried once more. Raises InvalidInput when the topic
@@ -271,7 +271,7 @@ class Gateway:
             out = OutboundBatches(producer, self.kafka.partitions, shared.limits)
             try:
                 for key, value in values:
-                    out.add(topic, key, value)
+                    out.add(topic, key, value, headers=trace)  # the caller's trace context, if any
             except OutputRefused as exc:
                 raise InvalidInput(f"outcome not accepted: {exc}", exc.reason) from None
             try:
@@ -305,7 +305,7 @@ class Gateway:
         self.publisher.start()
         publisher = self.publisher
         context = SidecarContext(config=self.config, dataplane=self.dataplane,
-                                 publish=lambda topic, events: publisher.publish(topic, events),
+                                 publish=lambda topic, events, trace=None: publisher.publish(topic, events, trace=trace),
                                  produce_outcomes=self._produce_outcomes, is_ready=self.is_ready,
                                  admin=Admin(self.dataplane, self.repository, self.store, self._redis,
                                              rollouts=self.rollouts),

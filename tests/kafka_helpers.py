@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -58,3 +59,22 @@ async def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float
 
 def request_event(request_id: str, route: str, row: list[float], **extra: object) -> bytes:
     return orjson.dumps({"request_id": request_id, "route": route, "inputs": {"input": row}, **extra})
+
+
+async def read_records(bootstrap: str, topic: str, want: Any, timeout_s: float = 60.0) -> list[Any]:
+    """The records of `topic` (from the beginning, with their headers) until `want(records)` holds
+    or `timeout_s` passes."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                group_id=f"reader-{uuid.uuid4().hex[:8]}", enable_auto_commit=False,
+                                isolation_level="read_committed")
+    await consumer.start()
+    out: list[Any] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    try:
+        while loop.time() < deadline and not want(out):
+            batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
+            out.extend(r for records in batch.values() for r in records)
+    finally:
+        await consumer.stop()
+    return out

@@ -4,6 +4,10 @@ The standard library's HTTP client runs in a worker thread (no extra dependency)
 or 503 answer (overloaded, not ready) and a refused connection are retried up to `retries` times,
 waiting what ``Retry-After`` says (else an exponential backoff from 0.1 s, capped by
 `max_backoff_s`); a 4xx other than 429 is the caller's mistake and never retried.
+
+Trace context: `predict` and `report_outcome` send a W3C ``traceparent`` header (the caller's when
+valid, else a fresh one; ``tracestate`` with the caller's own); the gateway carries it onto the
+prediction event, and ``Prediction.traceparent`` is the one sent.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import orjson
 from banditgate.client.errors import ClientError, GatewayRejected, InvalidRequest
 from banditgate.client.types import Prediction
 from banditgate.client.validation import check_metadata, outcome_event, plain_inputs
+from banditgate.tracecontext import trace_context
 
 _OIP_TYPES = {"f": "FP32", "i": "INT64", "u": "UINT64", "b": "BOOL"}
 _RETRIED = (429, 503)
@@ -63,7 +68,8 @@ class HttpClient:
         return self._metadata[route]
 
     async def predict(self, route: str, inputs: Mapping[str, Any], *, unit: str | None = None,
-                      request_id: str | None = None) -> Prediction:
+                      request_id: str | None = None, traceparent: str | None = None,
+                      tracestate: str | None = None) -> Prediction:
         """One row per input (as over Kafka); the router picks the arm. Raises InvalidRequest,
         GatewayRejected (with the gateway's reason) or ClientError."""
         if self.routes is not None and route not in self.routes:
@@ -83,7 +89,8 @@ class HttpClient:
         if unit is not None:
             doc["parameters"]["unit_id"] = unit
         started = time.monotonic()
-        answer = await self._call("POST", f"/v2/models/{urllib.parse.quote(route, safe='')}/infer", doc)
+        trace = trace_context(traceparent, tracestate)
+        answer = await self._call("POST", f"/v2/models/{urllib.parse.quote(route, safe='')}/infer", doc, trace)
         params = answer.get("parameters") or {}
         outputs = {o["name"]: np.asarray(o["data"]).reshape(o["shape"])[0] for o in answer.get("outputs", [])}
         return Prediction(request_id=str(params.get("request_id", request_id or "")), route=route,
@@ -91,17 +98,25 @@ class HttpClient:
                           model_version=int(params.get("model_version", 0)), policy=str(params.get("policy", "")),
                           propensity=float(params.get("propensity", 1.0)), outputs=outputs,
                           latency_ms=(time.monotonic() - started) * 1000.0,
-                          round_trip_ms=(time.monotonic() - started) * 1000.0, event=params)
+                          round_trip_ms=(time.monotonic() - started) * 1000.0, event=params,
+                          traceparent=trace[0][1].decode())
 
     async def report_outcome(self, request_id: str, *, reward: float | None = None, label: Any = None,
-                             clicks: list[str] | None = None, ts: float | None = None) -> None:
-        await self._call("POST", "/v2/outcomes", outcome_event(request_id, reward, label, clicks, ts))
+                             clicks: list[str] | None = None, ts: float | None = None, traceparent: str | None = None,
+                             tracestate: str | None = None) -> None:
+        """Post an outcome; pass the prediction's `traceparent` to continue its trace."""
+        await self._call("POST", "/v2/outcomes", outcome_event(request_id, reward, label, clicks, ts),
+                         trace_context(traceparent, tracestate))
 
-    async def _call(self, method: str, path: str, doc: Any = None) -> dict[str, Any]:
-        return await asyncio.to_thread(self._call_blocking, method, path, doc)
+    async def _call(self, method: str, path: str, doc: Any = None,
+                    trace: list[tuple[str, bytes]] | None = None) -> dict[str, Any]:
+        return await asyncio.to_thread(self._call_blocking, method, path, doc, trace)
 
-    def _call_blocking(self, method: str, path: str, doc: Any) -> dict[str, Any]:
+    def _call_blocking(self, method: str, path: str, doc: Any,
+                       trace: list[tuple[str, bytes]] | None = None) -> dict[str, Any]:
         headers = {"accept": "application/json"}
+        for name, value in trace or ():
+            headers[name] = value.decode()
         body = None
         if doc is not None:
             body = orjson.dumps(doc)

@@ -11,6 +11,11 @@ Defined behaviour:
   its committed offsets, so the prediction arrives once a gateway is back - within the timeout the
   call simply returns, later it raises PredictionTimeout. A prediction delivered twice resolves
   the call once.
+
+Trace context: every record the client sends carries a W3C ``traceparent`` header (the caller's,
+when it passes a valid one - an invalid one is ignored - else a fresh one), and ``tracestate``
+when given; the gateway carries it onto the prediction, whose ``Prediction.traceparent`` is what
+came back on the reply topic.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from banditgate.client.errors import ClientError, GatewayRejected, InvalidReques
 from banditgate.client.types import Prediction
 from banditgate.client.validation import outcome_event, request_event
 from banditgate.events import KNOWN_SCHEMA_VERSIONS
+from banditgate.tracecontext import TRACEPARENT, parse_traceparent, trace_context
 
 DEFAULT_TIMEOUT_S = 10.0
 
@@ -103,8 +109,10 @@ class KafkaClient:
 
     async def predict(self, route: str, inputs: Mapping[str, Any], *, unit: str | None = None,
                       request_id: str | None = None, items: list[str] | None = None,
-                      timeout_s: float = DEFAULT_TIMEOUT_S) -> Prediction:
-        """Send one request and wait for its prediction (see the module docstring for failures)."""
+                      timeout_s: float = DEFAULT_TIMEOUT_S, traceparent: str | None = None,
+                      tracestate: str | None = None) -> Prediction:
+        """Send one request and wait for its prediction (see the module docstring for failures and
+        the trace context)."""
         if self.reply_topic is None or self._producer is None:
             raise ClientError("not_started", "predict needs a started client with a reply_topic")
         event = request_event(route, inputs, unit=unit, request_id=request_id, reply_to=self.reply_topic,
@@ -118,7 +126,8 @@ class KafkaClient:
         started = time.monotonic()
         self._waiting[rid] = (future, started)
         try:
-            await (await self._producer.send(self.requests_topic, orjson.dumps(event), key=rid.encode()))
+            await (await self._producer.send(self.requests_topic, orjson.dumps(event), key=rid.encode(),
+                                             headers=trace_context(traceparent, tracestate)))
             return await asyncio.wait_for(asyncio.shield(future), timeout_s - (time.monotonic() - started))
         except TimeoutError:
             raise PredictionTimeout(f"no prediction for request {rid!r} within {timeout_s}s") from None
@@ -126,7 +135,8 @@ class KafkaClient:
             self._waiting.pop(rid, None)
 
     async def send(self, route: str, inputs: Mapping[str, Any], *, unit: str | None = None,
-                   request_id: str | None = None, items: list[str] | None = None) -> str:
+                   request_id: str | None = None, items: list[str] | None = None, traceparent: str | None = None,
+                   tracestate: str | None = None) -> str:
         """Fire and forget: queue one request (the producer batches them); returns its request_id.
         `flush()` waits until everything queued is acknowledged."""
         if self._producer is None:
@@ -134,7 +144,8 @@ class KafkaClient:
         event = request_event(route, inputs, unit=unit, request_id=request_id, reply_to=None, items=items,
                               routes=self.routes, metadata=self.metadata.get(route))
         rid: str = event["request_id"]
-        await self._producer.send(self.requests_topic, orjson.dumps(event), key=rid.encode())
+        await self._producer.send(self.requests_topic, orjson.dumps(event), key=rid.encode(),
+                                  headers=trace_context(traceparent, tracestate))
         return rid
 
     async def flush(self) -> None:
@@ -142,12 +153,15 @@ class KafkaClient:
             await self._producer.flush()
 
     async def report_outcome(self, request_id: str, *, reward: float | None = None, label: Any = None,
-                             clicks: list[str] | None = None, ts: float | None = None) -> None:
-        """Publish an outcome for `request_id` and wait for the broker's acknowledgement."""
+                             clicks: list[str] | None = None, ts: float | None = None, traceparent: str | None = None,
+                             tracestate: str | None = None) -> None:
+        """Publish an outcome for `request_id` and wait for the broker's acknowledgement. Pass the
+        prediction's `traceparent` to continue its trace (else the outcome starts a new one)."""
         if self._producer is None:
             raise ClientError("not_started", "start the client first")
         event = outcome_event(request_id, reward, label, clicks, ts)
-        await (await self._producer.send(self.outcomes_topic, orjson.dumps(event), key=request_id.encode()))
+        await (await self._producer.send(self.outcomes_topic, orjson.dumps(event), key=request_id.encode(),
+                                         headers=trace_context(traceparent, tracestate)))
 
     # -- replies ---------------------------------------------------------------------------------
 
@@ -186,4 +200,12 @@ class KafkaClient:
             slot[0].set_exception(ClientError("unknown_version", f"prediction for {rid!r} has schema_version "
                                                                  f"{event.get('schema_version')!r}; upgrade the client"))
             return
-        slot[0].set_result(Prediction.from_event(event, (time.monotonic() - slot[1]) * 1000.0))
+        slot[0].set_result(Prediction.from_event(event, (time.monotonic() - slot[1]) * 1000.0,
+                                                 _traceparent(record.headers)))
+
+
+def _traceparent(headers: Any) -> str | None:
+    for name, value in headers or ():
+        if name == TRACEPARENT:
+            return parse_traceparent(value)
+    return None

@@ -12,6 +12,7 @@ import numpy as np
 
 from banditgate import __version__
 from banditgate.events import EventError, outcome_from_obj
+from banditgate.tracecontext import from_mapping
 from gateway.dataplane import serve_tensors
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded
 from gateway.request_ids import new_request_id
@@ -159,12 +160,13 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             request_id = request.id or new_request_id()
             unit = _plain(request.parameters["unit_id"]) if "unit_id" in request.parameters else None
             topics = self.ctx.config.kafka.topics
+            trace = from_mapping(dict(context.invocation_metadata() or ()))
             with self.ctx.admitted():
                 async with asyncio.timeout(server.request_timeout_s):
                     answer = await serve_tensors(
                         self.ctx.dataplane, request.model_name, request.model_version or None, feeds, request_id,
                         str(unit) if unit is not None else None, time.time(), received,
-                        on_shadows=lambda events: self.ctx.publish(topics.shadow_predictions, events))
+                        on_shadows=lambda events: self.ctx.publish(topics.shadow_predictions, events, trace=trace))
         except TimeoutError:
             self.ctx.record(_label_name(self.ctx, request.model_name), "grpc", error=TimeoutError("timeout"))
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -173,7 +175,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             self.ctx.record(_label_name(self.ctx, request.model_name), "grpc", error=exc)
             await abort(context, exc)
         self.ctx.record(_label_name(self.ctx, request.model_name), "grpc", arm=answer.arm)
-        self.ctx.publish(self.ctx.config.kafka.topics.predictions, answer.events)
+        self.ctx.publish(self.ctx.config.kafka.topics.predictions, answer.events, trace=trace)
         outputs = answer.outputs
         if request.outputs:
             wanted = [o.name for o in request.outputs]
@@ -223,7 +225,8 @@ class FeedbackServicer(bg_grpc.FeedbackServicer):
         if errors:
             return bg_pb2.OutcomesResponse(accepted=0, errors=errors)
         try:
-            await self.ctx.produce_outcomes(accepted)
+            trace = from_mapping(dict(context.invocation_metadata() or ()))
+            await (self.ctx.produce_outcomes(accepted, trace) if trace else self.ctx.produce_outcomes(accepted))
         except GatewayError as exc:  # refused by the broker (INVALID_ARGUMENT) or Kafka away (UNAVAILABLE)
             await abort(context, exc)
         return bg_pb2.OutcomesResponse(accepted=len(accepted))

@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from banditgate import __version__
 from banditgate.config import LOOPBACK_HOSTS, Config
 from banditgate.events import SCHEMA_VERSION, EventError, json_schemas, outcome_from_obj
+from banditgate.tracecontext import TraceHeaders, parse_traceparent, parse_tracestate, trace_headers
 from gateway.dataplane import Dataplane, serve_tensors
 from gateway.errors import (
     Forbidden,
@@ -51,8 +52,11 @@ class SidecarContext:
 
     config: Config
     dataplane: Dataplane
-    publish: Callable[[str, list[dict[str, Any]]], None]
-    produce_outcomes: Callable[[list[dict[str, Any]]], Awaitable[None]]
+    publish: Callable[..., None]
+    """(topic, events, trace=None): queue events for Kafka, with the request's trace context
+    (banditgate.tracecontext.TraceHeaders) as their headers."""
+    produce_outcomes: Callable[..., Awaitable[None]]
+    """(outcomes, trace=None): publish outcomes, with the caller's trace context as headers."""
     is_ready: Callable[[], bool]
     admin: Any = None  # gateway.admin.Admin, when arm statistics are wired
     registry: CollectorRegistry = field(default_factory=lambda: REGISTRY)
@@ -309,7 +313,8 @@ def build_app(ctx: SidecarContext) -> SidecarApp:
                 errors.append(f"outcome {index}: {exc}")
         if errors:
             return _json({"error": errors[0], "errors": errors, "accepted": 0}, 400)
-        await ctx.produce_outcomes(accepted)
+        trace = _trace(request.scope)
+        await (ctx.produce_outcomes(accepted, trace) if trace else ctx.produce_outcomes(accepted))
         return _json({"accepted": len(accepted)})
 
     async def metrics(_: Request) -> Response:
@@ -418,6 +423,20 @@ class SidecarApp:
             return 500, list(_JSON), orjson.dumps({"error": f"internal error: {type(exc).__name__}"})
 
 
+def _trace(scope: Scope) -> TraceHeaders | None:
+    """The request's valid W3C trace context (`traceparent`, `tracestate`), or None."""
+    parent = state = None
+    for key, value in scope["headers"]:
+        if key == b"traceparent":
+            parent = value
+        elif key == b"tracestate":
+            state = value
+    if parent is None:
+        return None
+    traceparent = parse_traceparent(parent)
+    return trace_headers(traceparent, parse_tracestate(state) if traceparent is not None else None)
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
@@ -463,13 +482,15 @@ async def infer_rest(ctx: SidecarContext, scope: Scope, receive: Receive,
     feeds = {t.name: t.array for t in parsed.inputs}
     request_id = parsed.id or new_request_id()
     unit = parsed.parameters.get("unit_id")
+    trace = _trace(scope)
     try:
         with ctx.admitted():
             async with asyncio.timeout(server.request_timeout_s):
                 answer = await serve_tensors(
                     ctx.dataplane, name, version, feeds, request_id, str(unit) if unit is not None else None,
                     time.time(), received,
-                    on_shadows=lambda events: ctx.publish(ctx.config.kafka.topics.shadow_predictions, events))
+                    on_shadows=lambda events: ctx.publish(ctx.config.kafka.topics.shadow_predictions, events,
+                                                          trace=trace))
     except TimeoutError:
         error = _Timeout(f"inference did not finish within {server.request_timeout_s}s")
         ctx.record(_label_name(ctx, name), "rest", error=error)
@@ -478,7 +499,7 @@ async def infer_rest(ctx: SidecarContext, scope: Scope, receive: Receive,
         ctx.record(_label_name(ctx, name), "rest", error=exc)
         raise
     ctx.record(_label_name(ctx, name), "rest", arm=answer.arm)
-    ctx.publish(ctx.config.kafka.topics.predictions, answer.events)
+    ctx.publish(ctx.config.kafka.topics.predictions, answer.events, trace=trace)
     outputs = answer.outputs
     binary: set[str] = set()
     if parsed.outputs is not None:

@@ -21,6 +21,9 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
+_NO_HEADERS: list[tuple[str, bytes]] = []
+"""Shared, never changed: aiokafka's record builder takes a list (a tuple is refused)."""
+
 
 def partition_for(key: bytes, partitions: int) -> int:
     """Kafka's default partition for `key` (murmur2, as the Java client and aiokafka compute it)."""
@@ -73,9 +76,11 @@ class OutboundBatches:
         return None
 
     def add(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None,
-            source: Any = None, alone: bool = False) -> None:
+            source: Any = None, alone: bool = False, headers: list[tuple[str, bytes]] | None = None) -> None:
         """Queue one record (no I/O: full builders wait for `send()`). Raises OutputRefused when the
-        record is larger than its topic accepts (nothing is queued then)."""
+        record is larger than its topic accepts (nothing is queued then). `headers`: the record's
+        Kafka headers (the trace context, banditgate.tracecontext), if any."""
+        headers = headers or _NO_HEADERS
         limits = self.limits
         if limits is not None:
             limit = limits.get(topic)
@@ -87,7 +92,7 @@ class OutboundBatches:
         slot = (topic, partition)
         if alone:
             builder = self.producer.create_batch()
-            builder.append(key=key, value=value, timestamp=None)  # the first record always fits
+            builder.append(key=key, value=value, timestamp=None, headers=headers)  # the first record always fits
             builder.close()
             self._full.append((slot, builder, [source]))
             self.count += 1
@@ -95,12 +100,12 @@ class OutboundBatches:
         entry = self._builders.get(slot)
         if entry is None:
             entry = self._builders[slot] = (self.producer.create_batch(), [])
-        if entry[0].append(key=key, value=value, timestamp=None) is None:
+        if entry[0].append(key=key, value=value, timestamp=None, headers=headers) is None:
             entry[0].close()
             self._full.append((slot, entry[0], entry[1]))
             entry = self._builders[slot] = (self.producer.create_batch(), [])
             # an empty builder takes any one record (aiokafka lets the first record exceed the batch size)
-            entry[0].append(key=key, value=value, timestamp=None)
+            entry[0].append(key=key, value=value, timestamp=None, headers=headers)
         entry[1].append(source)
         self.count += 1
 

@@ -31,6 +31,8 @@ from aiokafka.errors import KafkaError
 
 from banditgate.config import Config
 from banditgate.connections import ConnectionCheckError, check_kafka, describe_kafka_failure, kafka_client_kwargs
+from banditgate.tracecontext import TRACEPARENT, TraceHeaders, from_kafka_headers
+from banditgate.tracing import Tracing, wall_ns
 from gateway.dataplane import Dataplane
 from gateway.metrics import GatewayMetrics
 from gateway.serving import Answer
@@ -84,8 +86,11 @@ class KafkaLoop:
     """Consumes requests, serves them through the dataplane, produces predictions (at-least-once)."""
 
     def __init__(self, config: Config, dataplane: Dataplane, metrics: GatewayMetrics,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, tracing: Tracing | None = None) -> None:
         self.config = config
+        self.tracing = tracing if tracing is not None else Tracing.from_config(config.tracing, "banditgate-gateway")
+        """Spans (banditgate.tracing); OFF unless tracing.enabled: every tracing call below is behind
+        one `self.tracing.enabled` test per batch, or a None test on what that test made."""
         self.dataplane = dataplane
         self.metrics = metrics
         self.clock = clock
@@ -190,6 +195,8 @@ class KafkaLoop:
                 await self.consumer.stop()
             await self.shared.stop()
             self.metrics.kafka_up.set(0)
+            if self.tracing.enabled:
+                self.tracing.shutdown()
 
     async def close_now(self, timeout_s: float = CLOSE_NOW_TIMEOUT_S) -> None:
         """The grace period is over: drop what is in flight (it is served again from the committed
@@ -401,21 +408,37 @@ class KafkaLoop:
         # keeps per-partition order from there on)
         previous, handed_over = self._last_handed_over, asyncio.Event()
         self._last_handed_over = handed_over
+        batch_span: Any = None
+        produce_span: Any = None
         try:
             records = [record for batch in fetched.values() for record in batch]
+            if self.tracing.enabled:
+                batch_span = self.tracing.start("gateway.batch", kind="consumer",
+                                                attributes={"messaging.batch.message_count": len(records)})
             out = OutboundBatches(producer, self.partitions, self.shared.limits)
-            await self._serve_records(records, out)
+            await self._serve_records(records, out, batch_span)
             if previous is not None:
                 await previous.wait()
+            if batch_span is not None:
+                produce_span = self.tracing.start("gateway.produce", parent=batch_span, kind="producer",
+                                                  attributes={"messaging.batch.message_count": out.count})
             try:
                 sent = await out.send()
             except Exception as exc:
+                if batch_span is not None:
+                    batch_span.record_exception(exc)
+                    produce_span.end()
+                    batch_span.end()
                 if is_delivery_error(exc):
                     raise PublicationFailed(producer, exc) from exc
                 raise
         finally:
             handed_over.set()
         failures = await delivered(sent)
+        if batch_span is not None:
+            produce_span.set_attribute("banditgate.failed_batches", len(failures))
+            produce_span.end()
+            batch_span.end()
         if failures:
             self._learn_refusals(failures)
             raise PublicationFailed(producer, failures[0][1])
@@ -438,11 +461,17 @@ class KafkaLoop:
                         else "its requests are dead-lettered" if len(set(positions)) == 1
                         else "its records are sent one per batch to find the refused one")
 
-    async def _serve_records(self, records: list, out: OutboundBatches) -> None:
-        """Decode, serve and add every resulting prediction, shadow prediction and dead-letter to `out`."""
+    async def _serve_records(self, records: list, out: OutboundBatches, batch_span: Any = None) -> None:
+        """Decode, serve and add every resulting prediction, shadow prediction and dead-letter to
+        `out`. `batch_span`: the batch's span when tracing (its stages become its children)."""
         routes = self.dataplane.routes
+        started_ns = time.time_ns() if batch_span is not None else 0
         decoded = decode_records(records, routes, self.config.max_event_bytes, clock=self.clock,
                                  reply_allowed=self._reply_allowed)
+        if batch_span is not None:
+            self.tracing.record("gateway.consume", parent=batch_span, start_ns=started_ns,
+                                attributes={"banditgate.requests": decoded.count,
+                                            "banditgate.dead_letters": len(decoded.dead)})
         if decoded.reply_topics:
             await self._learn_reply_topics(decoded.reply_topics, out.producer)
         self.processed += decoded.count
@@ -450,9 +479,10 @@ class KafkaLoop:
         for record, reason, message in decoded.dead:
             self.metrics.deadletters.labels(record.topic, reason).inc()
             self._dead_letter(out, (record.topic, record.partition, record.offset), record.key, message, reason,
-                              record.value, guarded)
+                              record.value, guarded, from_kafka_headers(record.headers) if record.headers else None)
         route_names = list(decoded.by_route)
-        answers_per_route = await asyncio.gather(*(self.dataplane.serve(name, decoded.by_route[name])
+        serve = self.dataplane.serve if batch_span is None else self._traced_serve(batch_span)
+        answers_per_route = await asyncio.gather(*(serve(name, decoded.by_route[name])
                                                    for name in route_names), return_exceptions=True)
         for position, (route_name, answers) in enumerate(zip(route_names, answers_per_route)):
             if isinstance(answers, BaseException):
@@ -480,6 +510,11 @@ class KafkaLoop:
                 key = pending.request_id.encode()
                 partition = pending.partition if same_partitioning and pending.key == key else None
                 prediction = answer.prediction
+                # the request's trace context goes on with everything it causes (one truth test
+                # when, as usually, the request has no headers)
+                trace = from_kafka_headers(pending.headers) if pending.headers else None
+                if trace is not None and batch_span is not None:
+                    trace = self._request_span(trace, pending, route_name, prediction, batch_span, now)
                 if prediction is not None:
                     value = dumps(prediction)
                     shadows = answer.shadows
@@ -492,14 +527,14 @@ class KafkaLoop:
                         error = self._refused_output(pending, len(key), value, shadow_values, out)
                         alone = guarded and _position(pending) in self.memo.isolated
                     if error is None:
-                        out.add(predictions_topic, key, value, partition, pending, alone)
+                        out.add(predictions_topic, key, value, partition, pending, alone, trace)
                         counts[(prediction["arm"], "ok")] += 1
                         latencies.append(now - pending.received_s)
                         if pending.reply_to is not None:
-                            self._reply(out, pending, key, value, alone)
+                            self._reply(out, pending, key, value, alone, trace)
                         if shadows and shadow_values:
                             for shadow, shadow_value in zip(shadows, shadow_values):
-                                out.add(shadows_topic, key, shadow_value, partition, pending, alone)
+                                out.add(shadows_topic, key, shadow_value, partition, pending, alone, trace)
                                 shadow_counts[shadow["arm"]] += 1
                         continue
                 else:
@@ -508,12 +543,50 @@ class KafkaLoop:
                 counts[("-", "error")] += 1
                 self.metrics.errors.labels(route_name, reason, "kafka").inc()
                 self.metrics.deadletters.labels(pending.topic, reason).inc()
-                self._dead_letter(out, _position(pending), pending.key, message, reason, pending.raw, guarded)
+                self._dead_letter(out, _position(pending), pending.key, message, reason, pending.raw, guarded, trace)
             for arm, count in shadow_counts.items():
                 self.metrics.shadow_predictions.labels(route_name, arm).inc(count)
             for (arm, status), count in counts.items():
                 self.metrics.requests.labels(route_name, arm, status, "kafka").inc(count)
             self.metrics.end_to_end_seconds.observe_many(latencies, route_name, "kafka")
+
+    def _traced_serve(self, batch_span: Any) -> Callable[[str, list], Any]:
+        """`dataplane.serve` inside a `gateway.infer` span per route (decide, queue and infer of the
+        route's requests in this batch: the batcher merges rows of several batches, so queueing
+        and inference are not split further without a span per model batch)."""
+        tracing = self.tracing
+
+        async def serve(route_name: str, pendings: list) -> list[Answer]:
+            span = tracing.start("gateway.infer", parent=batch_span,
+                                 attributes={"banditgate.route": route_name, "banditgate.requests": len(pendings)})
+            try:
+                return await self.dataplane.serve(route_name, pendings)
+            except BaseException as exc:
+                span.record_exception(exc)
+                raise
+            finally:
+                span.end()
+
+        return serve
+
+    def _request_span(self, trace: TraceHeaders, pending: Any, route_name: str, prediction: Any, batch_span: Any,
+                      now: float) -> TraceHeaders:
+        """A `gateway.request` span in the request's own trace (sampled by its trace id), from its
+        receipt to now, linked to its batch; returns the headers to carry on, naming that span as
+        the parent of what the prediction causes."""
+        tracing = self.tracing
+        traceparent = trace[0][1].decode()
+        attributes = {"banditgate.request_id": pending.request_id, "banditgate.route": route_name}
+        if prediction is not None:
+            attributes["banditgate.arm"] = prediction["arm"]
+        span = tracing.start("gateway.request", traceparent=traceparent, kind="consumer",
+                             start_ns=wall_ns(pending.received_s, now), attributes=attributes,
+                             links=[tracing.link_span(batch_span)])
+        sampled = span.is_recording()
+        span.end()
+        if not sampled:
+            return trace  # not sampled: the caller's context goes on unchanged
+        return [(TRACEPARENT, tracing.traceparent_of(span).encode()), *trace[1:]]
 
     async def _learn_reply_topics(self, topics: set[str], producer: AIOKafkaProducer) -> None:
         """Look up the partition counts of reply topics not seen before (one metadata request each,
@@ -534,7 +607,8 @@ class KafkaLoop:
                             "(the predictions topic has them)", topic, type(exc).__name__, REPLY_RETRY_S)
             known[topic] = len(partitions) if partitions else now + REPLY_RETRY_S
 
-    def _reply(self, out: OutboundBatches, pending: Any, key: bytes, value: bytes, alone: bool) -> None:
+    def _reply(self, out: OutboundBatches, pending: Any, key: bytes, value: bytes, alone: bool,
+               trace: TraceHeaders | None = None) -> None:
         """Add the prediction for the request's reply topic too (the same bytes, keyed by request_id)."""
         topic = pending.reply_to
         partitions = self._reply_partitions.get(topic)
@@ -545,7 +619,7 @@ class KafkaLoop:
             self.metrics.replies_skipped.labels("refused").inc()
             return
         try:
-            out.add(topic, key, value, partition_for(key, partitions), pending, alone)
+            out.add(topic, key, value, partition_for(key, partitions), pending, alone, trace)
         except OutputRefused:
             self.metrics.replies_skipped.labels("refused").inc()
 
@@ -580,7 +654,7 @@ class KafkaLoop:
         return found[1], found[2]
 
     def _dead_letter(self, out: OutboundBatches, position: Position, key: bytes | None, message: str, reason: str,
-                     raw: bytes | None, guarded: bool) -> None:
+                     raw: bytes | None, guarded: bool, trace: TraceHeaders | None = None) -> None:
         """Add a dead letter for the request at `position` - unless its dead letter was refused for
         good before or the dead-letter topic refuses us: then it is dropped and counted (a dead
         letter is never retried in a loop)."""
@@ -602,7 +676,7 @@ class KafkaLoop:
             value = dead_letter_value(message[:1000], reason, position[0], position[1], position[2], raw,
                                       payload_chars=max(0, (limit - 4096) // 6))
         try:
-            out.add(dead_topic, key, value, None, position, alone)
+            out.add(dead_topic, key, value, None, position, alone, trace)
         except OutputRefused as exc:
             self._dead_letter_failed(exc.reason, str(exc))
 

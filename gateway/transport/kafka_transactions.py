@@ -209,10 +209,14 @@ class TransactionalKafkaLoop(KafkaLoop):
             producer = await self._producer_for(tp)
             if producer is None or self.generation.get(tp, 0) != generation:
                 return  # no longer ours (or stopping): the next owner starts at the committed offset
+            # tracing: the batch's span and its stages (no gateway.produce: the transaction is it)
+            batch_span: Any = (self.tracing.start("gateway.batch", kind="consumer",
+                                                  attributes={"messaging.batch.message_count": len(records)})
+                               if self.tracing.enabled else None)
             try:
                 await _in_transaction(producer.begin_transaction())
                 out = OutboundBatches(producer, self.partitions, self.shared.limits)
-                await self._serve_records(records, out)
+                await self._serve_records(records, out, batch_span)
                 failures = await delivered(await _in_transaction(out.send()))
                 if failures:
                     self._learn_refusals(failures)
@@ -225,6 +229,9 @@ class TransactionalKafkaLoop(KafkaLoop):
                     raise  # a defect in our code, not the broker's doing: the loop stops on it
                 await self._redo(tp, producer, records[0].offset,
                                  exc.cause if isinstance(exc, PublicationFailed) else exc)
+            finally:
+                if batch_span is not None:
+                    batch_span.end()
 
     async def _producer_for(self, tp: TopicPartition) -> AIOKafkaProducer | None:
         """The partition's producer, started now (with backoff) if it has none; None once the

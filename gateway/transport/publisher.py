@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from banditgate.tracecontext import TraceHeaders
 from gateway.metrics import GatewayMetrics
 from gateway.transport.delivery import RefusalMemo, is_delivery_error, refusal
 from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, delivered
@@ -32,8 +33,8 @@ log = logging.getLogger("banditgate.publisher")
 BACKOFF_S = (0.5, 10.0)
 """First and longest wait between two attempts while publishing fails."""
 
-# (topic, key, value, is a dead letter, send in a batch of its own)
-_Event = tuple[str, bytes, bytes, bool, bool]
+# (topic, key, value, is a dead letter, send in a batch of its own, Kafka headers: the trace context)
+_Event = tuple[str, bytes, bytes, bool, bool, TraceHeaders | None]
 
 
 class PredictionPublisher:
@@ -76,13 +77,15 @@ class PredictionPublisher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def publish(self, topic: str, events: list[dict[str, Any]], key_field: str = "request_id") -> None:
-        """Queue events for `topic` (keyed by their `key_field`); never blocks."""
+    def publish(self, topic: str, events: list[dict[str, Any]], key_field: str = "request_id",
+                trace: TraceHeaders | None = None) -> None:
+        """Queue events for `topic` (keyed by their `key_field`, with `trace` as their Kafka
+        headers: the request's trace context); never blocks."""
         if len(self._queue) + len(events) > self.max_queued:
             self._drop(topic, "queue_full", len(events))
             return
         for event in events:
-            self._queue.append((topic, str(event[key_field]).encode(), orjson.dumps(event), False, False))
+            self._queue.append((topic, str(event[key_field]).encode(), orjson.dumps(event), False, False, trace))
         if len(self._queue) >= 512:
             self._wakeup.set()
 
@@ -144,7 +147,7 @@ class PredictionPublisher:
                 refused.append((event, closed.reason, closed.error))
                 continue
             try:
-                out.add(event[0], event[1], event[2], source=event, alone=event[4])
+                out.add(event[0], event[1], event[2], source=event, alone=event[4], headers=event[5])
             except OutputRefused as exc:
                 refused.append((event, exc.reason, str(exc)))
                 continue
@@ -172,7 +175,7 @@ class PredictionPublisher:
                 self.shared.learn_too_large(sent.topic, sent.size, len(sent.sources))
             if found.scope == "record" and len(sent.sources) > 1:
                 # which one? each goes alone next time; the one refused then is dead-lettered
-                self._queue.extend((t, k, v, dead, True) for t, k, v, dead, _alone in sent.sources)
+                self._queue.extend((t, k, v, dead, True, h) for t, k, v, dead, _alone, h in sent.sources)
             else:
                 refused.extend((event, found.reason, found.error) for event in sent.sources)
         if refused:
@@ -195,7 +198,7 @@ class PredictionPublisher:
 
     def _dead_letter(self, refused: list[tuple[_Event, str, str]]) -> None:
         """Queue a dead letter for each refused event; count (and log once) a refused dead letter."""
-        for (topic, key, value, is_dead, _alone), reason, message in refused:
+        for (topic, key, value, is_dead, _alone, trace), reason, message in refused:
             if self.metrics is not None and not is_dead:
                 self.metrics.output_refusals.labels(topic, reason).inc()
             if is_dead or self.deadletter_topic is None:
@@ -209,7 +212,7 @@ class PredictionPublisher:
                 continue
             # the event was answered over HTTP/gRPC already; its dead letter keeps it (position unknown: -1)
             letter = dead_letter_value(message, reason, topic, -1, -1, value, payload_chars=16_384)
-            self._queue.append((self.deadletter_topic, key, letter, True, False))
+            self._queue.append((self.deadletter_topic, key, letter, True, False, trace))
 
     def _failed(self, cause: BaseException) -> None:
         """Publishing failed for a reason that may pass (the broker away): say so once per episode

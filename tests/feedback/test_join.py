@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -363,3 +364,23 @@ def test_due_index_matches_a_plain_dict(schedule: list[tuple[int, float]], now: 
     assert sorted(got) == sorted(expected)
     assert len(index) == len(latest) - len(expected)
     assert not index.has_due(now)  # popped: nothing more (emptied buckets are gone too)
+
+
+TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_the_entry_keeps_the_primary_predictions_trace_and_stores_it_only_when_there_is_one() -> None:
+    event = primary()
+    event.trace = TRACE
+    traced = on_prediction(on_outcome(None, outcome(), 10.0, RULES).entry, event, RULES).entry
+    assert traced is not None and traced.trace == TRACE
+    assert decode_entry("q", encode_entry(traced)) == traced
+    untraced = on_prediction(None, primary(), RULES).entry
+    assert untraced is not None and untraced.trace is None
+    assert len(orjson.loads(encode_entry(untraced))) == 11  # the version and the ten fields: no trace item
+    assert len(orjson.loads(encode_entry(traced))) == 12
+    # an outcome's step keeps it (the worker links the outcome's processing to it)
+    later = on_outcome(on_prediction(None, event, RULES).entry, outcome(reward=5.0), 10.0, RULES)
+    assert later.entry is not None and later.entry.trace == TRACE
+    with pytest.raises(ValueError, match="expected format"):
+        decode_entry("q", orjson.dumps([*orjson.loads(encode_entry(untraced)), 7]))

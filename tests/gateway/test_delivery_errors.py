@@ -90,7 +90,7 @@ class _Builder:
     def __init__(self) -> None:
         self.records: list[bytes] = []
 
-    def append(self, key: bytes | None, value: bytes, timestamp: None) -> object | None:
+    def append(self, key: bytes | None, value: bytes, timestamp: None, headers: object = ()) -> object | None:
         if self.records and sum(map(len, self.records)) + len(value) > 1000:
             return None
         self.records.append(value)
