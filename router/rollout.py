@@ -1,6 +1,9 @@
 """Progressive rollout of a new model version: the state machine and its criteria (pure).
 
-A new version of a route's model enters as a **shadow** (mirrors traffic, serves nothing). On a
+A new version of a route's model enters as a **shadow** (mirrors traffic, serves nothing) - on a
+route with ``rollout.admission``, first at the **admission** stage, where one gateway benchmarks
+it against the incumbent (gateway/admission.py) and :func:`admission_transition` sends it on to
+``shadow`` or ends it as **refused** (final; :func:`admit` lets an operator admit it by hand). On a
 ``promote`` verdict of the shadow test (feedback.outcome_metrics's always-valid confidence sequence on
 paired label losses, computed by the caller) it becomes a **canary**: a primary arm capped at
 ``canary.max_share``. When the canary's own criteria hold - enough outcomes, long enough, reward
