@@ -49,15 +49,18 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from banditgate.config import Admission, Config, Route
+from banditgate.drift.reference import FeatureProfile
 from banditgate.jsontypes import JSONObject
+from gateway.models.onnx_runtime import OnnxModel
+from gateway.models.repository import ModelRepository
 from router.lineup import RolloutRecord
 from router.rollout import RolloutError, admission_transition
 from router.rollout_admission import AdmissionError, AdmissionResult, ModelFigures, failed, judge, output_problems
+from router.rollout_store import RolloutStore
 
 log = logging.getLogger("banditgate.admission")
 
@@ -72,7 +75,7 @@ SEED = 20_261_207
 # rows
 
 
-def _sample_feature(profile: Any, rows: int, rng: np.random.Generator) -> np.ndarray:  # Any: FeatureProfile
+def _sample_feature(profile: FeatureProfile, rows: int, rng: np.random.Generator) -> np.ndarray:
     """Values of one numeric feature drawn from its reference bins (missing values left out: they
     would make both models' outputs NaN and tell nothing)."""
     probabilities = np.asarray(profile.probabilities, dtype=float)
@@ -89,7 +92,7 @@ def _sample_feature(profile: Any, rows: int, rng: np.random.Generator) -> np.nda
     return rng.uniform(low[bins], high[bins])
 
 
-def benchmark_rows(model: Any, rows: int, reference: Path | None, seed: int = SEED  # Any: OnnxModel
+def benchmark_rows(model: OnnxModel, rows: int, reference: Path | None, seed: int = SEED
                    ) -> tuple[dict[str, np.ndarray], str]:
     """`rows` rows for `model`'s inputs and where they came from: a single 2-D numeric input whose
     width matches the reference profile's numeric features is sampled from the profile; anything
@@ -166,12 +169,11 @@ def _slice(feeds: Mapping[str, np.ndarray], start: int, rows: int) -> dict[str, 
     return {name: value[start:start + rows] for name, value in feeds.items()}
 
 
-def measure(spec: Mapping[str, Any]) -> JSONObject:  # Any: the JSON spec the parent wrote
+def measure(spec: JSONObject) -> JSONObject:
     """The benchmark (run in the child): figures for both models, or ``{"error", "who"}``."""
     from banditgate.config import ModelsConfig
     from gateway.errors import ModelError
     from gateway.models.model_config import load_model_config
-    from gateway.models.onnx_runtime import OnnxModel
 
     began = time.perf_counter()
     settings = ModelsConfig(providers=list(spec["providers"]), intra_op_threads=int(spec["threads"]),
@@ -256,8 +258,7 @@ def main() -> int:
 # the parent: one benchmark
 
 
-def benchmark_spec(config: Config, route: Route, record: RolloutRecord, repository: Any  # Any: ModelRepository
-                   ) -> dict[str, Any]:
+def benchmark_spec(config: Config, route: Route, record: RolloutRecord, repository: ModelRepository) -> JSONObject:
     """The child's spec for `record`'s candidate against the arm it replaces. Raises RolloutError
     when the replaced arm is not pinned to a version (a rollout route pins it)."""
     admission = _budget(route)
@@ -304,7 +305,7 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-async def run_benchmark(spec: Mapping[str, Any], budget: Admission, on_start: Callable[[int], None] | None = None
+async def run_benchmark(spec: JSONObject, budget: Admission, on_start: Callable[[int], None] | None = None
                         ) -> AdmissionResult:
     """Run the child on `spec` within `budget.timeout_s` and judge its figures. Raises
     RolloutError when the incumbent, not the candidate, could not be measured (no verdict: tried
@@ -356,7 +357,7 @@ async def run_benchmark(spec: Mapping[str, Any], budget: Admission, on_start: Ca
 class AdmissionRunner:
     """Benchmarks versions at the admission stage, one task per (route, version), lease-guarded."""
 
-    def __init__(self, config: Config, repository: Any, store: Any,  # Any: ModelRepository, RolloutStore
+    def __init__(self, config: Config, repository: ModelRepository, store: RolloutStore,
                  routes: Mapping[str, Route], clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.repository = repository

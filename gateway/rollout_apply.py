@@ -41,6 +41,7 @@ from banditgate.config import Arm, Config, Route
 from gateway.admission import AdmissionRunner
 from gateway.dataplane import Dataplane
 from gateway.errors import ModelError, ModelNotFound
+from gateway.metrics import GatewayMetrics
 from gateway.models.repository import ModelRepository
 from router.lineup import Lineup, RolloutRecord, lineup
 from router.rollout import RolloutError
@@ -62,7 +63,7 @@ class RolloutApplier:
     """Keeps this gateway's rollout routes on their stored lineup (see the module docstring)."""
 
     def __init__(self, config: Config, dataplane: Dataplane, repository: ModelRepository, store: RolloutStore,
-                 clock: Callable[[], float] = time.time, metrics: Any = None) -> None:
+                 clock: Callable[[], float] = time.time, metrics: GatewayMetrics | None = None) -> None:
         self.config = config
         self.dataplane = dataplane
         self.repository = repository
@@ -82,7 +83,7 @@ class RolloutApplier:
         self.metrics = metrics
         """GatewayMetrics: the admission figures of the stored records are exported there."""
         self.admission = AdmissionRunner(config, repository, store, self.routes, clock)
-        self._exported_admission: dict[str, Any] = {}
+        self._exported_admission: dict[str, tuple[int, int]] = {}
 
     # -- applying --------------------------------------------------------------------------------
 

@@ -34,16 +34,21 @@ Writes JSON and prints a markdown table.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from banditgate.config import Admission, Guardrail, Rollout
+from banditgate.jsontypes import JSONObject
 from loadtests.lifecycle_sim import Run, Scenario, Version, simulate
+
+if TYPE_CHECKING:
+    from gateway.models.onnx_runtime import OnnxModel
 
 SEED = 20_250_611
 SEEDS = 128
@@ -156,7 +161,7 @@ class _Serving:
     """A steady load (one-row requests at SERVING_RATE/s) on the incumbent through the gateway's
     batcher and a two-thread inference pool, recording each request's latency (submit to result)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: OnnxModel) -> None:
         from concurrent.futures import ThreadPoolExecutor
 
         from gateway.batching.batcher import ModelBatcher
@@ -173,10 +178,8 @@ class _Serving:
         await self.batcher.submit({"input": self.rows[index % 256:index % 256 + 1]}, 1)
         self.latencies.append((sent, time.monotonic() - sent))
 
-    async def run(self, stop: Any, limit_s: float) -> None:
+    async def run(self, stop: asyncio.Event, limit_s: float) -> None:
         """Send until `stop` is set or `limit_s` passed (bounded)."""
-        import asyncio
-
         tasks: set[asyncio.Task[None]] = set()
         began, index = time.monotonic(), 0
         while not stop.is_set() and time.monotonic() - began < limit_s:
@@ -195,9 +198,7 @@ class _Serving:
         return (float(np.percentile(window, 99)) * 1000.0 if window else float("nan")), len(window)
 
 
-async def _admission(workdir: Path, quick: bool) -> dict[str, Any]:
-    import asyncio
-
+async def _admission(workdir: Path, quick: bool) -> JSONObject:
     from banditgate.config import ModelsConfig
     from gateway.admission import run_benchmark
     from gateway.models.model_config import ModelConfig
@@ -253,16 +254,15 @@ async def _admission(workdir: Path, quick: bool) -> dict[str, Any]:
     }
 
 
-def admission_scenario(quick: bool = False) -> dict[str, Any]:
+def admission_scenario(quick: bool = False) -> JSONObject:
     """The admission gate's scenario (see the module docstring): its JSON keys."""
-    import asyncio
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="bench-admission-") as folder:
         return asyncio.run(_admission(Path(folder), quick))
 
 
-def admission_table(summary: dict[str, Any]) -> str:
+def admission_table(summary: JSONObject) -> str:
     from router.rollout_admission import table as figures
 
     lines = ["", "admission gate (candidate vs incumbent, same process, same rows):"]

@@ -23,6 +23,7 @@ The configured shadows stay in every stage. After a final stage, :func:`primarie
 base of the route's next rollout, so a version that went ``done`` keeps serving across restarts.
 
 >>> from banditgate.config import Route
+from banditgate.jsontypes import JSONObject
 >>> from router.rollout import start
 >>> route = Route(name="churn", arms=[{"name": "a", "model": "m", "version": 3}], rollout={"canary": {"max_share": 0.2}})
 >>> record = RolloutRecord.begin(route, start("churn", "m", 4, "a", now=0.0), previous=None)
@@ -39,6 +40,7 @@ from typing import Any
 import orjson
 
 from banditgate.config import Route
+from banditgate.jsontypes import JSONObject
 from router.arm_stats import ArmStats
 from router.rollout import NOT_RETRIED, RolloutError, RolloutState
 
@@ -95,7 +97,7 @@ class RolloutRecord:
     """model -> highest version rejected or rolled back (never retried)."""
     baseline: ArmStats | None = None
     """The replaced arm's statistics when the canary stage began."""
-    admission: Mapping[str, Any] | None = None
+    admission: JSONObject | None = None
     """The admission gate's result for this version (router.rollout_admission.AdmissionResult.to_dict)."""
 
     @classmethod
@@ -143,7 +145,7 @@ class RolloutRecord:
         return cls(state, base, rejected, baseline, admission)
 
     def with_state(self, state: RolloutState, baseline: ArmStats | None = None,
-                   admission: Mapping[str, Any] | None = None) -> RolloutRecord:
+                   admission: JSONObject | None = None) -> RolloutRecord:
         return replace(self, state=state, baseline=self.baseline if baseline is None else baseline,
                        admission=self.admission if admission is None else admission)
 

@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from banditgate.config import CanaryStage, Rollout
+from banditgate.jsontypes import JSONObject
 from router.arm_stats import ArmStats
 from router.guardrail import msprt_log_ratio
 
@@ -441,7 +442,7 @@ def manual(state: RolloutState, action: Action, who: str, now: float, config: Ro
 
 
 def admission_transition(state: RolloutState, admitted: bool, reason: str, config: Rollout, now: float,
-                         details: Mapping[str, Any] | None = None) -> Transition:
+                         details: JSONObject | None = None) -> Transition:
     """The admission gate's verdict on a rollout at the ``admission`` stage: on to ``shadow`` when
     admitted, ``refused`` (final; an alert) when not. Raises RolloutError at any other stage."""
     if state.stage != "admission":

@@ -36,6 +36,7 @@ import orjson
 
 from banditgate.config import Route
 from banditgate.events import Alert, RoutingChange
+from banditgate.jsontypes import JSONObject
 from router.lineup import RolloutRecord, lineup, primaries_after, replaced_arm, serving_version
 from router.rollout import NOT_RETRIED, AuditRecord, RolloutState, Transition, may_start, start
 
@@ -256,7 +257,7 @@ class RolloutStore:
         await self._release(keys=[self.key(route, "admission:lease")], args=[token])
 
     async def decide_admission(self, record: RolloutRecord, transition: Transition,
-                               result: Mapping[str, Any]) -> bool:
+                               result: JSONObject) -> bool:
         """Record the admission verdict with its figures and its transition (to shadow or refused)
         once: compare-and-set on the seq the benchmark started from, the audit event and (refused)
         the alert queued in the same step. Returns whether this call wrote it."""
