@@ -472,11 +472,11 @@ class Admission(_Strict):
     """Batch size of the large-batch figures (default: batching.max_batch_size)."""
     samples: int = Field(200, ge=10, le=1_000_000)
     """Timed runs per model at batch 1."""
-    batch_samples: int = Field(20, ge=3, le=100_000)
+    batch_samples: int = Field(50, ge=3, le=100_000)
     """Timed runs per model at the max batch."""
     threads: int = Field(1, ge=1, le=256)
     """ONNX Runtime intra-op threads of the benchmark's sessions (its own, in its own process)."""
-    busy_fraction: float = Field(0.25, gt=0, le=1)
+    busy_fraction: float = Field(0.1, gt=0, le=1)
     """The benchmark rests between runs so it keeps one core busy at most this share of the time."""
     nice: int = Field(10, ge=0, le=19)
     """Scheduling niceness of the benchmark process (serving threads win the CPU)."""

@@ -25,9 +25,11 @@ gateway's batcher and inference pool at a steady rate while two new versions are
 against it in turn - ``heavy`` answers exactly as the incumbent does (equal accuracy) but holds
 2x the weights and does 3x the arithmetic per row, ``light`` costs what the incumbent costs.
 Reports ``admission_refused_heavy`` and ``admission_admitted_light`` (the verdicts),
-``admission_seconds`` (the longer of the two benchmarks, start to verdict) and
-``admission_serving_p99_ratio`` (the serving p99 while the benchmarks ran over the p99 of the
-same load in the quiet window just before each; goal <= 1.5), with every figure under ``admission``.
+``admission_seconds`` (the longer of the two benchmarks, start to verdict, its pauses left out)
+and ``admission_serving_p99_ratio`` (the serving p99 while a benchmark ran over the p99 of the
+same load before: a quiet window before each benchmark, and - the child being paused with
+SIGSTOP for 1 s after every 1 s it ran - the paused second before each running one, so both
+see the same background load; goal <= 1.5), with every figure under ``admission``.
 
 Writes JSON and prints a markdown table.
 """
@@ -35,6 +37,7 @@ Writes JSON and prints a markdown table.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -70,13 +73,15 @@ UNWANTED = ("worse", "bad_canary", "slow_canary")
 
 
 ADMISSION = Admission(max_latency_p99_ratio=2.0, max_memory_ratio=1.5, min_throughput_ratio=0.5, timeout_s=120,
-                      samples=400, batch_samples=20, memory_floor_mb=2.0)
+                      samples=400, batch_samples=50, memory_floor_mb=2.0)
 """The bench's budgets (the models' weights are 4 and 8 MB: the memory floor is lowered to 2 MB)."""
 ADMISSION_BATCH = 32
 SERVING_RATE = 200.0
 """Requests per second of the serving load (one row each) during the admission scenario."""
-BEFORE_S = 12.0
-"""The quiet window before each benchmark (about as long as one: p99s over windows of like length)."""
+BEFORE_S = 5.0
+"""A quiet window before each benchmark (serving without admission)."""
+PHASE_S = 1.0
+"""The benchmark's child runs this long, then is paused this long, in turn (see _alternate)."""
 
 
 def _say(message: str) -> None:
@@ -215,11 +220,10 @@ async def _admission(workdir: Path, quick: bool) -> JSONObject:
     stop = asyncio.Event()
     load = asyncio.get_running_loop().create_task(serving.run(stop, limit_s=600.0))
     await asyncio.sleep(0.5)  # warm: the first batches pay for lazy set-up
-    # a quiet window right before each benchmark: the neighbours' load drifts over a minute, so
-    # each benchmark is compared with the load just before it
     before: list[tuple[float, float]] = []
     during: list[tuple[float, float]] = []
     results = {}
+    paused: dict[str, float] = {}
     try:
         for name, path in versions.items():
             quiet = time.monotonic()
@@ -231,10 +235,12 @@ async def _admission(workdir: Path, quick: bool) -> JSONObject:
                     "batch_samples": budget.batch_samples, "threads": budget.threads,
                     "busy_fraction": budget.busy_fraction, "nice": budget.nice,
                     "providers": ["CPUExecutionProvider"], "graph_optimization": "all"}
-            started = time.monotonic()
-            results[name] = await run_benchmark(spec, budget)
-            during.append((started, time.monotonic()))
-            _say(f"admission {name}: {results[name].reason} ({results[name].seconds:.1f} s)")
+            pids: list[int] = []
+            task = asyncio.get_running_loop().create_task(run_benchmark(spec, budget, on_start=pids.append))
+            paused[name] = await _alternate(task, pids, before, during)
+            results[name] = task.result()
+            _say(f"admission {name}: {results[name].reason} ({results[name].seconds - paused[name]:.1f} s running, "
+                 f"{paused[name]:.1f} s paused)")
     finally:
         stop.set()
         await load
@@ -244,7 +250,7 @@ async def _admission(workdir: Path, quick: bool) -> JSONObject:
     return {
         "admission_refused_heavy": not results["heavy"].admitted,
         "admission_admitted_light": results["light"].admitted,
-        "admission_seconds": round(max(r.seconds for r in results.values()), 2),
+        "admission_seconds": round(max(r.seconds - paused[name] for name, r in results.items()), 2),
         "admission_serving_p99_ratio": round(p99_during / p99_before, 3),
         "admission": {"budget": budget.model_dump(mode="json"), "max_batch": ADMISSION_BATCH, "hidden": hidden,
                       "serving": {"rate_per_s": SERVING_RATE, "p99_before_ms": round(p99_before, 3),
@@ -252,6 +258,36 @@ async def _admission(workdir: Path, quick: bool) -> JSONObject:
                                   "requests_during": during_n},
                       **{name: result.to_dict() for name, result in results.items()}},
     }
+
+
+async def _alternate(task: asyncio.Task[Any], pids: list[int], before: list[tuple[float, float]],
+                     during: list[tuple[float, float]]) -> float:
+    """Until `task` (a benchmark) ends, let its child run PHASE_S, then stop it (SIGSTOP) for
+    PHASE_S: the serving latencies of the running windows are "during admission", those of the
+    paused window before each "before". The neighbours' load drifts over seconds to minutes; at
+    this alternation both kinds of window see the same background. Returns the seconds paused."""
+    import os
+    import signal
+
+    paused_s = 0.0
+    running_since = time.monotonic()
+    while True:
+        await asyncio.wait({task}, timeout=PHASE_S)
+        now = time.monotonic()
+        during.append((running_since, now))
+        if task.done() or not pids:
+            return paused_s
+        try:
+            os.kill(pids[0], signal.SIGSTOP)
+        except ProcessLookupError:
+            await task
+            return paused_s
+        await asyncio.sleep(PHASE_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[0], signal.SIGCONT)
+        running_since = time.monotonic()
+        before.append((now, running_since))
+        paused_s += running_since - now
 
 
 def admission_scenario(quick: bool = False) -> JSONObject:
