@@ -165,6 +165,10 @@ def _summaries(outputs: Mapping[str, np.ndarray]) -> dict[str, tuple[str, tuple[
     return out
 
 
+def _signature(model: OnnxModel) -> list[tuple[str, str, list[int | None]]]:
+    return [(spec.name, str(spec.dtype), list(spec.shape)) for spec in model.inputs]
+
+
 def _slice(feeds: Mapping[str, np.ndarray], start: int, rows: int) -> dict[str, np.ndarray]:
     return {name: value[start:start + rows] for name, value in feeds.items()}
 
@@ -206,6 +210,9 @@ def measure(spec: JSONObject) -> JSONObject:
         before = _rss_mb()
         try:
             model = load(who)
+            if who == "candidate" and _signature(model) != _signature(models["incumbent"]):
+                return {"error": f"its inputs {_signature(model)} differ from the incumbent's "
+                        f"{_signature(models['incumbent'])}: it cannot serve the same requests", "who": who}
             first[who] = model.run(feeds)  # the warm-up at the max batch: its buffers are part of its cost
         except ModelError as exc:
             return {"error": str(exc), "who": who}
@@ -214,12 +221,6 @@ def measure(spec: JSONObject) -> JSONObject:
         _trim()
         memory[who] = _rss_mb() - before
         models[who] = model
-    incumbent, candidate = models["incumbent"], models["candidate"]
-    if [(s.name, s.dtype, s.shape) for s in candidate.inputs] != [(s.name, s.dtype, s.shape) for s in incumbent.inputs]:
-        return {"error": "its inputs differ from the incumbent's "
-                f"({[(s.name, str(s.dtype), list(s.shape)) for s in candidate.inputs]} vs "
-                f"{[(s.name, str(s.dtype), list(s.shape)) for s in incumbent.inputs]}): it cannot serve the same "
-                "requests", "who": "candidate"}
     timings: dict[str, dict[int, list[float]]] = {"incumbent": {1: [], batch: []}, "candidate": {1: [], batch: []}}
     order = ("incumbent", "candidate")
     for rows, count in ((1, int(spec["samples"])), (batch, int(spec["batch_samples"]))):

@@ -171,3 +171,18 @@ def test_benchmark_child_measures_a_heavier_model_heavier(tmp_path: Path) -> Non
     assert [c.name for c in result.checks if not c.ok] == ["memory"] and not result.admitted
     assert result.candidate.problems == ()
     assert result.rows_source.startswith("synthetic")
+
+
+def test_a_candidate_with_other_inputs_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    from gateway.admission import run_benchmark
+    from loadtests.admission_models import build_admission_model
+
+    incumbent = build_admission_model(tmp_path / "m" / "1" / "model.onnx", hidden=64, seed=1)
+    narrower = build_admission_model(tmp_path / "m" / "2" / "model.onnx", hidden=64, seed=1, n_features=32)
+    spec = {"candidate": {"path": str(narrower), "model": "m", "version": 2},
+            "incumbent": {"path": str(incumbent), "model": "m", "version": 1}, "references": [], "max_batch": 8,
+            "samples": 10, "batch_samples": 3, "threads": 1, "busy_fraction": 1.0, "nice": 0,
+            "providers": ["CPUExecutionProvider"], "graph_optimization": "all"}
+    result = asyncio.run(run_benchmark(spec, Admission()))
+    assert not result.admitted and "cannot serve the same requests" in result.reason
