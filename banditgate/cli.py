@@ -227,13 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     rollout = sub.add_parser("rollout", help="a route's progressive rollout: status, promote, rollback, pause, "
-                                             "resume, start")
-    rollout.add_argument("action", choices=["status", "promote", "rollback", "pause", "resume", "start"])
+                                             "resume, start, admit")
+    rollout.add_argument("action", choices=["status", "promote", "rollback", "pause", "resume", "start", "admit"])
     rollout.add_argument("route")
     rollout.add_argument("-c", "--config", required=True, help="YAML configuration file")
     rollout.add_argument("--who", default=os.environ.get("USER", "cli"), help="operator named in the audit event")
     rollout.add_argument("--reason", default="", help="why (in the audit event)")
-    rollout.add_argument("--version", type=int, default=None, help="start: the model version to roll out")
+    rollout.add_argument("--version", type=int, default=None,
+                         help="start: the model version to roll out; admit: the version to admit by hand")
     rollout.add_argument("--json", action="store_true", help="print one JSON object")
     rollout.set_defaults(func=cmd_rollout)
 

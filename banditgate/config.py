@@ -450,6 +450,38 @@ class CanaryStage(_Strict):
         return self.max_share / 2 if self.min_share is None else self.min_share
 
 
+class Admission(_Strict):
+    """Rollout stage 0: before a new version may shadow, it is benchmarked beside the arm it would
+    replace (same process, same rows) and refused when over these budgets (docs/lifecycle.md)."""
+
+    max_latency_p99_ratio: float = Field(2.0, gt=0, le=1000)
+    """Candidate p99 / incumbent p99, at batch 1 and at the max batch (each must hold)."""
+    max_memory_ratio: float = Field(1.5, gt=0, le=1000)
+    """Resident memory the candidate adds when loaded / what the incumbent adds."""
+    min_throughput_ratio: float = Field(0.5, gt=0, le=1000)
+    """Candidate rows/s / incumbent rows/s at the max batch."""
+    max_size_mb: float | None = Field(None, gt=0)
+    """Largest model file accepted (MB), whatever the incumbent's."""
+    latency_floor_ms: float = Field(0.2, ge=0, le=10_000)
+    """Latencies below this count as this in the ratios (microsecond noise decides nothing)."""
+    memory_floor_mb: float = Field(8.0, ge=0, le=1_000_000)
+    """Memory figures below this count as this in the ratio (allocator noise decides nothing)."""
+    timeout_s: float = Field(300.0, gt=0, le=86_400)
+    """The benchmark is killed after this long; the version is then refused (`timeout`)."""
+    max_batch: int | None = Field(None, ge=1, le=65_536)
+    """Batch size of the large-batch figures (default: batching.max_batch_size)."""
+    samples: int = Field(200, ge=10, le=1_000_000)
+    """Timed runs per model at batch 1."""
+    batch_samples: int = Field(50, ge=3, le=100_000)
+    """Timed runs per model at the max batch."""
+    threads: int = Field(1, ge=1, le=256)
+    """ONNX Runtime intra-op threads of the benchmark's sessions (its own, in its own process)."""
+    busy_fraction: float = Field(0.1, gt=0, le=1)
+    """The benchmark rests between runs so it keeps one core busy at most this share of the time."""
+    nice: int = Field(10, ge=0, le=19)
+    """Scheduling niceness of the benchmark process (serving threads win the CPU)."""
+
+
 class Rollout(_Strict):
     """Progressive rollout of new versions of one model of a route: shadow -> canary -> full arm."""
 
@@ -462,6 +494,8 @@ class Rollout(_Strict):
     canary: CanaryStage = CanaryStage()
     grace_s: float = Field(600.0, ge=0)
     """After the new version becomes a full arm, the replaced one is drained, then unloaded after this."""
+    admission: Admission | None = None
+    """Benchmark each new version against the incumbent before it may shadow; off when absent."""
 
 
 class Retrain(_Strict):

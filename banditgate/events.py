@@ -53,7 +53,8 @@ TOPIC_PATTERN = r"^[A-Za-z0-9._\-]{1,249}$"
 """A Kafka topic name (what the broker accepts): a request's ``reply_to``."""
 _TOPIC = re.compile(TOPIC_PATTERN)
 
-ALERT_KINDS = frozenset({"drift", "quality", "rollback", "promote", "reject", "guardrail", "retrain"})
+ALERT_KINDS = frozenset({"drift", "quality", "rollback", "promote", "reject", "guardrail", "retrain",
+                         "refused"})  # refused: a new version over its admission budgets
 
 # reason codes: bounded set, safe as Prometheus label values
 REASONS = (

@@ -2,7 +2,8 @@
 
 Every second (a faust timer, on every worker; the store makes each effect happen once):
 
-* **rollouts** - for each route with ``rollout:`` and an active rollout, gather the evidence
+* **rollouts** - for each route with ``rollout:`` and an active rollout (one at the
+  ``admission`` stage only waits: a gateway's benchmark decides it), gather the evidence
   (:func:`gather_evidence`), call :func:`router.rollout.step`, and write the transition with a
   compare-and-set on the state's seq; the audit event (routing-changes topic) and the
   promote/reject/rollback alert are queued in the same atomic step and published from the
@@ -149,6 +150,8 @@ class LifecycleDriver:
         """What the stack knows about the candidate now (see the module docstring)."""
         state, rollout = record.state, route.rollout
         assert rollout is not None  # noqa: S101 - only rollout routes get here
+        if state.stage == "admission":
+            return Evidence()  # a gateway's benchmark decides this stage (gateway/admission.py), not evidence
         if state.stage == "shadow":
             raw = await self.redis.hgetall(self.keys.quality(route.name))
             stats = parse_quality(raw).get(("shadow", state.candidate_arm, state.model, str(state.version)))

@@ -1,4 +1,7 @@
-"""`banditgate rollout status|promote|rollback|pause|resume|start ROUTE`: operate a route's rollout.
+"""`banditgate rollout status|promote|rollback|pause|resume|start|admit ROUTE`: operate a route's rollout.
+
+``admit ROUTE --version N`` lets a version refused at the admission gate (or still waiting
+there) enter as a shadow by hand; ``status`` prints the admission figures as a table.
 
 Reads and changes the rollout record in Redis through router.rollout_store (compare-and-set on
 the state's seq, the audit event and alert queued in the same step), then publishes the route's
@@ -17,7 +20,7 @@ from typing import Any
 from banditgate.config import Config
 from router.rollout import RolloutError
 
-ACTIONS = ("status", "promote", "rollback", "pause", "resume", "start")
+ACTIONS = ("status", "promote", "rollback", "pause", "resume", "start", "admit")
 
 
 def _route(config: Config, name: str) -> Any:
@@ -74,7 +77,12 @@ async def rollout_command(config: Config, action: str, route_name: str, who: str
             if record is None:
                 raise RolloutError(f"route {route_name}: version {version} may not start now (a rollout is active, or it "
                                    "is not newer than the version serving or one rejected before)")
-            change = f"route {route_name}: {record.state.candidate_arm} none -> shadow by admin:{who}"
+            change = f"route {route_name}: {record.state.candidate_arm} none -> {record.state.stage} by admin:{who}"
+        elif action == "admit":
+            if version is None:
+                raise RolloutError("rollout admit needs --version N")
+            _, audit = await store.admit(route, version, who, reason)
+            change = audit.log_line()
         elif action != "status":
             _, audit = await store.operate(route, action, who, reason)
             change = audit.log_line()
@@ -98,6 +106,7 @@ async def rollout_command(config: Config, action: str, route_name: str, who: str
             view.update(next=None, next_rule="unknown", next_reason="no evidence from a feedback worker yet",
                         awaiting=[], evidence={})
         view["rejected"] = dict(record.rejected)
+        view["admission"] = dict(record.admission) if record.admission is not None else None
         out["rollout"] = view
         return out
     finally:
@@ -130,4 +139,9 @@ def run_rollout(config: Config, action: str, route: str, who: str, reason: str, 
           f"drained {routing['drained']}, unloaded {routing['unloaded']}")
     if view.get("rejected"):
         print(f"  never retried (model: highest rejected version): {view['rejected']}")
+    if view.get("admission"):
+        from router.rollout_admission import table
+
+        for line in table(view["admission"]):
+            print(f"  {line}")
     return 0

@@ -5,6 +5,8 @@
 ``POST /v2/admin/routes/{route}/rollout/rollback``        back to the previous arms at once
 ``POST /v2/admin/routes/{route}/rollout/pause|resume``    stop / restart automatic promotion
 ``POST /v2/admin/routes/{route}/rollout/start``           body ``{"version": N}``: register a version
+``POST /v2/admin/routes/{route}/rollout/admit``           body ``{"version": N}``: admit a version refused
+                                                          at (or waiting at) the admission gate by hand
 
 An optional JSON body ``{"who": "...", "reason": "..."}`` names the operator in the audit event
 (``admin:<who>``, default ``admin:admin-endpoint``). Changes go through the shared store
@@ -25,7 +27,7 @@ from router.rollout import RolloutError, status
 
 log = logging.getLogger("banditgate.admin")
 
-ACTIONS = ("status", "promote", "rollback", "pause", "resume", "start")
+ACTIONS = ("status", "promote", "rollback", "pause", "resume", "start", "admit")
 
 
 async def rollout_admin(admin: Any, route_name: str, action: str, method: str, body: bytes) -> dict[str, Any]:
@@ -57,7 +59,13 @@ async def rollout_admin(admin: Any, route_name: str, action: str, method: str, b
             if record is None:
                 raise InvalidInput(f"route {route_name}: version {version} may not start now (a rollout is active, "
                                    "or it is not newer than the version serving or one rejected before)")
-            audit_line = f"route {route_name}: {record.state.candidate_arm} none -> shadow by admin:{who}"
+            audit_line = f"route {route_name}: {record.state.candidate_arm} none -> {record.state.stage} by admin:{who}"
+        elif action == "admit":
+            version = options.get("version")
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise InvalidInput("admit needs {\"version\": N} with N >= 1")
+            record, audit = await store.admit(route, version, who, str(options.get("reason") or ""))
+            audit_line = audit.log_line()
         else:
             record, audit = await store.operate(route, action, who, str(options.get("reason") or ""))
             audit_line = audit.log_line()
@@ -85,6 +93,7 @@ async def rollout_status(applier: Any, route_name: str) -> dict[str, Any]:
         out.update(next=None, next_rule="unknown", next_reason="no evidence from a feedback worker yet", awaiting=[],
                    evidence={})
     out["rejected"] = dict(record.rejected)
+    out["admission"] = dict(record.admission) if record.admission is not None else None
     policy = applier.dataplane.routes[route_name].policy
     out["shares"] = {name: round(float(share), 4) for name, share in zip(policy.arm_names, policy.shares)}
     out["shadows"] = list(policy.shadow_names)

@@ -124,7 +124,8 @@ class Gateway:
         await self._start_snapshots()
         # rollouts' lineups (candidates, canaries, drains) are in place before the first request
         self.rollouts = RolloutApplier(self.config, self.dataplane, self.repository,
-                                       RolloutStore(self._redis, prefix=self.config.redis.key_prefix))
+                                       RolloutStore(self._redis, prefix=self.config.redis.key_prefix),
+                                       metrics=self.metrics)
         await self.rollouts.refresh_once()
         self.drift = DriftWatch(self.config.drift.arl0, self.metrics, self._publish_alert,
                                 enabled=self.config.drift.enabled, quiet_s=self.config.drift.episode_quiet_s,

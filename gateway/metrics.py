@@ -204,6 +204,44 @@ class GatewayMetrics:
                                             "offset with a new transactional producer, by cause (failed, fenced, "
                                             "refused).", ["reason"], registry=registry)
 
+        # the admission gate's figures (gateway/admission.py), per model version measured: the
+        # candidate and the incumbent it was compared with; every replica exports the stored ones
+        admission = ["route", "model", "version"]
+        self.admission_latency_p50 = Gauge("banditgate_admission_latency_p50_seconds",
+                                           "Admission benchmark: median time per run (CPU time), at batch 1 or "
+                                           "at the max batch.", [*admission, "batch"], registry=registry)
+        self.admission_latency_p99 = Gauge("banditgate_admission_latency_p99_seconds",
+                                           "Admission benchmark: p99 time per run (CPU time), at batch 1 or at "
+                                           "the max batch.", [*admission, "batch"], registry=registry)
+        self.admission_throughput = Gauge("banditgate_admission_throughput_rows_per_second",
+                                          "Admission benchmark: rows per second at the max batch.", admission,
+                                          registry=registry)
+        self.admission_memory = Gauge("banditgate_admission_memory_bytes",
+                                      "Admission benchmark: resident memory added by loading the model version "
+                                      "(session and a max-batch warm-up).", admission, registry=registry)
+        self.admission_file = Gauge("banditgate_admission_file_bytes", "Admission benchmark: model file size.",
+                                    admission, registry=registry)
+        self.admission_admitted = Gauge("banditgate_admission_admitted",
+                                        "Admission verdict of a new model version: 1 admitted, 0 refused.",
+                                        admission, registry=registry)
+
+    def export_admission(self, route: str, model: str, version: int, incumbent_model: str,
+                         incumbent_version: object, result: dict[str, object]) -> None:
+        """Set the admission gauges from a stored result (router.rollout_admission.AdmissionResult)."""
+        self.admission_admitted.labels(route, model, str(version)).set(1.0 if result.get("admitted") else 0.0)
+        for figures, (m, v) in ((result.get("candidate"), (model, version)),
+                                (result.get("incumbent"), (incumbent_model, incumbent_version))):
+            if not isinstance(figures, dict):
+                continue
+            labels = (route, m, str(v))
+            with contextlib.suppress(TypeError, ValueError, KeyError):
+                for batch, p50, p99 in (("1", "p50_ms", "p99_ms"), ("max", "batch_p50_ms", "batch_p99_ms")):
+                    self.admission_latency_p50.labels(*labels, batch).set(float(figures[p50]) / 1000.0)
+                    self.admission_latency_p99.labels(*labels, batch).set(float(figures[p99]) / 1000.0)
+                self.admission_throughput.labels(*labels).set(float(figures["rows_per_s"]))
+                self.admission_memory.labels(*labels).set(float(figures["memory_mb"]) * 2**20)
+                self.admission_file.labels(*labels).set(float(figures["size_mb"]) * 2**20)
+
     def forget_version(self, model_name: str, version: str) -> None:
         """Remove the series of one model version that was unloaded: loaded, batch histograms, circuit,
         threads and timeouts, and drift series without a feature label (the drift watch removes those

@@ -19,6 +19,13 @@ is offered to RolloutStore.begin (one Redis read when nothing starts), which sta
 across replicas (compare-and-set) if no rollout is active and it is newer than the one serving
 and than any rejected before. A version that appears during another rollout starts when that
 one ends.
+
+Admission: on a route with ``rollout.admission`` a new version starts at the ``admission``
+stage (the route serves as before); at every refresh each gateway hands such a record to its
+:class:`gateway.admission.AdmissionRunner`, whose lease in Redis lets one replica benchmark the
+version (a child process, bounded in time) and write the verdict - on to ``shadow``, or
+``refused`` - with its figures into the record. Every replica exports the stored figures of its
+routes' rollouts as the ``banditgate_admission_*`` gauges (route, model, version).
 """
 
 from __future__ import annotations
@@ -31,8 +38,10 @@ from collections.abc import Callable
 from typing import Any
 
 from banditgate.config import Arm, Config, Route
+from gateway.admission import AdmissionRunner
 from gateway.dataplane import Dataplane
 from gateway.errors import ModelError, ModelNotFound
+from gateway.metrics import GatewayMetrics
 from gateway.models.repository import ModelRepository
 from router.lineup import Lineup, RolloutRecord, lineup
 from router.rollout import RolloutError
@@ -54,7 +63,7 @@ class RolloutApplier:
     """Keeps this gateway's rollout routes on their stored lineup (see the module docstring)."""
 
     def __init__(self, config: Config, dataplane: Dataplane, repository: ModelRepository, store: RolloutStore,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, metrics: GatewayMetrics | None = None) -> None:
         self.config = config
         self.dataplane = dataplane
         self.repository = repository
@@ -71,6 +80,10 @@ class RolloutApplier:
         self._load_failed: dict[str, tuple[Any, float]] = {}
         self.alarm_routes = {route.name for route in config.routes if route.retrain is not None and route.retrain.drift}
         self._alarms: dict[str, Counter[str]] = {}
+        self.metrics = metrics
+        """GatewayMetrics: the admission figures of the stored records are exported there."""
+        self.admission = AdmissionRunner(config, repository, store, self.routes, clock)
+        self._exported_admission: dict[str, tuple[int, int]] = {}
 
     # -- applying --------------------------------------------------------------------------------
 
@@ -87,6 +100,7 @@ class RolloutApplier:
             log.debug("rollout records not refreshed: %s", exc)
             return False
         for name, record in records.items():
+            self.admission.consider(name, record)  # cheap unless it waits at the admission gate
             key = None if record is None else (record.state.seq, record.state.stage)
             if key == self.applied.get(name):
                 continue
@@ -135,6 +149,7 @@ class RolloutApplier:
         self._load_failed.pop(name, None)
         self.applied[name] = None if record is None else (record.state.seq, record.state.stage)
         self._track_latency(name, record)
+        self._export_admission(name, record)
         if record is not None:
             state = record.state
             log.info("routing change applied: route %s rollout of %s at %s (seq %d%s): arms %s; shadows %s%s",
@@ -163,6 +178,19 @@ class RolloutApplier:
         if released:
             # its batcher goes when its last rows are done (it stayed forever when busy here)
             self.dataplane.collect_retired()
+
+    def _export_admission(self, name: str, record: RolloutRecord | None) -> None:
+        """The stored admission figures of the route's current rollout as gauges (once per verdict)."""
+        if self.metrics is None or record is None or record.admission is None:
+            return
+        marker = (record.state.version, record.state.seq)
+        if self._exported_admission.get(name) == marker:
+            return
+        self._exported_admission[name] = marker
+        base = next((arm for arm in record.base if arm.name == record.state.replaces), None)
+        self.metrics.export_admission(name, record.state.model, record.state.version,
+                                      base.model if base is not None else record.state.model,
+                                      base.version if base is not None else "", record.admission)
 
     # -- latency of candidates -------------------------------------------------------------------
 
@@ -229,10 +257,11 @@ class RolloutApplier:
                 log.debug("new version not offered yet: %s", exc)
                 continue
             if record is not None:
-                log.info("rollout started: route %s, %s version %d enters as shadow %s (seq %d)", name, model,
-                         record.state.version, record.state.candidate_arm, record.state.seq)
+                log.info("rollout started: route %s, %s version %d enters %s as %s (seq %d)", name, model,
+                         record.state.version, record.state.stage, record.state.candidate_arm, record.state.seq)
                 started.append(record)
                 await self.apply(name, record)
+                self.admission.consider(name, record)
         return started
 
     async def run(self, stopping: asyncio.Event) -> None:
@@ -240,6 +269,13 @@ class RolloutApplier:
         refresh_s = self.config.redis.snapshot_refresh_ms / 1000.0
         poll_s = self.config.models.poll_interval_s
         last_flush = last_poll = time.monotonic()
+        try:
+            await self._loop(stopping, refresh_s, poll_s, last_flush, last_poll)
+        finally:
+            await self.admission.close()  # a running benchmark's child process is killed
+
+    async def _loop(self, stopping: asyncio.Event, refresh_s: float, poll_s: float, last_flush: float,
+                    last_poll: float) -> None:
         while not stopping.is_set():
             try:
                 await asyncio.wait_for(stopping.wait(), timeout=refresh_s)

@@ -17,21 +17,41 @@ is a full arm), ``bad_exposure_rate`` (share of seeds of the three unwanted vers
 policy ever gave the candidate more than the canary cap; goal 0), ``outcomes_to_rollback``
 (median route outcomes from a bad canary's start to its rollback) and ``rollout_regret`` (mean
 expected reward lost per rollout, over all four scenarios, against an oracle that switches to the
-better acceptable version the moment it arrives). Writes JSON and prints a markdown table.
+better acceptable version the moment it arrives).
+
+And the admission gate (:func:`admission_scenario`, real ONNX models, the gateway's own
+benchmark child process and verdict, gateway/admission.py): an incumbent serves through the
+gateway's batcher and inference pool at a steady rate while two new versions are benchmarked
+against it in turn - ``heavy`` answers exactly as the incumbent does (equal accuracy) but holds
+2x the weights and does 3x the arithmetic per row, ``light`` costs what the incumbent costs.
+Reports ``admission_refused_heavy`` and ``admission_admitted_light`` (the verdicts),
+``admission_seconds`` (the longer of the two benchmarks, start to verdict, its pauses left out)
+and ``admission_serving_p99_ratio`` (the serving p99 while a benchmark ran over the p99 of the
+same load before: a quiet window before each benchmark, and - the child being paused with
+SIGSTOP for 1 s after every 1 s it ran - the paused second before each running one, so both
+see the same background load; goal <= 1.5), with every figure under ``admission``.
+
+Writes JSON and prints a markdown table.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from banditgate.config import Guardrail, Rollout
+from banditgate.config import Admission, Guardrail, Rollout
+from banditgate.jsontypes import JSONObject
 from loadtests.lifecycle_sim import Run, Scenario, Version, simulate
+
+if TYPE_CHECKING:
+    from gateway.models.onnx_runtime import OnnxModel
 
 SEED = 20_250_611
 SEEDS = 128
@@ -50,6 +70,18 @@ SCENARIOS = (
     Scenario("slow_canary", INCUMBENT, Version(reward_rate=0.36, median_latency_ms=150.0)),
 )
 UNWANTED = ("worse", "bad_canary", "slow_canary")
+
+
+ADMISSION = Admission(max_latency_p99_ratio=2.0, max_memory_ratio=1.5, min_throughput_ratio=0.5, timeout_s=120,
+                      samples=400, batch_samples=50, memory_floor_mb=2.0)
+"""The bench's budgets (the models' weights are 4 and 8 MB: the memory floor is lowered to 2 MB)."""
+ADMISSION_BATCH = 32
+SERVING_RATE = 200.0
+"""Requests per second of the serving load (one row each) during the admission scenario."""
+BEFORE_S = 5.0
+"""A quiet window before each benchmark (serving without admission)."""
+PHASE_S = 1.0
+"""The benchmark's child runs this long, then is paused this long, in turn (see _alternate)."""
 
 
 def _say(message: str) -> None:
@@ -116,8 +148,8 @@ def summarise(runs: dict[str, list[Run]], seconds: float) -> dict[str, Any]:
 
 
 def table(summary: dict[str, Any]) -> str:
-    lines = ["| scenario | candidate reward | final stages (seeds) | outcomes to full | outcomes canary to rollback "
-             "| max share | regret / rollout |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [("| scenario | candidate reward | final stages (seeds) | outcomes to full | outcomes canary to rollback "
+              "| max share | regret / rollout |"), "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in summary["scenarios"].items():
         finals = ", ".join(f"{k} {v}" for k, v in row["final_stages"].items())
         lines.append(f"| {name} | {row['candidate']['reward_rate']} | {finals} | {row['outcomes_to_full_median']} "
@@ -130,8 +162,159 @@ def table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+class _Serving:
+    """A steady load (one-row requests at SERVING_RATE/s) on the incumbent through the gateway's
+    batcher and a two-thread inference pool, recording each request's latency (submit to result)."""
+
+    def __init__(self, model: OnnxModel) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from gateway.batching.batcher import ModelBatcher
+        from gateway.batching.policy import BatchPolicy
+
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="serving")
+        self.batcher = ModelBatcher(model, self.pool, BatchPolicy(ADMISSION_BATCH, 1000, 8192), timeout_s=10)
+        self.rows = np.random.default_rng(3).standard_normal((256, model.inputs[0].shape[1])).astype(np.float32)
+        self.latencies: list[tuple[float, float]] = []
+        """(monotonic time sent, latency in seconds) per request."""
+
+    async def _one(self, index: int) -> None:
+        sent = time.monotonic()
+        await self.batcher.submit({"input": self.rows[index % 256:index % 256 + 1]}, 1)
+        self.latencies.append((sent, time.monotonic() - sent))
+
+    async def run(self, stop: asyncio.Event, limit_s: float) -> None:
+        """Send until `stop` is set or `limit_s` passed (bounded)."""
+        tasks: set[asyncio.Task[None]] = set()
+        began, index = time.monotonic(), 0
+        while not stop.is_set() and time.monotonic() - began < limit_s:
+            due = began + index / SERVING_RATE
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
+            task = asyncio.get_running_loop().create_task(self._one(index))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            index += 1
+        if tasks:
+            await asyncio.gather(*tasks)
+
+    def p99_ms(self, windows: list[tuple[float, float]]) -> tuple[float, int]:
+        """p99 (ms) and count of the requests sent within any of `windows` (monotonic start, end)."""
+        window = [latency for sent, latency in self.latencies if any(a <= sent < b for a, b in windows)]
+        return (float(np.percentile(window, 99)) * 1000.0 if window else float("nan")), len(window)
+
+
+async def _admission(workdir: Path, quick: bool) -> JSONObject:
+    from banditgate.config import ModelsConfig
+    from gateway.admission import run_benchmark
+    from gateway.models.model_config import ModelConfig
+    from gateway.models.onnx_runtime import OnnxModel
+    from loadtests.admission_models import build_admission_model
+
+    hidden = 512 if quick else 1024
+    budget = ADMISSION.model_copy(update={"samples": 100, "batch_samples": 6}) if quick else ADMISSION
+    incumbent = build_admission_model(workdir / "m" / "1" / "model.onnx", hidden=hidden, seed=1)
+    versions = {"heavy": build_admission_model(workdir / "m" / "2" / "model.onnx", hidden=hidden, seed=1, extra=1),
+                "light": build_admission_model(workdir / "m" / "3" / "model.onnx", hidden=hidden, seed=2)}
+    settings = ModelsConfig(providers=["CPUExecutionProvider"], intra_op_threads=1)
+    serving = _Serving(OnnxModel.load(incumbent, "m", 1, ModelConfig(), settings))
+    stop = asyncio.Event()
+    load = asyncio.get_running_loop().create_task(serving.run(stop, limit_s=600.0))
+    await asyncio.sleep(0.5)  # warm: the first batches pay for lazy set-up
+    before: list[tuple[float, float]] = []
+    during: list[tuple[float, float]] = []
+    results = {}
+    paused: dict[str, float] = {}
+    try:
+        for name, path in versions.items():
+            quiet = time.monotonic()
+            await asyncio.sleep(BEFORE_S)
+            before.append((quiet, time.monotonic()))
+            spec = {"candidate": {"path": str(path), "model": "m", "version": int(path.parent.name)},
+                    "incumbent": {"path": str(incumbent), "model": "m", "version": 1},
+                    "references": [], "max_batch": ADMISSION_BATCH, "samples": budget.samples,
+                    "batch_samples": budget.batch_samples, "threads": budget.threads,
+                    "busy_fraction": budget.busy_fraction, "nice": budget.nice,
+                    "providers": ["CPUExecutionProvider"], "graph_optimization": "all"}
+            pids: list[int] = []
+            task = asyncio.get_running_loop().create_task(run_benchmark(spec, budget, on_start=pids.append))
+            paused[name] = await _alternate(task, pids, before, during)
+            results[name] = task.result()
+            _say(f"admission {name}: {results[name].reason} ({results[name].seconds - paused[name]:.1f} s running, "
+                 f"{paused[name]:.1f} s paused)")
+    finally:
+        stop.set()
+        await load
+        serving.pool.shutdown(wait=True)
+    p99_before, before_n = serving.p99_ms(before)
+    p99_during, during_n = serving.p99_ms(during)
+    return {
+        "admission_refused_heavy": not results["heavy"].admitted,
+        "admission_admitted_light": results["light"].admitted,
+        "admission_seconds": round(max(r.seconds - paused[name] for name, r in results.items()), 2),
+        "admission_serving_p99_ratio": round(p99_during / p99_before, 3),
+        "admission": {"budget": budget.model_dump(mode="json"), "max_batch": ADMISSION_BATCH, "hidden": hidden,
+                      "serving": {"rate_per_s": SERVING_RATE, "p99_before_ms": round(p99_before, 3),
+                                  "requests_before": before_n, "p99_during_ms": round(p99_during, 3),
+                                  "requests_during": during_n},
+                      **{name: result.to_dict() for name, result in results.items()}},
+    }
+
+
+async def _alternate(task: asyncio.Task[Any], pids: list[int], before: list[tuple[float, float]],
+                     during: list[tuple[float, float]]) -> float:
+    """Until `task` (a benchmark) ends, let its child run PHASE_S, then stop it (SIGSTOP) for
+    PHASE_S: the serving latencies of the running windows are "during admission", those of the
+    paused window before each "before". The neighbours' load drifts over seconds to minutes; at
+    this alternation both kinds of window see the same background. Returns the seconds paused."""
+    import os
+    import signal
+
+    paused_s = 0.0
+    running_since = time.monotonic()
+    while True:
+        await asyncio.wait({task}, timeout=PHASE_S)
+        now = time.monotonic()
+        during.append((running_since, now))
+        if task.done() or not pids:
+            return paused_s
+        try:
+            os.kill(pids[0], signal.SIGSTOP)
+        except ProcessLookupError:
+            await task
+            return paused_s
+        await asyncio.sleep(PHASE_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pids[0], signal.SIGCONT)
+        running_since = time.monotonic()
+        before.append((now, running_since))
+        paused_s += running_since - now
+
+
+def admission_scenario(quick: bool = False) -> JSONObject:
+    """The admission gate's scenario (see the module docstring): its JSON keys."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-admission-") as folder:
+        return asyncio.run(_admission(Path(folder), quick))
+
+
+def admission_table(summary: JSONObject) -> str:
+    from router.rollout_admission import table as figures
+
+    lines = ["", "admission gate (candidate vs incumbent, same process, same rows):"]
+    for name in ("heavy", "light"):
+        lines.append(f"{name}:")
+        lines += figures(summary["admission"][name])
+    serving = summary["admission"]["serving"]
+    lines.append(f"serving p99 {serving['p99_before_ms']:.2f} ms before, {serving['p99_during_ms']:.2f} ms during "
+                 f"admission: ratio {summary['admission_serving_p99_ratio']} (goal <= 1.5); admission_seconds "
+                 f"{summary['admission_seconds']}")
+    return "\n".join(lines)
+
+
 def run(out: Path, quick: bool = False) -> int:
-    """Simulate every scenario over its seeds, write JSON to `out`, print a table; exit code 0."""
+    """Simulate every scenario over its seeds, run the admission scenario, write JSON to `out`,
+    print a table; exit code 0."""
     seeds = QUICK_SEEDS if quick else SEEDS
     started = time.perf_counter()
     runs: dict[str, list[Run]] = {}
@@ -142,8 +325,11 @@ def run(out: Path, quick: bool = False) -> int:
         _say(f"{scenario.name}: {seeds} seeds in {time.perf_counter() - began:.1f} s; final stages "
              + ", ".join(f"{s} {finals.count(s)}" for s in sorted(set(finals))))
     summary = summarise(runs, time.perf_counter() - started)
+    summary.update(admission_scenario(quick))
+    summary["seconds"] = round(time.perf_counter() - started, 1)
     summary["quick"] = quick
     out.write_text(json.dumps(summary, indent=2))
     print(table(summary))
+    print(admission_table(summary))
     _say(f"wrote {out}")
     return 0

@@ -9,18 +9,21 @@ replaced arm *over the same period*).
 :func:`lineup` turns a record into the arms every gateway routes to:
 
 =============  ==============================================================================
+admission      base arms (the candidate is benchmarked apart, gateway/admission.py)
 shadow         base arms; the candidate mirrors traffic as a shadow
 canary         base arms + the candidate capped at ``canary.max_share``, floor ``canary.floor``
 full           base arms + the candidate uncapped; the replaced arm held drained
 done           base arms without the replaced arm, + the candidate (the replaced model unloaded)
 rejected /     base arms only (the candidate unloaded)
-rolled_back
+rolled_back /
+refused
 =============  ==============================================================================
 
 The configured shadows stay in every stage. After a final stage, :func:`primaries_after` is the
 base of the route's next rollout, so a version that went ``done`` keeps serving across restarts.
 
 >>> from banditgate.config import Route
+from banditgate.jsontypes import JSONObject
 >>> from router.rollout import start
 >>> route = Route(name="churn", arms=[{"name": "a", "model": "m", "version": 3}], rollout={"canary": {"max_share": 0.2}})
 >>> record = RolloutRecord.begin(route, start("churn", "m", 4, "a", now=0.0), previous=None)
@@ -37,8 +40,9 @@ from typing import Any
 import orjson
 
 from banditgate.config import Route
+from banditgate.jsontypes import JSONObject
 from router.arm_stats import ArmStats
-from router.rollout import RolloutError, RolloutState
+from router.rollout import NOT_RETRIED, RolloutError, RolloutState
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,8 @@ class RolloutRecord:
     """model -> highest version rejected or rolled back (never retried)."""
     baseline: ArmStats | None = None
     """The replaced arm's statistics when the canary stage began."""
+    admission: JSONObject | None = None
+    """The admission gate's result for this version (router.rollout_admission.AdmissionResult.to_dict)."""
 
     @classmethod
     def begin(cls, route: Route, state: RolloutState, previous: RolloutRecord | None) -> RolloutRecord:
@@ -101,7 +107,7 @@ class RolloutRecord:
         if previous is None:
             return cls(state, configured_arms(route))
         rejected = dict(previous.rejected)
-        if previous.state.stage in ("rejected", "rolled_back"):
+        if previous.state.stage in NOT_RETRIED:
             rejected[previous.state.model] = max(rejected.get(previous.state.model, 0), previous.state.version)
         return cls(replace(state, seq=previous.state.seq + 1), primaries_after(previous), rejected)
 
@@ -113,6 +119,8 @@ class RolloutRecord:
         fields["rejected"] = orjson.dumps(dict(self.rejected)).decode()
         if self.baseline is not None:
             fields["baseline"] = orjson.dumps([self.baseline.weight, self.baseline.mean, self.baseline.m2]).decode()
+        if self.admission is not None:
+            fields["admission"] = orjson.dumps(dict(self.admission)).decode()
         return fields
 
     @classmethod
@@ -129,12 +137,17 @@ class RolloutRecord:
             if "baseline" in fields:
                 weight, mean, m2 = orjson.loads(fields["baseline"])
                 baseline = ArmStats(float(weight), float(mean), float(m2))
+            admission = orjson.loads(fields["admission"]) if "admission" in fields else None
+            if admission is not None and not isinstance(admission, dict):
+                raise TypeError("admission must be a JSON object")
         except (ValueError, KeyError, TypeError) as exc:
             raise RolloutError(f"stored rollout record of route {state.route} is not valid: {exc}") from None
-        return cls(state, base, rejected, baseline)
+        return cls(state, base, rejected, baseline, admission)
 
-    def with_state(self, state: RolloutState, baseline: ArmStats | None = None) -> RolloutRecord:
-        return replace(self, state=state, baseline=self.baseline if baseline is None else baseline)
+    def with_state(self, state: RolloutState, baseline: ArmStats | None = None,
+                   admission: JSONObject | None = None) -> RolloutRecord:
+        return replace(self, state=state, baseline=self.baseline if baseline is None else baseline,
+                       admission=self.admission if admission is None else admission)
 
 
 def primaries_after(record: RolloutRecord) -> tuple[LineupArm, ...]:
@@ -158,6 +171,8 @@ def lineup(route: Route, record: RolloutRecord | None) -> Lineup:
     weight = replaced.weight if replaced is not None else 1.0
     candidate = LineupArm(state.candidate_arm, state.model, state.version, weight)
     base = record.base
+    if state.stage == "admission":
+        return Lineup(base, shadows)
     if state.stage == "shadow":
         return Lineup(base, shadows + (candidate,))
     if state.stage == "canary":

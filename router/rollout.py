@@ -1,6 +1,9 @@
 """Progressive rollout of a new model version: the state machine and its criteria (pure).
 
-A new version of a route's model enters as a **shadow** (mirrors traffic, serves nothing). On a
+A new version of a route's model enters as a **shadow** (mirrors traffic, serves nothing) - on a
+route with ``rollout.admission``, first at the **admission** stage, where one gateway benchmarks
+it against the incumbent (gateway/admission.py) and :func:`admission_transition` sends it on to
+``shadow`` or ends it as **refused** (final; :func:`admit` lets an operator admit it by hand). On a
 ``promote`` verdict of the shadow test (feedback.outcome_metrics's always-valid confidence sequence on
 paired label losses, computed by the caller) it becomes a **canary**: a primary arm capped at
 ``canary.max_share``. When the canary's own criteria hold - enough outcomes, long enough, reward
@@ -44,21 +47,26 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from banditgate.config import CanaryStage, Rollout
+from banditgate.jsontypes import JSONObject
 from router.arm_stats import ArmStats
 from router.guardrail import msprt_log_ratio
 
-Stage = Literal["shadow", "canary", "full", "done", "rejected", "rolled_back"]
-ACTIVE_STAGES: tuple[str, ...] = ("shadow", "canary", "full")
-FINAL_STAGES: tuple[str, ...] = ("done", "rejected", "rolled_back")
+Stage = Literal["admission", "shadow", "canary", "full", "done", "rejected", "rolled_back", "refused"]
+ACTIVE_STAGES: tuple[str, ...] = ("admission", "shadow", "canary", "full")
+FINAL_STAGES: tuple[str, ...] = ("done", "rejected", "rolled_back", "refused")
 STAGES: tuple[str, ...] = ACTIVE_STAGES + FINAL_STAGES
-# the only edges the machine ever takes (manual operations included)
+NOT_RETRIED: tuple[str, ...] = ("rejected", "rolled_back", "refused")
+"""Final stages whose version is never started again (until a newer one replaces it)."""
+# the only edges the machine ever takes (manual operations included); `refused -> shadow` is an
+# operator's admit by hand (the one way out of a final stage)
 EDGES: frozenset[tuple[str, str]] = frozenset({
+    ("admission", "shadow"), ("admission", "refused"), ("admission", "rolled_back"), ("refused", "shadow"),
     ("shadow", "canary"), ("shadow", "rejected"), ("shadow", "rolled_back"),
     ("canary", "full"), ("canary", "rolled_back"),
     ("full", "done"), ("full", "rolled_back"),
 })
 ALERT_KIND: Mapping[str, str] = {"canary": "promote", "full": "promote", "done": "promote",
-                                 "rejected": "reject", "rolled_back": "rollback"}
+                                 "rejected": "reject", "rolled_back": "rollback", "refused": "refused"}
 """Alert kind (alerts topic) for a transition into each stage."""
 
 
@@ -117,13 +125,14 @@ class RolloutState:
         return state
 
 
-def start(route: str, model: str, version: int, replaces: str, now: float) -> RolloutState:
-    """A new version enters as a shadow. Raises RolloutError for a version below 1."""
+def start(route: str, model: str, version: int, replaces: str, now: float, admission: bool = False) -> RolloutState:
+    """A new version enters as a shadow, or first at the admission gate when the route has one
+    (``rollout.admission``). Raises RolloutError for a version below 1."""
     if version < 1:
         raise RolloutError(f"version must be >= 1, got {version}")
     return RolloutState(route=route, model=model, version=version, candidate_arm=candidate_arm_name(model, version),
-                        replaces=replaces, stage="shadow", stage_since=now, started_at=now,
-                        reason="new version appeared")
+                        replaces=replaces, stage="admission" if admission else "shadow", stage_since=now,
+                        started_at=now, reason="new version appeared")
 
 
 def may_start(model: str, version: int, current: RolloutState | None, rejected: Mapping[str, int]) -> bool:
@@ -237,6 +246,9 @@ class Assessment:
 def assess(state: RolloutState, evidence: Evidence, config: Rollout, now: float) -> Assessment:
     """The action the criteria call for. Final states always ``wait`` with nothing awaited."""
     canary = config.canary
+    if state.stage == "admission":
+        # decided by the gateway that benchmarks it (admission_transition), never by evidence
+        return Assessment("wait", "waiting", "admission stage", ("the admission benchmark's verdict",))
     if state.stage == "shadow":
         if evidence.shadow_decision == "reject":
             return Assessment("rollback", "shadow-test", f"shadow test: reject after {evidence.shadow_pairs:.0f} "
@@ -320,6 +332,8 @@ class RoutingPlan:
 def routing_plan(state: RolloutState, config: Rollout) -> RoutingPlan:
     """The routing a state asks for; the candidate never serves more than the canary cap before `full`."""
     candidate, old = state.candidate_arm, state.replaces
+    if state.stage == "admission":
+        return RoutingPlan()  # benchmarked apart from serving: the route is as before
     if state.stage == "shadow":
         return RoutingPlan(shadows=(candidate,))
     if state.stage == "canary":
@@ -368,7 +382,7 @@ class Transition:
     audit: AuditRecord
 
 
-_NEXT: Mapping[str, Stage] = {"shadow": "canary", "canary": "full", "full": "done"}
+_NEXT: Mapping[str, Stage] = {"admission": "shadow", "shadow": "canary", "canary": "full", "full": "done"}
 
 
 def _move(state: RolloutState, to_stage: Stage, config: Rollout, actor: str, reason: str, now: float,
@@ -413,7 +427,9 @@ def manual(state: RolloutState, action: Action, who: str, now: float, config: Ro
     Raises RolloutError when the rollout is already final or the action is unknown.
     """
     if not state.active:
-        raise RolloutError(f"route {state.route}: the rollout of {state.candidate_arm} is already {state.stage}")
+        hint = f" (admit it by hand: banditgate rollout admit {state.route} --version {state.version})" \
+            if state.stage == "refused" else ""
+        raise RolloutError(f"route {state.route}: the rollout of {state.candidate_arm} is already {state.stage}{hint}")
     actor = f"admin:{who}"
     why = reason or f"manual {action}"
     if action == "promote":
@@ -423,6 +439,26 @@ def manual(state: RolloutState, action: Action, who: str, now: float, config: Ro
     if action in ("pause", "resume"):
         return _move(state, state.stage, config, actor, why, now, paused=action == "pause")
     raise RolloutError(f"unknown rollout action {action!r}: promote, rollback, pause or resume")
+
+
+def admission_transition(state: RolloutState, admitted: bool, reason: str, config: Rollout, now: float,
+                         details: JSONObject | None = None) -> Transition:
+    """The admission gate's verdict on a rollout at the ``admission`` stage: on to ``shadow`` when
+    admitted, ``refused`` (final; an alert) when not. Raises RolloutError at any other stage."""
+    if state.stage != "admission":
+        raise RolloutError(f"route {state.route}: {state.candidate_arm} is at {state.stage}, not at admission")
+    return _move(state, "shadow" if admitted else "refused", config, "rule:admission", reason, now, details)
+
+
+def admit(state: RolloutState, version: int, who: str, now: float, config: Rollout, reason: str = "") -> Transition:
+    """An operator admits `version` by hand: from ``admission`` (benchmark pending) or ``refused``
+    it enters as a shadow. Raises RolloutError when the rollout is of another version or elsewhere."""
+    if state.version != version:
+        raise RolloutError(f"route {state.route}: the rollout is of version {state.version}, not {version}")
+    if state.stage not in ("admission", "refused"):
+        raise RolloutError(f"route {state.route}: {state.candidate_arm} is at {state.stage}; only a version at "
+                           "admission or refused there can be admitted")
+    return _move(state, "shadow", config, f"admin:{who}", reason or "admitted by hand", now)
 
 
 def status(state: RolloutState, evidence: Evidence, config: Rollout, now: float) -> dict[str, Any]:

@@ -11,6 +11,8 @@ Keys for route R with prefix P (hash tag ``{R}``: the same Cluster slot as the a
                            (gateways add, the feedback worker reads the p99)
 ``P:{R}:rollout:alarms``   hash kind -> alarms so far (gateways count their drift alarms here for the
                            worker's retraining triggers)
+``P:{R}:rollout:admission:lease``  which gateway benchmarks the version at the admission stage (SET NX
+                           PX ``<version>:<token>``; the verdict itself is in the record, field ``admission``)
 
 Exactly once: a transition is written by one Lua script only if the stored ``seq`` still equals
 the transition's ``from_seq`` (a start only if the stored seq is the one the starter read, or
@@ -34,8 +36,9 @@ import orjson
 
 from banditgate.config import Route
 from banditgate.events import Alert, RoutingChange
+from banditgate.jsontypes import JSONObject
 from router.lineup import RolloutRecord, lineup, primaries_after, replaced_arm, serving_version
-from router.rollout import AuditRecord, RolloutState, Transition, may_start, start
+from router.rollout import NOT_RETRIED, AuditRecord, RolloutState, Transition, may_start, start
 
 _CAS = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
@@ -94,7 +97,9 @@ def rollout_alert(audit: AuditRecord) -> Alert | None:
     return Alert(kind=audit.alert_kind, route=audit.route, arm=audit.arm, model_version=audit.version,
                  metric="rollout_stage", value=float(audit.from_seq + 1), threshold=0.0, ts=audit.ts,
                  details={"model": audit.model, "from_stage": audit.from_stage, "to_stage": audit.to_stage,
-                          "actor": audit.actor, "reason": audit.reason, "seq": audit.from_seq + 1})
+                          "actor": audit.actor, "reason": audit.reason, "seq": audit.from_seq + 1,
+                          # a refusal carries the figures it was decided on
+                          **({"admission": dict(audit.details)} if audit.to_stage == "refused" else {})})
 
 
 def _text(value: Any) -> str:
@@ -184,18 +189,20 @@ class RolloutStore:
         if serving is not None and version <= serving:
             return None
         rejected = dict(previous.rejected) if previous is not None else {}
-        if previous is not None and previous.state.stage in ("rejected", "rolled_back"):
+        if previous is not None and previous.state.stage in NOT_RETRIED:
             rejected[previous.state.model] = max(rejected.get(previous.state.model, 0), previous.state.version)
         if not may_start(model, version, previous.state if previous is not None else None, rejected):
             return None
         now = time.time() if now is None else now
-        state = start(route.name, model, version, replaces, now)
+        gated = route.rollout.admission is not None
+        state = start(route.name, model, version, replaces, now, admission=gated)
         record = RolloutRecord.begin(route, state, previous)
+        where = "is benchmarked at the admission gate" if gated else "enters as a shadow"
         audit = AuditRecord(route=route.name, model=model, version=version, arm=state.candidate_arm,
-                            from_stage="none", to_stage="shadow", actor=actor,
-                            reason=f"version {version} of {model} appeared; it enters as a shadow",
-                            before={}, after={"stage": "shadow", "shadows": [state.candidate_arm]}, ts=now,
-                            from_seq=record.state.seq - 1, alert_kind=None)
+                            from_stage="none", to_stage=state.stage, actor=actor,
+                            reason=f"version {version} of {model} appeared; it {where}",
+                            before={}, after={"stage": state.stage, "shadows": [] if gated else [state.candidate_arm]},
+                            ts=now, from_seq=record.state.seq - 1, alert_kind=None)
         written = await self.write(record, previous.state.seq if previous is not None else None, audit)
         return record if written else None
 
@@ -218,6 +225,44 @@ class RolloutStore:
             if await self.apply(record, transition):
                 return record.with_state(transition.state), transition.audit
         raise RolloutError(f"route {route.name}: the rollout kept changing under {action}; try again")
+
+    async def admit(self, route: Route, version: int, who: str, reason: str = "", now: float | None = None,
+                    attempts: int = 5) -> tuple[RolloutRecord, AuditRecord]:
+        """An operator admits `version` by hand (from the admission or refused stage it enters as a
+        shadow), once (compare-and-set; retried on a concurrent change). Raises RolloutError."""
+        from router.rollout import RolloutError, admit
+
+        if route.rollout is None:
+            raise RolloutError(f"route {route.name} has no rollout configuration")
+        for _ in range(attempts):
+            record = await self.read(route.name)
+            if record is None:
+                raise RolloutError(f"route {route.name} has no rollout")
+            transition = admit(record.state, version, who, time.time() if now is None else now, route.rollout,
+                               reason)
+            if await self.apply(record, transition):
+                return record.with_state(transition.state), transition.audit
+        raise RolloutError(f"route {route.name}: the rollout kept changing under admit; try again")
+
+    async def claim_admission(self, route: str, version: int, ttl_ms: int) -> str | None:
+        """Claim the right to benchmark `version` of the route's rollout (one replica at a time;
+        SET NX PX, so a replica that dies mid-run frees it after `ttl_ms`). Returns the token to
+        release it with, None when another replica holds it."""
+        token = f"{version}:{uuid.uuid4().hex}"
+        if await self._client.set(self.key(route, "admission:lease"), token, nx=True, px=max(1, int(ttl_ms))):
+            return token
+        return None
+
+    async def release_admission(self, route: str, token: str) -> None:
+        await self._release(keys=[self.key(route, "admission:lease")], args=[token])
+
+    async def decide_admission(self, record: RolloutRecord, transition: Transition,
+                               result: JSONObject) -> bool:
+        """Record the admission verdict with its figures and its transition (to shadow or refused)
+        once: compare-and-set on the seq the benchmark started from, the audit event and (refused)
+        the alert queued in the same step. Returns whether this call wrote it."""
+        return await self.write(record.with_state(transition.state, admission=result), transition.audit.from_seq,
+                                transition.audit)
 
     async def set_status(self, route: str, status: Mapping[str, Any], ttl_s: int = 300) -> None:
         """The feedback worker's latest view of the rollout (evidence, what is awaited), for status."""
@@ -288,7 +333,8 @@ class RolloutStore:
 
     async def clear(self, route: str) -> None:
         await self._client.delete(self.key(route), self.key(route, "outbox"), self.key(route, "lease"),
-                                  self.key(route, "latency"), self.key(route, "status"), self.key(route, "alarms"))
+                                  self.key(route, "latency"), self.key(route, "status"), self.key(route, "alarms"),
+                                  self.key(route, "admission:lease"))
 
 
 def state_of(record: RolloutRecord | None) -> RolloutState | None:

@@ -395,6 +395,31 @@ def pipeline() -> Board:
     board.panel("timeseries", "Models loaded", "1 per loaded model version and gateway.",
                 [target(f"sum by (model, version) (banditgate_model_loaded{{{MODEL}}})", "{{model}} v{{version}}")],
                 unit="short", width=24, height=6)
+    board.row("Gateway: admission gate (new model versions against the incumbent)")
+    admission = f"{ROUTE}, {MODEL}"
+    by_version = "max by (route, model, version)"
+    board.panel("table", "Admission figures per version", "The admission benchmark of each new version and of the "
+                "incumbent it was compared with (docs/lifecycle.md, Admission gate): verdict (1 admitted, 0 refused; "
+                "candidates only), p99 time per run at batch 1 and at the max batch, rows/s at the max batch, "
+                "memory added by loading, file size.",
+                [target(f"{by_version} (banditgate_admission_admitted{{{admission}}})", "admitted", instant=True,
+                        table=True),
+                 target(f'{by_version} (banditgate_admission_latency_p99_seconds{{{admission}, batch="1"}})',
+                        "p99 batch 1", instant=True, table=True),
+                 target(f'{by_version} (banditgate_admission_latency_p99_seconds{{{admission}, batch="max"}})',
+                        "p99 max batch", instant=True, table=True),
+                 target(f"{by_version} (banditgate_admission_throughput_rows_per_second{{{admission}}})", "rows/s",
+                        instant=True, table=True),
+                 target(f"{by_version} (banditgate_admission_memory_bytes{{{admission}}})", "memory", instant=True,
+                        table=True),
+                 target(f"{by_version} (banditgate_admission_file_bytes{{{admission}}})", "file", instant=True,
+                        table=True)],
+                unit="none", width=24, height=8,
+                transformations=[{"id": "merge", "options": {}},
+                                 {"id": "organize", "options": {"excludeByName": {"Time": True}, "renameByName": {
+                                     "Value #A": "admitted", "Value #B": "p99 s (batch 1)",
+                                     "Value #C": "p99 s (max batch)", "Value #D": "rows/s (max batch)",
+                                     "Value #E": "memory added (bytes)", "Value #F": "file (bytes)"}}}])
     board.row("Feedback worker: join")
     board.panel("timeseries", "Events consumed / s by source", "predictions, shadow_predictions, outcomes.",
                 [target(f"sum by (source) (rate(banditgate_feedback_events_total[{RATE}]))", "{{source}}")], unit="ops")

@@ -19,3 +19,9 @@ def test_quick_bench_promotes_rejects_and_never_overexposes(tmp_path: Path) -> N
     assert scenarios["worse"]["served_by_candidate_mean"] == 0
     assert set(scenarios["slow_canary"]["final_stages"]) == {"rolled_back"}
     assert scenarios["better"]["final_stages"].get("done", 0) + scenarios["better"]["final_stages"].get("full", 0) > 0
+    # the admission scenario (real models, the real benchmark child): the heavier version refused
+    # on what it costs (its file is 2x: measured, whatever the machine's load), the equal one admitted
+    assert result["admission_refused_heavy"] is True and result["admission_admitted_light"] is True
+    heavy = result["admission"]["heavy"]
+    assert heavy["candidate"]["size_mb"] > 1.8 * heavy["incumbent"]["size_mb"]
+    assert result["admission_seconds"] > 0 and result["admission_serving_p99_ratio"] > 0

@@ -41,6 +41,8 @@ def model_repository(root: Path) -> Path:
         scores = ort.InferenceSession(str(path)).run(["probability"], {"input": training})[0][:, 0]
         ReferenceProfile.build(training, [f"f{i}" for i in range(N_FEATURES)], scores=scores).save(
             path.parent / "reference.json")
+    # a new version of m-a: route `gate` benchmarks it at its admission gate (the admission panel)
+    shutil.copytree(root / "m-a" / "1", root / "m-a" / "2")
     return root
 
 
@@ -49,7 +51,8 @@ def stack_config(stack: Any, topics: Any, repository: Path, redis_prefix: str, u
     return {
         "kafka": {"bootstrap_servers": stack.kafka, "group_id": f"obs-{unique}", "topics": topics.topics.model_dump()},
         "redis": {"url": stack.redis, "key_prefix": redis_prefix, "snapshot_refresh_ms": 200},
-        "models": {"repository": str(repository), "poll_interval_s": 0, "warmup_rows": 1},
+        # polled: route `gate` finds m-a version 2 (its admission benchmark feeds the admission panel)
+        "models": {"repository": str(repository), "poll_interval_s": 1, "warmup_rows": 1},
         "batching": {"max_batch_size": 64, "max_delay_us": 1000},
         "server": {"host": "127.0.0.1"},
         "feedback": {"app_id": f"obs-fb-{unique}", "web_port": feedback_port, "flush_interval_s": 0.05,
@@ -64,7 +67,10 @@ def stack_config(stack: Any, topics: Any, repository: Path, redis_prefix: str, u
                     "shadows": [{"name": "c", "model": "m-c", "version": 1}]},
                    # the interleaving panels: the worker serves every configured pair from the start
                    {"name": "search", "policy": "interleave", "k": 5,
-                    "arms": [{"name": "x", "model": "m-b", "version": 1}, {"name": "y", "model": "m-c", "version": 1}]}],
+                    "arms": [{"name": "x", "model": "m-b", "version": 1}, {"name": "y", "model": "m-c", "version": 1}]},
+                   {"name": "gate", "policy": "thompson", "arms": [{"name": "g", "model": "m-a", "version": 1}],
+                    "rollout": {"admission": {"samples": 10, "batch_samples": 3, "max_batch": 8,
+                                              "busy_fraction": 1.0}}}],
     }
 
 
