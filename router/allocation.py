@@ -53,6 +53,10 @@ def constrain_shares(preferred: np.ndarray, floor: float | np.ndarray, caps: np.
     preferred = np.where(preferred > _MINIMUM_PREFERENCE, preferred, 0.0)
     total = preferred.sum(axis=-1, keepdims=True)
     preferred = np.where(total > 0, preferred / np.where(total > 0, total, 1.0), 1.0 / arms)
+    # where no bound binds, the preferences are served as they are (exact fixed-weight propensities)
+    untouched = np.all(~drained & (preferred >= low) & (preferred <= high), axis=-1, keepdims=True)
+    if untouched.all():
+        return preferred
     weight = np.where(drained, 0.0, np.maximum(preferred, _MINIMUM_PREFERENCE))
     t = np.empty((*preferred.shape[:-1], 1))
     for index in np.ndindex(*preferred.shape[:-1]):
@@ -64,8 +68,6 @@ def constrain_shares(preferred: np.ndarray, floor: float | np.ndarray, caps: np.
     spill = (shortfall > 1e-12) & (drained_count > 0)
     shares = shares + np.where(spill & drained, shortfall / np.maximum(drained_count, 1), 0.0)
     shares = shares / shares.sum(axis=-1, keepdims=True)
-    # where no bound binds, the preferences are served as they are (exact fixed-weight propensities)
-    untouched = np.all(~drained & (preferred >= low) & (preferred <= high), axis=-1, keepdims=True)
     return np.where(untouched, preferred, shares)
 
 
