@@ -205,8 +205,8 @@ def _table(summary: dict[str, Any]) -> str:
     for arms, limit in (("10", ""), ("100", "<= 2"), ("1000", "<= 50")):
         if arms in summary["posterior_update_ms"]:
             rows.append((f"posterior update ms, {arms} arms (median; all competitive)",
-                         f"{summary['posterior_update_ms'][arms]:.2f}; "
-                         f"{summary['posterior_update_ms_competitive'][arms]:.2f}", limit))
+                         (f"{summary['posterior_update_ms'][arms]:.2f}; "
+                          f"{summary['posterior_update_ms_competitive'][arms]:.2f}"), limit))
     lines = ["| metric | value | target |", "| --- | --- | --- |"]
     lines += [f"| {name} | {value} | {target} |" for name, value, target in rows]
     return "\n".join(lines)

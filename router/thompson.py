@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
-from scipy import special
+from scipy import special  # type: ignore[import-untyped]  # scipy ships no stubs; results go through np.asarray
 
 from router.arm_stats import ArmStats
 
@@ -221,7 +221,9 @@ def _assemble(segments: list[tuple[float, float, float, int]]
     Consecutive segments share their meeting node (where dx/du differs on either side). Returns
     the grid, quadrature weights in x (the summed interval rules times dx/du), and per segment
     (first node, last node, step in u, dx/du at its nodes, whether its u runs against x)."""
-    grids, weight_parts, bounds = [], [], []
+    grids: list[np.ndarray] = []
+    weight_parts: list[np.ndarray] = []
+    bounds: list[tuple[int, int, float, np.ndarray, bool]] = []
     offset = 0
     for anchor, far, scale, nodes in segments:
         grid, stretch, step = _sinh_segment(anchor, far, scale, nodes)
