@@ -78,6 +78,14 @@ class RewardTapes:
         self.pulls = np.zeros((seeds, arms), dtype=np.int64)
         self._arm_salts = mix64(np.arange(arms, dtype=np.uint64) + np.uint64(0xA5A5))
 
+    @classmethod
+    def for_seed(cls, index: int, arms: int, seed: int) -> RewardTapes:
+        """The tapes of seed `index` alone (batch of one): the same rewards as row `index` of
+        ``RewardTapes(seeds, arms, seed)``, so a per-seed run shares the vectorised runs' luck."""
+        tapes = cls(1, arms, seed)
+        tapes._keys = mix64(np.array([index], dtype=np.uint64) + np.uint64(seed) * np.uint64(1_000_003))
+        return tapes
+
     def draw(self, onehot: np.ndarray, rates: np.ndarray) -> np.ndarray:
         """Rewards (bool, (seeds, n)) for one-hot arm choices (seeds, n, arms) in order along axis 1."""
         # pull index of each request: the arm's pulls so far plus its rank within this block

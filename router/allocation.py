@@ -53,25 +53,14 @@ def constrain_shares(preferred: np.ndarray, floor: float | np.ndarray, caps: np.
     preferred = np.where(preferred > _MINIMUM_PREFERENCE, preferred, 0.0)
     total = preferred.sum(axis=-1, keepdims=True)
     preferred = np.where(total > 0, preferred / np.where(total > 0, total, 1.0), 1.0 / arms)
+    # where no bound binds, the preferences are served as they are (exact fixed-weight propensities)
+    untouched = np.all(~drained & (preferred >= low) & (preferred <= high), axis=-1, keepdims=True)
+    if untouched.all():
+        return preferred
     weight = np.where(drained, 0.0, np.maximum(preferred, _MINIMUM_PREFERENCE))
-    # g(t) = sum clip(t * weight, low, high) is piecewise linear and non-decreasing in t; solve
-    # g(t) = 1 exactly on the segment between consecutive breakpoints (where an arm hits a bound)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        breakpoints = np.sort(np.concatenate([np.where(weight > 0, low / weight, 0.0),
-                                              np.where(weight > 0, high / weight, 0.0)], axis=-1), axis=-1)
-    totals = np.clip(breakpoints[..., :, None] * weight[..., None, :], low[..., None, :],
-                     high[..., None, :]).sum(axis=-1)  # g at each breakpoint
-    segment = np.minimum(np.sum(totals < 1.0, axis=-1, keepdims=True), 2 * arms - 1)
-    right = np.take_along_axis(breakpoints, segment, axis=-1)
-    left = np.take_along_axis(breakpoints, np.maximum(segment - 1, 0), axis=-1)
-    at_left = np.where(segment > 0, np.take_along_axis(totals, np.maximum(segment - 1, 0), axis=-1),
-                       low.sum(axis=-1, keepdims=True))
-    left = np.where(segment > 0, left, 0.0)
-    midpoint = 0.5 * (left + right)
-    slope = np.sum(np.where((midpoint * weight > low) & (midpoint * weight < high), weight, 0.0),
-                   axis=-1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(slope > 0, left + (1.0 - at_left) / slope, right)
+    t = np.empty((*preferred.shape[:-1], 1))
+    for index in np.ndindex(*preferred.shape[:-1]):
+        t[index] = _level(weight[index], low[index], high[index])
     shares = np.clip(t * weight, low, high)
     shortfall = 1.0 - shares.sum(axis=-1, keepdims=True)
     # infeasible drains (caps too tight): the drained arms share what nobody else may take
@@ -79,9 +68,55 @@ def constrain_shares(preferred: np.ndarray, floor: float | np.ndarray, caps: np.
     spill = (shortfall > 1e-12) & (drained_count > 0)
     shares = shares + np.where(spill & drained, shortfall / np.maximum(drained_count, 1), 0.0)
     shares = shares / shares.sum(axis=-1, keepdims=True)
-    # where no bound binds, the preferences are served as they are (exact fixed-weight propensities)
-    untouched = np.all(~drained & (preferred >= low) & (preferred <= high), axis=-1, keepdims=True)
     return np.where(untouched, preferred, shares)
+
+
+def _level(weight: np.ndarray, low: np.ndarray, high: np.ndarray) -> float:
+    """The t with sum clip(t * weight, low, high) = 1 (1-D arrays), in O(arms log arms).
+
+    g(t) = sum clip(t * weight, low, high) is piecewise linear and non-decreasing in t, with
+    breakpoints where an arm enters (t = low / weight) or leaves (t = high / weight) its linear
+    part; g at every breakpoint comes from sorted breakpoints and prefix sums, and g(t) = 1 is
+    solved exactly on the segment that crosses 1. If even the last breakpoint gives less than 1
+    (caps too tight), that breakpoint is returned and the caller spills the rest.
+    """
+    moving = weight > 0
+    fixed = float(low[~moving].sum())  # an arm of weight 0 sits at its low bound for every t
+    weight, low, high = weight[moving], low[moving], high[moving]
+    enter, leave = low / weight, high / weight
+    by_enter, by_leave = np.argsort(enter), np.argsort(leave)
+    enter, leave = enter[by_enter], leave[by_leave]
+    candidates = np.unique(np.concatenate([[0.0], enter, leave]))
+    # for each candidate t: arms entered (enter <= t) and left (leave <= t), via prefix sums
+    entered = np.searchsorted(enter, candidates, side="right")
+    left = np.searchsorted(leave, candidates, side="right")
+    low_after = np.concatenate([[0.0], np.cumsum(low[by_enter])])  # low of the first n entering
+    weight_entered = np.concatenate([[0.0], np.cumsum(weight[by_enter])])
+    high_left = np.concatenate([[0.0], np.cumsum(high[by_leave])])
+    weight_left = np.concatenate([[0.0], np.cumsum(weight[by_leave])])
+    totals = (fixed + (low_after[-1] - low_after[entered]) + candidates * (weight_entered[entered] - weight_left[left])
+              + high_left[left])
+    # the prefix sums cancel (a weight of 1e-12 next to ones): they only locate the segment,
+    # which is then checked and solved with direct sums
+    crossing = int(np.searchsorted(totals, 1.0, side="left"))
+
+    def level_at(t: float) -> float:
+        return fixed + float(np.clip(t * weight, low, high).sum())
+
+    while 1 < crossing < len(candidates) + 1 and level_at(candidates[crossing - 1]) >= 1.0:
+        crossing -= 1
+    while crossing < len(candidates) and level_at(candidates[crossing]) < 1.0:
+        crossing += 1
+    if crossing >= len(candidates):
+        return float(candidates[-1])
+    if crossing == 0:
+        return 0.0
+    before, after = candidates[crossing - 1], candidates[crossing]
+    middle = 0.5 * (before + after)
+    slope = float(np.sum(np.where((middle * weight > low) & (middle * weight < high), weight, 0.0)))
+    if slope <= 0:
+        return float(after)
+    return float(before + (1.0 - level_at(before)) / slope)
 
 
 def drain_is_feasible(floor: float | np.ndarray, caps: np.ndarray, drained: np.ndarray) -> bool:

@@ -133,6 +133,9 @@ class ArmSnapshot:
     """Of those, how many failed."""
 
 
+_EMPTY_ARM = ArmSnapshot()  # immutable: one instance serves every arm a store has never heard of
+
+
 @dataclass(frozen=True, slots=True)
 class RouteSnapshot:
     """All arms of one route as read in one round trip; statistics already decayed to read time."""
@@ -146,7 +149,7 @@ class RouteSnapshot:
 
     def arm(self, name: str) -> ArmSnapshot:
         """The named arm, or an empty active one if the store has never heard of it."""
-        return self.arms.get(name, ArmSnapshot())
+        return self.arms.get(name, _EMPTY_ARM)
 
     @property
     def drained(self) -> frozenset[str]:

@@ -155,10 +155,11 @@ class RoutePolicy:
         The store is authoritative for arm states: a local :meth:`drain` not also written to the
         store is undone here. Arms the snapshot lacks count as fresh and active.
         """
-        stats = tuple(snapshot.arm(name).stats for name in self.arm_names)
-        drained = np.array([snapshot.arm(name).state == "drained" for name in self.arm_names])
+        arms = [snapshot.arm(name) for name in self.arm_names]
+        stats = tuple(arm.stats for arm in arms)
+        drained = np.array([arm.state == "drained" for arm in arms], dtype=bool)
         self._state = self._build(stats, drained)
-        self._stats_by_name = {name: snapshot.arm(name).stats for name in snapshot.arms}
+        self._stats_by_name = {name: arm.stats for name, arm in snapshot.arms.items()}
 
     def reconfigure(self, arm_names: Sequence[str], caps: Sequence[float], weights: Sequence[float],
                     floors: Sequence[float] | None = None, shadow_names: Sequence[str] | None = None,
