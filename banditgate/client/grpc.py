@@ -36,12 +36,14 @@ from typing import Any, Self
 
 import grpc
 import numpy as np
+import numpy.typing as npt
 
 from banditgate.client.errors import ClientError, GatewayRejected, InvalidRequest
 from banditgate.client.proto import grpc_predict_v2_pb2 as pb2
 from banditgate.client.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
 from banditgate.client.types import Prediction
 from banditgate.client.validation import check_metadata
+from banditgate.jsontypes import JSONObject
 from banditgate.tracecontext import trace_context
 
 # numpy dtype -> OIP datatype of a binary tensor (as the gateway's oip_codec names them)
@@ -74,9 +76,10 @@ def encode_tensor(name: str, value: Any) -> tuple[pb2.ModelInferRequest.InferInp
         raw = b"".join(struct.pack("<I", len(p)) + p for p in parts)
         datatype = "BYTES"
     else:
-        datatype = _DATATYPE.get(array.dtype)
-        if datatype is None:
+        known = _DATATYPE.get(array.dtype)
+        if known is None:
             raise InvalidRequest("wrong_type", f"input {name!r} has dtype {array.dtype}, which OIP cannot carry")
+        datatype = known
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             raise InvalidRequest("not_finite", f"input {name!r} holds a NaN or an infinity")
         raw = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
@@ -148,7 +151,7 @@ class GrpcClient:
                  root_certificates: bytes | None = None, private_key: bytes | None = None,
                  certificate_chain: bytes | None = None, timeout_s: float = 10.0, retries: int = 3,
                  max_backoff_s: float = 5.0, routes: Container[str] | None = None, check_inputs: bool = True,
-                 options: list[tuple[str, Any]] | None = None) -> None:
+                 options: list[tuple[str, Any]] | None = None) -> None:  # Any: grpc's channel option values
         """`target`: host:port (a ``grpc://``/``grpcs://`` prefix is accepted; grpcs means TLS).
         TLS with `tls` or any PEM argument; `private_key` + `certificate_chain` for mTLS.
         `check_inputs`: fetch each route's metadata once and check inputs against it before sending.
@@ -175,7 +178,7 @@ class GrpcClient:
         self._options = list(options or [])
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb2_grpc.GRPCInferenceServiceStub | None = None
-        self._metadata: dict[str, dict[str, Any]] = {}
+        self._metadata: dict[str, JSONObject] = {}
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -200,7 +203,7 @@ class GrpcClient:
             await self._channel.close()
             self._channel = self._stub = None
 
-    async def metadata(self, route: str) -> dict[str, Any]:
+    async def metadata(self, route: str) -> JSONObject:
         """The route's model metadata (inputs, outputs) as the REST API gives it, cached."""
         if route not in self._metadata:
             stub = await self._started()
@@ -211,7 +214,7 @@ class GrpcClient:
                 "outputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in answer.outputs]}
         return self._metadata[route]
 
-    async def predict(self, route: str, inputs: Mapping[str, Any], *, unit: str | None = None,
+    async def predict(self, route: str, inputs: Mapping[str, npt.ArrayLike], *, unit: str | None = None,
                       request_id: str | None = None, version: int | None = None, traceparent: str | None = None,
                       tracestate: str | None = None) -> Prediction:
         """One row per input (as over Kafka); a route's policy picks the arm (`version`: only with a

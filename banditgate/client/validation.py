@@ -12,6 +12,7 @@ import orjson
 
 from banditgate.client.errors import InvalidRequest
 from banditgate.events import MAX_ID_CHARS, EventError, outcome_from_obj, request_fields
+from banditgate.jsontypes import JSONObject, JSONValue
 
 _DTYPES = {"FP16": "f", "FP32": "f", "FP64": "f", "INT8": "i", "INT16": "i", "INT32": "i", "INT64": "i",
            "UINT8": "u", "UINT16": "u", "UINT32": "u", "UINT64": "u", "BOOL": "b", "BYTES": "S"}
@@ -38,7 +39,7 @@ def plain_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _flat_and_finite(row: list[Any]) -> bool:
+def _flat_and_finite(row: list[JSONValue]) -> bool:
     """True for a flat list of finite numbers, found by one C-level sum: NaN and infinities carry
     through it, nested lists and strings make it raise. False sends the row down the general path
     (which also tells a float overflow of the sum from a real infinity)."""
@@ -49,7 +50,7 @@ def _flat_and_finite(row: list[Any]) -> bool:
     return type(total) is int or (type(total) is float and math.isfinite(total))
 
 
-def fast_request(route: str, inputs: Mapping[str, Any], unit: str | None, request_id: str,
+def fast_request(route: str, inputs: Mapping[str, JSONValue], unit: str | None, request_id: str,
                  routes: Container[str] | None) -> bytes | None:
     """The encoded request event for the common case - flat rows of finite numbers, no items, a
     string unit or none - without building it twice; None when not sure (the caller then takes
@@ -62,7 +63,7 @@ def fast_request(route: str, inputs: Mapping[str, Any], unit: str | None, reques
     for name, value in inputs.items():
         if type(name) is not str or type(value) is not list or not _flat_and_finite(value):
             return None
-    event = {"request_id": request_id, "route": route, "inputs": inputs, "schema_version": 1}
+    event: JSONObject = {"request_id": request_id, "route": route, "inputs": inputs, "schema_version": 1}
     if unit is not None:
         event["unit_id"] = unit
     try:
@@ -71,7 +72,7 @@ def fast_request(route: str, inputs: Mapping[str, Any], unit: str | None, reques
         return None  # an integer JSON cannot carry: `encode` says so
 
 
-def encode(event: Mapping[str, Any]) -> bytes:
+def encode(event: JSONObject) -> bytes:
     """The event as JSON; an integer beyond 64 bits (which JSON readers cannot take exactly) is the
     gateway's ``out_of_range``."""
     try:
