@@ -3,7 +3,7 @@ gateway's own events are checked in test_client_stack.py): a real `banditgate fe
 the real stack is driven to write each kind it writes - a promote alert (a shadow that beats its
 primary on labels), dead letters of every reader (an outcome out of range, an outcome and a
 prediction of an unknown schema version, an outcome that is not JSON, one without a
-request_id), and a routing change with its rollout alert (`banditgate rollout start`, which
+request_id), and a routing change (`banditgate rollout start`, which
 publishes on the worker's own path, feedback.sinks.KafkaOut) - and every record on the alerts,
 routing-changes and dead-letter topics is checked against its schema."""
 
@@ -79,7 +79,7 @@ async def test_every_event_the_feedback_worker_emits_validates(stack, topics, re
             return [orjson.loads(r.value) for r in records]
 
         alerts = await read_records(stack.kafka, t.alerts,
-                                    lambda rs: "promote" in {a.get("kind") for a in values(rs)} and len(rs) >= 2)
+                                    lambda rs: "promote" in {a.get("kind") for a in values(rs)})
         changes = await read_records(stack.kafka, t.routing_changes, lambda rs: len(rs) >= 1)
         letters = await read_records(stack.kafka, t.deadletter, lambda rs: len(rs) >= 5)
         await wait_until(lambda: _alive(worker), 5, "the worker still running", worker)
@@ -87,7 +87,7 @@ async def test_every_event_the_feedback_worker_emits_validates(stack, topics, re
         worker.stop(timeout_s=20)
     schemas = json_schemas()
     kinds = {a["kind"] for a in values(alerts)}
-    assert "promote" in kinds and len(alerts) >= 2, kinds
+    assert "promote" in kinds, kinds
     assert changes and letters
     for schema, records in (("alert", alerts), ("routing-change", changes), ("dead-letter", letters)):
         for value in values(records):
