@@ -21,6 +21,9 @@ came back on the reply topic.
 from __future__ import annotations
 
 import asyncio
+import binascii
+import itertools
+import os
 import time
 from collections.abc import Container, Mapping
 from typing import Any, Self
@@ -29,12 +32,42 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from banditgate.client.errors import ClientError, GatewayRejected, InvalidRequest, PredictionTimeout
+from banditgate.client.sending import BatchSender
 from banditgate.client.types import Prediction
-from banditgate.client.validation import outcome_event, request_event
+from banditgate.client.validation import encode, fast_request, outcome_event, request_event
 from banditgate.events import KNOWN_SCHEMA_VERSIONS
-from banditgate.tracecontext import TRACEPARENT, parse_traceparent, trace_context
+from banditgate.tracecontext import TRACEPARENT, new_traceparent, parse_traceparent, trace_context
 
 DEFAULT_TIMEOUT_S = 10.0
+_ZERO_IDS = (b"0" * 32, b"0" * 16)
+
+
+class _FastIds:
+    """Request ids and fresh trace contexts for `send`, cheaper than a uuid4 and two os.urandom
+    calls per request (together they cost more than the rest of a send here): ids are a random
+    per-client prefix and a counter (unique without coordination); trace and span ids are cut
+    from one os.urandom draw per 4096 requests."""
+
+    _BATCH = 4096
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(8).hex() + "-"
+        self._counter = itertools.count(1)
+        self._pool = b""
+        self._offset = 0
+
+    def request_id(self) -> str:
+        return f"{self.prefix}{next(self._counter):x}"
+
+    def traceparent(self) -> list[tuple[str, bytes]]:
+        offset = self._offset
+        if offset >= len(self._pool):
+            self._pool, offset = binascii.hexlify(os.urandom(24 * self._BATCH)), 0
+        self._offset = offset + 48
+        trace, span = self._pool[offset:offset + 32], self._pool[offset + 32:offset + 48]
+        if trace == _ZERO_IDS[0] or span == _ZERO_IDS[1]:  # pragma: no cover - 2**-64
+            return [(TRACEPARENT, new_traceparent().encode())]
+        return [(TRACEPARENT, b"00-%s-%s-01" % (trace, span))]
 
 
 class KafkaClient:
@@ -43,11 +76,14 @@ class KafkaClient:
     def __init__(self, bootstrap_servers: str, *, reply_topic: str | None = None, requests_topic: str = "bg.requests",
                  outcomes_topic: str = "bg.outcomes", deadletter_topic: str = "bg.deadletter",
                  routes: Container[str] | None = None, metadata: Mapping[str, Mapping[str, Any]] | None = None,
-                 max_in_flight: int = 10_000, linger_ms: int = 5, **kafka_kwargs: Any) -> None:
+                 max_in_flight: int = 10_000, linger_ms: int = 5, max_queued: int = 100_000,
+                 **kafka_kwargs: Any) -> None:
         """`reply_topic`: this service's reply topic (it must exist and match the gateway's
         kafka.reply_topics); None: `predict` is unavailable, `send` and `report_outcome` work.
         `routes` / `metadata` (route -> OIP model metadata): checked before sending when given.
-        `kafka_kwargs` go to aiokafka (security_protocol, ssl_context, sasl_*)."""
+        `max_queued`: requests `send` lets wait for the broker's acknowledgement before it waits.
+        `kafka_kwargs` go to aiokafka (security_protocol, ssl_context, sasl_*; max_batch_size,
+        256 KiB unless given: the bytes of one batch `send` fills)."""
         self.bootstrap_servers = bootstrap_servers
         self.reply_topic = reply_topic
         self.requests_topic = requests_topic
@@ -57,7 +93,12 @@ class KafkaClient:
         self.metadata = dict(metadata or {})
         self.max_in_flight = max_in_flight
         self._linger_ms = linger_ms
+        self.max_queued = max_queued
+        # the producer's batch size is its own; everything else (security) the consumer shares
+        self._batch_bytes = int(kafka_kwargs.pop("max_batch_size", 256 * 1024))
         self._kwargs = kafka_kwargs
+        self._ids = _FastIds()
+        self._sender: BatchSender | None = None
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -72,7 +113,8 @@ class KafkaClient:
 
     async def start(self) -> None:
         self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap_servers, linger_ms=self._linger_ms,
-                                          acks="all", enable_idempotence=True, **self._kwargs)
+                                          acks="all", enable_idempotence=True, max_batch_size=self._batch_bytes,
+                                          **self._kwargs)
         await self._producer.start()
         if self.reply_topic is None:
             return
@@ -93,6 +135,15 @@ class KafkaClient:
         self._reader = asyncio.get_running_loop().create_task(self._read())
 
     async def close(self) -> None:
+        """Deliver what `send` queued, then stop; a ClientError (``send_failed``) after stopping
+        when some of it was lost."""
+        lost: ClientError | None = None
+        if self._sender is not None:
+            try:
+                await self._sender.flush()
+            except ClientError as exc:
+                lost = exc
+            self._sender.close()
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
@@ -104,6 +155,8 @@ class KafkaClient:
             await self._consumer.stop()
         if self._producer is not None:
             await self._producer.stop()
+        if lost is not None:
+            raise lost
 
     # -- requests --------------------------------------------------------------------------------
 
@@ -126,7 +179,7 @@ class KafkaClient:
         started = time.monotonic()
         self._waiting[rid] = (future, started)
         try:
-            await (await self._producer.send(self.requests_topic, orjson.dumps(event), key=rid.encode(),
+            await (await self._producer.send(self.requests_topic, encode(event), key=rid.encode(),
                                              headers=trace_context(traceparent, tracestate)))
             return await asyncio.wait_for(asyncio.shield(future), timeout_s - (time.monotonic() - started))
         except TimeoutError:
@@ -137,18 +190,48 @@ class KafkaClient:
     async def send(self, route: str, inputs: Mapping[str, Any], *, unit: str | None = None,
                    request_id: str | None = None, items: list[str] | None = None, traceparent: str | None = None,
                    tracestate: str | None = None) -> str:
-        """Fire and forget: queue one request (the producer batches them); returns its request_id.
-        `flush()` waits until everything queued is acknowledged."""
-        if self._producer is None:
-            raise ClientError("not_started", "start the client first")
-        event = request_event(route, inputs, unit=unit, request_id=request_id, reply_to=None, items=items,
-                              routes=self.routes, metadata=self.metadata.get(route))
-        rid: str = event["request_id"]
-        await self._producer.send(self.requests_topic, orjson.dumps(event), key=rid.encode(),
-                                  headers=trace_context(traceparent, tracestate))
+        """Fire and forget: check and queue one request; returns its request_id. Requests are
+        appended to batches (banditgate/client/sending.py), so this waits only when `max_queued`
+        requests are unacknowledged. `flush()` waits until everything queued is acknowledged and
+        raises ClientError (``send_failed``) if some of it was lost."""
+        sender = self._sender
+        if sender is None:
+            if self._producer is None:
+                raise ClientError("not_started", "start the client first")
+            sender = await self._open_sender()
+        rid = request_id or self._ids.request_id()
+        value = None
+        if items is None and route not in self.metadata:
+            value = fast_request(route, inputs, unit, rid, self.routes)
+        if value is None:
+            value = encode(request_event(route, inputs, unit=unit, request_id=rid, reply_to=None, items=items,
+                                         routes=self.routes, metadata=self.metadata.get(route)))
+        headers = self._ids.traceparent() if traceparent is None else trace_context(traceparent, tracestate)
+        key = rid.encode()
+        if not sender.try_add(key, value, headers):
+            await sender.add(key, value, headers)
         return rid
 
+    def send_stats(self) -> dict[str, int]:
+        """`send`'s requests: queued (unacknowledged), delivered (acknowledged), failed (lost)."""
+        sender = self._sender
+        if sender is None:
+            return {"queued": 0, "delivered": 0, "failed": 0}
+        return {"queued": sender.queued, "delivered": sender.delivered, "failed": sender.failed}
+
+    async def _open_sender(self) -> BatchSender:
+        assert self._producer is not None  # noqa: S101 - send checked it
+        partitions = sorted(await self._producer.partitions_for(self.requests_topic))
+        if self._sender is None:  # another send may have opened it meanwhile
+            self._sender = BatchSender(self._producer, self.requests_topic, partitions,
+                                       linger_s=self._linger_ms / 1000.0, max_queued=self.max_queued)
+        return self._sender
+
     async def flush(self) -> None:
+        """Wait until every request sent so far is acknowledged (ClientError ``send_failed`` if
+        some were lost)."""
+        if self._sender is not None:
+            await self._sender.flush()
         if self._producer is not None:
             await self._producer.flush()
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Coroutine
-from typing import Any, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from banditgate.client.http import HttpClient
 from banditgate.client.kafka import KafkaClient
 from banditgate.client.types import Prediction
+
+if TYPE_CHECKING:
+    from banditgate.client.grpc import GrpcClient
 
 T = TypeVar("T")
 
@@ -83,3 +86,37 @@ class SyncHttpClient:
 
     def report_outcome(self, request_id: str, **kwargs: Any) -> None:
         asyncio.run(self._client.report_outcome(request_id, **kwargs))
+
+
+class SyncGrpcClient:
+    """GrpcClient, blocking (``with SyncGrpcClient(...) as client``); same arguments. Its channel
+    lives on a private event loop (a grpc.aio channel belongs to the loop that made it)."""
+
+    def __init__(self, target: str, **kwargs: Any) -> None:
+        from banditgate.client.grpc import GrpcClient  # grpcio only for a gRPC client
+
+        self._client: GrpcClient = GrpcClient(target, **kwargs)
+        self._loop = _Loop()
+        try:
+            self._loop.run(self._client.start())
+        except BaseException:
+            self._loop.stop()
+            raise
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def metadata(self, route: str) -> dict[str, Any]:
+        return self._loop.run(self._client.metadata(route))
+
+    def predict(self, route: str, inputs: dict[str, Any], **kwargs: Any) -> Prediction:
+        return self._loop.run(self._client.predict(route, inputs, **kwargs))
+
+    def close(self) -> None:
+        try:
+            self._loop.run(self._client.close())
+        finally:
+            self._loop.stop()
