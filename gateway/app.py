@@ -295,7 +295,8 @@ class Gateway:
         raise Unavailable("Kafka does not take outcomes right now; retry later")
 
     async def _start_sidecar(self) -> None:
-        """REST (uvicorn) and gRPC (grpc.aio) in this event loop, sharing the dataplane and producer."""
+        """REST (uvicorn) in this event loop and gRPC (grpc threads handing their work to this loop),
+        sharing the dataplane and producer."""
         assert self.kafka is not None and self.kafka.producer is not None and self.dataplane is not None  # noqa: S101
         server = self.config.server
         # the publisher shares the Kafka loop's producer and replaces it the same way after a failure
