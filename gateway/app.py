@@ -36,7 +36,7 @@ from gateway.models.onnx_runtime import OnnxModel
 from gateway.models.repository import ModelRepository
 from gateway.rollout_apply import RolloutApplier
 from gateway.transport.delivery import refusal
-from gateway.transport.grpc_server import build_server
+from gateway.transport.grpc_server import GrpcServer, build_server
 from gateway.transport.http import SidecarContext, build_app
 from gateway.transport.http_limits import bounded_httptools_protocol
 from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, delivered
@@ -97,7 +97,7 @@ class Gateway:
         self.kafka_ok = True  # the broker answers (checked every KAFKA_PROBE_S); readiness needs it
         self.publisher: PredictionPublisher | None = None
         self.http: _EmbeddedUvicorn | None = None
-        self.grpc: Any = None
+        self.grpc: GrpcServer | None = None
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self._servers: list[asyncio.Task] = []

@@ -21,6 +21,7 @@ import numpy as np
 
 from banditgate import __version__
 from banditgate.events import EventError, outcome_from_obj
+from banditgate.jsontypes import JSONObject, JSONValue
 from banditgate.tracecontext import from_mapping
 from gateway.dataplane import serve_tensors
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded
@@ -46,7 +47,7 @@ _CONTENT_DTYPE = {"bool_contents": np.dtype(np.bool_), "int_contents": np.dtype(
                   "fp64_contents": np.dtype(np.float64)}
 
 
-def _parameter(value: Any) -> pb2.InferParameter:
+def _parameter(value: str | int) -> pb2.InferParameter:
     if isinstance(value, bool):
         return pb2.InferParameter(bool_param=value)
     if isinstance(value, int):
@@ -63,7 +64,7 @@ def retry_trailers(exc: Exception) -> tuple[tuple[str, str], ...]:
     return (("retry-after", str(seconds)), ("grpc-retry-pushback-ms", str(seconds * 1000)))
 
 
-def _plain(parameter: pb2.InferParameter) -> Any:
+def _plain(parameter: pb2.InferParameter) -> JSONValue:
     kind = parameter.WhichOneof("parameter_choice")
     return getattr(parameter, kind) if kind else None
 
@@ -263,8 +264,9 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             if missing:
                 raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"requested output {missing[0]!r} does not exist")
             outputs = {n: outputs[n] for n in wanted}
-        response_parameters = {"model": answer.model.name, "model_version": answer.model.version,
-                               "policy": answer.policy, "propensity": str(answer.propensity), "request_id": request_id}
+        response_parameters: dict[str, str | int] = {
+            "model": answer.model.name, "model_version": answer.model.version, "policy": answer.policy,
+            "propensity": str(answer.propensity), "request_id": request_id}
         if answer.arm is not None:
             response_parameters["arm"] = answer.arm
             response_parameters["route"] = request.model_name
@@ -293,7 +295,7 @@ class FeedbackServicer(bg_grpc.FeedbackServicer):
             fail(context, Abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc)))
         accepted, errors = [], []
         for index, item in enumerate(request.outcomes):
-            obj: dict[str, Any] = {"request_id": item.request_id}
+            obj: JSONObject = {"request_id": item.request_id}
             if item.HasField("reward"):
                 obj["reward"] = item.reward
             if item.HasField("label"):
@@ -310,7 +312,7 @@ class FeedbackServicer(bg_grpc.FeedbackServicer):
             return bg_pb2.OutcomesResponse(accepted=0, errors=errors)
         return self.bridge.run(partial(self._publish, accepted), request, metadata, context)
 
-    async def _publish(self, accepted: list[dict[str, Any]], request: bg_pb2.OutcomesRequest,
+    async def _publish(self, accepted: list[JSONObject], request: bg_pb2.OutcomesRequest,
                        metadata: Metadata) -> bg_pb2.OutcomesResponse:
         try:
             trace = from_mapping(metadata)
