@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, NoReturn
@@ -127,7 +127,7 @@ def _authorization(metadata: dict[str, str | bytes]) -> str | None:
 
 
 Metadata = dict[str, str | bytes]
-LoopHandler = Callable[[Any, Metadata], Awaitable[Any]]  # Any: protobuf messages of several types
+LoopHandler = Callable[[Any, Metadata], Coroutine[Any, Any, Any]]  # Any: protobuf messages of several types
 
 
 class CallBridge:
@@ -146,8 +146,13 @@ class CallBridge:
         loop = self.loop
         if loop is None or loop.is_closed():
             context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is not serving (starting or stopped)")
-        future = asyncio.run_coroutine_threadsafe(handler(request, metadata), loop)
-        context.add_callback(future.cancel)  # runs when the call ends: a no-op once it answered
+        future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(  # Any: a protobuf message
+            handler(request, metadata), loop)
+
+        def cancel() -> None:  # runs when the call ends: a no-op once it answered
+            future.cancel()
+
+        context.add_callback(cancel)
         try:
             return future.result()
         except Abort as exc:
