@@ -36,7 +36,7 @@ from gateway.models.onnx_runtime import OnnxModel
 from gateway.models.repository import ModelRepository
 from gateway.rollout_apply import RolloutApplier
 from gateway.transport.delivery import refusal
-from gateway.transport.grpc_server import build_server
+from gateway.transport.grpc_server import GrpcServer, build_server
 from gateway.transport.http import SidecarContext, build_app
 from gateway.transport.http_limits import bounded_httptools_protocol
 from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, delivered
@@ -97,7 +97,7 @@ class Gateway:
         self.kafka_ok = True  # the broker answers (checked every KAFKA_PROBE_S); readiness needs it
         self.publisher: PredictionPublisher | None = None
         self.http: _EmbeddedUvicorn | None = None
-        self.grpc: Any = None
+        self.grpc: GrpcServer | None = None
         self.http_port: int | None = None
         self.grpc_port: int | None = None
         self._servers: list[asyncio.Task] = []
@@ -296,7 +296,8 @@ class Gateway:
         raise Unavailable("Kafka does not take outcomes right now; retry later")
 
     async def _start_sidecar(self) -> None:
-        """REST (uvicorn) and gRPC (grpc.aio) in this event loop, sharing the dataplane and producer."""
+        """REST (uvicorn) in this event loop and gRPC (grpc threads handing their work to this loop),
+        sharing the dataplane and producer."""
         assert self.kafka is not None and self.kafka.producer is not None and self.dataplane is not None  # noqa: S101
         server = self.config.server
         # the publisher shares the Kafka loop's producer and replaces it the same way after a failure

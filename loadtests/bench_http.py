@@ -5,9 +5,13 @@ The same 32-feature ONNX MLP (loadtests/models.py) served by:
 (b) `banditgate serve` over REST and (c) over gRPC: one route with one arm (policy fixed), asked
     by route name (the router picks the arm) and, to show what the router costs, by the concrete
     model name and version; predictions are published to Kafka in the background as in production;
-(d) Seldon MLServer over REST with a small custom ONNX Runtime runtime (loadtests/mlserver_peer.py),
-    inference in its serving process (parallel_workers=0, its fastest setting here); the ratios are
-    against this one. MLServer's default (parallel_workers=1) is measured too, for reference.
+(d) Seldon MLServer over REST and over gRPC (the same process serves both) with a small custom ONNX
+    Runtime runtime (loadtests/mlserver_peer.py), with inference in its serving process
+    (parallel_workers=0) and with its default (parallel_workers=1, one inference worker process);
+    each ratio is against MLServer's best configuration for that transport in the same run
+    (`MLSERVER`);
+(e) the gRPC floors (loadtests/grpc_floor.py): a ModelInfer that does nothing, on grpc.aio and on
+    the sync `grpc.server` banditgate runs, on the servers' core.
 
 Every system is driven by the same generator (loadtests/http_load.py), run as its own process:
 max sustained throughput from a closed loop with `CONNECTIONS` requests in flight, then p50/p99
@@ -54,8 +58,12 @@ ROUTE = "bench"
 MODEL = "bench-model"
 CONNECTIONS = 32
 FRACTION = 0.5
-SYSTEMS = ("bare_onnxruntime", "grpc_aio_floor", "banditgate_rest", "banditgate_rest_model", "banditgate_grpc",
-           "banditgate_grpc_model", "mlserver_rest", "mlserver_rest_default_workers")
+SYSTEMS = ("bare_onnxruntime", "grpc_aio_floor", "grpc_sync_floor", "banditgate_rest", "banditgate_rest_model",
+           "banditgate_grpc", "banditgate_grpc_model", "mlserver_rest", "mlserver_grpc", "mlserver_rest_default_workers",
+           "mlserver_grpc_default_workers")
+MLSERVER = {"rest": ("mlserver_rest", "mlserver_rest_default_workers"),
+            "grpc": ("mlserver_grpc", "mlserver_grpc_default_workers")}
+"""MLServer's configurations per transport; each ratio is against the best of them in the same run."""
 
 
 def _free_port() -> int:
@@ -77,7 +85,8 @@ def _spawn(argv: list[str], log_path: Path, cpus: set[int] | None, env: dict[str
     log = open(log_path, "wb")  # noqa: SIM115 - owned by the child
     pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # noqa: S603
-                            preexec_fn=pin, env={**os.environ, **(env or {})}, cwd=cwd)
+                            env={**os.environ, **(env or {})}, cwd=cwd,
+                            preexec_fn=pin)  # noqa: PLW1509 - pinning: the child only calls sched_setaffinity
 
 
 def _stop(process: subprocess.Popen, timeout_s: float = 20.0) -> int:
@@ -241,16 +250,17 @@ def _wait_grpc(process: subprocess.Popen, port: int, log_path: Path, timeout_s: 
     raise BenchError(f"grpc_floor was not ready within {timeout_s:.0f}s (log: {log_path})")
 
 
-def _run_grpc_floor(runner: Runner, work: Path) -> None:
-    """A grpc.aio ModelInfer that does nothing, on the servers' core: the ceiling of any grpc.aio service."""
+def _run_grpc_floor(runner: Runner, work: Path, kind: str) -> None:
+    """A ModelInfer that does nothing on `kind` (aio or sync), on the servers' core: the ceiling of
+    any service on that gRPC server."""
     port = _free_port()
-    log_path = work / "grpc_floor.log"
-    progress(f"grpc_floor: starting a do-nothing grpc.aio ModelInfer on :{port}")
-    process = _spawn([sys.executable, "-m", "loadtests.grpc_floor", str(port)], log_path, runner.server_cpus)
+    log_path = work / f"grpc_{kind}_floor.log"
+    progress(f"grpc_floor: starting a do-nothing {kind} ModelInfer on :{port}")
+    process = _spawn([sys.executable, "-m", "loadtests.grpc_floor", str(port), kind], log_path, runner.server_cpus)
     try:
         _wait_grpc(process, port, log_path)
-        runner.measure("grpc_aio_floor", "grpc", {"host": "127.0.0.1", "port": port, "model_name": "floor",
-                                                  "server_pid": process.pid})
+        runner.measure(f"grpc_{kind}_floor", "grpc", {"host": "127.0.0.1", "port": port, "model_name": "floor",
+                                                      "server_pid": process.pid})
     finally:
         _stop(process)
 
@@ -271,7 +281,10 @@ def _run_mlserver(runner: Runner, work: Path, body_file: Path, body: bytes, mode
         probability = _probability(_post(f"http://127.0.0.1:{http_port}/v2/models/{ROUTE}/infer", body))
         runner.settle("mlserver")
         runner.measure(system, "rest", {"host": "127.0.0.1", "port": http_port, "body_file": str(body_file),
-                                                 "path": f"/v2/models/{ROUTE}/infer", "server_pid": process.pid})
+                                        "path": f"/v2/models/{ROUTE}/infer", "server_pid": process.pid})
+        # the same process over gRPC (MLServer always serves both): raw_input_contents, as for banditgate
+        runner.measure(system.replace("_rest", "_grpc"), "grpc", {"host": "127.0.0.1", "port": grpc_port,
+                                                                  "model_name": ROUTE, "server_pid": process.pid})
     finally:
         _stop(process)
     return probability
@@ -288,7 +301,8 @@ def _run(quick: bool) -> dict[str, Any]:
         runner = Runner(work, quick, row)
         ensure_venv(progress)  # fail early, before the other measurements, when MLServer cannot be installed
         runner.measure("bare_onnxruntime", "ort", {"model": str(model_path)}, cpus=runner.server_cpus)
-        _run_grpc_floor(runner, work)
+        _run_grpc_floor(runner, work, "aio")
+        _run_grpc_floor(runner, work, "sync")
         ours = _run_banditgate(runner, work, body_file, body)
         theirs = _run_mlserver(runner, work, body_file, body, model_path, "mlserver_rest", parallel_workers=0)
         _run_mlserver(runner, work, body_file, body, model_path, "mlserver_rest_default_workers", parallel_workers=1)
@@ -298,19 +312,30 @@ def _run(quick: bool) -> dict[str, Any]:
         if not os.environ.get("BANDITGATE_BENCH_KEEP"):
             shutil.rmtree(work, ignore_errors=True)
     results: dict[str, Any] = dict(runner.results)
-    ml = results["mlserver_rest"]["throughput_rps"]
-    results["ratio_rest_vs_mlserver"] = round(results["banditgate_rest"]["throughput_rps"] / ml, 3)
-    results["ratio_grpc_vs_mlserver"] = round(results["banditgate_grpc"]["throughput_rps"] / ml, 3)
-    # what grpc.aio itself allows on this core, against MLServer and against banditgate's gRPC
-    results["ratio_grpc_floor_vs_mlserver"] = round(results["grpc_aio_floor"]["throughput_rps"] / ml, 3)
+    best = {transport: max(names, key=lambda name: results[name]["throughput_rps"])
+            for transport, names in MLSERVER.items()}
+    results["mlserver_best"] = best
+    ml_rest, ml_grpc = results[best["rest"]], results[best["grpc"]]
+    results["ratio_rest_vs_mlserver"] = round(results["banditgate_rest"]["throughput_rps"] / ml_rest["throughput_rps"], 3)
+    results["ratio_grpc_vs_mlserver"] = round(results["banditgate_grpc"]["throughput_rps"] / ml_grpc["throughput_rps"], 3)
+    # what a do-nothing service allows on this core (the sync server banditgate runs; grpc.aio for
+    # reference), against MLServer's gRPC and against banditgate's gRPC
+    results["ratio_grpc_floor_vs_mlserver"] = round(results["grpc_sync_floor"]["throughput_rps"]
+                                                    / ml_grpc["throughput_rps"], 3)
+    results["ratio_grpc_aio_floor_vs_mlserver"] = round(results["grpc_aio_floor"]["throughput_rps"]
+                                                        / ml_grpc["throughput_rps"], 3)
     results["ratio_grpc_vs_grpc_floor"] = round(results["banditgate_grpc"]["throughput_rps"]
-                                               / results["grpc_aio_floor"]["throughput_rps"], 3)
+                                               / results["grpc_sync_floor"]["throughput_rps"], 3)
     # the same comparison in server CPU per request (requests per core-second): steadier than rates
-    # when other work shares the machine
-    ml_cpu = results["mlserver_rest"]["server_cpu_us_per_request"]
-    for name, key in (("banditgate_rest", "cpu_ratio_rest_vs_mlserver"), ("banditgate_grpc", "cpu_ratio_grpc_vs_mlserver")):
-        ours_cpu = results[name]["server_cpu_us_per_request"]
-        results[key] = round(ml_cpu / ours_cpu, 3) if ml_cpu and ours_cpu else None
+    # when other work shares the machine; against the same best MLServer configurations
+    cpu = {name: results[name]["server_cpu_us_per_request"] for name in
+           ("banditgate_rest", "banditgate_grpc", best["rest"], best["grpc"])}
+    results["server_cpu_us_per_request"] = {"banditgate_rest": cpu["banditgate_rest"],
+                                            "banditgate_grpc": cpu["banditgate_grpc"],
+                                            "mlserver_rest": cpu[best["rest"]], "mlserver_grpc": cpu[best["grpc"]]}
+    for ours, theirs, key in (("banditgate_rest", best["rest"], "cpu_ratio_rest_vs_mlserver"),
+                              ("banditgate_grpc", best["grpc"], "cpu_ratio_grpc_vs_mlserver")):
+        results[key] = round(cpu[theirs] / cpu[ours], 3) if cpu[theirs] and cpu[ours] else None
     bare = results["bare_onnxruntime"]
     results["p99_above_bare_ms"] = {name: round(results[name]["p99_ms"] - bare["p99_ms"], 3)
                                     for name in SYSTEMS if name != "bare_onnxruntime"}
@@ -343,11 +368,16 @@ def _run(quick: bool) -> dict[str, Any]:
                       "1 inference thread, predictions published to Kafka; *_model entries ask the concrete "
                       "model name and version (no router)",
         "mlserver": SETTINGS_NOTE,
-        "grpc_aio_floor": "loadtests/grpc_floor.py: a grpc.aio ModelInfer that answers a fixed response without "
-                          "decoding, routing or inference, on the servers' core; the most any grpc.aio service "
-                          "(banditgate's gRPC sidecar included) can answer there",
+        "grpc_aio_floor": "loadtests/grpc_floor.py aio: a grpc.aio ModelInfer that answers a fixed response "
+                          "without decoding, routing or inference, on the servers' core; the most any grpc.aio "
+                          "service (MLServer's gRPC included) can answer there",
+        "grpc_sync_floor": "loadtests/grpc_floor.py sync: the same on a sync grpc.server with the gateway's "
+                           "thread count, the server banditgate's gRPC sidecar runs on: its ceiling",
+        "mlserver_grpc": "the same MLServer process as mlserver_rest, over gRPC (raw_input_contents)",
         "mlserver_rest_default_workers": "the same MLServer with its default parallel_workers=1 (one inference "
-                                         "worker process), for reference; the ratios use mlserver_rest",
+                                         "worker process); mlserver_grpc_default_workers: that over gRPC",
+        "mlserver_best": "per transport, the MLServer configuration with the higher throughput in this run; "
+                         "ratio_* and cpu_ratio_* are against it",
         "request_body_bytes": len(body),
     }
     return results
@@ -362,8 +392,10 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['p999_ms']:.3f} |")
     lines.append("")
     lines.append(f"banditgate REST = {results['ratio_rest_vs_mlserver']:.2f}x MLServer, gRPC = "
-                 f"{results['ratio_grpc_vs_mlserver']:.2f}x MLServer (goal 2x; a do-nothing grpc.aio service = "
-                 f"{results['ratio_grpc_floor_vs_mlserver']:.2f}x, banditgate gRPC = "
+                 f"{results['ratio_grpc_vs_mlserver']:.2f}x MLServer (goal 2x, against MLServer's best: "
+                 f"{results['mlserver_best']['rest']}, {results['mlserver_best']['grpc']}; a do-nothing sync gRPC "
+                 f"service = {results['ratio_grpc_floor_vs_mlserver']:.2f}x, grpc.aio "
+                 f"{results['ratio_grpc_aio_floor_vs_mlserver']:.2f}x; banditgate gRPC = "
                  f"{results['ratio_grpc_vs_grpc_floor']:.2f}x of it); per server CPU second: REST "
                  f"{results['cpu_ratio_rest_vs_mlserver'] or 0:.2f}x, gRPC {results['cpu_ratio_grpc_vs_mlserver'] or 0:.2f}x"
                  f"; p99 above bare ONNX Runtime: "

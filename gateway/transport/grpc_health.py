@@ -9,8 +9,8 @@ it drains. Like the other health endpoints it needs no token (docs/sidecar.md).
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -41,28 +41,29 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         self._is_ready = is_ready
         self._interval_s = interval_s
 
-    async def Check(self, request: health_pb2.HealthCheckRequest,  # noqa: N802 - names fixed by the proto
-                    context: grpc.aio.ServicerContext) -> health_pb2.HealthCheckResponse:
+    def Check(self, request: health_pb2.HealthCheckRequest,  # noqa: N802 - names fixed by the proto
+              context: grpc.ServicerContext) -> health_pb2.HealthCheckResponse:
         status = serving_status(request.service, self._is_ready())
         if status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN:
             # the protocol's answer to an unknown name (a probe naming a service we do not run)
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service[:100]!r}")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service[:100]!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest,  # noqa: N802
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        """The current status at once, then one message per change. It runs until the caller hangs
-        up or the server stops (both cancel it); an unknown name gets SERVICE_UNKNOWN and the call
-        stays open, as the protocol says."""
+    def Watch(self, request: health_pb2.HealthCheckRequest,  # noqa: N802
+              context: grpc.ServicerContext) -> Iterator[health_pb2.HealthCheckResponse]:
+        """The current status at once, then one message per change. It runs (holding one of the
+        server's threads) until the caller hangs up or the server stops, noticed within one
+        interval; an unknown name gets SERVICE_UNKNOWN and the call stays open, as the protocol
+        says."""
         last: Status | None = None
-        while True:
+        while context.is_active():
             status = serving_status(request.service, self._is_ready())
             if status != last:
                 yield health_pb2.HealthCheckResponse(status=status)
                 last = status
-            await asyncio.sleep(self._interval_s)
+            time.sleep(self._interval_s)
 
 
-def add_health(server: grpc.aio.Server, is_ready: Callable[[], bool]) -> None:
+def add_health(server: grpc.Server, is_ready: Callable[[], bool]) -> None:
     """Serve `grpc.health.v1.Health` on `server`, following `is_ready`."""
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(is_ready), server)

@@ -1,17 +1,27 @@
 """gRPC sidecar: `inference.GRPCInferenceService` (the OIP proto), `banditgate.Feedback` and
-`grpc.health.v1.Health` (grpc_health.py), on grpc.aio in the gateway's own event loop."""
+`grpc.health.v1.Health` (grpc_health.py) on a sync `grpc.server`: the transport runs in grpc's
+threads, the work that touches the gateway's state on its event loop (CallBridge).
+
+Why not grpc.aio in the loop: measured on the bench's pinned core, a grpc.aio service that does
+nothing costs more server CPU per call than a sync one, and banditgate's grpc.aio servicer cost
+far more than that floor (docs/sidecar.md "Where the time goes")."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
-from typing import Any
+from collections.abc import Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
 
 from banditgate import __version__
 from banditgate.events import EventError, outcome_from_obj
+from banditgate.jsontypes import JSONObject, JSONValue
 from banditgate.tracecontext import from_mapping
 from gateway.dataplane import serve_tensors
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded
@@ -37,7 +47,7 @@ _CONTENT_DTYPE = {"bool_contents": np.dtype(np.bool_), "int_contents": np.dtype(
                   "fp64_contents": np.dtype(np.float64)}
 
 
-def _parameter(value: Any) -> pb2.InferParameter:
+def _parameter(value: str | int) -> pb2.InferParameter:
     if isinstance(value, bool):
         return pb2.InferParameter(bool_param=value)
     if isinstance(value, int):
@@ -54,12 +64,7 @@ def retry_trailers(exc: Exception) -> tuple[tuple[str, str], ...]:
     return (("retry-after", str(seconds)), ("grpc-retry-pushback-ms", str(seconds * 1000)))
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: GatewayError) -> None:
-    """End the call with the error's status, its one-line message and, on overload, when to retry."""
-    await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc), trailing_metadata=retry_trailers(exc))
-
-
-def _plain(parameter: pb2.InferParameter) -> Any:
+def _plain(parameter: pb2.InferParameter) -> JSONValue:
     kind = parameter.WhichOneof("parameter_choice")
     return getattr(parameter, kind) if kind else None
 
@@ -97,33 +102,104 @@ def decode_inputs(request: pb2.ModelInferRequest, max_elements: int, max_inputs:
     return feeds
 
 
-def _authorization(context: grpc.aio.ServicerContext) -> str | None:
+class Abort(Exception):
+    """End a call with `code`, a one-line `details` and trailing metadata (raised on the event loop,
+    applied in the call's thread)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, trailers: tuple[tuple[str, str], ...] = ()) -> None:
+        super().__init__(details)
+        self.code, self.details, self.trailers = code, details, trailers
+
+
+def aborted(exc: GatewayError) -> Abort:
+    """The Abort for a gateway error: its status, its one-line message and, on overload, when to retry."""
+    return Abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc), retry_trailers(exc))
+
+
+def _metadata(context: grpc.ServicerContext) -> dict[str, str | bytes]:
+    return dict(context.invocation_metadata() or ())
+
+
+def _authorization(metadata: dict[str, str | bytes]) -> str | None:
     """The call's `authorization` metadata (grpc gives bytes only for keys ending in -bin)."""
-    value = dict(context.invocation_metadata() or ()).get("authorization")
+    value = metadata.get("authorization")
     return value if isinstance(value, str) else None
 
 
-class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, ctx: SidecarContext) -> None:
-        self.ctx = ctx
+Metadata = dict[str, str | bytes]
+LoopHandler = Callable[[Any, Metadata], Coroutine[Any, Any, Any]]  # Any: protobuf messages of several types
 
-    async def _guard(self, context: grpc.aio.ServicerContext, admin: bool = False) -> None:
+
+class CallBridge:
+    """Runs a call's loop-side work (`LoopHandler`) on the gateway's event loop from a gRPC server
+    thread and waits for it there: routing, batching, admission, metrics and publication stay on
+    the loop, the gRPC transport (HTTP/2, protobuf, metadata) runs in grpc's threads.
+
+    A call the client cancels (or whose deadline passes) cancels its loop-side work, as grpc.aio
+    did; a loop that stopped answers UNAVAILABLE."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def run(self, handler: LoopHandler, request: Any, metadata: Metadata,  # Any: a protobuf message
+            context: grpc.ServicerContext) -> Any:  # Any: a protobuf message
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is not serving (starting or stopped)")
+        future: concurrent.futures.Future[Any] = asyncio.run_coroutine_threadsafe(  # Any: a protobuf message
+            handler(request, metadata), loop)
+
+        def cancel() -> None:  # runs when the call ends: a no-op once it answered
+            future.cancel()
+
+        context.add_callback(cancel)
         try:
-            self.ctx.check_token(_authorization(context), admin)
-        except GatewayError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
+            return future.result()
+        except Abort as exc:
+            fail(context, exc)
+        except concurrent.futures.CancelledError:
+            fail(context, Abort(grpc.StatusCode.UNAVAILABLE, "the call was cancelled (client gone or shutdown)"))
+        raise AssertionError("unreachable")  # pragma: no cover - fail() raises
 
-    async def ServerLive(self, request: pb2.ServerLiveRequest,  # noqa: N802 - names fixed by the proto
-                         context: grpc.aio.ServicerContext) -> pb2.ServerLiveResponse:
+
+def fail(context: grpc.ServicerContext, exc: Abort) -> NoReturn:
+    """End the call in its thread: trailers first, then the status (context.abort raises)."""
+    if exc.trailers:
+        context.set_trailing_metadata(exc.trailers)
+    context.abort(exc.code, exc.details)
+    raise AssertionError("context.abort returned")  # pragma: no cover
+
+
+class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
+    """`inference.GRPCInferenceService`. Each method runs in a gRPC server thread; what touches the
+    gateway's state (dataplane, admission, metrics, publisher) runs on the event loop through the
+    bridge."""
+
+    def __init__(self, ctx: SidecarContext, bridge: CallBridge) -> None:
+        self.ctx = ctx
+        self.bridge = bridge
+
+    def _guard(self, metadata: Metadata, context: grpc.ServicerContext, admin: bool = False) -> None:
+        try:
+            self.ctx.check_token(_authorization(metadata), admin)
+        except GatewayError as exc:
+            fail(context, Abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc)))
+
+    def ServerLive(self, request: pb2.ServerLiveRequest,  # noqa: N802 - names fixed by the proto
+                   context: grpc.ServicerContext) -> pb2.ServerLiveResponse:
         return pb2.ServerLiveResponse(live=True)
 
-    async def ServerReady(self, request: pb2.ServerReadyRequest,  # noqa: N802
-                          context: grpc.aio.ServicerContext) -> pb2.ServerReadyResponse:
+    def ServerReady(self, request: pb2.ServerReadyRequest,  # noqa: N802
+                    context: grpc.ServicerContext) -> pb2.ServerReadyResponse:
         return pb2.ServerReadyResponse(ready=self.ctx.is_ready())
 
-    async def ModelReady(self, request: pb2.ModelReadyRequest,  # noqa: N802
-                         context: grpc.aio.ServicerContext) -> pb2.ModelReadyResponse:
-        await self._guard(context)
+    def ModelReady(self, request: pb2.ModelReadyRequest,  # noqa: N802
+                   context: grpc.ServicerContext) -> pb2.ModelReadyResponse:
+        metadata = _metadata(context)
+        self._guard(metadata, context)
+        return self.bridge.run(self._model_ready, request, metadata, context)
+
+    async def _model_ready(self, request: pb2.ModelReadyRequest, metadata: Metadata) -> pb2.ModelReadyResponse:
         try:
             self.ctx.describe(request.name, request.version or None)
             available = self.ctx.available(request.name, request.version or None)
@@ -131,60 +207,71 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             return pb2.ModelReadyResponse(ready=False)
         return pb2.ModelReadyResponse(ready=self.ctx.is_ready() and available)
 
-    async def ServerMetadata(self, request: pb2.ServerMetadataRequest,  # noqa: N802
-                             context: grpc.aio.ServicerContext) -> pb2.ServerMetadataResponse:
-        await self._guard(context)
+    def ServerMetadata(self, request: pb2.ServerMetadataRequest,  # noqa: N802
+                       context: grpc.ServicerContext) -> pb2.ServerMetadataResponse:
+        self._guard(_metadata(context), context)
         return pb2.ServerMetadataResponse(name="banditgate", version=__version__, extensions=EXTENSIONS)
 
-    async def ModelMetadata(self, request: pb2.ModelMetadataRequest,  # noqa: N802
-                            context: grpc.aio.ServicerContext) -> pb2.ModelMetadataResponse:
-        await self._guard(context)
+    def ModelMetadata(self, request: pb2.ModelMetadataRequest,  # noqa: N802
+                      context: grpc.ServicerContext) -> pb2.ModelMetadataResponse:
+        metadata = _metadata(context)
+        self._guard(metadata, context)
+        return self.bridge.run(self._model_metadata, request, metadata, context)
+
+    async def _model_metadata(self, request: pb2.ModelMetadataRequest, metadata: Metadata) -> pb2.ModelMetadataResponse:
         try:
             doc = self.ctx.describe(request.name, request.version or None)
         except GatewayError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
+            raise Abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc)) from None
         tensor = pb2.ModelMetadataResponse.TensorMetadata
         return pb2.ModelMetadataResponse(
             name=doc["name"], versions=doc["versions"], platform=doc["platform"],
             inputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in doc["inputs"]],
             outputs=[tensor(name=t["name"], datatype=t["datatype"], shape=t["shape"]) for t in doc["outputs"]])
 
-    async def ModelInfer(self, request: pb2.ModelInferRequest,  # noqa: N802
-                         context: grpc.aio.ServicerContext) -> pb2.ModelInferResponse:
+    def ModelInfer(self, request: pb2.ModelInferRequest,  # noqa: N802
+                   context: grpc.ServicerContext) -> pb2.ModelInferResponse:
         received = time.monotonic()
-        server = self.ctx.config.server
-        if server.infer_tokens:
-            await self._guard(context)
+        metadata = _metadata(context)
+        if self.ctx.config.server.infer_tokens:
+            self._guard(metadata, context)
+        return self.bridge.run(partial(self._infer, received), request, metadata, context)
+
+    async def _infer(self, received: float, request: pb2.ModelInferRequest,
+                     metadata: Metadata) -> pb2.ModelInferResponse:
+        ctx = self.ctx
+        server = ctx.config.server
+        topics = ctx.config.kafka.topics
+        trace = from_mapping(metadata)
         try:
             feeds = decode_inputs(request, server.max_tensor_elements, server.max_inputs)
             request_id = request.id or new_request_id()
             unit = _plain(request.parameters["unit_id"]) if "unit_id" in request.parameters else None
-            topics = self.ctx.config.kafka.topics
-            trace = from_mapping(dict(context.invocation_metadata() or ()))
-            with self.ctx.admitted():
+            with ctx.admitted():
                 async with asyncio.timeout(server.request_timeout_s):
                     answer = await serve_tensors(
-                        self.ctx.dataplane, request.model_name, request.model_version or None, feeds, request_id,
+                        ctx.dataplane, request.model_name, request.model_version or None, feeds, request_id,
                         str(unit) if unit is not None else None, time.time(), received,
-                        on_shadows=lambda events: self.ctx.publish(topics.shadow_predictions, events, trace=trace))
+                        on_shadows=lambda events: ctx.publish(topics.shadow_predictions, events, trace=trace))
         except TimeoutError:
-            self.ctx.record(_label_name(self.ctx, request.model_name), "grpc", error=TimeoutError("timeout"))
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"inference did not finish within {server.request_timeout_s}s")
+            ctx.record(_label_name(ctx, request.model_name), "grpc", error=TimeoutError("timeout"))
+            raise Abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"inference did not finish within {server.request_timeout_s}s") from None
         except GatewayError as exc:
-            self.ctx.record(_label_name(self.ctx, request.model_name), "grpc", error=exc)
-            await abort(context, exc)
-        self.ctx.record(_label_name(self.ctx, request.model_name), "grpc", arm=answer.arm)
-        self.ctx.publish(self.ctx.config.kafka.topics.predictions, answer.events, trace=trace)
+            ctx.record(_label_name(ctx, request.model_name), "grpc", error=exc)
+            raise aborted(exc) from None
+        ctx.record(_label_name(ctx, request.model_name), "grpc", arm=answer.arm)
+        ctx.publish(topics.predictions, answer.events, trace=trace)
         outputs = answer.outputs
         if request.outputs:
             wanted = [o.name for o in request.outputs]
             missing = [n for n in wanted if n not in outputs]
             if missing:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"requested output {missing[0]!r} does not exist")
+                raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"requested output {missing[0]!r} does not exist")
             outputs = {n: outputs[n] for n in wanted}
-        response_parameters = {"model": answer.model.name, "model_version": answer.model.version,
-                               "policy": answer.policy, "propensity": str(answer.propensity), "request_id": request_id}
+        response_parameters: dict[str, str | int] = {
+            "model": answer.model.name, "model_version": answer.model.version, "policy": answer.policy,
+            "propensity": str(answer.propensity), "request_id": request_id}
         if answer.arm is not None:
             response_parameters["arm"] = answer.arm
             response_parameters["route"] = request.model_name
@@ -198,18 +285,22 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
 
 
 class FeedbackServicer(bg_grpc.FeedbackServicer):
-    def __init__(self, ctx: SidecarContext) -> None:
-        self.ctx = ctx
+    """`banditgate.Feedback`: checked in the call's thread, published from the loop."""
 
-    async def PostOutcomes(self, request: bg_pb2.OutcomesRequest,  # noqa: N802
-                           context: grpc.aio.ServicerContext) -> bg_pb2.OutcomesResponse:
+    def __init__(self, ctx: SidecarContext, bridge: CallBridge) -> None:
+        self.ctx = ctx
+        self.bridge = bridge
+
+    def PostOutcomes(self, request: bg_pb2.OutcomesRequest,  # noqa: N802
+                     context: grpc.ServicerContext) -> bg_pb2.OutcomesResponse:
+        metadata = _metadata(context)
         try:
-            self.ctx.check_token(_authorization(context), admin=False)
+            self.ctx.check_token(_authorization(metadata), admin=False)
         except GatewayError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc))
+            fail(context, Abort(getattr(grpc.StatusCode, exc.grpc_code), str(exc)))
         accepted, errors = [], []
         for index, item in enumerate(request.outcomes):
-            obj: dict[str, Any] = {"request_id": item.request_id}
+            obj: JSONObject = {"request_id": item.request_id}
             if item.HasField("reward"):
                 obj["reward"] = item.reward
             if item.HasField("label"):
@@ -224,16 +315,45 @@ class FeedbackServicer(bg_grpc.FeedbackServicer):
                 errors.append(f"outcome {index}: {exc}")
         if errors:
             return bg_pb2.OutcomesResponse(accepted=0, errors=errors)
+        return self.bridge.run(partial(self._publish, accepted), request, metadata, context)
+
+    async def _publish(self, accepted: list[JSONObject], request: bg_pb2.OutcomesRequest,
+                       metadata: Metadata) -> bg_pb2.OutcomesResponse:
         try:
-            trace = from_mapping(dict(context.invocation_metadata() or ()))
+            trace = from_mapping(metadata)
             await (self.ctx.produce_outcomes(accepted, trace) if trace else self.ctx.produce_outcomes(accepted))
         except GatewayError as exc:  # refused by the broker (INVALID_ARGUMENT) or Kafka away (UNAVAILABLE)
-            await abort(context, exc)
+            raise aborted(exc) from None
         return bg_pb2.OutcomesResponse(accepted=len(accepted))
 
 
-def build_server(ctx: SidecarContext, credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server with both services and the standard health service, bound to the configured
+GRPC_THREADS = 32
+"""gRPC server threads: calls served at once (each waits for its loop-side work in its thread;
+a health Watch stream holds one for as long as it is open). More calls queue for a thread."""
+
+
+class GrpcServer:
+    """A sync `grpc.server` on `GRPC_THREADS` threads whose calls hand their work to the gateway's
+    event loop (CallBridge), with the lifecycle of a grpc.aio server: `await start()`, `await
+    stop(grace)` (new calls refused at once, calls in flight get `grace` seconds)."""
+
+    def __init__(self, server: grpc.Server, bridge: CallBridge, executor: ThreadPoolExecutor) -> None:
+        self.server = server
+        self.bridge = bridge
+        self.executor = executor
+
+    async def start(self) -> None:
+        self.bridge.loop = asyncio.get_running_loop()
+        self.server.start()
+
+    async def stop(self, grace: float | None) -> None:
+        # the loop keeps running while the server drains: calls in flight need it to finish
+        await asyncio.to_thread(self.server.stop(grace).wait)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def build_server(ctx: SidecarContext, credentials: grpc.ServerCredentials | None = None) -> tuple[GrpcServer, int]:
+    """The gRPC server with both services and the standard health service, bound to the configured
     host/port; returns (server, port)."""
     server_config = ctx.config.server
     options = [("grpc.max_receive_message_length", server_config.max_body_bytes),
@@ -242,13 +362,15 @@ def build_server(ctx: SidecarContext, credentials: grpc.ServerCredentials | None
                # soft and hard limit equal: metadata over max_header_bytes is always refused
                ("grpc.max_metadata_size", server_config.max_header_bytes),
                ("grpc.absolute_max_metadata_size", server_config.max_header_bytes)]
-    server = grpc.aio.server(options=options)
-    pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(ctx), server)
-    bg_grpc.add_FeedbackServicer_to_server(FeedbackServicer(ctx), server)
+    bridge = CallBridge()
+    executor = ThreadPoolExecutor(max_workers=GRPC_THREADS, thread_name_prefix="grpc")
+    server = grpc.server(executor, options=options)
+    pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(ctx, bridge), server)
+    bg_grpc.add_FeedbackServicer_to_server(FeedbackServicer(ctx, bridge), server)
     add_health(server, ctx.is_ready)
     address = f"{server_config.host}:{server_config.grpc_port}"
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    return server, port
+    return GrpcServer(server, bridge, executor), port
 
 
-__all__ = ["ModelNotFound", "build_server", "decode_inputs"]
+__all__ = ["Abort", "GrpcServer", "ModelNotFound", "build_server", "decode_inputs"]

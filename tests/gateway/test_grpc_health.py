@@ -1,10 +1,11 @@
-"""`grpc.health.v1.Health` follows the readiness it is given: Check and Watch over a real grpc.aio
-server on loopback (no Kafka needed: readiness is a flag here; tests/sidecar/test_grpc_health_stack.py
+"""`grpc.health.v1.Health` follows the readiness it is given: Check and Watch over a real gRPC
+server on loopback (the gateway's kind: a sync `grpc.server` on threads) (no Kafka needed: readiness is a flag here; tests/sidecar/test_grpc_health_stack.py
 runs it in a real gateway)."""
 
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -24,10 +25,10 @@ def test_serving_status_names_the_services_this_server_runs() -> None:
 
 async def test_check_and_watch_follow_readiness() -> None:
     ready = {"value": False}
-    server = grpc.aio.server()
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(lambda: ready["value"], interval_s=0.01), server)
     port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -54,4 +55,4 @@ async def test_check_and_watch_follow_readiness() -> None:
                 await asyncio.wait_for(unknown_watch.read(), timeout=0.2)  # nothing more: no change
             unknown_watch.cancel()
     finally:
-        await server.stop(grace=None)
+        await asyncio.to_thread(server.stop(grace=None).wait)
