@@ -103,11 +103,12 @@ def kafka_client_kwargs(kafka: KafkaConfig) -> dict[str, object]:
     return kwargs
 
 
-def redis_client(redis_config: RedisConfig, **overrides: Any) -> aredis.Redis:  # Any: as Redis.from_url's **kwargs (untyped)
+def redis_client(redis_config: RedisConfig, **overrides: Any) -> aredis.Redis:  # Any: Redis.from_url's **kwargs are untyped
     """A redis.asyncio client for the configured URL (password, CA and client certificate from the config)."""
     import redis.asyncio as aredis
 
-    kwargs: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0, "health_check_interval": 10}  # Any: Redis.from_url's **kwargs are untyped
+    kwargs: dict[str, Any] = {  # Any: redis.asyncio.Redis.from_url's **kwargs are untyped
+        "socket_timeout": 2.0, "socket_connect_timeout": 2.0, "health_check_interval": 10}
     if redis_config.password is not None:
         kwargs["password"] = redis_config.password.get_secret_value()
     if redis_config.url.startswith("rediss://"):
