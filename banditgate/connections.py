@@ -88,10 +88,10 @@ def _ssl_reason(exc: BaseException) -> str:
     return str(reason or type(exc).__name__)
 
 
-def kafka_client_kwargs(kafka: KafkaConfig) -> dict[str, Any]:
+def kafka_client_kwargs(kafka: KafkaConfig) -> dict[str, object]:
     """aiokafka keyword arguments for address, client id and security."""
     security = kafka.security
-    kwargs: dict[str, Any] = {"bootstrap_servers": kafka.bootstrap_servers, "client_id": kafka.client_id,
+    kwargs: dict[str, object] = {"bootstrap_servers": kafka.bootstrap_servers, "client_id": kafka.client_id,
                               "security_protocol": security.protocol}
     context = kafka_ssl_context(kafka)
     if context is not None:
@@ -103,11 +103,12 @@ def kafka_client_kwargs(kafka: KafkaConfig) -> dict[str, Any]:
     return kwargs
 
 
-def redis_client(redis_config: RedisConfig, **overrides: Any) -> aredis.Redis:
+def redis_client(redis_config: RedisConfig, **overrides: Any) -> aredis.Redis:  # Any: Redis.from_url's **kwargs are untyped
     """A redis.asyncio client for the configured URL (password, CA and client certificate from the config)."""
     import redis.asyncio as aredis
 
-    kwargs: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0, "health_check_interval": 10}
+    kwargs: dict[str, Any] = {  # Any: redis.asyncio.Redis.from_url's **kwargs are untyped
+        "socket_timeout": 2.0, "socket_connect_timeout": 2.0, "health_check_interval": 10}
     if redis_config.password is not None:
         kwargs["password"] = redis_config.password.get_secret_value()
     if redis_config.url.startswith("rediss://"):
@@ -253,7 +254,7 @@ def describe_redis_failure(redis_config: RedisConfig, exc: BaseException) -> tup
     return _scrub(f"{where}: {what}", [secret]), fatal
 
 
-async def check_redis(client: Any, redis_config: RedisConfig, probe_key: str | None = None) -> str | None:
+async def check_redis(client: aredis.Redis, redis_config: RedisConfig, probe_key: str | None = None) -> str | None:
     """PING (and HGETALL `probe_key`, a read the caller needs anyway) with the configured credentials.
 
     Raises ConnectionCheckError for what the configuration must fix (wrong password, ACL

@@ -16,11 +16,15 @@ import secrets
 import socket
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from redis.exceptions import RedisError
 
 from banditgate.drift.episodes import Action, Episode, EpisodeBook, EpisodeKey, firing_alert, resolved_alert
+from banditgate.jsontypes import JSONObject, JSONValue
+
+if TYPE_CHECKING:
+    from redis import asyncio as aredis
 
 log = logging.getLogger("banditgate.episodes")
 
@@ -46,7 +50,7 @@ def process_token() -> str:
 class EpisodeClaims:
     """The Redis side (`redis.asyncio` client). Raises RedisError (and OSError) from the client."""
 
-    def __init__(self, redis: Any, prefix: str, kind: str) -> None:
+    def __init__(self, redis: aredis.Redis, prefix: str, kind: str) -> None:
         self._redis = redis
         self._prefix = f"{prefix}:episode:{kind}:"
         self._script = redis.register_script(_CLAIM)
@@ -82,7 +86,7 @@ class Episodes:
         self._redis_failing = False
         self.redis_errors = 0
 
-    async def alarm(self, key: EpisodeKey, values: Mapping[str, Any], details: Mapping[str, Any]) -> dict[str, Any] | None:
+    async def alarm(self, key: EpisodeKey, values: Mapping[str, JSONValue], details: Mapping[str, JSONValue]) -> JSONObject | None:
         """One alarm. `values`: value and threshold (and anything the resolved alert should repeat).
         Returns the `firing` alert to send, or None (an open episode, or another replica's)."""
         now = self._clock()
@@ -98,7 +102,7 @@ class Episodes:
             return firing_alert(self.kind, episode, now, values, details)
         return None
 
-    async def sweep(self) -> list[dict[str, Any]]:
+    async def sweep(self) -> list[JSONObject]:
         """Close the episodes that went quiet; returns the `resolved` alerts of those this process
         owned (call every second or so)."""
         now = self._clock()

@@ -25,7 +25,13 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+from banditgate.jsontypes import JSONValue
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichBar
+    from rich.progress import TaskID
 
 LOCK_FORMAT = 1
 DEFAULT_MIRROR = "https://repo.maven.apache.org/maven2"
@@ -80,7 +86,7 @@ def lock_path(kafka_version: str) -> Path:
     return Path(__file__).parent / "stack_files" / f"kafka-jars-{kafka_version}.json"
 
 
-def parse_lock(document: Any, source: str) -> JarLock:
+def parse_lock(document: JSONValue, source: str) -> JarLock:
     """Check a lock document at the edge; raise JarError naming the first bad field."""
     def bad(what: str) -> JarError:
         return JarError(f"jar lock {source}: {what} (regenerate it with scripts/lock_kafka_jars.py)")
@@ -210,7 +216,7 @@ def _fix_hint() -> str:
             "Central mirror; or BANDITGATE_KAFKA_FETCH=maven to let Maven fetch with its own settings")
 
 
-def _open(url: str, offset: int, timeout_s: float) -> Any:
+def _open(url: str, offset: int, timeout_s: float) -> Any:  # Any: typeshed types OpenerDirector.open's response as Any
     request = urllib.request.Request(url, headers={"User-Agent": "banditgate-stack"})  # noqa: S310 - http(s)/file only
     if offset:
         request.add_header("Range", f"bytes={offset}-")
@@ -371,8 +377,8 @@ class RichProgress:
 
     def __init__(self, label: str = "kafka jars") -> None:
         self._label = label
-        self._bar: Any = None
-        self._task: Any = None
+        self._bar: RichBar | None = None
+        self._task: TaskID | None = None
         self._done = 0
         self._jars = 0
 
@@ -387,12 +393,12 @@ class RichProgress:
         self._bar.start()
 
     def advance(self, nbytes: int) -> None:
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:  # set together by start()
             self._bar.advance(self._task, nbytes)
 
     def jar_done(self, jar: LockedJar) -> None:
         self._done += 1
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:
             self._bar.update(self._task, jars=f"{self._done}/{self._jars} jars")
 
     def close(self) -> None:

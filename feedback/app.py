@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import faust
 import mode
@@ -40,7 +40,7 @@ from banditgate.logs import setup_logging
 from banditgate.tracing import Tracing
 from feedback.agents import JoinProcessor
 from feedback.consumer import BatchSource, FeedbackApp
-from feedback.disk_store import ROCKSDB_OPTIONS, DiskJoinTable, JoinCollection, rocksdict_missing
+from feedback.disk_store import ROCKSDB_OPTIONS, DiskJoinTable, IndexedRocksStore, JoinCollection, rocksdict_missing
 from feedback.health import HEALTH_INTERVAL_S, REDIS_PING_TIMEOUT_S, HealthBoard, Probe
 from feedback.interleave_monitor import InterleaveMonitor
 from feedback.join import JoinRules, RouteRules
@@ -54,6 +54,9 @@ from feedback.state import JoinBudget, JoinTable, apply_changelog_records
 from feedback.web import start_web_server
 from feedback.webhooks import WebhookNotifier
 from router.stats_store import ArmStatsStore
+
+if TYPE_CHECKING:
+    from redis import asyncio as aredis
 
 log = logging.getLogger("banditgate.feedback")
 
@@ -122,7 +125,7 @@ async def check_connections(config: Config) -> None:
         log.warning("%s; starting anyway, writes are retried until it answers", problem)
 
 
-def _credentials(config: Config) -> Any:
+def _credentials(config: Config) -> faust.SSLCredentials | faust.SASLCredentials | None:
     security = config.kafka.security
     if security.protocol == "PLAINTEXT":
         return None
@@ -137,8 +140,9 @@ def _credentials(config: Config) -> Any:
 class FeedbackRuntime(mode.Service):
     """Clients and processors the agent and timers use; started and stopped with the worker."""
 
-    def __init__(self, config: Config, app: FeedbackApp, table: Any, metrics: FeedbackMetrics, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, config: Config, app: FeedbackApp, table: JoinCollection, metrics: FeedbackMetrics, *,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        super().__init__(loop=loop)
         self.config = config
         self.app = app
         self.table = table
@@ -151,7 +155,7 @@ class FeedbackRuntime(mode.Service):
         self.fatal: BaseException | None = None
         self.metrics_port: int | None = None
         self.announced = False
-        self._redis: Any = None
+        self._redis: aredis.Redis | None = None
         self._producer: ReplaceableProducer | None = None
         self.webhooks: WebhookNotifier | None = None
         self.drift_thresholds: ThresholdCache | None = None
@@ -186,7 +190,10 @@ class FeedbackRuntime(mode.Service):
         changelog = self.table.changelog_topic.get_topic_name()
         table: JoinTable | DiskJoinTable
         if config.feedback.join_store == "rocksdb":
-            table = DiskJoinTable(self.table.data, self._producer, changelog, rules, budget=budget)
+            rocks = self.table.data
+            if not isinstance(rocks, IndexedRocksStore):  # JoinCollection makes one for rocksdb:// URLs
+                raise RuntimeError(f"the join table's rocksdb store is a {type(rocks).__name__}, not an IndexedRocksStore")
+            table = DiskJoinTable(rocks, self._producer, changelog, rules, budget=budget)
         else:
             table = JoinTable(self.table.data, self._producer, changelog, rules, budget=budget)
         self.drift_thresholds = ThresholdCache()

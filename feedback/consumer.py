@@ -50,17 +50,21 @@ from time import monotonic
 from typing import Any, cast
 
 import faust
+from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import IllegalStateError
+from aiokafka.structs import ConsumerRecord
 from faust.transport.drivers import aiokafka as faust_aiokafka
-from faust.types import TP
+from faust.types import TP, TransportT
+from faust.types.transports import TPorTopicSet
 
 from feedback.faust_internals import check_faust_internals
+from feedback.state import ChangelogRecord
 
 check_faust_internals()  # what this module overrides below exists in the installed faust (one clear error if not)
 
 log = logging.getLogger("banditgate.feedback.consumer")
 
-BatchHandler = Callable[[Sequence[Any]], Awaitable["asyncio.Future[None]"]]
+BatchHandler = Callable[[Sequence[ConsumerRecord]], Awaitable["asyncio.Future[None]"]]
 """Called with aiokafka ConsumerRecords (``topic``, ``partition``, ``offset``, ``key``, ``value``,
 ``timestamp`` in ms); returns once the batch is joined, with a future that completes when it is
 durable (raising on a bug: then nothing from that batch on is marked done)."""
@@ -69,7 +73,7 @@ WRITES_IN_FLIGHT = 2
 """Batches joined but not yet durable: the next batch is joined while the last one is written."""
 
 
-ChangelogApplier = Callable[[int, Sequence[Any]], None]
+ChangelogApplier = Callable[[int, Sequence[ChangelogRecord]], None]
 """Writes recovered changelog records (aiokafka ConsumerRecords of one partition, in offset order)
 into the join table's store."""
 
@@ -133,19 +137,19 @@ class BatchConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     worker ran out of records for a quarter to half a second, five or six times per 150 000 outcomes
     (measured: 14,000 joined outcomes/s with faust's 1500 ms, 16,000 with 50 ms)."""
 
-    def _create_worker_consumer(self, transport: Any) -> Any:
+    def _create_worker_consumer(self, transport: faust_aiokafka.Transport) -> AIOKafkaConsumer:
         consumer = super()._create_worker_consumer(transport)
         if not hasattr(consumer, "_fetch_max_wait_ms"):  # pragma: no cover - an aiokafka we were not tested with
             raise RuntimeError("this aiokafka version has no AIOKafkaConsumer._fetch_max_wait_ms; "
                                "install the version in constraints.txt")
-        consumer._fetch_max_wait_ms = cast(Any, self.app).batch_source.fetch_max_wait_ms
+        consumer._fetch_max_wait_ms = cast(Any, self.app).batch_source.fetch_max_wait_ms  # Any: faust types .app as AppT (no batch_source)
         return consumer
 
 
 class BatchConsumer(faust_aiokafka.Consumer):
     """faust's aiokafka consumer, with the batch topics drained in batches (see the module docstring)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # Any: passed on to faust's Consumer.__init__ (**kwargs: Any)
         super().__init__(*args, **kwargs)
         self._done: dict[TP, int] = {}
         self._batch_idle = asyncio.Event()
@@ -198,10 +202,10 @@ class BatchConsumer(faust_aiokafka.Consumer):
 
     @property
     def _source(self) -> BatchSource:
-        return cast(Any, self.app).batch_source
+        return cast(Any, self.app).batch_source  # Any: faust types Consumer.app as AppT (no batch_source)
 
     # -- commits: done offsets of the batch topics ------------------------------------------
-    def _filter_tps_with_pending_acks(self, topics: Any = None) -> Iterator[TP]:
+    def _filter_tps_with_pending_acks(self, topics: TPorTopicSet | None = None) -> Iterator[TP]:
         yield from super()._filter_tps_with_pending_acks(topics)
         for tp in list(self._done):
             if topics is None or tp in topics or tp.topic in topics:
@@ -229,7 +233,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
         await super().on_partitions_assigned(assigned, generation_id)
 
     # -- recovery -----------------------------------------------------------------------------
-    def _recover_in_bulk(self, tp: TP, records: Sequence[Any]) -> bool:
+    def _recover_in_bulk(self, tp: TP, records: Sequence[ConsumerRecord]) -> bool:
         """Apply the join changelog's records (recovery of an active partition, or a standby's)
         straight to the table's store, as faust's recovery would, and advance faust's recovery
         offsets; False for anything else (faust's path).
@@ -267,7 +271,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
             recovery.signal_recovery_end.set()
         return True
 
-    async def _seek_back(self, records: Mapping[TP, Sequence[Any]]) -> None:
+    async def _seek_back(self, records: Mapping[TP, Sequence[ConsumerRecord]]) -> None:
         """Records fetched but not processed (the flow stopped, or the generation changed) are
         read again. The batch topics go back to their committed offsets (as faust does); any
         other partition (the changelog) goes back to the first record dropped: it has no committed
@@ -282,7 +286,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     pass  # no longer assigned: nothing to read again
         await self.perform_seek()
 
-    async def _stale_sought_back(self, generation: int, records: Mapping[TP, Sequence[Any]] | None = None) -> bool:
+    async def _stale_sought_back(self, generation: int, records: Mapping[TP, Sequence[ConsumerRecord]] | None = None) -> bool:
         """False while records fetched in consumer `generation` may still be processed (faust's
         flow is active and no rebalance began since). Otherwise they are dropped and read again
         later: True, after seeking back - with `records` (nothing of them processed yet) as
@@ -297,7 +301,8 @@ class BatchConsumer(faust_aiokafka.Consumer):
         return True
 
     # -- the drain loop ---------------------------------------------------------------------
-    async def _drain_messages(self, fetcher: Any) -> None:  # pragma: no cover - exercised by the worker tests
+    async def _drain_messages(  # pragma: no cover - exercised by the worker tests
+            self, fetcher: Any) -> None:  # Any: faust types it ServiceT, which lacks the Fetcher's _stopped
         source = self._source
         batch_topics = source.topics
         callback = self.callback
@@ -314,7 +319,7 @@ class BatchConsumer(faust_aiokafka.Consumer):
                     continue
                 if await self._stale_sought_back(generation, records):
                     continue  # re-read what was fetched but not processed
-                batch: list[Any] = []
+                batch: list[ConsumerRecord] = []
                 ends: dict[TP, int] = {}
                 for tp, tp_records in records.items():
                     first = read_offset[tp]
@@ -384,5 +389,5 @@ class FeedbackApp(faust.App):
 
     batch_source: BatchSource
 
-    def _new_transport(self) -> Any:
+    def _new_transport(self) -> TransportT:
         return BatchTransport(self.conf.broker_consumer, self)

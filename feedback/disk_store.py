@@ -28,16 +28,21 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import faust
 from faust.stores.rocksdb import Store as RocksStore
-from faust.types import TP
+from faust.types import TP, CollectionT, EventT, StoreT
 from yarl import URL
 
 from feedback.join import LANES, Entry, JoinRules, decode_entry, schedule_of
-from feedback.state import Encoded, JoinBudget, JoinTable, send_changelog
+from feedback.state import ChangelogRecord, Encoded, JoinBudget, JoinTable, send_changelog
+
+if TYPE_CHECKING:  # rocksdict is optional (the rocksdb extra): imported where it is used
+    from rocksdict import ColumnFamily, Rdict, WriteBatch
+
+    from feedback.producer import ReplaceableProducer
 
 log = logging.getLogger("banditgate.feedback.disk_store")
 
@@ -79,16 +84,16 @@ class IndexedRocksStore(RocksStore):
     """faust's RocksDB store (rocksdict) whose every write also maintains the join's timer index
     and counters (see the module docstring). `rules` gives each entry its due time and lane."""
 
-    def __init__(self, *args: Any, rules: JoinRules, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, rules: JoinRules, **kwargs: Any) -> None:  # Any: passed on to faust's rocksdb Store.__init__ (its **kwargs are Any)
         super().__init__(*args, **kwargs)
         self.rules = rules
-        self._indexes: dict[int, Any] = {}
-        self._handles: dict[int, Any] = {}
+        self._indexes: dict[int, Rdict] = {}
+        self._handles: dict[int, ColumnFamily] = {}
         self.counts: dict[int, list[int]] = {}
         """Per open partition: [entries, stored bytes], as written with the last write batch."""
 
     # -- opening and closing ----------------------------------------------------------------
-    def _open_for_partition(self, partition: int) -> Any:
+    def _open_for_partition(self, partition: int) -> Rdict:
         import rocksdict
 
         db = super()._open_for_partition(partition)
@@ -106,7 +111,7 @@ class IndexedRocksStore(RocksStore):
             self._reindex(partition, db)
         return db
 
-    def _reindex(self, partition: int, db: Any) -> None:
+    def _reindex(self, partition: int, db: Rdict) -> None:
         """Index a database that has entries but no index (written by something else)."""
         import rocksdict
 
@@ -127,7 +132,7 @@ class IndexedRocksStore(RocksStore):
         if indexed:
             log.info("join store: partition %d indexed (%d entries)", partition, indexed)
 
-    def revoke_partitions(self, table: Any, tps: set[TP]) -> None:
+    def revoke_partitions(self, table: CollectionT, tps: set[TP]) -> None:
         for tp in tps:
             if tp.topic in table.changelog_topic.topics:
                 # our column family handles keep the database (and its lock) alive: drop them
@@ -137,19 +142,20 @@ class IndexedRocksStore(RocksStore):
                 self.counts.pop(tp.partition, None)
         super().revoke_partitions(table, tps)
 
-    def db(self, partition: int) -> Any:
+    def db(self, partition: int) -> Rdict:
         return self._db_for_partition(partition)
 
-    def index(self, partition: int) -> Any:
+    def index(self, partition: int) -> Rdict:
         self._db_for_partition(partition)
         return self._indexes[partition]
 
     # -- writing ------------------------------------------------------------------------------
-    def apply_changelog_batch(self, batch: Iterable[Any], to_key: Any, to_value: Any) -> None:
+    def apply_changelog_batch(self, batch: Iterable[EventT], to_key: Callable[[object], object],
+                              to_value: Callable[[object], object]) -> None:
         """faust's recovery (and standby) path: the records as they are, with their index."""
         import rocksdict
 
-        batches: dict[int, tuple[Any, dict[bytes, bytes | None]]] = {}
+        batches: dict[int, tuple[WriteBatch, dict[bytes, bytes | None]]] = {}
         offsets: dict[int, int] = {}
         for event in batch:
             message = event.message
@@ -158,12 +164,14 @@ class IndexedRocksStore(RocksStore):
             if slot is None:
                 self._db_for_partition(partition)
                 slot = batches[partition] = (rocksdict.WriteBatch(raw_mode=True), {})
+            if message.key is None:  # faust's Message allows it; the join's changelog always has one
+                raise ValueError(f"join changelog record at offset {message.offset} has no key")
             self.write_change(partition, slot[0], slot[1], message.key, message.value)
             offsets[partition] = max(offsets.get(partition, -1), message.offset)
         for partition, (write_batch, _pending) in batches.items():
             self.commit(partition, write_batch, offsets[partition])
 
-    def apply_records(self, partition: int, records: Any) -> None:
+    def apply_records(self, partition: int, records: Sequence[ChangelogRecord]) -> None:
         """The worker's bulk recovery path (feedback/consumer.py): aiokafka records of one
         partition, in offset order, written as :meth:`apply_changelog_batch` would."""
         import rocksdict
@@ -174,14 +182,14 @@ class IndexedRocksStore(RocksStore):
             self.write_change(partition, batch, pending, record.key, record.value)
         self.commit(partition, batch, records[-1].offset if records else None)
 
-    def write_change(self, partition: int, batch: Any, pending: dict[bytes, bytes | None], key: bytes,
+    def write_change(self, partition: int, batch: WriteBatch, pending: dict[bytes, bytes | None], key: bytes,
                      value: bytes | None) -> None:
         """Add one entry's new value (None: delete) to `batch`, with its index and counters;
         `pending` holds this batch's earlier values (a key changed twice reads its first)."""
         old = pending[key] if key in pending else self._db_for_partition(partition).get(key)
         self._change(partition, batch, pending, key, value, old)
 
-    def _change(self, partition: int, batch: Any, pending: dict[bytes, bytes | None], key: bytes,
+    def _change(self, partition: int, batch: WriteBatch, pending: dict[bytes, bytes | None], key: bytes,
                 value: bytes | None, old: bytes | None) -> None:
         handle = self._handles[partition]
         counts = self.counts[partition]
@@ -196,7 +204,7 @@ class IndexedRocksStore(RocksStore):
                 value = None  # unreadable: not kept (the memory store drops it too)
         if old_index is not None and old_index != new_index:
             batch.delete(old_index, handle)
-        if value is None:
+        if new_index is None:  # None exactly when `value` is (deleted, or unreadable above)
             batch.delete(key)
         else:
             batch.put(key, value)
@@ -214,7 +222,7 @@ class IndexedRocksStore(RocksStore):
         due, lane = schedule_of(entry, self.rules)
         return index_key(lane, due, key), len(key) + len(raw)
 
-    def commit(self, partition: int, batch: Any, offset: int | None) -> None:
+    def commit(self, partition: int, batch: WriteBatch, offset: int | None) -> None:
         """Write `batch` with the partition's counters and (when known) the changelog offset it
         reflects, in one atomic RocksDB write."""
         if offset is not None and offset >= 0:
@@ -229,7 +237,7 @@ class DiskJoinTable:
 
     encode = staticmethod(JoinTable.encode)
 
-    def __init__(self, store: IndexedRocksStore, producer: Any, changelog_topic: str, rules: JoinRules,
+    def __init__(self, store: IndexedRocksStore, producer: ReplaceableProducer, changelog_topic: str, rules: JoinRules,
                  budget: JoinBudget | None = None) -> None:
         self._store = store
         self._producer = producer
@@ -304,7 +312,7 @@ class DiskJoinTable:
                 pending[1] -= size
 
     # -- timers and eviction ------------------------------------------------------------------
-    def _scan(self, partition: int, lane: int, newest_bucket: int | None) -> Any:
+    def _scan(self, partition: int, lane: int, newest_bucket: int | None) -> Iterator[tuple[str, int]]:
         """(request_id, size) of `lane`'s index keys in order, up to `newest_bucket` (None: all),
         skipping claimed keys."""
         it = self._store.index(partition).iter()
@@ -400,7 +408,7 @@ class JoinCollection(faust.Table):
 
     join_rules: JoinRules | None = None
 
-    def _new_store_by_url(self, url: str | URL) -> Any:
+    def _new_store_by_url(self, url: str | URL) -> StoreT:
         if URL(url).scheme == "rocksdb":
             if self.join_rules is None:
                 raise RuntimeError("JoinCollection.join_rules must be set before the table's store is made")

@@ -32,7 +32,15 @@ import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from banditgate.jsontypes import JSONObject, JSONValue
+
+if TYPE_CHECKING:  # pyarrow is optional (the export extra): imported where it is used
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
 
 COLUMNS = ("request_id", "route", "arm", "model", "model_version", "policy", "propensity", "shadow",
            "inputs", "outputs", "reward", "label", "unit_id", "ts_request", "ts_predicted", "ts_outcome", "latency_ms")
@@ -55,7 +63,7 @@ class ExportAborted(ExportError):
     """The export was stopped before its manifest was written (its lease was lost, its worker stopped)."""
 
 
-def outcome_time(outcome: Mapping[str, Any], since: float, until: float | None) -> float | None:
+def outcome_time(outcome: Mapping[str, JSONValue], since: float, until: float | None) -> float | None:
     """The outcome's ``ts`` (epoch seconds) when it is a finite number in [since, until), else None."""
     ts = outcome.get("ts")
     if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts):
@@ -63,8 +71,8 @@ def outcome_time(outcome: Mapping[str, Any], since: float, until: float | None) 
     return float(ts) if since <= ts and (until is None or ts < until) else None
 
 
-def make_row(route: str, prediction: Mapping[str, Any], request: Mapping[str, Any] | None,
-             outcome: Mapping[str, Any], ts_outcome: float) -> dict[str, Any]:
+def make_row(route: str, prediction: Mapping[str, JSONValue], request: Mapping[str, JSONValue] | None,
+             outcome: Mapping[str, JSONValue], ts_outcome: float) -> JSONObject:
     """The export row of one prediction joined with its request (None: not stored) and outcome."""
     request = request or {}
     shadow = bool(prediction.get("shadow", False))
@@ -80,14 +88,14 @@ def make_row(route: str, prediction: Mapping[str, Any], request: Mapping[str, An
     }
 
 
-def row_order(row: Mapping[str, Any]) -> tuple[float, str, bool, str]:
+def row_order(row: Mapping[str, JSONValue]) -> tuple[float, str, bool, str]:
     """Rows are ordered by outcome time, then request id, serving before shadow, then arm."""
     return (row["ts_outcome"], row["request_id"], row["shadow"], str(row["arm"]))
 
 
-def join_rows(requests: Iterable[Mapping[str, Any]], predictions: Iterable[Mapping[str, Any]],
-              outcomes: Iterable[Mapping[str, Any]], route: str, since: float, until: float | None = None
-              ) -> list[dict[str, Any]]:
+def join_rows(requests: Iterable[Mapping[str, JSONValue]], predictions: Iterable[Mapping[str, JSONValue]],
+              outcomes: Iterable[Mapping[str, JSONValue]], route: str, since: float, until: float | None = None
+              ) -> list[JSONObject]:
     """Joined rows of `route` whose outcome ``ts`` is in [since, until), ordered by :func:`row_order`.
 
     Events are decoded JSON objects (as on the topics). A prediction without an outcome in the
@@ -95,12 +103,12 @@ def join_rows(requests: Iterable[Mapping[str, Any]], predictions: Iterable[Mappi
     event gets ``inputs`` None. The last outcome (and request) for a request_id wins (redelivery).
     Holds everything in memory: for tests and small lists; exports use feedback.export_join.
     """
-    chosen: dict[str, tuple[Mapping[str, Any], float]] = {}
+    chosen: dict[str, tuple[Mapping[str, JSONValue], float]] = {}
     for outcome in outcomes:
         ts = outcome_time(outcome, since, until)
         if ts is not None:
             chosen[str(outcome.get("request_id"))] = (outcome, ts)
-    inputs: dict[str, Mapping[str, Any]] = {}
+    inputs: dict[str, Mapping[str, JSONValue]] = {}
     for request in requests:
         request_id = str(request.get("request_id"))
         if request.get("route") == route and request_id in chosen:
@@ -129,13 +137,13 @@ class Manifest:
     rows: int
     serving_rows: int
     shadow_rows: int
-    files: tuple[Mapping[str, Any], ...]
+    files: tuple[Mapping[str, JSONValue], ...]
     ts_outcome_min: float | None
     ts_outcome_max: float | None
     json_columns: tuple[str, ...]
     created_at: float
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return {"format_version": FORMAT_VERSION, "route": self.route, "path": self.path, "reason": self.reason,
                 "window_start": self.window_start, "window_end": self.window_end, "rows": self.rows,
                 "serving_rows": self.serving_rows, "shadow_rows": self.shadow_rows, "files": list(self.files),
@@ -143,7 +151,7 @@ class Manifest:
                 "json_columns": list(self.json_columns), "columns": list(COLUMNS), "created_at": self.created_at}
 
 
-def _arrow() -> Any:
+def _arrow() -> ModuleType:
     try:
         import pyarrow
     except ImportError:
@@ -151,7 +159,7 @@ def _arrow() -> Any:
     return pyarrow
 
 
-def _conversion_errors(pa: Any) -> tuple[type[BaseException], ...]:
+def _conversion_errors(pa: ModuleType) -> tuple[type[BaseException], ...]:
     return (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError)
 
 
@@ -160,10 +168,10 @@ class SchemaProbe:
     (so the schema of the first Parquet file already fits the last row)."""
 
     def __init__(self) -> None:
-        self._types: dict[str, Any] = {}
+        self._types: dict[str, pa.DataType] = {}
         self._json: set[str] = set()
 
-    def add(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    def add(self, rows: Sequence[Mapping[str, JSONValue]]) -> None:
         """Take one row group's values into account."""
         pa = _arrow()
         for column in COLUMNS:
@@ -189,7 +197,7 @@ class SchemaProbe:
                 continue
             self._types[column] = unified.field(column).type
 
-    def schema(self) -> tuple[Any, tuple[str, ...]]:
+    def schema(self) -> tuple[pa.Schema, tuple[str, ...]]:
         """(pyarrow Schema, the columns written as JSON text)."""
         pa = _arrow()
         fields = []
@@ -203,7 +211,7 @@ class SchemaProbe:
         return pa.schema(fields), tuple(c for c in COLUMNS if c in self._json)
 
 
-def to_table(rows: Sequence[Mapping[str, Any]], schema: Any, json_columns: Sequence[str]) -> Any:
+def to_table(rows: Sequence[Mapping[str, JSONValue]], schema: pa.Schema, json_columns: Sequence[str]) -> pa.Table:
     """A pyarrow Table of `rows` with `schema` (from SchemaProbe). Raises ExportError when a value
     does not fit its column's type (rows that SchemaProbe did not see)."""
     pa = _arrow()
@@ -219,7 +227,7 @@ def to_table(rows: Sequence[Mapping[str, Any]], schema: Any, json_columns: Seque
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _filesystem(destination: str) -> tuple[Any, str]:
+def _filesystem(destination: str) -> tuple[pafs.FileSystem, str]:
     try:
         import pyarrow.fs as pafs
     except ImportError:
@@ -246,7 +254,7 @@ class ExportWriter:
     """
 
     def __init__(self, destination: str, route: str, window_start: float, window_end: float | None,
-                 schema: Any = None, json_columns: Sequence[str] = (), reason: str = "manual",
+                 schema: pa.Schema | None = None, json_columns: Sequence[str] = (), reason: str = "manual",
                  rows_per_file: int = 100_000, now: float | None = None) -> None:
         if rows_per_file < 1:
             raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
@@ -254,12 +262,12 @@ class ExportWriter:
         self.folder = f"{root.rstrip('/')}/{route}/{_stamp(window_start)}_{_stamp(window_end)}_{uuid.uuid4().hex[:8]}"
         self.route, self.reason, self.window = route, reason, (window_start, window_end)
         self.schema, self.json_columns, self.rows_per_file, self._now = schema, tuple(json_columns), rows_per_file, now
-        self.files: list[dict[str, Any]] = []
+        self.files: list[JSONObject] = []
         self.rows = self.shadow_rows = 0
         self._ts_min: float | None = None
         self._ts_max: float | None = None
-        self._stream: Any = None
-        self._writer: Any = None
+        self._stream: pa.NativeFile | None = None
+        self._writer: pq.ParquetWriter | None = None
         self._temporary = ""
         self._part_rows = 0
         try:
@@ -273,15 +281,17 @@ class ExportWriter:
         done = sum(int(entry["bytes"] or 0) for entry in self.files)
         return done + (int(self._stream.tell()) if self._stream is not None else 0)
 
-    def write(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    def write(self, rows: Sequence[Mapping[str, JSONValue]]) -> None:
         """Append rows (one row group per part file they land in)."""
         begin = 0
         try:
             while begin < len(rows):
-                if self._writer is None:
-                    self._open_part()
+                writer = self._writer if self._writer is not None else self._open_part()
+                schema = self.schema
+                if schema is None:  # as _open_part says, for a part opened before the schema was unset
+                    raise ValueError("ExportWriter: set the schema before writing")
                 chunk = rows[begin:begin + self.rows_per_file - self._part_rows]
-                self._writer.write_table(to_table(chunk, self.schema, self.json_columns))
+                writer.write_table(to_table(chunk, schema, self.json_columns))
                 self._count(chunk)
                 self._part_rows += len(chunk)
                 begin += len(chunk)
@@ -324,7 +334,7 @@ class ExportWriter:
         except OSError:
             pass  # best effort: a folder without a manifest is incomplete by definition
 
-    def _open_part(self) -> None:
+    def _open_part(self) -> pq.ParquetWriter:
         import pyarrow.parquet as pq
 
         if self.schema is None:
@@ -335,16 +345,18 @@ class ExportWriter:
         self._stream = self._fs.open_output_stream(self._temporary)
         self._writer = pq.ParquetWriter(self._stream, self.schema)
         self._part_rows = 0
+        return self._writer
 
     def _close_part(self) -> None:
-        self._writer.close()
-        self._stream.close()
+        for closer in (self._writer, self._stream):  # both open: _close_part follows an _open_part
+            if closer is not None:
+                closer.close()
         self._writer = self._stream = None
         name = f"part-{len(self.files):05d}.parquet"
         self._fs.move(self._temporary, f"{self.folder}/{name}")
         self.files.append({"name": name, "rows": self._part_rows, "bytes": self._fs.get_file_info(f"{self.folder}/{name}").size})
 
-    def _count(self, rows: Sequence[Mapping[str, Any]]) -> None:
+    def _count(self, rows: Sequence[Mapping[str, JSONValue]]) -> None:
         self.rows += len(rows)
         for row in rows:
             if row.get("shadow"):
@@ -355,7 +367,7 @@ class ExportWriter:
                 self._ts_max = ts if self._ts_max is None else max(self._ts_max, ts)
 
 
-def write_export(rows: Sequence[Mapping[str, Any]], destination: str, route: str, window_start: float,
+def write_export(rows: Sequence[Mapping[str, JSONValue]], destination: str, route: str, window_start: float,
                  window_end: float | None, reason: str = "manual", rows_per_file: int = 100_000,
                  now: float | None = None, row_group_rows: int = 10_000) -> Manifest:
     """Write `rows` (a list, e.g. from join_rows) as Parquet files plus manifest.json; return the manifest.
@@ -380,7 +392,7 @@ def write_export(rows: Sequence[Mapping[str, Any]], destination: str, route: str
         raise
 
 
-def read_export(folder: str) -> tuple[dict[str, Any], Any]:
+def read_export(folder: str) -> tuple[JSONObject, pa.Table | None]:
     """(manifest, pyarrow Table of all parts) of a complete export folder.
 
     Raises ExportError when the folder has no manifest (incomplete or not an export).

@@ -27,11 +27,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
 from banditgate.config import Config, KafkaConfig
+from banditgate.jsontypes import JSONObject
 from feedback.export import (
     ExportAborted,
     ExportError,
@@ -41,7 +41,7 @@ from feedback.export import (
 )
 from feedback.export_join import SpillJoin
 
-Progress = Callable[[dict[str, Any]], None]
+Progress = Callable[[JSONObject], None]
 """Receives progress events: ``{"kind": "read", "topic", "partitions_done", "partitions", "records",
 "bytes", "skipped"}``, ``{"kind": "join", "rows"}``, ``{"kind": "write", "rows", "of", "bytes", "files"}``."""
 
@@ -90,7 +90,7 @@ def parse_time(text: str) -> float:
     return moment.timestamp()
 
 
-def _decode(raw: bytes | None) -> dict[str, Any] | None:
+def _decode(raw: bytes | None) -> JSONObject | None:
     try:
         value = orjson.loads(raw or b"")
     except orjson.JSONDecodeError:
@@ -104,7 +104,7 @@ class _Reporter:
     def __init__(self, progress: Progress | None, interval_s: float) -> None:
         self.progress, self.interval_s, self._last = progress, interval_s, -float("inf")
 
-    def __call__(self, event: dict[str, Any], force: bool = False) -> None:
+    def __call__(self, event: JSONObject, force: bool = False) -> None:
         now = time.monotonic()
         if self.progress is not None and (force or now - self._last >= self.interval_s):
             self._last = now
@@ -112,8 +112,8 @@ class _Reporter:
 
 
 async def read_topic(kafka: KafkaConfig, topic: str, since: float, until: float | None,
-                     sink: Callable[[list[dict[str, Any]]], None], options: ExportOptions = ExportOptions(),
-                     progress: Progress | None = None, check: Callable[[], None] | None = None) -> dict[str, Any]:
+                     sink: Callable[[list[JSONObject]], None], options: ExportOptions = ExportOptions(),
+                     progress: Progress | None = None, check: Callable[[], None] | None = None) -> JSONObject:
     """Pass the decoded JSON objects of `topic` with a record timestamp in [since, until] to `sink`,
     a batch at a time, up to the topic's last stable offsets as of the call (committed records
     only; undecodable records are skipped and counted). Returns the read's counts.
@@ -133,7 +133,7 @@ async def read_topic(kafka: KafkaConfig, topic: str, since: float, until: float 
                                 max_partition_fetch_bytes=options.max_partition_fetch_bytes,
                                 request_timeout_ms=kafka.request_timeout_ms, **kafka_client_kwargs(kafka))
     report = _Reporter(progress, options.progress_interval_s)
-    stats: dict[str, Any] = {"kind": "read", "topic": topic, "partitions_done": 0, "partitions": 0, "records": 0, "bytes": 0,
+    stats: JSONObject = {"kind": "read", "topic": topic, "partitions_done": 0, "partitions": 0, "records": 0, "bytes": 0,
              "skipped": 0}
     try:
         await consumer.start()
@@ -147,7 +147,7 @@ async def read_topic(kafka: KafkaConfig, topic: str, since: float, until: float 
         # read_committed: the last stable offsets, below which every transaction is decided
         ends = await consumer.end_offsets(assigned)
         starts = await consumer.offsets_for_times({tp: int(since * 1000) for tp in assigned})
-        remaining: dict[Any, int] = {}
+        remaining: dict[TopicPartition, int] = {}
         for tp in assigned:
             found = starts.get(tp)
             if found is not None and found.offset < ends[tp]:
@@ -163,7 +163,7 @@ async def read_topic(kafka: KafkaConfig, topic: str, since: float, until: float 
             if check is not None:
                 check()
             batch = await consumer.getmany(*remaining, timeout_ms=500, max_records=options.batch_records)
-            events: list[dict[str, Any]] = []
+            events: list[JSONObject] = []
             past_until = set()
             for tp, records in batch.items():
                 end = remaining.get(tp)
@@ -265,7 +265,7 @@ async def export_window(kafka: KafkaConfig, join_ttl_s: float, route: str, since
         join.close()
 
 
-def describe(event: dict[str, Any]) -> str:
+def describe(event: JSONObject) -> str:
     """One progress line for a person."""
     if event.get("kind") == "read":
         skipped = f", {event['skipped']} undecodable skipped" if event.get("skipped") else ""

@@ -30,12 +30,14 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 import orjson
+from redis import asyncio as aredis
 from redis.exceptions import RedisError
 
 from banditgate.config import Config, KafkaConfig
+from banditgate.jsontypes import JSONObject, JSONValue
 from feedback.export import ExportAborted, ExportError
 
 log = logging.getLogger("banditgate.lifecycle")
@@ -59,7 +61,7 @@ class ExportLease:
     Extending and releasing compare the token in the same script, so a lease that expired and was
     taken by another worker is never extended or deleted by the first one."""
 
-    def __init__(self, redis: Any, key: str, ttl_ms: int) -> None:
+    def __init__(self, redis: aredis.Redis, key: str, ttl_ms: int) -> None:
         if ttl_ms < 100:
             raise ValueError(f"ttl_ms must be >= 100, got {ttl_ms}")
         self.redis, self.key, self.ttl_ms = redis, key, int(ttl_ms)
@@ -81,7 +83,7 @@ class ExportLease:
 
 
 def job_spec(config: Config, route: str, window: tuple[float, float], destination: str, reason: str,
-             options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+             options: Mapping[str, JSONValue] | None = None) -> JSONObject:
     """What the child needs, as JSON (the Kafka secrets included: it goes down a pipe, never argv)."""
     kafka = config.kafka.model_dump(mode="json")
     security = config.kafka.security
@@ -92,9 +94,9 @@ def job_spec(config: Config, route: str, window: tuple[float, float], destinatio
             "destination": destination, "reason": reason, "options": dict(options or {})}
 
 
-async def run_export_job(spec: Mapping[str, Any], lease: ExportLease,
-                         on_event: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
-                         stop_grace_s: float = 10.0) -> dict[str, Any]:
+async def run_export_job(spec: Mapping[str, JSONValue], lease: ExportLease,
+                         on_event: Callable[[JSONObject], Awaitable[None]] | None = None,
+                         stop_grace_s: float = 10.0) -> JSONObject:
     """Run the export `spec` (from job_spec) in a child process while holding `lease` (already
     acquired); returns the child's ``done`` message (``manifest``, ``rows``, ``bytes``, ``files``,
     ``max_rss_mb``: the export process's peak resident memory).
@@ -140,8 +142,8 @@ async def run_export_job(spec: Mapping[str, Any], lease: ExportLease,
             stdin.write(text.encode() + b"\n")
             await stdin.drain()
 
-    helpers: list[asyncio.Task[Any]] = [asyncio.create_task(keep_stderr()), asyncio.create_task(keep_lease())]
-    result: dict[str, Any] | None = None
+    helpers: list[asyncio.Task[object]] = [asyncio.create_task(keep_stderr()), asyncio.create_task(keep_lease())]
+    result: JSONObject | None = None
     committed = False
     """Told the child to write its manifest (the lease was confirmed ours just before): from then on
     a lost lease no longer stops it; the rev compare-and-set keeps its alert single."""
@@ -198,12 +200,13 @@ async def run_export_job(spec: Mapping[str, Any], lease: ExportLease,
         await asyncio.gather(*helpers, return_exceptions=True)
 
 
-async def _stop(process: Any, answer: Callable[[str], Awaitable[None]], grace_s: float) -> None:
+async def _stop(process: asyncio.subprocess.Process, answer: Callable[[str], Awaitable[None]], grace_s: float) -> None:
     """Ask the child to stop (it deletes what it wrote); kill it after `grace_s` or when cancelled."""
     try:
         await answer("abort")
         with contextlib.suppress(OSError):
-            process.stdin.close()
+            if process.stdin is not None:  # a PIPE (run_export_job)
+                process.stdin.close()
         await asyncio.wait_for(process.wait(), grace_s)
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
@@ -221,12 +224,12 @@ async def _stop(process: Any, answer: Callable[[str], Awaitable[None]], grace_s:
 class _Control:
     """The parent's answers on stdin, read by a thread so the export never blocks on them."""
 
-    def __init__(self, stream: Any) -> None:
+    def __init__(self, stream: BinaryIO) -> None:
         self.stopped = threading.Event()
         self.answers: queue.Queue[bool] = queue.Queue()
         threading.Thread(target=self._read, args=(stream,), name="export-control", daemon=True).start()
 
-    def _read(self, stream: Any) -> None:
+    def _read(self, stream: BinaryIO) -> None:
         for line in stream:
             word = line.strip()
             if word == b"commit":
@@ -246,7 +249,7 @@ class _Control:
         return self.answers.get()
 
 
-def _emit(message: Mapping[str, Any]) -> None:
+def _emit(message: Mapping[str, JSONValue]) -> None:
     sys.stdout.buffer.write(orjson.dumps(dict(message)) + b"\n")
     sys.stdout.buffer.flush()
 

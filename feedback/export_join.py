@@ -21,10 +21,11 @@ import sqlite3
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TypeAlias
 
 import orjson
 
+from banditgate.jsontypes import JSONObject, JSONValue
 from feedback.export import PREDICTION_FIELDS, ExportError, make_row, outcome_time
 
 _SCHEMA = """
@@ -41,6 +42,9 @@ FROM predictions p JOIN outcomes o ON o.request_id = p.request_id
 LEFT JOIN requests r ON r.request_id = p.request_id
 ORDER BY o.ts, p.request_id, p.shadow, p.arm_key, p.seq
 """
+
+_Row: TypeAlias = tuple[str | int | float | bytes, ...]
+"""One row of parameters for the spill database (sqlite3)."""
 
 
 class SpillJoin:
@@ -63,9 +67,9 @@ class SpillJoin:
         except (OSError, sqlite3.Error) as exc:
             raise ExportError(f"cannot spill the export's join to {folder or tempfile.gettempdir()}: {exc}") from None
 
-    def add_outcomes(self, events: Iterable[Mapping[str, Any]]) -> None:
+    def add_outcomes(self, events: Iterable[Mapping[str, JSONValue]]) -> None:
         """Outcomes with ``ts`` in the window (the last one of a request id wins)."""
-        def rows() -> Iterator[tuple[Any, ...]]:
+        def rows() -> Iterator[_Row]:
             for event in events:
                 ts = outcome_time(event, self.since, self.until)
                 if ts is not None:
@@ -73,9 +77,9 @@ class SpillJoin:
                            orjson.dumps({"reward": event.get("reward"), "label": event.get("label")}))
         self._run("INSERT OR REPLACE INTO outcomes VALUES (?, ?, ?)", rows())
 
-    def add_requests(self, events: Iterable[Mapping[str, Any]]) -> None:
+    def add_requests(self, events: Iterable[Mapping[str, JSONValue]]) -> None:
         """Requests of the route whose request id has an outcome in the window (the last one wins)."""
-        def rows() -> Iterator[tuple[Any, ...]]:
+        def rows() -> Iterator[_Row]:
             for event in events:
                 if event.get("route") == self.route:
                     request_id = str(event.get("request_id"))
@@ -84,9 +88,9 @@ class SpillJoin:
         self._run("INSERT OR REPLACE INTO requests SELECT ?, ? WHERE EXISTS "
                   "(SELECT 1 FROM outcomes WHERE request_id = ?)", rows())
 
-    def add_predictions(self, events: Iterable[Mapping[str, Any]]) -> None:
+    def add_predictions(self, events: Iterable[Mapping[str, JSONValue]]) -> None:
         """Predictions (serving or shadow) of the route whose request id has an outcome in the window."""
-        def rows() -> Iterator[tuple[Any, ...]]:
+        def rows() -> Iterator[_Row]:
             for event in events:
                 if event.get("route") == self.route:
                     request_id = str(event.get("request_id"))
@@ -108,14 +112,14 @@ class SpillJoin:
             raise ExportError(f"the export's join failed: {exc}") from None
         return self.rows
 
-    def groups(self, max_rows: int, max_bytes: int) -> Iterator[list[dict[str, Any]]]:
+    def groups(self, max_rows: int, max_bytes: int) -> Iterator[list[JSONObject]]:
         """The joined rows (after `finish`) in order, as lists of at most `max_rows` rows and, past
         the first row, at most about `max_bytes` bytes of stored JSON (a single larger row is one
         group of its own)."""
         if max_rows < 1 or max_bytes < 1:
             raise ValueError(f"max_rows and max_bytes must be >= 1, got {max_rows}, {max_bytes}")
         cursor = self._db.execute("SELECT request_id, prediction, request, outcome, ts FROM joined ORDER BY rowid")
-        group: list[dict[str, Any]] = []
+        group: list[JSONObject] = []
         size = 0
         while True:
             fetched = cursor.fetchmany(256)
@@ -139,7 +143,7 @@ class SpillJoin:
         self._db.close()
         self._folder.cleanup()
 
-    def _run(self, statement: str, rows: Iterator[tuple[Any, ...]]) -> None:
+    def _run(self, statement: str, rows: Iterator[_Row]) -> None:
         # rows come from a generator: orjson's output buffers are large (a 3 kB document can hold
         # 8 kB or more), so a batch never holds more than one of them at a time
         try:

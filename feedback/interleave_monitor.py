@@ -15,17 +15,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import orjson
 
 from banditgate.config import Route
 from banditgate.events import Alert
+from banditgate.jsontypes import JSONObject
 from feedback.ledger import FeedbackKeys
 from feedback.metrics import FeedbackMetrics
 from feedback.pairs import RouteVerdicts, parse_pairs, route_verdicts
 from feedback.sinks import KafkaOut
 from router.preference import PreferenceTest
+
+if TYPE_CHECKING:
+    from redis import asyncio as aredis
 
 log = logging.getLogger("banditgate.feedback.interleave")
 
@@ -34,14 +38,14 @@ TEST_NAME = ("mixture sequential probability ratio test on non-tied impressions 
              "2017), Beta(a, a) mixture, Bonferroni over pairs; valid under continuous monitoring (Ville)")
 
 
-def _text(value: Any) -> str:
+def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
 class InterleaveMonitor:
     """Refreshes the interleaving gauges and sends promote/reject alerts (see the module docstring)."""
 
-    def __init__(self, client: Any, keys: FeedbackKeys, routes: Sequence[Route], confidence: float, out: KafkaOut,
+    def __init__(self, client: aredis.Redis, keys: FeedbackKeys, routes: Sequence[Route], confidence: float, out: KafkaOut,
                  metrics: FeedbackMetrics, prior_strength: float = 100.0,
                  clock: Callable[[], float] = time.time) -> None:
         self._client = client
@@ -95,7 +99,7 @@ class InterleaveMonitor:
     def _alert(self, route: Route, arm: str, verdict: str, verdicts: RouteVerdicts, now: float) -> Alert:
         """`value` is the decisive evidence: for promote the weakest of the arm's wins over every
         other ranker, for reject the strongest evidence that another ranker beats it."""
-        against: dict[str, dict[str, Any]] = {}
+        against: dict[str, JSONObject] = {}
         decisive: list[float] = []
         for (a, b), (counts, evidence, decision) in verdicts.pairs.items():
             if arm not in (a, b):

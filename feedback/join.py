@@ -38,10 +38,11 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Literal, final
 
 import orjson
 
+from banditgate.jsontypes import JSONObject, JSONValue
 from feedback.outcome_metrics import PredictionView
 from feedback.pairs import Impression, Pairs, pairs_effect
 from feedback.reward import RewardError, RewardKind, checked_reward
@@ -126,16 +127,16 @@ class Seen:
     """An outcome as the join keeps it."""
 
     reward: float | None
-    label: Any
+    label: JSONValue
     ts: float
     """Event time: the outcome's ``ts``, or the Kafka timestamp when it has none."""
     offset: int
     clicks: tuple[str, ...] | None = None
     """Clicked item ids in click order (interleave routes)."""
 
-    def to_event(self, request_id: str) -> dict[str, Any]:
+    def to_event(self, request_id: str) -> JSONObject:
         """The outcome as an event object (for a dead letter's payload)."""
-        out: dict[str, Any] = {"request_id": request_id, "ts": self.ts}
+        out: JSONObject = {"request_id": request_id, "ts": self.ts}
         if self.reward is not None:
             out["reward"] = self.reward
         if self.label is not None:
@@ -145,6 +146,7 @@ class Seen:
         return out
 
 
+@final  # `type(x) is Entry` tells a decoded entry from stored bytes (feedback.state)
 @dataclass(frozen=True, slots=True)
 class Entry:
     """Everything known about one request_id."""
@@ -171,7 +173,7 @@ class Entry:
 _set = object.__setattr__
 
 
-def _slot_setters(cls: type, names: tuple[str, ...]) -> list[Callable[[Any, Any], None]]:
+def _slot_setters(cls: type, names: tuple[str, ...]) -> list[Callable[[object, object], None]]:
     """The slots' descriptor setters of the frozen slotted dataclass `cls`, in field order; fails
     at import if the fields are not `names` (the hand-unrolled builders below list them)."""
     actual = tuple(f.name for f in fields(cls))
@@ -191,8 +193,8 @@ _se = _slot_setters(Entry, ("request_id", "partition", "route", "primary", "ts_p
                             "reward_state", "scored", "anchor_ts", "early_duplicates", "trace"))
 
 
-def make_served(arm: Any, model: Any, model_version: Any, view: Any, offset: Any, shadow: Any,
-                impression: Any) -> Served:
+def make_served(arm: str, model: str, model_version: int, view: PredictionView, offset: int, shadow: bool,
+                impression: Impression | None) -> Served:
     """``Served(arm, model, model_version, view, offset, shadow, impression)``, faster (hot path)."""
     new = _new(Served)
     s = _sv
@@ -201,7 +203,7 @@ def make_served(arm: Any, model: Any, model_version: Any, view: Any, offset: Any
     return new
 
 
-def make_seen(reward: Any, label: Any, ts: Any, offset: Any, clicks: Any) -> Seen:
+def make_seen(reward: float | None, label: JSONValue, ts: float, offset: int, clicks: tuple[str, ...] | None) -> Seen:
     """``Seen(reward, label, ts, offset, clicks)``, faster (hot path)."""
     new = _new(Seen)
     s = _ss
@@ -209,9 +211,10 @@ def make_seen(reward: Any, label: Any, ts: Any, offset: Any, clicks: Any) -> See
     return new
 
 
-def _make_entry(request_id: Any, partition: Any, route: Any, primary: Any, ts_predicted: Any, shadows: Any,
-                outcome: Any, reward_state: Any, scored: Any, anchor_ts: Any, early_duplicates: Any,
-                trace: Any = None) -> Entry:
+def _make_entry(request_id: str, partition: int, route: str | None, primary: Served | None,
+                ts_predicted: float | None, shadows: tuple[Served, ...], outcome: Seen | None,
+                reward_state: RewardState, scored: frozenset[str], anchor_ts: float,
+                early_duplicates: tuple[int, ...], trace: str | None = None) -> Entry:
     new = _new(Entry)
     s = _se
     s[0](new, request_id); s[1](new, partition); s[2](new, route); s[3](new, primary)  # noqa: E702
@@ -235,7 +238,7 @@ def _copy(old: Entry) -> Entry:
 _NOTHING_SCORED: frozenset[str] = frozenset()
 
 
-def _evolve(entry: Entry, **changes: Any) -> Entry:
+def _evolve(entry: Entry, **changes: object) -> Entry:
     """dataclasses.replace for Entry without its per-call introspection (this is the hot path)."""
     new = _copy(entry)
     for name, value in changes.items():
@@ -306,7 +309,7 @@ class Label:
     route: str
     request_id: str
     served: Served
-    label: Any
+    label: JSONValue
     ts: float
     primary: Served | None
 
@@ -592,29 +595,29 @@ def on_due(entry: Entry, now: float, rules: JoinRules) -> Step:
 _STATES: tuple[RewardState, ...] = ("open", "joined", "defaulted")
 
 
-def _served_row(served: Served) -> list[Any]:
+def _served_row(served: Served) -> list[JSONValue]:
     view = served.view
-    row = [served.arm, served.model, served.model_version, view.score, view.predicted, view.predicted_name,
+    row: list[JSONValue] = [served.arm, served.model, served.model_version, view.score, view.predicted, view.predicted_name,
            served.offset]
     if served.impression is not None:
         row.append(served.impression.to_row())
     return row
 
 
-def _served(row: list[Any], shadow: bool) -> Served:
+def _served(row: list[JSONValue], shadow: bool) -> Served:
     return Served(arm=row[0], model=row[1], model_version=row[2],
                   view=PredictionView(score=row[3], predicted=row[4], predicted_name=row[5]),
                   offset=row[6], shadow=shadow, impression=Impression.from_row(row[7]) if len(row) > 7 else None)
 
 
-def _seen_row(outcome: Seen) -> list[Any]:
-    row = [outcome.reward, outcome.label, outcome.ts, outcome.offset]
+def _seen_row(outcome: Seen) -> list[JSONValue]:
+    row: list[JSONValue] = [outcome.reward, outcome.label, outcome.ts, outcome.offset]
     if outcome.clicks is not None:
         row.append(list(outcome.clicks))
     return row
 
 
-def _seen(row: list[Any]) -> Seen:
+def _seen(row: list[JSONValue]) -> Seen:
     return Seen(row[0], row[1], row[2], row[3], tuple(row[4]) if len(row) > 4 else None)
 
 
@@ -640,7 +643,7 @@ def encode_entry(entry: Entry) -> bytes:
     shadows = entry.shadows
     scored = entry.scored
     # tuples and lists serialize alike (JSON arrays); the trace is a last item only when there is one
-    row: tuple[Any, ...] = (
+    row: tuple[JSONValue, ...] = (
         _ENTRY_TAG, entry.partition, entry.route,
         None if primary is None else _served_row(primary), entry.ts_predicted,
         [_served_row(s) for s in shadows] if shadows else (),
@@ -693,7 +696,7 @@ def entry_partition_and_due(raw: bytes, rules: JoinRules, request_id: str = "") 
 
 
 class DueIndex:
-    """Which keys fall due when, in buckets of `resolution_s`, in `lanes` eviction lanes, with a
+    """Which keys (request ids) fall due when, in buckets of `resolution_s`, in `lanes` eviction lanes, with a
     size per key: adding, moving and popping a key is O(1) (plus a heap of bucket numbers per
     lane), so a sweep costs what falls due, not the table size, and so does an eviction. Each key
     is in exactly one bucket of one lane; `bytes` is the sum of the keys' sizes."""
@@ -705,9 +708,9 @@ class DueIndex:
             raise ValueError(f"lanes must be >= 1, got {lanes!r}")
         self._resolution_s = resolution_s
         self._lanes = lanes
-        self._slot_of: dict[Any, int] = {}
+        self._slot_of: dict[str, int] = {}
         """key -> slot (bucket number * lanes + lane)"""
-        self._slots: dict[int, dict[Any, int]] = {}
+        self._slots: dict[int, dict[str, int]] = {}
         """slot -> {key: size}"""
         self._heaps: list[list[int]] = [[] for _ in range(lanes)]  # slots per lane; may hold emptied ones
         self.bytes = 0
@@ -718,7 +721,7 @@ class DueIndex:
     def __contains__(self, key: object) -> bool:
         return key in self._slot_of
 
-    def set(self, key: Any, due: float, lane: int = 0, size: int = 0) -> None:
+    def set(self, key: str, due: float, lane: int = 0, size: int = 0) -> None:
         """Schedule `key` at `due` in `lane` with `size` (replacing any earlier schedule)."""
         slot = int(due // self._resolution_s) * self._lanes + lane
         slot_of = self._slot_of
@@ -738,13 +741,13 @@ class DueIndex:
         members[key] = size
         self.bytes += size
 
-    def discard(self, key: Any) -> None:
+    def discard(self, key: str) -> None:
         """Forget `key` (no error if unknown)."""
         old = self._slot_of.pop(key, None)
         if old is not None:
             self._discard_from(old, key)
 
-    def _discard_from(self, slot: int, key: Any) -> None:
+    def _discard_from(self, slot: int, key: str) -> None:
         members = self._slots.get(slot)
         if members is not None:
             self.bytes -= members.pop(key, 0)
@@ -757,11 +760,11 @@ class DueIndex:
         newest = (int(now // self._resolution_s) - 1) * self._lanes
         return any(heap and heap[0] - lane <= newest for lane, heap in enumerate(self._heaps))
 
-    def pop_due(self, now: float, limit: int | None = None) -> list[Any]:
+    def pop_due(self, now: float, limit: int | None = None) -> list[str]:
         """Remove and return keys whose bucket ended at or before `now`, oldest bucket first,
         at most `limit` of them."""
         newest = (int(now // self._resolution_s) - 1) * self._lanes
-        out: list[Any] = []
+        out: list[tuple[str, int]] = []
         heaps = self._heaps
         while limit is None or len(out) < limit:
             best = -1
@@ -773,11 +776,11 @@ class DueIndex:
             self._pop_slot(heaps[best], out, None if limit is None else limit - len(out))
         return [key for key, _size in out]
 
-    def pop_evict(self, max_entries: int | None, max_bytes: int | None, limit: int) -> list[tuple[Any, int]]:
+    def pop_evict(self, max_entries: int | None, max_bytes: int | None, limit: int) -> list[tuple[str, int]]:
         """Remove and return (key, size) in eviction order — lane 0 oldest bucket first, then
         lane 1, ... — until at most `max_entries` keys and `max_bytes` bytes are left (None: no
         cap), at most `limit` of them."""
-        out: list[tuple[Any, int]] = []
+        out: list[tuple[str, int]] = []
         for heap in self._heaps:
             while heap and len(out) < limit and self.over(max_entries, max_bytes):
                 self._pop_slot(heap, out, 1)
@@ -788,7 +791,7 @@ class DueIndex:
         return ((max_entries is not None and len(self._slot_of) > max_entries)
                 or (max_bytes is not None and self.bytes > max_bytes))
 
-    def _pop_slot(self, heap: list[int], out: list[tuple[Any, int]], limit: int | None) -> None:
+    def _pop_slot(self, heap: list[int], out: list[tuple[str, int]], limit: int | None) -> None:
         """Move up to `limit` keys of the heap's first slot to `out` (dropping it when emptied)."""
         slot = heap[0]
         members = self._slots.get(slot)
@@ -804,7 +807,7 @@ class DueIndex:
             self._slots.pop(slot, None)
             heapq.heappop(heap)
 
-    def pop_all(self) -> list[Any]:
+    def pop_all(self) -> list[str]:
         """Remove and return every key."""
         keys = list(self._slot_of)
         self.clear()

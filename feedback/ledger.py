@@ -37,11 +37,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, assert_never
+from typing import TYPE_CHECKING, TypeAlias, assert_never
 
 import orjson
 
 from banditgate.events import MAX_MAGNITUDE, is_name
+from banditgate.jsontypes import JSONValue
 from feedback.join import Count, DropOutcome, Effect, Label, Reward, Served
 from feedback.outcome_metrics import (
     FIELD_NAMES,
@@ -52,6 +53,9 @@ from feedback.outcome_metrics import (
 )
 from feedback.pairs import Pairs
 from router.stats_store import ARM_UPDATE_LUA, ArmStatsStore, check_arm_update
+
+if TYPE_CHECKING:
+    from redis import asyncio as aredis
 
 _CHUNK = 1000  # ledger items per script call: keeps each atomic step short on the Redis side
 
@@ -290,6 +294,10 @@ class FeedbackKeys:
         return f"{self.prefix}:{{{route}}}:fb:pairs"
 
 
+QualitySlotKey: TypeAlias = tuple[int, bool, str, str, int]
+"""(time bucket number, shadow, arm, model, model version): one quality group of a chunk."""
+
+
 class LedgerChunk:
     """One script call's worth of ledger items for one route, encoded as the script reads them:
     KEYS (seen hashes and target hashes), field names, and per item ``[seen key, token, group...]``
@@ -313,20 +321,20 @@ class LedgerChunk:
 
     def __init__(self, route: str = "") -> None:
         self.route = route
-        self.arm: list[Any] = []
+        self.arm: list[JSONValue] = []
         """``[stats hash position, half-life, dedup TTL s]`` once an item updates arm statistics."""
         self.keys: list[str | bytes] = []
         self.key_index: dict[str | bytes, int] = {}
         self.names: list[str] = []
         self.name_index: dict[str, int] = {}
-        self.rows: list[list[Any]] = []
+        self.rows: list[list[JSONValue]] = []
         self.members: list[Effect] = []
         """The effect each item stands for (to count the applied ones)."""
         self.expire: dict[int, int] = {}
         """Target key position -> TTL in seconds (time buckets)."""
-        self.groups: dict[Any, list[Any]] = {}
+        self.groups: dict[tuple[str, str | None], list[JSONValue]] = {}
         """Count groups by (kind, arm): the same list for every item that has it."""
-        self.stat_names: dict[Any, tuple[list[float], dict[str, int]]] = {}
+        self.stat_names: dict[QualitySlotKey, tuple[list[float], dict[str, int]]] = {}
         """Per (route, time bucket, model version): the quality group's targets and the positions
         of its sum names in `names`."""
 
@@ -366,7 +374,7 @@ class Ledger:
     request by its own seen key, as the router's store applies them), one script call per route
     and chunk of items, all pipelined in one round trip."""
 
-    def __init__(self, client: Any, keys: FeedbackKeys, dedup_ttl_s: int) -> None:
+    def __init__(self, client: aredis.Redis, keys: FeedbackKeys, dedup_ttl_s: int) -> None:
         self._client = client
         self._keys = keys
         self._dedup_ttl_s = int(dedup_ttl_s)
@@ -442,7 +450,7 @@ class LedgerPlanner:
             keys = self._route_keys[route] = (self._keys.counts(route), self._keys.quality(route))
         return keys
 
-    def _quality_slot(self, chunk: LedgerChunk, route: str, slot_key: tuple[Any, ...],
+    def _quality_slot(self, chunk: LedgerChunk, route: str, slot_key: QualitySlotKey,
                       served: Served) -> tuple[list[float], dict[str, int]]:
         """The quality group's targets and the positions of its sum names in `chunk`, for a
         model version's sums in one time bucket (`chunk` is one route's; `slot_key` is
@@ -461,7 +469,7 @@ class LedgerPlanner:
             {stat: chunk.name(names[stat]) for stat in FIELD_NAMES})
         return slot
 
-    def _count_group(self, chunk: LedgerChunk, route: str, kind: str, arm: str | None) -> list[Any]:
+    def _count_group(self, chunk: LedgerChunk, route: str, kind: str, arm: str | None) -> list[JSONValue]:
         group = chunk.groups.get((kind, arm))
         if group is None:
             counts = chunk.key(self._route_key(route)[0])
@@ -553,7 +561,7 @@ class LedgerPlanner:
                 last_request, last_route, last_chunk = request_id, route, chunk
             # one item per effect, [seen key, token, group...]: an effect repeated in a batch (a
             # token applied before) is recognised by the script like any replay
-            row: list[Any] = [seen_position, token]
+            row: list[JSONValue] = [seen_position, token]
             chunk.rows.append(row)
             chunk.members.append(effect)
             if count is not None:

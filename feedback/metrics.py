@@ -4,12 +4,15 @@ collector that serves the latest quality snapshot as gauges). Names are listed i
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
 from feedback.join import Count
+
+if TYPE_CHECKING:
+    from feedback.quality_drift_tracker import SeriesState
 
 
 class FeedbackMetrics:
@@ -219,9 +222,9 @@ class QualityDriftCollector:
     """Prometheus collector serving the quality-drift series' latest state (one snapshot per batch)."""
 
     def __init__(self) -> None:
-        self._states: list[Any] = []
+        self._states: list[SeriesState] = []
 
-    def update(self, states: list[Any]) -> None:
+    def update(self, states: list[SeriesState]) -> None:
         """`states`: feedback.quality_drift_tracker.SeriesState rows (replaced as a whole)."""
         self._states = states
 

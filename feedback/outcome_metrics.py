@@ -39,9 +39,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Literal
+from typing import Literal
 
 from banditgate.events import MAX_MAGNITUDE
+from banditgate.jsontypes import JSONValue
 from feedback.reward import RewardKind, RewardStats
 
 WINDOW_BUCKETS = 12
@@ -58,13 +59,13 @@ class PredictionView:
 
     score: float | None = None
     """Probability of the positive class (classifier) or the predicted value (regressor)."""
-    predicted: Any = None
+    predicted: JSONValue = None
     """Predicted label (the ``label`` output), None for a regressor."""
     predicted_name: str | None = None
     """Class name of the predicted label (the gateway's ``class`` output), if the model has names."""
 
 
-def _first_number(value: Any) -> float | None:
+def _first_number(value: JSONValue) -> float | None:
     while isinstance(value, list) and value:
         value = value[0]
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -77,7 +78,7 @@ def _first_number(value: Any) -> float | None:
 _PROBABILITY_OUTPUTS = ("probability", "probabilities", "output_probability")
 
 
-def outputs_view(outputs: Mapping[str, Any]) -> PredictionView:
+def outputs_view(outputs: Mapping[str, JSONValue]) -> PredictionView:
     """Read score and predicted label from a prediction's ``outputs``.
 
     The score is the positive-class probability: the first of ``probability``, ``probabilities``,
@@ -121,7 +122,7 @@ def outputs_view(outputs: Mapping[str, Any]) -> PredictionView:
                           predicted_name=class_name if isinstance(class_name, str) else None)
 
 
-def binary_label(label: Any) -> int | None:
+def binary_label(label: JSONValue) -> int | None:
     """1 or 0 for labels that are booleans or the numbers 0 and 1; None for anything else."""
     if isinstance(label, bool):
         return int(label)
@@ -130,7 +131,7 @@ def binary_label(label: Any) -> int | None:
     return None
 
 
-def _predicted_label(view: PredictionView, label: Any) -> Any:
+def _predicted_label(view: PredictionView, label: JSONValue) -> JSONValue:
     """The predicted label to compare with `label`, or None when the view cannot say."""
     if view.predicted is not None:
         if isinstance(label, str) and not isinstance(view.predicted, str) and view.predicted_name is not None:
@@ -141,7 +142,7 @@ def _predicted_label(view: PredictionView, label: Any) -> Any:
     return None
 
 
-def _same(predicted: Any, label: Any) -> bool:
+def _same(predicted: JSONValue, label: JSONValue) -> bool:
     if isinstance(predicted, bool) or isinstance(label, bool):
         return binary_label(predicted) is not None and binary_label(predicted) == binary_label(label)
     if isinstance(predicted, (int, float)) and isinstance(label, (int, float)):
@@ -149,7 +150,7 @@ def _same(predicted: Any, label: Any) -> bool:
     return str(predicted) == str(label)
 
 
-def label_error(view: PredictionView, label: Any) -> bool | None:
+def label_error(view: PredictionView, label: JSONValue) -> bool | None:
     """Whether a classifier's predicted label misses `label` (the error stream the quality-drift
     CUSUM watches); None when the pair cannot be scored as a classification (regressors)."""
     predicted = view.predicted
@@ -158,7 +159,7 @@ def label_error(view: PredictionView, label: Any) -> bool | None:
     return _label_error(view, label)
 
 
-def _label_error(view: PredictionView, label: Any) -> bool | None:
+def _label_error(view: PredictionView, label: JSONValue) -> bool | None:
     predicted = _predicted_label(view, label)
     if predicted is None:
         return None
@@ -270,12 +271,12 @@ class QualityStats:
 FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(QualityStats))
 
 
-def labelled(view: PredictionView, label: Any) -> QualityStats:
+def labelled(view: PredictionView, label: JSONValue) -> QualityStats:
     """One prediction scored against its label (empty stats if the pair cannot be scored)."""
     return QualityStats(**labelled_fields(view, label))
 
 
-def labelled_fields(view: PredictionView, label: Any) -> dict[str, float]:
+def labelled_fields(view: PredictionView, label: JSONValue) -> dict[str, float]:
     """:func:`labelled` as its non-zero sums by field name (the hot path's form: no objects)."""
     predicted = view.predicted
     if label.__class__ is int and (label == 0 or label == 1) and predicted.__class__ is int:
@@ -302,7 +303,7 @@ def _add_probability_fields(stats: dict[str, float], score: float | None, y: int
             stats["brier_sum"] = brier
 
 
-def _labelled_fields(view: PredictionView, label: Any) -> dict[str, float]:
+def _labelled_fields(view: PredictionView, label: JSONValue) -> dict[str, float]:
     y = binary_label(label)
     predicted = _predicted_label(view, label)
     if predicted is not None:
@@ -334,7 +335,7 @@ def rewarded_fields(reward: float) -> dict[str, float]:
     return {"n_reward": 1.0, "reward_sum": reward, "reward_sq_sum": reward * reward}
 
 
-def loss(view: PredictionView, label: Any) -> tuple[str, float] | None:
+def loss(view: PredictionView, label: JSONValue) -> tuple[str, float] | None:
     """("brier", value) or ("error", 0/1) for one labelled prediction; None if neither applies."""
     y = binary_label(label)
     if y is not None and view.score is not None and 0.0 <= view.score <= 1.0:
@@ -345,13 +346,13 @@ def loss(view: PredictionView, label: Any) -> tuple[str, float] | None:
     return "error", 0.0 if _same(predicted, label) else 1.0
 
 
-def shadow_observation(shadow: PredictionView, primary: PredictionView | None, label: Any) -> QualityStats:
+def shadow_observation(shadow: PredictionView, primary: PredictionView | None, label: JSONValue) -> QualityStats:
     """A shadow's comparison with the primary on one request: agreement of predicted labels and,
     with a label, the paired losses the sequential test uses (empty without a primary)."""
     return QualityStats(**shadow_fields(shadow, primary, label))
 
 
-def shadow_fields(shadow: PredictionView, primary: PredictionView | None, label: Any) -> dict[str, float]:
+def shadow_fields(shadow: PredictionView, primary: PredictionView | None, label: JSONValue) -> dict[str, float]:
     """:func:`shadow_observation` as its non-zero sums by field name."""
     if primary is None:
         return {}

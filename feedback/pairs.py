@@ -27,11 +27,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
-from typing import Any
 
 import numpy as np
 
 from banditgate.events import MAX_CLICKS, MAX_ID_CHARS, MAX_RANKERS, EventError, is_name
+from banditgate.jsontypes import JSONValue
 from router.interleave import clicked_positions
 from router.preference import ArmVerdict, PreferenceTest
 
@@ -64,11 +64,11 @@ class Impression:
     teams: tuple[str, ...]
     arms: tuple[str, ...]
 
-    def to_row(self) -> list[Any]:
+    def to_row(self) -> list[list[str]]:
         return [list(self.items), list(self.teams), list(self.arms)]
 
     @classmethod
-    def from_row(cls, row: Sequence[Any]) -> Impression:
+    def from_row(cls, row: Sequence[JSONValue]) -> Impression:
         """Inverse of `to_row`. Raises ValueError on a row it did not write."""
         if len(row) != 3:
             raise ValueError(f"an impression row has 3 parts, got {len(row)}")
@@ -79,7 +79,7 @@ MAX_IMPRESSION_ITEMS = MAX_CLICKS
 """Most items one impression may list (a route's `k` is at most 1000 too)."""
 
 
-def impression_from_outputs(outputs: Mapping[str, Any]) -> Impression | None:
+def impression_from_outputs(outputs: Mapping[str, JSONValue]) -> Impression | None:
     """The impression an interleave prediction's `outputs` describe, or None when they do not
     describe one (not an interleave route, or malformed: then its clicks cannot be credited).
 
@@ -202,11 +202,11 @@ class PairTable:
         return PairCounts(wins=swapped.losses, losses=swapped.wins, ties=swapped.ties)
 
 
-def _text(value: Any) -> str:
+def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
-def parse_pairs(raw: Mapping[Any, Any]) -> PairTable:
+def parse_pairs(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> PairTable:
     """A pair hash (as HGETALL returns it, bytes or str) -> PairTable; unknown fields are ignored."""
     counts: dict[tuple[str, str], dict[str, int]] = {}
     clicks: dict[str, int] = {}

@@ -38,11 +38,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal, TypeAlias
 
 import numpy as np
+import numpy.typing as npt
 
 from banditgate.drift.bernoulli_cusum import BernoulliCusum, QualityAlarm
+from banditgate.jsontypes import JSONValue
 from feedback.outcome_metrics import PredictionView, label_error
 
 Signal = Literal["label_error", "reward_failure"]
@@ -61,6 +63,10 @@ class SeriesKey:
     model: str
     version: int
     signal: Signal
+
+
+_SeriesFields: TypeAlias = tuple[str, str, str, str, int, Signal]
+"""A SeriesKey's fields as a plain tuple (route, role, arm, model, version, signal)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,13 +124,13 @@ class QualityDriftTracker:
         self._max_pending = max_pending
         # by the key's fields as a plain tuple: hashing it is cheaper than hashing a SeriesKey,
         # and this runs once per scored outcome
-        self._series: dict[tuple[Any, ...], _Series] = {}
-        self._touched: set[tuple[Any, ...]] = set()
+        self._series: dict[_SeriesFields, _Series] = {}
+        self._touched: set[_SeriesFields] = set()
         self.dropped = 0
         """Outcomes dropped because a series waited too long for its threshold."""
 
     # -- feeding -------------------------------------------------------------------------------
-    def _get(self, fields: tuple[Any, ...]) -> _Series:
+    def _get(self, fields: _SeriesFields) -> _Series:
         series = self._series.get(fields)
         if series is None:
             series = self._series[fields] = _Series(SeriesKey(*fields))
@@ -135,13 +141,13 @@ class QualityDriftTracker:
         """One joined outcome of a series (in arrival order)."""
         self._get((key.route, key.role, key.arm, key.model, key.version, key.signal)).batch.append(error)
 
-    def add_many(self, key: SeriesKey, errors: Any) -> None:
+    def add_many(self, key: SeriesKey, errors: npt.ArrayLike) -> None:
         """Several outcomes of one series, in order (0/1 or booleans)."""
         series = self._get((key.route, key.role, key.arm, key.model, key.version, key.signal))
         series.batch.extend(bool(e) for e in np.asarray(errors).ravel())
 
     def add_label(self, route: str, role: str, arm: str, model: str, version: int, view: PredictionView,
-                  label: Any) -> None:
+                  label: JSONValue) -> None:
         """A model's prediction scored against the outcome's label (nothing for unscorable pairs)."""
         error = label_error(view, label)
         if error is not None:
@@ -172,7 +178,7 @@ class QualityDriftTracker:
             alarms.extend(self._detect(key, series, values))
         return alarms
 
-    def _learn(self, fields: tuple[Any, ...], series: _Series, values: np.ndarray) -> np.ndarray | None:
+    def _learn(self, fields: _SeriesFields, series: _Series, values: np.ndarray) -> np.ndarray | None:
         """Reference phase and calibration; returns the outcomes ready for the detector, if any."""
         if series.p0 is None:
             need = self.reference_outcomes - series.reference_count

@@ -38,14 +38,14 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
-from typing import Any
 
 from banditgate.drift.calibration import bernoulli_threshold
 from banditgate.drift.episodes import EpisodeBook, EpisodeKey
 from banditgate.episode_store import Episodes
 from banditgate.events import Alert
+from banditgate.jsontypes import JSONObject, JSONValue
 from feedback.join import Label, Reward
 from feedback.metrics import FeedbackMetrics
 from feedback.quality_drift_tracker import QualityDriftTracker, SeriesAlarm, SeriesKey
@@ -175,7 +175,7 @@ class QualityDriftWatch:
         for task in list(self._tasks):
             task.cancel()
 
-    def _spawn(self, work: Any) -> None:
+    def _spawn(self, work: Coroutine[object, object, None]) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -203,7 +203,7 @@ class QualityDriftWatch:
                      alert["details"]["alarms"])
             self._ready.append(_alert(alert))
 
-    def _details(self, item: SeriesAlarm) -> dict[str, Any]:
+    def _details(self, item: SeriesAlarm) -> JSONObject:
         key, alarm = item.key, item.alarm
         return {
             "role": key.role, "signal": key.signal, "statistic": alarm.statistic,
@@ -214,7 +214,7 @@ class QualityDriftWatch:
         }
 
 
-def _alert(alert: Mapping[str, Any]) -> Alert:
+def _alert(alert: Mapping[str, JSONValue]) -> Alert:
     return Alert(kind=alert["kind"], route=alert["route"], arm=alert["arm"], model_version=alert["model_version"],
                  metric=alert["metric"], value=alert["value"], threshold=alert["threshold"], ts=alert["ts"],
                  details=alert["details"], state=alert["state"])

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Literal
 
 import orjson
 
@@ -29,11 +29,18 @@ from feedback.ledger import ChunkApplied, FeedbackKeys, Ledger, LedgerChunk, Led
 from feedback.metrics import FeedbackMetrics
 from feedback.outcome_metrics import (
     QualityStats,
+    ShadowVerdict,
     shadow_verdict,
     window_buckets,
 )
 from feedback.webhooks import WebhookNotifier, alert_route
 from router.stats_store import ArmStatsStore
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+    from redis import asyncio as aredis
+
+    from feedback.producer import ReplaceableProducer
 
 log = logging.getLogger("banditgate.feedback.sinks")
 
@@ -176,7 +183,8 @@ class KafkaOut:
     failure that breaks the producer (a refusal, a broken sequence, fenced, closed) replaces it
     when `producer` is a :class:`feedback.producer.ReplaceableProducer`."""
 
-    def __init__(self, producer: Any, deadletter_topic: str, alerts_topic: str, webhooks: Any = None,
+    def __init__(self, producer: ReplaceableProducer | AIOKafkaProducer, deadletter_topic: str, alerts_topic: str,
+                 webhooks: WebhookNotifier | None = None,
                  metrics: FeedbackMetrics | None = None) -> None:
         self._producer = producer
         self.deadletter_topic = deadletter_topic
@@ -279,11 +287,11 @@ class KafkaOut:
 # quality: gauges and promote / reject
 
 
-def _text(value: Any) -> str:
+def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
-def parse_quality(raw: Mapping[Any, Any]) -> dict[tuple[str, str, str, str], QualityStats]:
+def parse_quality(raw: Mapping[bytes, bytes] | Mapping[str, str]) -> dict[tuple[str, str, str, str], QualityStats]:
     """A quality hash -> stats per (role, arm, model, version)."""
     grouped: dict[tuple[str, str, str, str], dict[str, float]] = defaultdict(dict)
     for name, value in raw.items():
@@ -300,7 +308,7 @@ class QualityMonitor:
     the gauges, and sends a promote or reject alert once per shadow version when the sequential
     test decides. An alert is sent before it is marked sent, so it may (rarely) repeat."""
 
-    def __init__(self, client: Any, keys: FeedbackKeys, routes: Sequence[Route], window_s: float,
+    def __init__(self, client: aredis.Redis, keys: FeedbackKeys, routes: Sequence[Route], window_s: float,
                  confidence: float, margin: float, out: KafkaOut, metrics: FeedbackMetrics,
                  clock: Callable[[], float] = time.time) -> None:
         self._client = client
@@ -343,8 +351,9 @@ class QualityMonitor:
                     values.update(advantage=verdict.advantage, advantage_low=verdict.lower,
                                   advantage_high=verdict.upper, pairs=verdict.n)
                     marker = f"{verdict.decision}|{arm}|{model}|{version}"
-                    if verdict.decision is not None and marker not in alerted:
-                        alerts.append(self._alert(route.name, arm, model, version, verdict, total[key], total, now))
+                    if (decision := verdict.decision) is not None and marker not in alerted:
+                        alerts.append(self._alert(route.name, arm, model, version, decision, verdict, total[key],
+                                                  total, now))
                 rows.append(((route.name, arm, model, version, role), values))
         self._metrics.quality.update(rows)
         if alerts:
@@ -363,12 +372,13 @@ class QualityMonitor:
                             alert.details["lower"], alert.details["upper"], alert.details["pairs"])
         return alerts
 
-    def _alert(self, route: str, arm: str, model: str, version: str, verdict: Any, shadow: QualityStats,
-               total: Mapping[tuple[str, str, str, str], QualityStats], now: float) -> Alert:
+    def _alert(self, route: str, arm: str, model: str, version: str, decision: Literal["promote", "reject"],
+               verdict: ShadowVerdict, shadow: QualityStats, total: Mapping[tuple[str, str, str, str], QualityStats],
+               now: float) -> Alert:
         primaries = {f"{k[1]}:{k[2]}:v{k[3]}": _summary(s) for k, s in total.items() if k[0] == "primary"}
-        return Alert(kind=verdict.decision, route=route, arm=arm, model_version=int(version),
+        return Alert(kind=decision, route=route, arm=arm, model_version=int(version),
                      metric="paired_loss_advantage", value=verdict.advantage,
-                     threshold=self._margin if verdict.decision == "promote" else 0.0, ts=now,
+                     threshold=self._margin if decision == "promote" else 0.0, ts=now,
                      details={"model": model, "pairs": int(verdict.n), "lower": verdict.lower, "upper": verdict.upper,
                               "confidence": verdict.confidence, "margin": verdict.margin,
                               "primary_loss": verdict.primary_loss, "shadow_loss": verdict.shadow_loss,

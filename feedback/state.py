@@ -29,9 +29,12 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from feedback.join import LANES, DueIndex, Entry, JoinRules, decode_entry, encode_entry, schedule_of
+
+if TYPE_CHECKING:
+    from feedback.producer import ReplaceableProducer
 
 log = logging.getLogger("banditgate.feedback.state")
 
@@ -90,7 +93,7 @@ class JoinBudget:
                 None if self.max_bytes is None else -(-self.max_bytes // n))
 
 
-async def send_changelog(producer: Any, topic: str, by_partition: Mapping[int, list[tuple[bytes, bytes | None]]]
+async def send_changelog(producer: ReplaceableProducer, topic: str, by_partition: Mapping[int, list[tuple[bytes, bytes | None]]]
                          ) -> dict[int, int]:
     """Write changelog records (one aiokafka record batch per partition, more when one is full)
     and wait for the broker's acknowledgement; returns each partition's last offset. Raises
@@ -121,7 +124,18 @@ async def send_changelog(producer: Any, topic: str, by_partition: Mapping[int, l
     return last
 
 
-def apply_changelog_records(store: Any, partition: int, records: Sequence[Any]) -> None:
+class ChangelogRecord(Protocol):
+    """What changelog recovery reads of a record (aiokafka's ConsumerRecord, untyped, has these)."""
+
+    @property
+    def key(self) -> bytes: ...
+    @property
+    def value(self) -> bytes | None: ...
+    @property
+    def offset(self) -> int: ...
+
+
+def apply_changelog_records(store: Any, partition: int, records: Sequence[ChangelogRecord]) -> None:  # Any: faust's StoreT declares neither the memory store's `data` nor our `apply_records`
     """Write recovered changelog records (key, value or None for a tombstone, offset; in offset
     order) into the table's store: faust's memory store's dict, or the disk store (which indexes
     them as it writes)."""
@@ -147,10 +161,10 @@ class JoinTable:
     faust's memory store never serializes values itself (only recovery writes to it), so
     keeping the object saves decoding each entry again on its next event."""
 
-    def __init__(self, store: MutableMapping[bytes, bytes], producer: Any, changelog_topic: str,
+    def __init__(self, store: MutableMapping[bytes, bytes | Entry], producer: ReplaceableProducer, changelog_topic: str,
                  rules: JoinRules, index_resolution_s: float = 1.0, budget: JoinBudget | None = None) -> None:
         self._store = store
-        self._data: MutableMapping[bytes, Any] = getattr(store, "data", store)  # the memory store's own dict
+        self._data: MutableMapping[bytes, bytes | Entry] = getattr(store, "data", store)  # the memory store's own dict
         self._producer = producer
         self.changelog_topic = changelog_topic
         self._rules = rules
@@ -196,7 +210,7 @@ class JoinTable:
         those recovered from the changelog are bytes until first read). `partition` (the
         request's) is what a store kept per partition needs; this one ignores it."""
         raw = self._data.get(request_id.encode())
-        if raw is None or raw.__class__ is Entry:
+        if raw is None or type(raw) is Entry:
             return raw
         return decode_entry(request_id, raw)
 
@@ -312,7 +326,7 @@ class JoinTable:
             for raw_key, raw in list(self._store.items()):
                 request_id = raw_key.decode() if isinstance(raw_key, (bytes, bytearray)) else str(raw_key)
                 try:
-                    if raw.__class__ is Entry:
+                    if type(raw) is Entry:
                         entry, stored = raw, None
                     else:
                         entry, stored = decode_entry(request_id, raw), len(raw_key) + len(raw)

@@ -32,10 +32,10 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass, replace
-from typing import Any
 
 from banditgate.config import Retrain
 from banditgate.events import Alert
+from banditgate.jsontypes import JSONObject, JSONValue
 
 REASONS = ("new_labels", "quality", "drift", "every")
 """In the order a trigger names them when several hold at once (the first is its `reason`)."""
@@ -63,11 +63,11 @@ class TriggerState:
         start = self.window_start if self.window_start is not None else now
         return replace(self, labels_since=self.labels_since + count, window_start=start)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TriggerState:
+    def from_dict(cls, data: Mapping[str, JSONValue]) -> TriggerState:
         def number(key: str) -> float | None:
             value = data.get(key)
             return None if value in (None, "", "None") else float(value)
@@ -138,7 +138,7 @@ def retrain_alert(decision: TriggerDecision, route: str, model: str, model_versi
     if not decision.fired or decision.window is None:
         raise ValueError("only a decision that fired makes a retrain alert")
     threshold = float(config.new_labels) if decision.reason == "new_labels" and config.new_labels else 0.0
-    details: dict[str, Any] = {"model": model, "reason": decision.reason, "reasons": list(decision.reasons),
+    details: JSONObject = {"model": model, "reason": decision.reason, "reasons": list(decision.reasons),
                                "window_start": decision.window[0], "window_end": decision.window[1],
                                "labels": decision.labels, "cooldown_s": config.cooldown_s}
     if export_manifest is not None:

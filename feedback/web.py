@@ -13,7 +13,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import orjson
@@ -21,7 +21,10 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 
 from feedback.health import Answer, HealthBoard
 
-WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+if TYPE_CHECKING:
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+WsgiApp: TypeAlias = "WSGIApplication"
 
 
 def make_app(registry: CollectorRegistry, board: HealthBoard) -> WsgiApp:
@@ -30,7 +33,7 @@ def make_app(registry: CollectorRegistry, board: HealthBoard) -> WsgiApp:
     probes: dict[str, tuple[str, Callable[[], Answer]]] = {"/health/live": ("live", board.live),
                                                            "/health/ready": ("ready", board.ready)}
 
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         probe = probes.get(environ.get("PATH_INFO", ""))
         if probe is None:
             return metrics(environ, start_response)
@@ -53,7 +56,7 @@ class _Server(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
+    def log_message(self, format: str, *args: object) -> None:
         """Probes every few seconds would flood the log (an exception in the app is still printed by
         wsgiref's handler)."""
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 import orjson
 
 from banditgate.config import dump_public
+from banditgate.jsontypes import JSONObject
 from gateway.dataplane import Dataplane
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound
 from gateway.guardrail_watch import marker_key
@@ -22,19 +23,22 @@ from gateway.rollout_apply import RolloutApplier
 from gateway.serving import RouteRuntime
 from router.stats_store import ArmStatsStore
 
+if TYPE_CHECKING:
+    from redis import asyncio as aredis
+
 log = logging.getLogger("banditgate.admin")
 
 
 class Admin:
     def __init__(self, dataplane: Dataplane, repository: ModelRepository, store: ArmStatsStore | None,
-                 redis: Any = None, rollouts: RolloutApplier | None = None) -> None:
+                 redis: aredis.Redis | None = None, rollouts: RolloutApplier | None = None) -> None:
         self.dataplane = dataplane
         self.repository = repository
         self.store = store
         self.redis = redis
         self.rollouts = rollouts
 
-    async def handle(self, params: dict[str, str], method: str, body: bytes) -> dict[str, Any]:
+    async def handle(self, params: dict[str, str], method: str, body: bytes) -> JSONObject:
         """Dispatch one admin request; raises GatewayError subclasses for the caller's mistakes."""
         if "rollout_action" in params:
             from gateway.admin_rollout import rollout_admin
@@ -54,7 +58,7 @@ class Admin:
         raise ModelNotFound(f"unknown admin action {action!r} (reload, routes, config, routes/<route>, "
                             "routes/<route>/arms/<arm>/drain|restore|reset)")
 
-    async def reload(self) -> dict[str, Any]:
+    async def reload(self) -> JSONObject:
         events = await asyncio.to_thread(self.repository.scan)
         self.dataplane.collect_retired()  # a superseded `latest` version: freed when its batches end
         for event in events:
@@ -69,7 +73,7 @@ class Admin:
             raise ModelNotFound(f"unknown route {route!r}")
         return runtime
 
-    async def route_status(self, route: str) -> dict[str, Any]:
+    async def route_status(self, route: str) -> JSONObject:
         runtime = self._runtime(route)
         policy = runtime.policy
         arms: dict[str, dict[str, float | str]] = {name: {"share": float(share), "drained": name in policy.drained}
@@ -86,7 +90,7 @@ class Admin:
                 return {"route": route, "policy": runtime.route.policy, "arms": arms, "note": arms_note}
         return {"route": route, "policy": runtime.route.policy, "arms": arms}
 
-    async def arm_action(self, route: str, arm: str, action: str) -> dict[str, Any]:
+    async def arm_action(self, route: str, arm: str, action: str) -> JSONObject:
         runtime = self._runtime(route)
         if arm not in runtime.policy.arm_names:
             raise ModelNotFound(f"route {route!r} has no arm {arm!r} (arms: {', '.join(runtime.policy.arm_names)})")

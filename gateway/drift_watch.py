@@ -33,7 +33,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -41,8 +41,12 @@ from banditgate.drift.episodes import EpisodeBook, EpisodeKey
 from banditgate.drift.monitor import DriftAlarm, FeatureDriftMonitor, ScoreDriftMonitor, profile_keys
 from banditgate.drift.reference import ProfileError, ReferenceProfile
 from banditgate.episode_store import EpisodeClaims, Episodes
+from banditgate.jsontypes import JSONObject
 from gateway.metrics import GatewayMetrics
 from gateway.models.onnx_runtime import OnnxModel
+
+if TYPE_CHECKING:
+    from redis import asyncio as aredis
 
 log = logging.getLogger("banditgate.drift")
 
@@ -77,8 +81,8 @@ class DriftWatch:
     claimed across replicas (None: this process decides alone)."""
 
     def __init__(self, arl0: float, metrics: GatewayMetrics,
-                 publish_alert: Callable[[dict[str, Any]], None], enabled: bool = True, *,
-                 quiet_s: float = 600.0, redis: Any = None, prefix: str = "banditgate",
+                 publish_alert: Callable[[JSONObject], None], enabled: bool = True, *,
+                 quiet_s: float = 600.0, redis: aredis.Redis | None = None, prefix: str = "banditgate",
                  clock: Callable[[], float] = time.time) -> None:
         self.arl0 = arl0
         self.metrics = metrics

@@ -14,12 +14,16 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 from banditgate import redis_errors
 from banditgate.config import Route
+from banditgate.jsontypes import JSONObject
 from router.guardrail import evaluate
 from router.stats_store import ArmStatsStore
+
+if TYPE_CHECKING:
+    from redis import asyncio as aredis
 
 log = logging.getLogger("banditgate.guardrail")
 
@@ -46,8 +50,8 @@ def marker_key(store: ArmStatsStore, route: str, arm: str) -> str:
 
 
 class GuardrailWatch:
-    def __init__(self, store: ArmStatsStore, client: Any, routes: Mapping[str, Route],
-                 publish_alert: Callable[[dict[str, Any]], None], interval_s: float = 5.0,
+    def __init__(self, store: ArmStatsStore, client: aredis.Redis, routes: Mapping[str, Route],
+                 publish_alert: Callable[[JSONObject], None], interval_s: float = 5.0,
                  marker_ttl_s: float = MARKER_TTL_S, on_failure: Callable[[str], None] | None = None) -> None:
         """`on_failure(kind)` counts each failed check (banditgate.redis_errors kinds)."""
         if marker_ttl_s <= 0:
@@ -62,7 +66,7 @@ class GuardrailWatch:
         self.publish_alert = publish_alert
         self.interval_s = interval_s
 
-    async def check_once(self) -> list[dict[str, Any]]:
+    async def check_once(self) -> list[JSONObject]:
         """One pass over every guarded route; returns the alerts it published."""
         if not self.routes:
             return []

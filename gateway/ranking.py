@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from banditgate.events import prediction_event
+from banditgate.jsontypes import JSONObject
 from gateway.batching.batcher import ModelBatcher
 from gateway.drift_watch import score_column
 from gateway.errors import GatewayError, ModelNotFound, ModelUnavailable
@@ -49,7 +50,7 @@ async def serve_interleave(dataplane: Rankers, runtime: RouteRuntime, requests: 
             answer.error = ("model_unavailable", str(exc))
         return answers
     # one row per candidate, all requests of the batch together
-    rows: list[dict[str, Any]] = []
+    rows: list[JSONObject] = []
     owner: list[int] = []
     for index, request in enumerate(requests):
         items = request.items
@@ -131,7 +132,7 @@ async def serve_interleave(dataplane: Rankers, runtime: RouteRuntime, requests: 
     return answers
 
 
-def _candidate_rows(request: Pending, count: int) -> list[dict[str, Any]] | str:
+def _candidate_rows(request: Pending, count: int) -> list[JSONObject] | str:
     """Split a ranking request's inputs into one input dict per candidate, or say what is wrong."""
     per_input = {}
     for name, value in request.inputs.items():

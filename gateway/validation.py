@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
+from banditgate.jsontypes import JSONValue
 from gateway.errors import InvalidInput
 from gateway.models.onnx_runtime import OIP_DATATYPES, OnnxModel, TensorSpec
 
@@ -27,7 +27,7 @@ MAX_DIMS = 32
 """More dimensions than any model here takes (numpy's own limit is 64)."""
 
 
-def check_shape(shape: Any, name: str, max_elements: int) -> int:
+def check_shape(shape: JSONValue, name: str, max_elements: int) -> int:
     """The element count of a tensor shape sent by a client; raise InvalidInput for anything but
     a short list of non-negative integers whose product is at most `max_elements`.
 
@@ -62,7 +62,7 @@ def _limits(dtype: np.dtype) -> tuple[int | float, int | float]:
     return float(info_f.min), float(info_f.max)
 
 
-def _outside(what: str, value: Any, dtype: np.dtype) -> InvalidInput:
+def _outside(what: str, value: JSONValue, dtype: np.dtype) -> InvalidInput:
     low, high = _limits(dtype)
     bounds = f"[{low}, {high}]" if dtype.kind in "iu" else f"[{low:.6g}, {high:.6g}]"
     shown = value.item() if isinstance(value, np.generic) else value
@@ -100,7 +100,7 @@ def checked_cast(array: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.nda
     return cast, (overflowed & ~np.isinf(array)) if source.kind == "f" else overflowed
 
 
-def _exact_integers(values: Any) -> np.ndarray | None:
+def _exact_integers(values: object) -> np.ndarray | None:
     """`values` as an object array of Python ints when every element is an integer (JSON ints
     beyond int64 make np.asarray give float64 or objects), else None."""
     try:
@@ -113,7 +113,7 @@ def _exact_integers(values: Any) -> np.ndarray | None:
     return None
 
 
-def numbers_for(values: Any, dtype: np.dtype, what: str) -> np.ndarray:
+def numbers_for(values: object, dtype: np.dtype, what: str) -> np.ndarray:
     """`values` (nested lists of JSON numbers, or an array) as an array of `dtype`, exactly:
     raise InvalidInput `wrong_type` for values of the wrong kind (a fraction for an integer
     input, a string for a number), `out_of_range` for numbers the dtype cannot hold, `bad_input`
@@ -167,7 +167,7 @@ def _row_shape_matches(shape: tuple[int, ...], expected: tuple[int | None, ...])
     return len(shape) == len(expected) and all(e is None or e == s for s, e in zip(shape, expected))
 
 
-def _convert(values: Sequence[Any], spec: TensorSpec) -> np.ndarray | None:
+def _convert(values: Sequence[JSONValue], spec: TensorSpec) -> np.ndarray | None:
     """Whole-batch conversion, or None if any row is off (then the slow path names it)."""
     try:
         array = np.array(values) if spec.dtype != np.dtype(object) else np.array(values, dtype=object)
@@ -180,7 +180,7 @@ def _convert(values: Sequence[Any], spec: TensorSpec) -> np.ndarray | None:
     return array  # in its own dtype: validate_batch checks the range before casting
 
 
-def _check_row(value: Any, spec: TensorSpec) -> tuple[str, str] | None:
+def _check_row(value: JSONValue, spec: TensorSpec) -> tuple[str, str] | None:
     if value is None:
         return ("missing_field", f"input {spec.name!r} is missing")
     if spec.dtype.kind == "O":
@@ -200,7 +200,7 @@ def _check_row(value: Any, spec: TensorSpec) -> tuple[str, str] | None:
     return None
 
 
-def validate_batch(model: OnnxModel, rows: Sequence[Mapping[str, Any]]) -> ValidatedBatch:
+def validate_batch(model: OnnxModel, rows: Sequence[Mapping[str, JSONValue]]) -> ValidatedBatch:
     """Check each row's inputs (names, dtype, shape, finiteness, configured ranges); build feeds."""
     n = len(rows)
     ok = np.ones(n, dtype=bool)

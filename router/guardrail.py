@@ -31,9 +31,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from banditgate.config import Guardrail
+from banditgate.jsontypes import JSONObject
 from router.arm_stats import ArmSnapshot
 
 
@@ -53,7 +53,7 @@ class GuardrailFinding:
     """log Lambda of the mSPRT; the arm is drained when it reaches `log_threshold`."""
     log_threshold: float
 
-    def alert_fields(self, route: str, ts: float, model_version: int | None = None) -> dict[str, Any]:
+    def alert_fields(self, route: str, ts: float, model_version: int | None = None) -> JSONObject:
         """Keyword arguments for ``banditgate.events.Alert`` (kind ``guardrail``)."""
         return {"kind": "guardrail", "route": route, "arm": self.arm, "model_version": model_version,
                 "metric": self.metric, "value": self.value, "threshold": self.best_value, "ts": ts,

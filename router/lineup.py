@@ -35,12 +35,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import orjson
 
 from banditgate.config import Route
-from banditgate.jsontypes import JSONObject
+from banditgate.jsontypes import JSONObject, JSONValue
 from router.arm_stats import ArmStats
 from router.rollout import NOT_RETRIED, RolloutError, RolloutState
 
@@ -56,12 +55,12 @@ class LineupArm:
     cap: float = 1.0
     floor: float = 0.0
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return {"name": self.name, "model": self.model, "version": self.version, "weight": self.weight,
                 "cap": self.cap}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LineupArm:
+    def from_dict(cls, data: Mapping[str, JSONValue]) -> LineupArm:
         version = data["version"]
         return cls(name=str(data["name"]), model=str(data["model"]),
                    version=version if version == "latest" else int(version), weight=float(data.get("weight", 1.0)),
@@ -124,10 +123,10 @@ class RolloutRecord:
         return fields
 
     @classmethod
-    def from_fields(cls, raw: Mapping[Any, Any]) -> RolloutRecord:
+    def from_fields(cls, raw: Mapping[bytes, bytes] | Mapping[str, str]) -> RolloutRecord:
         """Inverse of to_fields. Raises RolloutError for a hash that is not a valid record."""
         fields = {_text(k): _text(v) for k, v in raw.items()}
-        state_fields: dict[str, Any] = dict(fields)
+        state_fields: dict[str, str | bool] = dict(fields)
         state_fields["paused"] = fields.get("paused") == "1"
         state = RolloutState.from_dict(state_fields)
         try:
@@ -195,7 +194,7 @@ def serving_version(arms: Sequence[LineupArm], arm_name: str) -> int | None:
     return None
 
 
-def _text(value: Any) -> str:
+def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 

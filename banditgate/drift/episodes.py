@@ -28,7 +28,8 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+
+from banditgate.jsontypes import JSONObject, JSONValue
 
 __all__ = ["Action", "Episode", "EpisodeBook", "EpisodeKey", "firing_alert", "resolved_alert"]
 
@@ -79,7 +80,7 @@ class Episode:
     refreshed_at: float = -math.inf
     recheck_at: float = -math.inf
     """An owner whose claim still lived when it went quiet looks again from here."""
-    last: dict[str, Any] = field(default_factory=dict)
+    last: JSONObject = field(default_factory=dict)
     """The latest alarm's values (statistic, threshold, effect sizes...), for the resolved alert."""
 
 
@@ -117,7 +118,7 @@ class EpisodeBook:
     def open_episodes(self) -> list[Episode]:
         return list(self._open.values())
 
-    def alarm(self, key: EpisodeKey, now: float, values: Mapping[str, Any] | None = None,
+    def alarm(self, key: EpisodeKey, now: float, values: Mapping[str, JSONValue] | None = None,
               token_prefix: str = "") -> tuple[Action, Episode]:
         """One alarm of `key` at `now`. Returns what to do and the episode (new or updated)."""
         episode = self._open.get(key)
@@ -183,8 +184,8 @@ class EpisodeBook:
             self.dropped += 1
 
 
-def firing_alert(kind: str, episode: Episode, now: float, values: Mapping[str, Any],
-                 details: Mapping[str, Any]) -> dict[str, Any]:
+def firing_alert(kind: str, episode: Episode, now: float, values: Mapping[str, JSONValue],
+                 details: Mapping[str, JSONValue]) -> JSONObject:
     """The `firing` alert of an episode: `values` has value and threshold; `details` more fields
     (model and feature are set here, so every drift and quality alert carries them)."""
     key = episode.key
@@ -194,7 +195,7 @@ def firing_alert(kind: str, episode: Episode, now: float, values: Mapping[str, A
                                    "opened_at": episode.opened_at}}
 
 
-def resolved_alert(kind: str, episode: Episode, now: float, details: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def resolved_alert(kind: str, episode: Episode, now: float, details: Mapping[str, JSONValue] | None = None) -> JSONObject:
     """The `resolved` alert of an owned episode: its alarm count and times, the last alarm's values."""
     key = episode.key
     last = episode.last

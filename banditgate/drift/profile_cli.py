@@ -13,11 +13,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from banditgate.drift.reference import ProfileError, ReferenceProfile
+
+if TYPE_CHECKING:  # both optional (the drift extra): imported where they are used
+    import onnxruntime
+    import pyarrow
 
 DEFAULT_ARL0 = 10_000.0
 """The gateway's default `drift.arl0` (banditgate.config.DriftConfig)."""
@@ -66,7 +70,7 @@ def load_table(path: Path) -> dict[str, np.ndarray]:
     raise ProfileBuildError(f"{path}: unsupported data format {suffix!r} (use .csv, .parquet or .npy)")
 
 
-def _from_arrow(table: Any) -> dict[str, np.ndarray]:
+def _from_arrow(table: pyarrow.Table) -> dict[str, np.ndarray]:
     import pyarrow as arrow
 
     columns: dict[str, np.ndarray] = {}
@@ -125,7 +129,7 @@ def _typed(values: np.ndarray, onnx_type: str) -> np.ndarray:
     return np.asarray(values, dtype=np.float32)
 
 
-def _score_output(session: Any) -> str:
+def _score_output(session: onnxruntime.InferenceSession) -> str:
     outputs = session.get_outputs()
     for output in outputs:  # a classifier's probabilities first: they are the score that drifts
         if "prob" in output.name.lower():
@@ -136,7 +140,7 @@ def _score_output(session: Any) -> str:
     raise ProfileBuildError("the model has no float or probability output to profile")
 
 
-def _score_column(result: Any) -> np.ndarray:
+def _score_column(result: Any) -> np.ndarray:  # Any: onnxruntime's InferenceSession.run output (untyped)
     if isinstance(result, list):  # ZipMap: one {class: probability} per row; positive = last class
         if not result:
             return np.zeros(0)

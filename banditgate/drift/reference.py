@@ -22,9 +22,10 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+
+from banditgate.jsontypes import JSONObject, JSONValue
 
 FORMAT = "banditgate.reference/1"
 KINDS = ("numeric", "categorical")
@@ -49,7 +50,7 @@ def is_missing(values: np.ndarray) -> np.ndarray:
                        dtype=bool, count=values.size)
 
 
-def _json_category(value: Any) -> Category:
+def _json_category(value: object) -> Category:
     # numpy scalars are not JSON; integral floats stay floats so numeric rows still match them
     if isinstance(value, (bool, np.bool_)):
         return int(value)
@@ -167,13 +168,13 @@ class FeatureProfile:
                    missing_probability=float(missing.sum()) / values.size,
                    categories=tuple(value for value, _ in kept), count=int(values.size))
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return {"name": self.name, "kind": self.kind, "count": self.count, "edges": list(self.edges),
                 "categories": list(self.categories), "probabilities": list(self.probabilities),
                 "missing_probability": self.missing_probability}
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> FeatureProfile:
+    def from_dict(cls, raw: Mapping[str, JSONValue]) -> FeatureProfile:
         if not isinstance(raw, Mapping):
             raise ProfileError("a feature entry must be an object")
         try:
@@ -197,7 +198,7 @@ class ReferenceProfile:
 
     features: list[FeatureProfile]
     score: FeatureProfile | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
+    metadata: JSONObject = field(default_factory=dict)
     thresholds: dict[str, float] = field(default_factory=dict)
     """Calibrated CUSUM thresholds by calibration key (see the module docstring)."""
 

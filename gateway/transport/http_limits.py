@@ -23,7 +23,7 @@ def bounded_httptools_protocol(max_header_bytes: int) -> type[HttpToolsProtocol]
     `max_header_bytes` (431, then the connection is closed)."""
 
     class BoundedHttpToolsProtocol(HttpToolsProtocol):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:  # Any: forwarded as is to uvicorn's HttpToolsProtocol
             super().__init__(*args, **kwargs)
             self._header_bytes = 0
             self._too_large = False

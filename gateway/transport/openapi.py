@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from banditgate.jsontypes import JSONObject
 
 _ERROR = {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
-def _ok(schema: str) -> dict[str, Any]:
+def _ok(schema: str) -> JSONObject:
     return {"description": "ok", "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
 
 
-def _model_paths(prefix: str, params: list[dict[str, Any]]) -> dict[str, Any]:
+def _model_paths(prefix: str, params: list[JSONObject]) -> JSONObject:
     return {
         prefix: {"get": {"summary": "Model (or route) metadata", "parameters": params,
                          "responses": {"200": _ok("ModelMetadata"), "400": _ERROR, "401": _ERROR, "403": _ERROR,
@@ -31,7 +31,7 @@ def _model_paths(prefix: str, params: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-OPENAPI: dict[str, Any] = {
+OPENAPI: JSONObject = {
     "openapi": "3.0.3",
     "info": {"title": "banditgate Open Inference Protocol (KServe V2) REST API", "version": "2"},
     "paths": {
