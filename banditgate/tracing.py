@@ -6,13 +6,19 @@ On, spans are exported over OTLP/HTTP by a batching span processor (off the even
 sampled by trace id (``TraceIdRatioBased``: the gateway and the feedback worker record the same
 traces, whatever the caller's sampled flag says: banditgate's client sets it on the ids it makes).
 
-Spans are per batch where a span per request would cost more than the work (a request is served
-in a few microseconds of a batch): the gateway makes ``gateway.batch`` with ``gateway.consume``,
-``gateway.infer`` (one per route: decide, queue and infer) and ``gateway.produce`` as children;
-a request that arrives with a sampled ``traceparent`` also gets a ``gateway.request`` span in its
-own trace, linked to its batch, and the prediction carries that span as its parent. The feedback
-worker makes ``feedback.join`` and ``feedback.apply`` per batch and ``feedback.outcome`` per
-outcome of a traced request (child of the outcome's context, else of the prediction's).
+The stages of the Kafka path are ``gateway.consume`` -> ``gateway.decide`` -> ``gateway.queue``
+-> ``gateway.infer`` -> ``gateway.produce`` (decide per route, queue and infer per arm). Each
+fetched batch makes ``gateway.batch`` (its own trace) with the stages as children; a request that
+arrives with a ``traceparent`` whose trace is sampled also gets ``gateway.request``, a child of
+the caller's span, linked to its batch, with its own copies of the stages it went through (same
+times, its route and arm) as children, and the prediction carries ``gateway.request`` as its
+parent. A request without a sampled trace costs nothing per request: a span per request would
+cost more than serving it (a few microseconds of a batch). The REST and gRPC sidecars make a
+server span per inference request (:func:`server_span`), a child of the caller's ``traceparent``,
+with its decide, queue and infer as children. The feedback worker makes ``feedback.batch`` with
+``feedback.join`` and ``feedback.apply`` per batch; an event of a traced request (a prediction, an
+outcome) gets ``feedback.prediction`` / ``feedback.outcome`` in the request's trace with its own
+``feedback.join`` and ``feedback.apply`` children.
 """
 
 from __future__ import annotations
@@ -21,10 +27,28 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from banditgate.tracecontext import span_id_of, trace_id_of
+from banditgate.tracecontext import TRACEPARENT, TraceHeaders, span_id_of, trace_id_of
 
 if TYPE_CHECKING:
     from banditgate.config import TracingConfig
+
+Marks = Sequence[tuple[str, float, float, Mapping[str, Any]]]
+"""Stages that already happened: (span name, monotonic start, monotonic end, attributes)."""
+
+
+class Stages:
+    """When a request or batch is traced: the monotonic (start, end) of each stage its serve went
+    through (``gateway.decide``, and per arm ``gateway.queue`` and ``gateway.infer``), with their
+    attributes; they become spans once the times are known (:meth:`Tracing.record_marks`). Never
+    made when tracing is off (the dataplane then tests one ``is None``)."""
+
+    __slots__ = ("marks",)
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float, float, dict[str, Any]]] = []
+
+    def add(self, name: str, start_s: float, end_s: float, **attributes: Any) -> None:
+        self.marks.append((name, start_s, end_s, attributes))
 
 MAX_LINKS = 64
 """Most links a batch span keeps to the traced requests it carried (the rest are dropped)."""
@@ -127,6 +151,16 @@ class Tracing:
         span.end(end_time=end_ns)
         return span
 
+    def record_marks(self, marks: Marks, parent: Any, now_s: float, now_ns: int | None = None,
+                     **extra: Any) -> None:
+        """The stages in `marks` (monotonic times, `now_s` being the monotonic now) as children
+        of span `parent`; `extra` attributes are added to each."""
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        for name, start_s, end_s, attributes in marks:
+            span = self.start(name, parent=parent, start_ns=now_ns - int((now_s - start_s) * 1e9),
+                              attributes={**attributes, **extra} if extra else attributes)
+            span.end(end_time=now_ns - int((now_s - end_s) * 1e9))
+
     def shutdown(self) -> None:
         """Export what is buffered and stop (at process exit)."""
         if self._provider is not None:
@@ -140,3 +174,71 @@ OFF = Tracing()
 def wall_ns(monotonic_s: float, now_monotonic_s: float) -> int:
     """Epoch nanoseconds of a past monotonic time (span start times are wall-clock)."""
     return time.time_ns() - int((now_monotonic_s - monotonic_s) * 1e9)
+
+
+class ServerSpan:
+    """The server span of one REST or gRPC sidecar request (see :func:`server_span`)."""
+
+    __slots__ = ("_tracing", "grpc", "span", "stages", "trace")
+
+    def __init__(self, tracing: Tracing, span: Any, trace: TraceHeaders | None, grpc: bool = False) -> None:
+        self._tracing = tracing
+        self.grpc = grpc
+        self.span = span
+        self.stages = Stages()
+        """Pass as ``stages=`` to ``serve_tensors``: its decide, queue and infer become children."""
+        self.trace = trace
+        """The trace context to carry onto the request's events: this span as their parent when
+        it is recorded, else the caller's context unchanged (None when the caller sent none)."""
+
+    def end(self, error: BaseException | None = None, status: int | str | None = None, **attributes: Any) -> None:
+        """End the span: the stages become its children; `error` (what the request raised, if
+        anything) is recorded on it with the status it answers: `status` when given (an HTTP
+        status, a gRPC code name), else a GatewayError's own (500 / UNKNOWN for anything else),
+        else 200 / OK; `attributes` are set on it."""
+        span = self.span
+        if self.stages.marks:
+            self._tracing.record_marks(self.stages.marks, span, time.monotonic())
+        for key, value in attributes.items():
+            if value is not None:
+                span.set_attribute(key, value)
+        if self.grpc:
+            span.set_attribute("rpc.grpc.status_code", status if status is not None else "OK" if error is None
+                               else getattr(error, "grpc_code", "UNKNOWN"))
+        else:
+            span.set_attribute("http.response.status_code", status if status is not None else 200 if error is None
+                               else getattr(error, "http_status", 500))
+        if error is not None:
+            span.record_exception(error)
+            from opentelemetry.trace import Status, StatusCode
+
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"[:200]))
+        span.end()
+
+
+def server_span(tracing: Tracing, protocol: str, method: str, target: str,
+                trace: TraceHeaders | None) -> ServerSpan | None:
+    """Start the server span of one sidecar request, or None when tracing is off (the only cost
+    then: one attribute test).
+
+    `protocol` is ``"http"`` or ``"grpc"``; `method` the HTTP route template (``POST
+    /v2/models/{name}/infer``) or the full gRPC method (``inference.GRPCInferenceService/ModelInfer``),
+    which names the span; `target` the route or model asked for; `trace` the caller's valid trace
+    context (banditgate.tracecontext.from_mapping of the HTTP headers or the gRPC metadata), whose
+    ``traceparent`` becomes the span's parent. Pass its ``.stages`` as ``stages=`` to
+    ``serve_tensors``, carry ``.trace`` onto the events, and call ``.end(error)`` once answered."""
+    if not tracing.enabled:
+        return None
+    traceparent = trace[0][1].decode() if trace else None
+    if protocol == "grpc":
+        service, _, rpc = method.partition("/")
+        attributes: dict[str, Any] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc}
+    else:
+        verb, _, route = method.partition(" ")
+        attributes = {"http.request.method": verb, "http.route": route}
+    attributes["banditgate.target"] = target
+    span = tracing.start(method, traceparent=traceparent, kind="server", attributes=attributes)
+    carried = trace
+    if span.is_recording():
+        carried = [(TRACEPARENT, Tracing.traceparent_of(span).encode()), *(trace[1:] if trace else ())]
+    return ServerSpan(tracing, span, carried, grpc=protocol == "grpc")

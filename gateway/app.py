@@ -25,6 +25,7 @@ from banditgate.connections import check_redis, redis_client, server_ssl_context
 from banditgate.events import alert_from_obj
 from banditgate.logs import setup_logging
 from banditgate.redaction import redact_url
+from banditgate.tracing import Tracing
 from gateway.admin import Admin
 from gateway.batching.circuit import STATE_CODES
 from gateway.dataplane import Dataplane
@@ -82,8 +83,9 @@ class Gateway:
     """The running gateway; `run()` returns when a stop was requested and shutdown finished."""
 
     def __init__(self, config: Config, metrics: GatewayMetrics | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, tracing: Tracing | None = None) -> None:
         self.config = config
+        self._tracing = tracing  # spans (banditgate.tracing); None: from config.tracing
         self.registry = registry or REGISTRY
         self.metrics = metrics or GatewayMetrics(self.registry)
         self.repository = ModelRepository(config.models.repository, config.models, wanted_models(config))
@@ -133,7 +135,7 @@ class Gateway:
         for model in self.repository.loaded():
             self.drift.prepare(model)  # calibrate in the background from the start
         loop_class = TransactionalKafkaLoop if self.config.delivery == "exactly_once" else KafkaLoop
-        self.kafka = loop_class(self.config, self.dataplane, self.metrics)
+        self.kafka = loop_class(self.config, self.dataplane, self.metrics, tracing=self._tracing)
         await self.kafka.start()
         await self._start_sidecar()
         self._banner()
@@ -310,7 +312,7 @@ class Gateway:
                                  admin=Admin(self.dataplane, self.repository, self.store, self._redis,
                                              rollouts=self.rollouts),
                                  registry=self.registry,
-                                 metrics=self.metrics)
+                                 metrics=self.metrics, tracing=self.kafka.tracing)
         server_ssl_context(server)  # unreadable certificate, key or client CA: one line naming the file
         if server.enable_http:
             ssl_kwargs: dict[str, Any] = {}

@@ -13,6 +13,7 @@ import numpy as np
 from banditgate import __version__
 from banditgate.events import EventError, outcome_from_obj
 from banditgate.tracecontext import from_mapping
+from banditgate.tracing import ServerSpan, server_span
 from gateway.dataplane import serve_tensors
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded
 from gateway.request_ids import new_request_id
@@ -103,6 +104,10 @@ def _authorization(context: grpc.aio.ServicerContext) -> str | None:
     return value if isinstance(value, str) else None
 
 
+MODEL_INFER = "inference.GRPCInferenceService/ModelInfer"
+"""The server span's name (rpc.service/rpc.method)."""
+
+
 class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     def __init__(self, ctx: SidecarContext) -> None:
         self.ctx = ctx
@@ -151,6 +156,24 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb2.ModelInferRequest,  # noqa: N802
                          context: grpc.aio.ServicerContext) -> pb2.ModelInferResponse:
+        if not self.ctx.tracing.enabled:
+            return await self._model_infer(request, context)
+        # tracing on: a server span, child of the metadata's traceparent (banditgate.tracing.server_span)
+        traced = server_span(self.ctx.tracing, "grpc", MODEL_INFER, request.model_name,
+                             from_mapping(dict(context.invocation_metadata() or ())))
+        try:
+            response = await self._model_infer(request, context, traced)
+        except BaseException as exc:
+            if traced is not None:  # an abort raised: the code it set is the call's status
+                code = context.code() if isinstance(exc, grpc.aio.AbortError) else None
+                traced.end(exc, status=code.name if isinstance(code, grpc.StatusCode) else None)
+            raise
+        if traced is not None:
+            traced.end()
+        return response
+
+    async def _model_infer(self, request: pb2.ModelInferRequest, context: grpc.aio.ServicerContext,
+                           traced: ServerSpan | None = None) -> pb2.ModelInferResponse:
         received = time.monotonic()
         server = self.ctx.config.server
         if server.infer_tokens:
@@ -160,13 +183,14 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             request_id = request.id or new_request_id()
             unit = _plain(request.parameters["unit_id"]) if "unit_id" in request.parameters else None
             topics = self.ctx.config.kafka.topics
-            trace = from_mapping(dict(context.invocation_metadata() or ()))
+            trace = from_mapping(dict(context.invocation_metadata() or ())) if traced is None else traced.trace
             with self.ctx.admitted():
                 async with asyncio.timeout(server.request_timeout_s):
                     answer = await serve_tensors(
                         self.ctx.dataplane, request.model_name, request.model_version or None, feeds, request_id,
                         str(unit) if unit is not None else None, time.time(), received,
-                        on_shadows=lambda events: self.ctx.publish(topics.shadow_predictions, events, trace=trace))
+                        on_shadows=lambda events: self.ctx.publish(topics.shadow_predictions, events, trace=trace),
+                        stages=traced.stages if traced is not None else None)
         except TimeoutError:
             self.ctx.record(_label_name(self.ctx, request.model_name), "grpc", error=TimeoutError("timeout"))
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
