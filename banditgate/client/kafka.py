@@ -28,6 +28,7 @@ from typing import Any, Self
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from banditgate import cloudevents
 from banditgate.client.errors import ClientError, GatewayRejected, InvalidRequest, PredictionTimeout
 from banditgate.client.types import Prediction
 from banditgate.client.validation import outcome_event, request_event
@@ -127,7 +128,7 @@ class KafkaClient:
         self._waiting[rid] = (future, started)
         try:
             await (await self._producer.send(self.requests_topic, orjson.dumps(event), key=rid.encode(),
-                                             headers=trace_context(traceparent, tracestate)))
+                                             headers=_request_headers(route, rid, traceparent, tracestate)))
             return await asyncio.wait_for(asyncio.shield(future), timeout_s - (time.monotonic() - started))
         except TimeoutError:
             raise PredictionTimeout(f"no prediction for request {rid!r} within {timeout_s}s") from None
@@ -145,7 +146,7 @@ class KafkaClient:
                               routes=self.routes, metadata=self.metadata.get(route))
         rid: str = event["request_id"]
         await self._producer.send(self.requests_topic, orjson.dumps(event), key=rid.encode(),
-                                  headers=trace_context(traceparent, tracestate))
+                                  headers=_request_headers(route, rid, traceparent, tracestate))
         return rid
 
     async def flush(self) -> None:
@@ -160,8 +161,10 @@ class KafkaClient:
         if self._producer is None:
             raise ClientError("not_started", "start the client first")
         event = outcome_event(request_id, reward, label, clicks, ts)
-        await (await self._producer.send(self.outcomes_topic, orjson.dumps(event), key=request_id.encode(),
-                                         headers=trace_context(traceparent, tracestate)))
+        key, value = request_id.encode(), orjson.dumps(event)
+        await (await self._producer.send(self.outcomes_topic, value, key=key, headers=cloudevents.headers(
+            "outcome", _CLIENT, cloudevents.content_id(self.outcomes_topic, key, value),
+            trace_context(traceparent, tracestate))))
 
     # -- replies ---------------------------------------------------------------------------------
 
@@ -209,3 +212,14 @@ def _traceparent(headers: Any) -> str | None:
         if name == TRACEPARENT:
             return parse_traceparent(value)
     return None
+
+
+_CLIENT = cloudevents.source("client")
+
+
+def _request_headers(route: str, request_id: str, traceparent: str | None,
+                     tracestate: str | None) -> list[tuple[str, bytes]]:
+    """A request record's headers: its trace context and its CloudEvents attributes (id: the
+    request_id, so the producer's retries and a resend of the same request share it)."""
+    return cloudevents.headers_for("request", cloudevents.source("client", route))(
+        request_id.encode(), cloudevents.ce_time(), trace_context(traceparent, tracestate))

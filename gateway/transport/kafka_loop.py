@@ -29,6 +29,7 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from banditgate import cloudevents
 from banditgate.config import Config
 from banditgate.connections import ConnectionCheckError, check_kafka, describe_kafka_failure, kafka_client_kwargs
 from banditgate.tracecontext import TraceHeaders, from_kafka_headers
@@ -493,9 +494,13 @@ class KafkaLoop:
         prediction_limit = limits.get(predictions_topic, sys.maxsize)
         shadow_limit = limits.get(shadows_topic, sys.maxsize)
         now = self.clock()
+        at = cloudevents.ce_time()  # the CloudEvents time of the batch's outputs (formatted once)
         for route_name, answers in zip(route_names, answers_per_route):
             assert not isinstance(answers, BaseException)  # noqa: S101 - replaced by error answers above
             pendings = decoded.by_route[route_name]
+            ce_source = cloudevents.source("gateway", route_name)
+            ce_prediction = cloudevents.headers_for("prediction", ce_source)
+            ce_shadow = cloudevents.headers_for("shadow-prediction", ce_source)
             counts: collections.Counter[tuple[str, str]] = collections.Counter()
             shadow_counts: collections.Counter[str] = collections.Counter()
             latencies = []
@@ -520,15 +525,19 @@ class KafkaLoop:
                         error = self._refused_output(pending, len(key), value, shadow_values, out)
                         alone = guarded and _position(pending) in self.memo.isolated
                     if error is None:
-                        out.add(predictions_topic, key, value, partition, pending, alone, trace)
+                        # CloudEvents headers (+ the trace context): the reply is the same event
+                        headers = ce_prediction(key, at, trace)
+                        out.add(predictions_topic, key, value, partition, pending, alone, headers)
                         counts[(prediction["arm"], "ok")] += 1
                         latencies.append(now - pending.received_s)
                         if pending.reply_to is not None:
-                            self._reply(out, pending, key, value, alone, trace)
+                            self._reply(out, pending, key, value, alone, headers)
                         if shadows and shadow_values:
                             for shadow, shadow_value in zip(shadows, shadow_values):
-                                out.add(shadows_topic, key, shadow_value, partition, pending, alone, trace)
-                                shadow_counts[shadow["arm"]] += 1
+                                arm = shadow["arm"]
+                                out.add(shadows_topic, key, shadow_value, partition, pending, alone,
+                                        ce_shadow(b"%s/%s" % (key, arm.encode()), at, trace))
+                                shadow_counts[arm] += 1
                         continue
                 else:
                     error = answer.error or ("inference_failed", "no answer")
@@ -536,7 +545,8 @@ class KafkaLoop:
                 counts[("-", "error")] += 1
                 self.metrics.errors.labels(route_name, reason, "kafka").inc()
                 self.metrics.deadletters.labels(pending.topic, reason).inc()
-                self._dead_letter(out, _position(pending), pending.key, message, reason, pending.raw, guarded, trace)
+                self._dead_letter(out, _position(pending), pending.key, message, reason, pending.raw, guarded, trace,
+                                  route_name)
             for arm, count in shadow_counts.items():
                 self.metrics.shadow_predictions.labels(route_name, arm).inc(count)
             for (arm, status), count in counts.items():
@@ -609,10 +619,12 @@ class KafkaLoop:
         return found[1], found[2]
 
     def _dead_letter(self, out: OutboundBatches, position: Position, key: bytes | None, message: str, reason: str,
-                     raw: bytes | None, guarded: bool, trace: TraceHeaders | None = None) -> None:
+                     raw: bytes | None, guarded: bool, trace: TraceHeaders | None = None,
+                     route: str | None = None) -> None:
         """Add a dead letter for the request at `position` - unless its dead letter was refused for
         good before or the dead-letter topic refuses us: then it is dropped and counted (a dead
-        letter is never retried in a loop)."""
+        letter is never retried in a loop). Its CloudEvents id is the position (the same on a
+        replay); its source names `route` when the request had a known one."""
         dead_topic = self.topics.deadletter
         alone = False
         if guarded:
@@ -630,8 +642,10 @@ class KafkaLoop:
             limit = (out.limits or {}).get(dead_topic, 0)
             value = dead_letter_value(message[:1000], reason, position[0], position[1], position[2], raw,
                                       payload_chars=max(0, (limit - 4096) // 6))
+        headers = cloudevents.headers("dead-letter", cloudevents.source("gateway", route),
+                                      f"{position[0]}/{position[1]}/{position[2]}".encode(), trace)
         try:
-            out.add(dead_topic, key, value, None, position, alone, trace)
+            out.add(dead_topic, key, value, None, position, alone, headers)
         except OutputRefused as exc:
             self._dead_letter_failed(exc.reason, str(exc))
 
