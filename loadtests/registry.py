@@ -18,6 +18,7 @@ SCENARIOS = {
     "interleave": "loadtests.bench_interleave",
     "export": "loadtests.bench_export",
     "scale": "loadtests.bench_scale",
+    "gpu": "loadtests.bench_gpu",
 }
 
 
