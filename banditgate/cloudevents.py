@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from banditgate.events import CLOUDEVENT_TYPES
 
@@ -103,12 +102,12 @@ def headers(event: str, source_: str, ce_id: bytes, trace: Headers | None = None
     return headers_for(event, source_)(ce_id, ce_time(), trace)
 
 
-def has_cloudevent(record_headers: Iterable[tuple[str, Any]] | None) -> bool:
+def has_cloudevent(record_headers: Iterable[tuple[str, bytes]] | None) -> bool:
     """Whether a record's headers already carry a CloudEvents id."""
     return any(name == CE_ID for name, _ in record_headers or ())
 
 
-def attributes(record_headers: Iterable[tuple[str, Any]] | None) -> dict[str, str]:
+def attributes(record_headers: Iterable[tuple[str, bytes]] | None) -> dict[str, str]:
     """The CloudEvents attributes among a record's headers (``ce_`` prefix removed); empty when
     there are none. For consumers that want them: banditgate's own never require them."""
     found: dict[str, str] = {}

@@ -32,7 +32,11 @@ from banditgate.tracecontext import TRACEPARENT, TraceHeaders, span_id_of, trace
 if TYPE_CHECKING:
     from banditgate.config import TracingConfig
 
-Marks = Sequence[tuple[str, float, float, Mapping[str, Any]]]
+OTel = Any  # Any: opentelemetry's tracer, spans, contexts and links (imported only when tracing is on)
+AttributeValue = str | int | float | bool
+Attributes = Mapping[str, AttributeValue]
+"""Span attributes (OpenTelemetry takes these primitive values)."""
+Marks = Sequence[tuple[str, float, float, Attributes]]
 """Stages that already happened: (span name, monotonic start, monotonic end, attributes)."""
 
 
@@ -45,9 +49,9 @@ class Stages:
     __slots__ = ("marks",)
 
     def __init__(self) -> None:
-        self.marks: list[tuple[str, float, float, dict[str, Any]]] = []
+        self.marks: list[tuple[str, float, float, dict[str, AttributeValue]]] = []
 
-    def add(self, name: str, start_s: float, end_s: float, **attributes: Any) -> None:
+    def add(self, name: str, start_s: float, end_s: float, attributes: dict[str, AttributeValue]) -> None:
         self.marks.append((name, start_s, end_s, attributes))
 
 MAX_LINKS = 64
@@ -63,7 +67,7 @@ class TracingUnavailable(RuntimeError):
 class Tracing:
     """Spans through an OpenTelemetry tracer, or nothing (``enabled`` False: :data:`OFF`)."""
 
-    def __init__(self, tracer: Any = None, provider: Any = None) -> None:
+    def __init__(self, tracer: OTel = None, provider: OTel = None) -> None:
         self.enabled = tracer is not None
         self._tracer = tracer
         self._provider = provider
@@ -80,7 +84,7 @@ class Tracing:
                            "producer": SpanKind.PRODUCER, "server": SpanKind.SERVER}
 
     @classmethod
-    def from_config(cls, config: TracingConfig, default_service: str, exporter: Any = None) -> Tracing:
+    def from_config(cls, config: TracingConfig, default_service: str, exporter: OTel = None) -> Tracing:
         """:data:`OFF` unless `config.enabled`; else a tracer exporting to `config.endpoint` (or to
         `exporter`, e.g. the SDK's InMemorySpanExporter in tests). Raises TracingUnavailable
         when the ``[otel]`` extra is missing."""
@@ -108,7 +112,7 @@ class Tracing:
 
     # -- contexts ----------------------------------------------------------------------------------
 
-    def context_of(self, traceparent: str | None) -> Any:
+    def context_of(self, traceparent: str | None) -> OTel:
         """An OpenTelemetry context whose parent is the (valid) `traceparent`, or None."""
         if traceparent is None:
             return None
@@ -116,27 +120,27 @@ class Tracing:
                                     is_remote=True, trace_flags=self._flags(int(traceparent[53:55], 16)))
         return self._trace.set_span_in_context(self._non_recording(remote))
 
-    def link_to(self, traceparent: str) -> Any:
+    def link_to(self, traceparent: str) -> OTel:
         """A span link to the span a (valid) traceparent names."""
         remote = self._span_context(int(trace_id_of(traceparent), 16), int(span_id_of(traceparent), 16),
                                     is_remote=True, trace_flags=self._flags(int(traceparent[53:55], 16)))
         return self._link(remote)
 
-    def link_span(self, span: Any) -> Any:
+    def link_span(self, span: OTel) -> OTel:
         """A span link to one of our own spans."""
         return self._link(span.get_span_context())
 
     @staticmethod
-    def traceparent_of(span: Any) -> str:
+    def traceparent_of(span: OTel) -> str:
         """The traceparent that makes the next hop a child of `span`."""
         context = span.get_span_context()
         return f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
 
     # -- spans -------------------------------------------------------------------------------------
 
-    def start(self, name: str, *, parent: Any = None, traceparent: str | None = None, kind: str = "internal",
-              start_ns: int | None = None, attributes: Mapping[str, Any] | None = None,
-              links: Sequence[Any] = ()) -> Any:
+    def start(self, name: str, *, parent: OTel = None, traceparent: str | None = None, kind: str = "internal",
+              start_ns: int | None = None, attributes: Attributes | None = None,
+              links: Sequence[OTel] = ()) -> OTel:
         """Start a span (end it with ``span.end()``): a child of span `parent`, else of the remote
         `traceparent`, else a new trace's root."""
         context = (self._trace.set_span_in_context(parent) if parent is not None
@@ -145,14 +149,14 @@ class Tracing:
                                        attributes=dict(attributes) if attributes else None,
                                        links=list(links[:MAX_LINKS]) or None)
 
-    def record(self, name: str, *, start_ns: int, end_ns: int | None = None, **kwargs: Any) -> Any:
+    def record(self, name: str, *, start_ns: int, end_ns: int | None = None, **kwargs: OTel) -> OTel:
         """A span that already happened (from `start_ns` to `end_ns`, default now)."""
         span = self.start(name, start_ns=start_ns, **kwargs)
         span.end(end_time=end_ns)
         return span
 
-    def record_marks(self, marks: Marks, parent: Any, now_s: float, now_ns: int | None = None,
-                     **extra: Any) -> None:
+    def record_marks(self, marks: Marks, parent: OTel, now_s: float, now_ns: int | None = None,
+                     **extra: AttributeValue) -> None:
         """The stages in `marks` (monotonic times, `now_s` being the monotonic now) as children
         of span `parent`; `extra` attributes are added to each."""
         now_ns = time.time_ns() if now_ns is None else now_ns
@@ -181,7 +185,7 @@ class ServerSpan:
 
     __slots__ = ("_tracing", "grpc", "span", "stages", "trace")
 
-    def __init__(self, tracing: Tracing, span: Any, trace: TraceHeaders | None, grpc: bool = False) -> None:
+    def __init__(self, tracing: Tracing, span: OTel, trace: TraceHeaders | None, grpc: bool = False) -> None:
         self._tracing = tracing
         self.grpc = grpc
         self.span = span
@@ -191,7 +195,7 @@ class ServerSpan:
         """The trace context to carry onto the request's events: this span as their parent when
         it is recorded, else the caller's context unchanged (None when the caller sent none)."""
 
-    def end(self, error: BaseException | None = None, status: int | str | None = None, **attributes: Any) -> None:
+    def end(self, error: BaseException | None = None, status: int | str | None = None, **attributes: AttributeValue | None) -> None:
         """End the span: the stages become its children; `error` (what the request raised, if
         anything) is recorded on it with the status it answers: `status` when given (an HTTP
         status, a gRPC code name), else a GatewayError's own (500 / UNKNOWN for anything else),
@@ -232,7 +236,7 @@ def server_span(tracing: Tracing, protocol: str, method: str, target: str,
     traceparent = trace[0][1].decode() if trace else None
     if protocol == "grpc":
         service, _, rpc = method.partition("/")
-        attributes: dict[str, Any] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc}
+        attributes: dict[str, AttributeValue] = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": rpc}
     else:
         verb, _, route = method.partition(" ")
         attributes = {"http.request.method": verb, "http.route": route}

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
-from banditgate.tracing import Tracing
+from banditgate.tracing import AttributeValue, Marks, OTel, Tracing
 from feedback.join import Entry, PredictionIn
 
 
@@ -34,8 +33,8 @@ class BatchTrace:
         """Wall-clock nanoseconds at `_join_started` (all times converted through this one pair)."""
         self.span = tracing.start("feedback.batch", kind="consumer", start_ns=self._anchor_ns)
         self._joined: float | None = None
-        self._attributes: dict[str, Any] = {}
-        self.events: list[Any] = []
+        self._attributes: dict[str, AttributeValue] = {}
+        self.events: list[OTel] = []
         """The spans of the sampled traced events in the batch (ended with it)."""
 
     def prediction(self, event: PredictionIn) -> None:
@@ -58,7 +57,7 @@ class BatchTrace:
                     {"banditgate.request_id": request_id,
                      "banditgate.joined": entry is not None and entry.primary is not None})
 
-    def _event(self, name: str, traceparent: str, links: list[Any], attributes: dict[str, Any]) -> None:
+    def _event(self, name: str, traceparent: str, links: list[OTel], attributes: dict[str, AttributeValue]) -> None:
         tracing = self.tracing
         span = tracing.start(name, traceparent=traceparent, kind="consumer", attributes=attributes,
                              links=[tracing.link_span(self.span), *links],
@@ -80,7 +79,7 @@ class BatchTrace:
         now = time.monotonic()
         now_ns = self._anchor_ns + int((now - self._join_started) * 1e9)
         joined = self._joined if self._joined is not None else now
-        marks = [("feedback.join", self._join_started, joined, {}), ("feedback.apply", joined, now, {})]
+        marks: Marks = [("feedback.join", self._join_started, joined, {}), ("feedback.apply", joined, now, {})]
         tracing = self.tracing
         for key, value in self._attributes.items():
             self.span.set_attribute(key, value)

@@ -18,7 +18,7 @@ import numpy as np
 
 from banditgate.config import Arm, Config, Route
 from banditgate.events import prediction_event
-from banditgate.tracing import Stages
+from banditgate.tracing import AttributeValue, Stages
 from gateway.batching.batcher import ModelBatcher, RowsResult
 from gateway.batching.circuit import CircuitPolicy, thread_share
 from gateway.batching.policy import BatchPolicy
@@ -185,8 +185,8 @@ class Dataplane:
         decided_at = self.clock() if stages is not None else 0.0
         decision = runtime.policy.decide(n, [r.unit_id for r in requests] if route.sticky_key else None)
         if stages is not None:
-            stages.add("gateway.decide", decided_at, self.clock(), **{"banditgate.route": route.name,
-                                                                      "banditgate.requests": n})
+            stages.add("gateway.decide", decided_at, self.clock(), {"banditgate.route": route.name,
+                                                                    "banditgate.requests": n})
         answers = [Answer() for _ in range(n)]
         primary_jobs = []
         for arm_index, arm in enumerate(route.arms):
@@ -307,12 +307,12 @@ def record_stages(stages: Stages, route: str, arm: str, model: OnnxModel, rows: 
     """Add an arm's ``gateway.queue`` (waiting for room, then in the batcher's queue until its
     batch started) and ``gateway.infer`` (its batch's run, until the answer is back on the loop)."""
     started = min(submitted_at + result.queue_s, done)
-    attributes: dict[str, str | int | bool] = {"banditgate.route": route, "banditgate.arm": arm,
-                                               "banditgate.model": model.key, "banditgate.rows": rows}
+    attributes: dict[str, AttributeValue] = {"banditgate.route": route, "banditgate.arm": arm,
+                                             "banditgate.model": model.key, "banditgate.rows": rows}
     if shadow:
         attributes["banditgate.shadow"] = True
-    stages.add("gateway.queue", queued_at, started, **attributes)
-    stages.add("gateway.infer", started, done, **attributes, **{"banditgate.batch_rows": result.batch_rows})
+    stages.add("gateway.queue", queued_at, started, attributes)
+    stages.add("gateway.infer", started, done, {**attributes, "banditgate.batch_rows": result.batch_rows})
 
 
 @dataclass
@@ -345,8 +345,8 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
         decided_at = dataplane.clock() if stages is not None else 0.0
         decision = runtime.policy.decide(1, [unit_id] if route.sticky_key else None)
         if stages is not None:
-            stages.add("gateway.decide", decided_at, dataplane.clock(), **{"banditgate.route": route.name,
-                                                                           "banditgate.requests": 1})
+            stages.add("gateway.decide", decided_at, dataplane.clock(), {"banditgate.route": route.name,
+                                                                         "banditgate.requests": 1})
         arm = route.arms[int(decision.arm_index[0])]
         propensity = float(decision.propensity[0])
         shadows = [(route.shadows[j], j) for j in range(len(route.shadows))

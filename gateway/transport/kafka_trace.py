@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
 
+from banditgate.jsontypes import JSONObject
 from banditgate.tracecontext import TRACEPARENT, TraceHeaders
-from banditgate.tracing import Stages, Tracing
+from banditgate.tracing import AttributeValue, OTel, Stages, Tracing
 from gateway.serving import Answer, Pending
 
 ServeFn = Callable[..., Awaitable[list[Answer]]]
@@ -35,10 +35,10 @@ class BatchTrace:
     def __init__(self, tracing: Tracing, records: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.tracing = tracing
         self.clock = clock
-        self.marks: list[tuple[str, float, float, dict[str, Any]]] = []
+        self.marks: list[tuple[str, float, float, dict[str, AttributeValue]]] = []
         """The batch's stages (consume, each route's decide / queue / infer)."""
         self.routes: dict[str, Stages] = {}
-        self.requests: list[tuple[Any, str, str | None]] = []
+        self.requests: list[tuple[OTel, str, str | None]] = []
         """(gateway.request span, route, arm that answered) of each sampled traced request."""
         self._consume_started = clock()
         self._anchor_ns = time.time_ns()
@@ -67,19 +67,19 @@ class BatchTrace:
                 return await serve(route_name, pendings, stages=stages)
             finally:
                 if not stages.marks:  # a route served as a whole (interleave): one span for it
-                    stages.add("gateway.infer", started, self.clock(), **{"banditgate.route": route_name,
-                                                                          "banditgate.requests": len(pendings)})
+                    stages.add("gateway.infer", started, self.clock(), {"banditgate.route": route_name,
+                                                                        "banditgate.requests": len(pendings)})
 
         return traced
 
     def request(self, trace: TraceHeaders, pending: Pending, route_name: str,
-                prediction: dict[str, Any] | None) -> TraceHeaders:
+                prediction: JSONObject | None) -> TraceHeaders:
         """A request with a (valid) trace context: start its ``gateway.request`` span, in the
         caller's trace, and return the headers its events carry (that span as their parent when
         its trace is sampled, else the caller's context unchanged)."""
         tracing = self.tracing
         arm = prediction["arm"] if prediction is not None else None
-        attributes: dict[str, Any] = {"banditgate.request_id": pending.request_id, "banditgate.route": route_name}
+        attributes: dict[str, AttributeValue] = {"banditgate.request_id": pending.request_id, "banditgate.route": route_name}
         if arm is not None:
             attributes["banditgate.arm"] = arm
         # from when its batch was fetched (it was received, stamped, while that batch was decoded)
