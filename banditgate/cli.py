@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks: JSON + markdown table, ratios against baselines in the same run")
     bench.add_argument("scenario", help="kafka | bandit | drift | drift-baselines (needs river) | feedback | http | faults | "
-                                              "lifecycle | interleave | export | scale | client")
+                                              "lifecycle | interleave | export | scale | client | gpu (skipped without a CUDA device)")
     bench.add_argument("--out", required=True, help="JSON result file")
     bench.add_argument("--quick", action="store_true", help="smaller counts (for tests)")
     bench.set_defaults(func=cmd_bench)

@@ -336,6 +336,11 @@ EVENT_TYPES: dict[str, type] = {"request": Request, "prediction": Prediction, "s
                                 "routing-change": RoutingChange}
 """Schema name -> its definition; every event banditgate reads or writes."""
 
+CLOUDEVENT_TYPES: dict[str, str] = {name: f"io.banditgate.{name}.v{SCHEMA_VERSION}" for name in EVENT_TYPES}
+"""Schema name -> the CloudEvents ``type`` of its records (``ce_type`` header, banditgate.cloudevents):
+``io.banditgate.prediction.v1``, ``io.banditgate.dead-letter.v1``, ...; the suffix is the layout's
+schema_version."""
+
 
 def json_schema(name: str) -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of event `name` (a key of EVENT_TYPES), built from the

@@ -60,6 +60,7 @@ from banditgate.kafka_delivery import needs_new_producer
 from banditgate.kafka_delivery import refusal as kafka_refusal
 from banditgate.tracecontext import TRACEPARENT, from_kafka_headers, parse_traceparent, trace_headers
 from banditgate.tracing import OFF, Tracing
+from feedback.batch_trace import BatchTrace
 from feedback.join import (
     Count,
     DropOutcome,
@@ -271,8 +272,7 @@ class JoinProcessor:
         joined while batch N waits for Redis and the broker, which left the worker idle for about
         40% of a drain."""
         started = time.perf_counter()
-        tracing = self.tracing
-        join_span: Any = tracing.start("feedback.join", kind="consumer") if tracing.enabled else None
+        traced = BatchTrace(self.tracing) if self.tracing.enabled else None
         async with self.lock:
             now = self._clock()
             changes: dict[str, tuple[int, Entry | None]] = {}
@@ -306,10 +306,13 @@ class JoinProcessor:
                 entry = change[1] if change is not None else get(request_id, event.partition)
                 if message.topic == outcomes_topic:
                     step = on_outcome(entry, event, now, rules)  # type: ignore[arg-type]
-                    if join_span is not None:
-                        self._outcome_span(message, entry, join_span)
+                    if traced is not None:
+                        headers = getattr(message, "headers", None)  # test doubles may have none
+                        traced.outcome(_traceparent(headers) if headers else None, entry, message.key)
                 else:
                     step = on_prediction(entry, event, rules)  # type: ignore[arg-type]
+                    if traced is not None:
+                        traced.prediction(event)  # type: ignore[arg-type]
                 if step.changed:
                     if max_entry is not None and step.entry is not None:
                         # checked here, not when the changelog is written: a record the topic refuses
@@ -328,16 +331,11 @@ class JoinProcessor:
                 self._metrics.events.labels(self._sources.get(topic, topic)).inc(count)
             for (source, reason), count in dead.items():
                 self._metrics.dead_letters.labels(source, reason).inc(count)
-            if join_span is not None:
-                join_span.set_attribute("messaging.batch.message_count", len(messages))
-                join_span.set_attribute("banditgate.effects", len(effects))
-                join_span.end()
-                apply_span = tracing.start("feedback.apply", links=[tracing.link_span(join_span)],
-                                           attributes={"banditgate.effects": len(effects),
-                                                       "banditgate.entries": len(changes)})
+            if traced is not None:
+                traced.joined(len(messages), len(effects), len(changes))
             written = self._write_after_previous(changes, effects, letters, values)
-            if join_span is not None:
-                written.add_done_callback(lambda _: apply_span.end())
+            if traced is not None:
+                written.add_done_callback(traced.applied)
 
         def observe(_: asyncio.Future[None]) -> None:
             self._metrics.batch_seconds.observe(time.perf_counter() - started)
@@ -345,25 +343,6 @@ class JoinProcessor:
 
         written.add_done_callback(observe)
         return written
-
-    def _outcome_span(self, message: Any, entry: Entry | None, join_span: Any) -> None:
-        """A `feedback.outcome` span for an outcome of a traced request: a child of the outcome's
-        own context when it has one (a client that continued the prediction's trace), else of
-        the prediction's (kept in the join entry), linked to the prediction and to the batch."""
-        headers = getattr(message, "headers", None)
-        own = _traceparent(headers) if headers else None
-        predicted = entry.trace if entry is not None else None
-        if own is None and predicted is None:
-            return
-        tracing = self.tracing
-        links = [tracing.link_span(join_span)]
-        if predicted is not None and predicted != own:
-            links.append(tracing.link_to(predicted))
-        span = tracing.start("feedback.outcome", traceparent=own or predicted, kind="consumer", links=links,
-                             attributes={"banditgate.request_id": entry.request_id if entry is not None
-                                         else str(message.key), "banditgate.joined": entry is not None
-                                         and entry.primary is not None})
-        span.end()
 
     def _oversize(self, message: Any, size: int, dead: Counter[tuple[str, str]],
                   letters: list[Outgoing]) -> None:

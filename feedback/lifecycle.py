@@ -52,13 +52,14 @@ from typing import Any
 
 import orjson
 
+from banditgate import cloudevents
 from banditgate.config import Config, Route
 from feedback.export import ExportError
 from feedback.export_job import ExportLease, LeaseLost, job_spec, run_export_job
 from feedback.ledger import FeedbackKeys
 from feedback.metrics import FeedbackMetrics
 from feedback.outcome_metrics import shadow_verdict
-from feedback.sinks import KafkaOut, parse_quality
+from feedback.sinks import KafkaOut, Outgoing, parse_quality
 from feedback.triggers import TriggerDecision, TriggerState, evaluate, retrain_alert
 from router.arm_stats import ArmStats
 from router.lineup import RolloutRecord, primaries_after, serving_version
@@ -125,11 +126,18 @@ class LifecycleDriver:
     async def send_queued(self, items: list[dict[str, Any]]) -> None:
         """Publish outbox items (audit events, alerts) through KafkaOut; raises unless all were acknowledged."""
         topics = self.config.kafka.topics
-        messages = []
+        messages: list[Outgoing] = []
         for item in items:
-            topic = topics.alerts if item.get("topic") == "alerts" else topics.routing_changes
             value = item.get("value", {})
-            messages.append((topic, str(value.get("route", "")).encode(), orjson.dumps(value)))
+            route = str(value.get("route", ""))
+            key, encoded = route.encode(), orjson.dumps(value)
+            if item.get("topic") == "alerts":
+                messages.append((topics.alerts, key, encoded))  # KafkaOut adds an alert's CloudEvents headers
+                continue
+            # a routing change: CloudEvents id route/seq (the same when the outbox is drained again)
+            messages.append((topics.routing_changes, key, encoded,
+                             cloudevents.headers("routing-change", cloudevents.source("feedback", route or None),
+                                                 f"{route}/{value.get('seq')}".encode())))
         await self.out.send_all(messages)
         if self.metrics is not None:
             for item in items:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 import orjson
 
-from banditgate import redis_errors
+from banditgate import cloudevents, redis_errors
 from banditgate.config import Route
 from banditgate.events import Alert, DeadLetter, dead_letter_payload, encode
 from banditgate.kafka_delivery import is_delivery_error, needs_new_producer, refusal
@@ -201,7 +201,9 @@ class KafkaOut:
 
     async def deliver(self, pending: list[Outgoing]) -> None:
         """As `send_all`, and leaves in `pending` only the messages to send again: a retry after
-        a retriable failure sends neither the delivered nor the refused ones again."""
+        a retriable failure sends neither the delivered nor the refused ones again. A dead letter
+        or an alert without CloudEvents headers gets them here (once: a retry keeps them)."""
+        self._stamp(pending)
         producer = self._producer
         used = getattr(producer, "current", producer)
         sent: list[Outgoing] = []
@@ -260,6 +262,25 @@ class KafkaOut:
                 cause = cause or exc  # the broker is away: retried (and replaced) on the next try
         if cause is not None:
             raise cause
+
+    def _stamp(self, pending: list[Outgoing]) -> None:
+        """Add the CloudEvents headers (banditgate.cloudevents) to the dead letters and alerts in
+        `pending` that have none: id from the content (the same on a retry or a replay), source
+        the worker (and the alert's route, its key)."""
+        at = b""
+        for index, message in enumerate(pending):
+            topic = message[0]
+            name = ("dead-letter" if topic == self.deadletter_topic else "alert" if topic == self.alerts_topic
+                    else None)
+            carried = message[3] if len(message) == 4 else None
+            if name is None or cloudevents.has_cloudevent(carried):
+                continue
+            key, value = message[1], message[2]
+            at = at or cloudevents.ce_time()
+            route = key.decode(errors="replace") if name == "alert" and key else None
+            headers = cloudevents.headers_for(name, cloudevents.source("feedback", route))(
+                cloudevents.content_id(topic, key, value), at, carried)
+            pending[index] = (topic, key, value, headers)
 
     def _refuse(self, topic: str, reason: str, error: str) -> None:
         self.refused += 1

@@ -19,12 +19,13 @@ import uvloop
 from aiokafka.errors import KafkaError
 from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 
-from banditgate import redis_errors
+from banditgate import cloudevents, redis_errors
 from banditgate.config import Config
 from banditgate.connections import check_redis, redis_client, server_ssl_context
 from banditgate.events import alert_from_obj
 from banditgate.logs import setup_logging
 from banditgate.redaction import redact_url
+from banditgate.tracing import Tracing
 from gateway.admin import Admin
 from gateway.batching.circuit import STATE_CODES
 from gateway.dataplane import Dataplane
@@ -42,7 +43,7 @@ from gateway.transport.http_limits import bounded_httptools_protocol
 from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, delivered
 from gateway.transport.kafka_loop import KafkaLoop
 from gateway.transport.kafka_transactions import TransactionalKafkaLoop
-from gateway.transport.publisher import PredictionPublisher
+from gateway.transport.publisher import PredictionPublisher, event_types
 from router.rollout_store import RolloutStore
 from router.stats_store import ArmStatsStore, SnapshotRefresher
 from router.thompson import Posterior
@@ -82,8 +83,9 @@ class Gateway:
     """The running gateway; `run()` returns when a stop was requested and shutdown finished."""
 
     def __init__(self, config: Config, metrics: GatewayMetrics | None = None,
-                 registry: CollectorRegistry | None = None) -> None:
+                 registry: CollectorRegistry | None = None, tracing: Tracing | None = None) -> None:
         self.config = config
+        self._tracing = tracing  # spans (banditgate.tracing); None: from config.tracing
         self.registry = registry or REGISTRY
         self.metrics = metrics or GatewayMetrics(self.registry)
         self.repository = ModelRepository(config.models.repository, config.models, wanted_models(config))
@@ -134,7 +136,7 @@ class Gateway:
         for model in self.repository.loaded():
             self.drift.prepare(model)  # calibrate in the background from the start
         loop_class = TransactionalKafkaLoop if self.config.delivery == "exactly_once" else KafkaLoop
-        self.kafka = loop_class(self.config, self.dataplane, self.metrics)
+        self.kafka = loop_class(self.config, self.dataplane, self.metrics, tracing=self._tracing)
         await self.kafka.start()
         await self._start_sidecar()
         self._banner()
@@ -267,12 +269,15 @@ class Gateway:
         assert self.kafka is not None  # noqa: S101
         shared, topic = self.kafka.shared, self.config.kafka.topics.outcomes
         values = [(str(outcome["request_id"]).encode(), orjson.dumps(outcome)) for outcome in outcomes]
+        ce_source = cloudevents.source("gateway")  # an outcome names no route
+        headers = [cloudevents.headers("outcome", ce_source, cloudevents.content_id(topic, key, value), trace)
+                   for key, value in values]
         for _attempt in (1, 2):
             producer = shared.producer
             out = OutboundBatches(producer, self.kafka.partitions, shared.limits)
             try:
-                for key, value in values:
-                    out.add(topic, key, value, headers=trace)  # the caller's trace context, if any
+                for (key, value), record_headers in zip(values, headers):
+                    out.add(topic, key, value, headers=record_headers)  # CloudEvents + the caller's trace context
             except OutputRefused as exc:
                 raise InvalidInput(f"outcome not accepted: {exc}", exc.reason) from None
             try:
@@ -303,7 +308,8 @@ class Gateway:
         # the publisher shares the Kafka loop's producer and replaces it the same way after a failure
         self.publisher = PredictionPublisher(self.kafka.shared, self.kafka.partitions, metrics=self.metrics,
                                             deadletter_topic=self.config.kafka.topics.deadletter,
-                                            flush_interval_s=self.config.server.publish_interval_ms / 1000)
+                                            flush_interval_s=self.config.server.publish_interval_ms / 1000,
+                                            event_types=event_types(self.config.kafka.topics))
         self.publisher.start()
         publisher = self.publisher
         context = SidecarContext(config=self.config, dataplane=self.dataplane,
@@ -312,7 +318,7 @@ class Gateway:
                                  admin=Admin(self.dataplane, self.repository, self.store, self._redis,
                                              rollouts=self.rollouts),
                                  registry=self.registry,
-                                 metrics=self.metrics)
+                                 metrics=self.metrics, tracing=self.kafka.tracing)
         server_ssl_context(server)  # unreadable certificate, key or client CA: one line naming the file
         if server.enable_http:
             ssl_kwargs: dict[str, Any] = {}

@@ -18,6 +18,7 @@ import numpy as np
 
 from banditgate.config import Arm, Config, Route
 from banditgate.events import prediction_event
+from banditgate.tracing import AttributeValue, Stages
 from gateway.batching.batcher import ModelBatcher, RowsResult
 from gateway.batching.circuit import CircuitPolicy, thread_share
 from gateway.batching.policy import BatchPolicy
@@ -169,31 +170,36 @@ class Dataplane:
     # -- serving ---------------------------------------------------------------------------------
 
     async def serve(self, route_name: str, requests: Sequence[Pending], reject_when_full: bool = False,
-                    keep_outputs: bool = False) -> list[Answer]:
+                    keep_outputs: bool = False, stages: Stages | None = None) -> list[Answer]:
         """Route, validate, infer and build prediction events for requests of one route.
 
         Raises Overloaded only when `reject_when_full` (HTTP/gRPC); every other problem is an
-        Answer.error for the requests it concerns.
+        Answer.error for the requests it concerns. `stages` (only when traced) gets the times of
+        the decision and of each arm's queueing and inference.
         """
         runtime = self.routes[route_name]
         route = runtime.route
         if route.policy == "interleave":
             return await serve_interleave(self, runtime, requests, self._merge_rng)
         n = len(requests)
+        decided_at = self.clock() if stages is not None else 0.0
         decision = runtime.policy.decide(n, [r.unit_id for r in requests] if route.sticky_key else None)
+        if stages is not None:
+            stages.add("gateway.decide", decided_at, self.clock(), {"banditgate.route": route.name,
+                                                                    "banditgate.requests": n})
         answers = [Answer() for _ in range(n)]
         primary_jobs = []
         for arm_index, arm in enumerate(route.arms):
             rows = np.flatnonzero(decision.arm_index == arm_index)
             if rows.size:
                 primary_jobs.append(self._start(route.name, arm_index, arm, rows, requests, answers, reject_when_full,
-                                                record_errors=True))
+                                                record_errors=True, stages=stages))
         shadow_jobs = []
         for shadow_index, shadow in enumerate(route.shadows):
             rows = np.flatnonzero(decision.shadow_mask[:, shadow_index]) if decision.shadow_mask.size else np.empty(0, int)
             if rows.size:
                 shadow_jobs.append(self._start(route.name, shadow_index, shadow, rows, requests, answers, False,
-                                               record_errors=False))
+                                               record_errors=False, stages=stages))
         primary = await asyncio.gather(*primary_jobs)
         shadows = await asyncio.gather(*shadow_jobs, return_exceptions=True)
         now_wall = self.wall_clock()
@@ -216,7 +222,7 @@ class Dataplane:
         return answers
 
     async def _start(self, route_name: str, arm_position: int, arm: Arm, rows: np.ndarray, requests: Sequence[Pending],
-                     answers: list[Answer], reject_when_full: bool, record_errors: bool
+                     answers: list[Answer], reject_when_full: bool, record_errors: bool, stages: Stages | None = None
                      ) -> tuple[int, OnnxModel | None, np.ndarray, RowsResult | None]:
         try:
             model = self.repository.get(arm.model, arm.version)
@@ -234,11 +240,13 @@ class Dataplane:
         if good_rows.size == 0:
             return arm_position, model, good_rows, None
         batcher = self.batcher(model)
+        queued_at = self.clock() if stages is not None else 0.0
         if not reject_when_full:
             await batcher.wait_for_capacity(int(good_rows.size))
         try:
             # a model that is unavailable refuses at once (never queues); a full queue with
             # reject_when_full raises Overloaded to the caller (HTTP/gRPC 503)
+            submitted_at = self.clock() if stages is not None else 0.0
             future = batcher.submit(checked.feeds, int(good_rows.size), reject_when_full=reject_when_full)
             result: RowsResult = await future
         except (ModelUnavailable, InferenceFailed) as exc:
@@ -248,6 +256,9 @@ class Dataplane:
                 for row in good_rows:
                     answers[row].error = (reason, str(exc))
             return arm_position, model, good_rows, None
+        if stages is not None:
+            record_stages(stages, route_name, arm.name, model, int(good_rows.size), queued_at, submitted_at, result,
+                          self.clock(), shadow=not record_errors)
         if record_errors:
             self.count_calls(route_name, arm.name, int(good_rows.size), len(result.errors))
             for local, message in result.errors.items():
@@ -291,6 +302,19 @@ class Dataplane:
                     answer.shadows.append(event)
 
 
+def record_stages(stages: Stages, route: str, arm: str, model: OnnxModel, rows: int, queued_at: float,
+                  submitted_at: float, result: RowsResult, done: float, shadow: bool = False) -> None:
+    """Add an arm's ``gateway.queue`` (waiting for room, then in the batcher's queue until its
+    batch started) and ``gateway.infer`` (its batch's run, until the answer is back on the loop)."""
+    started = min(submitted_at + result.queue_s, done)
+    attributes: dict[str, AttributeValue] = {"banditgate.route": route, "banditgate.arm": arm,
+                                             "banditgate.model": model.key, "banditgate.rows": rows}
+    if shadow:
+        attributes["banditgate.shadow"] = True
+    stages.add("gateway.queue", queued_at, started, attributes)
+    stages.add("gateway.infer", started, done, {**attributes, "banditgate.batch_rows": result.batch_rows})
+
+
 @dataclass
 class TensorAnswer:
     """The answer to one OIP request: outputs, who answered, and the prediction events to publish."""
@@ -306,9 +330,11 @@ class TensorAnswer:
 
 async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, feeds: dict[str, np.ndarray],
                         request_id: str, unit_id: str | None, ts_request: float, received_s: float,
-                        on_shadows: Callable[[list[dict[str, Any]]], None] | None = None) -> TensorAnswer:
+                        on_shadows: Callable[[list[dict[str, Any]]], None] | None = None,
+                        stages: Stages | None = None) -> TensorAnswer:
     """Serve one OIP request: a route name picks an arm through its policy; a model name (with an
-    optional version) bypasses the router. Raises GatewayError subclasses (→ 4xx/5xx)."""
+    optional version) bypasses the router. Raises GatewayError subclasses (→ 4xx/5xx). `stages`
+    (only when traced) gets the times of the decision, the queueing and the inference."""
     from gateway.validation import validate_arrays
 
     shadows: list[tuple[Arm, int]] = []
@@ -316,7 +342,11 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
     runtime = dataplane.routes.get(name) if not version else None
     if runtime is not None:
         route = runtime.route
+        decided_at = dataplane.clock() if stages is not None else 0.0
         decision = runtime.policy.decide(1, [unit_id] if route.sticky_key else None)
+        if stages is not None:
+            stages.add("gateway.decide", decided_at, dataplane.clock(), {"banditgate.route": route.name,
+                                                                         "banditgate.requests": 1})
         arm = route.arms[int(decision.arm_index[0])]
         propensity = float(decision.propensity[0])
         shadows = [(route.shadows[j], j) for j in range(len(route.shadows))
@@ -333,6 +363,7 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
         arm_name, propensity, policy, route_name = None, 1.0, "direct", name
     checked = validate_arrays(model, feeds)
     rows = next(iter(checked.values())).shape[0]
+    submitted_at = dataplane.clock() if stages is not None else 0.0
     try:
         result: RowsResult = await dataplane.batcher(model).submit(checked, rows, reject_when_full=True)
     except GatewayError as exc:
@@ -340,6 +371,9 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
         if arm_name is not None and (isinstance(exc, ModelUnavailable) or not isinstance(exc, Overloaded)):
             dataplane.count_calls(route_name, arm_name, rows, rows)
         raise
+    if stages is not None:
+        record_stages(stages, route_name, arm_name or model.name, model, rows, submitted_at, submitted_at, result,
+                      dataplane.clock())
     if arm_name is not None:
         dataplane.count_calls(route_name, arm_name, rows, len(result.errors))
     if result.errors:

@@ -19,6 +19,7 @@ SCENARIOS = {
     "export": "loadtests.bench_export",
     "scale": "loadtests.bench_scale",
     "client": "loadtests.bench_client",
+    "gpu": "loadtests.bench_gpu",
 }
 
 

@@ -31,6 +31,7 @@ from typing import Any, Self
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from banditgate import cloudevents
 from banditgate.client.errors import ClientError, GatewayRejected, InvalidRequest, PredictionTimeout
 from banditgate.client.sending import BatchSender
 from banditgate.client.types import Prediction
@@ -180,7 +181,7 @@ class KafkaClient:
         self._waiting[rid] = (future, started)
         try:
             await (await self._producer.send(self.requests_topic, encode(event), key=rid.encode(),
-                                             headers=trace_context(traceparent, tracestate)))
+                                             headers=_request_headers(route, rid, traceparent, tracestate)))
             return await asyncio.wait_for(asyncio.shield(future), timeout_s - (time.monotonic() - started))
         except TimeoutError:
             raise PredictionTimeout(f"no prediction for request {rid!r} within {timeout_s}s") from None
@@ -206,8 +207,9 @@ class KafkaClient:
         if value is None:
             value = encode(request_event(route, inputs, unit=unit, request_id=rid, reply_to=None, items=items,
                                          routes=self.routes, metadata=self.metadata.get(route)))
-        headers = self._ids.traceparent() if traceparent is None else trace_context(traceparent, tracestate)
+        trace = self._ids.traceparent() if traceparent is None else trace_context(traceparent, tracestate)
         key = rid.encode()
+        headers = cloudevents.headers_for("request", cloudevents.source("client", route))(key, cloudevents.ce_time(), trace)
         if not sender.try_add(key, value, headers):
             await sender.add(key, value, headers)
         return rid
@@ -243,8 +245,10 @@ class KafkaClient:
         if self._producer is None:
             raise ClientError("not_started", "start the client first")
         event = outcome_event(request_id, reward, label, clicks, ts)
-        await (await self._producer.send(self.outcomes_topic, orjson.dumps(event), key=request_id.encode(),
-                                         headers=trace_context(traceparent, tracestate)))
+        key, value = request_id.encode(), orjson.dumps(event)
+        await (await self._producer.send(self.outcomes_topic, value, key=key, headers=cloudevents.headers(
+            "outcome", _CLIENT, cloudevents.content_id(self.outcomes_topic, key, value),
+            trace_context(traceparent, tracestate))))
 
     # -- replies ---------------------------------------------------------------------------------
 
@@ -292,3 +296,14 @@ def _traceparent(headers: Any) -> str | None:
         if name == TRACEPARENT:
             return parse_traceparent(value)
     return None
+
+
+_CLIENT = cloudevents.source("client")
+
+
+def _request_headers(route: str, request_id: str, traceparent: str | None,
+                     tracestate: str | None) -> list[tuple[str, bytes]]:
+    """A request record's headers: its trace context and its CloudEvents attributes (id: the
+    request_id, so the producer's retries and a resend of the same request share it)."""
+    return cloudevents.headers_for("request", cloudevents.source("client", route))(
+        request_id.encode(), cloudevents.ce_time(), trace_context(traceparent, tracestate))

@@ -23,6 +23,7 @@ from banditgate import __version__
 from banditgate.events import EventError, outcome_from_obj
 from banditgate.jsontypes import JSONObject, JSONValue
 from banditgate.tracecontext import from_mapping
+from banditgate.tracing import ServerSpan, server_span
 from gateway.dataplane import serve_tensors
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound, Overloaded
 from gateway.request_ids import new_request_id
@@ -128,6 +129,10 @@ def _authorization(metadata: dict[str, str | bytes]) -> str | None:
 
 Metadata = dict[str, str | bytes]
 LoopHandler = Callable[[Any, Metadata], Coroutine[Any, Any, Any]]  # Any: protobuf messages of several types
+
+
+MODEL_INFER = "inference.GRPCInferenceService/ModelInfer"
+"""The server span's name (rpc.service/rpc.method)."""
 
 
 class CallBridge:
@@ -239,10 +244,26 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
 
     async def _infer(self, received: float, request: pb2.ModelInferRequest,
                      metadata: Metadata) -> pb2.ModelInferResponse:
+        if not self.ctx.tracing.enabled:
+            return await self._infer_traced(received, request, metadata, None)
+        # tracing on: a server span, child of the metadata's traceparent (banditgate.tracing.server_span)
+        traced = server_span(self.ctx.tracing, "grpc", MODEL_INFER, request.model_name, from_mapping(metadata))
+        try:
+            response = await self._infer_traced(received, request, metadata, traced)
+        except BaseException as exc:
+            if traced is not None:  # an Abort carries the call's status
+                traced.end(exc, status=exc.code.name if isinstance(exc, Abort) else None)
+            raise
+        if traced is not None:
+            traced.end()
+        return response
+
+    async def _infer_traced(self, received: float, request: pb2.ModelInferRequest, metadata: Metadata,
+                            traced: ServerSpan | None) -> pb2.ModelInferResponse:
         ctx = self.ctx
         server = ctx.config.server
         topics = ctx.config.kafka.topics
-        trace = from_mapping(metadata)
+        trace = from_mapping(metadata) if traced is None else traced.trace
         try:
             feeds = decode_inputs(request, server.max_tensor_elements, server.max_inputs)
             request_id = request.id or new_request_id()
@@ -252,7 +273,8 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
                     answer = await serve_tensors(
                         ctx.dataplane, request.model_name, request.model_version or None, feeds, request_id,
                         str(unit) if unit is not None else None, time.time(), received,
-                        on_shadows=lambda events: ctx.publish(topics.shadow_predictions, events, trace=trace))
+                        on_shadows=lambda events: ctx.publish(topics.shadow_predictions, events, trace=trace),
+                        stages=traced.stages if traced is not None else None)
         except TimeoutError:
             ctx.record(_label_name(ctx, request.model_name), "grpc", error=TimeoutError("timeout"))
             raise Abort(grpc.StatusCode.DEADLINE_EXCEEDED,

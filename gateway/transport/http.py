@@ -26,6 +26,7 @@ from banditgate import __version__
 from banditgate.config import LOOPBACK_HOSTS, Config
 from banditgate.events import SCHEMA_VERSION, EventError, json_schemas, outcome_from_obj
 from banditgate.tracecontext import TraceHeaders, parse_traceparent, parse_tracestate, trace_headers
+from banditgate.tracing import OFF, ServerSpan, Tracing, server_span
 from gateway.dataplane import Dataplane, serve_tensors
 from gateway.errors import (
     Forbidden,
@@ -63,6 +64,8 @@ class SidecarContext:
     metrics: Any = None  # gateway.metrics.GatewayMetrics
     in_flight: int = 0
     """Inference requests being served now (REST and gRPC)."""
+    tracing: Tracing = OFF
+    """Spans (banditgate.tracing; the Kafka loop's): a server span per inference request when on."""
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
@@ -291,8 +294,8 @@ def build_app(ctx: SidecarContext) -> SidecarApp:
 
     async def infer(request: Request) -> Response:
         params = request.path_params
-        status, headers, body = await infer_rest(ctx, request.scope, request.receive, params["name"],
-                                                 params.get("version"))
+        status, headers, body = await (infer_rest_traced if ctx.tracing.enabled else infer_rest)(
+            ctx, request.scope, request.receive, params["name"], params.get("version"))
         return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
 
     async def outcomes(request: Request) -> Response:
@@ -413,7 +416,8 @@ class SidecarApp:
                      version: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
         ctx = self.ctx
         try:
-            return await infer_rest(ctx, scope, receive, name, version)
+            # one attribute test when tracing is off: the untraced path has no wrapper
+            return await (infer_rest_traced if ctx.tracing.enabled else infer_rest)(ctx, scope, receive, name, version)
         except GatewayError as exc:
             headers = list(_JSON)
             if isinstance(exc, Overloaded):
@@ -466,10 +470,33 @@ async def _receive_body(receive: Receive, length: str | None, limit: int) -> byt
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def infer_rest(ctx: SidecarContext, scope: Scope, receive: Receive,
-                     name: str, version: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """One OIP REST infer call: (status, headers, body). Raises GatewayError for 4xx/5xx."""
+INFER_ROUTE = "POST /v2/models/{name}/infer"
+INFER_VERSION_ROUTE = "POST /v2/models/{name}/versions/{version}/infer"
+"""The server spans' names (banditgate.tracing.server_span): the route templates."""
+
+
+async def infer_rest_traced(ctx: SidecarContext, scope: Scope, receive: Receive,
+                            name: str, version: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """`infer_rest` inside a server span (called instead of it when tracing is on)."""
+    traced = server_span(ctx.tracing, "http", INFER_VERSION_ROUTE if version else INFER_ROUTE, name, _trace(scope))
+    if traced is None:  # tracing went off meanwhile
+        return await infer_rest(ctx, scope, receive, name, version)
+    try:
+        answered = await infer_rest(ctx, scope, receive, name, version, traced)
+    except BaseException as exc:
+        traced.end(exc)
+        raise
+    traced.end()
+    return answered
+
+
+async def infer_rest(ctx: SidecarContext, scope: Scope, receive: Receive, name: str, version: str | None,
+                     traced: ServerSpan | None = None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """One OIP REST infer call: (status, headers, body). Raises GatewayError for 4xx/5xx.
+    `traced`: the request's server span (infer_rest_traced), whose decide, queue and infer
+    become its children and which its events name as their parent."""
     received = time.monotonic()
+    trace = _trace(scope) if traced is None else traced.trace
     server = ctx.config.server
     if server.infer_tokens:
         ctx.check_token(_header(scope, b"authorization"), admin=False)
@@ -482,7 +509,6 @@ async def infer_rest(ctx: SidecarContext, scope: Scope, receive: Receive,
     feeds = {t.name: t.array for t in parsed.inputs}
     request_id = parsed.id or new_request_id()
     unit = parsed.parameters.get("unit_id")
-    trace = _trace(scope)
     try:
         with ctx.admitted():
             async with asyncio.timeout(server.request_timeout_s):
@@ -490,7 +516,8 @@ async def infer_rest(ctx: SidecarContext, scope: Scope, receive: Receive,
                     ctx.dataplane, name, version, feeds, request_id, str(unit) if unit is not None else None,
                     time.time(), received,
                     on_shadows=lambda events: ctx.publish(ctx.config.kafka.topics.shadow_predictions, events,
-                                                          trace=trace))
+                                                          trace=trace),
+                    stages=traced.stages if traced is not None else None)
     except TimeoutError:
         error = _Timeout(f"inference did not finish within {server.request_timeout_s}s")
         ctx.record(_label_name(ctx, name), "rest", error=error)

@@ -29,16 +29,18 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 
+from banditgate import cloudevents
 from banditgate.config import Config
 from banditgate.connections import ConnectionCheckError, check_kafka, describe_kafka_failure, kafka_client_kwargs
-from banditgate.tracecontext import TRACEPARENT, TraceHeaders, from_kafka_headers
-from banditgate.tracing import Tracing, wall_ns
+from banditgate.tracecontext import TraceHeaders, from_kafka_headers
+from banditgate.tracing import Tracing
 from gateway.dataplane import Dataplane
 from gateway.metrics import GatewayMetrics
 from gateway.serving import Answer
 from gateway.transport.delivery import Position, RefusalMemo, is_delivery_error, refusal
 from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, Sent, delivered, partition_for
 from gateway.transport.kafka_codec import dead_letter_value, decode_records
+from gateway.transport.kafka_trace import BatchTrace
 from gateway.transport.shared_producer import SharedProducer, close_producer
 
 dumps = orjson.dumps
@@ -408,37 +410,32 @@ class KafkaLoop:
         # keeps per-partition order from there on)
         previous, handed_over = self._last_handed_over, asyncio.Event()
         self._last_handed_over = handed_over
-        batch_span: Any = None
-        produce_span: Any = None
+        traced: BatchTrace | None = None
         try:
             records = [record for batch in fetched.values() for record in batch]
             if self.tracing.enabled:
-                batch_span = self.tracing.start("gateway.batch", kind="consumer",
-                                                attributes={"messaging.batch.message_count": len(records)})
+                traced = BatchTrace(self.tracing, len(records), self.clock)
             out = OutboundBatches(producer, self.partitions, self.shared.limits)
-            await self._serve_records(records, out, batch_span)
+            await self._serve_records(records, out, traced)
             if previous is not None:
                 await previous.wait()
-            if batch_span is not None:
-                produce_span = self.tracing.start("gateway.produce", parent=batch_span, kind="producer",
-                                                  attributes={"messaging.batch.message_count": out.count})
+            if traced is not None:
+                traced.producing(out.count)
             try:
                 sent = await out.send()
             except Exception as exc:
-                if batch_span is not None:
-                    batch_span.record_exception(exc)
-                    produce_span.end()
-                    batch_span.end()
                 if is_delivery_error(exc):
                     raise PublicationFailed(producer, exc) from exc
                 raise
+        except BaseException as exc:
+            if traced is not None:
+                traced.end(exc)  # a no-op when the send's failure ended it
+            raise
         finally:
             handed_over.set()
         failures = await delivered(sent)
-        if batch_span is not None:
-            produce_span.set_attribute("banditgate.failed_batches", len(failures))
-            produce_span.end()
-            batch_span.end()
+        if traced is not None:
+            traced.end(failed_batches=len(failures))
         if failures:
             self._learn_refusals(failures)
             raise PublicationFailed(producer, failures[0][1])
@@ -461,17 +458,14 @@ class KafkaLoop:
                         else "its requests are dead-lettered" if len(set(positions)) == 1
                         else "its records are sent one per batch to find the refused one")
 
-    async def _serve_records(self, records: list, out: OutboundBatches, batch_span: Any = None) -> None:
+    async def _serve_records(self, records: list, out: OutboundBatches, traced: BatchTrace | None = None) -> None:
         """Decode, serve and add every resulting prediction, shadow prediction and dead-letter to
-        `out`. `batch_span`: the batch's span when tracing (its stages become its children)."""
+        `out`. `traced`: the batch's spans when tracing (kafka_trace.BatchTrace)."""
         routes = self.dataplane.routes
-        started_ns = time.time_ns() if batch_span is not None else 0
         decoded = decode_records(records, routes, self.config.max_event_bytes, clock=self.clock,
                                  reply_allowed=self._reply_allowed)
-        if batch_span is not None:
-            self.tracing.record("gateway.consume", parent=batch_span, start_ns=started_ns,
-                                attributes={"banditgate.requests": decoded.count,
-                                            "banditgate.dead_letters": len(decoded.dead)})
+        if traced is not None:
+            traced.consumed(decoded.count, len(decoded.dead))
         if decoded.reply_topics:
             await self._learn_reply_topics(decoded.reply_topics, out.producer)
         self.processed += decoded.count
@@ -481,7 +475,7 @@ class KafkaLoop:
             self._dead_letter(out, (record.topic, record.partition, record.offset), record.key, message, reason,
                               record.value, guarded, from_kafka_headers(record.headers) if record.headers else None)
         route_names = list(decoded.by_route)
-        serve = self.dataplane.serve if batch_span is None else self._traced_serve(batch_span)
+        serve = self.dataplane.serve if traced is None else traced.serve(self.dataplane.serve)
         answers_per_route = await asyncio.gather(*(serve(name, decoded.by_route[name])
                                                    for name in route_names), return_exceptions=True)
         for position, (route_name, answers) in enumerate(zip(route_names, answers_per_route)):
@@ -500,9 +494,13 @@ class KafkaLoop:
         prediction_limit = limits.get(predictions_topic, sys.maxsize)
         shadow_limit = limits.get(shadows_topic, sys.maxsize)
         now = self.clock()
+        at = cloudevents.ce_time()  # the CloudEvents time of the batch's outputs (formatted once)
         for route_name, answers in zip(route_names, answers_per_route):
             assert not isinstance(answers, BaseException)  # noqa: S101 - replaced by error answers above
             pendings = decoded.by_route[route_name]
+            ce_source = cloudevents.source("gateway", route_name)
+            ce_prediction = cloudevents.headers_for("prediction", ce_source)
+            ce_shadow = cloudevents.headers_for("shadow-prediction", ce_source)
             counts: collections.Counter[tuple[str, str]] = collections.Counter()
             shadow_counts: collections.Counter[str] = collections.Counter()
             latencies = []
@@ -513,8 +511,8 @@ class KafkaLoop:
                 # the request's trace context goes on with everything it causes (one truth test
                 # when, as usually, the request has no headers)
                 trace = from_kafka_headers(pending.headers) if pending.headers else None
-                if trace is not None and batch_span is not None:
-                    trace = self._request_span(trace, pending, route_name, prediction, batch_span, now)
+                if trace is not None and traced is not None:
+                    trace = traced.request(trace, pending, route_name, prediction)
                 if prediction is not None:
                     value = dumps(prediction)
                     shadows = answer.shadows
@@ -527,15 +525,19 @@ class KafkaLoop:
                         error = self._refused_output(pending, len(key), value, shadow_values, out)
                         alone = guarded and _position(pending) in self.memo.isolated
                     if error is None:
-                        out.add(predictions_topic, key, value, partition, pending, alone, trace)
+                        # CloudEvents headers (+ the trace context): the reply is the same event
+                        headers = ce_prediction(key, at, trace)
+                        out.add(predictions_topic, key, value, partition, pending, alone, headers)
                         counts[(prediction["arm"], "ok")] += 1
                         latencies.append(now - pending.received_s)
                         if pending.reply_to is not None:
-                            self._reply(out, pending, key, value, alone, trace)
+                            self._reply(out, pending, key, value, alone, headers)
                         if shadows and shadow_values:
                             for shadow, shadow_value in zip(shadows, shadow_values):
-                                out.add(shadows_topic, key, shadow_value, partition, pending, alone, trace)
-                                shadow_counts[shadow["arm"]] += 1
+                                arm = shadow["arm"]
+                                out.add(shadows_topic, key, shadow_value, partition, pending, alone,
+                                        ce_shadow(b"%s/%s" % (key, arm.encode()), at, trace))
+                                shadow_counts[arm] += 1
                         continue
                 else:
                     error = answer.error or ("inference_failed", "no answer")
@@ -543,50 +545,13 @@ class KafkaLoop:
                 counts[("-", "error")] += 1
                 self.metrics.errors.labels(route_name, reason, "kafka").inc()
                 self.metrics.deadletters.labels(pending.topic, reason).inc()
-                self._dead_letter(out, _position(pending), pending.key, message, reason, pending.raw, guarded, trace)
+                self._dead_letter(out, _position(pending), pending.key, message, reason, pending.raw, guarded, trace,
+                                  route_name)
             for arm, count in shadow_counts.items():
                 self.metrics.shadow_predictions.labels(route_name, arm).inc(count)
             for (arm, status), count in counts.items():
                 self.metrics.requests.labels(route_name, arm, status, "kafka").inc(count)
             self.metrics.end_to_end_seconds.observe_many(latencies, route_name, "kafka")
-
-    def _traced_serve(self, batch_span: Any) -> Callable[[str, list], Any]:
-        """`dataplane.serve` inside a `gateway.infer` span per route (decide, queue and infer of the
-        route's requests in this batch: the batcher merges rows of several batches, so queueing
-        and inference are not split further without a span per model batch)."""
-        tracing = self.tracing
-
-        async def serve(route_name: str, pendings: list) -> list[Answer]:
-            span = tracing.start("gateway.infer", parent=batch_span,
-                                 attributes={"banditgate.route": route_name, "banditgate.requests": len(pendings)})
-            try:
-                return await self.dataplane.serve(route_name, pendings)
-            except BaseException as exc:
-                span.record_exception(exc)
-                raise
-            finally:
-                span.end()
-
-        return serve
-
-    def _request_span(self, trace: TraceHeaders, pending: Any, route_name: str, prediction: Any, batch_span: Any,
-                      now: float) -> TraceHeaders:
-        """A `gateway.request` span in the request's own trace (sampled by its trace id), from its
-        receipt to now, linked to its batch; returns the headers to carry on, naming that span as
-        the parent of what the prediction causes."""
-        tracing = self.tracing
-        traceparent = trace[0][1].decode()
-        attributes = {"banditgate.request_id": pending.request_id, "banditgate.route": route_name}
-        if prediction is not None:
-            attributes["banditgate.arm"] = prediction["arm"]
-        span = tracing.start("gateway.request", traceparent=traceparent, kind="consumer",
-                             start_ns=wall_ns(pending.received_s, now), attributes=attributes,
-                             links=[tracing.link_span(batch_span)])
-        sampled = span.is_recording()
-        span.end()
-        if not sampled:
-            return trace  # not sampled: the caller's context goes on unchanged
-        return [(TRACEPARENT, tracing.traceparent_of(span).encode()), *trace[1:]]
 
     async def _learn_reply_topics(self, topics: set[str], producer: AIOKafkaProducer) -> None:
         """Look up the partition counts of reply topics not seen before (one metadata request each,
@@ -654,10 +619,12 @@ class KafkaLoop:
         return found[1], found[2]
 
     def _dead_letter(self, out: OutboundBatches, position: Position, key: bytes | None, message: str, reason: str,
-                     raw: bytes | None, guarded: bool, trace: TraceHeaders | None = None) -> None:
+                     raw: bytes | None, guarded: bool, trace: TraceHeaders | None = None,
+                     route: str | None = None) -> None:
         """Add a dead letter for the request at `position` - unless its dead letter was refused for
         good before or the dead-letter topic refuses us: then it is dropped and counted (a dead
-        letter is never retried in a loop)."""
+        letter is never retried in a loop). Its CloudEvents id is the position (the same on a
+        replay); its source names `route` when the request had a known one."""
         dead_topic = self.topics.deadletter
         alone = False
         if guarded:
@@ -675,8 +642,10 @@ class KafkaLoop:
             limit = (out.limits or {}).get(dead_topic, 0)
             value = dead_letter_value(message[:1000], reason, position[0], position[1], position[2], raw,
                                       payload_chars=max(0, (limit - 4096) // 6))
+        headers = cloudevents.headers("dead-letter", cloudevents.source("gateway", route),
+                                      f"{position[0]}/{position[1]}/{position[2]}".encode(), trace)
         try:
-            out.add(dead_topic, key, value, None, position, alone, trace)
+            out.add(dead_topic, key, value, None, position, alone, headers)
         except OutputRefused as exc:
             self._dead_letter_failed(exc.reason, str(exc))
 

@@ -54,6 +54,7 @@ from banditgate.connections import kafka_client_kwargs
 from gateway.transport.delivery import is_delivery_error, refusal
 from gateway.transport.kafka_batches import OutboundBatches, delivered
 from gateway.transport.kafka_loop import KafkaLoop, PublicationFailed
+from gateway.transport.kafka_trace import BatchTrace
 from gateway.transport.shared_producer import close_producer
 
 log = logging.getLogger("banditgate.kafka")
@@ -209,14 +210,15 @@ class TransactionalKafkaLoop(KafkaLoop):
             producer = await self._producer_for(tp)
             if producer is None or self.generation.get(tp, 0) != generation:
                 return  # no longer ours (or stopping): the next owner starts at the committed offset
-            # tracing: the batch's span and its stages (no gateway.produce: the transaction is it)
-            batch_span: Any = (self.tracing.start("gateway.batch", kind="consumer",
-                                                  attributes={"messaging.batch.message_count": len(records)})
-                               if self.tracing.enabled else None)
+            # tracing: the batch's spans (gateway.produce: sending until the transaction commits)
+            traced = BatchTrace(self.tracing, len(records), self.clock) if self.tracing.enabled else None
+            error: BaseException | None = None
             try:
                 await _in_transaction(producer.begin_transaction())
                 out = OutboundBatches(producer, self.partitions, self.shared.limits)
-                await self._serve_records(records, out, batch_span)
+                await self._serve_records(records, out, traced)
+                if traced is not None:
+                    traced.producing(out.count)
                 failures = await delivered(await _in_transaction(out.send()))
                 if failures:
                     self._learn_refusals(failures)
@@ -225,13 +227,14 @@ class TransactionalKafkaLoop(KafkaLoop):
                                                                            self.config.kafka.group_id))
                 await _in_transaction(producer.commit_transaction())
             except Exception as exc:
+                error = exc
                 if not isinstance(exc, PublicationFailed) and not is_delivery_error(exc):
                     raise  # a defect in our code, not the broker's doing: the loop stops on it
                 await self._redo(tp, producer, records[0].offset,
                                  exc.cause if isinstance(exc, PublicationFailed) else exc)
             finally:
-                if batch_span is not None:
-                    batch_span.end()
+                if traced is not None:
+                    traced.end(error)
 
     async def _producer_for(self, tp: TopicPartition) -> AIOKafkaProducer | None:
         """The partition's producer, started now (with backoff) if it has none; None once the

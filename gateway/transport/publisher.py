@@ -16,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
 
+from banditgate import cloudevents
+from banditgate.config import Topics
 from banditgate.tracecontext import TraceHeaders
 from gateway.metrics import GatewayMetrics
 from gateway.transport.delivery import RefusalMemo, is_delivery_error, refusal
@@ -33,15 +35,31 @@ log = logging.getLogger("banditgate.publisher")
 BACKOFF_S = (0.5, 10.0)
 """First and longest wait between two attempts while publishing fails."""
 
-# (topic, key, value, is a dead letter, send in a batch of its own, Kafka headers: the trace context)
+# (topic, key, value, is a dead letter, send in a batch of its own, Kafka headers: the trace context
+# and the CloudEvents attributes)
 _Event = tuple[str, bytes, bytes, bool, bool, TraceHeaders | None]
+
+
+def event_types(topics: Topics) -> dict[str, str]:
+    """Topic -> the banditgate.events name of what the publisher sends there (its CloudEvents type)."""
+    return {topics.predictions: "prediction", topics.shadow_predictions: "shadow-prediction",
+            topics.alerts: "alert", topics.outcomes: "outcome"}
+
+
+def _trace_only(headers: TraceHeaders | None) -> TraceHeaders | None:
+    """The trace context among a record's headers (its CloudEvents attributes left out)."""
+    if not headers:
+        return None
+    return [h for h in headers if not h[0].startswith("ce_")] or None
 
 
 class PredictionPublisher:
     def __init__(self, shared: SharedProducer, partitions: dict[str, int], metrics: GatewayMetrics | None = None,
                  deadletter_topic: str | None = None, flush_interval_s: float = 0.02, max_queued: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, event_types: Mapping[str, str] | None = None) -> None:
         self.shared = shared
+        self.event_types = dict(event_types or {})
+        """Topic -> event name (banditgate.events): events to these topics get CloudEvents headers."""
         self.partitions = partitions
         self.metrics = metrics
         self.deadletter_topic = deadletter_topic
@@ -84,8 +102,19 @@ class PredictionPublisher:
         if len(self._queue) + len(events) > self.max_queued:
             self._drop(topic, "queue_full", len(events))
             return
+        name = self.event_types.get(topic)
+        at = cloudevents.ce_time() if name is not None else b""
         for event in events:
-            self._queue.append((topic, str(event[key_field]).encode(), orjson.dumps(event), False, False, trace))
+            key, value = str(event[key_field]).encode(), orjson.dumps(event)
+            headers = trace
+            if name is not None:
+                # ids stable across retries: request_id (+ arm for a shadow), else the content's digest
+                ce_id = (key if name == "prediction" else b"%s/%s" % (key, str(event.get("arm")).encode())
+                         if name == "shadow-prediction" else cloudevents.content_id(topic, key, value))
+                route = event.get("route")
+                headers = cloudevents.headers_for(name, cloudevents.source("gateway", route if isinstance(route, str)
+                                                                           else None))(ce_id, at, trace)
+            self._queue.append((topic, key, value, False, False, headers))
         if len(self._queue) >= 512:
             self._wakeup.set()
 
@@ -212,7 +241,10 @@ class PredictionPublisher:
                 continue
             # the event was answered over HTTP/gRPC already; its dead letter keeps it (position unknown: -1)
             letter = dead_letter_value(message, reason, topic, -1, -1, value, payload_chars=16_384)
-            self._queue.append((self.deadletter_topic, key, letter, True, False, trace))
+            trace = _trace_only(trace)
+            headers = cloudevents.headers("dead-letter", cloudevents.source("gateway"),
+                                          cloudevents.content_id(self.deadletter_topic, key, letter), trace)
+            self._queue.append((self.deadletter_topic, key, letter, True, False, headers))
 
     def _failed(self, cause: BaseException) -> None:
         """Publishing failed for a reason that may pass (the broker away): say so once per episode
