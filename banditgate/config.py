@@ -204,7 +204,12 @@ class BatchingConfig(_Strict):
 
     max_batch_size: int = Field(256, ge=1, le=65_536)
     max_delay_us: int = Field(2000, ge=0, le=10_000_000)
-    """A partly filled batch is flushed after this many microseconds."""
+    """A partly filled batch is flushed after this many microseconds (while the model is busy; see
+    `idle_flush`)."""
+    idle_flush: bool = True
+    """Flush a model's queue at once while none of its batches is running (an idle gateway answers
+    a lone request without waiting `max_delay_us` for a batch that will not fill). False: always
+    wait up to `max_delay_us` for company."""
     max_queue_rows: int = Field(8192, ge=1)
     """Per model: more queued rows than this pauses Kafka fetching and rejects HTTP/gRPC with 503."""
     inference_threads: int = Field(2, ge=1, le=256)

@@ -60,7 +60,7 @@ class Dataplane:
         self.wall_clock = wall_clock
         self.on_batch = on_batch
         self.policy = BatchPolicy(config.batching.max_batch_size, config.batching.max_delay_us,
-                                  config.batching.max_queue_rows)
+                                  config.batching.max_queue_rows, config.batching.idle_flush)
         self.circuit = CircuitPolicy(thread_share(config.batching.inference_threads, config.batching.model_max_threads),
                                      config.models.unavailable_retry_s, config.models.unavailable_retry_max_s)
         seed_rng = rng or np.random.default_rng()

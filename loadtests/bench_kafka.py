@@ -6,11 +6,15 @@ request payloads and fresh topics:
 (c) `banditgate serve` with two arms (Thompson sampling) and one shadow.
 Sustained throughput comes from draining a preloaded topic (outputs / span of their broker
 timestamps); latency from an open-loop run at half of each system's own maximum.
+
+Latency at fixed rates (`fixed_rates`, `lone_request`): the gateway against `relay` (the gateway's
+own Kafka loop and producer with the model taken out, loadtests/peers.py), both running at once
+on fresh topics, each offered the same open-loop rates in turn (50/s, then 1 000, 5 000 and
+10 000/s; which of the two goes first alternates), so that both meet the same machine.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -26,12 +30,23 @@ import uvloop
 import yaml
 
 from banditgate.stack import Stack
-from loadtests.kafka_harness import (create_topics, delete_topics, open_loop, output_timestamps, preload, progress,
-                                     request_payloads, throughput_from_stamps)
+from loadtests.kafka_harness import (
+    LatencyResult,
+    create_topics,
+    delete_topics,
+    open_loop,
+    output_timestamps,
+    preload,
+    progress,
+    request_payloads,
+    throughput_from_stamps,
+)
 from loadtests.models import build_mlp
 
 N_FEATURES = 32
 ROUTE = "bench"
+FIXED_RATES = (1000.0, 5000.0, 10000.0)
+LONE_RATE = 50.0
 
 
 def _spawn(argv: list[str], log_path: Path) -> subprocess.Popen:
@@ -50,7 +65,8 @@ def _stop(process: subprocess.Popen, timeout_s: float = 20.0) -> int:
     return process.returncode
 
 
-def _gateway_config(work: Path, bootstrap: str, redis_url: str, topics: dict[str, str], group: str) -> Path:
+def _gateway_config(work: Path, bootstrap: str, redis_url: str, topics: dict[str, str], group: str,
+                    name: str = "banditgate.yaml") -> Path:
     config = {
         "kafka": {"bootstrap_servers": bootstrap, "group_id": group, "topics": topics},
         "redis": {"url": redis_url, "key_prefix": f"bench-{group}"},
@@ -63,17 +79,17 @@ def _gateway_config(work: Path, bootstrap: str, redis_url: str, topics: dict[str
                              {"name": "b", "model": "bench-b", "version": 1}],
                     "shadows": [{"name": "c", "model": "bench-c", "version": 1}]}],
     }
-    path = work / "banditgate.yaml"
+    path = work / name
     path.write_text(yaml.safe_dump(config))
     return path
 
 
-async def _measure(system: str, argv_for: callable, bootstrap: str, work: Path, n_max: int,  # type: ignore[valid-type]
+async def _measure(system: str, argv: list[str], bootstrap: str, work: Path, n_max: int,
                    latency_s: float, in_topic: str, out_topic: str, latency: bool = True) -> dict:
     payloads = request_payloads(n_max, N_FEATURES, ROUTE, prefix=f"{system}")
     progress(f"{system}: preloading {n_max} requests")
     await preload(bootstrap, in_topic, payloads)
-    process = _spawn(argv_for(), work / f"{system}.log")
+    process = _spawn(argv, work / f"{system}.log")
     try:
         started = time.monotonic()
         stamps = await output_timestamps(bootstrap, out_topic, n_max, timeout_s=max(60.0, n_max / 500),
@@ -84,7 +100,7 @@ async def _measure(system: str, argv_for: callable, bootstrap: str, work: Path, 
         progress(f"{system}: {len(stamps)} answered, {throughput:,.0f} requests/s "
                  f"(drained in {time.monotonic() - started:.1f}s)")
         if not latency:
-            return {"throughput_rps": round(throughput, 1), "requests_drained": int(len(stamps))}
+            return {"throughput_rps": round(throughput, 1), "requests_drained": len(stamps)}
         rate = max(1.0, throughput / 2)
         progress(f"{system}: open-loop latency at {rate:,.0f} requests/s for {latency_s:.0f}s")
         result = await open_loop(bootstrap, in_topic, out_topic, ROUTE, N_FEATURES, rate, latency_s)
@@ -97,7 +113,75 @@ async def _measure(system: str, argv_for: callable, bootstrap: str, work: Path, 
     return {"throughput_rps": round(throughput, 1), "p50_ms": round(latency.p50_ms, 3),
             "p99_ms": round(latency.p99_ms, 3), "p999_ms": round(latency.p999_ms, 3),
             "latency_rate_rps": round(rate, 1), "latency_sent": latency.sent, "latency_unanswered": lost,
-            "requests_drained": int(len(stamps))}
+            "requests_drained": len(stamps)}
+
+
+def _percentiles(result: LatencyResult) -> dict:
+    return {"p50_ms": round(result.p50_ms, 3), "p99_ms": round(result.p99_ms, 3), "p999_ms": round(result.p999_ms, 3),
+            "sent": result.sent, "unanswered": result.sent - result.received}
+
+
+async def _fixed_rates(bootstrap: str, redis_url: str, work: Path, run_id: str, created: list[str],
+                       duration_s: float) -> tuple[list[dict], dict]:
+    """Open-loop latency of `relay` and the gateway at LONE_RATE and each of FIXED_RATES (both up
+    at once, each rate offered to one then the other, the order alternating)."""
+    python = sys.executable
+    systems: dict[str, tuple[str, str]] = {}
+    processes: dict[str, subprocess.Popen] = {}
+    try:
+        for system in ("relay", "banditgate"):
+            prefix = f"bench-{run_id}-fixed-{system}"
+            topics = {"requests": f"{prefix}.requests", "predictions": f"{prefix}.predictions",
+                      "shadow_predictions": f"{prefix}.shadow", "outcomes": f"{prefix}.outcomes",
+                      "deadletter": f"{prefix}.deadletter", "alerts": f"{prefix}.alerts",
+                      "routing_changes": f"{prefix}.routing"}
+            await create_topics(bootstrap, list(topics.values()))
+            created += list(topics.values())
+            group = f"{prefix}-group"
+            if system == "banditgate":
+                config = _gateway_config(work, bootstrap, redis_url, topics, group, name="fixed.yaml")
+                exe = shutil.which("banditgate") or f"{Path(python).parent}/banditgate"
+                argv = [exe, "serve", "-c", str(config)]
+            else:
+                argv = [python, "-m", "loadtests.peers", "relay", bootstrap, topics["requests"],
+                        topics["predictions"], group]
+            processes[system] = _spawn(argv, work / f"fixed-{system}.log")
+            systems[system] = (topics["requests"], topics["predictions"])
+        for system, (in_topic, out_topic) in systems.items():
+            # warm up: group joined, models and code paths warm, every request answered
+            for _ in range(10):
+                warm = await open_loop(bootstrap, in_topic, out_topic, ROUTE, N_FEATURES, 500.0, 1.0, quiet_s=3.0)
+                if processes[system].poll() is not None:
+                    raise RuntimeError(f"{system} exited with {processes[system].returncode}; "
+                                       f"see {work / f'fixed-{system}.log'}")
+                if warm.received == warm.sent:
+                    break
+            else:
+                raise RuntimeError(f"{system} did not answer its warm-up requests; see {work / f'fixed-{system}.log'}")
+        rows: list[dict] = []
+        lone: dict = {"rate_rps": LONE_RATE}
+        for index, rate in enumerate((LONE_RATE, *FIXED_RATES)):
+            row: dict = {"rate_rps": rate}
+            order = ("relay", "banditgate") if index % 2 == 0 else ("banditgate", "relay")
+            for system in order:
+                in_topic, out_topic = systems[system]
+                result = await open_loop(bootstrap, in_topic, out_topic, ROUTE, N_FEATURES, rate, duration_s,
+                                         seed=index)
+                lost = result.sent - result.received
+                progress(f"{system} at {rate:,.0f}/s: p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, "
+                         f"p999 {result.p999_ms:.2f} ms{f', {lost} unanswered' if lost else ''}")
+                row["passthrough" if system == "relay" else "banditgate"] = _percentiles(result)
+            if rate == LONE_RATE:
+                lone.update(row)
+            else:
+                rows.append(row)
+        for system, process in processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(f"{system} exited with {process.returncode}; see {work / f'fixed-{system}.log'}")
+        return rows, lone
+    finally:
+        for process in processes.values():
+            _stop(process)
 
 
 async def _run(out: Path, quick: bool) -> dict:
@@ -108,6 +192,7 @@ async def _run(out: Path, quick: bool) -> dict:
     n_fast = 30_000 if quick else 200_000
     n_naive = 600 if quick else 3_000
     latency_s = 4.0 if quick else 10.0
+    fixed_s = 3.0 if quick else 10.0
     run_id = uuid.uuid4().hex[:6]
     python = sys.executable
     results: dict[str, dict] = {}
@@ -125,18 +210,19 @@ async def _run(out: Path, quick: bool) -> dict:
             if system == "banditgate":
                 config = _gateway_config(work, addresses.kafka, addresses.redis, topics, group)
                 exe = shutil.which("banditgate") or f"{Path(python).parent}/banditgate"
-                argv = lambda: [exe, "serve", "-c", str(config)]  # noqa: E731
+                argv = [exe, "serve", "-c", str(config)]
             elif system == "naive":
                 model = str(work / "models" / "bench-a" / "1" / "model.onnx")
-                argv = lambda: [python, "-m", "loadtests.peers", "naive", addresses.kafka,  # noqa: E731
-                                topics["requests"], topics["predictions"], group, model]
+                argv = [python, "-m", "loadtests.peers", "naive", addresses.kafka,
+                        topics["requests"], topics["predictions"], group, model]
             else:
-                argv = lambda: [python, "-m", "loadtests.peers", system, addresses.kafka,  # noqa: E731
-                                topics["requests"], topics["predictions"], group]
+                argv = [python, "-m", "loadtests.peers", system, addresses.kafka,
+                        topics["requests"], topics["predictions"], group]
             n = n_naive if system == "naive" else n_fast
             results[system] = await _measure(system, argv, addresses.kafka, work, n, latency_s,
                                              topics["requests"], topics["predictions"],
                                              latency=system != "passthrough_batch")
+        fixed, lone = await _fixed_rates(addresses.kafka, addresses.redis, work, run_id, created, fixed_s)
     finally:
         if created:
             await delete_topics(addresses.kafka, created)
@@ -146,14 +232,18 @@ async def _run(out: Path, quick: bool) -> dict:
     bg["ratio_vs_passthrough"] = round(bg["throughput_rps"] / results["passthrough"]["throughput_rps"], 3)
     bg["ratio_vs_naive"] = round(bg["throughput_rps"] / results["naive"]["throughput_rps"], 3)
     bg["ratio_vs_passthrough_batch"] = round(bg["throughput_rps"] / results["passthrough_batch"]["throughput_rps"], 3)
+    results["fixed_rates"] = fixed
+    results["lone_request"] = lone
     results["meta"] = {"model": f"MLP {N_FEATURES}-64-1 (onnx)", "arms": 2, "shadows": 1, "quick": quick,
                        "requests_throughput_phase": n_fast, "requests_naive": n_naive,
-                       "latency_duration_s": latency_s, "cpus": os.cpu_count(),
+                       "latency_duration_s": latency_s, "fixed_rate_duration_s": fixed_s, "cpus": os.cpu_count(),
                        "note": "throughput: drain of a preloaded topic; latency: open loop at half of each "
                                "system's own maximum, from intended send time to output arrival; "
                                "ratio_vs_passthrough uses the idiomatic send()-per-record passthrough; "
                                "passthrough_batch (aiokafka batch API, what banditgate uses) is the client's "
-                               "ceiling, reported with ratio_vs_passthrough_batch"}
+                               "ceiling, reported with ratio_vs_passthrough_batch; fixed_rates and lone_request: "
+                               "open loop at each rate, both systems up at once, the passthrough there is the "
+                               "relay peer (the gateway's Kafka loop and producer without the model)"}
     return results
 
 
@@ -169,6 +259,11 @@ def markdown(results: dict) -> str:
     lines.append("")
     lines.append(f"banditgate = {bg['ratio_vs_passthrough']:.2f}x passthrough, {bg['ratio_vs_naive']:.1f}x naive, "
                  f"{bg['ratio_vs_passthrough_batch']:.2f}x the batch-API passthrough")
+    lines += ["", "| rate (req/s) | passthrough p50 / p99 ms | banditgate p50 / p99 ms |", "| ---: | ---: | ---: |"]
+    for row in [results["lone_request"], *results["fixed_rates"]]:
+        p, b = row["passthrough"], row["banditgate"]
+        lines.append(f"| {row['rate_rps']:,.0f} | {p['p50_ms']:.2f} / {p['p99_ms']:.2f} | "
+                     f"{b['p50_ms']:.2f} / {b['p99_ms']:.2f} |")
     return "\n".join(lines)
 
 
@@ -178,3 +273,28 @@ def run(out: Path, quick: bool = False) -> int:
     print(markdown(results))
     progress(f"wrote {out}")
     return 0
+
+
+async def _fixed_only(quick: bool) -> dict:
+    """Only the fixed-rate phase (for working on latency; `banditgate bench kafka` runs everything)."""
+    addresses = Stack.default().up(progress)
+    work = Path(tempfile.mkdtemp(prefix="bench-kafka-"))
+    for name, seed in (("bench-a", 1), ("bench-b", 2), ("bench-c", 3)):
+        build_mlp(work / "models" / name / "1" / "model.onnx", n_features=N_FEATURES, hidden=64, seed=seed)
+    created: list[str] = []
+    try:
+        fixed, lone = await _fixed_rates(addresses.kafka, addresses.redis, work, uuid.uuid4().hex[:6], created,
+                                         3.0 if quick else 10.0)
+    finally:
+        if created:
+            await delete_topics(addresses.kafka, created)
+        if not os.environ.get("BANDITGATE_BENCH_KEEP"):
+            shutil.rmtree(work, ignore_errors=True)
+    return {"fixed_rates": fixed, "lone_request": lone}
+
+
+if __name__ == "__main__":
+    # python -m loadtests.bench_kafka OUT.json [--quick]: the fixed-rate phase alone
+    only = uvloop.run(_fixed_only("--quick" in sys.argv[2:]))
+    Path(sys.argv[1]).write_bytes(orjson.dumps(only, option=orjson.OPT_INDENT_2))
+    print(orjson.dumps(only, option=orjson.OPT_INDENT_2).decode())

@@ -39,8 +39,8 @@ async def delete_topics(bootstrap: str, names: list[str]) -> None:
     await admin.start()
     try:
         await admin.delete_topics(names)
-    except Exception:  # noqa: BLE001 - cleanup of benchmark topics is best-effort
-        pass
+    except Exception as exc:  # noqa: BLE001 - cleanup of benchmark topics is best-effort
+        progress(f"could not delete the benchmark topics ({type(exc).__name__})")
     finally:
         await admin.close()
 
@@ -110,12 +110,13 @@ class LatencyResult:
 
 
 async def open_loop(bootstrap: str, in_topic: str, out_topic: str, route: str, n_features: int, rate_rps: float,
-                    duration_s: float, seed: int = 7) -> LatencyResult:
+                    duration_s: float, seed: int = 7, quiet_s: float = 10.0) -> LatencyResult:
     """Send at `rate_rps` for `duration_s`; measure output arrival minus intended send time.
 
     Payloads and their partitions are prepared before the clock starts and sent with the batch
     API each millisecond, so the generator itself stays far below the rates it offers; outputs
-    are matched by record key (the request id), without decoding them.
+    are matched by record key (the request id), without decoding them. Once everything is sent,
+    the reader waits at most `quiet_s` for the rest of the answers.
     """
     from gateway.transport.kafka_batches import partition_for
 
@@ -158,7 +159,7 @@ async def open_loop(bootstrap: str, in_topic: str, out_topic: str, route: str, n
                 if received >= total or (quiet_deadline is not None and time.monotonic() > quiet_deadline):
                     return
                 if quiet_deadline is None:
-                    quiet_deadline = time.monotonic() + 10.0
+                    quiet_deadline = time.monotonic() + quiet_s
 
     reader_task = asyncio.get_running_loop().create_task(reader())
     start = time.time() + 0.05

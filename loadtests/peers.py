@@ -8,13 +8,19 @@
 
 - `passthrough_batch`: the passthrough producing through the batch API the gateway itself uses
   (reported beside, not used for the ratio: it is the ceiling of the client, not what users write).
+- `relay`: the gateway's Kafka loop with the model taken out, the passthrough that the latency
+  at fixed rates is compared with: the gateway's consumer settings (`KafkaConfig` defaults,
+  read_committed), the gateway's own producer (`SharedProducer`: same linger, acks, batch size),
+  the batch API, the next fetch not waiting for acknowledgements, offsets committed in order at
+  most every `kafka.commit_interval_ms`. It forwards each request's bytes, keyed as they came.
 
-Usage: python -m loadtests.peers {passthrough|passthrough_batch|naive} BOOTSTRAP IN_TOPIC OUT_TOPIC GROUP [MODEL]
+Usage: python -m loadtests.peers {passthrough|passthrough_batch|relay|naive} BOOTSTRAP IN_TOPIC OUT_TOPIC GROUP [MODEL]
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import signal
 import sys
 import time
@@ -76,6 +82,58 @@ async def passthrough_batch(bootstrap: str, in_topic: str, out_topic: str, group
         await producer.stop()
 
 
+async def relay(bootstrap: str, in_topic: str, out_topic: str, group: str, stop: asyncio.Event) -> None:
+    """The gateway's consume -> produce loop (gateway/transport/kafka_loop.py) without decoding or a model."""
+    from aiokafka import TopicPartition
+
+    from banditgate.config import KafkaConfig
+    from gateway.transport.kafka_batches import OutboundBatches
+    from gateway.transport.shared_producer import SharedProducer
+
+    kafka = KafkaConfig(bootstrap_servers=bootstrap, group_id=group)
+    consumer = AIOKafkaConsumer(in_topic, bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False,
+                                auto_offset_reset="earliest", isolation_level="read_committed",
+                                fetch_max_wait_ms=kafka.fetch_max_wait_ms, fetch_min_bytes=kafka.fetch_min_bytes,
+                                max_partition_fetch_bytes=4 * 1024 * 1024, fetch_max_bytes=32 * 1024 * 1024,
+                                session_timeout_ms=kafka.session_timeout_ms,
+                                heartbeat_interval_ms=max(1000, kafka.session_timeout_ms // 4))
+    shared = SharedProducer(kafka)
+    await shared.discover_limits([out_topic])
+    producer = await shared.start()
+    partitions = {out_topic: len(await producer.partitions_for(out_topic))}
+    await consumer.start()
+    in_flight: collections.deque[tuple[asyncio.Future, dict[TopicPartition, int]]] = collections.deque()
+    to_commit: dict[TopicPartition, int] = {}
+    committer: asyncio.Task | None = None
+    last_commit = float("-inf")
+    try:
+        while not stop.is_set():
+            if len(in_flight) >= 8:  # batching.max_in_flight_batches
+                await asyncio.wait([in_flight[0][0]])
+            fetched = await consumer.getmany(timeout_ms=100, max_records=kafka.max_poll_records)
+            if fetched:
+                out = OutboundBatches(producer, partitions, shared.limits)
+                for tp, records in fetched.items():
+                    for record in records:
+                        out.add(out_topic, record.key, record.value, tp.partition)
+                sent = await out.send()
+                in_flight.append((asyncio.gather(*(s.future for s in sent)),
+                                  {tp: records[-1].offset + 1 for tp, records in fetched.items()}))
+            while in_flight and in_flight[0][0].done():
+                done, offsets = in_flight.popleft()
+                done.result()  # a failed delivery ends the peer (the bench reports it)
+                to_commit.update(offsets)
+            now = time.monotonic()
+            if to_commit and (committer is None or committer.done()) and now - last_commit >= kafka.commit_interval_ms / 1000:
+                committer = asyncio.get_running_loop().create_task(consumer.commit(to_commit))
+                to_commit, last_commit = {}, now
+        if in_flight:
+            await asyncio.gather(*(f for f, _ in in_flight))
+    finally:
+        await consumer.stop()
+        await shared.stop()
+
+
 async def naive(bootstrap: str, in_topic: str, out_topic: str, group: str, stop: asyncio.Event, model: str) -> None:
     import onnxruntime as ort
 
@@ -117,6 +175,8 @@ async def main(argv: list[str]) -> None:
         await passthrough(bootstrap, in_topic, out_topic, group, stop)
     elif kind == "passthrough_batch":
         await passthrough_batch(bootstrap, in_topic, out_topic, group, stop)
+    elif kind == "relay":
+        await relay(bootstrap, in_topic, out_topic, group, stop)
     elif kind == "naive":
         await naive(bootstrap, in_topic, out_topic, group, stop, argv[5])
     else:

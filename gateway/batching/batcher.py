@@ -148,7 +148,7 @@ class ModelBatcher:
         item = _Item(feeds, rows, now, loop.create_future())
         self._pending.append(item)
         self._pending_rows += rows
-        if self.policy.flush_now(self._pending_rows, self._pending[0].enqueued_s, now):
+        if self.policy.flush_now(self._pending_rows, self._pending[0].enqueued_s, now, self._in_flight_rows > 0):
             self._flush()
         elif self._timer is None:
             delay = max(0.0, self.policy.deadline_s(self._pending[0].enqueued_s) - now)
@@ -200,13 +200,14 @@ class ModelBatcher:
         self._fail(items, self._unavailable(now))
 
     def _flush_waiting(self) -> None:
-        """A thread came back: rows left waiting for one (at the cap) go now, or when due."""
-        if not self._pending or self._timer is not None:
+        """A thread came back: rows left waiting for one (at the cap) go now, or when due; rows
+        queued behind the batch that came back go now if that left the model idle."""
+        if not self._pending:
             return
         now = self.clock()
-        if self.policy.flush_now(self._pending_rows, self._pending[0].enqueued_s, now):
+        if self.policy.flush_now(self._pending_rows, self._pending[0].enqueued_s, now, self._in_flight_rows > 0):
             self._flush()
-        else:
+        elif self._timer is None:
             delay = max(0.0, self.policy.deadline_s(self._pending[0].enqueued_s) - now)
             self._timer = asyncio.get_running_loop().call_later(delay, self._flush)
 
@@ -295,7 +296,7 @@ class ModelBatcher:
                 batch.remaining -= 1
                 if batch.remaining == 0:
                     self._complete(batch)
-        if self._pending and self._timer is None:
+        if self._pending:
             self._flush_waiting()
 
     def _trip(self, model: OnnxModel, timeout_s: float) -> None:
@@ -360,7 +361,7 @@ class ModelBatcher:
             self.circuit.probe_finished()
             log.warning("model %s answered a probe in %.3fs; available again", probe.model.key,
                         self.clock() - probe.started)
-        if self._pending and self._timer is None:
+        if self._pending:
             self._flush_waiting()
 
     def _end(self, batch: _Batch, error: Exception | None = None) -> None:

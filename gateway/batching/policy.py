@@ -7,21 +7,30 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class BatchPolicy:
-    """Flush at `max_batch_size` rows or when the oldest queued row has waited `max_delay_us`."""
+    """Flush at `max_batch_size` rows, when the oldest queued row has waited `max_delay_us`, or -
+    with `idle_flush` - at once while none of the model's batches is running.
+
+    Why the last: waiting only pays while the model is busy, when rows arriving during its run
+    join the next batch anyway. On an idle model nothing else is on its way, so the delay was
+    pure latency: a lone request waited the whole `max_delay_us` (1-2 ms) for a batch that would
+    never fill. Under load a batch is nearly always running, and rows queue behind it as before;
+    when it comes back, what queued meanwhile is flushed at once (the model is idle again)."""
 
     max_batch_size: int
     max_delay_us: int
     max_queue_rows: int
+    idle_flush: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_delay_us < 0 or self.max_queue_rows < 1:
             raise ValueError(f"invalid batch policy {self}")
 
-    def flush_now(self, pending_rows: int, oldest_enqueued_s: float | None, now_s: float) -> bool:
-        """True if the queue should be flushed at `now_s` (seconds on the caller's monotonic clock)."""
+    def flush_now(self, pending_rows: int, oldest_enqueued_s: float | None, now_s: float, busy: bool = True) -> bool:
+        """True if the queue should be flushed at `now_s` (seconds on the caller's monotonic clock).
+        `busy`: a batch of the model is running (False: it is idle, see `idle_flush`)."""
         if pending_rows <= 0:
             return False
-        if pending_rows >= self.max_batch_size or self.max_delay_us == 0:
+        if pending_rows >= self.max_batch_size or self.max_delay_us == 0 or (self.idle_flush and not busy):
             return True
         return oldest_enqueued_s is not None and (now_s - oldest_enqueued_s) * 1e6 >= self.max_delay_us
 

@@ -43,6 +43,19 @@ def test_flush_now_is_size_or_deadline(size: int, delay: int, queue: int, pendin
         assert not flush
 
 
+@given(size=st.integers(1, 512), delay=st.integers(0, 10_000), pending=st.integers(0, 1024),
+       waited_us=st.integers(0, 20_000), idle_flush=st.booleans(), busy=st.booleans())
+def test_an_idle_model_flushes_at_once_a_busy_one_waits_as_before(size: int, delay: int, pending: int, waited_us: int,
+                                                                   idle_flush: bool, busy: bool) -> None:
+    policy = BatchPolicy(size, delay, 100, idle_flush)
+    now = 100.0
+    flush = policy.flush_now(pending, now - waited_us / 1e6, now, busy)
+    if pending > 0 and idle_flush and not busy:
+        assert flush  # nothing running: waiting for company would only add latency
+    else:  # the size-or-deadline rule, unchanged
+        assert flush == BatchPolicy(size, delay, 100, idle_flush=False).flush_now(pending, now - waited_us / 1e6, now)
+
+
 @given(size=st.integers(1, 300), total=st.integers(0, 5000))
 def test_slices_cover_the_rows_in_order_and_respect_the_size(size: int, total: int) -> None:
     slices = BatchPolicy(size, 0, 1).slices(total)
@@ -103,7 +116,8 @@ def test_rows_of_several_submissions_share_one_batch_and_come_back_to_their_owne
     batches: list[int] = []
 
     async def run() -> list[RowsResult]:
-        batcher = ModelBatcher(model, pool, BatchPolicy(64, 50_000, 1000), timeout_s=5,
+        # idle_flush off: the first submission would otherwise go alone (see the next test)
+        batcher = ModelBatcher(model, pool, BatchPolicy(64, 50_000, 1000, idle_flush=False), timeout_s=5,
                                observe=lambda _m, rows, _q, _i: batches.append(rows))
         feeds = [_rows(n, seed=n) for n in (1, 3, 2)]
         futures = [batcher.submit(f, len(f["input"])) for f in feeds]
@@ -116,6 +130,26 @@ def test_rows_of_several_submissions_share_one_batch_and_come_back_to_their_owne
 
     asyncio.run(run())
     assert batches == [6]  # one flush, by the 50 ms delay, holding all three submissions
+
+
+def test_an_idle_model_runs_a_lone_row_at_once_and_rows_queued_behind_it_together(tmp_path: Path, pool) -> None:  # noqa: ANN001
+    model = _model(tmp_path)
+    batches: list[int] = []
+
+    async def run() -> None:
+        # a 10 s delay: only the idle flush can answer within the 5 s bound below
+        batcher = ModelBatcher(model, pool, BatchPolicy(64, 10_000_000, 1000), timeout_s=5,
+                               observe=lambda _m, rows, _q, _i: batches.append(rows))
+        feeds = [_rows(n, seed=n) for n in (1, 3, 2)]
+        futures = [batcher.submit(f, len(f["input"])) for f in feeds]  # the first finds the model idle
+        results = await asyncio.wait_for(asyncio.gather(*futures), 5)
+        for f, result in zip(feeds, results):
+            assert np.allclose(result.outputs["probability"], model.run(f)["probability"], atol=1e-6)
+        assert [r.batch_rows for r in results] == [1, 5, 5]
+        assert batcher.queued_rows == 0
+
+    asyncio.run(run())
+    assert batches == [1, 5]  # the lone row at once; the rows queued while it ran, together when it came back
 
 
 def test_a_full_batch_flushes_at_once_and_large_ones_are_sliced(tmp_path: Path, pool) -> None:  # noqa: ANN001
@@ -152,7 +186,8 @@ def test_the_queue_is_bounded(tmp_path: Path, pool) -> None:  # noqa: ANN001
     model = _model(tmp_path)
 
     async def run() -> None:
-        batcher = ModelBatcher(model, pool, BatchPolicy(64, 10_000_000, 10), timeout_s=5)
+        # rows held in the queue (10 s delay, no idle flush) until the test flushes them
+        batcher = ModelBatcher(model, pool, BatchPolicy(64, 10_000_000, 10, idle_flush=False), timeout_s=5)
         first = batcher.submit(_rows(8), 8, reject_when_full=True)
         assert not batcher.admits(3)
         with pytest.raises(Overloaded):

@@ -25,7 +25,8 @@ WIDTH = 4
 def _config(repository: Path, versions: list[object], delay_us: int = 0):  # type: ignore[no-untyped-def]
     return parse_config({
         "models": {"repository": str(repository), "poll_interval_s": 0},
-        "batching": {"max_batch_size": 64, "max_delay_us": delay_us, "inline_max_us": 0},
+        "batching": {"max_batch_size": 64, "max_delay_us": delay_us, "inline_max_us": 0,
+                     "idle_flush": delay_us == 0},  # a delay given is one a lone row must wait
         "routes": [{"name": f"r{i}", "policy": "fixed", "arms": [{"name": "a", "model": "m", "version": v}]}
                    for i, v in enumerate(versions)]}, env={})
 
