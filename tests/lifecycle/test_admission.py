@@ -186,3 +186,41 @@ def test_a_candidate_with_other_inputs_is_refused(tmp_path: Path) -> None:
             "providers": ["CPUExecutionProvider"], "graph_optimization": "all"}
     result = asyncio.run(run_benchmark(spec, Admission()))
     assert not result.admitted and "cannot serve the same requests" in result.reason
+
+
+def test_manual_promote_cannot_skip_the_admission_gate() -> None:
+    config = ROUTE.rollout
+    assert config is not None
+    state = start("churn", "m", 4, "a", now=0.0, admission=True)
+    with pytest.raises(RolloutError, match="banditgate rollout admit churn --version 4"):
+        manual(state, "promote", "bob", 1.0, config)
+    assert manual(state, "rollback", "bob", 1.0, config).state.stage == "rolled_back"
+
+
+@pytest.mark.parametrize(("routes", "message"), [
+    # the gated route's own shadow follows the model's latest version
+    ([{"name": "churn", "arms": [{"name": "a", "model": "m", "version": 3}],
+       "shadows": [{"name": "s", "model": "m"}], "rollout": {"admission": {}}}], "'s' uses model 'm' as 'latest'"),
+    # another route's arm
+    ([{"name": "churn", "arms": [{"name": "a", "model": "m", "version": 3}], "rollout": {"admission": {}}},
+      {"name": "other", "arms": [{"name": "b", "model": "m"}]}], "'b' uses model 'm' as 'latest'"),
+    # another route's shadow
+    ([{"name": "churn", "arms": [{"name": "a", "model": "m", "version": 3}], "rollout": {"admission": {}}},
+      {"name": "other", "arms": [{"name": "b", "model": "n", "version": 1}], "shadows": [{"name": "s", "model": "m"}]}],
+     "'s' uses model 'm' as 'latest'"),
+    # a second route rolling the same model out (without or with a gate of its own)
+    ([{"name": "churn", "arms": [{"name": "a", "model": "m", "version": 3}], "rollout": {"admission": {}}},
+      {"name": "other", "arms": [{"name": "b", "model": "m", "version": 3}], "rollout": {}}],
+     "rolled out by route 'churn' with rollout.admission and by route 'other'"),
+])
+def test_config_refuses_a_way_around_the_admission_gate(routes: list[dict[str, object]], message: str) -> None:
+    from pydantic import ValidationError
+
+    from banditgate.config import Config
+
+    with pytest.raises(ValidationError, match=message):
+        Config(routes=routes)
+    pinned = [dict(r, shadows=[dict(s, version=2) for s in r.get("shadows", [])],  # type: ignore[call-overload]
+                   arms=[dict(a, version=a.get("version", 2)) for a in r["arms"]]) for r in routes]  # type: ignore[attr-defined]
+    if "rolled out by route" not in message:
+        Config(routes=pinned)  # pinned versions are fine
