@@ -224,3 +224,12 @@ def test_config_refuses_a_way_around_the_admission_gate(routes: list[dict[str, o
                    arms=[dict(a, version=a.get("version", 2)) for a in r["arms"]]) for r in routes]  # type: ignore[attr-defined]
     if "rolled out by route" not in message:
         Config(routes=pinned)  # pinned versions are fine
+
+
+@pytest.mark.parametrize("module", ["router.lineup", "router.rollout_admission", "router.rollout"])
+def test_module_doctests_run(module: str) -> None:
+    import doctest
+    import importlib
+
+    outcome = doctest.testmod(importlib.import_module(module))
+    assert outcome.attempted > 0 and outcome.failed == 0
