@@ -59,7 +59,15 @@ from gateway.models.onnx_runtime import OnnxModel
 from gateway.models.repository import ModelRepository
 from router.lineup import RolloutRecord
 from router.rollout import RolloutError, admission_transition
-from router.rollout_admission import AdmissionError, AdmissionResult, ModelFigures, failed, judge, output_problems
+from router.rollout_admission import (
+    AdmissionError,
+    AdmissionResult,
+    ModelFigures,
+    clean,
+    failed,
+    judge,
+    output_problems,
+)
 from router.rollout_store import RolloutStore
 
 log = logging.getLogger("banditgate.admission")
@@ -166,7 +174,8 @@ def _summaries(outputs: Mapping[str, np.ndarray]) -> dict[str, tuple[str, tuple[
 
 
 def _signature(model: OnnxModel) -> list[tuple[str, str, list[int | None]]]:
-    return [(spec.name, str(spec.dtype), list(spec.shape)) for spec in model.inputs]
+    # names cleaned: they come from the model file and end up in the reason, alerts and logs
+    return [(clean(spec.name, 60), str(spec.dtype), list(spec.shape)) for spec in model.inputs]
 
 
 def _slice(feeds: Mapping[str, np.ndarray], start: int, rows: int) -> dict[str, np.ndarray]:
@@ -211,8 +220,8 @@ def measure(spec: JSONObject) -> JSONObject:
         try:
             model = load(who)
             if who == "candidate" and _signature(model) != _signature(models["incumbent"]):
-                return {"error": f"its inputs {_signature(model)} differ from the incumbent's "
-                        f"{_signature(models['incumbent'])}: it cannot serve the same requests", "who": who}
+                return {"error": f"it cannot serve the same requests: its inputs {_signature(model)} differ "
+                        f"from the incumbent's {_signature(models['incumbent'])}", "who": who}
             first[who] = model.run(feeds)  # the warm-up at the max batch: its buffers are part of its cost
         except ModelError as exc:
             return {"error": str(exc), "who": who}

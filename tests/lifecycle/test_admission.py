@@ -233,3 +233,15 @@ def test_module_doctests_run(module: str) -> None:
 
     outcome = doctest.testmod(importlib.import_module(module))
     assert outcome.attempted > 0 and outcome.failed == 0
+
+
+def test_reason_and_problems_are_bounded_and_printable() -> None:
+    evil = {f"out\n\x1b[31m{i}": ("float32", (1,), 3) for i in range(40)}
+    problems = output_problems(evil, {})
+    assert len(problems) == 6 and problems[-1] == "and 35 more"
+    assert all(ch.isprintable() for p in problems for ch in p)
+    result = judge(figures(problems=tuple(problems)), figures(), BUDGET, batch=8)
+    assert not result.admitted and len(result.reason) <= 300 and result.reason.isprintable()
+    assert result.candidate is not None and result.candidate.problems == tuple(problems)  # bounded once, kept
+    long = judge(figures(problems=tuple(f"p{i} " + "x" * 200 for i in range(50))), figures(), BUDGET, batch=8)
+    assert len(long.reason) <= 300 and long.candidate is not None and long.candidate.problems[-1] == "and 45 more"
