@@ -279,6 +279,9 @@ def table(result: Mapping[str, object]) -> list[str]:
     except AdmissionError as exc:
         return [f"admission result unreadable: {exc}"]
     lines = [f"admission: {parsed.reason}"]
+    manual = result.get("manual")
+    if isinstance(manual, Mapping) and manual.get("measured"):
+        lines.append(f"  (the benchmark's verdict was: {clean(manual['measured'])})")
     if parsed.candidate is None or parsed.incumbent is None:
         return lines
     c, i = parsed.candidate, parsed.incumbent
