@@ -553,7 +553,7 @@ class AdmissionRunner:
         """Forget the route's versions other than `keep` (the one at admission, if any)."""
         for table in (self._next_claim, self._episodes, self._timeouts, self.results, self.child_pids):
             for key in [k for k in table if k[0] == name and k[1] != keep]:
-                del table[key]  # type: ignore[attr-defined]
+                del table[key]
         self.tasks = {k: t for k, t in self.tasks.items() if not t.done() or (k[0] != name or k[1] == keep)}
 
     def consider(self, name: str, record: RolloutRecord | None) -> None:
