@@ -683,7 +683,24 @@ class Config(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"route names must be unique; repeated: {', '.join(dupes)}")
+        self._check_admission_gated_models()
         return self
+
+    def _check_admission_gated_models(self) -> None:
+        """A model rolled out through an admission gate must reach traffic only through it: no arm
+        or shadow of any route may serve it as `latest` (a new version would serve unbenchmarked),
+        and no second route may roll it out (it would start that version without the gate)."""
+        gated = {r.rollout_model(): r.name for r in self.routes if r.rollout is not None and r.rollout.admission is not None}
+        for route in self.routes:
+            model = route.rollout_model()
+            if model in gated and gated[model] != route.name:
+                raise ValueError(f"model {model!r} is rolled out by route {gated[model]!r} with rollout.admission "
+                                 f"and by route {route.name!r} too; only one route may roll a gated model out")
+            for arm in [*route.arms, *route.shadows]:
+                if arm.model in gated and arm.version == "latest":
+                    raise ValueError(f"route {route.name!r}: {arm.name!r} uses model {arm.model!r} as 'latest', but "
+                                     f"route {gated[arm.model]!r} admits its new versions through rollout.admission; "
+                                     "pin a version")
 
     def route(self, name: str) -> Route:
         for route in self.routes:

@@ -13,6 +13,10 @@ intra-op threads, nothing shared with the gateway's inference pool or event loop
 ``admission.nice`` (the serving threads win the CPU), resting between runs so it keeps at most
 ``admission.busy_fraction`` of one core busy, and killed after ``admission.timeout_s`` (a thread
 could not be killed). A model that crashes ONNX Runtime takes the child down, not the gateway.
+What is not the candidate's fault - the child dying or killed, no JSON answer, the incumbent
+failing, a candidate file still being copied, a timeout - gives no verdict (:class:`NoVerdict`):
+tried again with backoff (``retry_delay_s``), a log line and ``banditgate_admission_retries_total``
+per episode; the third timeout refuses. A file over ``max_size_mb`` is refused on ``stat()``.
 Its resident memory is the candidate's and the incumbent's alone, so the memory it adds per
 model can be read from the process's RSS.
 
@@ -49,6 +53,7 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -59,8 +64,20 @@ from gateway.models.onnx_runtime import OnnxModel
 from gateway.models.repository import ModelRepository
 from router.lineup import RolloutRecord
 from router.rollout import RolloutError, admission_transition
-from router.rollout_admission import AdmissionError, AdmissionResult, ModelFigures, failed, judge, output_problems
+from router.rollout_admission import (
+    AdmissionError,
+    AdmissionResult,
+    Check,
+    ModelFigures,
+    clean,
+    failed,
+    judge,
+    output_problems,
+)
 from router.rollout_store import RolloutStore
+
+if TYPE_CHECKING:  # the child process needs no metrics (nor prometheus_client's import)
+    from gateway.metrics import GatewayMetrics
 
 log = logging.getLogger("banditgate.admission")
 
@@ -69,6 +86,11 @@ LEASE_MARGIN_MS = 30_000
 CLAIM_RETRY_S = 5.0
 """A replica that lost the lease looks again this often (the winner may die)."""
 SEED = 20_261_207
+RETRY_FIRST_S = 5.0
+RETRY_MAX_S = 300.0
+"""A run without a verdict (not the candidate's fault) is tried again after 5 s, 10 s, ... at most 5 min."""
+TIMEOUTS_REFUSE = 3
+"""A version whose benchmark outlives ``timeout_s`` this many times is refused."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,15 +188,49 @@ def _summaries(outputs: Mapping[str, np.ndarray]) -> dict[str, tuple[str, tuple[
 
 
 def _signature(model: OnnxModel) -> list[tuple[str, str, list[int | None]]]:
-    return [(spec.name, str(spec.dtype), list(spec.shape)) for spec in model.inputs]
+    # names cleaned: they come from the model file and end up in the reason, alerts and logs
+    return [(clean(spec.name, 60), str(spec.dtype), list(spec.shape)) for spec in model.inputs]
 
 
 def _slice(feeds: Mapping[str, np.ndarray], start: int, rows: int) -> dict[str, np.ndarray]:
     return {name: value[start:start + rows] for name, value in feeds.items()}
 
 
+SETTLE_S = 30.0
+"""A candidate file changed this recently (or since the parent looked) is still being copied: a
+load error then is no verdict on the model, it is tried again."""
+
+
+def _unsettled(spec: JSONObject) -> str | None:
+    """Why the candidate's file may still be arriving (None when it has been stable)."""
+    seen = spec["candidate"]
+    try:
+        now = Path(str(seen["path"])).stat()
+    except OSError:
+        return "its file is not there (yet)"
+    if (now.st_size, now.st_mtime_ns) != (seen.get("size"), seen.get("mtime_ns")):
+        return "its file changed while the benchmark started (still being copied?)"
+    if time.time() - now.st_mtime < SETTLE_S:
+        return f"its file changed less than {SETTLE_S:g} s ago (still being copied?)"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return clean((str(exc).splitlines() or [type(exc).__name__])[0], 200)
+
+
 def measure(spec: JSONObject) -> JSONObject:
-    """The benchmark (run in the child): figures for both models, or ``{"error", "who"}``."""
+    """The benchmark (run in the child): figures for both models, or ``{"error", "who", "refuse"}``
+    where ``who`` is ``candidate`` or ``incumbent`` and ``refuse`` says whether the error is the
+    candidate's own (a verdict) rather than the infrastructure's (no verdict, tried again)."""
+    at = {"who": "incumbent"}
+    try:
+        return _measure(spec, at)
+    except Exception as exc:  # noqa: BLE001 - anything unforeseen is no verdict, but says whose step failed
+        return {"error": f"{type(exc).__name__}: {_first_line(exc)}", "who": at["who"], "refuse": False}
+
+
+def _measure(spec: JSONObject, at: dict[str, str]) -> JSONObject:
     from banditgate.config import ModelsConfig
     from gateway.errors import ModelError
     from gateway.models.model_config import load_model_config
@@ -185,22 +241,28 @@ def measure(spec: JSONObject) -> JSONObject:
     batch, rest = int(spec["max_batch"]), 1.0 / float(spec["busy_fraction"]) - 1.0
 
     def load(who: str) -> OnnxModel:
+        at["who"] = who
         path = Path(spec[who]["path"])
         config = load_model_config(path.parent.parent)
         return OnnxModel.load(path, spec[who]["model"], int(spec[who]["version"]), config, settings)
 
+    def infrastructure(who: str, error: str) -> JSONObject:
+        return {"error": error, "who": who, "refuse": False}
+
+    def candidates_own(error: str) -> JSONObject:
+        return {"error": error, "who": "candidate", "refuse": True}
+
     try:
         primer = load("incumbent")
     except ModelError as exc:
-        return {"error": str(exc), "who": "incumbent"}
+        return infrastructure("incumbent", f"it does not load: {_first_line(exc)}")
     references = [Path(p) for p in spec["references"]]
     reference = next((p for p in references if p.is_file()), None)
     feeds, source = benchmark_rows(primer, batch, reference)
     try:
         primer.run(feeds)
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several types; the incumbent is at fault
-        return {"error": f"the incumbent fails on the benchmark rows: {str(exc).splitlines()[0][:200]}",
-                "who": "incumbent"}
+        return infrastructure("incumbent", f"it fails on the benchmark rows: {_first_line(exc)}")
     del primer
     _trim()
     models: dict[str, OnnxModel] = {}
@@ -210,14 +272,22 @@ def measure(spec: JSONObject) -> JSONObject:
         before = _rss_mb()
         try:
             model = load(who)
-            if who == "candidate" and _signature(model) != _signature(models["incumbent"]):
-                return {"error": f"its inputs {_signature(model)} differ from the incumbent's "
-                        f"{_signature(models['incumbent'])}: it cannot serve the same requests", "who": who}
-            first[who] = model.run(feeds)  # the warm-up at the max batch: its buffers are part of its cost
         except ModelError as exc:
-            return {"error": str(exc), "who": who}
+            if who == "incumbent":
+                return infrastructure(who, f"it does not load: {_first_line(exc)}")
+            arriving = _unsettled(spec)
+            if arriving is not None:  # a half-copied file: no verdict on the model yet
+                return infrastructure(who, f"{arriving}: {_first_line(exc)}")
+            return candidates_own(f"it does not load: {_first_line(exc)}")
+        if who == "candidate" and _signature(model) != _signature(models["incumbent"]):
+            return candidates_own(f"it cannot serve the same requests: its inputs {_signature(model)} differ "
+                                  f"from the incumbent's {_signature(models['incumbent'])}")
+        try:
+            first[who] = model.run(feeds)  # the warm-up at the max batch: its buffers are part of its cost
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several types for a failed run
-            return {"error": f"it fails on the benchmark rows: {str(exc).splitlines()[0][:200]}", "who": who}
+            if who == "incumbent":
+                return infrastructure(who, f"it fails on the benchmark rows: {_first_line(exc)}")
+            return candidates_own(f"it fails on the benchmark rows: {_first_line(exc)}")
         _trim()
         memory[who] = _rss_mb() - before
         models[who] = model
@@ -228,14 +298,21 @@ def measure(spec: JSONObject) -> JSONObject:
             inputs = _slice(feeds, index % batch, 1) if rows == 1 else feeds
             busy = 0.0
             for who in (order if index % 2 == 0 else order[::-1]):
+                at["who"] = who
                 started, cpu = time.perf_counter(), time.process_time()
-                models[who].run(inputs)
+                try:
+                    models[who].run(inputs)
+                except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises several types for a failed run
+                    if who == "incumbent":
+                        return infrastructure(who, f"it fails on {rows}-row runs: {_first_line(exc)}")
+                    return candidates_own(f"it fails on {rows}-row runs: {_first_line(exc)}")
                 busy += time.perf_counter() - started
                 # CPU time, not wall time: this process runs niced and rests on purpose, so its
                 # wall clock would measure its priority and the neighbours, not the model
                 timings[who][rows].append((time.process_time() - cpu) * 1000.0)
             if rest > 0:
                 time.sleep(busy * rest)  # the benchmark's share of a core stays at busy_fraction
+    at["who"] = "candidate"
     summaries = {who: _summaries(first[who]) for who in order}
     figures = {}
     for who in order:
@@ -243,13 +320,20 @@ def measure(spec: JSONObject) -> JSONObject:
         figures[who] = ModelFigures.from_samples(timings[who][1], timings[who][batch], batch, memory[who],
                                                  Path(spec[who]["path"]).stat().st_size / 2**20, problems).to_dict()
     return {"figures": figures, "rows_source": source, "seconds": time.perf_counter() - began,
-            "outputs": {who: {k: [v[0], list(v[1]), v[2]] for k, v in summaries[who].items()} for who in order}}
+            "outputs": {who: {clean(k, 60): [v[0], list(v[1]), v[2]] for k, v in summaries[who].items()}
+                        for who in order}}
 
 
 def main() -> int:
     """``python -m gateway.admission``: the spec on stdin, one JSON object on stdout."""
-    spec = json.loads(sys.stdin.read())
-    result = measure(spec)
+    try:
+        spec = json.loads(sys.stdin.read())
+    except ValueError as exc:
+        spec, result = None, {"error": f"unreadable spec: {exc}", "who": "incumbent", "refuse": False}
+    if isinstance(spec, dict):
+        result = measure(spec)
+    elif spec is not None:
+        result = {"error": "the spec is not a JSON object", "who": "incumbent", "refuse": False}
     sys.stdout.write(json.dumps(result))
     sys.stdout.flush()
     return 0
@@ -306,48 +390,124 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+class NoVerdict(RolloutError):
+    """The benchmark could not judge the candidate for a reason that is not the candidate's (the
+    child died or was killed, wrote no result, the incumbent failed, the candidate's file is still
+    arriving, the run outlived its time bound under load): tried again later, never a refusal."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
+
+
+STDOUT_LIMIT = 4 * 2**20
+"""The child's answer is a few kB; more than this is not read (no verdict)."""
+STDERR_TAIL = 4096
+"""Only the tail of the child's stderr is kept (a traceback's last line says what went wrong)."""
+
+
+async def _read_bounded(stream: asyncio.StreamReader | None, limit: int, tail: bool) -> tuple[bytes, bool]:
+    """Everything `stream` gives until EOF, keeping at most `limit` bytes: the first (tail False)
+    or the last (tail True). Returns them and whether more came."""
+    kept, over = b"", False
+    if stream is None:
+        return kept, over
+    while chunk := await stream.read(65_536):
+        kept += chunk
+        if len(kept) > limit:
+            over = True
+            kept = kept[-limit:] if tail else kept[:limit]
+    return kept, over
+
+
+def _kill(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+
+
+def size_refusal(spec: JSONObject, budget: Admission) -> AdmissionResult | None:
+    """A candidate file over ``max_size_mb`` is refused on its size alone (no child loads a
+    multi-GB file to find that out). Raises NoVerdict when the file is not there (yet); records
+    its size and mtime in `spec` (the child tells a half-copied file from a broken model by them)."""
+    try:
+        stat = Path(str(spec["candidate"]["path"])).stat()
+    except OSError as exc:
+        raise NoVerdict(f"the candidate's file is not readable (yet): {exc.strerror or exc}") from None
+    spec["candidate"]["size"] = stat.st_size
+    spec["candidate"]["mtime_ns"] = stat.st_mtime_ns
+    size_mb = stat.st_size / 2**20
+    if budget.max_size_mb is None or size_mb <= budget.max_size_mb:
+        return None
+    check = Check("size", size_mb, budget.max_size_mb, False, f"file {size_mb:.1f} MB")
+    return AdmissionResult(admitted=False, reason=clean(f"refused at admission: size {size_mb:.2f} > "
+                                                        f"{budget.max_size_mb:g} (file {size_mb:.1f} MB)"),
+                           candidate=None, incumbent=None, checks=(check,))
+
+
 async def run_benchmark(spec: JSONObject, budget: Admission, on_start: Callable[[int], None] | None = None
                         ) -> AdmissionResult:
-    """Run the child on `spec` within `budget.timeout_s` and judge its figures. Raises
-    RolloutError when the incumbent, not the candidate, could not be measured (no verdict: tried
-    again later); every failure of the candidate is a refusal with its reason."""
+    """Run the child on `spec` within `budget.timeout_s` and judge its figures. A refusal comes
+    only from a measured verdict, the candidate's own failures (it does not load from a stable
+    file, fails on the rows, has other inputs, bad outputs) or its file size; everything else
+    raises NoVerdict (``timed_out`` set when the time bound ran out) to be tried again."""
     began = time.monotonic()
+    refused = size_refusal(spec, budget)
+    if refused is not None:
+        return refused
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _BOOTSTRAP, str(int(spec.get("nice", 0))), stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_child_env())
     if on_start is not None:
         on_start(process.pid)
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(json.dumps(dict(spec)).encode()),
-                                                timeout=budget.timeout_s)
-    except TimeoutError:
-        process.kill()
+
+    async def talk() -> tuple[tuple[bytes, bool], tuple[bytes, bool]]:
+        assert process.stdin is not None  # noqa: S101 - a pipe was asked for
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # a child that died at once
+            process.stdin.write(json.dumps(dict(spec)).encode())
+            await process.stdin.drain()
+            process.stdin.close()
+        answer = await asyncio.gather(_read_bounded(process.stdout, STDOUT_LIMIT, tail=False),
+                                      _read_bounded(process.stderr, STDERR_TAIL, tail=True))
         await process.wait()
-        return failed(f"the benchmark did not finish within timeout_s {budget.timeout_s:g} s (killed)",
-                      time.monotonic() - began)
+        return answer
+
+    try:
+        (stdout, too_much), (stderr, _) = await asyncio.wait_for(talk(), timeout=budget.timeout_s)
+    except TimeoutError:
+        _kill(process)
+        await process.wait()
+        raise NoVerdict(f"the benchmark did not finish within timeout_s {budget.timeout_s:g} s (killed)",
+                        timed_out=True) from None
     except asyncio.CancelledError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
+        _kill(process)
         with contextlib.suppress(Exception):
             await asyncio.shield(process.wait())
         raise
     seconds = time.monotonic() - began
-    if process.returncode != 0:
-        last = stderr.decode(errors="replace").strip().splitlines()[-1:] or [f"exit code {process.returncode}"]
-        return failed(f"the benchmark process died ({last[0][:200]})", seconds)
+    code = process.returncode
+    if code != 0:
+        last = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        raise NoVerdict(clean(f"the benchmark process died ({how}) {last[0]}"))
+    if too_much:
+        raise NoVerdict(f"the benchmark process wrote more than {STDOUT_LIMIT} bytes")
     try:
         answer = json.loads(stdout)
     except ValueError:
-        return failed("the benchmark process wrote no result", seconds)
+        answer = None
+    if not isinstance(answer, dict):
+        raise NoVerdict("the benchmark process wrote no result (no JSON object)")
     if "error" in answer:
-        if answer.get("who") == "incumbent":
-            raise RolloutError(f"the incumbent could not be benchmarked: {answer['error']}")
-        return failed(f"the candidate: {answer['error']}", seconds)
+        who = answer.get("who") if answer.get("who") in ("candidate", "incumbent") else "benchmark"
+        if who == "candidate" and answer.get("refuse") is True:
+            return failed(f"the candidate: {answer['error']}", seconds)
+        raise NoVerdict(clean(f"the {who} could not be benchmarked: {answer['error']}"))
     try:
-        candidate = ModelFigures.from_dict(answer["figures"]["candidate"])
-        incumbent = ModelFigures.from_dict(answer["figures"]["incumbent"])
+        figures = answer["figures"]
+        candidate = ModelFigures.from_dict(figures["candidate"])
+        incumbent = ModelFigures.from_dict(figures["incumbent"])
     except (AdmissionError, KeyError, TypeError) as exc:
-        return failed(f"the benchmark's figures are unusable: {exc}", seconds)
+        raise NoVerdict(clean(f"the benchmark's figures are unusable: {exc}")) from None
     return judge(candidate, incumbent, budget, int(spec["max_batch"]), str(answer.get("rows_source", "")), seconds)
 
 
@@ -355,29 +515,55 @@ async def run_benchmark(spec: JSONObject, budget: Admission, on_start: Callable[
 # the parent: which replica runs it, and the verdict
 
 
+def retry_delay_s(episodes: int) -> float:
+    """Wait before trying a version again after `episodes` (1, 2, ...) runs without a verdict:
+    RETRY_FIRST_S doubling per episode, at most RETRY_MAX_S."""
+    return min(RETRY_FIRST_S * 2.0 ** max(0, min(episodes, 32) - 1), RETRY_MAX_S)
+
+
 class AdmissionRunner:
-    """Benchmarks versions at the admission stage, one task per (route, version), lease-guarded."""
+    """Benchmarks versions at the admission stage, one task per (route, version), lease-guarded.
+
+    Its per-version state (next claim, episodes without a verdict, timeouts, results, child pids)
+    is kept only while the version is at the admission stage: pruned when the stage moves on."""
 
     def __init__(self, config: Config, repository: ModelRepository, store: RolloutStore,
-                 routes: Mapping[str, Route], clock: Callable[[], float] = time.time) -> None:
+                 routes: Mapping[str, Route], clock: Callable[[], float] = time.time,
+                 metrics: GatewayMetrics | None = None) -> None:
         self.config = config
         self.repository = repository
         self.store = store
         self.routes = routes
         self.clock = clock
+        self.metrics = metrics
         self.tasks: dict[tuple[str, int], asyncio.Task[AdmissionResult | None]] = {}
         self._next_claim: dict[tuple[str, int], float] = {}
+        self._episodes: dict[tuple[str, int], int] = {}
+        """Runs without a verdict per version (the backoff's exponent)."""
+        self._timeouts: dict[tuple[str, int], int] = {}
         self.results: dict[tuple[str, int], AdmissionResult] = {}
-        """Verdicts this replica wrote (for logs and tests)."""
-        self.child_pids: list[int] = []
+        """Verdicts this replica wrote, while the version is at admission (for logs and tests)."""
+        self.child_pids: dict[tuple[str, int], list[int]] = {}
+        self.children_started = 0
+        """Benchmark child processes this replica started, ever (for tests)."""
+        self.verdicts_written = 0
+        """Verdicts this replica wrote, ever (for tests)."""
+
+    def _prune(self, name: str, keep: int | None) -> None:
+        """Forget the route's versions other than `keep` (the one at admission, if any)."""
+        for table in (self._next_claim, self._episodes, self._timeouts, self.results, self.child_pids):
+            for key in [k for k in table if k[0] == name and k[1] != keep]:
+                del table[key]
+        self.tasks = {k: t for k, t in self.tasks.items() if not t.done() or (k[0] != name or k[1] == keep)}
 
     def consider(self, name: str, record: RolloutRecord | None) -> None:
         """Start benchmarking `record`'s version if it waits at the admission gate and this replica
         is not already on it (the lease decides between replicas, inside the task)."""
         if record is None or record.state.stage != "admission":
+            self._prune(name, None)
             return
+        self._prune(name, record.state.version)
         key = (name, record.state.version)
-        self.tasks = {k: t for k, t in self.tasks.items() if not t.done() or k == key}
         task = self.tasks.get(key)
         if task is not None and not task.done():
             return
@@ -397,10 +583,36 @@ class AdmissionRunner:
                         type(exc).__name__, exc)
             return None
 
+    def _started(self, key: tuple[str, int]) -> Callable[[int], None]:
+        def note(pid: int) -> None:
+            self.children_started += 1
+            self.child_pids.setdefault(key, []).append(pid)
+        return note
+
+    def _no_verdict(self, key: tuple[str, int], exc: RolloutError) -> AdmissionResult | None:
+        """One episode without a verdict: backoff, a log line and a count; after TIMEOUTS_REFUSE
+        timeouts the version is refused (it does not finish within its bound even when retried)."""
+        name, version = key
+        timed_out = isinstance(exc, NoVerdict) and exc.timed_out
+        if timed_out:
+            self._timeouts[key] = self._timeouts.get(key, 0) + 1
+            if self._timeouts[key] >= TIMEOUTS_REFUSE:
+                return failed(f"admission benchmark timed out {self._timeouts[key]} times")
+        episodes = self._episodes[key] = self._episodes.get(key, 0) + 1
+        delay = retry_delay_s(episodes)
+        self._next_claim[key] = time.monotonic() + delay
+        if self.metrics is not None:
+            self.metrics.admission_retries.labels(name, "timeout" if timed_out else "infrastructure").inc()
+        log.warning("admission: route %s version %d: no verdict (%s); tried again in %.0f s (episode %d%s)", name,
+                    version, exc, delay, episodes,
+                    f", timeout {self._timeouts[key]} of {TIMEOUTS_REFUSE}" if timed_out else "")
+        return None
+
     async def _admit_once(self, name: str, seen: RolloutRecord) -> AdmissionResult | None:
         route = self.routes[name]
         budget = _budget(route)
         version = seen.state.version
+        key = (name, version)
         token = await self.store.claim_admission(name, version, int(budget.timeout_s * 1000) + LEASE_MARGIN_MS)
         if token is None:
             return None  # another replica benchmarks it
@@ -412,18 +624,19 @@ class AdmissionRunner:
             log.info("admission: route %s, benchmarking %s (version %d) against %s in a child process "
                      "(max %.0f s)", name, record.state.candidate_arm, version, record.state.replaces,
                      budget.timeout_s)
-            spec = benchmark_spec(self.config, route, record, self.repository)
             try:
-                result = await run_benchmark(spec, budget, on_start=self.child_pids.append)
-            except RolloutError as exc:
-                log.error("admission: route %s version %d: %s; tried again in %.0f s", name, version, exc,
-                          CLAIM_RETRY_S)
+                spec = benchmark_spec(self.config, route, record, self.repository)
+                result: AdmissionResult | None = await run_benchmark(spec, budget, on_start=self._started(key))
+            except RolloutError as exc:  # NoVerdict, or the replaced arm unpinned: not the candidate's fault
+                result = self._no_verdict(key, exc)
+            if result is None:
                 return None
             assert route.rollout is not None  # noqa: S101 - _budget checked it
             transition = admission_transition(record.state, result.admitted, result.reason, route.rollout,
                                               self.clock(), result.to_dict())
             if await self.store.decide_admission(record, transition, result.to_dict()):
-                self.results[(name, version)] = result
+                self.results[key] = result
+                self.verdicts_written += 1
                 level = logging.INFO if result.admitted else logging.WARNING
                 log.log(level, "admission: route %s %s (version %d) %s (benchmark %.1f s)", name,
                         record.state.candidate_arm, version, result.reason, result.seconds)

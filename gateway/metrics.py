@@ -224,6 +224,10 @@ class GatewayMetrics:
         self.admission_admitted = Gauge("banditgate_admission_admitted",
                                         "Admission verdict of a new model version: 1 admitted, 0 refused.",
                                         admission, registry=registry)
+        self.admission_retries = Counter("banditgate_admission_retries_total",
+                                         "Admission benchmark runs that gave no verdict (not the candidate's "
+                                         "fault) and are tried again, by route and reason (timeout, "
+                                         "infrastructure).", ["route", "reason"], registry=registry)
 
     def export_admission(self, route: str, model: str, version: int, incumbent_model: str,
                          incumbent_version: object, result: dict[str, object]) -> None:
@@ -241,6 +245,13 @@ class GatewayMetrics:
                 self.admission_throughput.labels(*labels).set(float(figures["rows_per_s"]))
                 self.admission_memory.labels(*labels).set(float(figures["memory_mb"]) * 2**20)
                 self.admission_file.labels(*labels).set(float(figures["size_mb"]) * 2**20)
+        checks = result.get("checks")
+        if not isinstance(result.get("candidate"), dict) and isinstance(checks, list):
+            # refused on its file size alone (nothing loaded): the size is the one figure there is
+            for check in checks:
+                if isinstance(check, dict) and check.get("name") == "size":
+                    with contextlib.suppress(TypeError, ValueError):
+                        self.admission_file.labels(route, model, str(version)).set(float(check["value"]) * 2**20)
 
     def forget_version(self, model_name: str, version: str) -> None:
         """Remove the series of one model version that was unloaded: loaded, batch histograms, circuit,

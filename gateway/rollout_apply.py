@@ -82,7 +82,7 @@ class RolloutApplier:
         self._alarms: dict[str, Counter[str]] = {}
         self.metrics = metrics
         """GatewayMetrics: the admission figures of the stored records are exported there."""
-        self.admission = AdmissionRunner(config, repository, store, self.routes, clock)
+        self.admission = AdmissionRunner(config, repository, store, self.routes, clock, metrics)
         self._exported_admission: dict[str, tuple[int, int]] = {}
 
     # -- applying --------------------------------------------------------------------------------

@@ -23,7 +23,6 @@ The configured shadows stay in every stage. After a final stage, :func:`primarie
 base of the route's next rollout, so a version that went ``done`` keeps serving across restarts.
 
 >>> from banditgate.config import Route
-from banditgate.jsontypes import JSONObject
 >>> from router.rollout import start
 >>> route = Route(name="churn", arms=[{"name": "a", "model": "m", "version": 3}], rollout={"canary": {"max_share": 0.2}})
 >>> record = RolloutRecord.begin(route, start("churn", "m", 4, "a", now=0.0), previous=None)

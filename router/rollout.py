@@ -433,6 +433,11 @@ def manual(state: RolloutState, action: Action, who: str, now: float, config: Ro
     actor = f"admin:{who}"
     why = reason or f"manual {action}"
     if action == "promote":
+        if state.stage == "admission":
+            # admitting is its own operation (recorded as a manual admission in the result the
+            # gateways and `rollout status` read); a plain promote would bypass that record
+            raise RolloutError(f"route {state.route}: {state.candidate_arm} waits at the admission gate; admit it by "
+                               f"hand: banditgate rollout admit {state.route} --version {state.version}")
         return _move(state, _NEXT[state.stage], config, actor, why, now)
     if action == "rollback":
         return _move(state, "rolled_back", config, actor, why, now)

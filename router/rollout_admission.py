@@ -25,11 +25,39 @@ rows/s over the incumbent's (the floor applied to the time per batch).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from banditgate.config import Admission
 from banditgate.jsontypes import JSONObject
+
+MAX_REASON_CHARS = 300
+"""A verdict's reason is one line of at most this many characters (it goes into alerts and logs)."""
+MAX_PROBLEMS_LISTED = 5
+"""At most this many output problems are kept, then ``and N more``."""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]+")
+_MORE = re.compile(r"and (\d+) more")
+
+
+def clean(text: object, limit: int = MAX_REASON_CHARS) -> str:
+    """`text` as one printable line of at most `limit` characters: control characters (newlines,
+    escapes a model's tensor names or an error message may carry) become a space, the rest cut
+    with an ellipsis."""
+    line = _CONTROL.sub(" ", str(text)).strip()
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def bounded(items: Sequence[str], most: int = MAX_PROBLEMS_LISTED) -> list[str]:
+    """The first `most` of `items`, cleaned, then ``and N more`` when there were more."""
+    items = list(items)
+    more = 0
+    tail = _MORE.fullmatch(items[-1]) if items else None
+    if tail is not None:  # already bounded once: the count carries over
+        more, items = int(tail.group(1)), items[:-1]
+    more += max(0, len(items) - most)
+    return [clean(item, 120) for item in items[:most]] + ([f"and {more} more"] if more else [])
 
 
 class AdmissionError(ValueError):
@@ -203,13 +231,14 @@ def judge(candidate: ModelFigures, incumbent: ModelFigures, budget: Admission, b
                             f"file {candidate.size_mb:.1f} MB"))
     failed = [check for check in checks if not check.ok]
     if candidate.problems:
-        reason = "refused at admission: outputs " + "; ".join(candidate.problems)
+        reason = "refused at admission: outputs " + "; ".join(bounded(candidate.problems))
     elif failed:
         reason = "refused at admission: " + "; ".join(
             f"{c.name} {c.value:.2f} {'<' if c.name == 'throughput' else '>'} {c.limit:g} ({c.detail})" for c in failed)
     else:
         reason = "admitted: " + ", ".join(f"{c.name} {c.value:.2f}" for c in checks)
-    return AdmissionResult(admitted=not failed and not candidate.problems, reason=reason, candidate=candidate,
+    candidate = replace(candidate, problems=tuple(bounded(candidate.problems)))
+    return AdmissionResult(admitted=not failed and not candidate.problems, reason=clean(reason), candidate=candidate,
                            incumbent=incumbent, checks=tuple(checks), batch=batch, rows_source=rows_source,
                            seconds=seconds)
 
@@ -217,8 +246,8 @@ def judge(candidate: ModelFigures, incumbent: ModelFigures, budget: Admission, b
 def failed(reason: str, seconds: float = 0.0) -> AdmissionResult:
     """The verdict when the benchmark could not measure the candidate (it does not load, the
     benchmark outlived its time bound, died, ...): refused, with the reason."""
-    return AdmissionResult(admitted=False, reason=f"refused at admission: {reason}", candidate=None, incumbent=None,
-                           seconds=seconds)
+    return AdmissionResult(admitted=False, reason=clean(f"refused at admission: {reason}"), candidate=None,
+                           incumbent=None, seconds=seconds)
 
 
 def output_problems(candidate: Mapping[str, tuple[str, tuple[int, ...], int]],
@@ -226,20 +255,21 @@ def output_problems(candidate: Mapping[str, tuple[str, tuple[int, ...], int]],
     """What is wrong with the candidate's outputs on the benchmark rows, given per output name
     (dtype, shape of one row, count of NaN or infinite values) for both models: an output the
     incumbent has and it lacks, another dtype or row shape, any non-finite value."""
-    problems = []
+    problems: list[str] = []
     for name, (dtype, shape, _) in sorted(incumbent.items()):
+        label = clean(name, 60)
         if name not in candidate:
-            problems.append(f"{name} missing")
+            problems.append(f"{label} missing")
             continue
         c_dtype, c_shape, _ = candidate[name]
         if c_dtype != dtype:
-            problems.append(f"{name} dtype {c_dtype}, incumbent {dtype}")
+            problems.append(f"{label} dtype {c_dtype}, incumbent {dtype}")
         if tuple(c_shape) != tuple(shape):
-            problems.append(f"{name} row shape {list(c_shape)}, incumbent {list(shape)}")
+            problems.append(f"{label} row shape {list(c_shape)}, incumbent {list(shape)}")
     for name, (_, _, nonfinite) in sorted(candidate.items()):
         if nonfinite:
-            problems.append(f"{name} has {nonfinite} NaN or infinite values")
-    return problems
+            problems.append(f"{clean(name, 60)} has {nonfinite} NaN or infinite values")
+    return bounded(problems)
 
 
 def table(result: Mapping[str, object]) -> list[str]:
@@ -249,6 +279,9 @@ def table(result: Mapping[str, object]) -> list[str]:
     except AdmissionError as exc:
         return [f"admission result unreadable: {exc}"]
     lines = [f"admission: {parsed.reason}"]
+    manual = result.get("manual")
+    if isinstance(manual, Mapping) and manual.get("measured"):
+        lines.append(f"  (the benchmark's verdict was: {clean(manual['measured'])})")
     if parsed.candidate is None or parsed.incumbent is None:
         return lines
     c, i = parsed.candidate, parsed.incumbent

@@ -39,6 +39,7 @@ from banditgate.events import Alert, RoutingChange
 from banditgate.jsontypes import JSONObject
 from router.lineup import RolloutRecord, lineup, primaries_after, replaced_arm, serving_version
 from router.rollout import NOT_RETRIED, AuditRecord, RolloutState, Transition, may_start, start
+from router.rollout_admission import clean
 
 _CAS = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
@@ -240,8 +241,18 @@ class RolloutStore:
                 raise RolloutError(f"route {route.name} has no rollout")
             transition = admit(record.state, version, who, time.time() if now is None else now, route.rollout,
                                reason)
-            if await self.apply(record, transition):
-                return record.with_state(transition.state), transition.audit
+            # the stored verdict says it was admitted by hand (the gauges and `rollout status` read
+            # it), the benchmark's figures and its reason kept beside
+            measured = dict(record.admission) if record.admission is not None else {}
+            manual: JSONObject = {**measured, "admitted": True,
+                                  "reason": clean(f"admitted by hand by {who}"
+                                                  f"{': ' + reason if reason else ''}"),
+                                  "manual": {"who": who, "measured": measured.get("reason")}}
+            for key, default in (("candidate", None), ("incumbent", None), ("checks", [])):
+                manual.setdefault(key, default)
+            admitted = record.with_state(transition.state, admission=manual)
+            if await self.write(admitted, transition.audit.from_seq, transition.audit):
+                return admitted, transition.audit
         raise RolloutError(f"route {route.name}: the rollout kept changing under admit; try again")
 
     async def claim_admission(self, route: str, version: int, ttl_ms: int) -> str | None:

@@ -186,3 +186,185 @@ def test_a_candidate_with_other_inputs_is_refused(tmp_path: Path) -> None:
             "providers": ["CPUExecutionProvider"], "graph_optimization": "all"}
     result = asyncio.run(run_benchmark(spec, Admission()))
     assert not result.admitted and "cannot serve the same requests" in result.reason
+
+
+def test_manual_promote_cannot_skip_the_admission_gate() -> None:
+    config = ROUTE.rollout
+    assert config is not None
+    state = start("churn", "m", 4, "a", now=0.0, admission=True)
+    with pytest.raises(RolloutError, match="banditgate rollout admit churn --version 4"):
+        manual(state, "promote", "bob", 1.0, config)
+    assert manual(state, "rollback", "bob", 1.0, config).state.stage == "rolled_back"
+
+
+@pytest.mark.parametrize(("routes", "message"), [
+    # the gated route's own shadow follows the model's latest version
+    ([{"name": "churn", "arms": [{"name": "a", "model": "m", "version": 3}],
+       "shadows": [{"name": "s", "model": "m"}], "rollout": {"admission": {}}}], "'s' uses model 'm' as 'latest'"),
+    # another route's arm
+    ([{"name": "churn", "arms": [{"name": "a", "model": "m", "version": 3}], "rollout": {"admission": {}}},
+      {"name": "other", "arms": [{"name": "b", "model": "m"}]}], "'b' uses model 'm' as 'latest'"),
+    # another route's shadow
+    ([{"name": "churn", "arms": [{"name": "a", "model": "m", "version": 3}], "rollout": {"admission": {}}},
+      {"name": "other", "arms": [{"name": "b", "model": "n", "version": 1}], "shadows": [{"name": "s", "model": "m"}]}],
+     "'s' uses model 'm' as 'latest'"),
+    # a second route rolling the same model out (without or with a gate of its own)
+    ([{"name": "churn", "arms": [{"name": "a", "model": "m", "version": 3}], "rollout": {"admission": {}}},
+      {"name": "other", "arms": [{"name": "b", "model": "m", "version": 3}], "rollout": {}}],
+     "rolled out by route 'churn' with rollout.admission and by route 'other'"),
+])
+def test_config_refuses_a_way_around_the_admission_gate(routes: list[dict[str, object]], message: str) -> None:
+    from pydantic import ValidationError
+
+    from banditgate.config import Config
+
+    with pytest.raises(ValidationError, match=message):
+        Config(routes=routes)
+    pinned = [dict(r, shadows=[dict(s, version=2) for s in r.get("shadows", [])],  # type: ignore[call-overload]
+                   arms=[dict(a, version=a.get("version", 2)) for a in r["arms"]]) for r in routes]  # type: ignore[attr-defined]
+    if "rolled out by route" not in message:
+        Config(routes=pinned)  # pinned versions are fine
+
+
+@pytest.mark.parametrize("module", ["router.lineup", "router.rollout_admission", "router.rollout"])
+def test_module_doctests_run(module: str) -> None:
+    import doctest
+    import importlib
+
+    outcome = doctest.testmod(importlib.import_module(module))
+    assert outcome.attempted > 0 and outcome.failed == 0
+
+
+def test_reason_and_problems_are_bounded_and_printable() -> None:
+    evil = {f"out\n\x1b[31m{i}": ("float32", (1,), 3) for i in range(40)}
+    problems = output_problems(evil, {})
+    assert len(problems) == 6 and problems[-1] == "and 35 more"
+    assert all(ch.isprintable() for p in problems for ch in p)
+    result = judge(figures(problems=tuple(problems)), figures(), BUDGET, batch=8)
+    assert not result.admitted and len(result.reason) <= 300 and result.reason.isprintable()
+    assert result.candidate is not None and result.candidate.problems == tuple(problems)  # bounded once, kept
+    long = judge(figures(problems=tuple(f"p{i} " + "x" * 200 for i in range(50))), figures(), BUDGET, batch=8)
+    assert len(long.reason) <= 300 and long.candidate is not None and long.candidate.problems[-1] == "and 45 more"
+
+
+def _pair(tmp_path: Path, hidden: int = 32) -> tuple[Path, Path]:
+    from loadtests.admission_models import build_admission_model
+
+    incumbent = build_admission_model(tmp_path / "m" / "1" / "model.onnx", hidden=hidden, seed=1)
+    candidate = build_admission_model(tmp_path / "m" / "2" / "model.onnx", hidden=hidden, seed=2)
+    return incumbent, candidate
+
+
+def _spec(incumbent: Path, candidate: Path) -> dict[str, object]:
+    return {"candidate": {"path": str(candidate), "model": "m", "version": 2},
+            "incumbent": {"path": str(incumbent), "model": "m", "version": 1}, "references": [], "max_batch": 4,
+            "samples": 10, "batch_samples": 3, "threads": 1, "busy_fraction": 1.0, "nice": 0,
+            "providers": ["CPUExecutionProvider"], "graph_optimization": "all"}
+
+
+@pytest.mark.parametrize(("child", "says"), [
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "killed by signal 9"),
+    ("import sys; sys.stderr.write('x' * 10_000_000 + '\\nboom'); sys.exit(3)", r"exit code 3\) boom"),
+    ("import sys; sys.stdout.write('[1, 2]')", "no JSON object"),
+    ("pass", "no JSON object"),
+    ("import sys, json; sys.stdout.write(json.dumps({'error': 'x', 'who': 'incumbent', 'refuse': True}))",
+     "the incumbent could not be benchmarked"),
+    ("import sys, json; sys.stdout.write(json.dumps({'error': 'x', 'who': 'candidate'}))",
+     "the candidate could not be benchmarked"),
+])
+def test_a_broken_benchmark_is_no_verdict_not_a_refusal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        child: str, says: str) -> None:
+    """A child that dies, writes no object or blames the incumbent gives no verdict (tried again);
+    before, each of these refused the candidate for good."""
+    pytest.importorskip("onnx")
+    from gateway import admission
+
+    incumbent, candidate = _pair(tmp_path)
+    monkeypatch.setattr(admission, "_BOOTSTRAP", child)
+    with pytest.raises(admission.NoVerdict, match=says) as raised:
+        asyncio.run(admission.run_benchmark(_spec(incumbent, candidate), Admission(timeout_s=60)))
+    assert not raised.value.timed_out and len(str(raised.value)) <= 300
+
+
+def test_a_timeout_is_no_verdict_marked_timed_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnx")
+    from gateway import admission
+
+    incumbent, candidate = _pair(tmp_path)
+    monkeypatch.setattr(admission, "_BOOTSTRAP", "import time; time.sleep(60)")
+    with pytest.raises(admission.NoVerdict, match="did not finish within timeout_s") as raised:
+        asyncio.run(admission.run_benchmark(_spec(incumbent, candidate), Admission(timeout_s=0.5)))
+    assert raised.value.timed_out
+
+
+def test_a_failing_incumbent_or_a_file_still_arriving_is_no_verdict(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    import os
+
+    from gateway.admission import NoVerdict, run_benchmark
+
+    incumbent, candidate = _pair(tmp_path)
+    good = incumbent.read_bytes()
+    incumbent.write_bytes(b"not a model")
+    with pytest.raises(NoVerdict, match="the incumbent could not be benchmarked: it does not load"):
+        asyncio.run(run_benchmark(_spec(incumbent, candidate), Admission(timeout_s=60)))
+    incumbent.write_bytes(good)
+    whole = candidate.read_bytes()
+    candidate.write_bytes(whole[: len(whole) // 2])  # half copied, just now
+    with pytest.raises(NoVerdict, match="the candidate could not be benchmarked: its file changed less than"):
+        asyncio.run(run_benchmark(_spec(incumbent, candidate), Admission(timeout_s=60)))
+    candidate.unlink()
+    with pytest.raises(NoVerdict, match="not readable"):
+        asyncio.run(run_benchmark(_spec(incumbent, candidate), Admission(timeout_s=60)))
+    # the same broken file, unchanged for a minute: the candidate's own fault, refused
+    candidate.write_bytes(whole[: len(whole) // 2])
+    os.utime(candidate, (candidate.stat().st_atime - 120, candidate.stat().st_mtime - 120))
+    result = asyncio.run(run_benchmark(_spec(incumbent, candidate), Admission(timeout_s=60)))
+    assert not result.admitted and result.reason.startswith("refused at admission: the candidate: it does not load")
+
+
+def test_a_file_over_max_size_is_refused_without_loading_it(tmp_path: Path) -> None:
+    pytest.importorskip("onnx")
+    from gateway.admission import run_benchmark
+
+    incumbent, candidate = _pair(tmp_path)
+    started: list[int] = []
+    size_mb = candidate.stat().st_size / 2**20
+    result = asyncio.run(run_benchmark(_spec(incumbent, candidate), Admission(max_size_mb=size_mb / 2),
+                                       on_start=started.append))
+    assert started == [] and not result.admitted and result.reason.startswith("refused at admission: size")
+    assert [(c.name, c.ok) for c in result.checks] == [("size", False)]
+    assert result.checks[0].value == pytest.approx(size_mb)
+
+
+def test_no_verdict_backs_off_and_three_timeouts_refuse() -> None:
+    from gateway.admission import RETRY_MAX_S, AdmissionRunner, NoVerdict, retry_delay_s
+
+    assert [retry_delay_s(n) for n in (1, 2, 3)] == [5.0, 10.0, 20.0]
+    assert retry_delay_s(10) == RETRY_MAX_S == retry_delay_s(10_000)
+    runner = AdmissionRunner(None, None, None, {})  # type: ignore[arg-type]  # only its bookkeeping is used
+    key = ("churn", 4)
+    assert runner._no_verdict(key, NoVerdict("child died")) is None
+    assert runner._no_verdict(key, NoVerdict("slow", timed_out=True)) is None
+    assert runner._no_verdict(key, NoVerdict("slow", timed_out=True)) is None
+    refused = runner._no_verdict(key, NoVerdict("slow", timed_out=True))
+    assert refused is not None and not refused.admitted
+    assert refused.reason == "refused at admission: admission benchmark timed out 3 times"
+
+
+def test_runner_forgets_a_version_once_it_leaves_admission() -> None:
+    from gateway.admission import AdmissionRunner
+
+    runner = AdmissionRunner(None, None, None, {})  # type: ignore[arg-type]  # only its bookkeeping is used
+    state = start("churn", "m", 4, "a", now=0.0, admission=True)
+    record = RolloutRecord.begin(ROUTE, state, previous=None)
+    key = ("churn", 4)
+    runner._next_claim[key], runner._episodes[key], runner._timeouts[key] = 1e18, 2, 1
+    runner.child_pids[key] = [1]
+    runner.results[key] = judge(figures(), figures(), BUDGET, batch=8)
+    runner.consider("churn", record)  # still at admission, and not due: kept
+    assert runner._next_claim[key] == 1e18 and runner.child_pids == {key: [1]}
+    shadow = admission_transition(state, True, "admitted", ROUTE.rollout, 1.0).state  # type: ignore[arg-type]
+    runner.consider("churn", record.with_state(shadow))
+    assert (runner._next_claim, runner._episodes, runner._timeouts, runner.results, runner.child_pids) == (
+        {}, {}, {}, {}, {})

@@ -83,21 +83,21 @@ async def test_refused_once_never_shadows_admitted_by_hand(stack, topics, redis_
         result = record.admission
         assert result is not None and result["admitted"] is False
         assert result["reason"].startswith("refused at admission: size")
-        assert result["candidate"]["size_mb"] > 2.5 > result["incumbent"]["size_mb"]
-        # one replica benchmarked it, one child process ran
+        # refused on its file size before any child loaded it; one replica wrote the verdict
+        assert result["candidate"] is None and result["checks"][0]["value"] > 2.5
         runners = [running.gateway.rollouts.admission for running in gateways]
-        assert sum(len(r.child_pids) for r in runners) == 1
-        assert sum((ROUTE, 2) in r.results for r in runners) == 1
-        # every replica exports the stored figures
+        assert sum(r.children_started for r in runners) == 0
+        assert sum(r.verdicts_written for r in runners) == 1
+        # every replica exports the stored verdict (and the file size it was refused on)
         labels = {"route": ROUTE, "model": "m", "version": "2"}
         for running in gateways:
             registry = running.gateway.registry
             await wait_until(lambda r=registry: _is(r, "banditgate_admission_admitted", labels, 0.0), 5,
                              "the refusal gauge")
             assert await _sample(registry, "banditgate_admission_file_bytes", labels) == pytest.approx(
-                result["candidate"]["size_mb"] * 2**20, rel=1e-3)
-            assert await _sample(registry, "banditgate_admission_memory_bytes", {**labels, "version": "1"}) == \
-                pytest.approx(result["incumbent"]["memory_mb"] * 2**20, rel=1e-3)
+                result["checks"][0]["value"] * 2**20, rel=1e-3)
+        # the version left admission: the replicas keep nothing of it
+        await wait_until(lambda: _all_pruned(runners), 5, "the runners to forget version 2")
         # one audit event per transition, one alert, with the figures
         sent: list[dict[str, Any]] = []
 
@@ -107,14 +107,14 @@ async def test_refused_once_never_shadows_admitted_by_hand(stack, topics, redis_
         await store.drain_outbox(ROUTE, collect)
         assert [(item["topic"], item["value"].get("to_stage") or item["value"]["kind"]) for item in sent] == [
             ("routing_changes", "admission"), ("routing_changes", "refused"), ("alerts", "refused")]
-        assert sent[2]["value"]["details"]["admission"]["candidate"]["size_mb"] == result["candidate"]["size_mb"]
+        assert sent[2]["value"]["details"]["admission"]["checks"] == result["checks"]
         # a restarted replica finds the verdict recorded: no second benchmark, no shadow
         await gateways[0].stop()
         gateways.pop(0)
         later = await start_gateway(config)
         await asyncio.sleep(1.5)
         watch()
-        assert later.gateway.rollouts.admission.child_pids == [] and shadowed == []
+        assert later.gateway.rollouts.admission.children_started == 0 and shadowed == []
         assert (await store.read(ROUTE)).state.stage == "refused"  # type: ignore[union-attr]
         # admitted by hand: the admin token is needed
         base = f"http://127.0.0.1:{later.gateway.http_port}/v2/admin/routes/{ROUTE}/rollout"
@@ -129,6 +129,13 @@ async def test_refused_once_never_shadows_admitted_by_hand(stack, topics, redis_
             assert answer.status_code == 200, answer.text
             assert answer.json()["rollout"]["stage"] == "shadow" and "admin:carol" in answer.json()["change"]
             assert [s.name for s in later.gateway.dataplane.routes[ROUTE].route.shadows] == ["m-v2"]
+            # the stored verdict says admitted by hand (the gauge and status follow), the measured one beside
+            status = (await http.get(f"{base}/status", headers=auth)).json()["rollout"]
+            assert status["admission"]["admitted"] is True
+            assert status["admission"]["reason"].startswith("admitted by hand by carol")
+            assert status["admission"]["manual"]["measured"] == result["reason"]
+            await wait_until(lambda: _is(later.gateway.registry, "banditgate_admission_admitted", labels, 1.0), 5,
+                             "the admitted gauge")
             other = gateways[0].gateway.dataplane.routes[ROUTE]
             await wait_until(lambda: _shadows(other, ["m-v2"]), 5, "the other replica to add the shadow")
             # a version within budget goes on to shadow by itself
@@ -137,6 +144,12 @@ async def test_refused_once_never_shadows_admitted_by_hand(stack, topics, redis_
         drop(repository, 3, seed=2)
         record = await wait_until(lambda: stage("shadow", 3), 90, "version 3 to be admitted", interval_s=0.2)
         assert record.admission["admitted"] is True and record.state.reason.startswith("admitted: ")
+        # benchmarked in one child process, its figures exported
+        assert sum(r.children_started for r in [*runners[1:], later.gateway.rollouts.admission]) == 1
+        figures = record.admission["incumbent"]
+        await wait_until(lambda: _is(later.gateway.registry, "banditgate_admission_memory_bytes",
+                                     {**labels, "version": "1"}, figures["memory_mb"] * 2**20), 5,
+                         "the incumbent's memory gauge")
         await wait_until(lambda: _shadows(later.gateway.dataplane.routes[ROUTE], ["m-v3"]), 5, "the shadow")
     finally:
         for running in [*gateways, *([later] if later else [])]:
@@ -153,6 +166,10 @@ async def _sample(registry: Any, name: str, labels: dict[str, str]) -> float | N
 
 async def _is(registry: Any, name: str, labels: dict[str, str], value: float) -> bool:
     return registry.get_sample_value(name, labels) == value
+
+
+async def _all_pruned(runners: list[Any]) -> bool:
+    return all(not r.results and not r.child_pids and not r._next_claim for r in runners)
 
 
 async def _shadows(runtime: Any, names: list[str]) -> bool:
