@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
 
 TRACEPARENT = "traceparent"
 TRACESTATE = "tracestate"
@@ -132,7 +131,7 @@ def trace_headers(traceparent: str | None, tracestate: str | None = None) -> Tra
     return headers
 
 
-def from_kafka_headers(headers: Iterable[tuple[str, Any]] | None) -> TraceHeaders | None:
+def from_kafka_headers(headers: Iterable[tuple[str, bytes | None]] | None) -> TraceHeaders | None:
     """The valid trace context among a Kafka record's headers, as headers to carry on (the first
     ``traceparent`` and ``tracestate``; None when there is no valid traceparent)."""
     if not headers:
@@ -149,7 +148,7 @@ def from_kafka_headers(headers: Iterable[tuple[str, Any]] | None) -> TraceHeader
     return trace_headers(traceparent, parse_tracestate(state) if traceparent is not None else None)
 
 
-def from_mapping(headers: Mapping[str, Any] | None) -> TraceHeaders | None:
+def from_mapping(headers: Mapping[str, str | bytes] | None) -> TraceHeaders | None:
     """The valid trace context of HTTP headers or gRPC metadata (names compared in lowercase, as
     both protocols treat them); None when there is no valid traceparent."""
     if not headers:

@@ -17,7 +17,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.producer.message_accumulator import BatchBuilder
+    from aiokafka.structs import RecordMetadata
 
 log = logging.getLogger("banditgate.feedback.producer")
 
@@ -28,12 +33,12 @@ START_TIMEOUT_S = 30.0
 class ReplaceableProducer:
     """The current producer (see the module docstring). `factory` makes an unstarted AIOKafkaProducer."""
 
-    def __init__(self, factory: Callable[[], Any], start_timeout_s: float = START_TIMEOUT_S,
+    def __init__(self, factory: Callable[[], AIOKafkaProducer], start_timeout_s: float = START_TIMEOUT_S,
                  on_replaced: Callable[[], None] | None = None) -> None:
         self._factory = factory
         self._on_replaced = on_replaced
         self._start_timeout_s = start_timeout_s
-        self.current: Any = None
+        self.current: AIOKafkaProducer | None = None
         self.replacements = 0
         self._lock = asyncio.Lock()
         self._closing: set[asyncio.Task[None]] = set()
@@ -47,16 +52,22 @@ class ReplaceableProducer:
             raise
         self.current = producer
 
-    async def send(self, topic: str, **kwargs: Any) -> Any:
-        return await self.current.send(topic, **kwargs)
+    def _started(self) -> AIOKafkaProducer:
+        current = self.current
+        if current is None:
+            raise RuntimeError("the feedback producer is used before start()")
+        return current
 
-    def create_batch(self) -> Any:
-        return self.current.create_batch()
+    async def send(self, topic: str, **kwargs: Any) -> asyncio.Future[RecordMetadata]:  # Any: forwarded to aiokafka's AIOKafkaProducer.send (untyped)
+        return await self._started().send(topic, **kwargs)
 
-    async def send_batch(self, batch: Any, topic: str, *, partition: int) -> Any:
-        return await self.current.send_batch(batch, topic, partition=partition)
+    def create_batch(self) -> BatchBuilder:
+        return self._started().create_batch()
 
-    async def replace(self, failed: Any) -> None:
+    async def send_batch(self, batch: BatchBuilder, topic: str, *, partition: int) -> asyncio.Future[RecordMetadata]:
+        return await self._started().send_batch(batch, topic, partition=partition)
+
+    async def replace(self, failed: AIOKafkaProducer | None) -> None:
         """Swap `failed` for a fresh producer, unless it was replaced already. Raises KafkaError or
         OSError when the broker cannot be reached (the caller retries, and calls this again)."""
         async with self._lock:
@@ -84,7 +95,7 @@ class ReplaceableProducer:
             await self.current.stop()
 
 
-async def _stop(producer: Any, timeout_s: float) -> None:
+async def _stop(producer: AIOKafkaProducer, timeout_s: float) -> None:
     """Stop a producer; past `timeout_s` (the broker away) it is abandoned. Never raises for a broker problem."""
     stopping = asyncio.ensure_future(producer.stop())
     done, _ = await asyncio.wait([stopping], timeout=timeout_s)

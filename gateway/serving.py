@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
 from banditgate.config import Route
+from banditgate.jsontypes import JSONObject, JSONValue
 from router.decision import RoutePolicy
 
 
@@ -23,7 +23,7 @@ class Pending:
     """One request as the dataplane sees it, whatever transport it came from."""
 
     request_id: str
-    inputs: Mapping[str, Any]
+    inputs: Mapping[str, JSONValue]
     unit_id: str | None
     ts_request: float  # epoch seconds the request was made (its `ts`, else when we received it)
     received_s: float  # monotonic seconds when we received it
@@ -34,8 +34,8 @@ class Pending:
 class Answer:
     """The outcome for one request: a prediction (+ shadow predictions) or an error."""
 
-    prediction: dict[str, Any] | None = None
-    shadows: list[dict[str, Any]] | None = None
+    prediction: JSONObject | None = None
+    shadows: list[JSONObject] | None = None
     error: tuple[str, str] | None = None  # (reason, message)
     outputs: dict[str, np.ndarray] | None = None  # raw output rows, for OIP responses
 

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol, Self
+from typing import Protocol, Self
 
 from router.arm_stats import RouteSnapshot
 from router.decision import RoutePolicy
@@ -159,7 +159,7 @@ class SnapshotRefresher:
         await self.stop()
 
 
-def _consume_outcome(task: asyncio.Task[Any]) -> None:
+def _consume_outcome(task: asyncio.Task[object]) -> None:
     """Retrieve an abandoned read's exception so asyncio never logs it as unhandled."""
     if not task.cancelled():
         task.exception()

@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import redis.asyncio as redis_asyncio
 from redis.exceptions import RedisError
@@ -259,7 +258,7 @@ class ArmStatsStore:
         for start in range(0, len(updates), _CHUNK):
             chunk = updates[start:start + _CHUNK]
             keys = [self.stats_key(route)] + [self.seen_key(route, u.request_id) for u in chunk]
-            args: list[Any] = [repr(float(half_life)), self._dedup_ttl_s]
+            args: list[str | int] = [repr(float(half_life)), self._dedup_ttl_s]
             for update in chunk:
                 args += [update.arm, repr(float(update.reward))]
             await self._apply_script(keys=keys, args=args, client=pipe)
@@ -304,7 +303,7 @@ class ArmStatsStore:
         await self._client.delete(self.stats_key(route))
 
 
-def _text(value: Any) -> str:
+def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
@@ -316,7 +315,7 @@ def _stored(value: str, what: str) -> float:
     return number
 
 
-def _parse(route: str, raw: Mapping[Any, Any]) -> RouteSnapshot:
+def _parse(route: str, raw: Mapping[bytes | str, bytes | str]) -> RouteSnapshot:
     """Turn the hash into a snapshot, decaying each arm from its last update to `counter`.
 
     An arm whose stored numbers are not finite numbers (a hash corrupted by hand, or written by

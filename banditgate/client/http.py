@@ -20,14 +20,16 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Container, Mapping
-from typing import Any, Self
+from typing import Self
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
 from banditgate.client.errors import ClientError, GatewayRejected, InvalidRequest
 from banditgate.client.types import Prediction
 from banditgate.client.validation import check_metadata, outcome_event, plain_inputs
+from banditgate.jsontypes import JSONObject, JSONValue
 from banditgate.tracecontext import trace_context
 
 _OIP_TYPES = {"f": "FP32", "i": "INT64", "u": "UINT64", "b": "BOOL"}
@@ -53,7 +55,7 @@ class HttpClient:
         self.max_backoff_s = max_backoff_s
         self.routes = routes
         self.check_inputs = check_inputs
-        self._metadata: dict[str, dict[str, Any]] = {}
+        self._metadata: dict[str, JSONObject] = {}
 
     async def __aenter__(self) -> Self:
         return self
@@ -61,13 +63,13 @@ class HttpClient:
     async def __aexit__(self, *_exc: object) -> None:
         return None
 
-    async def metadata(self, route: str) -> dict[str, Any]:
+    async def metadata(self, route: str) -> JSONObject:
         """The route's model metadata (inputs, outputs), cached."""
         if route not in self._metadata:
             self._metadata[route] = await self._call("GET", f"/v2/models/{urllib.parse.quote(route, safe='')}")
         return self._metadata[route]
 
-    async def predict(self, route: str, inputs: Mapping[str, Any], *, unit: str | None = None,
+    async def predict(self, route: str, inputs: Mapping[str, npt.ArrayLike], *, unit: str | None = None,
                       request_id: str | None = None, traceparent: str | None = None,
                       tracestate: str | None = None) -> Prediction:
         """One row per input (as over Kafka); the router picks the arm. Raises InvalidRequest,
@@ -83,7 +85,7 @@ class HttpClient:
             kind = array.dtype.kind
             tensors.append({"name": name, "shape": list(array.shape), "datatype": _OIP_TYPES.get(kind, "BYTES"),
                             "data": array.reshape(-1).tolist()})
-        doc: dict[str, Any] = {"inputs": tensors, "parameters": {}}
+        doc: JSONObject = {"inputs": tensors, "parameters": {}}
         if request_id is not None:
             doc["id"] = request_id
         if unit is not None:
@@ -101,19 +103,19 @@ class HttpClient:
                           round_trip_ms=(time.monotonic() - started) * 1000.0, event=params,
                           traceparent=trace[0][1].decode())
 
-    async def report_outcome(self, request_id: str, *, reward: float | None = None, label: Any = None,
+    async def report_outcome(self, request_id: str, *, reward: float | None = None, label: JSONValue = None,
                              clicks: list[str] | None = None, ts: float | None = None, traceparent: str | None = None,
                              tracestate: str | None = None) -> None:
         """Post an outcome; pass the prediction's `traceparent` to continue its trace."""
         await self._call("POST", "/v2/outcomes", outcome_event(request_id, reward, label, clicks, ts),
                          trace_context(traceparent, tracestate))
 
-    async def _call(self, method: str, path: str, doc: Any = None,
-                    trace: list[tuple[str, bytes]] | None = None) -> dict[str, Any]:
+    async def _call(self, method: str, path: str, doc: JSONObject | None = None,
+                    trace: list[tuple[str, bytes]] | None = None) -> JSONObject:
         return await asyncio.to_thread(self._call_blocking, method, path, doc, trace)
 
-    def _call_blocking(self, method: str, path: str, doc: Any,
-                       trace: list[tuple[str, bytes]] | None = None) -> dict[str, Any]:
+    def _call_blocking(self, method: str, path: str, doc: JSONObject | None,
+                       trace: list[tuple[str, bytes]] | None = None) -> JSONObject:
         headers = {"accept": "application/json"}
         for name, value in trace or ():
             headers[name] = value.decode()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
+
+from banditgate.jsontypes import JSONObject
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,14 +25,14 @@ class Prediction:
     """The gateway's time from receipt to answer (Kafka: the prediction event's latency_ms)."""
     round_trip_ms: float
     """The caller's time from sending to having the prediction."""
-    event: dict[str, Any] = field(default_factory=dict, repr=False)
+    event: JSONObject = field(default_factory=dict, repr=False)
     """The prediction event as published (Kafka) or the OIP parameters (HTTP)."""
     traceparent: str | None = None
     """The W3C trace context the prediction carries (Kafka: its record's header; HTTP: the one
     sent): pass it to ``report_outcome(..., traceparent=...)`` so the outcome joins the trace."""
 
     @classmethod
-    def from_event(cls, event: dict[str, Any], round_trip_ms: float, traceparent: str | None = None) -> Prediction:
+    def from_event(cls, event: JSONObject, round_trip_ms: float, traceparent: str | None = None) -> Prediction:
         outputs = {name: np.asarray(value) for name, value in (event.get("outputs") or {}).items()}
         return cls(request_id=event["request_id"], route=event["route"], arm=event["arm"], model=event["model"],
                    model_version=int(event["model_version"]), policy=event["policy"],

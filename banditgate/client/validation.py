@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Container, Mapping
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
 from banditgate.client.errors import InvalidRequest
@@ -18,10 +18,10 @@ _DTYPES = {"FP16": "f", "FP32": "f", "FP64": "f", "INT8": "i", "INT16": "i", "IN
            "UINT8": "u", "UINT16": "u", "UINT32": "u", "UINT64": "u", "BOOL": "b", "BYTES": "S"}
 
 
-def plain_inputs(inputs: Mapping[str, Any]) -> dict[str, Any]:
+def plain_inputs(inputs: Mapping[str, npt.ArrayLike]) -> JSONObject:
     """Inputs as JSON values (numpy arrays as lists); non-finite numbers refused (``not_finite``:
     JSON has no NaN, the encoder would write null)."""
-    out: dict[str, Any] = {}
+    out: JSONObject = {}
     for name, value in inputs.items():
         if type(value) is list and _flat_and_finite(value):
             out[name] = value  # the common row: no numpy round trip (send's hot path)
@@ -87,12 +87,12 @@ def encode(event: JSONObject) -> bytes:
         raise InvalidRequest("out_of_range", f"request {event.get('request_id')!r} cannot be encoded: {exc}") from None
 
 
-def request_event(route: str, inputs: Mapping[str, Any], *, unit: str | None, request_id: str | None,
+def request_event(route: str, inputs: Mapping[str, npt.ArrayLike], *, unit: str | None, request_id: str | None,
                   reply_to: str | None, items: list[str] | None, routes: Container[str] | None,
-                  metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+                  metadata: Mapping[str, JSONValue] | None) -> JSONObject:
     """The request event, checked as the gateway will check it; raise InvalidRequest with its reason."""
-    obj: dict[str, Any] = {"request_id": request_id or uuid.uuid4().hex, "route": route,
-                           "inputs": plain_inputs(inputs)}
+    obj: JSONObject = {"request_id": request_id or uuid.uuid4().hex, "route": route,
+                       "inputs": plain_inputs(inputs)}
     if unit is not None:
         obj["unit_id"] = unit
     if items is not None:
@@ -109,7 +109,7 @@ def request_event(route: str, inputs: Mapping[str, Any], *, unit: str | None, re
     return obj
 
 
-def check_metadata(inputs: Mapping[str, Any], metadata: Mapping[str, Any]) -> None:
+def check_metadata(inputs: Mapping[str, npt.ArrayLike], metadata: Mapping[str, JSONValue]) -> None:
     """One row per input against the model's OIP metadata (GET /v2/models/{route}): names
     (``bad_input``), shape (``bad_input``) and element kind (``wrong_type``)."""
     specs = {spec["name"]: spec for spec in metadata.get("inputs", [])}
@@ -133,9 +133,9 @@ def check_metadata(inputs: Mapping[str, Any], metadata: Mapping[str, Any]) -> No
                                                f"{spec['datatype']}")
 
 
-def outcome_event(request_id: str, reward: float | None, label: Any, clicks: list[str] | None,
-                  ts: float | None) -> dict[str, Any]:
-    obj: dict[str, Any] = {"request_id": request_id}
+def outcome_event(request_id: str, reward: float | None, label: JSONValue, clicks: list[str] | None,
+                  ts: float | None) -> JSONObject:
+    obj: JSONObject = {"request_id": request_id}
     for key, value in (("reward", reward), ("label", label), ("clicks", clicks), ("ts", ts)):
         if value is not None:
             obj[key] = value

@@ -16,10 +16,13 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
+
+if TYPE_CHECKING:
+    from aiokafka.producer.message_accumulator import BatchBuilder
 
 _NO_HEADERS: list[tuple[str, bytes]] = []
 """Shared, never changed: aiokafka's record builder takes a list (a tuple is refused)."""
@@ -62,8 +65,8 @@ class OutboundBatches:
     producer: AIOKafkaProducer
     partitions: dict[str, int]  # topic -> partition count
     limits: Mapping[str, int] | None = None
-    _builders: dict[tuple[str, int], tuple[Any, list[Any]]] = field(default_factory=dict)
-    _full: list[tuple[tuple[str, int], Any, list[Any]]] = field(default_factory=list)
+    _builders: dict[tuple[str, int], tuple[BatchBuilder, list[Any]]] = field(default_factory=dict)
+    _full: list[tuple[tuple[str, int], BatchBuilder, list[Any]]] = field(default_factory=list)
     count: int = 0
 
     def too_large(self, topic: str, size: int) -> str | None:

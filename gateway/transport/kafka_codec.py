@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import orjson
 
 from banditgate.events import EventError, dead_letter_event, dead_letter_payload, load_object, request_fields
+from banditgate.jsontypes import JSONObject
 from gateway.serving import Pending
+
+if TYPE_CHECKING:
+    from aiokafka.structs import ConsumerRecord
 
 
 @dataclass(slots=True)
@@ -24,21 +28,21 @@ class SourcedPending(Pending):
     raw: bytes = b""
     reply_to: str | None = None
     """A topic the prediction also goes to (allowed by kafka.reply_topics), keyed by request_id."""
-    headers: Any = None
+    headers: Sequence[tuple[str, bytes | None]] | None = None
     """The request record's headers (the trace context travels on from them)."""
 
 
 @dataclass
 class DecodedRecords:
     by_route: dict[str, list[SourcedPending]] = field(default_factory=dict)
-    dead: list[tuple[Any, str, str]] = field(default_factory=list)  # (record, reason, message)
+    dead: list[tuple[ConsumerRecord, str, str]] = field(default_factory=list)  # (record, reason, message)
     count: int = 0
     reply_topics: set[str] = field(default_factory=set)
     """The reply topics the decoded requests name."""
 
 
-def decode_records(records: Iterable[Any], routes: Container[str], max_bytes: int,
-                   clock: Any = time.monotonic, wall_clock: Any = time.time,
+def decode_records(records: Iterable[ConsumerRecord], routes: Container[str], max_bytes: int,
+                   clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
                    reply_allowed: Callable[[str], bool] = lambda _topic: False) -> DecodedRecords:
     """Decode and validate request records; malformed ones go to `dead` with their reason (a
     `reply_to` that `reply_allowed` refuses: reply_refused)."""
@@ -76,5 +80,5 @@ def dead_letter_value(error: str, reason: str, topic: str, partition: int, offse
                                           dead_letter_payload(raw or b"", payload_chars)))
 
 
-def encode_event(event: dict[str, Any]) -> bytes:
+def encode_event(event: JSONObject) -> bytes:
     return orjson.dumps(event)

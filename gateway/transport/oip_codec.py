@@ -11,11 +11,12 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import cast
 
 import numpy as np
 import orjson
 
+from banditgate.jsontypes import JSONObject, JSONValue
 from gateway.errors import InvalidInput
 from gateway.validation import check_shape, numbers_for
 
@@ -35,13 +36,13 @@ class Tensor:
     datatype: str
     shape: list[int]
     array: np.ndarray
-    parameters: dict[str, Any] = field(default_factory=dict)
+    parameters: JSONObject = field(default_factory=dict)
 
 
 @dataclass
 class InferRequest:
     id: str | None
-    parameters: dict[str, Any]
+    parameters: JSONObject
     inputs: list[Tensor]
     outputs: list[tuple[str, bool]] | None  # requested (name, binary); None = all, JSON
 
@@ -80,7 +81,7 @@ def tensor_from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> n
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
-def tensor_from_json(name: str, datatype: str, shape: list[int], data: Any) -> np.ndarray:
+def tensor_from_json(name: str, datatype: str, shape: list[int], data: JSONValue) -> np.ndarray:
     """A tensor from JSON `data` (flat or nested); a value the datatype cannot hold exactly (INT8
     300, a fraction for INT32) is refused, never wrapped (gateway.validation.numbers_for)."""
     count = math.prod(shape)
@@ -173,14 +174,14 @@ def _json_data(array: np.ndarray) -> list:
     return array.reshape(-1).tolist()
 
 
-def build_rest_response(model_name: str, model_version: str, request_id: str | None, parameters: dict[str, Any],
+def build_rest_response(model_name: str, model_version: str, request_id: str | None, parameters: JSONObject,
                         outputs: dict[str, np.ndarray], binary: set[str], all_binary: bool = False
                         ) -> tuple[bytes, int | None]:
     """Encode an infer response; returns (body, header length or None when no binary outputs)."""
     doc_outputs = []
     blobs = []
     for name, array in outputs.items():
-        entry: dict[str, Any] = {"name": name, "datatype": datatype_for(array), "shape": list(array.shape)}
+        entry: JSONObject = {"name": name, "datatype": datatype_for(array), "shape": list(array.shape)}
         if all_binary or name in binary:
             raw = _raw_bytes(array)
             entry["parameters"] = {"binary_data_size": len(raw)}
@@ -188,7 +189,7 @@ def build_rest_response(model_name: str, model_version: str, request_id: str | N
         else:
             entry["data"] = _json_data(array)
         doc_outputs.append(entry)
-    doc: dict[str, Any] = {"model_name": model_name, "model_version": model_version, "outputs": doc_outputs}
+    doc: JSONObject = {"model_name": model_name, "model_version": model_version, "outputs": doc_outputs}
     if request_id is not None:
         doc["id"] = request_id
     if parameters:
