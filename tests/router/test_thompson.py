@@ -34,7 +34,16 @@ def test_student_t_probability_best_matches_the_per_arm_reference(arms: list[tup
     posterior = StudentTPosterior(*(np.array(column) for column in zip(*arms)))
     shared = probability_best(posterior)
     assert shared.sum() == pytest.approx(1.0, abs=1e-12)
-    assert np.abs(shared - reference_probability_best(posterior)).max() < 1e-3, arms
+    # span 16 (sinh(16) ~ 4e6 scales): the default span 7 cuts ~1e-3 of a Cauchy's (dof 1) tail
+    # mass, which made the reference, not the shared grid, wrong (see the exact case below)
+    assert np.abs(shared - reference_probability_best(posterior, span=16.0)).max() < 1e-3, arms
+
+
+def test_cauchy_pair_matches_the_closed_form() -> None:
+    """Two Cauchy posteriors (dof 1, scale s, locations 0 and 1): their difference is Cauchy with
+    scale 2s, so P(arm 1 is best) = 1/2 + arctan(1 / 2s) / pi exactly."""
+    posterior = StudentTPosterior(np.array([0.0, 1.0]), np.array([0.0625, 0.0625]), np.array([1.0, 1.0]))
+    assert probability_best(posterior)[1] == pytest.approx(0.5 + np.arctan(8.0) / np.pi, abs=1e-4)
 
 
 @pytest.mark.parametrize("family", ["beta", "student-t"])
