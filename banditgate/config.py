@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -45,6 +45,7 @@ from banditgate.events import (  # one definition each: events are checked with 
     MAX_RANKERS,
     NAME_PATTERN,
 )
+from banditgate.jsontypes import JSONObject, JSONValue
 from banditgate.redaction import redact_url
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -713,7 +714,7 @@ class Config(_Strict):
 # loading
 
 
-def _interpolate(value: Any, path: str, problems: list[str], env: dict[str, str]) -> Any:
+def _interpolate(value: JSONValue, path: str, problems: list[str], env: dict[str, str]) -> JSONValue:
     if isinstance(value, str):
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
@@ -738,9 +739,9 @@ _SECRET_FILE_FIELDS = {
 }
 
 
-def _read_secret_files(data: dict[str, Any], base: Path, problems: list[str]) -> None:
+def _read_secret_files(data: JSONObject, base: Path, problems: list[str]) -> None:
     for section_path, fields in _SECRET_FILE_FIELDS.items():
-        section: Any = data
+        section: JSONValue = data
         for key in section_path:
             section = section.get(key) if isinstance(section, dict) else None
         if not isinstance(section, dict):
@@ -767,8 +768,8 @@ def _read_secret_files(data: dict[str, Any], base: Path, problems: list[str]) ->
                     problems.append(f"server.{file_key}: cannot read {path}: {exc.strerror}")
 
 
-def _apply_env(data: dict[str, Any], env: dict[str, str]) -> None:
-    def section(*keys: str) -> dict[str, Any]:
+def _apply_env(data: JSONObject, env: dict[str, str]) -> None:
+    def section(*keys: str) -> JSONObject:
         node = data
         for key in keys:
             node = node.setdefault(key, {})
@@ -789,7 +790,7 @@ def _apply_env(data: dict[str, Any], env: dict[str, str]) -> None:
         section("server")["admin_tokens"] = [t.strip() for t in v.split(",")]
 
 
-def _format_loc(loc: tuple[Any, ...]) -> str:
+def _format_loc(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -818,7 +819,7 @@ def _format_error(err: ErrorDetails) -> str:
     return f"{_format_loc(loc)}: {msg}{shown}"
 
 
-def parse_config(data: Any, source: str = "config", base: Path | None = None,
+def parse_config(data: JSONValue, source: str = "config", base: Path | None = None,
                  env: dict[str, str] | None = None) -> Config:
     """Validate a decoded YAML document; raise ConfigError listing every wrong field, one per line."""
     env = dict(os.environ) if env is None else env
@@ -865,7 +866,7 @@ def load_config(path: str | Path, env: dict[str, str] | None = None) -> Config:
     return parse_config(data, source=str(path), base=path.parent.resolve(), env=env)
 
 
-def dump_public(config: Config) -> dict[str, Any]:
+def dump_public(config: Config) -> JSONObject:
     """The configuration as served to operators: every secret replaced by '**********', and any
     password inside the Redis URL by '***'."""
     data = config.model_dump(mode="json", by_alias=True)

@@ -44,10 +44,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Literal
 
 from banditgate.config import CanaryStage, Rollout
-from banditgate.jsontypes import JSONObject
+from banditgate.jsontypes import JSONObject, JSONValue
 from router.arm_stats import ArmStats
 from router.guardrail import msprt_log_ratio
 
@@ -106,11 +106,11 @@ class RolloutState:
     def active(self) -> bool:
         return self.stage in ACTIVE_STAGES
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RolloutState:
+    def from_dict(cls, data: Mapping[str, JSONValue]) -> RolloutState:
         """Inverse of to_dict. Raises RolloutError on a missing field or an unknown stage."""
         try:
             state = cls(route=str(data["route"]), model=str(data["model"]), version=int(data["version"]),
@@ -240,7 +240,7 @@ class Assessment:
     ``canary-criteria``, ``grace-period``) or ``waiting``."""
     reason: str
     awaiting: tuple[str, ...] = ()
-    details: Mapping[str, Any] = field(default_factory=dict)
+    details: Mapping[str, JSONValue] = field(default_factory=dict)
 
 
 def assess(state: RolloutState, evidence: Evidence, config: Rollout, now: float) -> Assessment:
@@ -323,7 +323,7 @@ class RoutingPlan:
     unloaded: tuple[str, ...] = ()
     """Arms taken out of the route (and their model versions released)."""
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         return {"shadows": list(self.shadows), "caps": dict(self.caps), "floors": dict(self.floors),
                 "drained": list(self.drained),
                 "unloaded": list(self.unloaded)}
@@ -358,16 +358,16 @@ class AuditRecord:
     actor: str
     """``rule:<criterion>`` for automation, ``admin:<who>`` for a manual operation."""
     reason: str
-    before: Mapping[str, Any]
-    after: Mapping[str, Any]
+    before: Mapping[str, JSONValue]
+    after: Mapping[str, JSONValue]
     ts: float
     from_seq: int
     """The state's seq before the change: a store applies it only if it still holds this seq."""
     alert_kind: str | None = None
     """``promote``/``reject``/``rollback`` for the alerts topic, None for pause/resume."""
-    details: Mapping[str, Any] = field(default_factory=dict)
+    details: Mapping[str, JSONValue] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         out = asdict(self)
         out["before"], out["after"], out["details"] = dict(self.before), dict(self.after), dict(self.details)
         return out
@@ -386,7 +386,7 @@ _NEXT: Mapping[str, Stage] = {"admission": "shadow", "shadow": "canary", "canary
 
 
 def _move(state: RolloutState, to_stage: Stage, config: Rollout, actor: str, reason: str, now: float,
-          details: Mapping[str, Any] | None = None, paused: bool | None = None) -> Transition:
+          details: Mapping[str, JSONValue] | None = None, paused: bool | None = None) -> Transition:
     if (state.stage, to_stage) not in EDGES and to_stage != state.stage:
         raise RolloutError(f"route {state.route}: cannot go from {state.stage} to {to_stage}")
     new = replace(state, stage=to_stage, seq=state.seq + 1, reason=reason,
@@ -466,7 +466,7 @@ def admit(state: RolloutState, version: int, who: str, now: float, config: Rollo
     return _move(state, "shadow", config, f"admin:{who}", reason or "admitted by hand", now)
 
 
-def status(state: RolloutState, evidence: Evidence, config: Rollout, now: float) -> dict[str, Any]:
+def status(state: RolloutState, evidence: Evidence, config: Rollout, now: float) -> JSONObject:
     """What `banditgate rollout status` shows: stage, evidence so far, what is awaited."""
     verdict = assess(state, evidence, config, now)
     return {"route": state.route, "model": state.model, "version": state.version, "arm": state.candidate_arm,
