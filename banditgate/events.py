@@ -131,9 +131,9 @@ class Request:
     request_id: str = _id("correlates the prediction and the outcomes (the record key, too)")
     route: str = _id("a configured route (else unknown_route)")
     inputs: Mapping[str, JSONValue] = _wire({"type": "object", "minProperties": 1,
-                                       "additionalProperties": _input_value(0)},
-                                      "input name -> row (numbers, strings or lists nested up to "
-                                      f"{MAX_NESTING} levels); shape and dtype follow the model's metadata")
+                                             "additionalProperties": _input_value(0)},
+                                            "input name -> row (numbers, strings or lists nested up to "
+                                            f"{MAX_NESTING} levels); shape and dtype follow the model's metadata")
     unit_id: str | None = _wire({"type": ["string", "integer", "null"]},
                                 "the sticky key (same unit, same arm where the route is sticky)", default=None)
     ts: float | None = _wire({"type": ["number", "null"]}, "when the request was made (epoch seconds)", default=None)
@@ -148,7 +148,7 @@ class Request:
 
     def to_dict(self) -> JSONObject:
         out: JSONObject = {"schema_version": self.schema_version, "request_id": self.request_id,
-                               "route": self.route, "inputs": dict(self.inputs)}
+                           "route": self.route, "inputs": dict(self.inputs)}
         if self.unit_id is not None:
             out["unit_id"] = self.unit_id
         if self.ts is not None:
@@ -212,8 +212,9 @@ class Outcome:
     reward: float | None = _wire({"type": ["number", "boolean", "null"], "minimum": -MAX_MAGNITUDE,
                                   "maximum": MAX_MAGNITUDE}, "scores the arm that served", default=None)
     label: JSONValue = _wire({"anyOf": [_NUMBER, {"type": "string", "maxLength": MAX_LABEL_CHARS},
-                                  {"type": ["boolean", "null"]}]},
-                       "ground truth: scores every model that predicted the request, shadows included", default=None)
+                                        {"type": ["boolean", "null"]}]},
+                             "ground truth: scores every model that predicted the request, shadows included",
+                             default=None)
     ts: float | None = _wire({"type": ["number", "null"], "minimum": -MAX_MAGNITUDE, "maximum": MAX_MAGNITUDE},
                              "when it happened (epoch seconds; absent: the record's time)", default=None)
     clicks: tuple[str, ...] | None = _wire(
