@@ -1,4 +1,4 @@
-"""Event contracts shared by gateway, router and feedback (pure: no I/O, imports nothing of ours).
+"""Event contracts shared by gateway, router and feedback (pure: no I/O, imports nothing of ours but the JSON aliases of banditgate.jsontypes).
 
 Every Kafka value is a JSON object encoded with orjson. Times (`ts`, `ts_request`,
 `ts_predicted`) are seconds since the Unix epoch as floats; `latency_ms` is milliseconds.
@@ -26,6 +26,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 import orjson
+
+from banditgate.jsontypes import JSONObject, JSONValue
 
 DEFAULT_MAX_EVENT_BYTES = 1_048_576
 MAX_ID_CHARS = 256
@@ -82,16 +84,16 @@ class EventError(ValueError):
 # ``metadata["wire"] = False`` is not an event key of its own.
 
 
-def _wire(schema: dict[str, Any], doc: str, default: Any = MISSING, factory: Any = MISSING,
-          wire: bool = True) -> Any:
+def _wire(schema: JSONObject, doc: str, default: object = MISSING, factory: Callable[[], object] | None = None,
+          wire: bool = True) -> Any:  # Any: like dataclasses.field, whose stub returns Any so a specifier fits every field type
     metadata = {"schema": {**schema, "description": doc}, "wire": wire}
-    if factory is not MISSING:
+    if factory is not None:
         return field(default_factory=factory, metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-def _id(doc: str, **kw: Any) -> Any:
-    return _wire({"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}, doc, **kw)
+def _id(doc: str) -> Any:  # Any: a field specifier, as _wire (dataclasses.field's stub returns Any)
+    return _wire({"type": "string", "minLength": 1, "maxLength": MAX_ID_CHARS}, doc)
 
 
 def _portable(pattern: str) -> str:
@@ -107,16 +109,16 @@ _VERSION_DOC = ("layout version (absent: 1, events written before the field); re
                 "do not know with reason unknown_version")
 
 
-def _version() -> Any:
+def _version() -> Any:  # Any: a field specifier, as _wire (dataclasses.field's stub returns Any)
     return _wire({"type": ["integer", "null"], "enum": [*sorted(KNOWN_SCHEMA_VERSIONS), None]}, _VERSION_DOC,
                  default=SCHEMA_VERSION)
 
 
-def _input_value(depth: int) -> dict[str, Any]:
+def _input_value(depth: int) -> JSONObject:
     """What `_check_value` accepts at `depth`: a scalar, or (above MAX_NESTING) a list whose first
     element is one at depth + 1 (only the first elements are walked; the model's metadata checks
     the rest)."""
-    scalar: dict[str, Any] = {"type": ["string", "number", "boolean", "null"]}
+    scalar: JSONObject = {"type": ["string", "number", "boolean", "null"]}
     if depth >= MAX_NESTING:
         return scalar
     return {"anyOf": [scalar, {"type": "array", "prefixItems": [_input_value(depth + 1)]}]}
@@ -128,10 +130,10 @@ class Request:
 
     request_id: str = _id("correlates the prediction and the outcomes (the record key, too)")
     route: str = _id("a configured route (else unknown_route)")
-    inputs: Mapping[str, Any] = _wire({"type": "object", "minProperties": 1,
-                                       "additionalProperties": _input_value(0)},
-                                      "input name -> row (numbers, strings or lists nested up to "
-                                      f"{MAX_NESTING} levels); shape and dtype follow the model's metadata")
+    inputs: Mapping[str, JSONValue] = _wire({"type": "object", "minProperties": 1,
+                                             "additionalProperties": _input_value(0)},
+                                            "input name -> row (numbers, strings or lists nested up to "
+                                            f"{MAX_NESTING} levels); shape and dtype follow the model's metadata")
     unit_id: str | None = _wire({"type": ["string", "integer", "null"]},
                                 "the sticky key (same unit, same arm where the route is sticky)", default=None)
     ts: float | None = _wire({"type": ["number", "null"]}, "when the request was made (epoch seconds)", default=None)
@@ -144,9 +146,9 @@ class Request:
                                  default=None)
     schema_version: int = _version()
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"schema_version": self.schema_version, "request_id": self.request_id,
-                               "route": self.route, "inputs": dict(self.inputs)}
+    def to_dict(self) -> JSONObject:
+        out: JSONObject = {"schema_version": self.schema_version, "request_id": self.request_id,
+                           "route": self.route, "inputs": dict(self.inputs)}
         if self.unit_id is not None:
             out["unit_id"] = self.unit_id
         if self.ts is not None:
@@ -159,8 +161,8 @@ class Request:
 
 
 def prediction_event(request_id: str, route: str, arm: str, model: str, model_version: int, policy: str,
-                     propensity: float, outputs: dict[str, Any], ts_request: float, ts_predicted: float,
-                     latency_ms: float) -> dict[str, Any]:
+                     propensity: float, outputs: JSONObject, ts_request: float, ts_predicted: float,
+                     latency_ms: float) -> JSONObject:
     """A prediction event as the gateway publishes it (the fields of :class:`Prediction`; a shadow
     adds ``shadow`` and ``primary_arm``, an interleave prediction ``rankers`` and ``method``).
     A plain function building one dict: the gateway calls it once per answered row."""
@@ -180,16 +182,16 @@ class Prediction:
     model_version: int = _wire({"type": "integer"}, "the model version that answered")
     policy: str = _id("the route's policy (thompson, fixed, shadow, interleave, direct)")
     propensity: float = _wire(_NUMBER, "the probability with which the policy chose this arm")
-    outputs: Mapping[str, Any] = _wire({"type": "object"}, "output name -> the row's values")
+    outputs: Mapping[str, JSONValue] = _wire({"type": "object"}, "output name -> the row's values")
     ts_request: float = _wire(_NUMBER, "when the request was made (epoch seconds)")
     ts_predicted: float = _wire(_NUMBER, "when the prediction was made (epoch seconds)")
     latency_ms: float = _wire(_NUMBER, "gateway time from receipt to answer, milliseconds")
     shadow: bool = _wire({}, "true: a shadow arm's prediction (shadow-predictions topic)", default=False)
     primary_arm: str | None = _wire({}, "shadows: the arm that answered the request", default=None)
-    extra: Mapping[str, Any] = _wire({}, "further keys (interleave: rankers, method)", factory=dict, wire=False)
+    extra: Mapping[str, JSONValue] = _wire({}, "further keys (interleave: rankers, method)", factory=dict, wire=False)
     schema_version: int = _version()
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         out = prediction_event(self.request_id, self.route, self.arm, self.model, self.model_version, self.policy,
                                self.propensity, dict(self.outputs), self.ts_request, self.ts_predicted,
                                self.latency_ms)
@@ -209,9 +211,10 @@ class Outcome:
     request_id: str = _id("the request the outcome belongs to (the record key)")
     reward: float | None = _wire({"type": ["number", "boolean", "null"], "minimum": -MAX_MAGNITUDE,
                                   "maximum": MAX_MAGNITUDE}, "scores the arm that served", default=None)
-    label: Any = _wire({"anyOf": [_NUMBER, {"type": "string", "maxLength": MAX_LABEL_CHARS},
-                                  {"type": ["boolean", "null"]}]},
-                       "ground truth: scores every model that predicted the request, shadows included", default=None)
+    label: JSONValue = _wire({"anyOf": [_NUMBER, {"type": "string", "maxLength": MAX_LABEL_CHARS},
+                                        {"type": ["boolean", "null"]}]},
+                             "ground truth: scores every model that predicted the request, shadows included",
+                             default=None)
     ts: float | None = _wire({"type": ["number", "null"], "minimum": -MAX_MAGNITUDE, "maximum": MAX_MAGNITUDE},
                              "when it happened (epoch seconds; absent: the record's time)", default=None)
     clicks: tuple[str, ...] | None = _wire(
@@ -220,8 +223,8 @@ class Outcome:
         "ranking routes: clicked item ids in click order", default=None)
     schema_version: int = _version()
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"schema_version": self.schema_version, "request_id": self.request_id}
+    def to_dict(self) -> JSONObject:
+        out: JSONObject = {"schema_version": self.schema_version, "request_id": self.request_id}
         if self.reward is not None:
             out["reward"] = self.reward
         if self.label is not None:
@@ -234,7 +237,7 @@ class Outcome:
 
 
 def dead_letter_event(error: str, reason: str, topic: str, partition: int, offset: int, payload: str
-                      ) -> dict[str, Any]:
+                      ) -> JSONObject:
     """A dead-letter event (the fields of :class:`DeadLetter`)."""
     return {"schema_version": SCHEMA_VERSION, "error": error, "reason": reason, "topic": topic,
             "partition": partition, "offset": offset, "payload": payload}
@@ -253,7 +256,7 @@ class DeadLetter:
                         default="bad_input")
     schema_version: int = _version()
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         out = dead_letter_event(self.error, self.reason, self.topic, self.partition, self.offset, self.payload)
         out["schema_version"] = self.schema_version
         return out
@@ -280,13 +283,13 @@ class Alert:
     value: float = _wire({"type": ["number", "null"]}, "the measured value")
     threshold: float = _wire({"type": ["number", "null"]}, "the value it was compared with")
     ts: float = _wire({"type": ["number", "null"]}, "when (epoch seconds)")
-    details: Mapping[str, Any] = _wire({"type": ["object", "null"]}, "kind-specific details", factory=dict)
+    details: Mapping[str, JSONValue] = _wire({"type": ["object", "null"]}, "kind-specific details", factory=dict)
     state: str = _wire({"type": "string", "enum": sorted(ALERT_STATES)}, "firing or resolved (absent: firing)",
                        default="firing")
     schema_version: int = _version()
 
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"schema_version": self.schema_version, "kind": self.kind, "state": self.state, "route": self.route,
+    def to_dict(self) -> JSONObject:
+        out: JSONObject = {"schema_version": self.schema_version, "kind": self.kind, "state": self.state, "route": self.route,
                "arm": self.arm, "model_version": self.model_version,
                "metric": self.metric, "value": self.value, "threshold": self.threshold, "ts": self.ts}
         if self.details:
@@ -308,17 +311,17 @@ class RoutingChange:
     to_stage: str = _wire({"type": "string"}, "stage after")
     actor: str = _wire({"type": "string"}, "rule:<criterion> for automation, admin:<who> for an operator")
     reason: str = _wire({"type": "string"}, "why, one line")
-    before: Mapping[str, Any] = _wire({"type": "object"}, "routing before")
-    after: Mapping[str, Any] = _wire({"type": "object"}, "routing after")
+    before: Mapping[str, JSONValue] = _wire({"type": "object"}, "routing before")
+    after: Mapping[str, JSONValue] = _wire({"type": "object"}, "routing after")
     ts: float = _wire({"type": "number"}, "when (epoch seconds)")
     from_seq: int = _wire({"type": "integer"}, "the state's seq before the change")
     alert_kind: str | None = _wire({"type": ["string", "null"]}, "promote/reject/rollback (alerts topic), else null",
                                    default=None)
-    details: Mapping[str, Any] = _wire({"type": "object"}, "criterion details", factory=dict)
+    details: Mapping[str, JSONValue] = _wire({"type": "object"}, "criterion details", factory=dict)
     kind: str = _wire({"const": "routing_change"}, "always routing_change", default="routing_change")
     schema_version: int = _version()
 
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self) -> JSONObject:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         for key in ("before", "after", "details"):
             out[key] = dict(out[key])
@@ -342,14 +345,14 @@ CLOUDEVENT_TYPES: dict[str, str] = {name: f"io.banditgate.{name}.v{SCHEMA_VERSIO
 schema_version."""
 
 
-def json_schema(name: str) -> dict[str, Any]:
+def json_schema(name: str) -> JSONObject:
     """The JSON Schema (draft 2020-12) of event `name` (a key of EVENT_TYPES), built from the
     dataclass's fields: a field without a default is required. What the readers accept beyond a
     schema: a reader also checks what needs the configuration (a route is configured, a reply
     topic allowed), an interleave prediction's impression, and that an integer is not written as
     a float (JSON Schema reads 1.0 as an integer; the readers refuse it)."""
     cls = EVENT_TYPES[name]
-    properties: dict[str, Any] = {}
+    properties: JSONObject = {}
     required = []
     for f in fields(cls):
         if not f.metadata.get("wire", True):
@@ -358,7 +361,7 @@ def json_schema(name: str) -> dict[str, Any]:
         if f.default is MISSING and f.default_factory is MISSING:
             required.append(f.name)
     doc = " ".join((cls.__doc__ or "").split())
-    schema: dict[str, Any] = {"$schema": SCHEMA_DIALECT, "$id": f"banditgate:{name}:v{SCHEMA_VERSION}",
+    schema: JSONObject = {"$schema": SCHEMA_DIALECT, "$id": f"banditgate:{name}:v{SCHEMA_VERSION}",
                               "title": f"banditgate {name} event (schema_version {SCHEMA_VERSION})",
                               "description": doc, "type": "object", "properties": properties, "required": required}
     if cls is Outcome:
@@ -371,7 +374,7 @@ def json_schema(name: str) -> dict[str, Any]:
     return schema
 
 
-def json_schemas() -> dict[str, dict[str, Any]]:
+def json_schemas() -> dict[str, JSONObject]:
     """Every event's JSON Schema by name (`banditgate schemas`, GET /v2/schemas)."""
     return {name: json_schema(name) for name in EVENT_TYPES}
 
@@ -395,7 +398,7 @@ def dead_letter_payload(raw: bytes, limit: int = 65_536) -> str:
 # decoding and validation
 
 
-def load_object(raw: bytes | None, kind: str, max_bytes: int) -> dict[str, Any]:
+def load_object(raw: bytes | None, kind: str, max_bytes: int) -> JSONObject:
     """Parse one event's bytes into a JSON object; raise EventError (oversize, not JSON, not an object)."""
     if raw is None:
         raise EventError("not_json", f"{kind} record has no value (a tombstone)")
@@ -413,7 +416,7 @@ def load_object(raw: bytes | None, kind: str, max_bytes: int) -> dict[str, Any]:
     return obj
 
 
-def check_version(obj: dict[str, Any], kind: str) -> int:
+def check_version(obj: JSONObject, kind: str) -> int:
     """The event's schema_version (1 when absent: written before the field); raise EventError
     (unknown_version) for a version this reader does not know."""
     version = obj.get("schema_version")
@@ -425,7 +428,7 @@ def check_version(obj: dict[str, Any], kind: str) -> int:
                                         f"{', '.join(map(str, sorted(KNOWN_SCHEMA_VERSIONS)))}")
 
 
-def _require_id(obj: dict[str, Any], key: str, kind: str) -> str:
+def _require_id(obj: JSONObject, key: str, kind: str) -> str:
     if key not in obj:
         raise EventError("missing_field", f"{kind} event has no '{key}'")
     value = obj[key]
@@ -436,7 +439,7 @@ def _require_id(obj: dict[str, Any], key: str, kind: str) -> str:
     return value
 
 
-def _optional_ts(obj: dict[str, Any], key: str, kind: str) -> float | None:
+def _optional_ts(obj: JSONObject, key: str, kind: str) -> float | None:
     value = obj.get(key)
     if value is None:
         return None
@@ -445,7 +448,7 @@ def _optional_ts(obj: dict[str, Any], key: str, kind: str) -> float | None:
     return float(value)
 
 
-def _check_value(value: Any, path: str, depth: int) -> None:
+def _check_value(value: JSONValue, path: str, depth: int) -> None:
     """Input values: numbers, strings, booleans, null, or lists of them nested up to MAX_NESTING.
 
     Only the nesting of the first elements is walked: a row's element types and shape are
@@ -467,9 +470,9 @@ def _check_value(value: Any, path: str, depth: int) -> None:
         raise EventError("not_finite", f"request input '{path}' is not a finite number")
 
 
-def request_fields(obj: dict[str, Any], routes: Container[str] | None = None,
+def request_fields(obj: JSONObject, routes: Container[str] | None = None,
                    reply_allowed: Callable[[str], bool] | None = None
-                   ) -> tuple[str, str, dict[str, Any], str | None, float | None, tuple[str, ...] | None, str | None]:
+                   ) -> tuple[str, str, JSONObject, str | None, float | None, tuple[str, ...] | None, str | None]:
     """Validate a decoded request object; return (request_id, route, inputs, unit_id, ts, items,
     reply_to). `reply_allowed` says whether the gateway may write to a reply topic (None: not
     checked here).
@@ -513,7 +516,7 @@ def request_fields(obj: dict[str, Any], routes: Container[str] | None = None,
     return request_id, route, inputs, unit_id, ts, items, reply_to
 
 
-def request_from_obj(obj: dict[str, Any], routes: Container[str] | None = None) -> Request:
+def request_from_obj(obj: JSONObject, routes: Container[str] | None = None) -> Request:
     """Validate a decoded request object against the contract; raise EventError with the reason."""
     request_id, route, inputs, unit_id, ts, items, reply_to = request_fields(obj, routes)
     return Request(request_id=request_id, route=route, inputs=inputs, unit_id=unit_id, ts=ts, items=items,
@@ -539,12 +542,12 @@ def _bounded(value: float, what: str) -> float:
     raise EventError("out_of_range", f"{what} is {shown}, outside [-{MAX_MAGNITUDE:g}, {MAX_MAGNITUDE:g}]")
 
 
-def is_name(value: Any) -> bool:
+def is_name(value: object) -> bool:
     """Whether `value` is a route, arm or model name (NAME_PATTERN)."""
     return isinstance(value, str) and _NAME.fullmatch(value) is not None
 
 
-def outcome_from_obj(obj: dict[str, Any]) -> Outcome:
+def outcome_from_obj(obj: JSONObject) -> Outcome:
     """Validate a decoded outcome object; raise EventError with the reason."""
     request_id = _require_id(obj, "request_id", "outcome")
     version = check_version(obj, "outcome")
@@ -591,7 +594,7 @@ def decode_outcome(raw: bytes, max_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> Outc
 _PREDICTION_NUMBERS = ("propensity", "ts_request", "ts_predicted", "latency_ms")
 
 
-def prediction_from_obj(obj: dict[str, Any]) -> Prediction:
+def prediction_from_obj(obj: JSONObject) -> Prediction:
     """Validate a decoded (shadow-)prediction object; raise EventError with the reason."""
     request_id = _require_id(obj, "request_id", "prediction")
     schema_version = check_version(obj, "prediction")
@@ -649,7 +652,7 @@ def decode_alert(raw: bytes) -> Alert:
     return alert_from_obj(load_object(raw, "alert", DEFAULT_MAX_EVENT_BYTES))
 
 
-def alert_from_obj(obj: Mapping[str, Any]) -> Alert:
+def alert_from_obj(obj: Mapping[str, JSONValue]) -> Alert:
     """Validate an alert object (decoded, or built as a dict by a monitor); raise EventError."""
     obj = dict(obj)
     version = check_version(obj, "alert")

@@ -35,9 +35,9 @@ import gc
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import orjson
 from aiokafka.errors import KafkaError
@@ -56,6 +56,7 @@ from banditgate.events import (
     decode_prediction,
     is_name,
 )
+from banditgate.jsontypes import JSONObject
 from banditgate.kafka_delivery import needs_new_producer
 from banditgate.kafka_delivery import refusal as kafka_refusal
 from banditgate.tracecontext import TRACEPARENT, from_kafka_headers, parse_traceparent, trace_headers
@@ -67,6 +68,7 @@ from feedback.join import (
     Effect,
     Entry,
     JoinRules,
+    Label,
     OutcomeIn,
     PredictionIn,
     Reward,
@@ -89,7 +91,11 @@ from feedback.sinks import KafkaOut, Outgoing, RedisSink
 from feedback.state import JoinTable
 
 if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.structs import ConsumerRecord
+
     from feedback.disk_store import DiskJoinTable
+    from feedback.producer import ReplaceableProducer
 
 log = logging.getLogger("banditgate.feedback.agents")
 
@@ -129,7 +135,7 @@ class JoinProcessor:
                  metrics: FeedbackMetrics, clock: Callable[[], float] = time.time,
                  max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES, sweep_limit: int = 5000,
                  retry_max_s: float = 2.0, drift: QualityDriftWatch | None = None,
-                 evict_limit: int = 16_000, producer: Any = None, max_entry_bytes: int | None = None,
+                 evict_limit: int = 16_000, producer: ReplaceableProducer | None = None, max_entry_bytes: int | None = None,
                  tracing: Tracing = OFF) -> None:
         self._table = table
         self.tracing = tracing
@@ -164,7 +170,7 @@ class JoinProcessor:
         """Done when the last submitted batch's effects are in Redis (its writes may still run)."""
 
     # -- events ------------------------------------------------------------------------------
-    def _decode(self, message: Any) -> PredictionIn | OutcomeIn:
+    def _decode(self, message: SourceMessage | ConsumerRecord) -> PredictionIn | OutcomeIn:
         """The join's view of a record; raises EventError (reason and one line) when malformed.
 
         The events come from our own gateway, so the common shape is checked with a few type
@@ -242,7 +248,7 @@ class JoinProcessor:
         self._known_names.add(name)
         return True
 
-    def _decode_slow(self, message: Any) -> PredictionIn | OutcomeIn:
+    def _decode_slow(self, message: SourceMessage | ConsumerRecord) -> PredictionIn | OutcomeIn:
         """The full validators (banditgate.events): the events' contract, every reason."""
         if message.value is None:
             raise EventError("not_json", "event has no value (a tombstone)")
@@ -263,7 +269,7 @@ class JoinProcessor:
         return PredictionIn(prediction.request_id, message.partition, prediction.route, served,
                             prediction.ts_predicted, _traceparent(headers) if headers else None)
 
-    async def submit(self, messages: Sequence[Any]) -> asyncio.Future[None]:
+    async def submit(self, messages: Sequence[SourceMessage | ConsumerRecord]) -> asyncio.Future[None]:
         """Join one batch of records (:class:`SourceMessage` or aiokafka ConsumerRecords) against
         the table and the batches still being written, and start writing it after them. Returns
         once the join is done, with a future that completes when the batch is applied and
@@ -344,7 +350,7 @@ class JoinProcessor:
         written.add_done_callback(observe)
         return written
 
-    def _oversize(self, message: Any, size: int, dead: Counter[tuple[str, str]],
+    def _oversize(self, message: SourceMessage | ConsumerRecord, size: int, dead: Counter[tuple[str, str]],
                   letters: list[Outgoing]) -> None:
         """Dead-letter an event whose join entry would not fit the changelog (`oversize`): the
         entry stays as it was, as if the event had not come."""
@@ -497,7 +503,7 @@ class JoinProcessor:
                 encoded = self._table.encode(changes, values)
             await self._retrying("changelog", lambda: self._table.persist(changes, encoded))
 
-    def _drift_alerts(self, scored: list[Any]) -> list[Outgoing]:
+    def _drift_alerts(self, scored: list[Label | Reward]) -> list[Outgoing]:
         """Feed the quality-drift watch; the alerts of the episodes it opened, ready to send."""
         assert self._drift is not None  # noqa: S101 - callers check
         letters: list[Outgoing] = []
@@ -575,7 +581,7 @@ class JoinProcessor:
             return result
 
 
-    async def _replace_producer(self, failed: Any) -> None:
+    async def _replace_producer(self, failed: AIOKafkaProducer | None) -> None:
         """Replace the worker's producer after a failure that breaks it; the broker being away
         only means the next try replaces it."""
         if self._producer is None or failed is None:
@@ -586,7 +592,7 @@ class JoinProcessor:
             log.warning("could not replace the feedback producer yet (%s)", type(exc).__name__)
 
 
-def _traceparent(headers: Any) -> str | None:
+def _traceparent(headers: Iterable[tuple[str, bytes]]) -> str | None:
     """The valid traceparent among a record's headers, or None."""
     for name, value in headers:
         if name == TRACEPARENT:
@@ -594,7 +600,7 @@ def _traceparent(headers: Any) -> str | None:
     return None
 
 
-def _carried(message: Any) -> list[tuple[str, bytes]] | None:
+def _carried(message: SourceMessage | ConsumerRecord) -> list[tuple[str, bytes]] | None:
     """The trace context of a consumed record, to carry onto what the worker emits for it."""
     headers = getattr(message, "headers", None)
     return from_kafka_headers(headers) if headers else None
@@ -609,9 +615,9 @@ def _from_prediction(effect: Effect) -> bool:
         isinstance(effect, Reward) and effect.default)
 
 
-def _describe(effect: Effect) -> dict[str, Any]:
+def _describe(effect: Effect) -> JSONObject:
     """A refused effect as a dead letter's payload: what it would have added, and for whom."""
-    out: dict[str, Any] = {"effect": type(effect).__name__.lower(), "request_id": effect.request_id}
+    out: JSONObject = {"effect": type(effect).__name__.lower(), "request_id": effect.request_id}
     for name in ("route", "kind", "token", "reward", "label", "fields", "default"):
         value = getattr(effect, name, None)
         if value is not None:

@@ -48,12 +48,13 @@ import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from banditgate import cloudevents
 from banditgate.config import Config, Route
+from banditgate.jsontypes import JSONObject, JSONValue
 from feedback.export import ExportError
 from feedback.export_job import ExportLease, LeaseLost, job_spec, run_export_job
 from feedback.ledger import FeedbackKeys
@@ -66,6 +67,11 @@ from router.lineup import RolloutRecord, primaries_after, serving_version
 from router.rollout import Evidence, status, step
 from router.rollout_store import RolloutStore, latency_quantile
 from router.stats_store import ArmStatsStore
+
+if TYPE_CHECKING:
+    import faust
+
+    from feedback.app import FeedbackRuntime
 
 log = logging.getLogger("banditgate.lifecycle")
 
@@ -95,10 +101,12 @@ def stats_since(total: ArmStats, start: ArmStats | None) -> ArmStats:
 class LifecycleDriver:
     """Rollout steps and retraining triggers for every configured route (see the module docstring)."""
 
-    def __init__(self, config: Config, redis: Any, out: KafkaOut, clock: Callable[[], float] = time.time,
+    def __init__(self, config: Config,
+                 redis: Any,  # Any: redis.asyncio.Redis, whose stubs type hgetall as dict[bytes | str, ...] (not per decode mode)
+                 out: KafkaOut, clock: Callable[[], float] = time.time,
                  quality_alarms: collections.Counter[str] | None = None, metrics: FeedbackMetrics | None = None,
                  export_lease_ms: int = EXPORT_LEASE_MS,
-                 export_observer: Callable[[dict[str, Any]], Awaitable[None]] | None = None) -> None:
+                 export_observer: Callable[[JSONObject], Awaitable[None]] | None = None) -> None:
         self.config = config
         self.export_lease_ms = export_lease_ms
         self.export_observer = export_observer
@@ -123,7 +131,7 @@ class LifecycleDriver:
 
     # -- publishing ------------------------------------------------------------------------------
 
-    async def send_queued(self, items: list[dict[str, Any]]) -> None:
+    async def send_queued(self, items: list[JSONObject]) -> None:
         """Publish outbox items (audit events, alerts) through KafkaOut; raises unless all were acknowledged."""
         topics = self.config.kafka.topics
         messages: list[Outgoing] = []
@@ -250,7 +258,7 @@ class LifecycleDriver:
         return int(float(value)) if value is not None else 0
 
     @staticmethod
-    def _fields(state: TriggerState, joined_seen: int, rev: int, pending: Mapping[str, Any] | None,
+    def _fields(state: TriggerState, joined_seen: int, rev: int, pending: Mapping[str, JSONValue] | None,
                 alarms_seen: Mapping[str, int] | None = None) -> dict[str, str]:
         fields = {key: "" if value is None else str(value) for key, value in state.to_dict().items()}
         fields.update(joined_seen=str(joined_seen), rev=str(rev))
@@ -399,7 +407,7 @@ class LifecycleDriver:
                 log.warning("retrain triggers of route %s not evaluated: %s: %s", route.name, type(exc).__name__, exc)
 
 
-def install(app: Any, runtime: Any, config: Config) -> None:
+def install(app: faust.App, runtime: FeedbackRuntime, config: Config) -> None:
     """Register the lifecycle timers on the faust app (only when some route has rollout or retrain).
     The driver is built once the runtime has its Redis client and producer."""
     if not any((r.rollout is not None and r.rollout.enabled) or r.retrain is not None for r in config.routes):
@@ -433,5 +441,5 @@ def install(app: Any, runtime: Any, config: Config) -> None:
     app.timer(interval=TICK_S, name="lifecycle-retrain")(retrain)
 
 
-def _text(value: Any) -> str:
+def _text(value: object) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)

@@ -15,25 +15,30 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
-from banditgate.config import Config
+from banditgate.config import Config, Rollout, Route
+from banditgate.jsontypes import JSONObject
 from router.rollout import RolloutError
+
+if TYPE_CHECKING:
+    import redis.asyncio as redis_asyncio
 
 ACTIONS = ("status", "promote", "rollback", "pause", "resume", "start", "admit")
 
 
-def _route(config: Config, name: str) -> Any:
+def _route(config: Config, name: str) -> tuple[Route, Rollout]:
+    """The route and its rollout configuration (which it must have)."""
     try:
         route = config.route(name)
     except KeyError:
         raise RolloutError(f"no route {name!r} in the config (routes: {', '.join(r.name for r in config.routes)})") from None
     if route.rollout is None:
         raise RolloutError(f"route {name!r} has no rollout configuration")
-    return route
+    return route, route.rollout
 
 
-async def _publish(config: Config, client: Any, route: str) -> int:
+async def _publish(config: Config, client: redis_asyncio.Redis, route: str) -> int:
     """Publish the route's queued audit events and alerts on the worker's path (KafkaOut, so an
     alert also reaches the route's webhook). Returns how many were sent."""
     from aiokafka import AIOKafkaProducer
@@ -57,7 +62,7 @@ async def _publish(config: Config, client: Any, route: str) -> int:
 
 
 async def rollout_command(config: Config, action: str, route_name: str, who: str, reason: str,
-                          version: int | None) -> dict[str, Any]:
+                          version: int | None) -> JSONObject:
     """Do `action` on the route's rollout; returns what to print. Raises RolloutError."""
     from banditgate.connections import redis_client
     from router.rollout import Evidence, status
@@ -65,7 +70,7 @@ async def rollout_command(config: Config, action: str, route_name: str, who: str
 
     if action not in ACTIONS:
         raise RolloutError(f"unknown rollout action {action!r}: {', '.join(ACTIONS)}")
-    route = _route(config, route_name)
+    route, rollout = _route(config, route_name)
     client = redis_client(config.redis)
     store = RolloutStore(client, prefix=config.redis.key_prefix)
     try:
@@ -87,7 +92,7 @@ async def rollout_command(config: Config, action: str, route_name: str, who: str
             _, audit = await store.operate(route, action, who, reason)
             change = audit.log_line()
         record = await store.read(route_name)
-        out: dict[str, Any] = {"route": route_name}
+        out: JSONObject = {"route": route_name}
         if change is not None:
             out["change"] = change
             try:
@@ -97,7 +102,7 @@ async def rollout_command(config: Config, action: str, route_name: str, who: str
         if record is None:
             out["rollout"] = None
             return out
-        view = status(record.state, Evidence(), route.rollout, time.time())
+        view = status(record.state, Evidence(), rollout, time.time())
         worker = await store.status(route_name)
         if worker is not None and worker.get("seq") == record.state.seq:
             view.update({k: worker[k] for k in ("next", "next_rule", "next_reason", "awaiting", "evidence") if k in worker})

@@ -18,19 +18,25 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING
 
 import orjson
 
+from banditgate.jsontypes import JSONObject
 from gateway.errors import GatewayError, InvalidInput, ModelNotFound
 from router.rollout import RolloutError, status
+
+if TYPE_CHECKING:
+    from gateway.admin import Admin
+    from gateway.rollout_apply import RolloutApplier
+    from router.rollout import Evidence
 
 log = logging.getLogger("banditgate.admin")
 
 ACTIONS = ("status", "promote", "rollback", "pause", "resume", "start", "admit")
 
 
-async def rollout_admin(admin: Any, route_name: str, action: str, method: str, body: bytes) -> dict[str, Any]:
+async def rollout_admin(admin: Admin, route_name: str, action: str, method: str, body: bytes) -> JSONObject:
     """One rollout admin request. Raises GatewayError subclasses for the caller's mistakes."""
     applier = admin.rollouts
     if applier is None or route_name not in applier.routes:
@@ -78,13 +84,13 @@ async def rollout_admin(admin: Any, route_name: str, action: str, method: str, b
     return {"route": route_name, "action": action, "change": audit_line, **await rollout_status(applier, route_name)}
 
 
-async def rollout_status(applier: Any, route_name: str) -> dict[str, Any]:
+async def rollout_status(applier: RolloutApplier, route_name: str) -> JSONObject:
     """The stored state, this replica's lineup, and the feedback worker's last evidence."""
-    route = applier.routes[route_name]
+    rollout = applier.routes[route_name].rollout  # the applier's routes all have one (never None here)
     record = await applier.store.read(route_name)
-    if record is None:
+    if record is None or rollout is None:
         return {"route": route_name, "rollout": None}
-    out = status(record.state, _no_evidence(), route.rollout, time.time())
+    out = status(record.state, _no_evidence(), rollout, time.time())
     worker = await applier.store.status(route_name)
     if worker is not None and worker.get("seq") == record.state.seq:
         out = {**out, **{k: worker[k] for k in ("next", "next_rule", "next_reason", "awaiting", "evidence")
@@ -100,7 +106,7 @@ async def rollout_status(applier: Any, route_name: str) -> dict[str, Any]:
     return {"route": route_name, "rollout": out}
 
 
-def _no_evidence() -> Any:
+def _no_evidence() -> Evidence:
     from router.rollout import Evidence
 
     return Evidence()

@@ -10,19 +10,20 @@ import signal
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
 import orjson
 import uvicorn
 import uvloop
 from aiokafka.errors import KafkaError
-from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, Gauge, start_http_server
 
 from banditgate import cloudevents, redis_errors
 from banditgate.config import Config
 from banditgate.connections import check_redis, redis_client, server_ssl_context
 from banditgate.events import alert_from_obj
+from banditgate.jsontypes import JSONObject
 from banditgate.logs import setup_logging
 from banditgate.redaction import redact_url
 from banditgate.tracing import Tracing
@@ -48,7 +49,19 @@ from router.rollout_store import RolloutStore
 from router.stats_store import ArmStatsStore, SnapshotRefresher
 from router.thompson import Posterior
 
+if TYPE_CHECKING:
+    import redis.asyncio as redis_asyncio
+
 log = logging.getLogger("banditgate.gateway")
+
+
+class _UvicornTLS(TypedDict, total=False):
+    """The TLS keywords of uvicorn.Config the gateway passes (none without a certificate)."""
+
+    ssl_certfile: str
+    ssl_keyfile: str
+    ssl_ca_certs: str
+    ssl_cert_reqs: int
 
 KAFKA_PROBE_S = 1.0
 """How often readiness re-checks that the broker answers."""
@@ -105,7 +118,7 @@ class Gateway:
         self._servers: list[asyncio.Task] = []
         self.store: ArmStatsStore | None = None
         self.refresher: SnapshotRefresher | None = None
-        self._redis: Any = None
+        self._redis: redis_asyncio.Redis | None = None
         self.metrics_port: int | None = None
         self._exported: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._timeouts_counted: dict[str, int] = {}  # per batcher: timeouts already in the counter
@@ -220,7 +233,7 @@ class Gateway:
                 metrics.inference_timeouts.labels(*labels).inc(circuit.timeouts - counted)
                 self._timeouts_counted[key] = circuit.timeouts
 
-    def _set_info(self, owner: tuple[str, ...], gauge: Any, labels: tuple[str, ...], value: float) -> None:
+    def _set_info(self, owner: tuple[str, ...], gauge: Gauge, labels: tuple[str, ...], value: float) -> None:
         """Set `gauge` at `labels` for `owner`, removing the owner's previous label set if it changed
         (a `latest` arm moving to a new version must not leave the old one behind)."""
         previous = self._exported.get(owner)
@@ -252,7 +265,7 @@ class Gateway:
     def _metrics_port(self) -> int:
         return self.config.server.metrics_port or self.http_port or self.config.server.http_port
 
-    def _publish_alert(self, alert: dict[str, Any]) -> None:
+    def _publish_alert(self, alert: JSONObject) -> None:
         if self.rollouts is not None:
             self.rollouts.note_alarm(alert)  # drift alarms feed retraining triggers
         if self.publisher is not None:
@@ -260,7 +273,7 @@ class Gateway:
             self.publisher.publish(self.config.kafka.topics.alerts, [alert_from_obj(alert).to_dict()],
                                    key_field="route")
 
-    async def _produce_outcomes(self, outcomes: list[dict[str, Any]], trace: Any = None) -> None:
+    async def _produce_outcomes(self, outcomes: list[JSONObject], trace: cloudevents.Headers | None = None) -> None:
         """Publish outcomes posted over HTTP/gRPC and wait for the broker. A failed publication
         replaces the shared producer (as the Kafka loop does; a failed send can leave its sequence
         numbers ahead of the broker's) and is tried once more. Raises InvalidInput when the topic
@@ -321,13 +334,14 @@ class Gateway:
                                  metrics=self.metrics, tracing=self.kafka.tracing)
         server_ssl_context(server)  # unreadable certificate, key or client CA: one line naming the file
         if server.enable_http:
-            ssl_kwargs: dict[str, Any] = {}
+            ssl_kwargs: _UvicornTLS = {}
             if server.tls_cert_file and server.tls_key_file:
                 import ssl
 
                 ssl_kwargs = {"ssl_certfile": str(server.tls_cert_file), "ssl_keyfile": str(server.tls_key_file)}
                 if server.client_ca_file:
-                    ssl_kwargs.update(ssl_ca_certs=str(server.client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
+                    ssl_kwargs["ssl_ca_certs"] = str(server.client_ca_file)
+                    ssl_kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
             config = uvicorn.Config(build_app(context), host=server.host, port=server.http_port, loop="none",
                                     lifespan="off", http=bounded_httptools_protocol(server.max_header_bytes),
                                     log_level="warning", access_log=False,
@@ -446,7 +460,7 @@ class Gateway:
         assert self.kafka is not None  # noqa: S101 - start() first
         watcher = asyncio.get_running_loop().create_task(self._watch_models())
         exporter = asyncio.get_running_loop().create_task(self._export_shares())
-        assert self.store is not None and self.dataplane is not None  # noqa: S101 - start() first
+        assert self.store is not None and self._redis is not None and self.dataplane is not None  # noqa: S101 - start() first
         guardrail = GuardrailWatch(self.store, self._redis, {n: r.route for n, r in self.dataplane.routes.items()},
                                    self._publish_alert,
                                    on_failure=lambda kind: self.metrics.redis_errors.labels("guardrail", kind).inc())

@@ -12,12 +12,12 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from banditgate.config import Arm, Config, Route
 from banditgate.events import prediction_event
+from banditgate.jsontypes import JSONObject
 from banditgate.tracing import AttributeValue, Stages
 from gateway.batching.batcher import ModelBatcher, RowsResult
 from gateway.batching.circuit import CircuitPolicy, thread_share
@@ -324,13 +324,13 @@ class TensorAnswer:
     propensity: float
     policy: str
     outputs: dict[str, np.ndarray]
-    events: list[dict[str, Any]]
-    shadow_events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[JSONObject]
+    shadow_events: list[JSONObject] = field(default_factory=list)
 
 
 async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, feeds: dict[str, np.ndarray],
                         request_id: str, unit_id: str | None, ts_request: float, received_s: float,
-                        on_shadows: Callable[[list[dict[str, Any]]], None] | None = None,
+                        on_shadows: Callable[[list[JSONObject]], None] | None = None,
                         stages: Stages | None = None) -> TensorAnswer:
     """Serve one OIP request: a route name picks an arm through its policy; a model name (with an
     optional version) bypasses the router. Raises GatewayError subclasses (→ 4xx/5xx). `stages`
@@ -394,7 +394,7 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
 
 def _row_events(outputs: dict[str, np.ndarray], rows: int, request_id: str, route: str, arm: str, model: OnnxModel,
                 policy: str, propensity: float, ts_request: float, ts_predicted: float, latency_ms: float,
-                primary_arm: str | None = None) -> list[dict[str, Any]]:
+                primary_arm: str | None = None) -> list[JSONObject]:
     columns = {name: array.tolist() for name, array in outputs.items()}
     events = []
     for row in range(rows):
@@ -411,7 +411,7 @@ def _row_events(outputs: dict[str, np.ndarray], rows: int, request_id: str, rout
 
 async def _shadow_tensors(dataplane: Dataplane, route: str, shadows: list[tuple[Arm, int]], feeds: dict[str, np.ndarray],
                           rows: int, request_id: str, primary_arm: str, ts_request: float, received_s: float,
-                          publish: Callable[[list[dict[str, Any]]], None]) -> None:
+                          publish: Callable[[list[JSONObject]], None]) -> None:
     """Mirror one OIP request to its shadow arms; failures are logged by metrics, never surfaced."""
     from gateway.validation import validate_arrays
 

@@ -35,17 +35,21 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from banditgate.config import Arm, Config, Route
+from banditgate.jsontypes import JSONObject
 from gateway.admission import AdmissionRunner
 from gateway.dataplane import Dataplane
 from gateway.errors import ModelError, ModelNotFound
 from gateway.metrics import GatewayMetrics
 from gateway.models.repository import ModelRepository
-from router.lineup import Lineup, RolloutRecord, lineup
+from router.lineup import Lineup, LineupArm, RolloutRecord, lineup
 from router.rollout import RolloutError
 from router.rollout_store import RolloutStore, latency_bucket
+
+if TYPE_CHECKING:
+    from gateway.models.onnx_runtime import OnnxModel
 
 log = logging.getLogger("banditgate.rollout")
 
@@ -54,7 +58,7 @@ LOAD_RETRY_S = 10.0
 """A lineup whose model version failed to load is tried again this often (said once per lineup)."""
 
 
-def _arm(arm: Any) -> Arm:
+def _arm(arm: LineupArm) -> Arm:
     return Arm(name=arm.name, model=arm.model, version=arm.version, weight=arm.weight,
                max_share=arm.cap if arm.cap < 1.0 else None)
 
@@ -77,7 +81,7 @@ class RolloutApplier:
         self._lineups: dict[str, Lineup] = {name: lineup(route, None) for name, route in self.routes.items()}
         self._latency_targets: dict[tuple[str, int], tuple[str, int]] = {}
         self._latency: dict[tuple[str, int], Counter[int]] = {}
-        self._load_failed: dict[str, tuple[Any, float]] = {}
+        self._load_failed: dict[str, tuple[object, float]] = {}
         self.alarm_routes = {route.name for route in config.routes if route.retrain is not None and route.retrain.drift}
         self._alarms: dict[str, Counter[str]] = {}
         self.metrics = metrics
@@ -162,7 +166,7 @@ class RolloutApplier:
         return True
 
     def _unload_retired(self, previous: Lineup | None, current: Lineup) -> None:
-        in_use: set[tuple[str, Any]] = set()
+        in_use: set[tuple[str, int | str]] = set()
         for other in self._lineups.values():
             in_use |= other.models()
         for runtime in self.dataplane.routes.values():
@@ -199,7 +203,7 @@ class RolloutApplier:
         if record is not None and record.state.stage in ("canary", "full"):
             self._latency_targets[(record.state.model, record.state.version)] = (name, record.state.seq)
 
-    def observe_batch(self, model: Any, rows: int, queue_s: float, inference_s: float) -> None:
+    def observe_batch(self, model: OnnxModel, rows: int, queue_s: float, inference_s: float) -> None:
         """Count a served batch of a candidate's model version (called per batch; cheap otherwise)."""
         target = self._latency_targets.get((model.name, model.version))
         if target is not None:
@@ -208,7 +212,7 @@ class RolloutApplier:
                 counts = self._latency[target] = Counter()
             counts[latency_bucket((queue_s + inference_s) * 1000.0)] += rows
 
-    def note_alarm(self, alert: dict[str, Any]) -> None:
+    def note_alarm(self, alert: JSONObject) -> None:
         """Count a drift alarm of a route whose retraining triggers listen for it (the feedback
         worker evaluates the triggers; it does not read the alerts topic)."""
         route = alert.get("route")

@@ -30,16 +30,19 @@ import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from banditgate.config import Route
 from banditgate.events import Alert, RoutingChange
-from banditgate.jsontypes import JSONObject
+from banditgate.jsontypes import JSONObject, JSONValue
 from router.lineup import RolloutRecord, lineup, primaries_after, replaced_arm, serving_version
 from router.rollout import NOT_RETRIED, AuditRecord, RolloutState, Transition, may_start, start
 from router.rollout_admission import clean
+
+if TYPE_CHECKING:
+    from router.arm_stats import ArmStats
 
 _CAS = """
 local current = redis.call('HGET', KEYS[1], ARGV[1])
@@ -86,7 +89,7 @@ def latency_quantile(counts: Mapping[int, float], q: float) -> float | None:
     return LATENCY_BASE_MS * LATENCY_GROWTH ** (max(counts) + 1)
 
 
-def audit_event(audit: AuditRecord) -> dict[str, Any]:
+def audit_event(audit: AuditRecord) -> JSONObject:
     """The routing-changes event of a transition (``seq``: the state's seq after it)."""
     return RoutingChange(seq=audit.from_seq + 1, **audit.to_dict()).to_dict()
 
@@ -103,14 +106,16 @@ def rollout_alert(audit: AuditRecord) -> Alert | None:
                           **({"admission": dict(audit.details)} if audit.to_stage == "refused" else {})})
 
 
-def _text(value: Any) -> str:
+def _text(value: object) -> str:
     return value.decode() if isinstance(value, (bytes, bytearray)) else str(value)
 
 
 class RolloutStore:
     """Rollout records of every route in Redis (see the module docstring)."""
 
-    def __init__(self, client: Any, prefix: str = "bg") -> None:
+    def __init__(self,
+                 client: Any,  # Any: redis.asyncio.Redis, whose stubs type hgetall as dict[bytes | str, ...] (not per decode mode)
+                 prefix: str = "bg") -> None:
         self._client = client
         self._prefix = prefix
         self._cas = client.register_script(_CAS)
@@ -139,11 +144,11 @@ class RolloutStore:
         return {name: RolloutRecord.from_fields(raw) if raw else None for name, raw in zip(names, replies)}
 
     async def compare_and_set_hash(self, key: str, outbox_key: str, field: str, expected: int | None,
-                                   fields: Mapping[str, str], outbox: Sequence[Mapping[str, Any]] = ()) -> bool:
+                                   fields: Mapping[str, str], outbox: Sequence[Mapping[str, JSONValue]] = ()) -> bool:
         """Replace hash `key` by `fields` only if its `field` still equals `expected` (None: only if
         the hash has no such field), appending `outbox` items to list `outbox_key` in the same step.
         Returns whether it was written."""
-        args: list[Any] = [field, "" if expected is None else str(expected), len(outbox)]
+        args: list[str | int] = [field, "" if expected is None else str(expected), len(outbox)]
         args += [orjson.dumps(item).decode() for item in outbox]
         for name, value in fields.items():
             args += [name, value]
@@ -152,7 +157,7 @@ class RolloutStore:
     async def write(self, record: RolloutRecord, expected_seq: int | None, audit: AuditRecord | None = None) -> bool:
         """Store `record` if the stored seq is still `expected_seq` (None: nothing stored), queueing
         the audit event and alert of `audit`. Returns whether this call wrote it."""
-        outbox: list[dict[str, Any]] = []
+        outbox: list[JSONObject] = []
         if audit is not None:
             outbox.append({"topic": "routing_changes", "value": audit_event(audit)})
             alert = rollout_alert(audit)
@@ -162,7 +167,7 @@ class RolloutStore:
         return await self.compare_and_set_hash(self.key(route), self.key(route, "outbox"), "seq", expected_seq,
                                                record.to_fields(), outbox)
 
-    async def apply(self, record: RolloutRecord, transition: Transition, baseline: Any = None) -> bool:
+    async def apply(self, record: RolloutRecord, transition: Transition, baseline: ArmStats | None = None) -> bool:
         """Apply `transition` to `record` once (compare-and-set on ``transition.audit.from_seq``)."""
         return await self.write(record.with_state(transition.state, baseline), transition.audit.from_seq,
                                 transition.audit)
@@ -275,17 +280,17 @@ class RolloutStore:
         return await self.write(record.with_state(transition.state, admission=result), transition.audit.from_seq,
                                 transition.audit)
 
-    async def set_status(self, route: str, status: Mapping[str, Any], ttl_s: int = 300) -> None:
+    async def set_status(self, route: str, status: Mapping[str, object], ttl_s: int = 300) -> None:
         """The feedback worker's latest view of the rollout (evidence, what is awaited), for status."""
         await self._client.set(self.key(route, "status"), orjson.dumps(dict(status), default=str), ex=ttl_s)
 
-    async def status(self, route: str) -> dict[str, Any] | None:
+    async def status(self, route: str) -> JSONObject | None:
         raw = await self._client.get(self.key(route, "status"))
         return None if raw is None else dict(orjson.loads(raw))
 
     # -- outbox ----------------------------------------------------------------------------------
 
-    async def drain_outbox(self, route: str, send: Callable[[list[dict[str, Any]]], Awaitable[None]],
+    async def drain_outbox(self, route: str, send: Callable[[list[JSONObject]], Awaitable[None]],
                            batch: int = 100) -> int:
         """Publish queued events of `route` through `send` (which must raise unless all were
         acknowledged), then remove them. One drainer at a time (a lease); returns how many it sent."""

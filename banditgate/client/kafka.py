@@ -25,8 +25,8 @@ import binascii
 import itertools
 import os
 import time
-from collections.abc import Container, Mapping
-from typing import Any, Self
+from collections.abc import Container, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Self
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -37,7 +37,11 @@ from banditgate.client.sending import BatchSender
 from banditgate.client.types import Prediction
 from banditgate.client.validation import encode, fast_request, outcome_event, request_event
 from banditgate.events import KNOWN_SCHEMA_VERSIONS
+from banditgate.jsontypes import JSONValue
 from banditgate.tracecontext import TRACEPARENT, new_traceparent, parse_traceparent, trace_context
+
+if TYPE_CHECKING:
+    from aiokafka.structs import ConsumerRecord
 
 DEFAULT_TIMEOUT_S = 10.0
 _ZERO_IDS = (b"0" * 32, b"0" * 16)
@@ -76,9 +80,9 @@ class KafkaClient:
 
     def __init__(self, bootstrap_servers: str, *, reply_topic: str | None = None, requests_topic: str = "bg.requests",
                  outcomes_topic: str = "bg.outcomes", deadletter_topic: str = "bg.deadletter",
-                 routes: Container[str] | None = None, metadata: Mapping[str, Mapping[str, Any]] | None = None,
+                 routes: Container[str] | None = None, metadata: Mapping[str, Mapping[str, JSONValue]] | None = None,
                  max_in_flight: int = 10_000, linger_ms: int = 5, max_queued: int = 100_000,
-                 **kafka_kwargs: Any) -> None:
+                 **kafka_kwargs: Any) -> None:  # Any: keywords of aiokafka's (untyped) producer and consumer
         """`reply_topic`: this service's reply topic (it must exist and match the gateway's
         kafka.reply_topics); None: `predict` is unavailable, `send` and `report_outcome` work.
         `routes` / `metadata` (route -> OIP model metadata): checked before sending when given.
@@ -161,7 +165,7 @@ class KafkaClient:
 
     # -- requests --------------------------------------------------------------------------------
 
-    async def predict(self, route: str, inputs: Mapping[str, Any], *, unit: str | None = None,
+    async def predict(self, route: str, inputs: Mapping[str, JSONValue], *, unit: str | None = None,
                       request_id: str | None = None, items: list[str] | None = None,
                       timeout_s: float = DEFAULT_TIMEOUT_S, traceparent: str | None = None,
                       tracestate: str | None = None) -> Prediction:
@@ -188,7 +192,7 @@ class KafkaClient:
         finally:
             self._waiting.pop(rid, None)
 
-    async def send(self, route: str, inputs: Mapping[str, Any], *, unit: str | None = None,
+    async def send(self, route: str, inputs: Mapping[str, JSONValue], *, unit: str | None = None,
                    request_id: str | None = None, items: list[str] | None = None, traceparent: str | None = None,
                    tracestate: str | None = None) -> str:
         """Fire and forget: check and queue one request; returns its request_id. Requests are
@@ -237,7 +241,7 @@ class KafkaClient:
         if self._producer is not None:
             await self._producer.flush()
 
-    async def report_outcome(self, request_id: str, *, reward: float | None = None, label: Any = None,
+    async def report_outcome(self, request_id: str, *, reward: float | None = None, label: JSONValue = None,
                              clicks: list[str] | None = None, ts: float | None = None, traceparent: str | None = None,
                              tracestate: str | None = None) -> None:
         """Publish an outcome for `request_id` and wait for the broker's acknowledgement. Pass the
@@ -262,7 +266,7 @@ class KafkaClient:
                 for record in records:
                     self._resolve(record)
 
-    def _resolve(self, record: Any) -> None:
+    def _resolve(self, record: ConsumerRecord) -> None:
         if record.topic == self.deadletter_topic:
             rid = record.key.decode("utf-8", "replace") if record.key else None
             slot = self._waiting.get(rid) if rid else None
@@ -291,7 +295,7 @@ class KafkaClient:
                                                  _traceparent(record.headers)))
 
 
-def _traceparent(headers: Any) -> str | None:
+def _traceparent(headers: Sequence[tuple[str, bytes]] | None) -> str | None:
     for name, value in headers or ():
         if name == TRACEPARENT:
             return parse_traceparent(value)

@@ -12,7 +12,7 @@ import hmac
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
@@ -25,6 +25,7 @@ from starlette.types import Receive, Scope, Send
 from banditgate import __version__
 from banditgate.config import LOOPBACK_HOSTS, Config
 from banditgate.events import SCHEMA_VERSION, EventError, json_schemas, outcome_from_obj
+from banditgate.jsontypes import JSONObject, JSONValue
 from banditgate.tracecontext import TraceHeaders, parse_traceparent, parse_tracestate, trace_headers
 from banditgate.tracing import OFF, ServerSpan, Tracing, server_span
 from gateway.dataplane import Dataplane, serve_tensors
@@ -41,6 +42,11 @@ from gateway.errors import (
 from gateway.request_ids import new_request_id
 from gateway.transport.oip_codec import build_rest_response, parse_rest_infer
 from gateway.transport.openapi import OPENAPI
+
+if TYPE_CHECKING:
+    from gateway.admin import Admin
+    from gateway.metrics import GatewayMetrics
+    from gateway.models.onnx_runtime import TensorSpec
 
 HEADER_LENGTH = "inference-header-content-length"
 # bounded label values for errors that carry no reason of their own
@@ -59,9 +65,9 @@ class SidecarContext:
     produce_outcomes: Callable[..., Awaitable[None]]
     """(outcomes, trace=None): publish outcomes, with the caller's trace context as headers."""
     is_ready: Callable[[], bool]
-    admin: Any = None  # gateway.admin.Admin, when arm statistics are wired
+    admin: Admin | None = None  # when arm statistics are wired
     registry: CollectorRegistry = field(default_factory=lambda: REGISTRY)
-    metrics: Any = None  # gateway.metrics.GatewayMetrics
+    metrics: GatewayMetrics | None = None
     in_flight: int = 0
     """Inference requests being served now (REST and gRPC)."""
     tracing: Tracing = OFF
@@ -138,7 +144,7 @@ class SidecarContext:
                 raise UnsupportedMediaType(f"admin POST requests need Content-Type: application/json "
                                            f"(got {_shown(headers.get('content-type'))})")
 
-    def describe(self, name: str, version: str | None) -> dict[str, Any]:
+    def describe(self, name: str, version: str | None) -> JSONObject:
         """OIP model metadata for a route name (its first arm's model) or a concrete model."""
         dataplane = self.dataplane
         runtime = dataplane.routes.get(name) if not version else None
@@ -151,7 +157,7 @@ class SidecarContext:
             model = dataplane.repository.get(name, int(version) if version and version.isascii() and version.isdigit() else "latest")
             versions = [str(m.version) for m in dataplane.repository.loaded() if m.name == name]
             platform = "onnxruntime_onnx"
-        def spec(s: Any) -> dict[str, Any]:
+        def spec(s: TensorSpec) -> JSONObject:
             return {"name": s.name, "datatype": s.datatype, "shape": [-1 if d is None else d for d in s.shape]}
         return {"name": name, "versions": versions, "platform": platform,
                 "inputs": [spec(s) for s in model.inputs], "outputs": [spec(s) for s in model.outputs]}
@@ -225,7 +231,7 @@ def _label_name(ctx: SidecarContext, name: str) -> str:
     return "-"
 
 
-def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+def _json(doc: JSONValue, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(orjson.dumps(doc), status_code=status, media_type="application/json", headers=headers)
 
 
@@ -537,7 +543,7 @@ async def infer_rest(ctx: SidecarContext, scope: Scope, receive: Receive, name: 
         outputs = {output: array for output, array in outputs.items() if output in wanted}
         binary = {output for output, is_binary in parsed.outputs if is_binary}
     all_binary = bool(parsed.parameters.get("binary_data_output", False))
-    parameters: dict[str, Any] = {"model": answer.model.name, "model_version": answer.model.version,
+    parameters: JSONObject = {"model": answer.model.name, "model_version": answer.model.version,
                                   "policy": answer.policy, "propensity": answer.propensity,
                                   "request_id": request_id}
     if answer.arm is not None:

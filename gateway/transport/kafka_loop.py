@@ -23,7 +23,6 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -39,7 +38,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.serving import Answer
 from gateway.transport.delivery import Position, RefusalMemo, is_delivery_error, refusal
 from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, Sent, delivered, partition_for
-from gateway.transport.kafka_codec import dead_letter_value, decode_records
+from gateway.transport.kafka_codec import SourcedPending, dead_letter_value, decode_records
 from gateway.transport.kafka_trace import BatchTrace
 from gateway.transport.shared_producer import SharedProducer, close_producer
 
@@ -79,7 +78,7 @@ class _Rebalance(ConsumerRebalanceListener):
         log.info("assigned partitions: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)) or "none")
 
 
-def _position(source: Any) -> Position:
+def _position(source: SourcedPending | Position) -> Position:
     """The input position an output's source stands for (a request or the position itself)."""
     return source if isinstance(source, tuple) else (source.topic, source.partition, source.offset)
 
@@ -531,7 +530,7 @@ class KafkaLoop:
                         counts[(prediction["arm"], "ok")] += 1
                         latencies.append(now - pending.received_s)
                         if pending.reply_to is not None:
-                            self._reply(out, pending, key, value, alone, headers)
+                            self._reply(out, pending.reply_to, pending, key, value, alone, headers)
                         if shadows and shadow_values:
                             for shadow, shadow_value in zip(shadows, shadow_values):
                                 arm = shadow["arm"]
@@ -572,10 +571,9 @@ class KafkaLoop:
                             "(the predictions topic has them)", topic, type(exc).__name__, REPLY_RETRY_S)
             known[topic] = len(partitions) if partitions else now + REPLY_RETRY_S
 
-    def _reply(self, out: OutboundBatches, pending: Any, key: bytes, value: bytes, alone: bool,
+    def _reply(self, out: OutboundBatches, topic: str, pending: SourcedPending, key: bytes, value: bytes, alone: bool,
                trace: TraceHeaders | None = None) -> None:
-        """Add the prediction for the request's reply topic too (the same bytes, keyed by request_id)."""
-        topic = pending.reply_to
+        """Add the prediction for the request's reply topic `topic` too (the same bytes, keyed by request_id)."""
         partitions = self._reply_partitions.get(topic)
         if not isinstance(partitions, int):
             self.metrics.replies_skipped.labels("unknown_topic").inc()
@@ -588,7 +586,7 @@ class KafkaLoop:
         except OutputRefused:
             self.metrics.replies_skipped.labels("refused").inc()
 
-    def _refused_output(self, pending: Any, key_bytes: int, value: bytes, shadow_values: list[bytes] | None,
+    def _refused_output(self, pending: SourcedPending, key_bytes: int, value: bytes, shadow_values: list[bytes] | None,
                         out: OutboundBatches) -> tuple[str, str] | None:
         """(reason, message) when this request's outputs must not be sent (too large for their
         topic, refused before, or their topic closed to us); None when they may go. All or nothing:

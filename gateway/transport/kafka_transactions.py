@@ -44,13 +44,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from aiokafka import AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalOperation, KafkaError, ProducerFenced
 
+from banditgate.config import Config
 from banditgate.connections import kafka_client_kwargs
+from banditgate.tracing import Tracing
+from gateway.dataplane import Dataplane
+from gateway.metrics import GatewayMetrics
 from gateway.transport.delivery import is_delivery_error, refusal
 from gateway.transport.kafka_batches import OutboundBatches, delivered
 from gateway.transport.kafka_loop import KafkaLoop, PublicationFailed
@@ -91,8 +96,9 @@ class _TransactionalRebalance(ConsumerRebalanceListener):
 class TransactionalKafkaLoop(KafkaLoop):
     """The Kafka loop in `delivery: exactly_once` mode."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # KafkaLoop's arguments, passed through
-        super().__init__(*args, **kwargs)
+    def __init__(self, config: Config, dataplane: Dataplane, metrics: GatewayMetrics,
+                 clock: Callable[[], float] = time.monotonic, tracing: Tracing | None = None) -> None:
+        super().__init__(config, dataplane, metrics, clock, tracing)
         self.transactional: dict[TopicPartition, AIOKafkaProducer] = {}
         self.locks: dict[TopicPartition, asyncio.Lock] = {}
         self.generation: dict[TopicPartition, int] = {}

@@ -17,18 +17,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING
 
 import orjson
 
 from banditgate import cloudevents
 from banditgate.config import Topics
+from banditgate.jsontypes import JSONObject
 from banditgate.tracecontext import TraceHeaders
 from gateway.metrics import GatewayMetrics
 from gateway.transport.delivery import RefusalMemo, is_delivery_error, refusal
 from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, delivered
 from gateway.transport.kafka_codec import dead_letter_value
 from gateway.transport.shared_producer import SharedProducer
+
+if TYPE_CHECKING:
+    from aiokafka import AIOKafkaProducer
 
 log = logging.getLogger("banditgate.publisher")
 
@@ -83,7 +87,7 @@ class PredictionPublisher:
         """Flushes that failed with an unexpected error (a defect): their events were dropped."""
 
     @property
-    def producer(self) -> Any:
+    def producer(self) -> AIOKafkaProducer | None:
         """The shared producer the next flush uses."""
         return self.shared.producer
 
@@ -95,7 +99,7 @@ class PredictionPublisher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def publish(self, topic: str, events: list[dict[str, Any]], key_field: str = "request_id",
+    def publish(self, topic: str, events: list[JSONObject], key_field: str = "request_id",
                 trace: TraceHeaders | None = None) -> None:
         """Queue events for `topic` (keyed by their `key_field`, with `trace` as their Kafka
         headers: the request's trace context); never blocks."""
@@ -161,7 +165,7 @@ class PredictionPublisher:
         with holding() as producer:  # not closed under this flush by another user's replacement
             return await self._flush_with(producer)
 
-    async def _flush_with(self, producer: Any) -> bool:
+    async def _flush_with(self, producer: AIOKafkaProducer | None) -> bool:
         batch, self._queue = self._queue, []
         self._in_flight = batch
         out = OutboundBatches(producer, self.partitions, self.shared.limits)
@@ -258,7 +262,7 @@ class PredictionPublisher:
         self._next_try_s = now + self._backoff_s
         self._backoff_s = min(self._backoff_s * 2, BACKOFF_S[1])
 
-    async def _replace(self, failed: Any) -> None:
+    async def _replace(self, failed: AIOKafkaProducer | None) -> None:
         """Replace the shared producer after a failed send (unless someone did already)."""
         try:
             await self.shared.replace(failed)
