@@ -287,7 +287,7 @@ class Gateway:
                    for key, value in values]
         for _attempt in (1, 2):
             producer = shared.producer
-            out = OutboundBatches(producer, self.kafka.partitions, shared.limits)
+            out: OutboundBatches[None] = OutboundBatches(producer, self.kafka.partitions, shared.limits)
             try:
                 for (key, value), record_headers in zip(values, headers):
                     out.add(topic, key, value, headers=record_headers)  # CloudEvents + the caller's trace context

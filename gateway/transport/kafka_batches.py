@@ -16,13 +16,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import murmur2
 
 if TYPE_CHECKING:
     from aiokafka.producer.message_accumulator import BatchBuilder
+
+S = TypeVar("S")
+"""What a record stands for, handed back with its batch (a request, a queued event...)."""
 
 _NO_HEADERS: list[tuple[str, bytes]] = []
 """Shared, never changed: aiokafka's record builder takes a list (a tuple is refused)."""
@@ -42,19 +45,19 @@ class OutputRefused(ValueError):
 
 
 @dataclass(slots=True)
-class Sent:
+class Sent(Generic[S]):
     """One submitted batch: where it went, its delivery future, and the sources of its records."""
 
     topic: str
     partition: int
     future: asyncio.Future
-    sources: list[Any]
+    sources: list[S | None]
     size: int = 0
     """The batch's bytes as sent (what the broker compares with the topic's max.message.bytes)."""
 
 
 @dataclass
-class OutboundBatches:
+class OutboundBatches(Generic[S]):
     """Collects records per (topic, partition); `send()` submits them and returns the batches.
 
     `limits` maps a topic to the largest key + value (bytes) it accepts (topics not in it are not
@@ -65,8 +68,8 @@ class OutboundBatches:
     producer: AIOKafkaProducer
     partitions: dict[str, int]  # topic -> partition count
     limits: Mapping[str, int] | None = None
-    _builders: dict[tuple[str, int], tuple[BatchBuilder, list[Any]]] = field(default_factory=dict)
-    _full: list[tuple[tuple[str, int], BatchBuilder, list[Any]]] = field(default_factory=list)
+    _builders: dict[tuple[str, int], tuple[BatchBuilder, list[S | None]]] = field(default_factory=dict)
+    _full: list[tuple[tuple[str, int], BatchBuilder, list[S | None]]] = field(default_factory=list)
     count: int = 0
 
     def too_large(self, topic: str, size: int) -> str | None:
@@ -79,7 +82,7 @@ class OutboundBatches:
         return None
 
     def add(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None,
-            source: Any = None, alone: bool = False, headers: list[tuple[str, bytes]] | None = None) -> None:
+            source: S | None = None, alone: bool = False, headers: list[tuple[str, bytes]] | None = None) -> None:
         """Queue one record (no I/O: full builders wait for `send()`). Raises OutputRefused when the
         record is larger than its topic accepts (nothing is queued then). `headers`: the record's
         Kafka headers (the trace context, banditgate.tracecontext), if any."""

@@ -78,7 +78,11 @@ class _Rebalance(ConsumerRebalanceListener):
         log.info("assigned partitions: %s", ", ".join(f"{tp.topic}[{tp.partition}]" for tp in sorted(assigned)) or "none")
 
 
-def _position(source: SourcedPending | Position) -> Position:
+LoopSource = SourcedPending | Position
+"""What a record the loop sends stands for: the request it answers, or a dead letter's position."""
+
+
+def _position(source: LoopSource) -> Position:
     """The input position an output's source stands for (a request or the position itself)."""
     return source if isinstance(source, tuple) else (source.topic, source.partition, source.offset)
 
@@ -414,7 +418,7 @@ class KafkaLoop:
             records = [record for batch in fetched.values() for record in batch]
             if self.tracing.enabled:
                 traced = BatchTrace(self.tracing, len(records), self.clock)
-            out = OutboundBatches(producer, self.partitions, self.shared.limits)
+            out: OutboundBatches[LoopSource] = OutboundBatches(producer, self.partitions, self.shared.limits)
             await self._serve_records(records, out, traced)
             if previous is not None:
                 await previous.wait()
@@ -439,7 +443,7 @@ class KafkaLoop:
             self._learn_refusals(failures)
             raise PublicationFailed(producer, failures[0][1])
 
-    def _learn_refusals(self, failures: list[tuple[Sent, BaseException]]) -> None:
+    def _learn_refusals(self, failures: list[tuple[Sent[LoopSource], BaseException]]) -> None:
         """Remember the batches the broker refused for good, by their requests' positions (the
         replay after the rewind dead-letters them, or splits a batch of several to find which)."""
         now = self.clock()
@@ -457,7 +461,7 @@ class KafkaLoop:
                         else "its requests are dead-lettered" if len(set(positions)) == 1
                         else "its records are sent one per batch to find the refused one")
 
-    async def _serve_records(self, records: list, out: OutboundBatches, traced: BatchTrace | None = None) -> None:
+    async def _serve_records(self, records: list, out: OutboundBatches[LoopSource], traced: BatchTrace | None = None) -> None:
         """Decode, serve and add every resulting prediction, shadow prediction and dead-letter to
         `out`. `traced`: the batch's spans when tracing (kafka_trace.BatchTrace)."""
         routes = self.dataplane.routes
@@ -571,7 +575,7 @@ class KafkaLoop:
                             "(the predictions topic has them)", topic, type(exc).__name__, REPLY_RETRY_S)
             known[topic] = len(partitions) if partitions else now + REPLY_RETRY_S
 
-    def _reply(self, out: OutboundBatches, topic: str, pending: SourcedPending, key: bytes, value: bytes, alone: bool,
+    def _reply(self, out: OutboundBatches[LoopSource], topic: str, pending: SourcedPending, key: bytes, value: bytes, alone: bool,
                trace: TraceHeaders | None = None) -> None:
         """Add the prediction for the request's reply topic `topic` too (the same bytes, keyed by request_id)."""
         partitions = self._reply_partitions.get(topic)
@@ -587,7 +591,7 @@ class KafkaLoop:
             self.metrics.replies_skipped.labels("refused").inc()
 
     def _refused_output(self, pending: SourcedPending, key_bytes: int, value: bytes, shadow_values: list[bytes] | None,
-                        out: OutboundBatches) -> tuple[str, str] | None:
+                        out: OutboundBatches[LoopSource]) -> tuple[str, str] | None:
         """(reason, message) when this request's outputs must not be sent (too large for their
         topic, refused before, or their topic closed to us); None when they may go. All or nothing:
         a request whose prediction or any shadow cannot be published is dead-lettered whole."""
@@ -616,7 +620,7 @@ class KafkaLoop:
         self.metrics.output_refusals.labels(found[0], found[1]).inc()
         return found[1], found[2]
 
-    def _dead_letter(self, out: OutboundBatches, position: Position, key: bytes | None, message: str, reason: str,
+    def _dead_letter(self, out: OutboundBatches[LoopSource], position: Position, key: bytes | None, message: str, reason: str,
                      raw: bytes | None, guarded: bool, trace: TraceHeaders | None = None,
                      route: str | None = None) -> None:
         """Add a dead letter for the request at `position` - unless its dead letter was refused for

@@ -58,7 +58,7 @@ from gateway.dataplane import Dataplane
 from gateway.metrics import GatewayMetrics
 from gateway.transport.delivery import is_delivery_error, refusal
 from gateway.transport.kafka_batches import OutboundBatches, delivered
-from gateway.transport.kafka_loop import KafkaLoop, PublicationFailed
+from gateway.transport.kafka_loop import KafkaLoop, LoopSource, PublicationFailed
 from gateway.transport.kafka_trace import BatchTrace
 from gateway.transport.shared_producer import close_producer
 
@@ -221,7 +221,7 @@ class TransactionalKafkaLoop(KafkaLoop):
             error: BaseException | None = None
             try:
                 await _in_transaction(producer.begin_transaction())
-                out = OutboundBatches(producer, self.partitions, self.shared.limits)
+                out: OutboundBatches[LoopSource] = OutboundBatches(producer, self.partitions, self.shared.limits)
                 await self._serve_records(records, out, traced)
                 if traced is not None:
                     traced.producing(out.count)

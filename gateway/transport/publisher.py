@@ -168,7 +168,7 @@ class PredictionPublisher:
     async def _flush_with(self, producer: AIOKafkaProducer | None) -> bool:
         batch, self._queue = self._queue, []
         self._in_flight = batch
-        out = OutboundBatches(producer, self.partitions, self.shared.limits)
+        out: OutboundBatches[_Event] = OutboundBatches(producer, self.partitions, self.shared.limits)
         refused: list[tuple[_Event, str, str]] = []
         sent_events: list[_Event] = []
         now = self.clock()
@@ -196,9 +196,10 @@ class PredictionPublisher:
             failures, retry, cause = [], sent_events, exc
         self._in_flight = []  # from here on every event is queued again, dead-lettered or delivered
         for sent, error in failures:
+            events = [event for event in sent.sources if event is not None]  # every record has its event
             found = refusal(error)
             if found is None:
-                retry.extend(sent.sources)
+                retry.extend(events)
                 cause = error
                 continue
             broken = True
@@ -206,11 +207,11 @@ class PredictionPublisher:
                 self.memo.learn(sent.topic, [], found, self.clock())
             if found.reason == "output_too_large":
                 self.shared.learn_too_large(sent.topic, sent.size, len(sent.sources))
-            if found.scope == "record" and len(sent.sources) > 1:
+            if found.scope == "record" and len(events) > 1:
                 # which one? each goes alone next time; the one refused then is dead-lettered
-                self._queue.extend((t, k, v, dead, True, h) for t, k, v, dead, _alone, h in sent.sources)
+                self._queue.extend((t, k, v, dead, True, h) for t, k, v, dead, _alone, h in events)
             else:
-                refused.extend((event, found.reason, found.error) for event in sent.sources)
+                refused.extend((event, found.reason, found.error) for event in events)
         if refused:
             self._dead_letter(refused)
         if cause is None:
