@@ -48,7 +48,7 @@ import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -70,8 +70,9 @@ from router.stats_store import ArmStatsStore
 
 if TYPE_CHECKING:
     import faust
+    from redis import asyncio as aredis
 
-    from feedback.app import FeedbackRuntime
+    from feedback.producer import ReplaceableProducer
 
 log = logging.getLogger("banditgate.lifecycle")
 
@@ -407,7 +408,16 @@ class LifecycleDriver:
                 log.warning("retrain triggers of route %s not evaluated: %s: %s", route.name, type(exc).__name__, exc)
 
 
-def install(app: faust.App, runtime: FeedbackRuntime, config: Config) -> None:
+class LifecycleHost(Protocol):
+    """What `install` reads of feedback.app.FeedbackRuntime (a protocol, so this module does not
+    import the app that installs it)."""
+
+    ready: asyncio.Event
+    _producer: ReplaceableProducer | None
+    _redis: aredis.Redis | None
+
+
+def install(app: faust.App, runtime: LifecycleHost, config: Config) -> None:
     """Register the lifecycle timers on the faust app (only when some route has rollout or retrain).
     The driver is built once the runtime has its Redis client and producer."""
     if not any((r.rollout is not None and r.rollout.enabled) or r.retrain is not None for r in config.routes):

@@ -43,7 +43,7 @@ class Admin:
         if "rollout_action" in params:
             from gateway.admin_rollout import rollout_admin
 
-            return await rollout_admin(self, params["route"], params["rollout_action"], method, body)
+            return await rollout_admin(self.rollouts, params["route"], params["rollout_action"], method, body)
         if "arm" in params:
             return await self.arm_action(params["route"], params["arm"], params["action"])
         if "route" in params:

@@ -27,7 +27,6 @@ from gateway.errors import GatewayError, InvalidInput, ModelNotFound
 from router.rollout import RolloutError, status
 
 if TYPE_CHECKING:
-    from gateway.admin import Admin
     from gateway.rollout_apply import RolloutApplier
     from router.rollout import Evidence
 
@@ -36,9 +35,10 @@ log = logging.getLogger("banditgate.admin")
 ACTIONS = ("status", "promote", "rollback", "pause", "resume", "start", "admit")
 
 
-async def rollout_admin(admin: Admin, route_name: str, action: str, method: str, body: bytes) -> JSONObject:
-    """One rollout admin request. Raises GatewayError subclasses for the caller's mistakes."""
-    applier = admin.rollouts
+async def rollout_admin(applier: RolloutApplier | None, route_name: str, action: str, method: str,
+                        body: bytes) -> JSONObject:
+    """One rollout admin request (`applier`: the gateway's, None without rollouts). Raises
+    GatewayError subclasses for the caller's mistakes."""
     if applier is None or route_name not in applier.routes:
         raise ModelNotFound(f"route {route_name!r} has no rollout configuration")
     if action not in ACTIONS:
