@@ -25,7 +25,8 @@ async def test_security_limits_request_timeout_is_504_and_deadline_exceeded(stac
         "redis": {"url": stack.redis, "key_prefix": redis_prefix},
         "models": {"repository": str(security_repository), "poll_interval_s": 0, "warmup_rows": 1},
         # a lone row waits up to 0.5 s for company in its batch: far past the 20 ms timeout
-        "batching": {"max_batch_size": 64, "max_delay_us": 500_000},
+        # (idle_flush off: an idle model would otherwise run the lone row at once)
+        "batching": {"max_batch_size": 64, "max_delay_us": 500_000, "idle_flush": False},
         "server": {"http_port": 0, "grpc_port": 0, "request_timeout_s": 0.02},
         "routes": [{"name": "churn", "policy": "fixed",
                     "arms": [{"name": "a", "model": "m-a", "version": 1}, {"name": "b", "model": "m-b", "version": 1}]}],
