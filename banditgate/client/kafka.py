@@ -103,6 +103,8 @@ class KafkaClient:
         self._batch_bytes = int(kafka_kwargs.pop("max_batch_size", 256 * 1024))
         self._kwargs = kafka_kwargs
         self._ids = _FastIds()
+        self._ce_request: dict[str, cloudevents.EventHeaders] = {}
+        """route -> its requests' CloudEvents header builder (send's hot path looks it up once per route)."""
         self._sender: BatchSender | None = None
         self._producer: AIOKafkaProducer | None = None
         self._consumer: AIOKafkaConsumer | None = None
@@ -213,7 +215,12 @@ class KafkaClient:
                                          routes=self.routes, metadata=self.metadata.get(route)))
         trace = self._ids.traceparent() if traceparent is None else trace_context(traceparent, tracestate)
         key = rid.encode()
-        headers = cloudevents.headers_for("request", cloudevents.source("client", route))(key, cloudevents.ce_time(), trace)
+        ce = self._ce_request.get(route)
+        if ce is None:  # one per route name (checked above); bounded like cloudevents' own cache
+            if len(self._ce_request) >= cloudevents.MAX_SOURCES:
+                self._ce_request.clear()
+            ce = self._ce_request[route] = cloudevents.headers_for("request", cloudevents.source("client", route))
+        headers = ce(key, cloudevents.ce_time(), trace)
         if not sender.try_add(key, value, headers):
             await sender.add(key, value, headers)
         return rid
