@@ -200,8 +200,18 @@ class Dataplane:
             if rows.size:
                 shadow_jobs.append(self._start(route.name, shadow_index, shadow, rows, requests, answers, False,
                                                record_errors=False, stages=stages))
-        primary = await asyncio.gather(*primary_jobs)
-        shadows = await asyncio.gather(*shadow_jobs, return_exceptions=True)
+        # shadows run beside the primaries, not after them: the answers wait for both (they are
+        # published together), so running them one after the other only added the shadow's
+        # queueing and inference to every answer's latency
+        primary_running = asyncio.gather(*primary_jobs)  # started first: the answer's own model queues first
+        shadows_running = asyncio.gather(*shadow_jobs, return_exceptions=True) if shadow_jobs else None
+        try:
+            primary = await primary_running
+        except BaseException:
+            if shadows_running is not None:
+                shadows_running.cancel()
+            raise
+        shadows = await shadows_running if shadows_running is not None else []
         now_wall = self.wall_clock()
         now = self.clock()
         for arm_index, model, rows, result in primary:
