@@ -32,6 +32,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from banditgate.stack import Stack
+from loadtests.kafka_harness import cpu_seconds
 
 TARGET_OUTCOMES_PER_S = 20_000
 PARTITIONS = 4
@@ -112,14 +113,6 @@ async def _bare_consume(bootstrap: str, topics: list[str], expected: int) -> flo
     return seen / max(1e-9, time.monotonic() - (started or time.monotonic()))
 
 
-def _cpu_seconds(pid: int) -> float | None:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
-
-
 async def _joined(client: Any, prefix: str) -> int:
     value = await client.hget(f"{prefix}:{{churn}}:fb:counts", "joined")
     return int(float(value)) if value else 0
@@ -193,7 +186,7 @@ async def _run(quick: bool) -> dict[str, Any]:
                 progress(f"{joined:,} / {n:,} joined ({joined / (now_m - ready):,.0f}/s)")
             await asyncio.sleep(0.05)
         done = time.monotonic()
-        cpu_s = _cpu_seconds(process.pid)
+        cpu_s = cpu_seconds(process.pid)
         await asyncio.sleep(1.0)
         final = await _joined(client, prefix)
         if final != n:

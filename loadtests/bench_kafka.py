@@ -32,6 +32,7 @@ import yaml
 from banditgate.stack import Stack
 from loadtests.kafka_harness import (
     LatencyResult,
+    cpu_seconds,
     create_topics,
     delete_topics,
     open_loop,
@@ -165,12 +166,20 @@ async def _fixed_rates(bootstrap: str, redis_url: str, work: Path, run_id: str, 
             order = ("relay", "banditgate") if index % 2 == 0 else ("banditgate", "relay")
             for system in order:
                 in_topic, out_topic = systems[system]
+                cpu_before = cpu_seconds(processes[system].pid)
                 result = await open_loop(bootstrap, in_topic, out_topic, ROUTE, N_FEATURES, rate, duration_s,
                                          seed=index)
+                cpu_after = cpu_seconds(processes[system].pid)
                 lost = result.sent - result.received
+                # the process's CPU per answered request over the phase (what the latency costs,
+                # which, unlike the latency, the other processes on the machine barely change)
+                cpu_us = (round((cpu_after - cpu_before) * 1e6 / result.received, 1)
+                          if cpu_before is not None and cpu_after is not None and result.received else None)
                 progress(f"{system} at {rate:,.0f}/s: p50 {result.p50_ms:.2f} ms, p99 {result.p99_ms:.2f} ms, "
-                         f"p999 {result.p999_ms:.2f} ms{f', {lost} unanswered' if lost else ''}")
-                row["passthrough" if system == "relay" else "banditgate"] = _percentiles(result)
+                         f"p999 {result.p999_ms:.2f} ms, {cpu_us} CPU us/request"
+                         f"{f', {lost} unanswered' if lost else ''}")
+                row["passthrough" if system == "relay" else "banditgate"] = {**_percentiles(result),
+                                                                              "cpu_us_per_request": cpu_us}
             if rate == LONE_RATE:
                 lone.update(row)
             else:

@@ -8,11 +8,13 @@ coordinated omission). Latencies go into an HDR histogram (microseconds).
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -197,3 +199,12 @@ async def open_loop(bootstrap: str, in_topic: str, out_topic: str, route: str, n
     return LatencyResult(sent=sent, received=received, p50_ms=histogram.get_value_at_percentile(50) / 1000,
                          p99_ms=histogram.get_value_at_percentile(99) / 1000,
                          p999_ms=histogram.get_value_at_percentile(99.9) / 1000, rate_rps=rate_rps)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds process `pid` has used so far (None when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
