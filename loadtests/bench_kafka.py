@@ -73,7 +73,7 @@ def _gateway_config(work: Path, bootstrap: str, redis_url: str, topics: dict[str
         "redis": {"url": redis_url, "key_prefix": f"bench-{group}"},
         "models": {"repository": str(work / "models"), "poll_interval_s": 0},
         "batching": {"max_batch_size": 512, "max_delay_us": 1000, "inference_threads": 2,
-                     "max_queue_rows": 16384, "max_in_flight_batches": 4},
+                     "max_queue_rows": 16384, "max_in_flight_batches": 8},
         "server": {"http_port": 0, "grpc_port": 0, "enable_http": False, "enable_grpc": False},
         "routes": [{"name": ROUTE, "policy": "thompson", "exploration_floor": 0.05,
                     "arms": [{"name": "a", "model": "bench-a", "version": 1},

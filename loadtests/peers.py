@@ -108,7 +108,7 @@ async def relay(bootstrap: str, in_topic: str, out_topic: str, group: str, stop:
     last_commit = float("-inf")
     try:
         while not stop.is_set():
-            if len(in_flight) >= 8:  # batching.max_in_flight_batches
+            if len(in_flight) >= 8:  # batching.max_in_flight_batches (its default, and what bench kafka gives the gateway)
                 await asyncio.wait([in_flight[0][0]])
             fetched = await consumer.getmany(timeout_ms=100, max_records=kafka.max_poll_records)
             if fetched:
