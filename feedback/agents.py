@@ -140,6 +140,8 @@ class JoinProcessor:
         self._table = table
         self.tracing = tracing
         """Spans (banditgate.tracing); every call behind one `enabled` test per batch."""
+        if tracing.enabled:
+            tracing.count_into(metrics.trace_spans_dropped)
         self._redis = redis
         self._out = out
         self._rules = rules
@@ -238,6 +240,17 @@ class JoinProcessor:
                                 _traceparent(headers) if headers else None)
         return self._decode_slow(message)
 
+    def _decode_traced(self, message: SourceMessage | ConsumerRecord) -> PredictionIn | OutcomeIn:
+        """`_decode`, plus an outcome's own trace context (validated here, where the event is
+        decoded: an invalid traceparent is dropped, never an error): the decoder of a batch the
+        worker traces (untraced, an outcome's context is only carried on, from its headers)."""
+        event = self._decode(message)
+        if isinstance(event, OutcomeIn):
+            headers = getattr(message, "headers", None)  # test doubles may have none
+            if headers:
+                event.trace = _traceparent(headers)
+        return event
+
     def _learn_name(self, name: str) -> bool:
         """Whether `name` is an arm or model name (banditgate.events.NAME_PATTERN); a valid one is
         remembered, so the regular expression runs once per name, not once per event."""
@@ -278,7 +291,28 @@ class JoinProcessor:
         joined while batch N waits for Redis and the broker, which left the worker idle for about
         40% of a drain."""
         started = time.perf_counter()
-        traced = BatchTrace(self.tracing) if self.tracing.enabled else None
+        if self.tracing.enabled:
+            traced = BatchTrace(self.tracing)
+            try:
+                written = await self._submit(messages, traced)
+            except BaseException as exc:
+                # cancelled waiting for the lock (a rebalance, shutdown) or failed before the batch
+                # was handed to its writer: its spans end here (BatchTrace.end runs once, never raises)
+                traced.end(exc)
+                raise
+        else:
+            written = await self._submit(messages, None)
+
+        def observe(_: asyncio.Future[None]) -> None:
+            self._metrics.batch_seconds.observe(time.perf_counter() - started)
+            self._metrics.batch_events.observe(len(messages))
+
+        written.add_done_callback(observe)
+        return written
+
+    async def _submit(self, messages: Sequence[SourceMessage | ConsumerRecord],
+                      traced: BatchTrace | None) -> asyncio.Future[None]:
+        """submit's join, with the batch's spans when `traced`."""
         async with self.lock:
             now = self._clock()
             changes: dict[str, tuple[int, Entry | None]] = {}
@@ -288,7 +322,7 @@ class JoinProcessor:
             dead: Counter[tuple[str, str]] = Counter()
             get = self._table.get
             unwritten = self._unwritten
-            decode = self._decode
+            decode = self._decode if traced is None else self._decode_traced
             outcomes_topic = self._topics.outcomes
             rules = self._rules
             extend = effects.extend
@@ -313,8 +347,7 @@ class JoinProcessor:
                 if message.topic == outcomes_topic:
                     step = on_outcome(entry, event, now, rules)  # type: ignore[arg-type]
                     if traced is not None:
-                        headers = getattr(message, "headers", None)  # test doubles may have none
-                        traced.outcome(_traceparent(headers) if headers else None, entry, message.key)
+                        traced.outcome(event.trace, entry, message.key)
                 else:
                     step = on_prediction(entry, event, rules)  # type: ignore[arg-type]
                     if traced is not None:
@@ -342,12 +375,6 @@ class JoinProcessor:
             written = self._write_after_previous(changes, effects, letters, values)
             if traced is not None:
                 written.add_done_callback(traced.applied)
-
-        def observe(_: asyncio.Future[None]) -> None:
-            self._metrics.batch_seconds.observe(time.perf_counter() - started)
-            self._metrics.batch_events.observe(len(messages))
-
-        written.add_done_callback(observe)
         return written
 
     def _oversize(self, message: SourceMessage | ConsumerRecord, size: int, dead: Counter[tuple[str, str]],
