@@ -291,90 +291,82 @@ class JoinProcessor:
         joined while batch N waits for Redis and the broker, which left the worker idle for about
         40% of a drain."""
         started = time.perf_counter()
-        if self.tracing.enabled:
-            traced = BatchTrace(self.tracing)
-            try:
-                written = await self._submit(messages, traced)
-            except BaseException as exc:
-                # cancelled waiting for the lock (a rebalance, shutdown) or failed before the batch
-                # was handed to its writer: its spans end here (BatchTrace.end runs once, never raises)
+        traced = BatchTrace(self.tracing) if self.tracing.enabled else None
+        try:
+            async with self.lock:
+                now = self._clock()
+                changes: dict[str, tuple[int, Entry | None]] = {}
+                effects: list[Effect] = []
+                letters: list[Outgoing] = []
+                consumed: Counter[str] = Counter()
+                dead: Counter[tuple[str, str]] = Counter()
+                get = self._table.get
+                unwritten = self._unwritten
+                decode = self._decode if traced is None else self._decode_traced
+                outcomes_topic = self._topics.outcomes
+                rules = self._rules
+                extend = effects.extend
+                values: dict[str, bytes] = {}
+                max_entry = self._max_entry_bytes
+                for message in messages:
+                    consumed[message.topic] += 1
+                    try:
+                        event = decode(message)
+                    except EventError as exc:
+                        source = self._sources.get(message.topic, message.topic)
+                        dead[(source, exc.reason)] += 1
+                        letters.append(self._out.dead_letter(message.key, str(exc), exc.reason, message.topic,
+                                                             message.partition, message.offset, message.value or b"",
+                                                             _carried(message)))
+                        continue
+                    request_id = event.request_id
+                    change = changes.get(request_id)
+                    if change is None and unwritten:
+                        change = unwritten.get(request_id)
+                    entry = change[1] if change is not None else get(request_id, event.partition)
+                    if message.topic == outcomes_topic:
+                        step = on_outcome(entry, event, now, rules)  # type: ignore[arg-type]
+                        if traced is not None:
+                            traced.outcome(event.trace, entry, message.key)
+                    else:
+                        step = on_prediction(entry, event, rules)  # type: ignore[arg-type]
+                        if traced is not None:
+                            traced.prediction(event)  # type: ignore[arg-type]
+                    if step.changed:
+                        if max_entry is not None and step.entry is not None:
+                            # checked here, not when the changelog is written: a record the topic refuses
+                            # would hold the batch (and every offset after it) forever
+                            value = bytes(memoryview(encode_entry(step.entry)))
+                            if len(value) + len(request_id.encode()) > max_entry:
+                                self._oversize(message, len(value), dead, letters)
+                                continue
+                            values[request_id] = value
+                        changes[request_id] = (event.partition, step.entry)
+                    if step.effects:
+                        extend(step.effects)
+                if self._table.over_budget():
+                    self._evict(changes, effects, now)
+                for topic, count in consumed.items():
+                    self._metrics.events.labels(self._sources.get(topic, topic)).inc(count)
+                for (source, reason), count in dead.items():
+                    self._metrics.dead_letters.labels(source, reason).inc(count)
+                if traced is not None:
+                    traced.joined(len(messages), len(effects), len(changes))
+                written = self._write_after_previous(changes, effects, letters, values)
+                if traced is not None:
+                    written.add_done_callback(traced.applied)
+        except BaseException as exc:
+            # cancelled waiting for the lock (a rebalance, shutdown) or failed before the batch was
+            # handed to its writer: its spans end here (BatchTrace.end runs once, never raises)
+            if traced is not None:
                 traced.end(exc)
-                raise
-        else:
-            written = await self._submit(messages, None)
+            raise
 
         def observe(_: asyncio.Future[None]) -> None:
             self._metrics.batch_seconds.observe(time.perf_counter() - started)
             self._metrics.batch_events.observe(len(messages))
 
         written.add_done_callback(observe)
-        return written
-
-    async def _submit(self, messages: Sequence[SourceMessage | ConsumerRecord],
-                      traced: BatchTrace | None) -> asyncio.Future[None]:
-        """submit's join, with the batch's spans when `traced`."""
-        async with self.lock:
-            now = self._clock()
-            changes: dict[str, tuple[int, Entry | None]] = {}
-            effects: list[Effect] = []
-            letters: list[Outgoing] = []
-            consumed: Counter[str] = Counter()
-            dead: Counter[tuple[str, str]] = Counter()
-            get = self._table.get
-            unwritten = self._unwritten
-            decode = self._decode if traced is None else self._decode_traced
-            outcomes_topic = self._topics.outcomes
-            rules = self._rules
-            extend = effects.extend
-            values: dict[str, bytes] = {}
-            max_entry = self._max_entry_bytes
-            for message in messages:
-                consumed[message.topic] += 1
-                try:
-                    event = decode(message)
-                except EventError as exc:
-                    source = self._sources.get(message.topic, message.topic)
-                    dead[(source, exc.reason)] += 1
-                    letters.append(self._out.dead_letter(message.key, str(exc), exc.reason, message.topic,
-                                                         message.partition, message.offset, message.value or b"",
-                                                         _carried(message)))
-                    continue
-                request_id = event.request_id
-                change = changes.get(request_id)
-                if change is None and unwritten:
-                    change = unwritten.get(request_id)
-                entry = change[1] if change is not None else get(request_id, event.partition)
-                if message.topic == outcomes_topic:
-                    step = on_outcome(entry, event, now, rules)  # type: ignore[arg-type]
-                    if traced is not None:
-                        traced.outcome(event.trace, entry, message.key)
-                else:
-                    step = on_prediction(entry, event, rules)  # type: ignore[arg-type]
-                    if traced is not None:
-                        traced.prediction(event)  # type: ignore[arg-type]
-                if step.changed:
-                    if max_entry is not None and step.entry is not None:
-                        # checked here, not when the changelog is written: a record the topic refuses
-                        # would hold the batch (and every offset after it) forever
-                        value = bytes(memoryview(encode_entry(step.entry)))
-                        if len(value) + len(request_id.encode()) > max_entry:
-                            self._oversize(message, len(value), dead, letters)
-                            continue
-                        values[request_id] = value
-                    changes[request_id] = (event.partition, step.entry)
-                if step.effects:
-                    extend(step.effects)
-            if self._table.over_budget():
-                self._evict(changes, effects, now)
-            for topic, count in consumed.items():
-                self._metrics.events.labels(self._sources.get(topic, topic)).inc(count)
-            for (source, reason), count in dead.items():
-                self._metrics.dead_letters.labels(source, reason).inc(count)
-            if traced is not None:
-                traced.joined(len(messages), len(effects), len(changes))
-            written = self._write_after_previous(changes, effects, letters, values)
-            if traced is not None:
-                written.add_done_callback(traced.applied)
         return written
 
     def _oversize(self, message: SourceMessage | ConsumerRecord, size: int, dead: Counter[tuple[str, str]],
