@@ -35,6 +35,8 @@ span was ended with.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import random
@@ -77,9 +79,15 @@ class Stages:
 MAX_LINKS = 64
 """Most links a batch span keeps to the traced requests it carried (the rest are dropped)."""
 
-DROP_REASONS = ("rate_limited", "batch_limited", "end_failed")
+DROP_REASONS = ("rate_limited", "batch_limited", "failed")
 """Why a span was dropped: over ``max_request_spans_per_s``, over ``max_request_spans_per_batch``,
-or its end raised (an SDK, processor or exporter error)."""
+or starting or ending it raised (an SDK, span processor or exporter error)."""
+
+MAX_ATTRIBUTE_CHARS = 4096
+"""Longest span, event or link attribute value kept (longer ones are cut by the SDK): a request's
+target, an error's message and stack trace may carry what a caller sent."""
+SHUTDOWN_TIMEOUT_S = 5.0
+"""Longest a process's stop waits for the last spans to be exported (the collector may be away)."""
 
 _LOWER_64 = (1 << 64) - 1
 _FAILURE_LOG_INTERVAL_S = 60.0
@@ -186,14 +194,15 @@ class Tracing:
             return OFF
         try:
             from opentelemetry.sdk.resources import Resource
-            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace import SpanLimits, TracerProvider
             from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
             from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
         except ImportError:
             raise TracingUnavailable("tracing.enabled needs the otel extra: pip install 'banditgate[otel]'") from None
         ids = _drawn_ids()
         provider = TracerProvider(resource=Resource.create({"service.name": config.service_name or default_service}),
-                                  sampler=TraceIdRatioBased(config.sample_ratio), id_generator=ids)
+                                  sampler=TraceIdRatioBased(config.sample_ratio), id_generator=ids,
+                                  span_limits=SpanLimits(max_attribute_length=MAX_ATTRIBUTE_CHARS))
         if exporter is None:
             try:
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -256,9 +265,9 @@ class Tracing:
         return True
 
     def failed(self, where: str, error: Exception) -> None:
-        """A span operation raised `error` (the SDK, a span processor or the exporter): counted
-        (``end_failed``), logged at most once a minute per (where, error type)."""
-        self.drop("end_failed")
+        """Starting or ending a span raised `error` (the SDK, a span processor or the exporter):
+        counted (``failed``), logged at most once a minute per (where, error type)."""
+        self.drop("failed")
         kind = f"{where}: {type(error).__name__}"
         now = self._clock()
         last = self._failures_logged.get(kind)
@@ -267,8 +276,8 @@ class Tracing:
         if last is None and len(self._failures_logged) >= _FAILURE_KINDS_MAX:
             self._failures_logged.clear()  # bounded: a handful of kinds in practice
         self._failures_logged[kind] = now
-        log.warning("tracing: ending a %s span failed (%s: %s); the span is dropped, the request is not "
-                    "affected (this kind is logged once a minute; banditgate_trace_spans_dropped_total "
+        log.warning("tracing: a %s span failed (%s: %s); the span is dropped, the request is not affected "
+                    "(this kind is logged once a minute; banditgate_trace_spans_dropped_total{reason=\"failed\"} "
                     "counts every one)", where, type(error).__name__, str(error)[:200])
 
     def close(self, span: OTel, where: str, marks: Marks = (), now_s: float = 0.0, now_ns: int | None = None,
@@ -277,7 +286,7 @@ class Tracing:
         :meth:`record_marks`) and recording `error` on it. Never raises: it runs while an error is
         being raised, which it must not replace; what fails is counted and logged (:meth:`failed`)
         and the span is still ended."""
-        if marks:
+        if marks and span.is_recording():  # an unsampled batch's stages would be unsampled too
             try:
                 self.record_marks(marks, span, now_s, now_ns)
             except Exception as exc:  # noqa: BLE001 - counted and logged in failed()
@@ -326,13 +335,19 @@ class Tracing:
         """Start a span (end it with :meth:`close`): a child of span `parent`, else of the remote
         `traceparent`, else a new trace's root (whose trace id is `trace_id` when given: one
         :meth:`admit_root` drew)."""
-        context = (self._trace.set_span_in_context(parent) if parent is not None
-                   else self.context_of(traceparent))
-        if trace_id is not None and context is None and self._ids is not None:
-            self._ids.local.drawn = trace_id
-        return self._tracer.start_span(name, context=context, kind=self._kinds[kind], start_time=start_ns,
-                                       attributes=dict(attributes) if attributes else None,
-                                       links=list(links[:MAX_LINKS]) or None)
+        try:
+            context = (self._trace.set_span_in_context(parent) if parent is not None
+                       else self.context_of(traceparent))
+            if trace_id is not None and context is None and self._ids is not None:
+                self._ids.local.drawn = trace_id
+            return self._tracer.start_span(name, context=context, kind=self._kinds[kind], start_time=start_ns,
+                                           attributes=dict(attributes) if attributes else None,
+                                           links=list(links[:MAX_LINKS]) or None)
+        except Exception as exc:  # noqa: BLE001 - counted and logged in failed(); the request goes on
+            # a span processor's on_start (or the SDK) failed: a span that records nothing stands in
+            # (its end does nothing; the callers see is_recording() False, as for an unsampled one)
+            self.failed(name, exc)
+            return self._trace.INVALID_SPAN
 
     def record(self, name: str, *, start_ns: int, end_ns: int | None = None, **kwargs: OTel) -> OTel:
         """A span that already happened (from `start_ns` to `end_ns`, default now)."""
@@ -351,9 +366,36 @@ class Tracing:
             span.end(end_time=now_ns - int((now_s - end_s) * 1e9))
 
     def shutdown(self) -> None:
-        """Export what is buffered and stop (at process exit)."""
+        """Export what is buffered and stop (blocks until the exporter is done: see :meth:`stop`)."""
         if self._provider is not None:
             self._provider.shutdown()
+
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """:meth:`shutdown` off the event loop, waiting at most `timeout_s` (default
+        SHUTDOWN_TIMEOUT_S): with the collector away, the exporter would hold the loop for its
+        timeout and retries. What is not exported by then is dropped (logged); never raises."""
+        if self._provider is None:
+            return
+        timeout_s = SHUTDOWN_TIMEOUT_S if timeout_s is None else timeout_s
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def run() -> None:
+            try:
+                self.shutdown()
+            except Exception as exc:  # noqa: BLE001 - logged: a stopping process has nothing else to do with it
+                log.warning("tracing: shutting the exporter down failed (%s: %s)", type(exc).__name__, str(exc)[:200])
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+                    loop.call_soon_threadsafe(done.set)
+
+        # a daemon thread: one the collector holds does not hold the process's exit either
+        threading.Thread(target=run, name="banditgate-tracing-shutdown", daemon=True).start()
+        try:
+            await asyncio.wait_for(done.wait(), timeout_s)
+        except TimeoutError:
+            log.warning("tracing: the last spans were not exported within %.1fs (is the collector reachable?); "
+                        "they are dropped", timeout_s)
 
 
 OFF = Tracing()

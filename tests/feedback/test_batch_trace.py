@@ -100,7 +100,7 @@ def test_ending_the_batch_never_raises_and_counts_what_failed() -> None:
     batch.end(ConnectionError("changelog write failed"))  # must not raise
     batch.end()  # once only
     assert [s.name for s in exporter.get_finished_spans()] == ["feedback.join", "feedback.batch"]
-    assert tracing.dropped["end_failed"] == 2
+    assert tracing.dropped["failed"] == 2
 
 
 def test_a_submit_cancelled_while_waiting_for_the_lock_ends_its_batch_span() -> None:

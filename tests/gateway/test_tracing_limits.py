@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 import pytest
 from hypothesis import given, settings
@@ -25,6 +26,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
 from prometheus_client import CollectorRegistry
 
+from banditgate import tracing as tracing_module
 from banditgate.config import TracingConfig, parse_config
 from banditgate.tracecontext import TRACEPARENT, new_traceparent, parse_traceparent
 from banditgate.tracing import SpanBudget, Tracing, sampling_bound, server_span
@@ -114,7 +116,7 @@ def test_an_unsampled_traced_request_costs_no_sdk_call() -> None:
     trace = [(TRACEPARENT, unsampled.encode())]
     assert batch.request(trace, pending(0), "r", None) is trace
     assert calls == []
-    assert on.dropped == {"rate_limited": 0, "batch_limited": 0, "end_failed": 0}
+    assert on.dropped == {"rate_limited": 0, "batch_limited": 0, "failed": 0}
 
 
 # -- caps ---------------------------------------------------------------------------------------------
@@ -133,7 +135,7 @@ def test_hostile_trace_ids_get_spans_only_up_to_the_caps_and_keep_their_context(
             carried.append((trace, batch.request(trace, pending(i), "r", None)))
         batch.end()
     assert len(request_spans(exporter)) == 5  # 3 in the first batch, then the bucket's other 2
-    assert on.dropped == {"batch_limited": 7, "rate_limited": 18, "end_failed": 0}
+    assert on.dropped == {"batch_limited": 7, "rate_limited": 18, "failed": 0}
     assert metrics.trace_spans_dropped.labels("batch_limited")._value.get() == 7
     assert metrics.trace_spans_dropped.labels("rate_limited")._value.get() == 18
     # refused: the caller's context goes on unchanged; admitted: the request's span is the parent
@@ -209,11 +211,11 @@ def test_ending_spans_never_replaces_the_error_and_is_counted_and_logged_once(ca
     # the exporter still got every span (the failing processor is another one), each ended once
     names = [s.name for s in exporter.get_finished_spans()]
     assert names.count("inference.GRPCInferenceService/ModelInfer") == 2 and names.count("gateway.batch") == 2
-    assert on.dropped["end_failed"] == len(names)
-    assert metrics.trace_spans_dropped.labels("end_failed")._value.get() == len(names)
-    logged = [r.getMessage().split(" span failed")[0] for r in caplog.records if "ending a" in r.getMessage()]
-    assert sorted(logged) == ["tracing: ending a gateway.batch", "tracing: ending a gateway.request",
-                              "tracing: ending a server"]  # once per kind, not once per span
+    assert on.dropped["failed"] == len(names)
+    assert metrics.trace_spans_dropped.labels("failed")._value.get() == len(names)
+    logged = [r.getMessage().split(" span failed")[0] for r in caplog.records if " span failed" in r.getMessage()]
+    assert sorted(logged) == ["tracing: a gateway.batch", "tracing: a gateway.request",
+                              "tracing: a server"]  # once per kind, not once per span
 
 
 # -- cancellation ------------------------------------------------------------------------------------
@@ -248,3 +250,71 @@ def test_a_batch_cancelled_while_waiting_for_delivery_ends_its_spans(monkeypatch
     asyncio.run(run())
     batch = [s for s in exporter.get_finished_spans() if s.name == "gateway.batch"]
     assert len(batch) == 1 and str(batch[0].events[0].attributes["exception.type"]).endswith("CancelledError")
+
+
+# -- a failing SDK, a hostile payload, an absent collector ---------------------------------------------
+
+
+class RaisingOnStart(SpanProcessor):
+    def on_start(self, span: object, parent_context: object = None) -> None:
+        raise RuntimeError("processor is broken")
+
+
+def test_a_span_that_fails_to_start_is_counted_and_the_batch_goes_on() -> None:
+    exporter = InMemorySpanExporter()
+    on = tracing(exporter, sample_ratio=1.0)
+    on._provider.add_span_processor(RaisingOnStart())
+    batch = BatchTrace(on, 1)  # raised RuntimeError before
+    trace = [(TRACEPARENT, new_traceparent().encode())]
+    assert batch.request(trace, pending(0), "r", None) is trace  # no span: the context goes on unchanged
+    batch.consumed(1, 0)
+    batch.end()
+    assert on.dropped["failed"] == 2 and exporter.get_finished_spans() == ()
+
+
+def test_what_a_caller_sent_is_cut_in_span_attributes() -> None:
+    exporter = InMemorySpanExporter()
+    on = tracing(exporter, sample_ratio=1.0)
+    traced = server_span(on, "http", "POST /v2/models/{name}/infer", "r" * 100_000, None)
+    assert traced is not None
+    traced.end(ValueError("x" * 100_000))
+    (span,) = exporter.get_finished_spans()
+    assert len(span.attributes["banditgate.target"]) == 4096
+    assert len(span.events[0].attributes["exception.message"]) == 4096
+
+
+def test_the_stage_spans_of_an_unsampled_batch_are_not_made() -> None:
+    exporter = InMemorySpanExporter()
+    on = tracing(exporter, sample_ratio=0.0)
+    calls = []
+    real = on._tracer.start_span
+    on._tracer.start_span = lambda *a, **k: calls.append(a[0]) or real(*a, **k)
+    batch = BatchTrace(on, 1)
+    batch.consumed(1, 0)
+    batch.producing(1)
+    batch.end()
+    assert calls == ["gateway.batch"]  # not consume and produce as well
+
+
+class BlockingExporter(InMemorySpanExporter):
+    """An exporter whose shutdown hangs (a collector that does not answer) until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.finished = False
+
+    def shutdown(self) -> None:
+        self.release.wait(10)
+        self.finished = True
+
+
+def test_stopping_does_not_wait_for_a_collector_that_is_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    exporter = BlockingExporter()
+    config = parse_config({"routes": [{"name": "r", "arms": [{"name": "a", "model": "m"}]}]}, env={})
+    loop = kafka_loop.KafkaLoop(config, None, GatewayMetrics(CollectorRegistry()),  # type: ignore[arg-type]
+                                tracing=tracing(exporter, sample_ratio=1.0))
+    monkeypatch.setattr(tracing_module, "SHUTDOWN_TIMEOUT_S", 0.2)
+    asyncio.run(loop.stop())  # held the event loop until the exporter returned before
+    assert not exporter.finished
+    exporter.release.set()
