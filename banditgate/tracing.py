@@ -170,7 +170,7 @@ class Tracing:
         """The provider's id generator (:func:`_drawn_ids`): the trace id of a root span drawn here."""
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
         """Spans dropped so far, by reason (also counted in the metric :meth:`count_into` gives)."""
-        self._counters: dict[str, Any] = {}  # Any: prometheus_client's labelled counter children
+        self._counters: dict[str, Counter] = {}
         self._failures_logged: dict[str, float] = {}
         if tracer is not None:
             from opentelemetry import trace
