@@ -652,6 +652,15 @@ class TracingConfig(_Strict):
     record the same traces): 1.0 records every request carrying a traceparent and every batch."""
     service_name: str | None = None
     """The ``service.name`` resource; default ``banditgate-gateway`` / ``banditgate-feedback``."""
+    max_request_spans_per_s: float = Field(100.0, ge=0, le=1_000_000, allow_inf_nan=False)
+    """Most per-request spans a process starts per second (a token bucket holding one second's
+    worth): the gateway's ``gateway.request`` and REST / gRPC server spans, the feedback worker's
+    ``feedback.prediction`` / ``feedback.outcome``, each with its stage children. A caller picks
+    its own trace ids, so the ratio alone does not bound them; a request over the cap keeps its
+    trace context but gets no span (``banditgate_trace_spans_dropped_total``). 0: none."""
+    max_request_spans_per_batch: int = Field(16, ge=0, le=10_000)
+    """Most per-request spans one fetched batch makes (the gateway's Kafka batches, the feedback
+    worker's batches); the rest are dropped as above."""
 
     @field_validator("endpoint")
     @classmethod

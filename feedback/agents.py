@@ -140,6 +140,8 @@ class JoinProcessor:
         self._table = table
         self.tracing = tracing
         """Spans (banditgate.tracing); every call behind one `enabled` test per batch."""
+        if tracing.enabled:
+            tracing.count_into(metrics.trace_spans_dropped)
         self._redis = redis
         self._out = out
         self._rules = rules
@@ -238,6 +240,17 @@ class JoinProcessor:
                                 _traceparent(headers) if headers else None)
         return self._decode_slow(message)
 
+    def _decode_traced(self, message: SourceMessage | ConsumerRecord) -> PredictionIn | OutcomeIn:
+        """`_decode`, plus an outcome's own trace context (validated here, where the event is
+        decoded: an invalid traceparent is dropped, never an error): the decoder of a batch the
+        worker traces (untraced, an outcome's context is only carried on, from its headers)."""
+        event = self._decode(message)
+        if isinstance(event, OutcomeIn):
+            headers = getattr(message, "headers", None)  # test doubles may have none
+            if headers:
+                event.trace = _traceparent(headers)
+        return event
+
     def _learn_name(self, name: str) -> bool:
         """Whether `name` is an arm or model name (banditgate.events.NAME_PATTERN); a valid one is
         remembered, so the regular expression runs once per name, not once per event."""
@@ -279,69 +292,75 @@ class JoinProcessor:
         40% of a drain."""
         started = time.perf_counter()
         traced = BatchTrace(self.tracing) if self.tracing.enabled else None
-        async with self.lock:
-            now = self._clock()
-            changes: dict[str, tuple[int, Entry | None]] = {}
-            effects: list[Effect] = []
-            letters: list[Outgoing] = []
-            consumed: Counter[str] = Counter()
-            dead: Counter[tuple[str, str]] = Counter()
-            get = self._table.get
-            unwritten = self._unwritten
-            decode = self._decode
-            outcomes_topic = self._topics.outcomes
-            rules = self._rules
-            extend = effects.extend
-            values: dict[str, bytes] = {}
-            max_entry = self._max_entry_bytes
-            for message in messages:
-                consumed[message.topic] += 1
-                try:
-                    event = decode(message)
-                except EventError as exc:
-                    source = self._sources.get(message.topic, message.topic)
-                    dead[(source, exc.reason)] += 1
-                    letters.append(self._out.dead_letter(message.key, str(exc), exc.reason, message.topic,
-                                                         message.partition, message.offset, message.value or b"",
-                                                         _carried(message)))
-                    continue
-                request_id = event.request_id
-                change = changes.get(request_id)
-                if change is None and unwritten:
-                    change = unwritten.get(request_id)
-                entry = change[1] if change is not None else get(request_id, event.partition)
-                if message.topic == outcomes_topic:
-                    step = on_outcome(entry, event, now, rules)  # type: ignore[arg-type]
-                    if traced is not None:
-                        headers = getattr(message, "headers", None)  # test doubles may have none
-                        traced.outcome(_traceparent(headers) if headers else None, entry, message.key)
-                else:
-                    step = on_prediction(entry, event, rules)  # type: ignore[arg-type]
-                    if traced is not None:
-                        traced.prediction(event)  # type: ignore[arg-type]
-                if step.changed:
-                    if max_entry is not None and step.entry is not None:
-                        # checked here, not when the changelog is written: a record the topic refuses
-                        # would hold the batch (and every offset after it) forever
-                        value = bytes(memoryview(encode_entry(step.entry)))
-                        if len(value) + len(request_id.encode()) > max_entry:
-                            self._oversize(message, len(value), dead, letters)
-                            continue
-                        values[request_id] = value
-                    changes[request_id] = (event.partition, step.entry)
-                if step.effects:
-                    extend(step.effects)
-            if self._table.over_budget():
-                self._evict(changes, effects, now)
-            for topic, count in consumed.items():
-                self._metrics.events.labels(self._sources.get(topic, topic)).inc(count)
-            for (source, reason), count in dead.items():
-                self._metrics.dead_letters.labels(source, reason).inc(count)
+        try:
+            async with self.lock:
+                now = self._clock()
+                changes: dict[str, tuple[int, Entry | None]] = {}
+                effects: list[Effect] = []
+                letters: list[Outgoing] = []
+                consumed: Counter[str] = Counter()
+                dead: Counter[tuple[str, str]] = Counter()
+                get = self._table.get
+                unwritten = self._unwritten
+                decode = self._decode if traced is None else self._decode_traced
+                outcomes_topic = self._topics.outcomes
+                rules = self._rules
+                extend = effects.extend
+                values: dict[str, bytes] = {}
+                max_entry = self._max_entry_bytes
+                for message in messages:
+                    consumed[message.topic] += 1
+                    try:
+                        event = decode(message)
+                    except EventError as exc:
+                        source = self._sources.get(message.topic, message.topic)
+                        dead[(source, exc.reason)] += 1
+                        letters.append(self._out.dead_letter(message.key, str(exc), exc.reason, message.topic,
+                                                             message.partition, message.offset, message.value or b"",
+                                                             _carried(message)))
+                        continue
+                    request_id = event.request_id
+                    change = changes.get(request_id)
+                    if change is None and unwritten:
+                        change = unwritten.get(request_id)
+                    entry = change[1] if change is not None else get(request_id, event.partition)
+                    if message.topic == outcomes_topic:
+                        step = on_outcome(entry, event, now, rules)  # type: ignore[arg-type]
+                        if traced is not None:
+                            traced.outcome(event.trace, entry, message.key)
+                    else:
+                        step = on_prediction(entry, event, rules)  # type: ignore[arg-type]
+                        if traced is not None:
+                            traced.prediction(event)  # type: ignore[arg-type]
+                    if step.changed:
+                        if max_entry is not None and step.entry is not None:
+                            # checked here, not when the changelog is written: a record the topic refuses
+                            # would hold the batch (and every offset after it) forever
+                            value = bytes(memoryview(encode_entry(step.entry)))
+                            if len(value) + len(request_id.encode()) > max_entry:
+                                self._oversize(message, len(value), dead, letters)
+                                continue
+                            values[request_id] = value
+                        changes[request_id] = (event.partition, step.entry)
+                    if step.effects:
+                        extend(step.effects)
+                if self._table.over_budget():
+                    self._evict(changes, effects, now)
+                for topic, count in consumed.items():
+                    self._metrics.events.labels(self._sources.get(topic, topic)).inc(count)
+                for (source, reason), count in dead.items():
+                    self._metrics.dead_letters.labels(source, reason).inc(count)
+                if traced is not None:
+                    traced.joined(len(messages), len(effects), len(changes))
+                written = self._write_after_previous(changes, effects, letters, values)
+                if traced is not None:
+                    written.add_done_callback(traced.applied)
+        except BaseException as exc:
+            # cancelled waiting for the lock (a rebalance, shutdown) or failed before the batch was
+            # handed to its writer: its spans end here (BatchTrace.end runs once, never raises)
             if traced is not None:
-                traced.joined(len(messages), len(effects), len(changes))
-            written = self._write_after_previous(changes, effects, letters, values)
-            if traced is not None:
-                written.add_done_callback(traced.applied)
+                traced.end(exc)
+            raise
 
         def observe(_: asyncio.Future[None]) -> None:
             self._metrics.batch_seconds.observe(time.perf_counter() - started)

@@ -229,6 +229,8 @@ class FeedbackRuntime(mode.Service):
             await self._producer.stop()
         if self._redis is not None:
             await self._redis.aclose()
+        if self.processor is not None and self.processor.tracing.enabled:
+            await self.processor.tracing.stop()  # the last spans, off the loop, bounded (the collector may be away)
 
     @mode.Service.task
     async def _report_health(self) -> None:

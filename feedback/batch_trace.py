@@ -11,7 +11,13 @@ stage times and makes the spans once the batch is applied:
   outcome's own context when it has one - a client that continued the prediction's trace - else
   of the prediction's, kept in the join entry; linked to the prediction), linked to
   ``feedback.batch``, with its own ``feedback.join`` and ``feedback.apply`` children. Only
-  sampled traces get them (``TraceIdRatioBased``: the same traces the gateway recorded).
+  sampled traces get them (``TraceIdRatioBased``: the same traces the gateway recorded), decided
+  before any SDK call, and at most ``tracing.max_request_spans_per_batch`` per batch while the
+  process's ``tracing.max_request_spans_per_s`` allows (:meth:`Tracing.admit`; the rest are counted
+  in ``banditgate_feedback_trace_spans_dropped_total``).
+
+Every span started here is ended exactly once (:meth:`BatchTrace.end`, also when the batch never
+got to be applied: its submit was cancelled or raised), and ending never raises.
 """
 
 from __future__ import annotations
@@ -36,10 +42,11 @@ class BatchTrace:
         self._attributes: dict[str, AttributeValue] = {}
         self.events: list[OTel] = []
         """The spans of the sampled traced events in the batch (ended with it)."""
+        self._ended = False
 
     def prediction(self, event: PredictionIn) -> None:
         """A (shadow) prediction joined: a span in its request's trace when it carries one."""
-        if event.trace is None:
+        if event.trace is None or not self.tracing.admit(event.trace, len(self.events)):
             return
         self._event("feedback.prediction", event.trace, [],
                     {"banditgate.request_id": event.request_id, "banditgate.route": event.route,
@@ -49,15 +56,17 @@ class BatchTrace:
         """An outcome joined (`own`: the outcome record's traceparent; `entry`: its request's join
         entry before the outcome): a span in the outcome's trace, else in the prediction's."""
         predicted = entry.trace if entry is not None else None
-        if own is None and predicted is None:
+        traceparent = own if own is not None else predicted
+        if traceparent is None or not self.tracing.admit(traceparent, len(self.events)):
             return
         links = [self.tracing.link_to(predicted)] if predicted is not None and predicted != own else []
         request_id = entry.request_id if entry is not None else (key or b"").decode(errors="replace")
-        self._event("feedback.outcome", own or predicted, links,  # type: ignore[arg-type]
+        self._event("feedback.outcome", traceparent, links,
                     {"banditgate.request_id": request_id,
                      "banditgate.joined": entry is not None and entry.primary is not None})
 
     def _event(self, name: str, traceparent: str, links: list[OTel], attributes: dict[str, AttributeValue]) -> None:
+        """The span of one event whose `traceparent` (validated at decode) :meth:`Tracing.admit` admitted."""
         tracing = self.tracing
         span = tracing.start(name, traceparent=traceparent, kind="consumer", attributes=attributes,
                              links=[tracing.link_span(self.span), *links],
@@ -65,7 +74,7 @@ class BatchTrace:
         if span.is_recording():
             self.events.append(span)
         else:
-            span.end()
+            tracing.close(span, name)
 
     def joined(self, messages: int, effects: int, entries: int) -> None:
         """The batch is joined; applying it starts now."""
@@ -75,16 +84,24 @@ class BatchTrace:
 
     def applied(self, written: asyncio.Future[None]) -> None:
         """The batch is applied and persisted (or failed): a done callback of its future."""
-        error = None if written.cancelled() else written.exception()
+        self.end(asyncio.CancelledError() if written.cancelled() else written.exception())
+
+    def end(self, error: BaseException | None = None) -> None:
+        """End every span of the batch (once; a later call does nothing), with `error` recorded
+        on them when the batch failed. Never raises (Tracing.close)."""
+        if self._ended:
+            return
+        self._ended = True
         now = time.monotonic()
         now_ns = self._anchor_ns + int((now - self._join_started) * 1e9)
         joined = self._joined if self._joined is not None else now
         marks: Marks = [("feedback.join", self._join_started, joined, {}), ("feedback.apply", joined, now, {})]
         tracing = self.tracing
-        for key, value in self._attributes.items():
-            self.span.set_attribute(key, value)
-        for span in (self.span, *self.events):
-            tracing.record_marks(marks, span, now, now_ns)
-            if error is not None:
-                span.record_exception(error)
-            span.end(end_time=now_ns)
+        try:
+            for key, value in self._attributes.items():
+                self.span.set_attribute(key, value)
+        except Exception as exc:  # noqa: BLE001 - counted and logged in failed(); the spans still end
+            tracing.failed("feedback.batch", exc)
+        for span in self.events:
+            tracing.close(span, "feedback.event", marks, now, now_ns, error, now_ns)
+        tracing.close(self.span, "feedback.batch", marks, now, now_ns, error, now_ns)

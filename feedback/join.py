@@ -43,6 +43,7 @@ from typing import Literal, final
 import orjson
 
 from banditgate.jsontypes import JSONObject, JSONValue
+from banditgate.tracecontext import parse_traceparent
 from feedback.outcome_metrics import PredictionView
 from feedback.pairs import Impression, Pairs, pairs_effect
 from feedback.reward import RewardError, RewardKind, checked_reward
@@ -266,6 +267,8 @@ class OutcomeIn:
     request_id: str
     partition: int
     outcome: Seen
+    trace: str | None = None
+    """The outcome record's valid traceparent, read at decode only when the worker traces."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,9 +668,10 @@ def decode_entry(request_id: str, raw: bytes) -> Entry:
         trace = None
         if version == _ENTRY_TAG:
             if len(record) == 12:  # the primary prediction's traceparent, when it had one
-                trace = record.pop()
-                if trace.__class__ is not str:
-                    raise ValueError("the trace is not a string")
+                # validated here, as every trace context is where it is read: an invalid one (a
+                # record written by something else, a corrupted store) is dropped, not an error,
+                # so it never reaches the worker's dead letters' headers or the tracing SDK
+                trace = parse_traceparent(record.pop())
             (_, partition, route, primary, ts_predicted, shadows, outcome, state, scored, anchor_ts,
              early) = record
         elif version.__class__ is str:

@@ -61,6 +61,10 @@ class FeedbackMetrics:
         self.join_budget_bytes = Gauge("banditgate_feedback_join_budget_bytes",
                                        "feedback.join_max_bytes: the whole table's budget (a worker holds its "
                                        "partitions' share)", registry=registry)
+        self.trace_spans_dropped = Counter("banditgate_feedback_trace_spans_dropped_total",
+                                           "Per-event spans not made (rate_limited, batch_limited: over "
+                                           "tracing.max_request_spans_per_s / _per_batch) or whose start or end "
+                                           "raised (failed); only with tracing enabled", ["reason"], registry=registry)
         self.join_evictions = Counter("banditgate_feedback_join_evictions_total",
                                       "Join entries evicted because the table was over its budget, by what they held "
                                       "(settled, unanswered, default, orphan, shadow); counted once per evicted entry "

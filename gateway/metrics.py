@@ -196,6 +196,10 @@ class GatewayMetrics:
                                        "Sidecar (REST/gRPC) prediction, shadow and alert events not published: "
                                        "queue full while Kafka was away, or refused for good.", ["topic", "reason"],
                                        registry=registry)
+        self.trace_spans_dropped = Counter("banditgate_trace_spans_dropped_total",
+                                           "Per-request spans not made (rate_limited, batch_limited: over "
+                                           "tracing.max_request_spans_per_s / _per_batch) or whose start or end "
+                                           "raised (failed); only with tracing enabled.", ["reason"], registry=registry)
         self.producer_replacements = Counter("banditgate_producer_replacements_total",
                                              "Times the shared idempotent producer was replaced after a failed "
                                              "publication (a new producer id).", registry=registry)

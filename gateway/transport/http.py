@@ -483,12 +483,16 @@ INFER_VERSION_ROUTE = "POST /v2/models/{name}/versions/{version}/infer"
 
 async def infer_rest_traced(ctx: SidecarContext, scope: Scope, receive: Receive,
                             name: str, version: str | None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """`infer_rest` inside a server span (called instead of it when tracing is on)."""
+    """`infer_rest` inside a server span (called instead of it when tracing is on). The bearer
+    token is checked first: a refused call makes no span, so an unauthenticated caller can neither
+    create spans nor choose their parent (docs/deploy.md, Tracing)."""
+    if ctx.config.server.infer_tokens:
+        ctx.check_token(_header(scope, b"authorization"), admin=False)
     traced = server_span(ctx.tracing, "http", INFER_VERSION_ROUTE if version else INFER_ROUTE, name, _trace(scope))
-    if traced is None:  # tracing went off meanwhile
-        return await infer_rest(ctx, scope, receive, name, version)
+    if traced is None:  # not sampled, over tracing.max_request_spans_per_s, or tracing went off meanwhile
+        return await infer_rest(ctx, scope, receive, name, version, authenticated=True)
     try:
-        answered = await infer_rest(ctx, scope, receive, name, version, traced)
+        answered = await infer_rest(ctx, scope, receive, name, version, traced, authenticated=True)
     except BaseException as exc:
         traced.end(exc)
         raise
@@ -497,14 +501,16 @@ async def infer_rest_traced(ctx: SidecarContext, scope: Scope, receive: Receive,
 
 
 async def infer_rest(ctx: SidecarContext, scope: Scope, receive: Receive, name: str, version: str | None,
-                     traced: ServerSpan | None = None) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+                     traced: ServerSpan | None = None, *,
+                     authenticated: bool = False) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """One OIP REST infer call: (status, headers, body). Raises GatewayError for 4xx/5xx.
     `traced`: the request's server span (infer_rest_traced), whose decide, queue and infer
-    become its children and which its events name as their parent."""
+    become its children and which its events name as their parent; `authenticated`: the caller
+    (infer_rest_traced) has checked the bearer token already."""
     received = time.monotonic()
     trace = _trace(scope) if traced is None else traced.trace
     server = ctx.config.server
-    if server.infer_tokens:
+    if server.infer_tokens and not authenticated:
         ctx.check_token(_header(scope, b"authorization"), admin=False)
     body = await _receive_body(receive, _header(scope, b"content-length"), server.max_body_bytes)
     header = _header(scope, b"inference-header-content-length")

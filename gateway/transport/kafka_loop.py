@@ -96,6 +96,8 @@ class KafkaLoop:
         self.tracing = tracing if tracing is not None else Tracing.from_config(config.tracing, "banditgate-gateway")
         """Spans (banditgate.tracing); OFF unless tracing.enabled: every tracing call below is behind
         one `self.tracing.enabled` test per batch, or a None test on what that test made."""
+        if self.tracing.enabled:
+            self.tracing.count_into(metrics.trace_spans_dropped)
         self.dataplane = dataplane
         self.metrics = metrics
         self.clock = clock
@@ -201,7 +203,7 @@ class KafkaLoop:
             await self.shared.stop()
             self.metrics.kafka_up.set(0)
             if self.tracing.enabled:
-                self.tracing.shutdown()
+                await self.tracing.stop()  # off the loop, bounded: the collector may be away
 
     async def close_now(self, timeout_s: float = CLOSE_NOW_TIMEOUT_S) -> None:
         """The grace period is over: drop what is in flight (it is served again from the committed
@@ -432,11 +434,17 @@ class KafkaLoop:
                 raise
         except BaseException as exc:
             if traced is not None:
-                traced.end(exc)  # a no-op when the send's failure ended it
+                traced.end(exc)  # never raises, so `exc` is what propagates
             raise
         finally:
             handed_over.set()
-        failures = await delivered(sent)
+        try:
+            failures = await delivered(sent)
+        except BaseException as exc:
+            # the spans end even when this task is cancelled waiting (shutdown, a rebalance)
+            if traced is not None:
+                traced.end(exc)
+            raise
         if traced is not None:
             traced.end(failed_batches=len(failures))
         if failures:

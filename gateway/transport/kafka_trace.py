@@ -13,7 +13,13 @@ once per stage (and once per stage of each traced request), never per untraced r
   is acknowledged, with its own ``gateway.consume``, ``gateway.decide``, ``gateway.queue``,
   ``gateway.infer`` (those of its route and the arm that answered it) and ``gateway.produce`` as
   children. Its events (prediction, shadows, dead letter, reply) name ``gateway.request`` as their
-  parent, so the feedback worker's spans for them join the same trace.
+  parent, so the feedback worker's spans for them join the same trace. At most
+  ``tracing.max_request_spans_per_batch`` requests of a batch get one, and only while the
+  process's ``tracing.max_request_spans_per_s`` allows (:meth:`Tracing.admit`, decided before any
+  SDK call); the others keep the caller's context unchanged.
+
+Ending never raises (:meth:`Tracing.close`), so the loop may end a batch's spans while an error of
+its own is being raised; :meth:`BatchTrace.end` ends every span it started exactly once.
 """
 
 from __future__ import annotations
@@ -78,17 +84,20 @@ class BatchTrace:
         caller's trace, and return the headers its events carry (that span as their parent when
         its trace is sampled, else the caller's context unchanged)."""
         tracing = self.tracing
+        traceparent = trace[0][1].decode()
+        if self._ended or not tracing.admit(traceparent, len(self.requests)):
+            return trace  # not sampled, or over a cap: the caller's context goes on unchanged, no span
         arm = prediction["arm"] if prediction is not None else None
         attributes: dict[str, AttributeValue] = {"banditgate.request_id": pending.request_id, "banditgate.route": route_name}
         if arm is not None:
             attributes["banditgate.arm"] = arm
         # from when its batch was fetched (it was received, stamped, while that batch was decoded)
-        span = tracing.start("gateway.request", traceparent=trace[0][1].decode(), kind="consumer",
+        span = tracing.start("gateway.request", traceparent=traceparent, kind="consumer",
                              start_ns=self._wall_ns(min(pending.received_s, self._consume_started)),
                              attributes=attributes, links=[tracing.link_span(self.span)])
-        if not span.is_recording():
-            span.end()
-            return trace  # not sampled: the caller's context goes on unchanged
+        if not span.is_recording():  # the SDK decided otherwise: nothing recorded
+            tracing.close(span, "gateway.request")
+            return trace
         self.requests.append((span, route_name, arm))
         return [(TRACEPARENT, tracing.traceparent_of(span).encode()), *trace[1:]]
 
@@ -103,7 +112,8 @@ class BatchTrace:
     # -- the end -----------------------------------------------------------------------------
 
     def end(self, error: BaseException | None = None, failed_batches: int = 0) -> None:
-        """The batch is delivered (or failed with `error`): make the stage spans and end them all."""
+        """The batch is delivered (or failed with `error`, or its task was cancelled): make the
+        stage spans and end them all, once (a later call does nothing). Never raises."""
         if self._ended:
             return
         self._ended = True
@@ -116,7 +126,6 @@ class BatchTrace:
                         {"messaging.batch.message_count": self._produce_count,
                          "banditgate.failed_batches": failed_batches})]
         route_marks = [mark for stages in self.routes.values() for mark in stages.marks]
-        tracing.record_marks([*self.marks, *route_marks, *produce], self.span, now, now_ns)
         for span, route_name, arm in self.requests:
             stages = self.routes.get(route_name)
             # the route's decide, and the queue and infer of the arm that answered (not its shadows)
@@ -124,10 +133,5 @@ class BatchTrace:
                     if "banditgate.arm" not in mark[3] or (mark[3]["banditgate.arm"] == arm
                                                            and not mark[3].get("banditgate.shadow"))
                     ] if stages is not None else []
-            tracing.record_marks([*self.marks, *mine, *produce], span, now, now_ns)
-            if error is not None:
-                span.record_exception(error)
-            span.end(end_time=now_ns)
-        if error is not None:
-            self.span.record_exception(error)
-        self.span.end(end_time=now_ns)
+            tracing.close(span, "gateway.request", [*self.marks, *mine, *produce], now, now_ns, error, now_ns)
+        tracing.close(self.span, "gateway.batch", [*self.marks, *route_marks, *produce], now, now_ns, error, now_ns)

@@ -238,6 +238,9 @@ class TransactionalKafkaLoop(KafkaLoop):
                     raise  # a defect in our code, not the broker's doing: the loop stops on it
                 await self._redo(tp, producer, records[0].offset,
                                  exc.cause if isinstance(exc, PublicationFailed) else exc)
+            except BaseException as exc:  # cancelled (a revocation, shutdown): the spans say so
+                error = exc
+                raise
             finally:
                 if traced is not None:
                     traced.end(error)

@@ -146,3 +146,16 @@ def test_numbers_the_redis_scripts_would_refuse_are_refused_at_load(path: tuple,
     node[path[-1]] = value
     with pytest.raises(ConfigError, match=str(path[-1])):
         parse_config(bad, source="x.yaml", env={})
+
+
+def test_tracing_span_caps_default_and_bounds() -> None:
+    tracing = parse_config(GOOD, env={}).tracing
+    assert (tracing.max_request_spans_per_s, tracing.max_request_spans_per_batch) == (100.0, 16)
+    bad = {**GOOD, "tracing": {"max_request_spans_per_s": float("nan"), "max_request_spans_per_batch": -1}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(bad, source="x.yaml", env={})
+    assert "tracing.max_request_spans_per_s" in str(info.value)
+    assert "tracing.max_request_spans_per_batch" in str(info.value)
+    for over in ({"max_request_spans_per_s": float("inf")}, {"max_request_spans_per_s": 2e6}):
+        with pytest.raises(ConfigError, match="tracing.max_request_spans_per_s"):
+            parse_config({**GOOD, "tracing": over}, env={})
