@@ -146,3 +146,13 @@ def test_numbers_the_redis_scripts_would_refuse_are_refused_at_load(path: tuple,
     node[path[-1]] = value
     with pytest.raises(ConfigError, match=str(path[-1])):
         parse_config(bad, source="x.yaml", env={})
+
+
+def test_kafka_cloudevents_is_on_by_default_and_a_checked_switch() -> None:
+    assert parse_config(GOOD, env={}).kafka.cloudevents is True
+    off = {**yaml.safe_load(yaml.safe_dump(GOOD)), "kafka": {"cloudevents": False}}
+    assert parse_config(off, env={}).kafka.cloudevents is False
+    bad = {**yaml.safe_load(yaml.safe_dump(GOOD)), "kafka": {"cloudevents": "maybe"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(bad, source="x.yaml", env={})
+    assert str(info.value).startswith("x.yaml: kafka.cloudevents:") and "\n" not in str(info.value)
