@@ -13,8 +13,8 @@ import orjson
 import pytest
 
 from banditgate.events import MAX_ID_CHARS
-from gateway.transport.proto import grpc_predict_v2_pb2 as pb2
-from gateway.transport.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
+from banditgate.proto import grpc_predict_v2_pb2 as pb2
+from banditgate.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
 from tests.gateway.support import N_FEATURES, gateway_config, start_gateway
 from tests.kafka_helpers import produce, read_records, request_event
 
