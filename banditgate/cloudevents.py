@@ -81,18 +81,29 @@ def source(process: str, route: str | None = None) -> str:
 
 _second = -1
 _second_text = ""
+_millisecond = -1
+_millisecond_text = b""
 
 
 def ce_time(epoch_s: float | None = None) -> bytes:
-    """`epoch_s` (default now) as RFC 3339 UTC with milliseconds (``2026-12-07T20:10:09.123Z``);
-    the date and time of day are formatted once per second."""
-    global _second, _second_text  # a one-entry cache of the formatted second
-    now = time.time() if epoch_s is None else epoch_s
-    second = int(now)
+    """`epoch_s` (default now) as RFC 3339 UTC with milliseconds (``2026-12-07T20:10:09.123Z``).
+    The date and time of day are formatted once per second and the whole string once per
+    millisecond: the client's `send` asks for it per record, dozens of times a millisecond.
+
+    >>> ce_time(1796674209.1234), ce_time(1796674209.9999), ce_time(1796674210.0)
+    (b'2026-12-07T20:10:09.123Z', b'2026-12-07T20:10:09.999Z', b'2026-12-07T20:10:10.000Z')
+    """
+    global _second, _second_text, _millisecond, _millisecond_text  # one-entry caches
+    millisecond = int((time.time() if epoch_s is None else epoch_s) * 1000)
+    if millisecond == _millisecond:
+        return _millisecond_text
+    second, fraction = divmod(millisecond, 1000)
     if second != _second:
         _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _second = second
-    return f"{_second_text}.{int((now - second) * 1000):03d}Z".encode()
+    _millisecond_text = f"{_second_text}.{fraction:03d}Z".encode()
+    _millisecond = millisecond
+    return _millisecond_text
 
 
 def content_id(topic: str, key: bytes | None, value: bytes) -> bytes:

@@ -73,3 +73,21 @@ def test_switched_off_a_record_keeps_its_trace_context_only() -> None:
     assert headers_for("prediction", "/s", enabled=False)(b"r", b"t") == []
     assert cloudevents.headers("outcome", "/s", b"x", None, enabled=False) == []
     assert cloudevents.attributes(headers_for("prediction", "/s")(b"r", b"t", trace))["id"] == "prediction:r"
+
+
+def test_ce_time_is_rfc3339_milliseconds_across_second_and_millisecond_boundaries() -> None:
+    from datetime import UTC, datetime
+
+    for epoch_s in (1796674209.1234, 1796674209.1236, 1796674209.9999, 1796674210.0, 1796674210.0004, 0.5):
+        expected = datetime.fromtimestamp(int(epoch_s * 1000) / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+        assert cloudevents.ce_time(epoch_s) == expected.encode(), epoch_s
+
+
+def test_the_modules_doctests_hold() -> None:
+    import doctest
+
+    from banditgate import kafka_delivery
+
+    for module in (cloudevents, kafka_delivery):
+        result = doctest.testmod(module, raise_on_error=False)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
