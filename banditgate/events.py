@@ -42,7 +42,9 @@ MAX_RANKERS = 16
 """Most rankers (arms) one interleave route may have: a prediction's impression names each, and the
 worker keeps a pair of counters per two of them (k rankers, k(k-1)/2 pairs per click)."""
 """Longest string label."""
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
+MAX_NAME_CHARS = 128
+"""The longest route, arm or model name."""
+NAME_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9_.\-]{{0,{MAX_NAME_CHARS - 1}}}$"
 """Route, arm and model names (banditgate.config validates configured names with it)."""
 _NAME = re.compile(NAME_PATTERN)
 

@@ -36,6 +36,8 @@ from aiokafka.errors import (
     UnknownProducerId,
 )
 
+from banditgate.cloudevents import MAX_HEADER_BYTES
+
 DEFAULT_MAX_MESSAGE_BYTES = 1_048_588
 """Kafka's default `message.max.bytes` (broker) and `max.message.bytes` (topic): the largest record
 batch a topic accepts when nobody changed it."""
@@ -114,11 +116,14 @@ def is_delivery_error(exc: BaseException) -> bool:
 
 def record_limit(max_message_bytes: int, max_request_bytes: int) -> int:
     """The largest key + value (bytes) a topic that accepts `max_message_bytes`-byte batches takes
-    from a producer whose requests may be `max_request_bytes`.
+    from a producer whose requests may be `max_request_bytes`, with room for the largest headers
+    banditgate puts on a record (banditgate.cloudevents.MAX_HEADER_BYTES: the CloudEvents
+    attributes and the trace context), so a record at the limit is never refused for its headers.
 
     >>> record_limit(1_048_588, 8 * 1024 * 1024)
-    1048488
+    1046407
     >>> record_limit(10_000_000, 1_000_000)
-    998876
+    996795
     """
-    return max(0, min(max_message_bytes, max_request_bytes - REQUEST_OVERHEAD_BYTES) - RECORD_OVERHEAD_BYTES)
+    return max(0, min(max_message_bytes, max_request_bytes - REQUEST_OVERHEAD_BYTES) - RECORD_OVERHEAD_BYTES
+               - MAX_HEADER_BYTES)

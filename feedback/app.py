@@ -182,7 +182,7 @@ class FeedbackRuntime(mode.Service):
                                         self.metrics)
         self.webhooks.start()
         out = KafkaOut(self._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts, self.webhooks,
-                       self.metrics)
+                       self.metrics, cloudevents=config.kafka.cloudevents)
         rules = join_rules(config)
         budget = JoinBudget(max_bytes=config.feedback.join_max_bytes, max_entries=config.feedback.join_max_entries,
                             partitions=config.feedback.partitions)

@@ -143,10 +143,12 @@ class LifecycleDriver:
             if item.get("topic") == "alerts":
                 messages.append((topics.alerts, key, encoded))  # KafkaOut adds an alert's CloudEvents headers
                 continue
-            # a routing change: CloudEvents id route/seq (the same when the outbox is drained again)
-            messages.append((topics.routing_changes, key, encoded,
-                             cloudevents.headers("routing-change", cloudevents.source("feedback", route or None),
-                                                 f"{route}/{value.get('seq')}".encode())))
+            # a routing change: CloudEvents id routing-change:route/seq (the same when the outbox is
+            # drained again); the trace-less record has no headers when they are off
+            headers = cloudevents.headers("routing-change", cloudevents.source("feedback", route or None),
+                                          f"{route}/{value.get('seq')}".encode(), None, self.config.kafka.cloudevents)
+            messages.append((topics.routing_changes, key, encoded, headers) if headers else
+                            (topics.routing_changes, key, encoded))
         await self.out.send_all(messages)
         if self.metrics is not None:
             for item in items:
@@ -430,7 +432,8 @@ def install(app: faust.App, runtime: LifecycleHost, config: Config) -> None:
         if "driver" not in holder:
             out = KafkaOut(runtime._producer, config.kafka.topics.deadletter, config.kafka.topics.alerts,  # noqa: SLF001
                            getattr(runtime, "webhooks", None),  # the route's webhook gets these alerts too
-                           getattr(runtime, "metrics", None))  # refused alerts are counted
+                           getattr(runtime, "metrics", None),  # refused alerts are counted
+                           cloudevents=config.kafka.cloudevents)
             drift = getattr(runtime, "quality_drift", None)
             holder["driver"] = LifecycleDriver(config, runtime._redis, out,  # noqa: SLF001
                                                quality_alarms=drift.pending_alarms if drift is not None else None,

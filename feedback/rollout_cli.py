@@ -54,7 +54,8 @@ async def _publish(config: Config, client: redis_asyncio.Redis, route: str) -> i
     webhooks.start()
     try:
         topics = config.kafka.topics
-        driver = LifecycleDriver(config, client, KafkaOut(producer, topics.deadletter, topics.alerts, webhooks))
+        driver = LifecycleDriver(config, client, KafkaOut(producer, topics.deadletter, topics.alerts, webhooks,
+                                                       cloudevents=config.kafka.cloudevents))
         return int(await asyncio.wait_for(driver.rollouts.drain_outbox(route, driver.send_queued), timeout=20))
     finally:
         await webhooks.stop()

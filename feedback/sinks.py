@@ -185,8 +185,10 @@ class KafkaOut:
 
     def __init__(self, producer: ReplaceableProducer | AIOKafkaProducer, deadletter_topic: str, alerts_topic: str,
                  webhooks: WebhookNotifier | None = None,
-                 metrics: FeedbackMetrics | None = None) -> None:
+                 metrics: FeedbackMetrics | None = None, cloudevents: bool = True) -> None:
         self._producer = producer
+        self.cloudevents = cloudevents
+        """Whether dead letters and alerts get CloudEvents headers (``kafka.cloudevents``)."""
         self.deadletter_topic = deadletter_topic
         self.alerts_topic = alerts_topic
         self.webhooks: WebhookNotifier | None = webhooks
@@ -266,7 +268,9 @@ class KafkaOut:
     def _stamp(self, pending: list[Outgoing]) -> None:
         """Add the CloudEvents headers (banditgate.cloudevents) to the dead letters and alerts in
         `pending` that have none: id from the content (the same on a retry or a replay), source
-        the worker (and the alert's route, its key)."""
+        the worker (and the alert's route, its key). Nothing when the headers are off."""
+        if not self.cloudevents:
+            return
         at = b""
         for index, message in enumerate(pending):
             topic = message[0]

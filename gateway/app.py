@@ -283,7 +283,8 @@ class Gateway:
         shared, topic = self.kafka.shared, self.config.kafka.topics.outcomes
         values = [(str(outcome["request_id"]).encode(), orjson.dumps(outcome)) for outcome in outcomes]
         ce_source = cloudevents.source("gateway")  # an outcome names no route
-        headers = [cloudevents.headers("outcome", ce_source, cloudevents.content_id(topic, key, value), trace)
+        enabled = self.config.kafka.cloudevents
+        headers = [cloudevents.headers("outcome", ce_source, cloudevents.content_id(topic, key, value), trace, enabled)
                    for key, value in values]
         for _attempt in (1, 2):
             producer = shared.producer
@@ -322,7 +323,8 @@ class Gateway:
         self.publisher = PredictionPublisher(self.kafka.shared, self.kafka.partitions, metrics=self.metrics,
                                             deadletter_topic=self.config.kafka.topics.deadletter,
                                             flush_interval_s=self.config.server.publish_interval_ms / 1000,
-                                            event_types=event_types(self.config.kafka.topics))
+                                            event_types=event_types(self.config.kafka.topics),
+                                            cloudevents=self.config.kafka.cloudevents)
         self.publisher.start()
         publisher = self.publisher
         context = SidecarContext(config=self.config, dataplane=self.dataplane,

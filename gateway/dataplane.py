@@ -345,8 +345,9 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
     """Serve one OIP request: a route name picks an arm through its policy; a model name (with an
     optional version) bypasses the router. Raises GatewayError subclasses (→ 4xx/5xx). `stages`
     (only when traced) gets the times of the decision, the queueing and the inference."""
-    from gateway.validation import validate_arrays
+    from gateway.validation import check_request_id, validate_arrays
 
+    check_request_id(request_id)  # before anything is decided for it
     shadows: list[tuple[Arm, int]] = []
     policy: str  # the route's policy, or "direct" for a model named without a route
     runtime = dataplane.routes.get(name) if not version else None
@@ -373,6 +374,7 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
         arm_name, propensity, policy, route_name = None, 1.0, "direct", name
     checked = validate_arrays(model, feeds)
     rows = next(iter(checked.values())).shape[0]
+    check_request_id(request_id, rows)  # each row's prediction id: <id>/<row>
     submitted_at = dataplane.clock() if stages is not None else 0.0
     try:
         result: RowsResult = await dataplane.batcher(model).submit(checked, rows, reject_when_full=True)

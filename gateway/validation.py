@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from banditgate.events import MAX_ID_CHARS
 from banditgate.jsontypes import JSONValue
 from gateway.errors import InvalidInput
 from gateway.models.onnx_runtime import OIP_DATATYPES, OnnxModel, TensorSpec
@@ -25,6 +26,27 @@ from gateway.models.onnx_runtime import OIP_DATATYPES, OnnxModel, TensorSpec
 _NUMERIC_KINDS = {"f": "fiub", "i": "iub", "u": "iub", "b": "b", "O": "UO"}
 MAX_DIMS = 32
 """More dimensions than any model here takes (numpy's own limit is 64)."""
+
+
+def check_request_id(request_id: str, rows: int = 1) -> None:
+    """Raise InvalidInput (``bad_id``) unless every prediction id an OIP request of `rows` rows
+    makes (its ``id``; ``<id>/<row>`` for several rows) has 1..MAX_ID_CHARS characters, the bound
+    of the events contract (a Kafka request's request_id has it too): a longer id would make
+    predictions the feedback worker refuses and unbounded CloudEvents ids.
+
+    >>> check_request_id("r" * 256)
+    >>> check_request_id("r" * 255, rows=10)
+    Traceback (most recent call last):
+    gateway.errors.InvalidInput: the request id has 255 characters; with 10 rows each prediction's id is '<id>/<row>', which may have at most 256 characters: send a shorter 'id'
+    """
+    longest = len(request_id) + (len(str(rows - 1)) + 1 if rows > 1 else 0)
+    if not request_id or longest > MAX_ID_CHARS:
+        if rows > 1:
+            raise InvalidInput(f"the request id has {len(request_id)} characters; with {rows} rows each prediction's "
+                               f"id is '<id>/<row>', which may have at most {MAX_ID_CHARS} characters: send a "
+                               "shorter 'id'", "bad_id")
+        raise InvalidInput(f"the request id has {len(request_id)} characters; it may have 1..{MAX_ID_CHARS}: "
+                           "send a shorter 'id'", "bad_id")
 
 
 def check_shape(shape: JSONValue, name: str, max_elements: int) -> int:

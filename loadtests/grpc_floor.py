@@ -21,8 +21,8 @@ import grpc
 import uvloop
 
 from gateway.transport.grpc_server import GRPC_THREADS
-from gateway.transport.proto import grpc_predict_v2_pb2 as pb2
-from gateway.transport.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
+from banditgate.proto import grpc_predict_v2_pb2 as pb2
+from banditgate.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
 
 _ANSWER = pb2.ModelInferResponse(
     model_name="floor", model_version="1",

@@ -396,7 +396,7 @@ async def rest_measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 def grpc_request_bytes(model_name: str, model_version: str, input_name: str, row: Any) -> bytes:
     """A serialised ModelInferRequest for one FP32 row sent as raw_input_contents."""
-    from gateway.transport.proto import grpc_predict_v2_pb2 as pb2
+    from banditgate.proto import grpc_predict_v2_pb2 as pb2
 
     request = pb2.ModelInferRequest(model_name=model_name, model_version=model_version)
     tensor = request.inputs.add()

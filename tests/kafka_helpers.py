@@ -10,6 +10,20 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from banditgate import cloudevents
+from banditgate.events import CLOUDEVENT_TYPES, MAX_ID_CHARS, MAX_NAME_CHARS
+from banditgate.tracecontext import MAX_TRACESTATE_CHARS, new_traceparent
+
+
+def largest_headers() -> list[tuple[str, bytes]]:
+    """The longest headers banditgate puts on a record: the longest event name, type and source
+    (the feedback worker's, a route name of MAX_NAME_CHARS), a natural id of an arm and a request_id
+    of 4-byte characters, a traceparent and a tracestate at their longest."""
+    event = max(CLOUDEVENT_TYPES, key=lambda name: (len(name), len(CLOUDEVENT_TYPES[name])))
+    trace = [("traceparent", new_traceparent().encode()), ("tracestate", b"k=" + b"v" * (MAX_TRACESTATE_CHARS - 2))]
+    natural = b"a" * MAX_NAME_CHARS + b":" + ("\U0001d11e" * MAX_ID_CHARS).encode()
+    return cloudevents.headers(event, cloudevents.source("feedback", "r" * MAX_NAME_CHARS), natural, trace)
+
 
 async def produce(bootstrap: str, topic: str, values: Iterable[tuple[bytes | None, bytes]]) -> int:
     """Produce (key, value) pairs with an idempotent producer; return how many."""

@@ -39,11 +39,11 @@ import numpy as np
 import numpy.typing as npt
 
 from banditgate.client.errors import ClientError, GatewayRejected, InvalidRequest
-from banditgate.client.proto import grpc_predict_v2_pb2 as pb2
-from banditgate.client.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
 from banditgate.client.types import Prediction
 from banditgate.client.validation import check_metadata
 from banditgate.jsontypes import JSONObject
+from banditgate.proto import grpc_predict_v2_pb2 as pb2
+from banditgate.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
 from banditgate.tracecontext import trace_context
 
 # numpy dtype -> OIP datatype of a binary tensor (as the gateway's oip_codec names them)

@@ -36,6 +36,7 @@ from banditgate.client.errors import ClientError, GatewayRejected, InvalidReques
 from banditgate.client.sending import BatchSender
 from banditgate.client.types import Prediction
 from banditgate.client.validation import encode, fast_request, outcome_event, request_event
+from banditgate.cloudevents import EventHeaders
 from banditgate.events import KNOWN_SCHEMA_VERSIONS
 from banditgate.jsontypes import JSONValue
 from banditgate.tracecontext import TRACEPARENT, new_traceparent, parse_traceparent, trace_context
@@ -82,11 +83,14 @@ class KafkaClient:
                  outcomes_topic: str = "bg.outcomes", deadletter_topic: str = "bg.deadletter",
                  routes: Container[str] | None = None, metadata: Mapping[str, Mapping[str, JSONValue]] | None = None,
                  max_in_flight: int = 10_000, linger_ms: int = 5, max_queued: int = 100_000,
+                 cloudevents: bool = True,
                  **kafka_kwargs: Any) -> None:  # Any: keywords of aiokafka's (untyped) producer and consumer
         """`reply_topic`: this service's reply topic (it must exist and match the gateway's
         kafka.reply_topics); None: `predict` is unavailable, `send` and `report_outcome` work.
         `routes` / `metadata` (route -> OIP model metadata): checked before sending when given.
         `max_queued`: requests `send` lets wait for the broker's acknowledgement before it waits.
+        `cloudevents`: put CloudEvents headers on requests and outcomes (as the gateway's
+        ``kafka.cloudevents``); False: the trace context only.
         `kafka_kwargs` go to aiokafka (security_protocol, ssl_context, sasl_*; max_batch_size,
         256 KiB unless given: the bytes of one batch `send` fills)."""
         self.bootstrap_servers = bootstrap_servers
@@ -99,11 +103,12 @@ class KafkaClient:
         self.max_in_flight = max_in_flight
         self._linger_ms = linger_ms
         self.max_queued = max_queued
+        self.cloudevents = cloudevents
         # the producer's batch size is its own; everything else (security) the consumer shares
         self._batch_bytes = int(kafka_kwargs.pop("max_batch_size", 256 * 1024))
         self._kwargs = kafka_kwargs
         self._ids = _FastIds()
-        self._ce_request: dict[str, cloudevents.EventHeaders] = {}
+        self._ce_request: dict[str, EventHeaders] = {}
         """route -> its requests' CloudEvents header builder (send's hot path looks it up once per route)."""
         self._sender: BatchSender | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -187,7 +192,8 @@ class KafkaClient:
         self._waiting[rid] = (future, started)
         try:
             await (await self._producer.send(self.requests_topic, encode(event), key=rid.encode(),
-                                             headers=_request_headers(route, rid, traceparent, tracestate)))
+                                             headers=_request_headers(route, rid, traceparent, tracestate,
+                                                                      self.cloudevents)))
             return await asyncio.wait_for(asyncio.shield(future), timeout_s - (time.monotonic() - started))
         except TimeoutError:
             raise PredictionTimeout(f"no prediction for request {rid!r} within {timeout_s}s") from None
@@ -219,7 +225,8 @@ class KafkaClient:
         if ce is None:  # one per route name (checked above); bounded like cloudevents' own cache
             if len(self._ce_request) >= cloudevents.MAX_SOURCES:
                 self._ce_request.clear()
-            ce = self._ce_request[route] = cloudevents.headers_for("request", cloudevents.source("client", route))
+            ce = self._ce_request[route] = cloudevents.headers_for("request", cloudevents.source("client", route),
+                                                                   self.cloudevents)
         headers = ce(key, cloudevents.ce_time(), trace)
         if not sender.try_add(key, value, headers):
             await sender.add(key, value, headers)
@@ -259,7 +266,7 @@ class KafkaClient:
         key, value = request_id.encode(), orjson.dumps(event)
         await (await self._producer.send(self.outcomes_topic, value, key=key, headers=cloudevents.headers(
             "outcome", _CLIENT, cloudevents.content_id(self.outcomes_topic, key, value),
-            trace_context(traceparent, tracestate))))
+            trace_context(traceparent, tracestate), self.cloudevents)))
 
     # -- replies ---------------------------------------------------------------------------------
 
@@ -313,8 +320,8 @@ _CLIENT = cloudevents.source("client")
 
 
 def _request_headers(route: str, request_id: str, traceparent: str | None,
-                     tracestate: str | None) -> list[tuple[str, bytes]]:
-    """A request record's headers: its trace context and its CloudEvents attributes (id: the
-    request_id, so the producer's retries and a resend of the same request share it)."""
-    return cloudevents.headers_for("request", cloudevents.source("client", route))(
+                     tracestate: str | None, enabled: bool = True) -> list[tuple[str, bytes]]:
+    """A request record's headers: its trace context and its CloudEvents attributes (id:
+    ``request:<request_id>``, so the producer's retries and a resend of the same request share it)."""
+    return cloudevents.headers_for("request", cloudevents.source("client", route), enabled)(
         request_id.encode(), cloudevents.ce_time(), trace_context(traceparent, tracestate))

@@ -14,9 +14,9 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from gateway.transport.proto import banditgate_service_pb2 as bg_pb2
-from gateway.transport.proto import grpc_predict_v2_pb2 as pb2
-from gateway.transport.proto import health_pb2, health_pb2_grpc
+from banditgate.proto import banditgate_service_pb2 as bg_pb2
+from banditgate.proto import grpc_predict_v2_pb2 as pb2
+from banditgate.proto import health_pb2, health_pb2_grpc
 
 Status = health_pb2.HealthCheckResponse.ServingStatus
 SERVICES = frozenset({"", pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,

@@ -22,6 +22,10 @@ import numpy as np
 from banditgate import __version__
 from banditgate.events import EventError, outcome_from_obj
 from banditgate.jsontypes import JSONObject, JSONValue
+from banditgate.proto import banditgate_service_pb2 as bg_pb2
+from banditgate.proto import banditgate_service_pb2_grpc as bg_grpc
+from banditgate.proto import grpc_predict_v2_pb2 as pb2
+from banditgate.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
 from banditgate.tracecontext import from_mapping
 from banditgate.tracing import ServerSpan, server_span
 from gateway.dataplane import serve_tensors
@@ -30,10 +34,6 @@ from gateway.request_ids import new_request_id
 from gateway.transport.grpc_health import add_health
 from gateway.transport.http import EXTENSIONS, SidecarContext, _label_name
 from gateway.transport.oip_codec import DTYPES, _raw_bytes, datatype_for, tensor_from_raw
-from gateway.transport.proto import banditgate_service_pb2 as bg_pb2
-from gateway.transport.proto import banditgate_service_pb2_grpc as bg_grpc
-from gateway.transport.proto import grpc_predict_v2_pb2 as pb2
-from gateway.transport.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
 from gateway.validation import check_shape, numbers_for
 
 _CONTENT_FIELD = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents", "INT32": "int_contents",

@@ -510,8 +510,9 @@ class KafkaLoop:
             assert not isinstance(answers, BaseException)  # noqa: S101 - replaced by error answers above
             pendings = decoded.by_route[route_name]
             ce_source = cloudevents.source("gateway", route_name)
-            ce_prediction = cloudevents.headers_for("prediction", ce_source)
-            ce_shadow = cloudevents.headers_for("shadow-prediction", ce_source)
+            enabled = self.config.kafka.cloudevents  # off: the trace context only (cloudevents.OFF)
+            ce_prediction = cloudevents.headers_for("prediction", ce_source, enabled)
+            ce_shadow = cloudevents.headers_for("shadow-prediction", ce_source, enabled)
             counts: collections.Counter[tuple[str, str]] = collections.Counter()
             shadow_counts: collections.Counter[str] = collections.Counter()
             latencies = []
@@ -547,7 +548,7 @@ class KafkaLoop:
                             for shadow, shadow_value in zip(shadows, shadow_values):
                                 arm = shadow["arm"]
                                 out.add(shadows_topic, key, shadow_value, partition, pending, alone,
-                                        ce_shadow(b"%s/%s" % (key, arm.encode()), at, trace))
+                                        ce_shadow(b"%s:%s" % (arm.encode(), key), at, trace))
                                 shadow_counts[arm] += 1
                         continue
                 else:
@@ -653,7 +654,8 @@ class KafkaLoop:
             value = dead_letter_value(message[:1000], reason, position[0], position[1], position[2], raw,
                                       payload_chars=max(0, (limit - 4096) // 6))
         headers = cloudevents.headers("dead-letter", cloudevents.source("gateway", route),
-                                      f"{position[0]}/{position[1]}/{position[2]}".encode(), trace)
+                                      f"{position[0]}/{position[1]}/{position[2]}".encode(), trace,
+                                      self.config.kafka.cloudevents)
         try:
             out.add(dead_topic, key, value, None, position, alone, headers)
         except OutputRefused as exc:

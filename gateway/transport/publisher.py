@@ -60,9 +60,12 @@ def _trace_only(headers: TraceHeaders | None) -> TraceHeaders | None:
 class PredictionPublisher:
     def __init__(self, shared: SharedProducer, partitions: dict[str, int], metrics: GatewayMetrics | None = None,
                  deadletter_topic: str | None = None, flush_interval_s: float = 0.02, max_queued: int = 100_000,
-                 clock: Callable[[], float] = time.monotonic, event_types: Mapping[str, str] | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, event_types: Mapping[str, str] | None = None,
+                 cloudevents: bool = True) -> None:
         self.shared = shared
-        self.event_types = dict(event_types or {})
+        self.cloudevents = cloudevents
+        """Whether events get CloudEvents headers (``kafka.cloudevents``); the trace context always."""
+        self.event_types = dict(event_types or {}) if cloudevents else {}
         """Topic -> event name (banditgate.events): events to these topics get CloudEvents headers."""
         self.partitions = partitions
         self.metrics = metrics
@@ -112,8 +115,9 @@ class PredictionPublisher:
             key, value = str(event[key_field]).encode(), orjson.dumps(event)
             headers = trace
             if name is not None:
-                # ids stable across retries: request_id (+ arm for a shadow), else the content's digest
-                ce_id = (key if name == "prediction" else b"%s/%s" % (key, str(event.get("arm")).encode())
+                # natural ids stable across retries: request_id (arm:request_id for a shadow), else
+                # the content's digest; headers_for puts the event's name in front (cloudevents.event_id)
+                ce_id = (key if name == "prediction" else b"%s:%s" % (str(event.get("arm")).encode(), key)
                          if name == "shadow-prediction" else cloudevents.content_id(topic, key, value))
                 route = event.get("route")
                 headers = cloudevents.headers_for(name, cloudevents.source("gateway", route if isinstance(route, str)
@@ -248,7 +252,8 @@ class PredictionPublisher:
             letter = dead_letter_value(message, reason, topic, -1, -1, value, payload_chars=16_384)
             trace = _trace_only(trace)
             headers = cloudevents.headers("dead-letter", cloudevents.source("gateway"),
-                                          cloudevents.content_id(self.deadletter_topic, key, letter), trace)
+                                          cloudevents.content_id(self.deadletter_topic, key, letter), trace,
+                                          self.cloudevents)
             self._queue.append((self.deadletter_topic, key, letter, True, False, headers))
 
     def _failed(self, cause: BaseException) -> None:

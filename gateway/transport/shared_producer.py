@@ -173,7 +173,7 @@ class SharedProducer:
         changed since start). Records that large are refused before sending from now on, and the
         next producer (every refusal replaces it) builds batches of at most half that size, so a
         topic that takes smaller batches than ours stops refusing after a few halvings."""
-        limit = max(0, refused_bytes - RECORD_OVERHEAD_BYTES - 1)
+        limit = record_limit(refused_bytes - 1, self.kafka.max_request_bytes)  # room for the headers too
         if limit < self.limits.get(topic, limit + 1):
             self.limits[topic] = limit
             log.warning("the broker refused a %d-byte batch for %s as too large; outputs over %d bytes for it are "

@@ -18,8 +18,8 @@ import pytest
 
 from banditgate.client import ClientError, GatewayRejected, InvalidRequest, SyncGrpcClient
 from banditgate.client.grpc import GrpcClient, decode_output, encode_tensor, retry_hint
-from banditgate.client.proto import grpc_predict_v2_pb2 as pb2
-from banditgate.client.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
+from banditgate.proto import grpc_predict_v2_pb2 as pb2
+from banditgate.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
 from banditgate.tracecontext import new_traceparent, parse_traceparent, trace_id_of
 from tests.client.conftest import N_FEATURES
 from tests.kafka_helpers import read_records
@@ -32,10 +32,15 @@ TOKEN = "grpc-client-tok-0f3a"  # noqa: S105 - a test token
 # -- pure ----------------------------------------------------------------------------------------
 
 
-def test_the_clients_proto_is_the_gateways() -> None:
-    from gateway.transport.proto import grpc_predict_v2_pb2 as gateway_pb2
+def test_the_client_and_the_gateway_share_one_copy_of_the_stubs() -> None:
+    from gateway.transport import grpc_server
 
-    assert pb2.DESCRIPTOR.serialized_pb == gateway_pb2.DESCRIPTOR.serialized_pb
+    assert grpc_server.pb2 is pb2 and grpc_server.pb2_grpc is pb2_grpc
+    root = Path(__file__).resolve().parents[2]
+    copies = sorted(str(p.relative_to(root)) for package in ("banditgate", "gateway", "router", "feedback", "loadtests")
+                    for p in (root / package).rglob("*_pb2*.py"))
+    assert copies == sorted(f"banditgate/proto/{name}_pb2{grpc}.py" for name in (
+        "grpc_predict_v2", "banditgate_service", "health") for grpc in ("", "_grpc"))
 
 
 def test_importing_the_client_loads_no_grpc_until_asked() -> None:

@@ -159,3 +159,13 @@ def test_tracing_span_caps_default_and_bounds() -> None:
     for over in ({"max_request_spans_per_s": float("inf")}, {"max_request_spans_per_s": 2e6}):
         with pytest.raises(ConfigError, match="tracing.max_request_spans_per_s"):
             parse_config({**GOOD, "tracing": over}, env={})
+
+
+def test_kafka_cloudevents_is_on_by_default_and_a_checked_switch() -> None:
+    assert parse_config(GOOD, env={}).kafka.cloudevents is True
+    off = {**yaml.safe_load(yaml.safe_dump(GOOD)), "kafka": {"cloudevents": False}}
+    assert parse_config(off, env={}).kafka.cloudevents is False
+    bad = {**yaml.safe_load(yaml.safe_dump(GOOD)), "kafka": {"cloudevents": "maybe"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config(bad, source="x.yaml", env={})
+    assert str(info.value).startswith("x.yaml: kafka.cloudevents:") and "\n" not in str(info.value)

@@ -10,6 +10,7 @@ from aiokafka.errors import (CorruptRecordException, InvalidProducerEpoch, Kafka
                              RecordListTooLargeError, RequestTimedOutError, TopicAuthorizationFailedError,
                              UnknownError, UnknownTopicOrPartitionError, for_code)
 
+from banditgate.cloudevents import MAX_HEADER_BYTES
 from gateway.transport.delivery import (DEFAULT_MAX_MESSAGE_BYTES, RECORD_OVERHEAD_BYTES, TOPIC_CLOSED_S, RefusalMemo,
                                         batch_bytes, is_delivery_error, record_limit, refusal)
 from gateway.transport.kafka_batches import OutboundBatches, OutputRefused
@@ -43,7 +44,8 @@ def test_a_defect_is_not_a_delivery_error() -> None:
 
 
 def test_record_limit_takes_the_smaller_of_topic_and_request() -> None:
-    assert record_limit(DEFAULT_MAX_MESSAGE_BYTES, 8 * 1024 * 1024) == DEFAULT_MAX_MESSAGE_BYTES - RECORD_OVERHEAD_BYTES
+    assert record_limit(DEFAULT_MAX_MESSAGE_BYTES, 8 * 1024 * 1024) == \
+        DEFAULT_MAX_MESSAGE_BYTES - RECORD_OVERHEAD_BYTES - MAX_HEADER_BYTES  # room for the headers too
     assert record_limit(10_000_000, 1024 * 1024) < 1024 * 1024
     assert record_limit(50, 1024 * 1024) == 0  # a topic taking less than one record's framing takes nothing
 
@@ -51,7 +53,7 @@ def test_record_limit_takes_the_smaller_of_topic_and_request() -> None:
 def test_batch_size_follows_the_smallest_topic() -> None:
     assert batch_bytes({"a": record_limit(DEFAULT_MAX_MESSAGE_BYTES, 8 << 20)}) == 512 * 1024
     assert batch_bytes({"a": record_limit(DEFAULT_MAX_MESSAGE_BYTES, 8 << 20), "b": record_limit(20_000, 8 << 20)}) \
-        == 20_000
+        == 20_000 - MAX_HEADER_BYTES
 
 
 def test_memo_refuses_a_lone_record_and_isolates_a_batch_of_several() -> None:

@@ -12,12 +12,16 @@ from collections import Counter
 import numpy as np
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from banditgate.cloudevents import MAX_HEADER_BYTES, header_bytes
+from banditgate.events import MAX_ID_CHARS
+from banditgate.kafka_delivery import record_limit
+from gateway.transport.kafka_batches import OutboundBatches, OutputRefused, delivered
 from tests.gateway.support import N_FEATURES, gateway_config, start_gateway
-from tests.kafka_helpers import produce, read_topic, request_event
+from tests.kafka_helpers import largest_headers, produce, read_records, read_topic, request_event
 
 pytestmark = pytest.mark.stack
 
@@ -40,6 +44,33 @@ async def set_max_message_bytes(bootstrap: str, topic: str, value: int) -> None:
         raise AssertionError(f"{topic}: max.message.bytes never became {value}")
     finally:
         await admin.close()
+
+
+async def test_a_record_at_the_limit_with_the_largest_headers_is_accepted(stack, topics) -> None:  # type: ignore[no-untyped-def]
+    """record_limit leaves room for the headers every record carries (CloudEvents + trace
+    context): key + value at the limit with the largest headers is taken by the broker, sent as
+    the gateway sends (a batch builder, a batch of its own). Before, the limit was the topic's
+    size less the record framing only, and such a record was refused (MessageSizeTooLarge)."""
+    topic = topics.topics.predictions
+    await set_max_message_bytes(stack.kafka, topic, TOPIC_LIMIT)
+    limit = record_limit(TOPIC_LIMIT, 8 * 1024 * 1024)
+    headers = largest_headers()
+    assert header_bytes(headers) == MAX_HEADER_BYTES
+    key = ("\U0001d11e" * MAX_ID_CHARS).encode()  # the longest request_id, in 4-byte characters
+    producer = AIOKafkaProducer(bootstrap_servers=stack.kafka, enable_idempotence=True, acks="all",
+                                max_request_size=8 * 1024 * 1024)
+    await producer.start()
+    try:
+        out: OutboundBatches[None] = OutboundBatches(producer, {topic: 4}, {topic: limit})
+        out.add(topic, key, b"v" * (limit - len(key)), alone=True, headers=headers)
+        with pytest.raises(OutputRefused):  # one byte more is refused before sending
+            out.add(topic, key, b"v" * (limit - len(key) + 1), alone=True, headers=headers)
+        failures = await delivered(await out.send())
+        assert not failures, failures
+    finally:
+        await producer.stop()
+    (record,) = await read_records(stack.kafka, topic, lambda rs: len(rs) >= 1)
+    assert record.key == key and len(record.value) == limit - len(key) and list(record.headers) == headers
 
 
 def search_route(k: int = 50) -> dict:

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from gateway.transport.grpc_health import SERVICES, HealthServicer, serving_status
-from gateway.transport.proto import health_pb2, health_pb2_grpc
+from banditgate.proto import health_pb2, health_pb2_grpc
 
 Response = health_pb2.HealthCheckResponse
 

@@ -14,8 +14,8 @@ import orjson
 import pytest
 
 from loadtests.models import write_repository
-from gateway.transport.proto import grpc_predict_v2_pb2 as pb2
-from gateway.transport.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
+from banditgate.proto import grpc_predict_v2_pb2 as pb2
+from banditgate.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
 from tests.gateway.support import N_FEATURES, gateway_config, start_gateway
 from tests.kafka_helpers import produce, read_topic, request_event
 

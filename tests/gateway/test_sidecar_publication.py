@@ -23,7 +23,11 @@ from gateway.transport.shared_producer import SharedProducer
 from tests.gateway.support import N_FEATURES, gateway_config, start_gateway
 from tests.gateway.test_delivery_refusals import read_ids, set_max_message_bytes
 
-LONG_ID = "L" * 250  # within the 256 characters an id may have; its records exceed the topics' limits below
+LONG_ID = "\U0001d11e" * 250  # within the 256 characters an id may have (4 bytes each); its records exceed
+# the topics' limits below, while after the refusal the gateway learns a limit (the refused size
+# less the framing and the largest headers, record_limit) that the short ids' records still fit
+PREDICTIONS_TOPIC_BYTES = 2400
+OUTCOMES_TOPIC_BYTES = 2200
 
 
 def ids_on_partition_of(key: str, count: int, partitions: int = 4) -> list[str]:
@@ -46,7 +50,7 @@ def infer_body(request_id: str) -> dict:
 @pytest.mark.stack
 async def test_http_predictions_are_published_again_after_a_refusal_broke_the_producer(
         stack, topics, repository, redis_prefix) -> None:  # type: ignore[no-untyped-def]
-    await set_max_message_bytes(stack.kafka, topics.topics.predictions, 600)
+    await set_max_message_bytes(stack.kafka, topics.topics.predictions, PREDICTIONS_TOPIC_BYTES)
     config = gateway_config(stack, topics, repository, redis_prefix,
                             kafka={"bootstrap_servers": stack.kafka, "group_id": f"gw-{topics.prefix}",
                                    "topics": topics.topics.model_dump(), "max_message_bytes": 8 * 1024 * 1024})
@@ -56,8 +60,7 @@ async def test_http_predictions_are_published_again_after_a_refusal_broke_the_pr
     try:
         assert gateway.publisher is not None and gateway.publisher.metrics is gateway.metrics
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=10) as client:
-            # one request per flush: two predictions in one batch would exceed the topic's 600 bytes too.
-            # One goes first: a partition the producer never wrote to accepts any first sequence number
+            # one request per flush: one record per batch. One goes first: a partition the producer never wrote to accepts any first sequence number
             for request_id in [short[0], LONG_ID, *short[1:]]:
                 response = await client.post("/v2/models/fixed-route/infer", json=infer_body(request_id))
                 assert response.status_code == 200, response.text
@@ -76,7 +79,7 @@ async def test_http_predictions_are_published_again_after_a_refusal_broke_the_pr
 @pytest.mark.stack
 async def test_outcomes_are_accepted_again_after_a_refusal_broke_the_producer(stack, topics, repository,
                                                                             redis_prefix) -> None:  # type: ignore[no-untyped-def]
-    await set_max_message_bytes(stack.kafka, topics.topics.outcomes, 400)
+    await set_max_message_bytes(stack.kafka, topics.topics.outcomes, OUTCOMES_TOPIC_BYTES)
     config = gateway_config(stack, topics, repository, redis_prefix,
                             kafka={"bootstrap_servers": stack.kafka, "group_id": f"gw-{topics.prefix}",
                                    "topics": topics.topics.model_dump(), "max_message_bytes": 8 * 1024 * 1024})

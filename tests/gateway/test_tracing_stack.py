@@ -129,8 +129,8 @@ async def test_one_trace_covers_request_prediction_and_outcome(stack, topics, re
 
 async def test_sidecar_requests_get_server_spans_under_the_callers_traceparent(stack, topics, repository,  # type: ignore[no-untyped-def]
                                                                                redis_prefix) -> None:
-    from gateway.transport.proto import grpc_predict_v2_pb2 as pb2
-    from gateway.transport.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
+    from banditgate.proto import grpc_predict_v2_pb2 as pb2
+    from banditgate.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
 
     exporter = InMemorySpanExporter()
     running = await traced_gateway(gateway_config(stack, topics, repository, redis_prefix), exporter)

@@ -9,9 +9,9 @@ import signal
 import grpc
 import pytest
 
-from gateway.transport.proto import grpc_predict_v2_pb2 as pb2
-from gateway.transport.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
-from gateway.transport.proto import health_pb2, health_pb2_grpc
+from banditgate.proto import grpc_predict_v2_pb2 as pb2
+from banditgate.proto import grpc_predict_v2_pb2_grpc as pb2_grpc
+from banditgate.proto import health_pb2, health_pb2_grpc
 
 pytestmark = pytest.mark.stack
 

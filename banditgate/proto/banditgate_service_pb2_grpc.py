@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from gateway.transport.proto import banditgate_service_pb2 as banditgate__service__pb2
+from banditgate.proto import banditgate_service_pb2 as banditgate__service__pb2
 
 GRPC_GENERATED_VERSION = '1.71.0'
 GRPC_VERSION = grpc.__version__

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from banditgate.client.proto import grpc_predict_v2_pb2 as grpc__predict__v2__pb2
+from banditgate.proto import grpc_predict_v2_pb2 as grpc__predict__v2__pb2
 
 GRPC_GENERATED_VERSION = '1.71.0'
 GRPC_VERSION = grpc.__version__
