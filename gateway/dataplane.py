@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -44,6 +45,15 @@ def usable_cpus() -> float:
     except (OSError, ValueError):
         pass
     return cpus
+
+
+T = TypeVar("T")
+
+
+def _retrieve(future: asyncio.Future[T]) -> None:
+    """Mark the outcome of a future nobody awaits as seen (no "exception was never retrieved")."""
+    if not future.cancelled():
+        future.exception()
 
 
 class Dataplane:
@@ -210,6 +220,9 @@ class Dataplane:
         except BaseException:
             if shadows_running is not None:
                 shadows_running.cancel()
+                # retrieved when it ends: nobody awaits it any more, and an unretrieved
+                # CancelledError would be logged as an error pointing at the shadows
+                shadows_running.add_done_callback(_retrieve)
             raise
         shadows = await shadows_running if shadows_running is not None else []
         now_wall = self.wall_clock()
