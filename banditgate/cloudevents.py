@@ -79,31 +79,33 @@ def source(process: str, route: str | None = None) -> str:
     return f"/banditgate/{process}/{route}" if route and is_name(route) else f"/banditgate/{process}"
 
 
-_second = -1
-_second_text = ""
-_millisecond = -1
-_millisecond_text = b""
+_by_second: tuple[int, str] = (-1, "")
+_by_millisecond: tuple[int, bytes] = (-1, b"")
 
 
 def ce_time(epoch_s: float | None = None) -> bytes:
     """`epoch_s` (default now) as RFC 3339 UTC with milliseconds (``2026-12-07T20:10:09.123Z``).
     The date and time of day are formatted once per second and the whole string once per
-    millisecond: the client's `send` asks for it per record, dozens of times a millisecond.
+    millisecond: the client's `send` asks for it per record, dozens of times a millisecond. Each
+    cache is one (key, text) tuple, read and replaced whole, so threads calling at once (the sync
+    clients each run a loop in a thread) never pair a text with another time.
 
     >>> ce_time(1796674209.1234), ce_time(1796674209.9999), ce_time(1796674210.0)
     (b'2026-12-07T20:10:09.123Z', b'2026-12-07T20:10:09.999Z', b'2026-12-07T20:10:10.000Z')
     """
-    global _second, _second_text, _millisecond, _millisecond_text  # one-entry caches
+    global _by_second, _by_millisecond  # one-entry caches
     millisecond = int((time.time() if epoch_s is None else epoch_s) * 1000)
-    if millisecond == _millisecond:
-        return _millisecond_text
+    cached_millisecond, cached_text = _by_millisecond
+    if millisecond == cached_millisecond:
+        return cached_text
     second, fraction = divmod(millisecond, 1000)
-    if second != _second:
-        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-        _second = second
-    _millisecond_text = f"{_second_text}.{fraction:03d}Z".encode()
-    _millisecond = millisecond
-    return _millisecond_text
+    cached_second, second_text = _by_second
+    if second != cached_second:
+        second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        _by_second = (second, second_text)
+    text = f"{second_text}.{fraction:03d}Z".encode()
+    _by_millisecond = (millisecond, text)
+    return text
 
 
 def content_id(topic: str, key: bytes | None, value: bytes) -> bytes:

@@ -174,7 +174,10 @@ class Tracing:
         self._failures_logged: dict[str, float] = {}
         if tracer is not None:
             from opentelemetry import trace
+            from opentelemetry.context import Context
             from opentelemetry.trace import Link, NonRecordingSpan, SpanContext, SpanKind, TraceFlags
+
+            self._root_context = Context()
 
             self._trace = trace
             self._link = Link
@@ -202,7 +205,10 @@ class Tracing:
         ids = _drawn_ids()
         provider = TracerProvider(resource=Resource.create({"service.name": config.service_name or default_service}),
                                   sampler=TraceIdRatioBased(config.sample_ratio), id_generator=ids,
-                                  span_limits=SpanLimits(max_attribute_length=MAX_ATTRIBUTE_CHARS))
+                                  span_limits=SpanLimits(max_attribute_length=MAX_ATTRIBUTE_CHARS),
+                                  # our processes stop it themselves, bounded (Tracing.stop): the SDK's
+                                  # exit hook would wait up to the exporter's 30 s for a collector that is away
+                                  shutdown_on_exit=False)
         if exporter is None:
             try:
                 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -237,7 +243,7 @@ class Tracing:
         the sampler's own bound, without calling into the SDK."""
         return int(traceparent[19:35], 16) < self._bound
 
-    def admit(self, traceparent: str, in_batch: int = 0) -> bool:
+    def admit(self, traceparent: str, in_batch: int | None = 0) -> bool:
         """Whether a request with this (valid) caller `traceparent` gets its own spans: its trace
         is sampled, its batch has made fewer than ``max_request_spans_per_batch`` (`in_batch`: how
         many it made), and the process's token bucket has a token. A sampled request refused for
@@ -246,7 +252,7 @@ class Tracing:
             return False
         return self._take(in_batch)
 
-    def admit_root(self, in_batch: int = 0) -> int | None:
+    def admit_root(self, in_batch: int | None = 0) -> int | None:
         """A trace id for a new root span of a request (a sidecar call without a ``traceparent``)
         when it is to be recorded (sampled, and under both caps as in :meth:`admit`), else None.
         Pass it to :meth:`start` as `trace_id`."""
@@ -255,8 +261,9 @@ class Tracing:
             return None
         return trace_id if self._take(in_batch) else None
 
-    def _take(self, in_batch: int) -> bool:
-        if in_batch >= self.max_request_spans_per_batch:
+    def _take(self, in_batch: int | None) -> bool:
+        # in_batch None: a sidecar call, which is in no fetched batch (only the token bucket applies)
+        if in_batch is not None and in_batch >= self.max_request_spans_per_batch:
             self.drop("batch_limited")
             return False
         if not self._budget.take(self._clock()):
@@ -335,11 +342,17 @@ class Tracing:
         """Start a span (end it with :meth:`close`): a child of span `parent`, else of the remote
         `traceparent`, else a new trace's root (whose trace id is `trace_id` when given: one
         :meth:`admit_root` drew)."""
+        drawn = trace_id is not None and self._ids is not None
         try:
             context = (self._trace.set_span_in_context(parent) if parent is not None
                        else self.context_of(traceparent))
-            if trace_id is not None and context is None and self._ids is not None:
-                self._ids.local.drawn = trace_id
+            if context is None:
+                # a root: an explicit empty context, so that a span some other code made current
+                # (an auto-instrumentation, an embedding application) does not become its parent
+                # and the id drawn for it is the one the SDK takes
+                context = self._root_context
+                if drawn:
+                    self._ids.local.drawn = trace_id
             return self._tracer.start_span(name, context=context, kind=self._kinds[kind], start_time=start_ns,
                                            attributes=dict(attributes) if attributes else None,
                                            links=list(links[:MAX_LINKS]) or None)
@@ -348,6 +361,9 @@ class Tracing:
             # (its end does nothing; the callers see is_recording() False, as for an unsampled one)
             self.failed(name, exc)
             return self._trace.INVALID_SPAN
+        finally:
+            if drawn:
+                self._ids.local.drawn = None  # never left for an unrelated root span
 
     def record(self, name: str, *, start_ns: int, end_ns: int | None = None, **kwargs: OTel) -> OTel:
         """A span that already happened (from `start_ns` to `end_ns`, default now)."""
@@ -492,10 +508,10 @@ def server_span(tracing: Tracing, protocol: str, method: str, target: str,
     traceparent = trace[0][1].decode() if trace else None
     trace_id = None
     if traceparent is not None:
-        if not tracing.admit(traceparent):
+        if not tracing.admit(traceparent, in_batch=None):
             return None
     else:
-        trace_id = tracing.admit_root()
+        trace_id = tracing.admit_root(in_batch=None)
         if trace_id is None:
             return None
     if protocol == "grpc":

@@ -219,18 +219,22 @@ class FeedbackRuntime(mode.Service):
         self.ready.set()
 
     async def on_stop(self) -> None:
-        if self.drift_thresholds is not None:
-            self.drift_thresholds.close()
-        if getattr(self, "quality_drift", None) is not None:
-            self.quality_drift.close()
-        if self.webhooks is not None:
-            await self.webhooks.stop()
-        if self._producer is not None:
-            await self._producer.stop()
-        if self._redis is not None:
-            await self._redis.aclose()
-        if self.processor is not None and self.processor.tracing.enabled:
-            await self.processor.tracing.stop()  # the last spans, off the loop, bounded (the collector may be away)
+        try:
+            if self.drift_thresholds is not None:
+                self.drift_thresholds.close()
+            if getattr(self, "quality_drift", None) is not None:
+                self.quality_drift.close()
+            if self.webhooks is not None:
+                await self.webhooks.stop()
+            if self._producer is not None:
+                await self._producer.stop()
+            if self._redis is not None:
+                await self._redis.aclose()
+        finally:
+            if self.processor is not None and self.processor.tracing.enabled:
+                # the last spans, off the loop, bounded (the collector may be away), even when a
+                # client above failed to close
+                await self.processor.tracing.stop()
 
     @mode.Service.task
     async def _report_health(self) -> None:

@@ -26,7 +26,7 @@ from banditgate.events import alert_from_obj
 from banditgate.jsontypes import JSONObject
 from banditgate.logs import setup_logging
 from banditgate.redaction import redact_url
-from banditgate.tracing import Tracing
+from banditgate.tracing import SHUTDOWN_TIMEOUT_S, Tracing
 from gateway.admin import Admin
 from gateway.batching.circuit import STATE_CODES
 from gateway.dataplane import Dataplane
@@ -542,6 +542,10 @@ class Gateway:
         if self._redis is not None:
             await self._redis.aclose()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        if self.kafka is not None and self.kafka.tracing.enabled:
+            # the last spans: after the Kafka work (not counted against its grace, where a collector
+            # that is away would turn a clean stop into exit 1) and on both paths; off the loop, bounded
+            await self.kafka.tracing.stop(min(SHUTDOWN_TIMEOUT_S, max(0.5, grace - (time.monotonic() - started))))
         log.info("gateway stopped in %.2fs", time.monotonic() - started)
         return code
 

@@ -202,8 +202,6 @@ class KafkaLoop:
                 await self.consumer.stop()
             await self.shared.stop()
             self.metrics.kafka_up.set(0)
-            if self.tracing.enabled:
-                await self.tracing.stop()  # off the loop, bounded: the collector may be away
 
     async def close_now(self, timeout_s: float = CLOSE_NOW_TIMEOUT_S) -> None:
         """The grace period is over: drop what is in flight (it is served again from the committed

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -311,10 +312,50 @@ class BlockingExporter(InMemorySpanExporter):
 
 def test_stopping_does_not_wait_for_a_collector_that_is_away(monkeypatch: pytest.MonkeyPatch) -> None:
     exporter = BlockingExporter()
-    config = parse_config({"routes": [{"name": "r", "arms": [{"name": "a", "model": "m"}]}]}, env={})
-    loop = kafka_loop.KafkaLoop(config, None, GatewayMetrics(CollectorRegistry()),  # type: ignore[arg-type]
-                                tracing=tracing(exporter, sample_ratio=1.0))
+    on = tracing(exporter, sample_ratio=1.0)
     monkeypatch.setattr(tracing_module, "SHUTDOWN_TIMEOUT_S", 0.2)
-    asyncio.run(loop.stop())  # held the event loop until the exporter returned before
+    started = time.monotonic()
+    asyncio.run(on.stop())  # held the event loop until the exporter returned before
+    assert time.monotonic() - started < 2.0
     assert not exporter.finished
     exporter.release.set()
+    # and the provider does not register the SDK's exit hook, which would wait for it again at exit
+    assert on._provider._atexit_handler is None
+
+
+def test_a_root_span_ignores_a_span_made_current_elsewhere_and_leaves_no_drawn_id() -> None:
+    """An auto-instrumentation or an embedding application may have made a span current: a sidecar
+    call without a traceparent still starts its own trace, with the id drawn for it, and that id is
+    never taken by the next, unrelated root span (gateway.batch)."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace as otel_trace
+
+    exporter = InMemorySpanExporter()
+    on = tracing(exporter, sample_ratio=1.0)
+    ambient = otel_trace.NonRecordingSpan(otel_trace.SpanContext(
+        0xABC, 0xDEF, is_remote=True, trace_flags=otel_trace.TraceFlags(1)))
+    token = otel_context.attach(otel_trace.set_span_in_context(ambient))
+    try:
+        served = server_span(on, "http", "POST /v2/models/{name}/infer", "r", None)
+        assert served is not None
+        served.end()
+        batch = BatchTrace(on, 1)
+        batch.end()
+    finally:
+        otel_context.detach(token)
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    server, root = spans["POST /v2/models/{name}/infer"], spans["gateway.batch"]
+    assert server.parent is None and server.context.trace_id != 0xABC  # its own trace, not the ambient one
+    assert root.parent is None and root.context.trace_id not in (0xABC, server.context.trace_id)
+
+
+def test_the_batch_cap_does_not_apply_to_sidecar_calls() -> None:
+    """max_request_spans_per_batch: 0 turns off the Kafka requests' spans, not the sidecars' (a
+    REST or gRPC call is in no fetched batch)."""
+    exporter = InMemorySpanExporter()
+    on = tracing(exporter, sample_ratio=1.0, max_request_spans_per_batch=0)
+    served = server_span(on, "grpc", "inference.GRPCInferenceService/ModelInfer", "r", None)
+    assert served is not None
+    served.end()
+    assert on.dropped["batch_limited"] == 0
+    assert not on.admit(new_traceparent(sampled=True), in_batch=0)  # a Kafka request is refused

@@ -83,6 +83,8 @@ async def test_one_trace_covers_request_prediction_and_outcome(stack, topics, re
         outcomes = await read_records(stack.kafka, t.outcomes, lambda rs: len(rs) >= 2)
     finally:
         await running.stop()
+    # the gateway's stop shut its tracer provider down (the last spans exported), once its Kafka work was done
+    assert exporter._stopped  # noqa: SLF001 - InMemorySpanExporter says so only there
 
     rules = JoinRules(ttl_s=3600.0, routes={"bandit-route": RouteRules()})
     table = JoinTable({}, Changelog(), "changelog", rules, budget=JoinBudget(partitions=16))
