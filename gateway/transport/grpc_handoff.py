@@ -25,6 +25,7 @@ from functools import partial
 
 import numpy as np
 
+from banditgate.jsontypes import JSONObject
 from banditgate.tracecontext import TraceHeaders
 from gateway.batching.batcher import RowsResult
 from gateway.dataplane import Routed, TensorAnswer, TensorCall, decide_routes, finish_tensors, start_tensors
@@ -45,7 +46,7 @@ class InferCall:
     fields and waits on `done`; the loop sets `answer` or `error` and releases `done`, once."""
 
     __slots__ = ("answer", "decode_error", "done", "error", "feeds", "finished", "model_name", "model_version",
-                 "received_s", "request_id", "tensor_call", "timer", "trace", "ts_request", "unit_id")
+                 "received_s", "request_id", "tensor_call", "trace", "ts_request", "unit_id")
 
     def __init__(self, model_name: str, model_version: str | None, request_id: str, unit_id: str | None,
                  received_s: float, trace: TraceHeaders | None) -> None:
@@ -62,7 +63,6 @@ class InferCall:
         self.error: BaseException | None = None
         self.finished = False
         self.tensor_call: TensorCall | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.done = threading.Lock()
         self.done.acquire()
 
@@ -76,6 +76,8 @@ class InferQueue:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._queue: deque[InferCall] = deque()
         self._scheduled = False
+        self._answered_calls: list[InferCall] = []
+        self._finishing = False
 
     # -- the call's thread ------------------------------------------------------------------
 
@@ -95,7 +97,13 @@ class InferQueue:
             self._scheduled = True
             loop.call_soon_threadsafe(self._drain)
         on_end(partial(self._ended, loop, call))
-        call.done.acquire()
+        # the deadline is kept here, not by a timer on the loop per call
+        if not call.done.acquire(timeout=self.ctx.config.server.request_timeout_s):
+            try:
+                loop.call_soon_threadsafe(self._timed_out, call)
+            except RuntimeError:  # the loop is closed: nothing else can release the thread
+                return self._release_here(call)
+            call.done.acquire()
         if call.error is not None:
             raise call.error
         if call.answer is None:  # pragma: no cover - every resolution sets one of them
@@ -113,6 +121,12 @@ class InferQueue:
                 call.finished = True
                 call.error = Cancelled("the call was cancelled (client gone or shutdown)")
                 call.done.release()
+
+    @staticmethod
+    def _release_here(call: InferCall) -> TensorAnswer:
+        """A call whose loop closed while it waited: ended here (the loop cannot any more)."""
+        call.finished = True
+        raise Cancelled("the gateway stopped before the call was answered")
 
     # -- the event loop ---------------------------------------------------------------------
 
@@ -173,32 +187,56 @@ class InferQueue:
             raise
         call.tensor_call = tensor_call
         models[id(tensor_call.model)] = tensor_call.model
-        loop = asyncio.get_running_loop()
-        call.timer = loop.call_later(ctx.config.server.request_timeout_s, self._timed_out, call)
         tensor_call.future.add_done_callback(partial(self._answered, call))
 
     def _answered(self, call: InferCall, _future: asyncio.Future[RowsResult]) -> None:
         if call.finished:  # timed out or cancelled: its slot was given back then
             return
+        # the calls a batch answers are finished together, after its last callback
+        self._answered_calls.append(call)
+        if not self._finishing:
+            self._finishing = True
+            asyncio.get_running_loop().call_soon(self._finish)
+
+    def _finish(self) -> None:
+        """Answer the calls whose rows came back: their events published in one go (per trace
+        context), their requests counted once per (route, arm), then their threads released."""
+        self._finishing = False
+        calls, self._answered_calls = self._answered_calls, []
         ctx = self.ctx
-        ctx.in_flight -= 1
-        if call.timer is not None:
-            call.timer.cancel()
-        tensor_call = call.tensor_call
-        if tensor_call is None:  # pragma: no cover - set before the callback is added
-            raise AssertionError("answered before started")
-        try:
-            answer = finish_tensors(tensor_call)
-        except GatewayError as exc:
-            ctx.record(_label_name(ctx, call.model_name), "grpc", error=exc)
-            self._resolve(call, error=exc)
-            return
-        except Exception as exc:  # noqa: BLE001 - a defect: this call fails (grpc logs it)
-            self._resolve(call, error=exc)
-            return
-        ctx.record(_label_name(ctx, call.model_name), "grpc", arm=answer.arm)
-        ctx.publish(ctx.config.kafka.topics.predictions, answer.events, trace=call.trace)
-        self._resolve(call, answer=answer)
+        labels: dict[str, str] = {}
+        counts: dict[tuple[str, str | None], int] = {}
+        untraced: list[JSONObject] = []
+        answered: list[tuple[InferCall, TensorAnswer]] = []
+        predictions = ctx.config.kafka.topics.predictions
+        for call in calls:
+            if call.finished or call.tensor_call is None:  # ended while its answer waited for this
+                continue
+            ctx.in_flight -= 1
+            label = labels.get(call.model_name)
+            if label is None:
+                label = labels[call.model_name] = _label_name(ctx, call.model_name)
+            try:
+                answer = finish_tensors(call.tensor_call)
+            except GatewayError as exc:
+                ctx.record(label, "grpc", error=exc)
+                self._resolve(call, error=exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - a defect: this call fails (grpc logs it)
+                self._resolve(call, error=exc)
+                continue
+            counts[label, answer.arm] = counts.get((label, answer.arm), 0) + 1
+            if call.trace is None:
+                untraced.extend(answer.events)
+            else:
+                ctx.publish(predictions, answer.events, trace=call.trace)
+            answered.append((call, answer))
+        if untraced:
+            ctx.publish(predictions, untraced)
+        for (label, arm), count in counts.items():
+            ctx.record(label, "grpc", arm=arm, count=count)
+        for call, answer in answered:
+            self._resolve(call, answer=answer)
 
     def _timed_out(self, call: InferCall) -> None:
         if call.finished:
@@ -217,8 +255,6 @@ class InferQueue:
         if call.tensor_call is not None:
             self.ctx.in_flight -= 1
             call.tensor_call.future.cancel()
-        if call.timer is not None:
-            call.timer.cancel()
         self._resolve(call, error=error)
 
     @staticmethod

@@ -317,6 +317,12 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         return _response(request, request_id, answer)
 
 
+_TEMPLATES: dict[tuple[object, ...], pb2.ModelInferResponse] = {}
+"""Responses with what all answers of one route/model/arm/output layout share, copied per call
+(a copy costs a fifth of building the message field by field); cleared when full."""
+_MAX_TEMPLATES = 256
+
+
 def _response(request: pb2.ModelInferRequest, request_id: str, answer: TensorAnswer) -> pb2.ModelInferResponse:
     """The ModelInferResponse for an answer (the outputs the request asked for, all by default);
     raises Abort (INVALID_ARGUMENT) for a requested output the model does not have."""
@@ -327,21 +333,39 @@ def _response(request: pb2.ModelInferRequest, request_id: str, answer: TensorAns
         if missing:
             raise Abort(grpc.StatusCode.INVALID_ARGUMENT, f"requested output {missing[0]!r} does not exist")
         outputs = {n: outputs[n] for n in wanted}
+    model = answer.model
+    key = (request.model_name, model.name, model.version, answer.policy, answer.arm,
+           *((name, array.dtype.str, array.shape) for name, array in outputs.items()))
+    template = _TEMPLATES.get(key)
+    if template is None:
+        template = _template(request.model_name, answer, outputs)
+        if len(_TEMPLATES) >= _MAX_TEMPLATES:
+            _TEMPLATES.clear()
+        _TEMPLATES[key] = template
+    response = pb2.ModelInferResponse()
+    response.CopyFrom(template)
+    if request.id:
+        response.id = request.id
+    parameters = response.parameters
+    parameters["propensity"].string_param = str(answer.propensity)
+    parameters["request_id"].string_param = request_id
+    response.raw_output_contents.extend([_raw_bytes(array) for array in outputs.values()])
+    return response
+
+
+def _template(name: str, answer: TensorAnswer, outputs: dict[str, np.ndarray]) -> pb2.ModelInferResponse:
     parameter = pb2.InferParameter
     parameters = {"model": parameter(string_param=answer.model.name),
                   "model_version": parameter(int64_param=answer.model.version),
-                  "policy": parameter(string_param=answer.policy),
-                  "propensity": parameter(string_param=str(answer.propensity)),
-                  "request_id": parameter(string_param=request_id)}
+                  "policy": parameter(string_param=answer.policy)}
     if answer.arm is not None:
         parameters["arm"] = parameter(string_param=answer.arm)
-        parameters["route"] = parameter(string_param=request.model_name)
+        parameters["route"] = parameter(string_param=name)
     tensor = pb2.ModelInferResponse.InferOutputTensor
     return pb2.ModelInferResponse(
-        model_name=request.model_name, model_version=str(answer.model.version), id=request.id,
-        parameters=parameters,
-        outputs=[tensor(name=name, datatype=datatype_for(array), shape=array.shape) for name, array in outputs.items()],
-        raw_output_contents=[_raw_bytes(array) for array in outputs.values()])
+        model_name=name, model_version=str(answer.model.version), parameters=parameters,
+        outputs=[tensor(name=output, datatype=datatype_for(array), shape=array.shape)
+                 for output, array in outputs.items()])
 
 
 class FeedbackServicer(bg_grpc.FeedbackServicer):

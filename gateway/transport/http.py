@@ -92,12 +92,14 @@ class SidecarContext:
                                   retry_after_s=1.0)
         self.in_flight += 1
 
-    def record(self, name: str, transport: str, arm: str | None = None, error: Exception | None = None) -> None:
-        """Count one sidecar request in banditgate_requests_total / _request_errors_total."""
+    def record(self, name: str, transport: str, arm: str | None = None, error: Exception | None = None,
+               count: int = 1) -> None:
+        """Count one sidecar request in banditgate_requests_total / _request_errors_total (`count`
+        answered ones when there is no error)."""
         if self.metrics is None:
             return
         if error is None:
-            self.metrics.requests.labels(name, arm or "-", "ok", transport).inc()
+            self.metrics.requests.labels(name, arm or "-", "ok", transport).inc(count)
             return
         reason = error_reason(error)
         self.metrics.requests.labels(name, "-", "error", transport).inc()
