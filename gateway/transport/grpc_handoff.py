@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
+from typing import NoReturn
 
 import numpy as np
 
@@ -69,7 +70,7 @@ class InferCall:
 
 class InferQueue:
     """Hands ModelInfer calls to the loop in bursts (module docstring). `loop` is set when the
-    server starts; until then (and once it is closed) `serve` raises Unavailable."""
+    server starts; until then (and once it is closed) `serve` raises Cancelled."""
 
     def __init__(self, ctx: SidecarContext) -> None:
         self.ctx = ctx
@@ -84,9 +85,9 @@ class InferQueue:
     def serve(self, call: InferCall, on_end: Callable[[Callable[[], None]], object]) -> TensorAnswer:
         """Queue `call`, wait for its answer (in the call's gRPC thread) and return it. Raises the
         call's GatewayError, TimeoutError past `server.request_timeout_s`, Cancelled when the call
-        ended first or the loop is not running, or the defect that broke it. `on_end` registers a callback grpc runs when
-        the call ends (`ServicerContext.add_callback`): a call the client cancels is resolved
-        at once."""
+        ended first or the loop is not running, or the defect that broke it. `on_end` registers a
+        callback grpc runs when the call ends (`ServicerContext.add_callback`): a call the client
+        cancels is resolved at once."""
         loop = self.loop
         if loop is None or loop.is_closed():
             raise Cancelled("the gateway is not serving (starting or stopped)")
@@ -95,14 +96,18 @@ class InferQueue:
         # so this thread does (a spare wake-up at worst); one that has not run yet will see it
         if not self._scheduled:
             self._scheduled = True
-            loop.call_soon_threadsafe(self._drain)
+            try:
+                loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # closed since the check above
+                self._scheduled = False
+                self._release_here(call)
         on_end(partial(self._ended, loop, call))
         # the deadline is kept here, not by a timer on the loop per call
         if not call.done.acquire(timeout=self.ctx.config.server.request_timeout_s):
             try:
                 loop.call_soon_threadsafe(self._timed_out, call)
             except RuntimeError:  # the loop is closed: nothing else can release the thread
-                return self._release_here(call)
+                self._release_here(call)
             call.done.acquire()
         if call.error is not None:
             raise call.error
@@ -123,8 +128,8 @@ class InferQueue:
                 call.done.release()
 
     @staticmethod
-    def _release_here(call: InferCall) -> TensorAnswer:
-        """A call whose loop closed while it waited: ended here (the loop cannot any more)."""
+    def _release_here(call: InferCall) -> NoReturn:
+        """A call whose loop closed before it was answered: ended here (the loop cannot any more)."""
         call.finished = True
         raise Cancelled("the gateway stopped before the call was answered")
 
