@@ -351,13 +351,60 @@ class TensorAnswer:
     shadow_events: list[JSONObject] = field(default_factory=list)
 
 
-async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, feeds: dict[str, np.ndarray],
-                        request_id: str, unit_id: str | None, ts_request: float, received_s: float,
-                        on_shadows: Callable[[list[JSONObject]], None] | None = None,
-                        stages: Stages | None = None) -> TensorAnswer:
-    """Serve one OIP request: a route name picks an arm through its policy; a model name (with an
-    optional version) bypasses the router. Raises GatewayError subclasses (→ 4xx/5xx). `stages`
-    (only when traced) gets the times of the decision, the queueing and the inference."""
+@dataclass
+class TensorCall:
+    """One OIP request between its submission to the model's batcher (`start_tensors`) and its
+    answer (`finish_tensors`): who serves it and what its events will say."""
+
+    dataplane: Dataplane
+    model: OnnxModel
+    arm_name: str | None
+    propensity: float
+    policy: str
+    route_name: str
+    shadows: list[tuple[Arm, int]]
+    checked: dict[str, np.ndarray]
+    rows: int
+    request_id: str
+    ts_request: float
+    received_s: float
+    on_shadows: Callable[[list[JSONObject]], None] | None
+    stages: Stages | None
+    submitted_at: float
+    future: asyncio.Future[RowsResult]
+
+
+def _count_failure(dataplane: Dataplane, route_name: str, arm_name: str | None, rows: int, exc: GatewayError) -> None:
+    """Count a failure of a request's arm (not a full queue: that is not the model's fault)."""
+    if arm_name is not None and (isinstance(exc, ModelUnavailable) or not isinstance(exc, Overloaded)):
+        dataplane.count_calls(route_name, arm_name, rows, rows)
+
+
+Routed = tuple[int, float, list[bool]]
+"""A route's decision for one request: (arm index, propensity, which shadows run)."""
+
+
+def decide_routes(dataplane: Dataplane, name: str, unit_ids: list[str | None]) -> list[Routed]:
+    """Route `len(unit_ids)` requests for the route `name` in one draw of its policy (as many
+    independent decisions as separate draws, for one call's numpy work). Raises KeyError when
+    `name` is not a route."""
+    runtime = dataplane.routes[name]
+    decision = runtime.policy.decide(len(unit_ids), unit_ids if runtime.route.sticky_key else None)
+    masks: list[list[bool]] = decision.shadow_mask.tolist() if decision.shadow_mask.size else [[]] * len(unit_ids)
+    return list(zip(decision.arm_index.tolist(), decision.propensity.tolist(), masks, strict=True))
+
+
+def start_tensors(dataplane: Dataplane, name: str, version: str | None, feeds: dict[str, np.ndarray],
+                  request_id: str, unit_id: str | None, ts_request: float, received_s: float,
+                  on_shadows: Callable[[list[JSONObject]], None] | None = None,
+                  stages: Stages | None = None, defer: bool = False, routed: Routed | None = None) -> TensorCall:
+    """Route, validate and queue one OIP request (on the event loop): a route name picks an arm
+    through its policy; a model name (with an optional version) bypasses the router. Its rows
+    are in the batcher when this returns (`defer`: not flushed yet, `ModelBatcher.submit`);
+    `finish_tensors` answers it once `TensorCall.future` is done. Raises GatewayError subclasses
+    (→ 4xx/5xx). `stages` (only when traced) gets the times of the decision, the queueing and
+    the inference. `routed`: the route's decision for this request, already drawn with others
+    (`decide_routes`); the route decides here without it."""
     from gateway.validation import check_request_id, validate_arrays
 
     check_request_id(request_id)  # before anything is decided for it
@@ -366,15 +413,16 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
     runtime = dataplane.routes.get(name) if not version else None
     if runtime is not None:
         route = runtime.route
-        decided_at = dataplane.clock() if stages is not None else 0.0
-        decision = runtime.policy.decide(1, [unit_id] if route.sticky_key else None)
-        if stages is not None:
-            stages.add("gateway.decide", decided_at, dataplane.clock(), {"banditgate.route": route.name,
-                                                                         "banditgate.requests": 1})
-        arm = route.arms[int(decision.arm_index[0])]
-        propensity = float(decision.propensity[0])
-        shadows = [(route.shadows[j], j) for j in range(len(route.shadows))
-                   if decision.shadow_mask.size and decision.shadow_mask[0, j]]
+        if routed is None:
+            decided_at = dataplane.clock() if stages is not None else 0.0
+            routed = decide_routes(dataplane, name, [unit_id])[0]
+            if stages is not None:
+                stages.add("gateway.decide", decided_at, dataplane.clock(), {"banditgate.route": route.name,
+                                                                             "banditgate.requests": 1})
+        arm_index, propensity, shadow_row = routed
+        arm = route.arms[arm_index]
+        if route.shadows and shadow_row:
+            shadows = [(route.shadows[j], j) for j in range(len(route.shadows)) if shadow_row[j]]
         model = dataplane.repository.get(arm.model, arm.version)
         arm_name, policy, route_name = arm.name, route.policy, route.name
     else:
@@ -390,31 +438,58 @@ async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, fe
     check_request_id(request_id, rows)  # each row's prediction id: <id>/<row>
     submitted_at = dataplane.clock() if stages is not None else 0.0
     try:
-        result: RowsResult = await dataplane.batcher(model).submit(checked, rows, reject_when_full=True)
+        future = dataplane.batcher(model).submit(checked, rows, reject_when_full=True, defer=defer)
     except GatewayError as exc:
-        # a full queue is not the model's fault; its failures and its unavailability are
-        if arm_name is not None and (isinstance(exc, ModelUnavailable) or not isinstance(exc, Overloaded)):
-            dataplane.count_calls(route_name, arm_name, rows, rows)
+        _count_failure(dataplane, route_name, arm_name, rows, exc)
         raise
-    if stages is not None:
-        record_stages(stages, route_name, arm_name or model.name, model, rows, submitted_at, submitted_at, result,
-                      dataplane.clock())
+    return TensorCall(dataplane, model, arm_name, propensity, policy, route_name, shadows, checked, rows, request_id,
+                      ts_request, received_s, on_shadows, stages, submitted_at, future)
+
+
+def finish_tensors(call: TensorCall) -> TensorAnswer:
+    """The answer to a started request whose future is done (on the event loop): its outputs and
+    prediction events; starts its shadows. Raises GatewayError subclasses (→ 4xx/5xx)."""
+    dataplane = call.dataplane
+    try:
+        result: RowsResult = call.future.result()
+    except GatewayError as exc:
+        _count_failure(dataplane, call.route_name, call.arm_name, call.rows, exc)
+        raise
+    model, rows, arm_name, route_name = call.model, call.rows, call.arm_name, call.route_name
+    if call.stages is not None:
+        record_stages(call.stages, route_name, arm_name or model.name, model, rows, call.submitted_at,
+                      call.submitted_at, result, dataplane.clock())
     if arm_name is not None:
         dataplane.count_calls(route_name, arm_name, rows, len(result.errors))
     if result.errors:
         first = min(result.errors)
         raise InferenceFailed(f"model {model.key} failed on row {first}: {result.errors[first]}")
     if dataplane.on_served is not None:
-        dataplane.on_served(model, route_name, arm_name or model.name, checked, result.outputs)
+        dataplane.on_served(model, route_name, arm_name or model.name, call.checked, result.outputs)
     now_wall, now = dataplane.wall_clock(), dataplane.clock()
-    events = _row_events(result.outputs, rows, request_id, route_name, arm_name or model.name, model, policy,
-                         propensity, ts_request, now_wall, (now - received_s) * 1000.0)
-    answer = TensorAnswer(model, arm_name, propensity, policy, result.outputs, events)
-    if shadows and on_shadows is not None:
+    events = _row_events(result.outputs, rows, call.request_id, route_name, arm_name or model.name, model,
+                         call.policy, call.propensity, call.ts_request, now_wall, (now - call.received_s) * 1000.0)
+    answer = TensorAnswer(model, arm_name, call.propensity, call.policy, result.outputs, events)
+    if call.shadows and call.on_shadows is not None:
         asyncio.get_running_loop().create_task(
-            _shadow_tensors(dataplane, route_name, shadows, checked, rows, request_id, arm_name or "", ts_request,
-                            received_s, on_shadows))
+            _shadow_tensors(dataplane, route_name, call.shadows, call.checked, rows, call.request_id, arm_name or "",
+                            call.ts_request, call.received_s, call.on_shadows))
     return answer
+
+
+async def serve_tensors(dataplane: Dataplane, name: str, version: str | None, feeds: dict[str, np.ndarray],
+                        request_id: str, unit_id: str | None, ts_request: float, received_s: float,
+                        on_shadows: Callable[[list[JSONObject]], None] | None = None,
+                        stages: Stages | None = None) -> TensorAnswer:
+    """Serve one OIP request: `start_tensors`, wait for its rows, `finish_tensors`."""
+    call = start_tensors(dataplane, name, version, feeds, request_id, unit_id, ts_request, received_s, on_shadows,
+                         stages)
+    if not call.future.done():
+        try:
+            await call.future  # cancelling the caller cancels the rows' future, as before
+        except GatewayError:
+            pass  # finish_tensors raises it, counted
+    return finish_tensors(call)
 
 
 def _row_events(outputs: dict[str, np.ndarray], rows: int, request_id: str, route: str, arm: str, model: OnnxModel,

@@ -133,10 +133,14 @@ class ModelBatcher:
             self._capacity.clear()
             await self._capacity.wait()
 
-    def submit(self, feeds: Feeds, rows: int, reject_when_full: bool = False) -> asyncio.Future:
+    def submit(self, feeds: Feeds, rows: int, reject_when_full: bool = False, defer: bool = False) -> asyncio.Future:
         """Queue `rows` rows; the future resolves to a RowsResult (or raises InferenceFailed, or
         ModelUnavailable). Raises ModelUnavailable at once while the model is unavailable, and
-        Overloaded when `reject_when_full` and the queue is full."""
+        Overloaded when `reject_when_full` and the queue is full.
+
+        `defer`: queue only; the caller submits more rows now and then calls `kick()`, so rows
+        that arrived together (a burst of gRPC calls handed to the loop at once) can share a batch
+        instead of the first one running alone on an idle model."""
         now = self.clock()
         circuit = self.circuit
         if circuit.state != "closed" and not circuit.accepts(now):
@@ -148,12 +152,19 @@ class ModelBatcher:
         item = _Item(feeds, rows, now, loop.create_future())
         self._pending.append(item)
         self._pending_rows += rows
+        if defer:
+            return item.future
         if self.policy.flush_now(self._pending_rows, self._pending[0].enqueued_s, now, self._in_flight_rows > 0):
             self._flush()
         elif self._timer is None:
             delay = max(0.0, self.policy.deadline_s(self._pending[0].enqueued_s) - now)
             self._timer = loop.call_later(delay, self._flush)
         return item.future
+
+    def kick(self) -> None:
+        """Flush (or time) what deferred submits queued, as a submit would have."""
+        if self._pending:
+            self._flush_waiting()
 
     def _unavailable(self, now: float) -> ModelUnavailable:
         circuit = self.circuit

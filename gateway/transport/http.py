@@ -77,22 +77,29 @@ class SidecarContext:
     def admitted(self) -> Iterator[None]:
         """Hold one of `server.max_in_flight_requests` slots while serving; raise TooManyRequests
         (429 / RESOURCE_EXHAUSTED, Retry-After) when none is free."""
-        limit = self.config.server.max_in_flight_requests
-        if self.in_flight >= limit:
-            raise TooManyRequests(f"{self.in_flight} inference requests in flight (limit {limit}); retry shortly",
-                                  retry_after_s=1.0)
-        self.in_flight += 1
+        self.admit()
         try:
             yield
         finally:
             self.in_flight -= 1
 
-    def record(self, name: str, transport: str, arm: str | None = None, error: Exception | None = None) -> None:
-        """Count one sidecar request in banditgate_requests_total / _request_errors_total."""
+    def admit(self) -> None:
+        """Take one of `server.max_in_flight_requests` slots (give it back with `in_flight -= 1`);
+        raise TooManyRequests when none is free. `admitted` for code that is not one block."""
+        limit = self.config.server.max_in_flight_requests
+        if self.in_flight >= limit:
+            raise TooManyRequests(f"{self.in_flight} inference requests in flight (limit {limit}); retry shortly",
+                                  retry_after_s=1.0)
+        self.in_flight += 1
+
+    def record(self, name: str, transport: str, arm: str | None = None, error: Exception | None = None,
+               count: int = 1) -> None:
+        """Count one sidecar request in banditgate_requests_total / _request_errors_total (`count`
+        answered ones when there is no error)."""
         if self.metrics is None:
             return
         if error is None:
-            self.metrics.requests.labels(name, arm or "-", "ok", transport).inc()
+            self.metrics.requests.labels(name, arm or "-", "ok", transport).inc(count)
             return
         reason = error_reason(error)
         self.metrics.requests.labels(name, "-", "error", transport).inc()

@@ -14,12 +14,12 @@ producer's sequence for that partition.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import murmur2
 
 if TYPE_CHECKING:
     from aiokafka.producer.message_accumulator import BatchBuilder
@@ -29,6 +29,42 @@ S = TypeVar("S")
 
 _NO_HEADERS: list[tuple[str, bytes]] = []
 """Shared, never changed: aiokafka's record builder takes a list (a tuple is refused)."""
+
+
+_WORDS: dict[int, struct.Struct] = {}
+"""Unpackers of n little-endian 32-bit words, per n (keys are at most a few hundred bytes)."""
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's murmur2 of `data` (org.apache.kafka.common.utils.Utils.murmur2; equal to aiokafka's
+    `partitioner.murmur2`, tested). Reads the key's 4-byte words in one unpack instead of byte by
+    byte: about three times faster, and every prediction, shadow and relayed request is
+    partitioned by it."""
+    length = len(data)
+    m = 0x5BD1E995
+    h = (0x9747B28C ^ length) & 0xFFFFFFFF
+    words = length >> 2
+    if words:
+        unpack = _WORDS.get(words)
+        if unpack is None:
+            unpack = struct.Struct(f"<{words}I")
+            if words <= 1024:
+                _WORDS[words] = unpack
+        for k in unpack.unpack_from(data):
+            k = (k * m) & 0xFFFFFFFF
+            k ^= k >> 24
+            h = ((h * m) & 0xFFFFFFFF) ^ ((k * m) & 0xFFFFFFFF)
+    tail = length & 3
+    if tail:
+        base = length & ~3
+        if tail == 3:
+            h ^= data[base + 2] << 16
+        if tail >= 2:
+            h ^= data[base + 1] << 8
+        h = ((h ^ data[base]) * m) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * m) & 0xFFFFFFFF
+    return h ^ (h >> 15)
 
 
 def partition_for(key: bytes, partitions: int) -> int:
