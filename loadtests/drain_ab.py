@@ -45,7 +45,8 @@ async def _one(root: str, n: int, work: Path, bootstrap: str, redis_url: str, cl
         await preload(bootstrap, topics["requests"], request_payloads(n, N_FEATURES, ROUTE, prefix="p"))
         path = _gateway_config(work, bootstrap, redis_url, topics, f"{prefix}-g", name=f"{prefix}.yaml")
         config = yaml.safe_load(path.read_text())
-        config["kafka"]["cloudevents"] = cloudevents
+        if not cloudevents:  # (older trees know no such setting: they had no CloudEvents headers)
+            config["kafka"]["cloudevents"] = False
         path.write_text(yaml.safe_dump(config))
         with open(work / f"{prefix}.log", "wb") as log:
             process = subprocess.Popen([sys.executable, "-m", "banditgate.cli", "serve", "-c", str(path)],  # noqa: S603
