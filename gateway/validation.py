@@ -13,6 +13,7 @@ The fast path converts a whole batch per input in one `np.array` call; only when
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -114,12 +115,21 @@ def checked_cast(array: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.nda
             return array.astype(dtype, copy=False), None
         with np.errstate(over="ignore", invalid="ignore"):
             return array.astype(dtype, copy=False), mask
+    if _widening(source, dtype):
+        return array.astype(dtype, copy=False), None  # nothing can overflow (and nothing warns)
     with np.errstate(over="ignore", invalid="ignore"):
         cast = array.astype(dtype, copy=False)
-    if float(np.finfo(dtype).max) >= float(np.finfo(source).max if source.kind == "f" else np.iinfo(source).max):
-        return cast, None  # widening: nothing can overflow
     overflowed = np.isinf(cast)
+    if not overflowed.any():
+        return cast, None  # the usual case, without the second pass over the source
     return cast, (overflowed & ~np.isinf(array)) if source.kind == "f" else overflowed
+
+
+@functools.cache
+def _widening(source: np.dtype, dtype: np.dtype) -> bool:
+    """Whether every finite `source` number (integer or float) fits the float `dtype`'s range.
+    Cached: the numeric dtypes are a handful, and np.finfo is slow on a request's path."""
+    return float(np.finfo(dtype).max) >= float(np.finfo(source).max if source.kind == "f" else np.iinfo(source).max)
 
 
 def _exact_integers(values: object) -> np.ndarray | None:

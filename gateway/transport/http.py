@@ -28,7 +28,7 @@ from banditgate.events import SCHEMA_VERSION, EventError, json_schemas, outcome_
 from banditgate.jsontypes import JSONObject, JSONValue
 from banditgate.tracecontext import TraceHeaders, parse_traceparent, parse_tracestate, trace_headers
 from banditgate.tracing import OFF, ServerSpan, Tracing, server_span
-from gateway.dataplane import Dataplane, serve_tensors
+from gateway.dataplane import Dataplane, finish_tensors, start_tensors
 from gateway.errors import (
     Forbidden,
     GatewayError,
@@ -45,6 +45,7 @@ from gateway.transport.openapi import OPENAPI
 
 if TYPE_CHECKING:
     from gateway.admin import Admin
+    from gateway.batching.batcher import RowsResult
     from gateway.metrics import GatewayMetrics
     from gateway.models.onnx_runtime import TensorSpec
 
@@ -483,6 +484,28 @@ async def _receive_body(receive: Receive, length: str | None, limit: int) -> byt
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+_EXPIRED = "banditgate: server.request_timeout_s passed"
+"""The message a request's rows' future is cancelled with when its time is up (`_wait_rows`)."""
+
+
+async def _wait_rows(future: asyncio.Future[RowsResult], timeout_s: float) -> None:
+    """Wait for a request's rows (`TensorCall.future`) at most `timeout_s`; raise TimeoutError
+    when the time is up, after cancelling the future (as asyncio.timeout cancelling the caller
+    did). A GatewayError in the future is left for finish_tensors to raise and count. One loop
+    timer and no Timeout object or task uncancel bookkeeping: that was 10 us of a REST request."""
+    expiry = asyncio.get_running_loop().call_later(timeout_s, future.cancel, _EXPIRED)
+    try:
+        await future  # cancelling the caller cancels the rows' future, as before
+    except GatewayError:
+        pass
+    except asyncio.CancelledError as exc:
+        if exc.args and exc.args[0] is _EXPIRED:
+            raise TimeoutError from None
+        raise
+    finally:
+        expiry.cancel()
+
+
 INFER_ROUTE = "POST /v2/models/{name}/infer"
 INFER_VERSION_ROUTE = "POST /v2/models/{name}/versions/{version}/infer"
 """The server spans' names (banditgate.tracing.server_span): the route templates."""
@@ -529,14 +552,19 @@ async def infer_rest(ctx: SidecarContext, scope: Scope, receive: Receive, name: 
     request_id = parsed.id or new_request_id()
     unit = parsed.parameters.get("unit_id")
     try:
-        with ctx.admitted():
-            async with asyncio.timeout(server.request_timeout_s):
-                answer = await serve_tensors(
-                    ctx.dataplane, name, version, feeds, request_id, str(unit) if unit is not None else None,
-                    time.time(), received,
-                    on_shadows=lambda events: ctx.publish(ctx.config.kafka.topics.shadow_predictions, events,
-                                                          trace=trace),
-                    stages=traced.stages if traced is not None else None)
+        ctx.admit()
+        try:
+            # serve_tensors without its coroutine, and with one loop timer instead of asyncio.timeout
+            call = start_tensors(
+                ctx.dataplane, name, version, feeds, request_id, str(unit) if unit is not None else None,
+                time.time(), received,
+                on_shadows=lambda events: ctx.publish(ctx.config.kafka.topics.shadow_predictions, events, trace=trace),
+                stages=traced.stages if traced is not None else None)
+            if not call.future.done():
+                await _wait_rows(call.future, server.request_timeout_s)
+            answer = finish_tensors(call)
+        finally:
+            ctx.in_flight -= 1
     except TimeoutError:
         error = _Timeout(f"inference did not finish within {server.request_timeout_s}s")
         ctx.record(_label_name(ctx, name), "rest", error=error)
