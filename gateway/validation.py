@@ -329,12 +329,13 @@ def validate_arrays(model: OnnxModel, feeds: Mapping[str, np.ndarray], max_rows:
     finiteness, configured ranges).
     """
     expected = {spec.name: spec for spec in model.inputs}
-    unknown = sorted(set(feeds) - set(expected))
-    if unknown:
-        raise InvalidInput(f"unknown input {unknown[0]!r} for model {model.key} (it takes {sorted(expected)})")
-    missing = sorted(set(expected) - set(feeds))
-    if missing:
-        raise InvalidInput(f"input {missing[0]!r} is missing for model {model.key}")
+    if feeds.keys() != expected.keys():
+        unknown = sorted(set(feeds) - set(expected))
+        if unknown:
+            raise InvalidInput(f"unknown input {unknown[0]!r} for model {model.key} (it takes {sorted(expected)})")
+        missing = sorted(set(expected) - set(feeds))
+        if missing:
+            raise InvalidInput(f"input {missing[0]!r} is missing for model {model.key}")
     out: dict[str, np.ndarray] = {}
     rows = None
     for name, spec in expected.items():
@@ -354,7 +355,8 @@ def validate_arrays(model: OnnxModel, feeds: Mapping[str, np.ndarray], max_rows:
         if array.dtype.kind not in _NUMERIC_KINDS.get(spec.dtype.kind, "fiub"):
             raise InvalidInput(f"input {name!r} is {_datatype(array.dtype)}, the model takes {spec.datatype}",
                                reason="wrong_type")
-        array = numbers_for(array, spec.dtype, f"input {name!r}")  # INT64 2**40 into INT32: out_of_range
+        if array.dtype != spec.dtype:  # numbers_for is the identity on an array of the model's dtype already
+            array = numbers_for(array, spec.dtype, f"input {name!r}")  # INT64 2**40 into INT32: out_of_range
         if spec.dtype.kind == "f":
             flat = array.reshape(array.shape[0], -1)
             if not np.isfinite(flat).all():

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import Counter as CounterChild
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -73,6 +74,9 @@ class SidecarContext:
     """Inference requests being served now (REST and gRPC)."""
     tracing: Tracing = OFF
     """Spans (banditgate.tracing; the Kafka loop's): a server span per inference request when on."""
+    _ok_counters: dict[tuple[str, str | None, str], CounterChild] = field(default_factory=dict)
+    """banditgate_requests_total's "ok" children by (name, arm, transport): `labels()` takes a lock
+    and builds a tuple key each call (5 us of a REST request); no code removes these children."""
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
@@ -100,7 +104,13 @@ class SidecarContext:
         if self.metrics is None:
             return
         if error is None:
-            self.metrics.requests.labels(name, arm or "-", "ok", transport).inc(count)
+            key = (name, arm, transport)
+            child = self._ok_counters.get(key)
+            if child is None:
+                if len(self._ok_counters) >= 4096:  # routes x arms x transports: bounded anyway
+                    self._ok_counters.clear()
+                child = self._ok_counters[key] = self.metrics.requests.labels(name, arm or "-", "ok", transport)
+            child.inc(count)
             return
         reason = error_reason(error)
         self.metrics.requests.labels(name, "-", "error", transport).inc()
