@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from gateway.admin import Admin
     from gateway.batching.batcher import RowsResult
     from gateway.metrics import GatewayMetrics
-    from gateway.models.onnx_runtime import TensorSpec
+    from gateway.models.onnx_runtime import OnnxModel, TensorSpec
 
 HEADER_LENGTH = "inference-header-content-length"
 # bounded label values for errors that carry no reason of their own
@@ -77,6 +77,24 @@ class SidecarContext:
     _ok_counters: dict[tuple[str, str | None, str], CounterChild] = field(default_factory=dict)
     """banditgate_requests_total's "ok" children by (name, arm, transport): `labels()` takes a lock
     and builds a tuple key each call (5 us of a REST request); no code removes these children."""
+
+    _deferred: dict[str, OnnxModel] = field(default_factory=dict)
+    """Models (by key) whose batchers hold rows REST requests queued in this turn of the loop."""
+
+    def flush_soon(self, model: OnnxModel) -> None:
+        """Flush `model`'s deferred rows (`start_tensors(defer=True)`) at the loop's next turn,
+        with the rows of every other request started in this turn: the requests that uvicorn
+        read in one wake-up share a batch (one ONNX Runtime run, one dispatch) instead of each
+        running alone on an idle model, as the gRPC hand-off's bursts do."""
+        if not self._deferred:
+            asyncio.get_running_loop().call_soon(self._flush_deferred)
+        self._deferred[model.key] = model
+
+    def _flush_deferred(self) -> None:
+        models = list(self._deferred.values())
+        self._deferred.clear()
+        for model in models:
+            self.dataplane.batcher(model).kick()
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
@@ -569,7 +587,8 @@ async def infer_rest(ctx: SidecarContext, scope: Scope, receive: Receive, name: 
                 ctx.dataplane, name, version, feeds, request_id, str(unit) if unit is not None else None,
                 time.time(), received,
                 on_shadows=lambda events: ctx.publish(ctx.config.kafka.topics.shadow_predictions, events, trace=trace),
-                stages=traced.stages if traced is not None else None)
+                stages=traced.stages if traced is not None else None, defer=True)
+            ctx.flush_soon(call.model)
             if not call.future.done():
                 await _wait_rows(call.future, server.request_timeout_s)
             answer = finish_tensors(call)
