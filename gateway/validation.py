@@ -13,6 +13,7 @@ The fast path converts a whole batch per input in one `np.array` call; only when
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -114,12 +115,33 @@ def checked_cast(array: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.nda
             return array.astype(dtype, copy=False), None
         with np.errstate(over="ignore", invalid="ignore"):
             return array.astype(dtype, copy=False), mask
+    if _widening(source, dtype):
+        return array.astype(dtype, copy=False), None  # nothing can overflow (and nothing warns)
+    if source.kind == "f" and array.size:
+        largest = _largest(dtype)
+        # the usual narrowing (JSON's float64 into FP32): two reductions instead of errstate and a mask
+        # (NaN fails both comparisons and takes the long way)
+        if -largest <= array.min() and array.max() <= largest:
+            return array.astype(dtype, copy=False), None
     with np.errstate(over="ignore", invalid="ignore"):
         cast = array.astype(dtype, copy=False)
-    if float(np.finfo(dtype).max) >= float(np.finfo(source).max if source.kind == "f" else np.iinfo(source).max):
-        return cast, None  # widening: nothing can overflow
     overflowed = np.isinf(cast)
+    if not overflowed.any():
+        return cast, None  # the usual case, without the second pass over the source
     return cast, (overflowed & ~np.isinf(array)) if source.kind == "f" else overflowed
+
+
+@functools.cache
+def _largest(dtype: np.dtype) -> float:
+    """The largest finite value of the float `dtype` (cached: np.finfo is slow on a request's path)."""
+    return float(np.finfo(dtype).max)
+
+
+@functools.cache
+def _widening(source: np.dtype, dtype: np.dtype) -> bool:
+    """Whether every finite `source` number (integer or float) fits the float `dtype`'s range.
+    Cached: the numeric dtypes are a handful, and np.finfo is slow on a request's path."""
+    return float(np.finfo(dtype).max) >= float(np.finfo(source).max if source.kind == "f" else np.iinfo(source).max)
 
 
 def _exact_integers(values: object) -> np.ndarray | None:
@@ -319,12 +341,13 @@ def validate_arrays(model: OnnxModel, feeds: Mapping[str, np.ndarray], max_rows:
     finiteness, configured ranges).
     """
     expected = {spec.name: spec for spec in model.inputs}
-    unknown = sorted(set(feeds) - set(expected))
-    if unknown:
-        raise InvalidInput(f"unknown input {unknown[0]!r} for model {model.key} (it takes {sorted(expected)})")
-    missing = sorted(set(expected) - set(feeds))
-    if missing:
-        raise InvalidInput(f"input {missing[0]!r} is missing for model {model.key}")
+    if feeds.keys() != expected.keys():
+        unknown = sorted(set(feeds) - set(expected))
+        if unknown:
+            raise InvalidInput(f"unknown input {unknown[0]!r} for model {model.key} (it takes {sorted(expected)})")
+        missing = sorted(set(expected) - set(feeds))
+        if missing:
+            raise InvalidInput(f"input {missing[0]!r} is missing for model {model.key}")
     out: dict[str, np.ndarray] = {}
     rows = None
     for name, spec in expected.items():
@@ -344,7 +367,8 @@ def validate_arrays(model: OnnxModel, feeds: Mapping[str, np.ndarray], max_rows:
         if array.dtype.kind not in _NUMERIC_KINDS.get(spec.dtype.kind, "fiub"):
             raise InvalidInput(f"input {name!r} is {_datatype(array.dtype)}, the model takes {spec.datatype}",
                                reason="wrong_type")
-        array = numbers_for(array, spec.dtype, f"input {name!r}")  # INT64 2**40 into INT32: out_of_range
+        if array.dtype != spec.dtype:  # numbers_for is the identity on an array of the model's dtype already
+            array = numbers_for(array, spec.dtype, f"input {name!r}")  # INT64 2**40 into INT32: out_of_range
         if spec.dtype.kind == "f":
             flat = array.reshape(array.shape[0], -1)
             if not np.isfinite(flat).all():

@@ -264,6 +264,11 @@ class RoutePolicy:
         if unit_ids is not None and len(unit_ids) != n:
             raise ValueError(f"unit_ids has {len(unit_ids)} entries for {n} requests")
         state = self._state  # read once: a concurrent apply_snapshot swaps the whole object
+        if len(self.arm_names) == 1 and not self.shadow_names:
+            # one arm, no shadows: every draw (share, posterior, thinning or sticky unit) picks arm 0, and
+            # there is no shadow mask to draw; skipping the numpy draw was 15 us of a REST request's 430
+            arms = np.zeros(n, dtype=np.int64)
+            return Decision(arm_index=arms, propensity=state.shares[arms], shadow_mask=np.zeros((n, 0), dtype=bool))
         rng = self._rng
         if state.posterior is not None and self.draws == "posterior":
             arms = state.posterior.sample(rng, n).argmax(axis=1)

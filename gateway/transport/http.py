@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+from prometheus_client import Counter as CounterChild
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -28,7 +29,7 @@ from banditgate.events import SCHEMA_VERSION, EventError, json_schemas, outcome_
 from banditgate.jsontypes import JSONObject, JSONValue
 from banditgate.tracecontext import TraceHeaders, parse_traceparent, parse_tracestate, trace_headers
 from banditgate.tracing import OFF, ServerSpan, Tracing, server_span
-from gateway.dataplane import Dataplane, serve_tensors
+from gateway.dataplane import Dataplane, finish_tensors, start_tensors
 from gateway.errors import (
     Forbidden,
     GatewayError,
@@ -45,8 +46,9 @@ from gateway.transport.openapi import OPENAPI
 
 if TYPE_CHECKING:
     from gateway.admin import Admin
+    from gateway.batching.batcher import RowsResult
     from gateway.metrics import GatewayMetrics
-    from gateway.models.onnx_runtime import TensorSpec
+    from gateway.models.onnx_runtime import OnnxModel, TensorSpec
 
 HEADER_LENGTH = "inference-header-content-length"
 # bounded label values for errors that carry no reason of their own
@@ -72,6 +74,27 @@ class SidecarContext:
     """Inference requests being served now (REST and gRPC)."""
     tracing: Tracing = OFF
     """Spans (banditgate.tracing; the Kafka loop's): a server span per inference request when on."""
+    _ok_counters: dict[tuple[str, str | None, str], CounterChild] = field(default_factory=dict)
+    """banditgate_requests_total's "ok" children by (name, arm, transport): `labels()` takes a lock
+    and builds a tuple key each call (5 us of a REST request); no code removes these children."""
+
+    _deferred: dict[str, OnnxModel] = field(default_factory=dict)
+    """Models (by key) whose batchers hold rows REST requests queued in this turn of the loop."""
+
+    def flush_soon(self, model: OnnxModel) -> None:
+        """Flush `model`'s deferred rows (`start_tensors(defer=True)`) at the loop's next turn,
+        with the rows of every other request started in this turn: the requests that uvicorn
+        read in one wake-up share a batch (one ONNX Runtime run, one dispatch) instead of each
+        running alone on an idle model, as the gRPC hand-off's bursts do."""
+        if not self._deferred:
+            asyncio.get_running_loop().call_soon(self._flush_deferred)
+        self._deferred[model.key] = model
+
+    def _flush_deferred(self) -> None:
+        models = list(self._deferred.values())
+        self._deferred.clear()
+        for model in models:
+            self.dataplane.batcher(model).kick()
 
     @contextlib.contextmanager
     def admitted(self) -> Iterator[None]:
@@ -99,7 +122,13 @@ class SidecarContext:
         if self.metrics is None:
             return
         if error is None:
-            self.metrics.requests.labels(name, arm or "-", "ok", transport).inc(count)
+            key = (name, arm, transport)
+            child = self._ok_counters.get(key)
+            if child is None:
+                if len(self._ok_counters) >= 4096:  # routes x arms x transports: bounded anyway
+                    self._ok_counters.clear()
+                child = self._ok_counters[key] = self.metrics.requests.labels(name, arm or "-", "ok", transport)
+            child.inc(count)
             return
         reason = error_reason(error)
         self.metrics.requests.labels(name, "-", "error", transport).inc()
@@ -483,6 +512,28 @@ async def _receive_body(receive: Receive, length: str | None, limit: int) -> byt
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+_EXPIRED = "banditgate: server.request_timeout_s passed"
+"""The message a request's rows' future is cancelled with when its time is up (`_wait_rows`)."""
+
+
+async def _wait_rows(future: asyncio.Future[RowsResult], timeout_s: float) -> None:
+    """Wait for a request's rows (`TensorCall.future`) at most `timeout_s`; raise TimeoutError
+    when the time is up, after cancelling the future (as asyncio.timeout cancelling the caller
+    did). A GatewayError in the future is left for finish_tensors to raise and count. One loop
+    timer and no Timeout object or task uncancel bookkeeping: that was 10 us of a REST request."""
+    expiry = asyncio.get_running_loop().call_later(timeout_s, future.cancel, _EXPIRED)
+    try:
+        await future  # cancelling the caller cancels the rows' future, as before
+    except GatewayError:
+        pass
+    except asyncio.CancelledError as exc:
+        if exc.args and exc.args[0] is _EXPIRED:
+            raise TimeoutError from None
+        raise
+    finally:
+        expiry.cancel()
+
+
 INFER_ROUTE = "POST /v2/models/{name}/infer"
 INFER_VERSION_ROUTE = "POST /v2/models/{name}/versions/{version}/infer"
 """The server spans' names (banditgate.tracing.server_span): the route templates."""
@@ -529,14 +580,20 @@ async def infer_rest(ctx: SidecarContext, scope: Scope, receive: Receive, name: 
     request_id = parsed.id or new_request_id()
     unit = parsed.parameters.get("unit_id")
     try:
-        with ctx.admitted():
-            async with asyncio.timeout(server.request_timeout_s):
-                answer = await serve_tensors(
-                    ctx.dataplane, name, version, feeds, request_id, str(unit) if unit is not None else None,
-                    time.time(), received,
-                    on_shadows=lambda events: ctx.publish(ctx.config.kafka.topics.shadow_predictions, events,
-                                                          trace=trace),
-                    stages=traced.stages if traced is not None else None)
+        ctx.admit()
+        try:
+            # serve_tensors without its coroutine, and with one loop timer instead of asyncio.timeout
+            call = start_tensors(
+                ctx.dataplane, name, version, feeds, request_id, str(unit) if unit is not None else None,
+                time.time(), received,
+                on_shadows=lambda events: ctx.publish(ctx.config.kafka.topics.shadow_predictions, events, trace=trace),
+                stages=traced.stages if traced is not None else None, defer=True)
+            ctx.flush_soon(call.model)
+            if not call.future.done():
+                await _wait_rows(call.future, server.request_timeout_s)
+            answer = finish_tensors(call)
+        finally:
+            ctx.in_flight -= 1
     except TimeoutError:
         error = _Timeout(f"inference did not finish within {server.request_timeout_s}s")
         ctx.record(_label_name(ctx, name), "rest", error=error)
