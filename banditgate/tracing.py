@@ -248,9 +248,7 @@ class Tracing:
         is sampled, its batch has made fewer than ``max_request_spans_per_batch`` (`in_batch`: how
         many it made), and the process's token bucket has a token. A sampled request refused for
         either cap is counted (``batch_limited`` / ``rate_limited``); an unsampled one is not."""
-        if int(traceparent[19:35], 16) >= self._bound:
-            return False
-        return self._take(in_batch)
+        return self.sampled(traceparent) and self._take(in_batch)
 
     def admit_root(self, in_batch: int | None = 0) -> int | None:
         """A trace id for a new root span of a request (a sidecar call without a ``traceparent``)
