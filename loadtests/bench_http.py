@@ -48,7 +48,7 @@ import orjson
 import yaml
 
 from banditgate.stack import Stack
-from loadtests.kafka_harness import create_topics, delete_topics, progress
+from loadtests.kafka_harness import create_topics, delete_topics, progress, topic_names
 from loadtests.mlserver_peer import SETTINGS_NOTE, ensure_venv, write_model_folder
 from loadtests.models import build_mlp
 from loadtests.registry import BenchError
@@ -202,9 +202,7 @@ def _run_banditgate(runner: Runner, work: Path, body_file: Path, body: bytes) ->
     addresses = Stack.default().up(progress)
     run_id = uuid.uuid4().hex[:6]
     prefix = f"bench-http-{run_id}"
-    topics = {"requests": f"{prefix}.requests", "predictions": f"{prefix}.predictions",
-              "shadow_predictions": f"{prefix}.shadow", "outcomes": f"{prefix}.outcomes",
-              "deadletter": f"{prefix}.deadletter", "alerts": f"{prefix}.alerts", "routing_changes": f"{prefix}.routing"}
+    topics = topic_names(prefix)
     asyncio.run(create_topics(addresses.kafka, list(topics.values())))
     config = _gateway_config(work, addresses.kafka, addresses.redis, topics, run_id)
     config_path = work / "banditgate.yaml"

@@ -41,6 +41,7 @@ from loadtests.kafka_harness import (
     progress,
     request_payloads,
     throughput_from_stamps,
+    topic_names,
 )
 from loadtests.models import build_mlp
 
@@ -132,10 +133,7 @@ async def _fixed_rates(bootstrap: str, redis_url: str, work: Path, run_id: str, 
     try:
         for system in ("relay", "banditgate"):
             prefix = f"bench-{run_id}-fixed-{system}"
-            topics = {"requests": f"{prefix}.requests", "predictions": f"{prefix}.predictions",
-                      "shadow_predictions": f"{prefix}.shadow", "outcomes": f"{prefix}.outcomes",
-                      "deadletter": f"{prefix}.deadletter", "alerts": f"{prefix}.alerts",
-                      "routing_changes": f"{prefix}.routing"}
+            topics = topic_names(prefix)
             await create_topics(bootstrap, list(topics.values()))
             created += list(topics.values())
             group = f"{prefix}-group"
@@ -209,10 +207,7 @@ async def _run(out: Path, quick: bool) -> dict:
     try:
         for system in ("passthrough", "passthrough_batch", "naive", "banditgate"):
             prefix = f"bench-{run_id}-{system}"
-            topics = {"requests": f"{prefix}.requests", "predictions": f"{prefix}.predictions",
-                      "shadow_predictions": f"{prefix}.shadow", "outcomes": f"{prefix}.outcomes",
-                      "deadletter": f"{prefix}.deadletter", "alerts": f"{prefix}.alerts",
-                      "routing_changes": f"{prefix}.routing"}
+            topics = topic_names(prefix)
             await create_topics(addresses.kafka, list(topics.values()))
             created += list(topics.values())
             group = f"{prefix}-group"

@@ -30,16 +30,14 @@ from loadtests.kafka_harness import (
     progress,
     request_payloads,
     throughput_from_stamps,
+    topic_names,
 )
 from loadtests.models import build_mlp
 
 
 async def _one(root: str, n: int, work: Path, bootstrap: str, redis_url: str, cloudevents: bool) -> float:
     prefix = f"ab-{uuid.uuid4().hex[:6]}"
-    topics = {"requests": f"{prefix}.requests", "predictions": f"{prefix}.predictions",
-              "shadow_predictions": f"{prefix}.shadow", "outcomes": f"{prefix}.outcomes",
-              "deadletter": f"{prefix}.deadletter", "alerts": f"{prefix}.alerts",
-              "routing_changes": f"{prefix}.routing"}
+    topics = topic_names(prefix)
     await create_topics(bootstrap, list(topics.values()))
     try:
         await preload(bootstrap, topics["requests"], request_payloads(n, N_FEATURES, ROUTE, prefix="p"))

@@ -208,3 +208,11 @@ def cpu_seconds(pid: int) -> float | None:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return None
+
+
+def topic_names(prefix: str) -> dict[str, str]:
+    """A gateway's topic set (config `kafka.topics`) named `<prefix>.<role>`, one per bench run."""
+    return {"requests": f"{prefix}.requests", "predictions": f"{prefix}.predictions",
+            "shadow_predictions": f"{prefix}.shadow", "outcomes": f"{prefix}.outcomes",
+            "deadletter": f"{prefix}.deadletter", "alerts": f"{prefix}.alerts",
+            "routing_changes": f"{prefix}.routing"}
